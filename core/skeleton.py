@@ -1,0 +1,108 @@
+"""SMPL's 24-joint kinematic tree and the rig maths shared by the body model, phantom and rig.
+
+Conventions (SPEC section 4):
+- A pose is 72 floats: 24 axis-angle vectors in SMPL's joint order. ``pose[0:3]`` rotates SMPL's
+  canonical frame (x left, y up, z front) into LPS world; the identity lays the body along world +y.
+- Rest geometry is in the canonical frame. Body models are stored in metres as SMPL files are;
+  the world is in mm: ``world_mm = 1000 * posed_m + transl_mm`` (``model_to_world_mm``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+JOINT_NAMES = (
+    "pelvis", "left_hip", "right_hip", "spine1", "left_knee", "right_knee", "spine2",
+    "left_ankle", "right_ankle", "spine3", "left_foot", "right_foot", "neck", "left_collar",
+    "right_collar", "head", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
+    "left_wrist", "right_wrist", "left_hand", "right_hand",
+)
+PARENTS = np.array([-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19, 20, 21])
+N_JOINTS = 24
+JOINT_INDEX = {n: i for i, n in enumerate(JOINT_NAMES)}
+
+# Global orientation of the standard acquisition: supine, head first. Canonical up (+y) -> superior
+# (+z), canonical front (+z) -> anterior (-y): a +90 degree rotation about x.
+SUPINE_GLOBAL_ORIENT = np.array([np.pi / 2, 0.0, 0.0])
+
+
+def kintree_table() -> np.ndarray:
+    """SMPL's ``kintree_table`` (2 x 24): parents (root's parent as 2**32-1) and joint ids."""
+    t = np.zeros((2, N_JOINTS), dtype=np.int64)
+    t[0] = np.where(PARENTS < 0, 4294967295, PARENTS)
+    t[1] = np.arange(N_JOINTS)
+    return t
+
+
+def rodrigues(rotvecs) -> np.ndarray:
+    """Axis-angle vectors (..., 3) to rotation matrices (..., 3, 3)."""
+    r = np.asarray(rotvecs, dtype=np.float64)
+    theta = np.linalg.norm(r, axis=-1, keepdims=True)
+    safe = np.where(theta < 1e-12, 1.0, theta)
+    k = r / safe
+    kx, ky, kz = k[..., 0], k[..., 1], k[..., 2]
+    zero = np.zeros_like(kx)
+    kmat = np.stack([zero, -kz, ky, kz, zero, -kx, -ky, kx, zero], axis=-1).reshape(r.shape[:-1] + (3, 3))
+    s = np.sin(theta)[..., None]
+    c = np.cos(theta)[..., None]
+    eye = np.broadcast_to(np.eye(3), kmat.shape)
+    out = eye + s * kmat + (1.0 - c) * (kmat @ kmat)
+    return np.where((theta < 1e-12)[..., None], eye, out)
+
+
+def rotation_to_rotvec(rot) -> np.ndarray:
+    """Rotation matrices (..., 3, 3) to axis-angle vectors (..., 3)."""
+    from scipy.spatial.transform import Rotation
+
+    rot = np.asarray(rot, dtype=np.float64)
+    flat = rot.reshape(-1, 3, 3)
+    return Rotation.from_matrix(flat).as_rotvec().reshape(rot.shape[:-2] + (3,))
+
+
+def as_pose(pose) -> np.ndarray:
+    """Validate a pose (72 floats or 24x3) and return it as (24, 3) float64."""
+    p = np.asarray(pose, dtype=np.float64)
+    if p.size != 72:
+        from .errors import CtwinError
+
+        raise CtwinError(f"a pose has 72 values (24 joints x 3), got {p.size}")
+    return p.reshape(N_JOINTS, 3)
+
+
+def forward_kinematics(pose, joints_rest, parents=PARENTS):
+    """Skinning transforms of a pose.
+
+    Returns ``(A, joints_posed)``: ``A`` (24, 4, 4) maps a rest-space point bound to joint j to its
+    posed position (``x_posed = A[j] @ [x_rest, 1]``), and ``joints_posed`` (24, 3). The root rotates
+    about its own rest position, as in SMPL. Units are those of ``joints_rest``.
+    """
+    rots = rodrigues(as_pose(pose))
+    j = np.asarray(joints_rest, dtype=np.float64)
+    n = len(parents)
+    g = np.zeros((n, 4, 4))
+    for i in range(n):
+        local = np.eye(4)
+        local[:3, :3] = rots[i]
+        p = parents[i]
+        local[:3, 3] = j[i] if p < 0 else j[i] - j[p]
+        g[i] = local if p < 0 else g[p] @ local
+    joints_posed = g[:, :3, 3].copy()
+    a = g.copy()
+    a[:, :3, 3] -= np.einsum("nij,nj->ni", g[:, :3, :3], j)
+    return a, joints_posed
+
+
+def pose_feature(pose) -> np.ndarray:
+    """SMPL's pose-corrective feature: (R_j - I) for joints 1..23, flattened (207,)."""
+    rots = rodrigues(as_pose(pose))
+    return (rots[1:] - np.eye(3)).reshape(-1)
+
+
+def model_to_world_mm(points_m, transl_mm) -> np.ndarray:
+    """Posed body-model coordinates (metres, global orientation applied) to LPS world mm."""
+    return 1000.0 * np.asarray(points_m, dtype=np.float64) + np.asarray(transl_mm, dtype=np.float64)
+
+
+def apply_transform(t, points) -> np.ndarray:
+    """Apply a 4x4 transform to points (N, 3)."""
+    t = np.asarray(t, dtype=np.float64)
+    return np.asarray(points, dtype=np.float64) @ t[:3, :3].T + t[:3, 3]

@@ -1,0 +1,34 @@
+"""Test setup: the repository root is loaded as the package ``ctwin``; Blender is reset per test."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from launch import load_package  # noqa: E402
+
+load_package("ctwin")
+
+REAL_CT = ROOT.parent / "shared" / "data" / "real_ct"
+
+
+def real_ct_path(*parts) -> Path:
+    """Path inside ../shared/data/real_ct, or skip the test with the reason."""
+    p = REAL_CT.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real CT test data not found at {p} (it lives in ../shared beside the clone)")
+    return p
+
+
+@pytest.fixture(autouse=True)
+def factory_fresh_blender():
+    """Every test starts from a factory-fresh Blender state when bpy is in use."""
+    if "bpy" in sys.modules:
+        import bpy
+
+        bpy.ops.wm.read_factory_settings(use_empty=True)
+    yield
