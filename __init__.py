@@ -1,13 +1,15 @@
 """ctwin Blender extension: CT to articulated digital twin, rendered as DRRs.
 
 Importing the package does not import ``bpy``: the core (``core/``) and the CLI work headless.
-Blender calls ``register()``, which registers the Blender layer (operators, rig, render engine,
-panels) and the ``ctwin`` command for ``blender -c ctwin``.
+Blender calls ``register()``, which registers the Blender layer (settings, operators, rig, render
+engine, panels) and the ``ctwin`` command for ``blender -c ctwin``; ``unregister()`` removes all
+of it again, so the extension can be enabled and disabled repeatedly in one session.
 """
 
 # Blender-layer modules; each has register() and unregister(). Registered in this order.
 _BLENDER_MODULES = ("properties", "operators", "rig", "render", "ui")
 _cli_handle = None
+_registered = []
 
 
 def _modules():
@@ -28,13 +30,31 @@ def _cli_entry(argv):
     return cli.main(list(argv), prog="blender -c ctwin")
 
 
+def _numba_cuda_redirect():
+    """Make ``numba.cuda`` resolve to the bundled numba-cuda package.
+
+    numba-cuda hooks itself in through a ``.pth`` file, which a normal Python environment runs at
+    start-up but Blender does not for extension wheels; importing the hook module does the same.
+    """
+    try:
+        import _numba_cuda_redirector  # noqa: F401
+    except ImportError:
+        pass
+
+
 def register():
     import bpy
 
     global _cli_handle
-    for mod in _modules():
-        mod.register()
-    _cli_handle = bpy.utils.register_cli_command("ctwin", _cli_entry)
+    _numba_cuda_redirect()
+    try:
+        for mod in _modules():
+            mod.register()
+            _registered.append(mod)
+        _cli_handle = bpy.utils.register_cli_command("ctwin", _cli_entry)
+    except Exception:
+        unregister()
+        raise
 
 
 def unregister():
@@ -44,5 +64,5 @@ def unregister():
     if _cli_handle is not None:
         bpy.utils.unregister_cli_command(_cli_handle)
         _cli_handle = None
-    for mod in reversed(_modules()):
-        mod.unregister()
+    while _registered:
+        _registered.pop().unregister()

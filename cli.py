@@ -2,8 +2,10 @@
 
 One handler serves ``./ctwin <command>`` from a clone and ``blender -b -c ctwin <command>`` inside
 an installed Blender. Each command lives in ``commands/<name>.py`` and defines ``HELP``,
-``add_arguments(parser)`` and ``run(args) -> int``; only commands that exist are listed.
-Bad input exits 2 with one line on stderr; progress goes to stderr.
+``add_arguments(parser)`` and ``run(args) -> int`` (optionally ``DESCRIPTION``); only commands
+whose module exists are listed. ``main()`` never raises SystemExit: it returns the exit status,
+so Blender's command handler gets a plain int. Bad input (an unknown command, a bad argument, a
+``CtwinError``) returns 2 with one line on stderr; progress goes to stderr.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import argparse
 import importlib
 import importlib.util
 import sys
+from pathlib import Path
 
 from .core.errors import CtwinError
 
@@ -18,11 +21,26 @@ from .core.errors import CtwinError
 COMMAND_NAMES = ("demo", "phantom", "build", "pose", "render", "evaluate")
 
 
+class _ArgumentError(Exception):
+    """A bad command line: the message is one line."""
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument on one line and exits 2."""
+    """argparse that reports a bad argument on one line (exit status 2) instead of exiting."""
 
     def error(self, message):  # noqa: D102
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        raise _ArgumentError(f"{self.prog}: error: {' '.join(str(message).split())}")
+
+
+def version() -> str:
+    """The extension's version from blender_manifest.toml ("unknown" if it cannot be read)."""
+    try:
+        import tomllib
+
+        with open(Path(__file__).resolve().parent / "blender_manifest.toml", "rb") as f:
+            return str(tomllib.load(f)["version"])
+    except (OSError, KeyError, ValueError):
+        return "unknown"
 
 
 def _command_modules() -> dict:
@@ -40,9 +58,16 @@ def build_parser(prog: str = "ctwin") -> tuple[argparse.ArgumentParser, dict]:
     parser = _Parser(
         prog=prog,
         description="ctwin: patient-specific articulated digital twins from CT, rendered as DRRs.",
+        epilog=f"Run '{prog} <command> --help' for a command's options.",
     )
+    parser.add_argument("--version", action="version", version=f"ctwin {version()}")
     parser.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
-    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command",
+        metavar="<command>",
+        parser_class=_Parser,
+        title="commands" if mods else "commands (none implemented yet)",
+    )
     for name, mod in mods.items():
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
         mod.add_arguments(p)
@@ -52,12 +77,23 @@ def build_parser(prog: str = "ctwin") -> tuple[argparse.ArgumentParser, dict]:
 def main(argv=None, prog: str = "ctwin") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, mods = build_parser(prog)
-    if not argv:
-        parser.print_help(sys.stderr)
+    known = ", ".join(mods) or "none implemented yet"
+    no_command = f"{prog}: error: no command given (commands: {known}); see '{prog} --help'"
+    i = 0
+    while i < len(argv) and argv[i] == "--quiet":  # the only option that takes no exit
+        i += 1
+    if i < len(argv) and not argv[i].startswith("-") and argv[i] not in mods:
+        print(f"{prog}: error: unknown command '{argv[i]}' (commands: {known})", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _ArgumentError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help and --version print and "exit"
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
-        parser.print_help(sys.stderr)
+        print(no_command, file=sys.stderr)
         return 2
     from .core import progress
 
@@ -71,3 +107,5 @@ def main(argv=None, prog: str = "ctwin") -> int:
     except KeyboardInterrupt:
         print(f"{prog} {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        progress.set_quiet(False)
