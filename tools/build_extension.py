@@ -162,18 +162,19 @@ def link_wheels(wheels: list[str]) -> None:
             fail(f"pip did not provide {', '.join(still)}; run --sync-manifest")
     WHEELS.mkdir(exist_ok=True)
     for f in WHEELS.iterdir():
-        if f.name not in names:
-            f.unlink()
+        if f.suffix == ".whl" and f.name not in names:
+            f.unlink(missing_ok=True)
     for n in names:
         dst, src = WHEELS / n, CACHE / n
         if dst.exists() and dst.stat().st_size == src.stat().st_size:
             continue
-        if dst.exists():
-            dst.unlink()
+        # Link (or copy) under a temporary name, then rename: safe with concurrent builds.
+        tmp = WHEELS / f".{n}.{os.getpid()}.part"
         try:
-            os.link(src, dst)
+            os.link(src, tmp)
         except OSError:
-            shutil.copy2(src, dst)
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
 
 
 def build(out: Path | None = None) -> Path:
