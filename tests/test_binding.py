@@ -1,0 +1,159 @@
+"""Binding: one bone per skeletal structure, vertebrae along the spine, soft weights; posing rigidity."""
+import warnings
+
+import numpy as np
+import pytest
+
+from ctwin.core.armature import build_armature
+from ctwin.core.binding import (SMOOTH, bind_structures, load_binding, rigid_bone_for, save_binding,
+                                spine_blend)
+from ctwin.core.pose import bone_deltas, check_joint_limits, pose_meshes
+from ctwin.core.skeleton import JOINT_INDEX, JOINT_NAMES, forward_kinematics, rotation_to_rotvec
+
+from rig_synth import (REST_JOINTS_MM, FakeBodyModel, Mesh, acquisition_pose, best_rigid_deviation, box,
+                       target_pose, truth_scene)
+
+T_A = np.array([5.0, 150.0, -800.0])
+
+
+@pytest.fixture(scope="module")
+def twin():
+    rng = np.random.default_rng(3)
+    pa = acquisition_pose(rng)
+    ja, _, meshes = truth_scene(pa, T_A)
+    a, _ = forward_kinematics(pa, REST_JOINTS_MM)
+    a[:, :3, 3] += T_A
+
+    def place(v, j):
+        return v @ a[j][:3, :3].T + a[j][:3, 3]
+
+    # vertebrae along the canonical spine (rest y from -20 to 560), each posed with its segment
+    chain = [0, 3, 6, 9, 12, 15]
+    names = ["vertebrae_L5", "vertebrae_L3", "vertebrae_L1", "vertebrae_T11", "vertebrae_T8", "vertebrae_T5",
+             "vertebrae_T2", "vertebrae_C6", "vertebrae_C3"]
+    ys = np.linspace(20, 540, len(names))
+    for n, y in zip(names, ys):
+        seg = max(k for k in range(len(chain)) if REST_JOINTS_MM[chain[k], 1] <= y) if y > 0 else 0
+        v, f = box((0, y, -30), (15, 8, 15))
+        meshes[n] = Mesh(place(v, chain[seg]), f, n)
+    # costal cartilage beside the sternum-less chest: nearest rigid neighbour (clavicula_left)
+    v, f = box((80, 400, 40), (10, 10, 10))
+    meshes["costal_cartilages"] = Mesh(place(v, 9), f, "costal_cartilages")
+    # soft structures: a liver-like box in the trunk, a blob in the left forearm
+    v, f = box((-60, 200, 30), (50, 40, 40), n=5)
+    meshes["liver"] = Mesh(place(v, 6), f, "liver")
+    mid_forearm = 0.5 * (REST_JOINTS_MM[18] + REST_JOINTS_MM[20])
+    v, f = box(mid_forearm, (20, 20, 20), n=4)
+    meshes["muscle"] = Mesh(place(v, 18), f, "muscle")
+    fit = {"pose": pa, "betas": np.zeros(10), "transl_mm": T_A, "residual_mm": None, "joints_mm": ja}
+    binding = bind_structures(meshes, FakeBodyModel(), fit)
+    return dict(pa=pa, ja=ja, meshes=meshes, binding=binding, fit=fit)
+
+
+def test_rigid_rules():
+    assert rigid_bone_for("femur_left") == "left_hip"
+    assert rigid_bone_for("patella_right") == "right_knee"
+    assert rigid_bone_for("phalanges_feet_left") == "left_foot"
+    assert rigid_bone_for("metacarpal_right") == "right_wrist"
+    assert rigid_bone_for("scapula_left") == "left_collar"
+    assert rigid_bone_for("rib_right_7") == "spine3"
+    assert rigid_bone_for("sacrum") == "pelvis"
+    assert rigid_bone_for("costal_cartilages") is None
+
+
+def test_binding_table(twin):
+    b = twin["binding"]
+    table = b.table()
+    assert table["femur_left"] == "left_hip" and table["tibia_left"] == "left_knee"
+    assert table["skull"] == "head" and table["hip_left"] == "pelvis"
+    assert table["costal_cartilages"] == "left_collar"  # its nearest rigid neighbour, the clavicle
+    assert table["vertebrae_L3"] == "vertebrae_L3" and "vertebrae_L3" in b.bone_names()
+    assert table["liver"] == SMOOTH and table["muscle"] == SMOOTH
+    # every skeletal structure has exactly one bone
+    for n in twin["meshes"]:
+        assert (n in b.rigid) != (n in b.soft)
+
+
+def test_spine_blend_weights():
+    cum = np.array([0.0, 100.0, 230.0, 290.0, 500.0, 580.0])
+    assert spine_blend(10.0, cum) == (0, 0, 0.0)
+    lo, up, w = spine_blend(100.0, cum)  # at spine1: half pelvis segment, half spine1 segment
+    assert (lo, up) == (0, 3) and abs(w - 50 / 115) < 1e-12
+    lo, up, w = spine_blend(165.0, cum)  # middle of the spine1 segment: fully spine1
+    assert (lo, up, w) == (3, 6, 0.0)
+
+
+def test_soft_weights_transferred(twin):
+    b = twin["binding"]
+    fw = b.soft["muscle"].dense()
+    assert np.allclose(fw.sum(1), 1, atol=1e-6)
+    assert (fw[:, JOINT_INDEX["left_elbow"]] > 0.99).all()  # forearm blob takes the forearm's weights
+    lw = b.soft["liver"].dense()
+    arm = [JOINT_INDEX[n] for n in ("left_shoulder", "right_shoulder", "left_elbow", "right_elbow")]
+    assert lw[:, arm].max() == 0  # trunk tissue never takes arm weights
+
+
+def test_posing_rigid_and_smooth(twin):
+    b = twin["binding"]
+    pb = target_pose(np.random.default_rng(4))
+    tb = T_A + np.array([10.0, -20.0, 30.0])
+    posed = pose_meshes(b, twin["meshes"], pb, tb)
+    for n, m in posed.items():
+        assert m.vertices.shape == twin["meshes"][n].vertices.shape
+        if n in b.rigid:
+            assert best_rigid_deviation(twin["meshes"][n].vertices, m.vertices) <= 1e-3, n
+    # soft tissue in the forearm follows the forearm bone
+    d = bone_deltas(b, pb, tb)["left_elbow"]
+    v = twin["meshes"]["muscle"].vertices
+    assert np.abs(posed["muscle"].vertices - (v @ d[:3, :3].T + d[:3, 3])).max() < 1e-6
+    # the acquisition pose changes nothing
+    same = pose_meshes(b, twin["meshes"], twin["pa"], T_A)
+    for n, m in same.items():
+        assert np.abs(m.vertices - twin["meshes"][n].vertices).max() < 1e-8
+
+
+def test_spine_bends_smoothly(twin):
+    """Vertebrae rotate progressively: no step larger than the spine joints' own rotations."""
+    b = twin["binding"]
+    p = twin["pa"].reshape(24, 3).copy()
+    for j in (3, 6, 9, 12):
+        p[j] += (0.3, 0.0, 0.0)
+    bd = bone_deltas(b, p.reshape(72))
+    order = sorted(b.vertebrae.values(), key=lambda v: (v.lower, v.w))
+    ang = [np.linalg.norm(rotation_to_rotvec(bd[v.name][:3, :3])) for v in order]
+    assert all(np.diff(ang) >= -1e-9)  # monotone increasing bend up the spine
+    assert max(np.diff(ang)) < 0.3  # never a whole joint's kink between neighbours
+    # each vertebra: rotation on the geodesic between its two segments', anchor lerped
+    for v in order:
+        da, db, t = bd[JOINT_NAMES[v.lower]], bd[JOINT_NAMES[v.upper]], bd[v.name]
+        full = np.linalg.norm(rotation_to_rotvec(da[:3, :3].T @ db[:3, :3]))
+        part = np.linalg.norm(rotation_to_rotvec(da[:3, :3].T @ t[:3, :3]))
+        assert abs(part - v.w * full) < 1e-9
+        c = v.anchor_mm
+        lerp = (1 - v.w) * (da[:3, :3] @ c + da[:3, 3]) + v.w * (db[:3, :3] @ c + db[:3, 3])
+        assert np.allclose(t[:3, :3] @ c + t[:3, 3], lerp, atol=1e-9)
+    assert any(0 < v.w < 1 for v in order)
+
+
+def test_save_load_roundtrip(twin, tmp_path):
+    b = twin["binding"]
+    save_binding(b, tmp_path / "binding.npz")
+    b2 = load_binding(tmp_path / "binding.npz")
+    assert b2.table() == b.table()
+    pb = target_pose(np.random.default_rng(5))
+    p1 = pose_meshes(b, twin["meshes"], pb)
+    p2 = pose_meshes(b2, twin["meshes"], pb)
+    for n in p1:
+        assert np.abs(p1[n].vertices - p2[n].vertices).max() < 1e-6
+
+
+def test_joint_limits_warn():
+    p = acquisition_pose().reshape(24, 3).copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_joint_limits(p.reshape(72)) == []
+    p[JOINT_INDEX["left_knee"], 0] = -1.0  # hyperextended knee
+    p[JOINT_INDEX["spine2"]] = (0, 0, 1.5)
+    with pytest.warns(UserWarning, match="left_knee"):
+        bad = check_joint_limits(p.reshape(72))
+    assert len(bad) == 2
