@@ -221,3 +221,29 @@ def test_install_enable_disable_uninstall_twice(extension_zip, tmp_path):
         assert f.startswith(site), (name, f)
     # The user's real Blender configuration was not used.
     assert all(r["site_packages"].startswith(str(user)) for r in res["rounds"])
+
+
+# conftest's autouse fixture resets Blender to factory settings before each test: the first test
+# leaves state behind on purpose, the second (run right after it) must not see any of it.
+_dirtied = []
+
+
+def test_factory_fresh_state_a_dirty_it():
+    import bpy
+
+    bpy.ops.wm.read_factory_settings(use_empty=True)  # make sure bpy is in use in this process
+    mesh = bpy.data.meshes.new("ctwin_leak")
+    bpy.context.scene.collection.objects.link(bpy.data.objects.new("ctwin_leak", mesh))
+    bpy.context.scene.frame_current = 77
+    bpy.data.texts.new("ctwin_leak")
+    assert "ctwin_leak" in bpy.data.objects
+    _dirtied.append(True)
+
+
+def test_factory_fresh_state_b_is_clean():
+    import bpy
+
+    if not _dirtied:
+        pytest.skip("runs right after test_factory_fresh_state_a_dirty_it")
+    assert len(bpy.data.objects) == 0 and len(bpy.data.meshes) == 0 and len(bpy.data.texts) == 0
+    assert bpy.context.scene.frame_current == 1
