@@ -1,0 +1,497 @@
+"""DRR kernels: one body per ray, compiled for the CPU (numba parallel) and for CUDA (numba-cuda).
+
+The per-ray functions below are plain Python on scalars and arrays. ``_build(decorate)`` makes a
+fresh copy of each with a namespace in which the names of the other per-ray functions refer to
+compiled versions: ``numba.njit`` for the CPU, ``numba.cuda.jit(device=True)`` for CUDA. So the CPU
+and the GPU run the same code; only the drivers differ (a ``prange`` loop over pixels versus one
+CUDA thread per pixel).
+
+Conventions (see core/projector.py for the host side):
+- A volume is a flat ``uint16`` array (C order, index (i, j, k), k fastest) plus a float32 lookup
+  table ``lut`` of 65536 entries mapping the stored 16-bit pattern to mu (1/mm). int16 HU and
+  float16 mu volumes are both stored as their 16-bit patterns, so one kernel serves both and the
+  HU -> mu conversion happens on the fly (the table already clips mu at 0).
+- ``M`` (12 float64) maps world mm to continuous voxel index: p = M[0:3,0:3] x + M[0:3,3].
+- The volume fills index space [-0.5, n - 0.5]; mu = 0 outside. Inside, positions are clamped to
+  [0, n - 1] and interpolated trilinearly: nearest-voxel values between the outermost voxel
+  centres and the faces, trilinear elsewhere (SPEC 5). Each corner goes through the table before
+  interpolation (mu is interpolated, not HU).
+- Rays are parametrised by arc length t (mm) from their origin; a ray runs over [0, tlen].
+"""
+from __future__ import annotations
+
+import math
+import types
+
+import numpy as np
+
+MAX_CAND = 64  # rigid sub-volumes a single ray may cross (render_scene)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-ray functions (shared by the CPU and CUDA builds)
+# ----------------------------------------------------------------------------------------------
+def pixel_ray(geo, r, c):
+    """Origin, unit direction and length of the ray of pixel (row r, column c)."""
+    W = geo[14]
+    H = geo[15]
+    a = (c - (W - 1.0) * 0.5) * geo[12]
+    b = (r - (H - 1.0) * 0.5) * geo[13]
+    px = geo[3] + a * geo[6] + b * geo[9]
+    py = geo[4] + a * geo[7] + b * geo[10]
+    pz = geo[5] + a * geo[8] + b * geo[11]
+    if geo[16] > 0.5:
+        dx = geo[17]
+        dy = geo[18]
+        dz = geo[19]
+        tlen = (px - geo[0]) * dx + (py - geo[1]) * dy + (pz - geo[2]) * dz
+        return px - tlen * dx, py - tlen * dy, pz - tlen * dz, dx, dy, dz, tlen
+    dx = px - geo[0]
+    dy = py - geo[1]
+    dz = pz - geo[2]
+    tlen = math.sqrt(dx * dx + dy * dy + dz * dz)
+    return geo[0], geo[1], geo[2], dx / tlen, dy / tlen, dz / tlen, tlen
+
+
+def to_index(M, x, y, z):
+    return (M[0] * x + M[1] * y + M[2] * z + M[3],
+            M[4] * x + M[5] * y + M[6] * z + M[7],
+            M[8] * x + M[9] * y + M[10] * z + M[11])
+
+
+def slab(p, d, n, t0, t1):
+    """Clip [t0, t1] to the slab -0.5 <= p + t d <= n - 0.5 along one axis."""
+    lo = -0.5
+    hi = n - 0.5
+    if d == 0.0:
+        if p < lo or p > hi:
+            return 1.0, 0.0
+        return t0, t1
+    ta = (lo - p) / d
+    tb = (hi - p) / d
+    if ta > tb:
+        tmp = ta
+        ta = tb
+        tb = tmp
+    if ta > t0:
+        t0 = ta
+    if tb < t1:
+        t1 = tb
+    return t0, t1
+
+
+def ray_box(M, nx, ny, nz, ox, oy, oz, dx, dy, dz, t0, t1):
+    """Interval of the ray inside the volume's cell box (empty if t0 >= t1), and the ray in index space."""
+    px, py, pz = to_index(M, ox, oy, oz)
+    qx = M[0] * dx + M[1] * dy + M[2] * dz
+    qy = M[4] * dx + M[5] * dy + M[6] * dz
+    qz = M[8] * dx + M[9] * dy + M[10] * dz
+    t0, t1 = slab(px, qx, nx, t0, t1)
+    t0, t1 = slab(py, qy, ny, t0, t1)
+    t0, t1 = slab(pz, qz, nz, t0, t1)
+    return t0, t1, px, py, pz, qx, qy, qz
+
+
+def trilinear(data, lut, off, nx, ny, nz, x, y, z):
+    """mu at continuous index (x, y, z), assumed inside the cell box (clamped to the centres)."""
+    if x < 0.0:
+        x = 0.0
+    if x > nx - 1.0:
+        x = nx - 1.0
+    if y < 0.0:
+        y = 0.0
+    if y > ny - 1.0:
+        y = ny - 1.0
+    if z < 0.0:
+        z = 0.0
+    if z > nz - 1.0:
+        z = nz - 1.0
+    i = int(x)
+    j = int(y)
+    k = int(z)
+    fx = x - i
+    fy = y - j
+    fz = z - k
+    si = ny * nz
+    sj = nz
+    di = si if i < nx - 1 else 0
+    dj = sj if j < ny - 1 else 0
+    dk = 1 if k < nz - 1 else 0
+    b = off + i * si + j * sj + k
+    c000 = lut[data[b]]
+    c001 = lut[data[b + dk]]
+    c010 = lut[data[b + dj]]
+    c011 = lut[data[b + dj + dk]]
+    c100 = lut[data[b + di]]
+    c101 = lut[data[b + di + dk]]
+    c110 = lut[data[b + di + dj]]
+    c111 = lut[data[b + di + dj + dk]]
+    c00 = c000 + (c001 - c000) * fz
+    c01 = c010 + (c011 - c010) * fz
+    c10 = c100 + (c101 - c100) * fz
+    c11 = c110 + (c111 - c110) * fz
+    c0 = c00 + (c01 - c00) * fy
+    c1 = c10 + (c11 - c10) * fy
+    return c0 + (c1 - c0) * fx
+
+
+def block_exit(px, py, pz, qx, qy, qz, bi, bj, bk, bs):
+    """Arc length (from the index-space origin p) at which the ray leaves block (bi, bj, bk)."""
+    te = 1e30
+    if qx > 0.0:
+        te = min(te, ((bi + 1) * bs - px) / qx)
+    elif qx < 0.0:
+        te = min(te, (bi * bs - px) / qx)
+    if qy > 0.0:
+        te = min(te, ((bj + 1) * bs - py) / qy)
+    elif qy < 0.0:
+        te = min(te, (bj * bs - py) / qy)
+    if qz > 0.0:
+        te = min(te, ((bk + 1) * bs - pz) / qz)
+    elif qz < 0.0:
+        te = min(te, (bk * bs - pz) / qz)
+    return te
+
+
+def ray_trilinear(data, lut, nx, ny, nz, M, occ, bs, ox, oy, oz, dx, dy, dz, tlen, step):
+    """Midpoint-rule integral of trilinear mu along one ray, skipping empty blocks.
+
+    Samples sit at t0 + (m + 0.5) h, h = (t1 - t0) / ceil((t1 - t0) / step), so the clipped
+    interval is covered exactly; skipping jumps over samples of blocks whose (dilated) voxels are
+    all zero, which leaves the sum unchanged.
+    """
+    t0, t1, px, py, pz, qx, qy, qz = ray_box(M, nx, ny, nz, ox, oy, oz, dx, dy, dz, 0.0, tlen)
+    if t1 <= t0:
+        return 0.0
+    nsteps = int(math.ceil((t1 - t0) / step))
+    if nsteps < 1:
+        nsteps = 1
+    h = (t1 - t0) / nsteps
+    onx = (nx + bs - 1) // bs
+    ony = (ny + bs - 1) // bs
+    onz = (nz + bs - 1) // bs
+    acc = 0.0
+    m = 0
+    while m < nsteps:
+        t = t0 + (m + 0.5) * h
+        x = px + t * qx
+        y = py + t * qy
+        z = pz + t * qz
+        if x >= 0.0 and y >= 0.0 and z >= 0.0 and x <= nx - 1.0 and y <= ny - 1.0 and z <= nz - 1.0:
+            bi = int(x) // bs
+            bj = int(y) // bs
+            bk = int(z) // bs
+            if occ[(bi * ony + bj) * onz + bk] == 0:
+                te = block_exit(px, py, pz, qx, qy, qz, bi, bj, bk, bs)
+                mn = int(math.ceil((te - t0) / h - 0.5))
+                if mn > m:
+                    m = mn
+                    continue
+        acc += trilinear(data, lut, 0, nx, ny, nz, x, y, z)
+        m += 1
+    return acc * h
+
+
+def ray_siddon(data, lut, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen):
+    """Exact integral of the nearest-voxel (piecewise constant) mu field along one ray."""
+    t0, t1, px, py, pz, qx, qy, qz = ray_box(M, nx, ny, nz, ox, oy, oz, dx, dy, dz, 0.0, tlen)
+    if t1 <= t0:
+        return 0.0
+    tm = t0 + 1e-9 * (t1 - t0)
+    i = int(math.floor(px + tm * qx + 0.5))
+    j = int(math.floor(py + tm * qy + 0.5))
+    k = int(math.floor(pz + tm * qz + 0.5))
+    i = min(max(i, 0), nx - 1)
+    j = min(max(j, 0), ny - 1)
+    k = min(max(k, 0), nz - 1)
+    si = 0
+    sj = 0
+    sk = 0
+    tx = 1e300
+    ty = 1e300
+    tz = 1e300
+    ddx = 0.0
+    ddy = 0.0
+    ddz = 0.0
+    if qx > 0.0:
+        si = 1
+        tx = (i + 0.5 - px) / qx
+        ddx = 1.0 / qx
+    elif qx < 0.0:
+        si = -1
+        tx = (i - 0.5 - px) / qx
+        ddx = -1.0 / qx
+    if qy > 0.0:
+        sj = 1
+        ty = (j + 0.5 - py) / qy
+        ddy = 1.0 / qy
+    elif qy < 0.0:
+        sj = -1
+        ty = (j - 0.5 - py) / qy
+        ddy = -1.0 / qy
+    if qz > 0.0:
+        sk = 1
+        tz = (k + 0.5 - pz) / qz
+        ddz = 1.0 / qz
+    elif qz < 0.0:
+        sk = -1
+        tz = (k - 0.5 - pz) / qz
+        ddz = -1.0 / qz
+    acc = 0.0
+    t = t0
+    snz = nz
+    sny = ny * nz
+    while t < t1:
+        tn = min(tx, min(ty, tz))
+        if tn > t1:
+            tn = t1
+        acc += (tn - t) * lut[data[i * sny + j * snz + k]]
+        t = tn
+        if tn == tx:
+            i += si
+            tx += ddx
+            if i < 0 or i >= nx:
+                break
+        elif tn == ty:
+            j += sj
+            ty += ddy
+            if j < 0 or j >= ny:
+                break
+        else:
+            k += sk
+            tz += ddz
+            if k < 0 or k >= nz:
+                break
+    return acc
+
+
+def warp_point(disp, W, wn, x, y, z):
+    """Posed world point -> rest world point through the inverse-warp grid (0 outside the grid)."""
+    gx, gy, gz = to_index(W, x, y, z)
+    nx = wn[0]
+    ny = wn[1]
+    nz = wn[2]
+    if gx < -0.5 or gy < -0.5 or gz < -0.5 or gx > nx - 0.5 or gy > ny - 0.5 or gz > nz - 0.5:
+        return x, y, z
+    gx = min(max(gx, 0.0), nx - 1.0)
+    gy = min(max(gy, 0.0), ny - 1.0)
+    gz = min(max(gz, 0.0), nz - 1.0)
+    i = min(int(gx), nx - 1)
+    j = min(int(gy), ny - 1)
+    k = min(int(gz), nz - 1)
+    fx = gx - i
+    fy = gy - j
+    fz = gz - k
+    i1 = min(i + 1, nx - 1)
+    j1 = min(j + 1, ny - 1)
+    k1 = min(k + 1, nz - 1)
+    ox = x
+    oy = y
+    oz = z
+    for a in range(3):
+        c00 = disp[i, j, k, a] + (disp[i, j, k1, a] - disp[i, j, k, a]) * fz
+        c01 = disp[i, j1, k, a] + (disp[i, j1, k1, a] - disp[i, j1, k, a]) * fz
+        c10 = disp[i1, j, k, a] + (disp[i1, j, k1, a] - disp[i1, j, k, a]) * fz
+        c11 = disp[i1, j1, k, a] + (disp[i1, j1, k1, a] - disp[i1, j1, k, a]) * fz
+        c0 = c00 + (c01 - c00) * fy
+        c1 = c10 + (c11 - c10) * fy
+        val = c0 + (c1 - c0) * fx
+        if a == 0:
+            ox += val
+        elif a == 1:
+            oy += val
+        else:
+            oz += val
+    return ox, oy, oz
+
+
+def ray_scene(bdata, blut, bshape, BM, use_warp, disp, WM, wn, sdata, smask, slut, sparams, nsub,
+              cidx, ct0, ct1, ox, oy, oz, dx, dy, dz, tlen, step):
+    """Posed scene: base volume (optionally inverse-warped) + rigid sub-volumes with masks.
+
+    At a sample inside the mask of a sub-volume (nearest voxel flag), the first such sub-volume's
+    trilinear mu counts and the base does not. ``sparams[s]`` = (offset, nx, ny, nz, M[12]).
+    ``cidx``/``ct0``/``ct1`` are per-ray scratch arrays of length MAX_CAND.
+    """
+    bnx = bshape[0]
+    bny = bshape[1]
+    bnz = bshape[2]
+    t0, t1, px, py, pz, qx, qy, qz = ray_box(BM, bnx, bny, bnz, ox, oy, oz, dx, dy, dz, 0.0, tlen)
+    if use_warp:
+        w0, w1, px, py, pz, qx, qy, qz = ray_box(WM, wn[0], wn[1], wn[2], ox, oy, oz, dx, dy, dz,
+                                                 0.0, tlen)
+        if w1 > w0:
+            if t1 > t0:
+                t0 = min(t0, w0)
+                t1 = max(t1, w1)
+            else:
+                t0 = w0
+                t1 = w1
+    ncand = 0
+    for s in range(nsub):
+        a0, a1, px, py, pz, qx, qy, qz = ray_box(sparams[s, 4:16], int(sparams[s, 1]),
+                                                 int(sparams[s, 2]), int(sparams[s, 3]),
+                                                 ox, oy, oz, dx, dy, dz, 0.0, tlen)
+        if a1 > a0 and ncand < cidx.shape[0]:
+            cidx[ncand] = s
+            ct0[ncand] = a0
+            ct1[ncand] = a1
+            ncand += 1
+            if t1 > t0:
+                t0 = min(t0, a0)
+                t1 = max(t1, a1)
+            else:
+                t0 = a0
+                t1 = a1
+    if t1 <= t0:
+        return 0.0
+    nsteps = int(math.ceil((t1 - t0) / step))
+    if nsteps < 1:
+        nsteps = 1
+    h = (t1 - t0) / nsteps
+    acc = 0.0
+    for m in range(nsteps):
+        t = t0 + (m + 0.5) * h
+        x = ox + t * dx
+        y = oy + t * dy
+        z = oz + t * dz
+        claimed = False
+        for c in range(ncand):
+            if t >= ct0[c] and t <= ct1[c]:
+                s = cidx[c]
+                snx = int(sparams[s, 1])
+                sny = int(sparams[s, 2])
+                snz = int(sparams[s, 3])
+                ix, iy, iz = to_index(sparams[s, 4:16], x, y, z)
+                ni = min(max(int(math.floor(ix + 0.5)), 0), snx - 1)
+                nj = min(max(int(math.floor(iy + 0.5)), 0), sny - 1)
+                nk = min(max(int(math.floor(iz + 0.5)), 0), snz - 1)
+                off = int(sparams[s, 0])
+                if smask[off + (ni * sny + nj) * snz + nk] != 0:
+                    acc += trilinear(sdata, slut, off, snx, sny, snz, ix, iy, iz)
+                    claimed = True
+                    break
+        if not claimed:
+            wx = x
+            wy = y
+            wz = z
+            if use_warp:
+                wx, wy, wz = warp_point(disp, WM, wn, x, y, z)
+            bx, by, bz = to_index(BM, wx, wy, wz)
+            if (bx >= -0.5 and by >= -0.5 and bz >= -0.5 and bx <= bnx - 0.5 and by <= bny - 0.5
+                    and bz <= bnz - 0.5):
+                acc += trilinear(bdata, blut, 0, bnx, bny, bnz, bx, by, bz)
+    return acc * h
+
+
+_PER_RAY = ("pixel_ray", "to_index", "slab", "ray_box", "trilinear", "block_exit", "ray_trilinear",
+            "ray_siddon", "warp_point", "ray_scene")
+
+
+# ----------------------------------------------------------------------------------------------
+# drivers
+# ----------------------------------------------------------------------------------------------
+def cpu_static(out, geo, data, lut, nx, ny, nz, M, occ, bs, step, method):
+    H = out.shape[0]
+    W = out.shape[1]
+    for p in prange(H * W):  # noqa: F821 (prange is injected by _build)
+        r = p // W
+        c = p - r * W
+        ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geo, r, c)
+        if method == 1:
+            out[r, c] = ray_siddon(data, lut, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
+        else:
+            out[r, c] = ray_trilinear(data, lut, nx, ny, nz, M, occ, bs, ox, oy, oz, dx, dy, dz,
+                                      tlen, step)
+
+
+def cpu_scene(out, geo, bdata, blut, bshape, BM, use_warp, disp, WM, wn, sdata, smask, slut,
+              sparams, nsub, step):
+    H = out.shape[0]
+    W = out.shape[1]
+    for p in prange(H * W):  # noqa: F821
+        cidx = np.empty(MAX_CAND, np.int32)
+        ct0 = np.empty(MAX_CAND, np.float64)
+        ct1 = np.empty(MAX_CAND, np.float64)
+        r = p // W
+        c = p - r * W
+        ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geo, r, c)
+        out[r, c] = ray_scene(bdata, blut, bshape, BM, use_warp, disp, WM, wn, sdata, smask, slut,
+                              sparams, nsub, cidx, ct0, ct1, ox, oy, oz, dx, dy, dz, tlen, step)
+
+
+def cuda_static(out, geo, data, lut, nx, ny, nz, M, occ, bs, step, method):
+    p = cuda.grid(1)  # noqa: F821 (cuda is injected by _build)
+    H = out.shape[0]
+    W = out.shape[1]
+    if p < H * W:
+        r = p // W
+        c = p - r * W
+        ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geo, r, c)
+        if method == 1:
+            out[r, c] = ray_siddon(data, lut, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
+        else:
+            out[r, c] = ray_trilinear(data, lut, nx, ny, nz, M, occ, bs, ox, oy, oz, dx, dy, dz,
+                                      tlen, step)
+
+
+def cuda_scene(out, geo, bdata, blut, bshape, BM, use_warp, disp, WM, wn, sdata, smask, slut,
+               sparams, nsub, step):
+    p = cuda.grid(1)  # noqa: F821
+    H = out.shape[0]
+    W = out.shape[1]
+    if p < H * W:
+        cidx = cuda.local.array(MAX_CAND, numba.int32)  # noqa: F821
+        ct0 = cuda.local.array(MAX_CAND, numba.float64)  # noqa: F821
+        ct1 = cuda.local.array(MAX_CAND, numba.float64)  # noqa: F821
+        r = p // W
+        c = p - r * W
+        ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geo, r, c)
+        out[r, c] = ray_scene(bdata, blut, bshape, BM, use_warp, disp, WM, wn, sdata, smask, slut,
+                              sparams, nsub, cidx, ct0, ct1, ox, oy, oz, dx, dy, dz, tlen, step)
+
+
+def _build(decorate, extra: dict) -> dict:
+    """Compile the per-ray functions with ``decorate`` into a fresh namespace and return it."""
+    ns = dict(globals())
+    ns.update(extra)
+    for name in _PER_RAY:
+        f = globals()[name]
+        ns[name] = decorate(types.FunctionType(f.__code__, ns, name, f.__defaults__))
+    return ns
+
+
+_CPU = None
+_CUDA = None
+
+
+def cpu_kernels() -> dict:
+    """{'static': ..., 'scene': ...} numba-parallel CPU drivers (compiled lazily, cached on disk)."""
+    global _CPU
+    if _CPU is None:
+        import numba
+
+        ns = _build(lambda f: numba.njit(f, cache=True), {"prange": numba.prange, "numba": numba})
+        out = {}
+        for name in ("cpu_static", "cpu_scene"):
+            f = globals()[name]
+            fn = types.FunctionType(f.__code__, ns, name)
+            out[name[4:]] = numba.njit(fn, parallel=True, cache=True)
+        _CPU = out
+    return _CPU
+
+
+def cuda_kernels() -> dict:
+    """{'static': ..., 'scene': ...} CUDA kernels (one thread per pixel)."""
+    global _CUDA
+    if _CUDA is None:
+        import numba
+        from numba import cuda
+
+        ns = _build(lambda f: cuda.jit(device=True)(f), {"cuda": cuda, "numba": numba})
+        out = {}
+        for name in ("cuda_static", "cuda_scene"):
+            f = globals()[name]
+            out[name[5:]] = cuda.jit(types.FunctionType(f.__code__, ns, name))
+        _CUDA = out
+    return _CUDA
