@@ -549,7 +549,10 @@ def skin_mesh(ct: Volume, threshold_hu: float = -500.0, *, smooth_iterations: in
     body = body_mask(ct, threshold_hu) if mask is None else mask
     cx = surface_nets(body.astype(np.uint8), ct.affine, smooth_iterations=smooth_iterations,
                       max_triangles=max_triangles)
+    from .labels import name_to_id
+
     m = cx.mesh(1, "skin")
+    m.meta["label_id"] = int(name_to_id().get("skin", 0))
     m.meta["voxel_volume_mm3"] = cx.voxel_volume_mm3[1]
     return m
 
