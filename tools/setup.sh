@@ -26,8 +26,10 @@ rm -f "$STAMP"
 findlinks=()
 [ -d /opt/wheels ] && findlinks=(--find-links /opt/wheels)
 pipq=(-q --disable-pip-version-check --no-input)
-"$VENV/bin/python" -m pip install "${pipq[@]}" --upgrade "pip==26.3" >&2
-"$VENV/bin/python" -m pip install "${pipq[@]}" "${findlinks[@]}" -r "$ROOT/requirements.txt" >&2
+# pip's notes about this machine's absent local index folders are noise; real errors pass.
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2; }
+quiet "$VENV/bin/python" -m pip install "${pipq[@]}" --upgrade "pip==26.3"
+quiet "$VENV/bin/python" -m pip install "${pipq[@]}" "${findlinks[@]}" -r "$ROOT/requirements.txt"
 "$VENV/bin/python" -c 'import bpy, numpy, numba, scipy, skimage, nibabel, SimpleITK, trimesh, torch, smplx' \
     || { echo "ctwin setup: the environment does not import; see above" >&2; exit 1; }
 echo "$want" > "$STAMP"
