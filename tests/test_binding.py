@@ -157,3 +157,77 @@ def test_joint_limits_warn():
     with pytest.warns(UserWarning, match="left_knee"):
         bad = check_joint_limits(p.reshape(72))
     assert len(bad) == 2
+
+
+# --- the pose command on a small twin directory built from the real (built-in) body model ---------
+@pytest.fixture(scope="module")
+def twin_dir(tmp_path_factory):
+    from ctwin.core.body_model import load_body_model
+    from ctwin.core.fileio import write_json
+    from ctwin.core.mesh import Mesh as CoreMesh
+    from ctwin.core.mesh import write_ply
+    from ctwin.core.poses import PRESETS
+
+    bm = load_body_model()
+    pose = PRESETS["supine_arms_down"]
+    transl = np.array([3.0, 120.0, -700.0])
+    verts, joints = bm.forward(pose=pose, transl_mm=transl)
+    _, rest_j = bm.rest()
+    a, _ = forward_kinematics(pose, 1000.0 * rest_j)
+    a[:, :3, 3] += transl
+    d = tmp_path_factory.mktemp("twin")
+    bones = {"femur_left": 1, "tibia_right": 5, "humerus_left": 16, "skull": 15, "vertebrae_L3": 3}
+    for name, j in bones.items():
+        child = {1: 4, 5: 8, 16: 18, 15: 15, 3: 6}[j]
+        v, f = box(500.0 * (rest_j[j] + rest_j[child]), (12, 12, 12))
+        write_ply(CoreMesh(v @ a[j][:3, :3].T + a[j][:3, 3], f, name), d / "meshes" / f"{name}.ply")
+    write_ply(CoreMesh(verts, bm.faces, "skin"), d / "meshes" / "skin.ply")
+    write_ply(CoreMesh(verts, bm.faces, "body_model"), d / "meshes" / "body_model.ply")
+    np.savez(d / "fit.npz", pose=pose, betas=np.zeros(bm.num_betas), transl_mm=transl,
+             residual_mm=np.zeros_like(bm.v_template), joints_mm=joints)
+    write_json(d / "twin.json", {"body_model": {"path": str(bm.path), "builtin": True}, "binding": {}})
+    return d, bm, transl
+
+
+def test_pose_command_writes_posed_meshes(twin_dir, tmp_path):
+    from ctwin.cli import main
+    from ctwin.core.fileio import read_json
+    from ctwin.core.mesh import read_mesh
+    from ctwin.core.poses import PRESETS
+
+    d, bm, transl = twin_dir
+    out = tmp_path / "posed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["pose", "--twin", str(d), "--pose", "knee_flexion", "--out", str(out)]) == 0
+    names = {p.name for p in out.glob("*.ply")}
+    assert names == {"femur_left.ply", "tibia_right.ply", "humerus_left.ply", "skull.ply", "vertebrae_L3.ply",
+                     "skin.ply", "body_model.ply"}
+    rec = read_json(out / "pose.json")
+    assert rec["binding"]["tibia_right"] == "right_knee" and rec["binding"]["skin"] == SMOOTH
+    target = PRESETS["knee_flexion"]
+    # bones: rigid copies of the acquisition meshes, moved by the recorded transforms
+    for n in ("femur_left", "tibia_right", "vertebrae_L3"):
+        src = read_mesh(d / "meshes" / f"{n}.ply").vertices
+        dst = read_mesh(out / f"{n}.ply").vertices
+        t = np.asarray(rec["bones"][n])
+        assert np.abs(src @ t[:3, :3].T + t[:3, 3] - dst).max() < 1e-2  # float32 PLY
+        assert best_rigid_deviation(src, dst) < 1e-2
+    tib = read_mesh(out / "tibia_right.ply").vertices
+    src = read_mesh(d / "meshes" / "tibia_right.ply").vertices
+    assert np.linalg.norm(tib.mean(0) - src.mean(0)) > 100  # the shank really moved (90 deg knee flexion)
+    # body_model.ply: the body model's own LBS at the target pose
+    verts, _ = bm.forward(pose=target, transl_mm=transl)
+    assert np.abs(read_mesh(out / "body_model.ply").vertices - verts).max() < 1e-2
+    # skin (the body surface itself, weights transferred back onto it): close to the body model's LBS
+    skin = read_mesh(out / "skin.ply").vertices
+    err = np.linalg.norm(skin - verts, axis=1)
+    print("skin vs body-model LBS (mm): median %.2f p95 %.2f max %.2f" % (np.median(err), np.percentile(err, 95), err.max()))
+    assert np.median(err) < 3.0 and np.percentile(err, 95) < 25.0
+
+
+def test_pose_command_errors(tmp_path, capsys):
+    from ctwin.cli import main
+
+    assert main(["pose", "--twin", str(tmp_path), "--pose", "sitting", "--out", str(tmp_path / "o")]) == 2
+    assert "twin.json" in capsys.readouterr().err
