@@ -10,6 +10,7 @@ rejected with a one-line ``CtwinError``, as are corrupt or truncated files.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ def _one_line(exc: Exception, limit: int = 160) -> str:
             break
     else:
         msg = lines[-1] if lines else type(exc).__name__
-    msg = " ".join(msg.split())
+    msg = re.sub(r"\b\w+\(0x[0-9a-fA-F]+\):\s*", "", " ".join(msg.split()))
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
