@@ -11,9 +11,10 @@
   ``R = slerp(R_a, R_b, w)`` and ``c -> lerp(D_a c, D_b c, w)`` (``vertebra_transform``). In
   Blender the same blend comes from two Child Of constraints (influence 1 and w).
 - Soft structures (organs, skin, muscle, ...) get per-vertex LBS weights transferred from the
-  fitted body model: the closest point on the body-model surface at the acquisition pose, among
-  the faces of the same body part (trunk, each arm, each leg, chosen by the nearest skeleton
-  segment, so that a liver vertex never takes weights from the arm beside it), barycentric
+  fitted body model: the closest point on the body-model surface at the acquisition pose (for
+  points deeper than 15 mm, among the faces of the same body part only: trunk, each arm, each
+  leg, chosen by the nearest bone segment, so that a liver vertex never takes the weights of
+  the arm beside it), barycentric
   interpolation of that face's vertex weights, then the 4 largest kept and renormalised.
 - ``Binding.table()`` (label -> bone name; ``"smooth"`` for LBS-weighted structures) goes into
   twin.json; ``save_binding`` / ``load_binding`` keep everything (weights included) in an .npz.
@@ -187,38 +188,51 @@ def segment_weights_fallback(points, armature: Armature, sigma_mm: float = 40.0)
     return w / w.sum(axis=1, keepdims=True)
 
 
-def transfer_weights(points, armature: Armature, body_verts_mm, body_faces, body_weights, k_candidates=12):
-    """Dense (N, 24) LBS weights for points from the closest body-model surface point (same body part)."""
+def _closest_weights(pts, bv, bf, bw, centroids, faces_idx, k_candidates):
+    """(distance (N,), interpolated weights (N, J)) of the closest point among faces ``faces_idx``."""
     from scipy.spatial import cKDTree
 
+    tree = cKDTree(centroids[faces_idx])
+    k = min(k_candidates, len(faces_idx))
+    _, cand = tree.query(pts, k=k)
+    cand = faces_idx[np.asarray(cand).reshape(len(pts), k)]
+    best_d = np.full(len(pts), np.inf)
+    best_w = np.zeros((len(pts), bw.shape[1]))
+    for c in range(k):
+        f = bf[cand[:, c]]
+        cp, bary = closest_point_on_triangles(pts, bv[f[:, 0]], bv[f[:, 1]], bv[f[:, 2]])
+        d = np.linalg.norm(cp - pts, axis=1)
+        better = d < best_d
+        best_d[better] = d[better]
+        best_w[better] = np.einsum("nk,nkj->nj", bary[better], bw[f[better]])
+    return best_d, best_w
+
+
+def transfer_weights(points, armature: Armature, body_verts_mm, body_faces, body_weights, k_candidates=12,
+                     near_mm: float = 15.0):
+    """Dense (N, 24) LBS weights for points from the closest body-model surface point.
+
+    Points within ``near_mm`` of the surface (skin, fat) take the closest point on the whole
+    surface; deeper points take the closest point among the faces of their own body part (the
+    part of their nearest bone segment), so that an organ never takes an arm's weights.
+    """
     pts = np.asarray(points, dtype=np.float64)
     bv = np.asarray(body_verts_mm, dtype=np.float64)
     bf = np.asarray(body_faces, dtype=np.int64)
     bw = np.asarray(body_weights, dtype=np.float64)
-    face_part = _PART_OF_JOINT[np.argmax(bw[bf].sum(axis=1), axis=1)]
-    pt_part = _PART_OF_JOINT[np.argmin(_point_segment_dist(pts, armature.heads, armature.tails), axis=1)]
     centroids = bv[bf].mean(axis=1)
-    out = np.zeros((len(pts), bw.shape[1]))
+    dist, out = _closest_weights(pts, bv, bf, bw, centroids, np.arange(len(bf)), k_candidates)
+    deep = np.nonzero(dist > near_mm)[0]
+    if len(deep) == 0:
+        return out
+    face_part = _PART_OF_JOINT[np.argmax(bw[bf].sum(axis=1), axis=1)]
+    pt_part = _PART_OF_JOINT[np.argmin(_point_segment_dist(pts[deep], armature.heads, armature.tails), axis=1)]
     for part in np.unique(pt_part):
-        q = np.nonzero(pt_part == part)[0]
+        q = deep[pt_part == part]
         faces_idx = np.nonzero(face_part == part)[0]
         if len(faces_idx) == 0:
-            faces_idx = np.arange(len(bf))
-        tree = cKDTree(centroids[faces_idx])
-        k = min(k_candidates, len(faces_idx))
-        _, cand = tree.query(pts[q], k=k)
-        cand = faces_idx[np.asarray(cand).reshape(len(q), k)]
-        best_d = np.full(len(q), np.inf)
-        best_w = np.zeros((len(q), bw.shape[1]))
-        for c in range(k):
-            f = bf[cand[:, c]]
-            cp, bary = closest_point_on_triangles(pts[q], bv[f[:, 0]], bv[f[:, 1]], bv[f[:, 2]])
-            d = np.linalg.norm(cp - pts[q], axis=1)
-            better = d < best_d
-            best_d[better] = d[better]
-            wt = np.einsum("nk,nkj->nj", bary, bw[f])
-            best_w[better] = wt[better]
-        out[q] = best_w
+            continue
+        _, out[q] = _closest_weights(pts[q], bv, bf, bw, centroids, faces_idx, k_candidates)
     return out
 
 

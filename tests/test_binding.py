@@ -219,11 +219,11 @@ def test_pose_command_writes_posed_meshes(twin_dir, tmp_path):
     # body_model.ply: the body model's own LBS at the target pose
     verts, _ = bm.forward(pose=target, transl_mm=transl)
     assert np.abs(read_mesh(out / "body_model.ply").vertices - verts).max() < 1e-2
-    # skin (the body surface itself, weights transferred back onto it): close to the body model's LBS
+    # skin = the body surface itself: its transferred weights reproduce the body model's own LBS
     skin = read_mesh(out / "skin.ply").vertices
     err = np.linalg.norm(skin - verts, axis=1)
     print("skin vs body-model LBS (mm): median %.2f p95 %.2f max %.2f" % (np.median(err), np.percentile(err, 95), err.max()))
-    assert np.median(err) < 3.0 and np.percentile(err, 95) < 25.0
+    assert err.max() < 1.0  # the surface takes back its own weights (top-4 truncation only)
 
 
 def test_pose_command_errors(tmp_path, capsys):
