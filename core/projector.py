@@ -431,3 +431,40 @@ def reference_drr(volume, geometry, step_mm: float = 0.05, chunk: int = 256) -> 
                     acc += w * mu[ii]
         out[r] = acc.sum() * h
     return out.reshape(geometry.height, geometry.width)
+
+
+# --- frame files -------------------------------------------------------------------------------
+def frame_written(stem) -> bool:
+    """True when ``stem.tif`` and ``stem.json`` both exist (the JSON is written last)."""
+    from pathlib import Path
+
+    stem = Path(stem)
+    return stem.with_name(stem.name + ".tif").is_file() and stem.with_name(stem.name + ".json").is_file()
+
+
+def write_frame(stem, image: np.ndarray, sidecar: dict) -> None:
+    """Write ``stem.tif`` (32-bit float, one channel, rows = detector rows) then ``stem.json``,
+    each atomically (temporary file + rename), so an interrupted render never leaves a half frame."""
+    from pathlib import Path
+
+    import tifffile
+
+    from .fileio import atomic_path, write_json
+
+    stem = Path(stem)
+    img = np.ascontiguousarray(image, dtype=np.float32)
+    with atomic_path(stem.with_name(stem.name + ".tif")) as tmp:
+        tifffile.imwrite(tmp, img, photometric="minisblack")
+    write_json(stem.with_name(stem.name + ".json"), sidecar)
+
+
+def read_frame(stem) -> tuple[np.ndarray, dict]:
+    from pathlib import Path
+
+    import tifffile
+
+    from .fileio import read_json
+
+    stem = Path(stem)
+    return (tifffile.imread(stem.with_name(stem.name + ".tif")),
+            read_json(stem.with_name(stem.name + ".json")))
