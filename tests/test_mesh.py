@@ -1,0 +1,196 @@
+"""Multi-label surface nets: closed meshes, shared boundaries, volumes, skin without table, IO."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from conftest import real_ct_path
+from ctwin.core import labels
+from ctwin.core.errors import CtwinError
+from ctwin.core.mesh import (Mesh, body_mask, import_anatomy, label_meshes, read_mesh, skin_mesh,
+                             surface_nets, write_ply)
+from ctwin.core.volume import Volume
+
+
+def _shared_faces(a: Mesh, b: Mesh, decimals=6):
+    """Triangles of a that appear reversed in b (as world coordinates)."""
+    def keyset(m, rev):
+        f = m.faces[:, ::-1] if rev else m.faces
+        tri = np.round(m.vertices[f], decimals)
+        # canonical rotation: start at the lexicographically smallest vertex
+        out = set()
+        for t in tri:
+            t = [tuple(p) for p in t]
+            r = t.index(min(t))
+            out.add(tuple(t[r:] + t[:r]))
+        return out
+    return keyset(a, False) & keyset(b, True)
+
+
+def _two_blocks():
+    lab = np.zeros((14, 12, 10), np.uint16)
+    lab[2:7, 2:10, 2:8] = 31  # vertebrae_L1
+    lab[7:12, 3:9, 2:8] = 32  # vertebrae_T12, touching L1 along x
+    lab[4:6, 4:6, 8:9] = 31  # a bump
+    aff = np.diag([-1.5, 2.0, 3.0, 1.0])  # mirroring affine: windings must still point outward
+    aff[:3, 3] = [10, -5, 40]
+    return Volume(lab, aff)
+
+
+def test_two_labels_share_their_boundary_exactly():
+    vol = _two_blocks()
+    names = {31: "vertebrae_L1", 32: "vertebrae_T12"}
+    for it in (0, 10):
+        ms = label_meshes(vol, names, smooth_iterations=it)
+        a, b = ms["vertebrae_L1"], ms["vertebrae_T12"]
+        for m in (a, b):
+            assert m.is_closed() and m.nonmanifold_edges() == 0
+            assert m.volume() > 0  # outward normals despite det(affine) < 0
+        # the contact face: 6 x 6 voxel faces = 72 triangles, each in both meshes, reversed
+        assert len(_shared_faces(a, b)) == 72
+        if it == 0:  # unsmoothed surface nets = the voxel boundary: exact volumes
+            for i, n in names.items():
+                assert ms[n].volume() == pytest.approx(np.count_nonzero(vol.data == i) * 9.0, rel=1e-9)
+
+
+def test_smoothing_keeps_volume_and_moves_vertices():
+    z, y, x = np.mgrid[:30, :30, :30]
+    lab = (((x - 14.5) ** 2 + (y - 14.5) ** 2 + (z - 14.5) ** 2) < 10 ** 2).astype(np.uint8) * 5
+    vol = Volume(lab, np.eye(4))
+    rough = label_meshes(vol, {5: "liver"}, smooth_iterations=0)["liver"]
+    smooth = label_meshes(vol, {5: "liver"}, smooth_iterations=10)["liver"]
+    v0 = np.count_nonzero(lab)
+    assert abs(smooth.volume() / v0 - 1) <= 0.02
+    # smoothing really happened: the surface got closer to the sphere (area shrinks from staircase)
+    assert smooth.area() < 0.85 * rough.area()
+    r = np.linalg.norm(smooth.vertices - 14.5, axis=1)
+    assert r.std() < np.linalg.norm(rough.vertices - 14.5, axis=1).std()
+
+
+def test_thin_structure_volume_bounded():
+    lab = np.zeros((40, 8, 8), np.uint8)
+    lab[2:38, 3, 3] = 1  # a 1-voxel-thick rod: plain smoothing would shrink it a lot
+    cx = surface_nets(lab, np.eye(4), smooth_iterations=20)
+    v = cx.label_volumes()[1]
+    assert abs(v / 36.0 - 1) <= 0.015 + 1e-9
+
+
+def test_decimation_meets_budget_keeps_sharing():
+    vol = _two_blocks()
+    names = {31: "vertebrae_L1", 32: "vertebrae_T12"}
+    full = label_meshes(vol, names)
+    budget = sum(m.n_faces for m in full.values()) // 3
+    ms = label_meshes(vol, names, max_triangles=budget)
+    assert sum(m.n_faces for m in ms.values()) <= budget
+    for m in ms.values():
+        assert m.is_closed()
+        assert m.volume() > 0
+    assert len(_shared_faces(ms["vertebrae_L1"], ms["vertebrae_T12"])) > 0
+    with pytest.raises(CtwinError, match="too small"):
+        label_meshes(vol, names, max_triangles=3)
+
+
+def test_empty_labelmap_error():
+    with pytest.raises(CtwinError, match="no labelled voxel"):
+        label_meshes(Volume(np.zeros((4, 4, 4), np.uint8), np.eye(4)), {1: "spleen"})
+
+
+@pytest.fixture(scope="module")
+def abdomen_import():
+    ct_path = real_ct_path("abdomen_pelvis", "ct.nii.gz")
+    seg_path = real_ct_path("abdomen_pelvis", "seg.nii.gz")
+    return import_anatomy(ct_path, seg_path)
+
+
+def test_abdomen_every_label_meshed_closed_and_volume(abdomen_import):
+    ct, labelmap, names, meshes, skin = abdomen_import
+    assert len(names) == 61 and set(meshes) == set(names.values())
+    vox = float(np.prod(ct.spacing))
+    counts = np.bincount(labelmap.data.reshape(-1))
+    checked = 0
+    for i, n in names.items():
+        m = meshes[n]
+        assert m.is_closed(), n
+        v_label = counts[i] * vox
+        rel = m.volume() / v_label - 1
+        assert abs(rel) <= 0.02, (n, rel)  # smoothing bound
+        if v_label > 5000.0:  # > 5 cm^3: the acceptance bound
+            assert abs(rel) <= 0.03
+            checked += 1
+        # mesh lies in world mm on the label: its centroid is near the label's voxel centroid
+        c_lab = ct.index_to_world(np.argwhere(labelmap.data == i)).mean(axis=0)
+        assert np.linalg.norm(m.vertices.mean(axis=0) - c_lab) < 0.5 * np.ptp(m.vertices, axis=0).max() + 3
+    assert checked >= 40
+    # neighbouring vertebrae share their boundary
+    assert len(_shared_faces(meshes["vertebrae_L1"], meshes["vertebrae_L2"], 4)) > 50
+    assert len(_shared_faces(meshes["hip_left"], meshes["sacrum"], 4)) > 10
+
+
+def test_abdomen_skin_has_no_table(abdomen_import):
+    ct, labelmap, names, meshes, skin = abdomen_import
+    m = ct.data > -500
+    # The curved table lies at the posterior edge (j small: LPS y is large there) and curves up
+    # at the sides, well clear of the body. Its voxels in the posterior-lateral corners:
+    table = np.zeros_like(m)
+    table[:22, :10] = m[:22, :10]
+    table[100:, :10] = m[100:, :10]
+    assert table.sum() > 100  # the data has a table there
+    body = body_mask(ct)
+    assert not (body & table).any()
+    assert m[:, :2].sum() > 50 and not body[:, :2].any()  # the table's own rows are not body
+    ijk = ct.world_to_index(skin.vertices)
+    assert ijk[:, 1].min() > 2.0, ijk[:, 1].min()  # no skin vertex in the table rows
+    tv = ct.index_to_world(np.argwhere(table))
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(tv).query(skin.vertices)
+    assert d.min() > 4.0, d.min()
+    assert skin.is_closed()
+    assert abs(skin.volume() / (body.sum() * np.prod(ct.spacing)) - 1) < 0.02
+    # the skin encloses the labelled anatomy: most label voxels are in the body mask
+    assert (body[labelmap.data > 0]).mean() > 0.99
+
+
+def test_write_read_ply_and_other_formats(tmp_path):
+    import trimesh
+
+    s = trimesh.creation.icosphere(2, radius=20.0)
+    m = Mesh(s.vertices + [1, 2, 3], s.faces, "liver")
+    write_ply(m, tmp_path / "liver.ply")
+    r = read_mesh(tmp_path / "liver.ply")
+    assert r.name == "liver"
+    np.testing.assert_allclose(r.vertices, m.vertices, atol=1e-4)
+    np.testing.assert_array_equal(r.faces, m.faces)
+    assert r.is_closed() and r.volume() == pytest.approx(m.volume(), rel=1e-5)
+    for ext in ("stl", "obj"):
+        s.export(tmp_path / f"femur_left.{ext}")
+        r = read_mesh(tmp_path / f"femur_left.{ext}")
+        assert r.name == "femur_left" and r.volume() == pytest.approx(s.volume, rel=1e-4)
+    (tmp_path / "bad.stl").write_bytes(b"\x00" * 90)
+    with pytest.raises(CtwinError):
+        read_mesh(tmp_path / "bad.stl")
+    (tmp_path / "liver.vtk").write_text("# vtk DataFile Version 3.0\n")
+    with pytest.raises(CtwinError, match="unsupported"):
+        read_mesh(tmp_path / "liver.vtk")
+
+
+def test_write_ply_nothing_half_written(tmp_path):
+    bad = Mesh(np.zeros((3, 3)), np.array([[0, 1, 7]]), "x")
+    with pytest.raises(CtwinError):
+        write_ply(bad, tmp_path / "x.ply")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ctwin.core.phantom") is None,
+                    reason="core.phantom not written yet")
+def test_phantom_every_bone_imported(tmp_path):
+    from ctwin.core.phantom import write_phantom
+
+    ph = write_phantom(tmp_path / "ph", spacing=6.0)
+    ct, labelmap, names, meshes, skin = import_anatomy(tmp_path / "ph" / "ct.nii.gz",
+                                                       tmp_path / "ph" / "seg.nii.gz")
+    bones = {n for i, n in ph.labels.items() if labels.is_skeletal(n) and np.any(ph.seg.data == i)}
+    assert bones and bones <= set(meshes)
+    assert all(meshes[b].is_closed() for b in bones)
