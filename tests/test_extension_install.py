@@ -231,6 +231,7 @@ _dirtied = []
 def test_factory_fresh_state_a_dirty_it():
     import bpy
 
+    assert bpy.app.version[:2] == (5, 0), bpy.app.version_string  # the pinned bpy 5.0.x
     bpy.ops.wm.read_factory_settings(use_empty=True)  # make sure bpy is in use in this process
     mesh = bpy.data.meshes.new("ctwin_leak")
     bpy.context.scene.collection.objects.link(bpy.data.objects.new("ctwin_leak", mesh))
