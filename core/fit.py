@@ -1,0 +1,666 @@
+"""Fit the body model to a CT: the kinematic scaffold of the twin (issue 6).
+
+``fit_body_model(body_model, skin, labelmap, names, ...) -> FitResult``
+
+What is fitted: global rotation, translation, shape (betas) and body pose, then an optional
+per-vertex non-rigid residual (Laplacian-regularised offsets in the canonical rest frame, in mm)
+that lets the surface follow what the shape space cannot (a supine CT flattens the back).
+
+What it is fitted to (numpy/scipy only, no torch, so that it runs inside Blender):
+- the CT skin surface, by bidirectional point-to-plane distances (ICP with re-estimated
+  correspondences, Huber-weighted), restricted to the CT's field of view; the truncation caps
+  (skin within a few mm of the volume's faces) are ignored;
+- skeletal landmarks from the bone labels (``core.landmarks``): femoral head centres by sphere
+  fit -> hip joints, humeral heads -> shoulders, distal femur / proximal tibia -> knees, distal
+  humerus -> elbows, and the spine line through vertebral centroids -> the model's spine chain
+  (only along the body axis and left-right: vertebral bodies sit posterior to the model's spine
+  joints, so the antero-posterior component is left to the surface);
+- an enclosure term: a hinge on the signed distance of bone points outside the body surface.
+
+Orientation (supine/prone, head-first/feet-first) is detected from the labels (vertebral order,
+spine vs body centroid, left/right pairs); arms up/down from the humeri when labelled, otherwise
+both acquisition presets are tried and the better fit kept. ``FitResult.detected`` reports it.
+Deterministic: fixed sample seeds, deterministic solvers.
+
+The same code runs for the built-in model and a user SMPL file: only the ``BodyModel`` arrays
+(``v_template, faces, J_regressor, weights, posedirs, shapedirs``) and ``forward`` are used.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import landmarks as lmk
+from .errors import CtwinError
+from .progress import report
+from .skeleton import JOINT_INDEX, N_JOINTS, forward_kinematics, pose_feature, rodrigues, rotation_to_rotvec
+
+CAP_MARGIN_MM = 6.0      # skin within this distance of the volume faces is a truncation cap
+HUBER_MM = 10.0
+N_SKIN_SAMPLES = 4000
+N_MODEL_POINTS = 2000
+N_BONE_POINTS = 4000
+
+# joints whose rotation is fitted (hands are not: nothing in a CT constrains them)
+FREE_JOINTS = [j for j in range(1, N_JOINTS) if j not in (22, 23)]
+
+
+@dataclass
+class FitResult:
+    pose: np.ndarray            # (72,)
+    betas: np.ndarray           # (B,)
+    transl_mm: np.ndarray       # (3,)
+    residual_mm: np.ndarray     # (V, 3) rest-frame offsets
+    joints_mm: np.ndarray       # (24, 3) world mm
+    vertices_mm: np.ndarray     # (V, 3) fitted surface, world mm
+    faces: np.ndarray           # (F, 3)
+    metrics: dict = field(default_factory=dict)
+    losses: dict = field(default_factory=dict)
+    iterations: int = 0
+    seconds: float = 0.0
+    detected: dict = field(default_factory=dict)
+    landmarks: dict = field(default_factory=dict)
+    body_model_path: str = ""
+
+    def to_json(self) -> dict:
+        out = {
+            "pose": self.pose.tolist(),
+            "betas": self.betas.tolist(),
+            "transl_mm": self.transl_mm.tolist(),
+            "joints_mm": self.joints_mm.tolist(),
+            **{k: float(v) for k, v in self.metrics.items() if isinstance(v, (int, float, np.floating))},
+            "metrics": {k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
+                        for k, v in self.metrics.items()},
+            "losses": {k: float(v) for k, v in self.losses.items()},
+            "iterations": int(self.iterations),
+            "seconds": float(self.seconds),
+            "detected": self.detected,
+            "landmarks_mm": {k: np.asarray(v).tolist() for k, v in self.landmarks.items()},
+            "residual_max_mm": float(np.linalg.norm(self.residual_mm, axis=1).max()) if len(self.residual_mm) else 0.0,
+            "body_model": self.body_model_path,
+        }
+        return out
+
+    def save_npz(self, path) -> None:
+        from .fileio import atomic_path
+
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, pose=self.pose, betas=self.betas, transl_mm=self.transl_mm,
+                         residual_mm=self.residual_mm, joints_mm=self.joints_mm)
+
+    def body_mesh(self, name: str = "body_model"):
+        from .mesh import Mesh
+
+        return Mesh(self.vertices_mm.copy(), self.faces.copy(), name)
+
+
+# --------------------------------------------------------------------------------------------
+# fast LBS on vertex subsets (same maths as smplx / BodyModel.forward)
+# --------------------------------------------------------------------------------------------
+def _dense(a):
+    if hasattr(a, "toarray"):
+        return np.asarray(a.toarray(), dtype=np.float64)
+    return np.asarray(a, dtype=np.float64)
+
+
+class _Lbs:
+    def __init__(self, bm, n_betas: int):
+        self.vt = np.asarray(bm.v_template, dtype=np.float64)
+        sd = np.asarray(bm.shapedirs, dtype=np.float64)
+        self.nb = int(min(n_betas, sd.shape[2]))
+        self.sd = sd[:, :, : self.nb]
+        pd = np.asarray(bm.posedirs, dtype=np.float64)
+        if pd.ndim == 2:  # smplx layout (207, V*3)
+            pd = pd.reshape(207, -1, 3).transpose(1, 2, 0)
+        self.pd = pd
+        self.W = _dense(bm.weights)
+        jr = _dense(bm.J_regressor)
+        self.Jt = jr @ self.vt
+        self.Jsd = np.einsum("jv,vcb->jcb", jr, self.sd)
+        self.faces = np.asarray(bm.faces, dtype=np.int64)
+        self.V = len(self.vt)
+
+    def subset(self, idx):
+        """Precomputed arrays for fast evaluation of the vertices ``idx`` (see ``verts_sub``)."""
+        import scipy.sparse as sp
+
+        idx = np.asarray(idx, dtype=np.int64)
+        n = len(idx)
+        pd = self.pd[idx].reshape(n * 3, -1)
+        return {
+            "idx": idx,
+            "vt": self.vt[idx],
+            "sd": self.sd[idx].reshape(n * 3, self.nb),
+            "pd": pd if np.any(pd) else None,
+            "W": sp.csr_matrix(np.where(self.W[idx] > 1e-6, self.W[idx], 0.0)),
+        }
+
+    def verts_sub(self, sub, pose, betas, transl):
+        n = len(sub["idx"])
+        v = sub["vt"] + (sub["sd"] @ betas).reshape(n, 3)
+        if sub["pd"] is not None:
+            v = v + (sub["pd"] @ pose_feature(pose)).reshape(n, 3)
+        a, jp = self.transforms(pose, betas)
+        T = (sub["W"] @ a[:, :3, :].reshape(24, 12)).reshape(n, 3, 4)
+        out = np.einsum("vab,vb->va", T[:, :, :3], v) + T[:, :, 3]
+        return 1000.0 * out + transl, 1000.0 * jp + transl
+
+    def joints_rest(self, betas):
+        return self.Jt + self.Jsd @ betas
+
+    def transforms(self, pose, betas):
+        a, jp = forward_kinematics(pose, self.joints_rest(betas))
+        return a, jp
+
+    def verts(self, pose, betas, transl, idx=None, residual_m=None, return_T=False):
+        sl = slice(None) if idx is None else idx
+        v = self.vt[sl] + self.sd[sl] @ betas
+        v = v + self.pd[sl] @ pose_feature(pose)
+        if residual_m is not None:
+            v = v + residual_m[sl]
+        a, jp = self.transforms(pose, betas)
+        T = np.einsum("vj,jab->vab", self.W[sl], a)
+        out = np.einsum("vab,vb->va", T[:, :3, :3], v) + T[:, :3, 3]
+        world = 1000.0 * out + transl
+        jw = 1000.0 * jp + transl
+        if return_T:
+            return world, jw, T
+        return world, jw
+
+
+def vertex_normals(V, F):
+    fn = np.cross(V[F[:, 1]] - V[F[:, 0]], V[F[:, 2]] - V[F[:, 0]])
+    vn = np.zeros_like(V)
+    for k in range(3):
+        np.add.at(vn, F[:, k], fn)
+    return vn / np.maximum(np.linalg.norm(vn, axis=1, keepdims=True), 1e-12)
+
+
+def _huber_w(d, delta=HUBER_MM):
+    a = np.abs(d)
+    return np.where(a <= delta, 1.0, delta / np.maximum(a, 1e-12))
+
+
+# --------------------------------------------------------------------------------------------
+# the data
+# --------------------------------------------------------------------------------------------
+class _Data:
+    """Skin samples, FOV box, bone points and landmarks, all world mm."""
+
+    def __init__(self, skin, labelmap, names, fov_box, seed):
+        from scipy.spatial import cKDTree
+
+        from .metrics import sample_surface
+
+        sv = np.asarray(skin.vertices, dtype=np.float64)
+        sf = np.asarray(skin.faces, dtype=np.int64)
+        self.skin_v, self.skin_f = sv, sf
+        if fov_box is None:
+            fov_box = (labelmap.bbox_world() if labelmap is not None else (sv.min(0), sv.max(0)))
+        self.lo = np.asarray(fov_box[0], dtype=np.float64)
+        self.hi = np.asarray(fov_box[1], dtype=np.float64)
+        pts, fi = sample_surface(sv, sf, 40000, seed=seed, return_faces=True)
+        fn = np.cross(sv[sf[:, 1]] - sv[sf[:, 0]], sv[sf[:, 2]] - sv[sf[:, 0]])
+        fn /= np.maximum(np.linalg.norm(fn, axis=1, keepdims=True), 1e-12)
+        nrm = fn[fi]
+        keep = self.inside_fov(pts, CAP_MARGIN_MM)
+        if keep.sum() < 100:
+            raise CtwinError("fit: the skin surface has almost no area inside the CT's field of view")
+        pts, nrm = pts[keep], nrm[keep]
+        self.dense_pts, self.dense_nrm = pts, nrm
+        self.tree = cKDTree(pts)
+        rng = np.random.default_rng(seed + 7)
+        sel = rng.choice(len(pts), size=min(N_SKIN_SAMPLES, len(pts)), replace=False)
+        self.pts = pts[np.sort(sel)]
+        self.centroid = pts.mean(axis=0)
+        # bone data
+        self.bone_pts = np.zeros((0, 3))
+        self.lm = lmk.Landmarks()
+        if labelmap is not None and names:
+            self.lm = lmk.extract_landmarks(labelmap, names)
+            self.bone_pts = lmk.sample_bone_points(labelmap, names, N_BONE_POINTS, seed=seed)
+
+    def inside_fov(self, p, margin):
+        return np.all((p >= self.lo + margin) & (p <= self.hi - margin), axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# initial orientation
+# --------------------------------------------------------------------------------------------
+def _orientation(data: _Data):
+    """Body axes in world: up (superior), front (anterior), left; with what was detected."""
+    lm = data.lm
+    up = lm.superior if lm.superior is not None else np.array([0.0, 0.0, 1.0])
+    up = up / np.linalg.norm(up)
+    front = None
+    if lm.spine_centroid is not None:
+        f = data.centroid - lm.spine_centroid  # the spine is posterior to the body's centroid
+        f = f - (f @ up) * up
+        if np.linalg.norm(f) > 10.0:
+            front = f / np.linalg.norm(f)
+    if front is None and lm.left_hint is not None:
+        left = lm.left_hint - (lm.left_hint @ up) * up
+        left /= np.linalg.norm(left)
+        front = np.cross(left, up)  # canonical: x left, y up, z front -> z = x cross y
+    if front is None:
+        # LPS convention when the data cannot tell: anterior is -y, or the axis of y nearest
+        f = np.array([0.0, -1.0, 0.0])
+        f = f - (f @ up) * up
+        front = f / max(np.linalg.norm(f), 1e-9)
+    left = np.cross(up, front)
+    R = np.stack([left, up, front], axis=1)
+    detected = {
+        "superior_axis": up.round(3).tolist(),
+        "anterior_axis": front.round(3).tolist(),
+        "head_first": bool(up[2] >= 0),
+        "position": "supine" if front[1] <= 0 else "prone",
+        "orientation_from": "labels" if lm.superior is not None else "LPS default",
+    }
+    if lm.left_hint is not None:
+        detected["left_right_consistent"] = bool(lm.left_hint @ left > 0)
+    return R, detected
+
+
+def _preset_body_poses():
+    """Candidate acquisition body poses (69,), from core.poses when it exists."""
+    out = {}
+    try:
+        from .poses import ACQUISITION_PRESETS, PRESETS
+
+        for k in ACQUISITION_PRESETS:
+            out[k] = np.asarray(PRESETS[k], dtype=np.float64).reshape(-1)[3:].copy()
+    except Exception:  # noqa: BLE001 - module not there: built-in fallbacks
+        down = np.zeros(69)
+        down[3 * (16 - 1) + 2] = -1.2   # left shoulder about canonical z: arm down
+        down[3 * (17 - 1) + 2] = 1.2
+        up = np.zeros(69)
+        up[3 * (16 - 1) + 2] = 1.3
+        up[3 * (17 - 1) + 2] = -1.3
+        out = {"supine_arms_down": down, "supine_arms_up": up}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the parametric fit
+# --------------------------------------------------------------------------------------------
+class _Problem:
+    def __init__(self, lbs: _Lbs, data: _Data, weights: dict, seed: int):
+        self.lbs, self.data, self.w = lbs, data, weights
+        rng = np.random.default_rng(seed + 11)
+        n = min(N_MODEL_POINTS, lbs.V)
+        self.sub = np.sort(rng.choice(lbs.V, size=n, replace=False))
+        self.free = np.array(FREE_JOINTS)
+
+    # parameter vector: rotvec(3), transl(3), betas(nb), pose of free joints (3*len(free))
+    def pack(self, pose, betas, transl):
+        return np.concatenate([pose[:3], transl, betas, pose.reshape(24, 3)[self.free].reshape(-1)])
+
+    def unpack(self, x, pose_template):
+        nb = self.lbs.nb
+        pose = pose_template.reshape(24, 3).copy()
+        pose[0] = x[:3]
+        transl = x[3:6]
+        betas = x[6:6 + nb]
+        pose[self.free] = x[6 + nb:].reshape(-1, 3)
+        return pose.reshape(-1), betas, transl
+
+    def correspondences(self, x, pose_template, gate):
+        pose, betas, transl = self.unpack(x, pose_template)
+        allv, joints = self.lbs.verts(pose, betas, transl)
+        vn = vertex_normals(allv, self.lbs.faces)
+        d = self.data
+        c = {}
+        # model -> skin: model points inside the FOV, nearest skin sample, point-to-plane
+        vs = allv[self.sub]
+        ins = d.inside_fov(vs, CAP_MARGIN_MM)
+        dist, j = d.tree.query(vs[ins])
+        nrm = d.dense_nrm[j]
+        ok = (dist < gate) & (np.einsum("ij,ij->i", nrm, vn[self.sub][ins]) > 0.0)
+        idx = np.nonzero(ins)[0][ok]
+        c["m2s_idx"] = self.sub[idx]
+        c["m2s_q"] = d.dense_pts[j[ok]]
+        c["m2s_n"] = nrm[ok]
+        r = np.einsum("ij,ij->i", vs[idx] - c["m2s_q"], c["m2s_n"])
+        c["m2s_w"] = np.sqrt(_huber_w(r))
+        # skin -> model: skin samples, nearest model vertex, point-to-plane with the model normal
+        from scipy.spatial import cKDTree
+
+        mt = cKDTree(allv)
+        dist2, k = mt.query(d.pts)
+        ok2 = (dist2 < gate) & (np.einsum("ij,ij->i", vn[k], self._skin_n()) > 0.0)
+        c["s2m_p"] = d.pts[ok2]
+        c["s2m_idx"] = k[ok2]
+        c["s2m_n"] = vn[k[ok2]]
+        r2 = np.einsum("ij,ij->i", c["s2m_p"] - allv[c["s2m_idx"]], c["s2m_n"])
+        c["s2m_w"] = np.sqrt(_huber_w(r2))
+        # enclosure: bone points near or outside the surface -> nearest vertex half-space
+        if len(d.bone_pts):
+            db, kb = mt.query(d.bone_pts)
+            s = np.einsum("ij,ij->i", d.bone_pts - allv[kb], vn[kb])
+            near = s > -15.0
+            c["enc_p"] = d.bone_pts[near]
+            c["enc_idx"] = kb[near]
+            c["enc_n"] = vn[kb[near]]
+        else:
+            c["enc_p"] = np.zeros((0, 3))
+            c["enc_idx"] = np.zeros(0, dtype=np.int64)
+            c["enc_n"] = np.zeros((0, 3))
+        # union of vertices needed by the residual function
+        need = np.unique(np.concatenate([c["m2s_idx"], c["s2m_idx"], c["enc_idx"]]).astype(np.int64))
+        c["need"] = need
+        pos = np.full(self.lbs.V, -1, dtype=np.int64)
+        pos[need] = np.arange(len(need))
+        c["m2s_k"], c["s2m_k"], c["enc_k"] = pos[c["m2s_idx"]], pos[c["s2m_idx"]], pos[c["enc_idx"]]
+        c["sub"] = self.lbs.subset(need)
+        return c
+
+    def _skin_n(self):
+        if not hasattr(self, "_skin_n_cache"):
+            _, j = self.data.tree.query(self.data.pts)
+            self._skin_n_cache = self.data.dense_nrm[j]
+        return self._skin_n_cache
+
+    def residuals(self, x, pose_template, c, prior_pose, parts=False):
+        pose, betas, transl = self.unpack(x, pose_template)
+        v, joints = self.lbs.verts_sub(c["sub"], pose, betas, transl)
+        w = self.w
+        n_m = max(len(c["m2s_k"]), 1)
+        n_s = max(len(c["s2m_k"]), 1)
+        r_m2s = np.einsum("ij,ij->i", v[c["m2s_k"]] - c["m2s_q"], c["m2s_n"]) * c["m2s_w"] * np.sqrt(w["m2s"] / n_m)
+        r_s2m = np.einsum("ij,ij->i", c["s2m_p"] - v[c["s2m_k"]], c["s2m_n"]) * c["s2m_w"] * np.sqrt(w["s2m"] / n_s)
+        nb_all = max(len(self.data.bone_pts), 1)
+        s = np.einsum("ij,ij->i", c["enc_p"] - v[c["enc_k"]], c["enc_n"])
+        r_enc = np.maximum(s + 3.0, 0.0) * np.sqrt(w["enc"] / nb_all)
+        r_lm = lmk.landmark_residuals(self.data.lm, joints) * np.sqrt(w["lm"])
+        bp = pose.reshape(24, 3)[self.free].reshape(-1) - prior_pose
+        r_pose = bp * np.sqrt(w["pose"])
+        r_beta = betas * np.sqrt(w["beta"])
+        if parts:
+            return {"surface_model_to_skin": float((r_m2s ** 2).sum()),
+                    "surface_skin_to_model": float((r_s2m ** 2).sum()),
+                    "enclosure": float((r_enc ** 2).sum()), "landmarks": float((r_lm ** 2).sum()),
+                    "pose_prior": float((r_pose ** 2).sum()), "shape_prior": float((r_beta ** 2).sum())}
+        return np.concatenate([r_m2s, r_s2m, r_enc, r_lm, r_pose, r_beta])
+
+    def solve(self, x0, pose_template, prior_pose, outer, inner, mask=None, gates=None, tag=""):
+        """ICP-style: ``outer`` correspondence updates, each followed by ``inner`` LM steps."""
+        x = x0.copy()
+        nfev = 0
+        mask = np.ones(len(x), bool) if mask is None else mask
+        nb = self.lbs.nb
+        steps = np.concatenate([[1e-5] * 3, [1e-3] * 3, [1e-5] * nb, [1e-5] * (len(x) - 6 - nb)])
+        cost = np.inf
+        for it in range(outer):
+            gate = gates[min(it, len(gates) - 1)] if gates else 60.0
+            c = self.correspondences(x, pose_template, gate)
+
+            def fun(y):
+                z = x.copy()
+                z[mask] = y
+                return self.residuals(z, pose_template, c, prior_pose)
+
+            y, cost, nf = _levenberg_marquardt(fun, x[mask], steps[mask], inner)
+            nfev += nf
+            x[mask] = y
+            report(f"fit {tag}: iteration {it + 1}/{outer}, cost {cost:.2f}")
+        c = self.correspondences(x, pose_template, gates[-1] if gates else 60.0)
+        cost = 0.5 * float((self.residuals(x, pose_template, c, prior_pose) ** 2).sum())
+        return x, cost, nfev, c
+
+
+def _levenberg_marquardt(fun, x0, steps, iterations, tol=1e-5):
+    """Minimise 0.5 |fun(x)|^2: forward-difference Jacobian, damped normal equations (n is small).
+    Returns (x, cost, function evaluations)."""
+    x = x0.copy()
+    r = fun(x)
+    cost = 0.5 * float(r @ r)
+    lam = 1e-3
+    nfev = 1
+    for _ in range(iterations):
+        J = np.empty((len(r), len(x)))
+        for k in range(len(x)):
+            xk = x.copy()
+            xk[k] += steps[k]
+            J[:, k] = (fun(xk) - r) / steps[k]
+        nfev += len(x)
+        A = J.T @ J
+        g = J.T @ r
+        d = np.maximum(np.diag(A), 1e-9)
+        improved = False
+        while lam < 1e10:
+            try:
+                dx = -np.linalg.solve(A + lam * np.diag(d), g)
+            except np.linalg.LinAlgError:
+                lam *= 10.0
+                continue
+            rn = fun(x + dx)
+            nfev += 1
+            cn = 0.5 * float(rn @ rn)
+            if cn < cost:
+                rel = (cost - cn) / max(cost, 1e-12)
+                x, r, cost = x + dx, rn, cn
+                lam = max(lam / 3.0, 1e-9)
+                improved = True
+                break
+            lam *= 4.0
+        if not improved or rel < tol:
+            break
+    return x, cost, nfev
+
+
+# --------------------------------------------------------------------------------------------
+# the non-rigid residual
+# --------------------------------------------------------------------------------------------
+def _laplacian(F, n):
+    import scipy.sparse as sp
+
+    e = np.concatenate([F[:, [0, 1]], F[:, [1, 2]], F[:, [2, 0]]])
+    e = np.concatenate([e, e[:, ::-1]])
+    a = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n)).tocsr()
+    a.data[:] = 1.0
+    deg = np.asarray(a.sum(axis=1)).ravel()
+    dinv = sp.diags(1.0 / np.maximum(deg, 1))
+    return sp.identity(n) - dinv @ a
+
+
+def _fit_residual(lbs: _Lbs, data: _Data, pose, betas, transl, iterations=4, smooth=20.0, margin=2.5):
+    """Per-vertex world offsets u (Laplacian-smoothed) toward the skin and around the bones,
+    mapped back to the rest frame. Returns residual_mm (V, 3) in the rest frame."""
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import splu
+    from scipy.spatial import cKDTree
+
+    from .metrics import point_to_surface, winding_number
+
+    F = lbs.faces
+    n = lbs.V
+    L = _laplacian(F, n)
+    LtL = (L.T @ L).tocsc()
+    base, _, T = lbs.verts(pose, betas, transl, return_T=True)
+    u = np.zeros((n, 3))
+    enc_w = np.zeros(n)
+    enc_t = np.zeros((n, 3))
+    for it in range(iterations):
+        v = base + u
+        vn = vertex_normals(v, F)
+        wgt = np.zeros(n)
+        tgt = np.zeros((n, 3))
+        # model -> skin: exact closest point on the skin for vertices inside the FOV
+        ins = np.nonzero(data.inside_fov(v, CAP_MARGIN_MM))[0]
+        if len(ins):
+            d, q, _ = point_to_surface(v[ins], data.skin_v, data.skin_f, return_closest=True)
+            ok = d < 40.0
+            i = ins[ok]
+            wgt[i] += 1.0
+            tgt[i] += q[ok] - v[i]
+        # skin -> model: each dense skin sample pulls its nearest vertex
+        tree = cKDTree(v)
+        d2, k = tree.query(data.dense_pts)
+        ok2 = d2 < 40.0
+        cnt = np.bincount(k[ok2], minlength=n).astype(float)
+        acc = np.zeros((n, 3))
+        for ax in range(3):
+            acc[:, ax] = np.bincount(k[ok2], weights=(data.dense_pts[ok2, ax] - v[k[ok2], ax]), minlength=n)
+        has = cnt > 0
+        wgt[has] += 1.0
+        tgt[has] += acc[has] / cnt[has, None]
+        both = wgt > 0
+        tgt[both] /= wgt[both, None]
+        target = u + tgt  # desired total offset
+        # enclosure: bone points outside (or within the margin) push their nearest vertex outward
+        if len(data.bone_pts):
+            w_in = winding_number(data.bone_pts, v, F)
+            db, kb = tree.query(data.bone_pts)
+            s = np.einsum("ij,ij->i", data.bone_pts - v[kb], vn[kb])
+            bad = (w_in < 0.5) | (s > -margin)
+            if bad.any():
+                need = (s[bad] + margin)[:, None] * vn[kb[bad]]
+                for j, nv in zip(kb[bad], need):
+                    cur = enc_t[j] if enc_w[j] > 0 else np.zeros(3)
+                    enc_t[j] = np.where(np.abs(u[j] + nv) > np.abs(cur), u[j] + nv, cur)
+                    enc_w[j] = min(enc_w[j] + 4.0, 40.0)
+        W = sp.diags(wgt.clip(0, 1) + enc_w + 1e-3)
+        rhs = (wgt.clip(0, 1))[:, None] * target + enc_w[:, None] * enc_t
+        lu = splu((W + smooth * LtL).tocsc())
+        u = np.stack([lu.solve(rhs[:, a]) for a in range(3)], axis=1)
+        report(f"fit residual: iteration {it + 1}/{iterations}", 0.8 + 0.04 * it)
+    # world offset u (mm) -> rest-frame offset: world = 1000 * (T3 @ (v_rest + r)) + ...
+    Tinv = np.linalg.inv(T[:, :3, :3])
+    return np.einsum("vab,vb->va", Tinv, u)
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+DEFAULT_WEIGHTS = {"m2s": 1.0, "s2m": 1.0, "enc": 30.0, "lm": 0.05, "pose": 20.0, "beta": 0.5}
+
+
+def fit_body_model(body_model=None, skin=None, labelmap=None, names=None, *, fov_box=None,
+                   residual: bool = True, n_betas: int = 10, arms: str | None = None,
+                   compute_metrics: bool = True, weights: dict | None = None, seed: int = 0,
+                   outer: int = 6) -> FitResult:
+    """Fit ``body_model`` to the CT skin surface ``skin`` (Mesh, world mm) and the bone labels
+    ``labelmap`` (Volume on the CT grid) with ``names`` (id -> name).
+
+    ``fov_box``: (lo, hi) world box of the CT (default: the labelmap's bounding box).
+    ``arms``: force "up"/"down" instead of detecting it. ``residual``: fit the non-rigid residual.
+    """
+    from .body_model import load_body_model
+
+    t0 = time.perf_counter()
+    if body_model is None or isinstance(body_model, (str, bytes)) or hasattr(body_model, "__fspath__"):
+        body_model = load_body_model(body_model)
+    if skin is None:
+        raise CtwinError("fit: a skin surface is needed")
+    w = dict(DEFAULT_WEIGHTS, **(weights or {}))
+    report("fit: preparing the data", 0.0)
+    data = _Data(skin, labelmap, names, fov_box, seed)
+    lbs = _Lbs(body_model, n_betas)
+    prob = _Problem(lbs, data, w, seed)
+    R, detected = _orientation(data)
+    data.lm.axes = R
+    detected["landmarks"] = sorted(data.lm.names())
+    go = rotation_to_rotvec(R)
+
+    presets = _preset_body_poses()
+    arm_state = arms or data.lm.arms_state()
+    if arm_state in ("up", "down"):
+        cands = {k: v for k, v in presets.items() if k.endswith("arms_" + arm_state)} or presets
+        detected["arms_from"] = "argument" if arms else "humerus labels"
+    else:
+        cands = presets
+        detected["arms_from"] = "best fit of the presets"
+    betas0 = np.zeros(lbs.nb)
+
+    def initial(body69):
+        pose = np.concatenate([go, body69])
+        transl = np.zeros(3)
+        _, j = lbs.verts(pose, betas0, transl, idx=np.arange(1))
+        # along the body axis: landmarks if any, else the centroid of the FOV
+        shift = lmk.initial_translation(data.lm, j, R)
+        allv, _ = lbs.verts(pose, betas0, transl)
+        if shift is None:
+            shift = data.centroid - allv.mean(axis=0)
+        allv = allv + shift
+        # across the body axis: match the centroid of the model's part inside the FOV
+        ins = data.inside_fov(allv, 0.0)
+        if ins.sum() > 50:
+            dv = data.centroid - allv[ins].mean(axis=0)
+            up = R[:, 1]
+            shift = shift + dv - (dv @ up) * up
+        return prob.pack(pose, betas0, shift)
+
+    nb = lbs.nb
+    nfree = 3 * len(prob.free)
+    rigid_mask = np.zeros(6 + nb + nfree, bool)
+    rigid_mask[:6 + min(nb, 2)] = True
+    best = None
+    iters = 0
+    for k, (name, body69) in enumerate(cands.items()):
+        tmpl = np.concatenate([go, body69])
+        x0 = initial(body69)
+        x, cost, nf, _ = prob.solve(x0, tmpl, _free_of(body69, prob.free), 3, 15,
+                                    mask=rigid_mask, gates=[150.0, 80.0, 50.0], tag=f"rigid {name}")
+        iters += nf
+        x, cost, nf, _ = prob.solve(x, tmpl, _free_of(body69, prob.free), 2, 15,
+                                    gates=[50.0], tag=f"pose {name}")
+        iters += nf
+        report(f"fit: preset {name} cost {cost:.2f}", 0.1 + 0.2 * k)
+        if best is None or cost < best[1]:
+            best = (x, cost, name, tmpl, body69)
+    x, _, name, tmpl, body69 = best
+    detected["arms"] = "up" if name.endswith("arms_up") else "down"
+    detected["initial_preset"] = name
+    x, cost, nf, c = prob.solve(x, tmpl, _free_of(body69, prob.free), outer, 25,
+                                gates=[40.0, 30.0, 25.0], tag="full")
+    iters += nf
+    losses = prob.residuals(x, tmpl, c, _free_of(body69, prob.free), parts=True)
+    pose, betas, transl = prob.unpack(x, tmpl)
+    res = np.zeros((lbs.V, 3))
+    if residual:
+        res = _fit_residual(lbs, data, pose, betas, transl)
+    verts, joints = body_model.forward(pose=pose, betas=_pad_betas(betas, body_model), transl_mm=transl,
+                                       residual_mm=res if residual else None)
+    verts = np.asarray(verts, dtype=np.float64)
+    joints = np.asarray(joints, dtype=np.float64)
+    out = FitResult(pose=pose, betas=_pad_betas(betas, body_model), transl_mm=transl, residual_mm=res,
+                    joints_mm=joints, vertices_mm=verts, faces=lbs.faces.copy(), losses=losses,
+                    iterations=int(iters), detected=detected, landmarks=data.lm.as_dict(),
+                    body_model_path=str(getattr(body_model, "path", "")))
+    if compute_metrics:
+        report("fit: metrics", 0.95)
+        out.metrics = fit_metrics(out, skin, labelmap, names, fov_box=(data.lo, data.hi))
+    out.seconds = time.perf_counter() - t0
+    report(f"fit: done in {out.seconds:.1f} s", 1.0)
+    return out
+
+
+def _free_of(body69, free):
+    return np.asarray(body69, dtype=np.float64).reshape(23, 3)[np.asarray(free) - 1].reshape(-1)
+
+
+def _pad_betas(betas, bm):
+    nb_model = np.asarray(bm.shapedirs).shape[2]
+    out = np.zeros(nb_model)
+    out[: len(betas)] = betas
+    return out
+
+
+def fit_metrics(result: FitResult, skin, labelmap, names, fov_box=None) -> dict:
+    """chamfer_mm and enclosure_pct (SPEC section 6) of a fit."""
+    from .metrics import chamfer_mm, enclosure_pct
+
+    m = {}
+    if fov_box is None:
+        fov_box = labelmap.bbox_world() if labelmap is not None else (skin.vertices.min(0), skin.vertices.max(0))
+    z = (float(fov_box[0][2]), float(fov_box[1][2]))
+    m["chamfer_mm"] = chamfer_mm((result.vertices_mm, result.faces), skin, z)
+    if labelmap is not None and names:
+        try:
+            m["enclosure_pct"] = enclosure_pct(result.vertices_mm, result.faces, labelmap, names)
+        except CtwinError:
+            pass
+    return m
