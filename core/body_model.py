@@ -114,30 +114,30 @@ _JOINTS_FLOOR = {
     "left_hand": (0.810, 1.425, -0.025),
 }
 
-# Primitives: (joint, kind, params, flat_sole). kind "cone": (a, b, ra, rb) round cone;
-# "ellipsoid": (centre, radii). flat_sole clips the primitive at the floor (y >= 0).
+# Primitives: (joint, kind, params). kind "cone": (a, b, ra, rb) round cone; "ellipsoid":
+# (centre, radii). The union is clipped at the floor (y >= 0), which flattens the soles.
 _PRIMS_FLOOR = [
     # trunk
-    ("pelvis", "ellipsoid", ((0.0, 0.930, -0.010), (0.170, 0.115, 0.120)), False),
-    ("pelvis", "ellipsoid", ((0.064, 0.905, -0.050), (0.086, 0.100, 0.082)), False),  # buttock
-    ("spine1", "ellipsoid", ((0.0, 1.060, 0.004), (0.152, 0.120, 0.112)), False),
-    ("spine2", "ellipsoid", ((0.0, 1.180, -0.002), (0.148, 0.120, 0.108)), False),
-    ("spine3", "ellipsoid", ((0.0, 1.300, 0.000), (0.165, 0.152, 0.120)), False),
-    ("left_collar", "cone", ((0.045, 1.405, -0.018), (0.170, 1.430, -0.024), 0.066, 0.056), False),
-    ("neck", "cone", ((0.0, 1.440, -0.022), (0.0, 1.585, -0.004), 0.058, 0.053), False),
-    ("head", "ellipsoid", ((0.0, 1.642, 0.014), (0.076, 0.108, 0.096)), False),
+    ("pelvis", "ellipsoid", ((0.0, 0.930, -0.010), (0.170, 0.115, 0.120))),
+    ("pelvis", "ellipsoid", ((0.064, 0.905, -0.050), (0.086, 0.100, 0.082))),  # buttock
+    ("spine1", "ellipsoid", ((0.0, 1.060, 0.004), (0.152, 0.120, 0.112))),
+    ("spine2", "ellipsoid", ((0.0, 1.180, -0.002), (0.148, 0.120, 0.108))),
+    ("spine3", "ellipsoid", ((0.0, 1.300, 0.000), (0.165, 0.152, 0.120))),
+    ("left_collar", "cone", ((0.045, 1.405, -0.018), (0.170, 1.430, -0.024), 0.066, 0.056)),
+    ("neck", "cone", ((0.0, 1.440, -0.022), (0.0, 1.585, -0.004), 0.058, 0.053)),
+    ("head", "ellipsoid", ((0.0, 1.642, 0.014), (0.076, 0.108, 0.096))),
     # arm (left; mirrored for the right)
-    ("left_shoulder", "cone", ((0.180, 1.425, -0.022), (0.465, 1.425, -0.030), 0.052, 0.039), False),
-    ("left_elbow", "cone", ((0.465, 1.425, -0.030), (0.720, 1.425, -0.025), 0.039, 0.027), False),
-    ("left_wrist", "ellipsoid", ((0.778, 1.424, -0.022), (0.062, 0.0165, 0.044)), False),
-    ("left_wrist", "cone", ((0.745, 1.420, 0.012), (0.805, 1.420, 0.052), 0.0145, 0.0125), False),
-    ("left_hand", "ellipsoid", ((0.858, 1.425, -0.024), (0.058, 0.0135, 0.041)), False),
+    ("left_shoulder", "cone", ((0.180, 1.425, -0.022), (0.465, 1.425, -0.030), 0.052, 0.039)),
+    ("left_elbow", "cone", ((0.465, 1.425, -0.030), (0.720, 1.425, -0.025), 0.039, 0.027)),
+    ("left_wrist", "ellipsoid", ((0.778, 1.424, -0.022), (0.062, 0.0165, 0.044))),
+    ("left_wrist", "cone", ((0.745, 1.420, 0.012), (0.805, 1.420, 0.052), 0.0145, 0.0125)),
+    ("left_hand", "ellipsoid", ((0.858, 1.425, -0.024), (0.058, 0.0135, 0.041))),
     # leg
-    ("left_hip", "cone", ((0.088, 0.885, 0.002), (0.098, 0.490, 0.004), 0.078, 0.050), False),
-    ("left_knee", "cone", ((0.098, 0.490, 0.004), (0.104, 0.082, -0.030), 0.049, 0.031), False),
-    ("left_knee", "ellipsoid", ((0.099, 0.355, -0.016), (0.050, 0.110, 0.056)), False),
-    ("left_ankle", "cone", ((0.103, 0.045, -0.055), (0.110, 0.035, 0.090), 0.045, 0.038), True),
-    ("left_foot", "ellipsoid", ((0.115, 0.024, 0.150), (0.046, 0.028, 0.058)), True),
+    ("left_hip", "cone", ((0.088, 0.885, 0.002), (0.098, 0.490, 0.004), 0.078, 0.050)),
+    ("left_knee", "cone", ((0.098, 0.490, 0.004), (0.104, 0.082, -0.030), 0.049, 0.031)),
+    ("left_knee", "ellipsoid", ((0.099, 0.355, -0.016), (0.050, 0.110, 0.056))),
+    ("left_ankle", "cone", ((0.103, 0.036, -0.058), (0.110, 0.028, 0.090), 0.046, 0.038)),
+    ("left_foot", "ellipsoid", ((0.115, 0.018, 0.150), (0.046, 0.029, 0.060))),
 ]
 
 # Landmarks for smplx's keypoint vertex ids (left side; right mirrored), floor coordinates.
@@ -174,7 +174,7 @@ def _rest_joints() -> np.ndarray:
 def _primitives() -> list:
     """All primitives (both sides) in the canonical frame: dicts with joint, kind, arrays."""
     out = []
-    for joint, kind, params, flat in _PRIMS_FLOOR:
+    for joint, kind, params in _PRIMS_FLOOR:
         sides = [(joint, 1.0)]
         if joint.startswith("left_"):
             sides.append((_mirror_name(joint), -1.0))
@@ -191,7 +191,7 @@ def _primitives() -> list:
                 prim = dict(c=np.array(c) * m + shift, r=np.array(r, dtype=np.float64))
                 lo, hi = prim["c"] - prim["r"], prim["c"] + prim["r"]
             k = _SMOOTH_K_TRUNK if name in _TRUNK else _SMOOTH_K
-            prim.update(joint=JOINT_INDEX[name], kind=kind, flat=flat, lo=lo, hi=hi, k=k)
+            prim.update(joint=JOINT_INDEX[name], kind=kind, lo=lo, hi=hi, k=k)
             out.append(prim)
     return out
 
@@ -206,8 +206,6 @@ def _prim_sdf(prim, p: np.ndarray) -> np.ndarray:
         k0 = np.linalg.norm(q / r, axis=-1)
         k1 = np.linalg.norm(q / (r * r), axis=-1)
         d = k0 * (k0 - 1.0) / np.maximum(k1, 1e-12)
-    if prim["flat"]:  # clip at the floor: intersect with y >= floor
-        d = np.maximum(d, -(p[..., 1] + _PELVIS_HEIGHT))
     return d
 
 
@@ -241,7 +239,7 @@ def _body_sdf(p: np.ndarray, prims) -> np.ndarray:
     d = np.full(p.shape[:-1], np.inf)
     for prim in prims:
         d = _smin(d, _prim_sdf(prim, p), prim["k"])
-    return d
+    return np.maximum(d, -(p[..., 1] + _PELVIS_HEIGHT))  # flat soles: nothing below the floor
 
 
 def _grid_sdf(prims, spacing):
@@ -260,7 +258,8 @@ def _grid_sdf(prims, spacing):
         sub = np.stack(np.meshgrid(*[axes[i][i0[i]:i1[i]] for i in range(3)], indexing="ij"), axis=-1)
         sl = tuple(slice(i0[i], i1[i]) for i in range(3))
         field[sl] = _smin(field[sl], _prim_sdf(prim, sub), prim["k"])
-    return field, lo
+    floor = -(axes[1] + _PELVIS_HEIGHT)
+    return np.maximum(field, floor[None, :, None]), lo
 
 
 def _surface(prims, spacing):
