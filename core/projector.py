@@ -15,8 +15,7 @@ Public API
 Sampling (SPEC 5): cells fill [-0.5, n - 0.5]; mu = 0 outside; nearest-voxel values between the
 outermost voxel centres and the faces; trilinear inside. ``trilinear`` integrates with the midpoint
 rule at ``step_mm`` (default 0.5 x the smallest voxel spacing, adjusted so the clipped ray is
-covered exactly) and skips 8^3-voxel blocks where mu = 0 (exactly: the block grid is dilated by one
-block). ``siddon`` is the exact integral of the piecewise-constant nearest-voxel field.
+covered exactly) and skips 8^3-voxel blocks where every sample is exactly 0 (see ``occupancy_grid``). ``siddon`` is the exact integral of the piecewise-constant nearest-voxel field.
 
 Storage: int16 HU volumes stay int16 (viewed as uint16; the table converts HU -> mu with the
 clip at 0); float16 mu volumes stay float16. Other integer dtypes are taken as HU and cast to
@@ -91,7 +90,11 @@ def _occupancy_cpu(flat, nz_table, nx, ny, nz, bs):
             base = (i * ny + j) * nz
             for k in range(nz):
                 if nz_table[flat[base + k]]:
-                    occ[i // bs, j // bs, k // bs] = 1
+                    # voxel (i, j, k) is a trilinear corner of samples whose floor is i or i - 1
+                    for bi in (i // bs, max(i - 1, 0) // bs):
+                        for bj in (j // bs, max(j - 1, 0) // bs):
+                            for bk in (k // bs, max(k - 1, 0) // bs):
+                                occ[bi, bj, bk] = 1
     return occ
 
 
@@ -99,16 +102,14 @@ _occ_jit = None
 
 
 def occupancy_grid(flat: np.ndarray, lut: np.ndarray, shape, bs: int = BLOCK) -> np.ndarray:
-    """uint8 block grid (flattened), 1 where a block or one of its 26 neighbours has mu > 0."""
+    """uint8 grid of bs^3 blocks (flattened): 0 where every trilinear sample whose floor index lies
+    in the block is exactly 0 (no voxel of the block, nor the next voxel layer, has mu > 0)."""
     global _occ_jit
     if _occ_jit is None:
         import numba
 
         _occ_jit = numba.njit(cache=True)(_occupancy_cpu)
-    from scipy import ndimage
-
     occ = _occ_jit(flat, (lut > 0).astype(np.uint8), int(shape[0]), int(shape[1]), int(shape[2]), bs)
-    occ = ndimage.binary_dilation(occ, structure=np.ones((3, 3, 3), bool)).astype(np.uint8)
     return np.ascontiguousarray(occ.reshape(-1))
 
 
