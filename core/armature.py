@@ -18,8 +18,12 @@ Conventions (SPEC sections 2 and 4):
 
 Bone rest frames and rolls (what Blender's ``bone.matrix_local`` rotation will be):
 
-- head = the joint (J0); tail = toward the joint's primary child (spine1 for the pelvis, the neck
-  for spine3, the only child otherwise). Leaves: the head bone points along the joint's rotated
+- head = the joint (J0); tail = toward the joint's primary child (the neck for spine3, the only
+  child otherwise). The pelvis bone points forward (the rotated canonical front axis), not up
+  the spine: a pelvis bone pointing up would make the hip bones point almost exactly backwards
+  in its frame, where Blender's bone-roll maths (``vec_roll_to_mat3``) loses float32 precision
+  (bone matrices non-orthonormal by 5e-5, posed joints off by ~0.01 mm); forward keeps every
+  child at a right angle to it. Leaves: the head bone points along the joint's rotated
   canonical up axis, a foot bone along its rotated canonical front axis, a hand bone continues
   the wrist-to-hand direction.
 - Local Y = the bone direction (Blender's rule). Local Z = the joint's rotated canonical front
@@ -215,6 +219,9 @@ def build_armature(joints_mm, pose, transl_mm=None) -> Armature:
     tails = np.zeros((N_JOINTS, 3))
     children = {i: [c for c in range(N_JOINTS) if PARENTS[c] == i] for i in range(N_JOINTS)}
     for i in range(N_JOINTS):
+        if i == 0:  # pelvis: forward (see the module docstring)
+            tails[i] = j0[i] + max(0.5 * float(np.linalg.norm(j0[3] - j0[0])), 50.0) * g0[i][:, 2]
+            continue
         if children[i]:
             c = PRIMARY_CHILD.get(i, children[i][0])
             tails[i] = j0[c]

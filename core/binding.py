@@ -9,7 +9,7 @@
   piecewise linear between segment midpoints, so a vertebra at a segment's middle moves with that
   segment and one at a joint moves half with each. The transform is rigid:
   ``R = slerp(R_a, R_b, w)`` and ``c -> lerp(D_a c, D_b c, w)`` (``vertebra_transform``). In
-  Blender the same blend comes from two Child Of constraints (influence 1 and w).
+  Blender the same blend comes from a Copy Transforms constraint at influence w (see rig.armature).
 - Soft structures (organs, skin, muscle, ...) get per-vertex LBS weights transferred from the
   fitted body model: the closest point on the body-model surface at the acquisition pose (for
   points deeper than 15 mm, among the faces of the same body part only: trunk, each arm, each
