@@ -23,88 +23,28 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, help="output directory for the posed PLY files")
 
 
-class TwinLayout:
-    """What posing needs from a twin directory (SPEC section 4), read directly from its files.
+def pose_twin(twin, pose, transl_mm=None) -> tuple[dict, dict]:
+    """Posed meshes {name: Mesh} (``body_model`` included) and the pose.json record.
 
-    A small stand-in for ``core.twin.load_twin``: ``meshes`` {name: Mesh} (acquisition pose,
-    world mm, ``body_model.ply`` excluded), ``fit`` (dict from fit.npz), ``body_model``,
-    ``binding`` (binding.npz if the build saved one, else bound again here).
+    ``twin`` is a ``core.twin.Twin`` (``load_twin``): structures and skin by the binding, the body
+    model by its own LBS with the fitted betas and residual.
     """
-
-    def __init__(self, twin_dir):
-        from ..core.errors import CtwinError
-        from ..core.fileio import read_json
-        from ..core.mesh import read_mesh
-
-        d = Path(twin_dir)
-        if not (d / "twin.json").is_file():
-            raise CtwinError(f"not a twin directory (no twin.json): {d}")
-        if not (d / "fit.npz").is_file():
-            raise CtwinError(f"twin directory has no fit.npz: {d}")
-        self.dir = d
-        try:
-            self.info = read_json(d / "twin.json")
-        except ValueError as exc:
-            raise CtwinError(f"twin.json is not valid JSON: {exc}") from None
-        with np.load(d / "fit.npz", allow_pickle=False) as z:
-            self.fit = {k: np.asarray(z[k]) for k in z.files}
-        for key in ("pose", "joints_mm", "transl_mm"):
-            if key not in self.fit:
-                raise CtwinError(f"fit.npz has no '{key}'")
-        mesh_dir = d / "meshes"
-        if not mesh_dir.is_dir():
-            raise CtwinError(f"twin directory has no meshes/ folder: {d}")
-        self.meshes = {p.name[:-4]: read_mesh(p, p.name[:-4]) for p in sorted(mesh_dir.glob("*.ply"))
-                       if p.name != "body_model.ply"}
-        self._body_model = None
-        self._binding = None
-
-    @property
-    def body_model(self):
-        if self._body_model is None:
-            from ..core.body_model import load_body_model
-
-            bm = self.info.get("body_model") or {}
-            builtin = bool(bm.get("builtin", True)) or not bm.get("path")
-            self._body_model = load_body_model(None if builtin else bm["path"])
-        return self._body_model
-
-    @property
-    def binding(self):
-        if self._binding is None:
-            from ..core.binding import bind_structures, load_binding
-
-            path = self.dir / "binding.npz"
-            b = load_binding(path) if path.is_file() else None
-            if b is None or any(n not in b.rigid and n not in b.soft for n in self.meshes) or any(
-                    len(sw.index) != len(self.meshes[n].vertices) for n, sw in b.soft.items() if n in self.meshes):
-                b = bind_structures(self.meshes, self.body_model, self.fit)
-            self._binding = b
-        return self._binding
-
-
-def pose_twin(twin: TwinLayout, pose, transl_mm=None) -> tuple[dict, dict]:
-    """Posed meshes {name: Mesh} (body_model included) and the pose.json record."""
     import warnings
 
-    from ..core.mesh import Mesh
-    from ..core.pose import bone_transforms, pose_meshes
+    from ..core.pose import check_joint_limits
 
-    binding = twin.binding
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        posed = pose_meshes(binding, twin.meshes, pose, transl_mm)
-    t = binding.armature.transl0_mm if transl_mm is None else np.asarray(transl_mm, dtype=np.float64)
-    fit = twin.fit
-    verts, _ = twin.body_model.forward(pose=pose, betas=fit.get("betas"), transl_mm=t,
-                                       residual_mm=fit.get("residual_mm"))
-    posed["body_model"] = Mesh(verts, twin.body_model.faces, "body_model")
+    bad = check_joint_limits(pose)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reported once above
+        posed = twin.posed_meshes(pose, transl_mm)
+    posed["body_model"] = twin.posed_body(pose, transl_mm)
+    t = twin.transl0_mm if transl_mm is None else np.asarray(transl_mm, dtype=np.float64)
     record = {
         "pose": np.asarray(pose, dtype=np.float64).reshape(72),
         "transl_mm": t,
-        "bones": {n: m for n, m in sorted(bone_transforms(binding, pose, transl_mm).items())},
-        "binding": binding.table(),
-        "warnings": [str(w.message) for w in caught],
+        "bones": dict(sorted(twin.bone_transforms(pose, transl_mm).items())),
+        "binding": twin.binding.table(),
+        "joint_range_warnings": bad,
     }
     return posed, record
 
@@ -115,10 +55,12 @@ def run(args) -> int:
     from ..core.poses import resolve_pose
     from ..core.progress import report, step
 
+    from ..core.twin import load_twin
+
     with step("reading the twin"):
-        twin = TwinLayout(args.twin)
+        twin = load_twin(args.twin)
     p = resolve_pose(args.pose)
-    with step(f"posing {len(twin.meshes)} structures"):
+    with step(f"posing {len(twin.meshes())} structures"):
         posed, record = pose_twin(twin, p["pose"], p["transl"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -183,9 +183,17 @@ def twin_dir(tmp_path_factory):
         write_ply(CoreMesh(v @ a[j][:3, :3].T + a[j][:3, 3], f, name), d / "meshes" / f"{name}.ply")
     write_ply(CoreMesh(verts, bm.faces, "skin"), d / "meshes" / "skin.ply")
     write_ply(CoreMesh(verts, bm.faces, "body_model"), d / "meshes" / "body_model.ply")
-    np.savez(d / "fit.npz", pose=pose, betas=np.zeros(bm.num_betas), transl_mm=transl,
-             residual_mm=np.zeros_like(bm.v_template), joints_mm=joints)
-    write_json(d / "twin.json", {"body_model": {"path": str(bm.path), "builtin": True}, "binding": {}})
+    fit = dict(pose=pose, betas=np.zeros(bm.num_betas), transl_mm=transl, residual_mm=np.zeros_like(bm.v_template),
+               joints_mm=joints)
+    np.savez(d / "fit.npz", **fit)
+    from ctwin.core.mesh import read_mesh
+    from ctwin.core.twin import TWIN_FORMAT
+
+    meshes = {p.name[:-4]: read_mesh(p) for p in (d / "meshes").glob("*.ply") if p.name != "body_model.ply"}
+    binding = bind_structures(meshes, bm, fit)
+    save_binding(binding, d / "binding.npz")
+    write_json(d / "twin.json", {"format": TWIN_FORMAT, "body_model": {"path": str(bm.path), "builtin": True},
+                                 "binding": binding.table(), "structures": sorted(set(meshes) - {"skin"})})
     return d, bm, transl
 
 
