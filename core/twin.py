@@ -1,0 +1,386 @@
+"""The twin directory (SPEC section 4): build it from a CT and its segmentation, load it, pose it,
+render it.
+
+Layout::
+
+    twin.json        inputs, body model, fit metrics, binding table (label -> bone), versions
+    fit.json         the fit's full report; fit.npz its arrays (pose, betas, transl, residual, joints)
+    binding.npz      the rig (armature, rigid table, vertebra bones, soft weights)
+    meshes/          <label>.ply, skin.ply, body_model.ply (world mm, acquisition pose)
+    volumes/         ct.nii.gz, labelmap.nii.gz + labels.json, articulated/ (the renderer's arrays)
+    twin.blend       meshes, armature, X-ray camera, DRR engine selected (written by the Blender layer)
+
+The twin's rest is its acquisition pose: the fitted pose ``p0`` and translation ``t0``. A pose file
+gives a new pose ``p`` (and optionally a translation); a translation that is absent keeps ``t0``.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CtwinError
+from .fileio import read_json, write_json
+from .progress import report
+
+TWIN_FORMAT = 1
+
+
+def software_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "ctwin_format": TWIN_FORMAT}
+    for pkg in ("numpy", "numba", "scipy", "scikit-image", "nibabel", "SimpleITK", "trimesh", "bpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    try:
+        import bpy  # noqa: F401  (only when already inside Blender or the bpy module)
+
+        out["blender"] = bpy.app.version_string
+    except ImportError:
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# build
+# --------------------------------------------------------------------------------------------
+def build_twin(ct_path, seg_path, out_dir, body_model_path=None, *, write_blend: bool = True,
+               smooth_iterations: int = 10) -> Path:
+    """Build a twin directory from a CT and its segmentation. Returns the directory.
+
+    Everything is written into a temporary sibling folder that replaces ``out_dir`` only when the
+    build has succeeded, so an interrupted build leaves no half-written twin.
+    """
+    from .articulated import prepare_articulated
+    from .binding import bind_structures, save_binding
+    from .body_model import default_body_model_path, load_body_model
+    from .fit import fit_body_model
+    from .labels import write_labels_json
+    from .mesh import import_anatomy, write_ply
+    from .volume import save_nifti
+
+    t0 = time.perf_counter()
+    out = Path(out_dir).resolve()
+    if out.exists() and not (out / "twin.json").exists() and any(out.iterdir()):
+        raise CtwinError(f"{out} exists and is not a twin directory; choose an empty or new folder")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "meshes").mkdir(parents=True)
+    (tmp / "volumes").mkdir()
+    try:
+        report("build 1/6: import CT and segmentation", 0.0)
+        ct, labelmap, names, meshes, skin = import_anatomy(ct_path, seg_path,
+                                                           smooth_iterations=smooth_iterations)
+        if not meshes:
+            raise CtwinError("the segmentation has no structure to build a twin from")
+
+        report("build 2/6: fit the body model", 0.25)
+        builtin = body_model_path is None
+        bm_path = default_body_model_path() if builtin else Path(body_model_path)
+        bm = load_body_model(bm_path)
+        fit = fit_body_model(bm, skin, labelmap, names, fov_box=ct.bbox_world())
+        body = fit.body_mesh()
+
+        report("build 3/6: bind structures to the armature", 0.55)
+        to_bind = dict(meshes)
+        to_bind["skin"] = skin
+        binding = bind_structures(to_bind, bm, fit)
+
+        report("build 4/6: decompose the CT for articulated rendering", 0.65)
+        art = prepare_articulated(ct, labelmap, names, _joint_binding(binding), fit.joints_mm)
+
+        report("build 5/6: write meshes, volumes and tables", 0.8)
+        for name, mesh in meshes.items():
+            write_ply(mesh, tmp / "meshes" / f"{name}.ply")
+        write_ply(skin, tmp / "meshes" / "skin.ply")
+        write_ply(body, tmp / "meshes" / "body_model.ply")
+        fit.save_npz(tmp / "fit.npz")
+        write_json(tmp / "fit.json", fit.to_json())
+        save_binding(binding, tmp / "binding.npz")
+        save_nifti(ct, tmp / "volumes" / "ct.nii.gz", dtype=np.int16)
+        lab_dtype = np.uint8 if max(names, default=0) < 256 else np.uint16
+        save_nifti(labelmap, tmp / "volumes" / "labelmap.nii.gz", dtype=lab_dtype)
+        write_json(tmp / "volumes" / "labels.json", {str(k): v for k, v in sorted(names.items())})
+        art.save(tmp / "volumes" / "articulated")
+        fj = fit.to_json()
+        meta = {
+            "format": TWIN_FORMAT,
+            "inputs": {"ct": str(Path(ct_path).resolve()), "seg": str(Path(seg_path).resolve())},
+            "ct": {"shape": list(ct.shape), "spacing_mm": ct.spacing.tolist(),
+                   "bbox_mm": [b.tolist() for b in ct.bbox_world()]},
+            "body_model": {"path": str(bm_path), "builtin": builtin, "num_betas": int(bm.num_betas),
+                           "vertices": int(len(bm.v_template))},
+            "fit": {k: fj[k] for k in ("pose", "betas", "transl_mm", "joints_mm", "iterations", "seconds")
+                    if k in fj} | {k: v for k, v in fit.metrics.items() if isinstance(v, (int, float))},
+            "binding": binding.table(),
+            "structures": sorted(meshes),
+            "software": software_versions(),
+            "build_seconds": None,
+        }
+        write_json(tmp / "twin.json", meta)
+
+        if write_blend:
+            report("build 6/6: write twin.blend", 0.9)
+            from ..twin_blend import write_twin_blend
+
+            write_twin_blend(tmp, tmp / "twin.blend")
+        meta["build_seconds"] = round(time.perf_counter() - t0, 1)
+        write_json(tmp / "twin.json", meta)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report(f"twin written to {out} in {time.perf_counter() - t0:.1f} s", 1.0)
+    return out
+
+
+def _joint_binding(binding) -> dict:
+    """label -> SMPL joint for the soft-tissue weights: vertebrae take their nearer spine joint."""
+    from .skeleton import JOINT_NAMES
+
+    out = {}
+    for name, bone in binding.rigid.items():
+        vb = binding.vertebrae.get(bone)
+        if vb is not None:
+            out[name] = JOINT_NAMES[vb.upper if vb.w >= 0.5 else vb.lower]
+        else:
+            out[name] = bone
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# load and pose
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Twin:
+    """A twin directory, loaded lazily."""
+
+    path: Path
+    meta: dict
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def fit(self) -> dict:
+        with np.load(self.path / "fit.npz") as z:
+            return {k: z[k] for k in z.files}
+
+    @cached_property
+    def binding(self):
+        from .binding import load_binding
+
+        return load_binding(self.path / "binding.npz")
+
+    @cached_property
+    def body_model(self):
+        from .body_model import default_body_model_path, load_body_model
+
+        bm = self.meta.get("body_model", {})
+        if bm.get("builtin", True):
+            return load_body_model(default_body_model_path())
+        p = Path(bm["path"])
+        if not p.exists():
+            raise CtwinError(f"the twin's body model file is missing: {p}")
+        return load_body_model(p)
+
+    @cached_property
+    def articulated(self):
+        from .articulated import ArticulatedCT
+
+        return ArticulatedCT.load(self.path / "volumes" / "articulated")
+
+    @cached_property
+    def ct(self):
+        from .volume import load_nifti
+
+        return load_nifti(self.path / "volumes" / "ct.nii.gz")
+
+    @cached_property
+    def labelmap(self):
+        from .volume import load_nifti
+
+        return load_nifti(self.path / "volumes" / "labelmap.nii.gz")
+
+    @cached_property
+    def names(self) -> dict:
+        return {int(k): v for k, v in read_json(self.path / "volumes" / "labels.json").items()}
+
+    @property
+    def pose0(self) -> np.ndarray:
+        return np.asarray(self.fit["pose"], dtype=np.float64)
+
+    @property
+    def transl0_mm(self) -> np.ndarray:
+        return np.asarray(self.fit["transl_mm"], dtype=np.float64)
+
+    def meshes(self, include_skin: bool = True) -> dict:
+        """{name: Mesh} at the acquisition pose: label meshes (+ skin). Not the body model."""
+        from .mesh import read_mesh
+
+        if "meshes" not in self._cache:
+            out = {}
+            for name in self.meta.get("structures", []):
+                out[name] = read_mesh(self.path / "meshes" / f"{name}.ply", name=name)
+            out["skin"] = read_mesh(self.path / "meshes" / "skin.ply", name="skin")
+            self._cache["meshes"] = out
+        m = dict(self._cache["meshes"])
+        if not include_skin:
+            m.pop("skin", None)
+        return m
+
+    def joint_deltas(self, pose, transl_mm=None) -> np.ndarray:
+        """D_j (24, 4, 4): acquisition world mm -> posed world mm."""
+        return self.binding.armature.deltas(pose, transl_mm)
+
+    def bone_deltas(self, pose, transl_mm=None) -> dict:
+        from .pose import bone_deltas
+
+        return bone_deltas(self.binding, pose, transl_mm)
+
+    def bone_transforms(self, pose, transl_mm=None) -> dict:
+        """{skeletal structure: 4x4} acquisition -> posed (rigid)."""
+        from .pose import bone_transforms
+
+        return bone_transforms(self.binding, pose, transl_mm)
+
+    def posed_meshes(self, pose, transl_mm=None) -> dict:
+        from .pose import pose_meshes
+
+        return pose_meshes(self.binding, self.meshes(), pose, transl_mm)
+
+    def posed_body(self, pose, transl_mm=None):
+        """The fitted body-model surface at a pose (its own LBS, fitted betas and residual)."""
+        from .mesh import Mesh
+
+        t = self.transl0_mm if transl_mm is None else np.asarray(transl_mm, dtype=np.float64)
+        bm = self.body_model
+        v, _ = bm.forward(pose=pose, betas=self.fit["betas"], transl_mm=t, residual_mm=self.fit["residual_mm"])
+        return Mesh(v, np.asarray(bm.faces, dtype=np.int64), "body_model")
+
+    def posed_scene(self, pose=None, transl_mm=None):
+        """The articulated CT posed for rendering (``core.articulated.PosedScene``)."""
+        from .articulated import posed_scene
+
+        if pose is None:
+            pose = self.pose0
+        return posed_scene(self.articulated, self.bone_deltas(pose, transl_mm),
+                           self.joint_deltas(pose, transl_mm))
+
+    def render(self, geometry, pose=None, transl_mm=None, *, step_mm=None, device="auto") -> np.ndarray:
+        """Line-integral DRR of the twin at a pose through the articulated path (identity = p0)."""
+        from .articulated import render_posed
+
+        return render_posed(self.posed_scene(pose, transl_mm), geometry, step_mm=step_mm, device=device)
+
+    def default_views(self, size=512, **kw) -> dict:
+        """SPEC section 5 metric views (AP and lateral) for this twin's CT bounding box."""
+        from .carm import default_views
+
+        lo, hi = (np.asarray(b) for b in self.meta["ct"]["bbox_mm"])
+        return default_views((lo, hi), size=size, **kw)
+
+
+def load_twin(path) -> Twin:
+    p = Path(path)
+    if not (p / "twin.json").is_file():
+        raise CtwinError(f"{p} is not a twin directory (no twin.json); build one with 'ctwin build'")
+    meta = read_json(p / "twin.json")
+    if meta.get("format") != TWIN_FORMAT:
+        raise CtwinError(f"{p}: twin format {meta.get('format')} is not supported (expected {TWIN_FORMAT})")
+    return Twin(p.resolve(), meta)
+
+
+# --------------------------------------------------------------------------------------------
+# rendering frames
+# --------------------------------------------------------------------------------------------
+def frame_poses(twin: Twin, pose=None, motion=None, frames=None, fps: float = 24.0):
+    """[(frame, pose (72,), transl_mm or None)] for a render: the acquisition pose, a pose file, or a
+    motion file resampled to ``fps``. ``frames`` = (A, B) with B exclusive."""
+    from .poses import resolve_pose
+
+    if motion is not None:
+        from .motion import load_motion
+
+        poses, transl = load_motion(motion, fps=fps, twin_pose=twin.pose0, twin_transl_mm=twin.transl0_mm)[:2]
+        n = len(poses)
+        a, b = (0, n) if frames is None else frames
+        if b > n:
+            raise CtwinError(f"the motion has {n} frames at {fps:g} fps; --frames {a}:{b} is beyond it")
+        return [(f, poses[f], transl[f]) for f in range(a, b)]
+    if pose is not None:
+        pz = resolve_pose(pose)
+        p, t = np.asarray(pz["pose"], dtype=np.float64), pz.get("transl")
+    else:
+        p, t = twin.pose0, None
+    a, b = (0, 1) if frames is None else frames
+    return [(f, p, t) for f in range(a, b)]
+
+
+def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=None, geometry=None,
+                size=None, device="auto", sad_mm=1000.0, sid_mm=1500.0, parallel=False,
+                method="trilinear", step_mm=None, value="line_integral", kvp=None, photons=None,
+                electronic_sigma=0.0, seed=0, fps: float = 24.0) -> int:
+    """Render a twin's frames (posed by a pose file or a motion) as <view>_<frame>.tif + .json."""
+    from . import physics
+    from .carm import named_view
+    from .projector import frame_written, resolve_device, write_frame
+
+    if kvp is not None:
+        raise CtwinError("polyenergetic rendering (--kvp) is available for plain CTs (--ct), not yet for twins")
+    if method != "trilinear":
+        raise CtwinError("twins render with the trilinear method (posed sub-volumes); drop --method siddon")
+    twin = load_twin(twin_dir)
+    dev = resolve_device(device)
+    out = Path(out_dir)
+    if geometry is not None:
+        views = {"view": geometry}
+    else:
+        lo, hi = (np.asarray(b) for b in twin.meta["ct"]["bbox_mm"])
+        names = [view] if view else ["ap", "lateral"]
+        views = {n: named_view(n, (lo, hi), sad_mm=sad_mm, sid_mm=sid_mm, size=size or 512,
+                               parallel=parallel) for n in names}
+    todo = frame_poses(twin, pose, motion, frames, fps)
+    total = len(todo) * len(views)
+    done = 0
+    for f, p, t in todo:
+        stems = {n: out / f"{n}_{f:04d}" for n in views}
+        if all(frame_written(s) for s in stems.values()):
+            done += len(views)
+            report(f"frame {f}: already written, skipped", done / total)
+            continue
+        scene = twin.posed_scene(p, t)
+        for n, g in views.items():
+            done += 1
+            if frame_written(stems[n]):
+                continue
+            li = twin_render_scene(scene, g, step_mm=step_mm, device=dev)
+            if photons is not None:
+                li = physics.add_noise(li, photons, electronic_sigma, seed + f)
+            img = physics.to_value(li, value)
+            sidecar = g.to_sidecar(frame=f, value=value, device=dev, source=str(twin.path),
+                                   method=method, pose=np.asarray(p).tolist(),
+                                   transl_mm=None if t is None else np.asarray(t).tolist())
+            write_frame(stems[n], img, sidecar)
+            report(f"{stems[n].name}.tif written", done / total)
+    return 0
+
+
+def twin_render_scene(scene, geometry, *, step_mm=None, device="auto") -> np.ndarray:
+    from .articulated import render_posed
+
+    return render_posed(scene, geometry, step_mm=step_mm, device=device)
