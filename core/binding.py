@@ -1,8 +1,10 @@
 """Binding the twin's structures to its armature (no ``bpy``).
 
 - Every skeletal structure (``core.labels.is_skeletal``) is bound to exactly ONE bone with weight 1,
-  by anatomy (``RIGID_RULES``: femur -> hip, tibia/fibula/patella -> knee, ...). Skeletal names
-  that no rule knows (costal cartilages, ...) follow their nearest rigidly bound neighbour.
+  by anatomy (``RIGID_RULES``: femur -> hip, tibia/fibula/patella -> knee, ...). Rib k follows
+  its own thoracic vertebra's bone (``vertebrae_T<k>``) where that vertebra is segmented, else the
+  spine segment at its height (spine2 for ribs 7-12, spine3 for 1-6). Skeletal names that no
+  rule knows (costal cartilages, ...) follow their nearest rigidly bound neighbour.
 - Vertebrae (C1..L5) get one bone each, named after the structure (e.g. ``vertebrae_L3``). Its
   transform blends the two spine segments around it (pelvis, spine1, spine2, spine3, neck, head):
   the vertebra's centroid ``c`` is placed on the spine curve at arc length ``s``; the blend weight is
@@ -46,11 +48,13 @@ RIGID_RULES = (
     (r"^(carpal|metacarpal)_(left|right)$", "{s}_wrist"),
     (r"^phalanges_hand_(left|right)$", "{s}_hand"),
     (r"^(clavicula|scapula)_(left|right)$", "{s}_collar"),
-    (r"^(rib_(left|right)_\d+|sternum)$", "spine3"),
+    (r"^rib_(left|right)_([7-9]|1[0-2])$", "spine2"),  # only where vertebra T<k> is not bound
+    (r"^(rib_(left|right)_[1-6]|sternum)$", "spine3"),
     (r"^skull$", "head"),
     (r"^(hip_(left|right)|sacrum|vertebrae_S1)$", "pelvis"),
 )
 _VERTEBRA = re.compile(r"^vertebrae_(C|T|L)\d+$")
+_RIB = re.compile(r"^rib_(left|right)_(\d+)$")
 
 # Body parts for the weight transfer: faces of the body-model surface are only taken from the
 # part of the query point's nearest skeleton segment.
@@ -296,11 +300,16 @@ def bind_structures(meshes: dict, body_model=None, fit=None, *, armature: Armatu
     rigid_pts, rigid_lbl = [], []
     unknown = []
     chain_pts = armature.joints_mm[list(SPINE_CHAIN)]
-    for name, mesh in meshes.items():
-        v = np.asarray(mesh.vertices, dtype=np.float64)
+    # vertebrae first: the ribs attach to theirs
+    order = sorted(meshes, key=lambda n: (not is_vertebra(n), n))
+    for name in order:
+        v = np.asarray(meshes[name].vertices, dtype=np.float64)
         if not is_skeletal(name):
             continue
-        if is_vertebra(name):
+        rib = _RIB.match(name)
+        if rib and f"vertebrae_T{rib.group(2)}" in binding.vertebrae:
+            binding.rigid[name] = f"vertebrae_T{rib.group(2)}"
+        elif is_vertebra(name):
             c = v.mean(axis=0) if len(v) else chain_pts[2]
             (s,), cum = _spine_arclength(c[None], chain_pts)
             lo, up, w = spine_blend(float(s), cum)

@@ -36,6 +36,10 @@ def twin():
         seg = max(k for k in range(len(chain)) if REST_JOINTS_MM[chain[k], 1] <= y) if y > 0 else 0
         v, f = box((0, y, -30), (15, 8, 15))
         meshes[n] = Mesh(place(v, chain[seg]), f, n)
+    # ribs: rib 8 follows vertebra T8 (segmented), rib 9 (no T9 here) the spine segment at its height
+    for n, y in (("rib_left_8", 330.0), ("rib_right_9", 300.0)):
+        v, f = box((60 if "left" in n else -60, y, -20), (40, 6, 10))
+        meshes[n] = Mesh(place(v, 6), f, n)
     # costal cartilage beside the sternum-less chest: nearest rigid neighbour (clavicula_left)
     v, f = box((80, 400, 40), (10, 10, 10))
     meshes["costal_cartilages"] = Mesh(place(v, 9), f, "costal_cartilages")
@@ -56,7 +60,7 @@ def test_rigid_rules():
     assert rigid_bone_for("phalanges_feet_left") == "left_foot"
     assert rigid_bone_for("metacarpal_right") == "right_wrist"
     assert rigid_bone_for("scapula_left") == "left_collar"
-    assert rigid_bone_for("rib_right_7") == "spine3"
+    assert rigid_bone_for("rib_right_7") == "spine2" and rigid_bone_for("rib_left_6") == "spine3"
     assert rigid_bone_for("sacrum") == "pelvis"
     assert rigid_bone_for("costal_cartilages") is None
 
@@ -69,6 +73,7 @@ def test_binding_table(twin):
     assert table["costal_cartilages"] == "left_collar"  # its nearest rigid neighbour, the clavicle
     assert table["vertebrae_L3"] == "vertebrae_L3" and "vertebrae_L3" in b.bone_names()
     assert table["liver"] == SMOOTH and table["muscle"] == SMOOTH
+    assert table["rib_left_8"] == "vertebrae_T8" and table["rib_right_9"] == "spine2"
     # every skeletal structure has exactly one bone
     for n in twin["meshes"]:
         assert (n in b.rigid) != (n in b.soft)
