@@ -7,7 +7,7 @@ import pytest
 from ctwin.core.armature import build_armature
 from ctwin.core.binding import (SMOOTH, bind_structures, load_binding, rigid_bone_for, save_binding,
                                 spine_blend)
-from ctwin.core.pose import bone_deltas, check_joint_limits, pose_meshes
+from ctwin.core.pose import bone_deltas, check_joint_limits, joint_limit_violations, pose_meshes
 from ctwin.core.skeleton import JOINT_INDEX, JOINT_NAMES, forward_kinematics, rotation_to_rotvec
 
 from rig_synth import (REST_JOINTS_MM, FakeBodyModel, Mesh, acquisition_pose, best_rigid_deviation, box,
@@ -153,6 +153,10 @@ def test_save_load_roundtrip(twin, tmp_path):
 
 
 def test_joint_limits_warn():
+    from ctwin.core.poses import PRESETS
+
+    for name, preset in PRESETS.items():  # the project's own presets are anatomically plausible
+        assert joint_limit_violations(preset) == [], name
     p = acquisition_pose().reshape(24, 3).copy()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
