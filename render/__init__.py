@@ -1,17 +1,36 @@
-"""Blender layer: render. Thin translation between Blender data and the core."""
+"""Blender layer: render. The "ctwin DRR" render engine (engine.py), camera <-> X-ray geometry
+(camera.py) and the per-frame volume providers with their resident cache (scene_volumes.py)."""
 
-CLASSES = ()
+
+def _classes():
+    from .engine import CTWIN_DRR_PT_settings, CTWIN_DRR_RenderEngine, CTWIN_DRR_Settings
+
+    return (CTWIN_DRR_Settings, CTWIN_DRR_RenderEngine, CTWIN_DRR_PT_settings)
+
+
+CLASSES = ()  # filled on register (importing bpy types lazily keeps the package bpy-free)
 
 
 def register():
     import bpy
 
+    global CLASSES
+    CLASSES = _classes()
     for cls in CLASSES:
         bpy.utils.register_class(cls)
+    bpy.types.Scene.ctwin_drr = bpy.props.PointerProperty(type=CLASSES[0])
+    from .engine import register_compat
+
+    register_compat()
 
 
 def unregister():
     import bpy
 
+    from .engine import unregister_compat
+
+    unregister_compat()
+    if hasattr(bpy.types.Scene, "ctwin_drr"):
+        del bpy.types.Scene.ctwin_drr
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

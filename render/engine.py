@@ -1,0 +1,159 @@
+"""The "ctwin DRR" render engine: the scene camera is the X-ray source (SPEC 5).
+
+F12 renders the current frame; Render Animation and ``blender -b FILE -a`` render each frame.
+Each render puts the line-integral (or intensity/display) image into the render result (all of
+R, G, B = the value, A = 1) and writes ``<output path><frame>.tif`` (32-bit float, one channel,
+rows = detector rows) with its ``.json`` sidecar, atomically. Blender's own image saving is off
+for this engine, so those are the frame files. An animation render skips frames whose .tif and
+.json already exist (resume); it reads them back into the render result instead.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import bpy
+import numpy as np
+
+from ..core.errors import CtwinError
+from . import scene_volumes
+from .camera import geometry_from_camera
+
+
+def frame_stem(scene, frame: int) -> Path:
+    """Output stem for a frame: Blender's frame path without its extension."""
+    p = Path(bpy.path.abspath(scene.render.frame_path(frame=frame)))
+    name = p.name
+    for ext in p.suffixes:
+        name = name[: -len(ext)] if name.endswith(ext) else name
+    return p.with_name(name)
+
+
+def render_frame(scene, frame: int | None = None):
+    """Render the scene's DRR at ``frame`` (default: current). Returns (image float32, Geometry, info)."""
+    from ..core.projector import PreparedVolume, Scene, render_drr, render_scene, resolve_device
+    from ..core import physics
+
+    frame = scene.frame_current if frame is None else frame
+    s = scene.ctwin_drr
+    g = geometry_from_camera(scene)
+    obj = scene_volumes.volumes_for_frame(scene, frame)
+    device = resolve_device(s.device)
+    step = s.step_mm if s.step_mm > 0 else None
+    if isinstance(obj, Scene):
+        li = render_scene(obj, g, step_mm=step, device=device)
+    elif isinstance(obj, PreparedVolume):
+        if s.kvp > 0:
+            from ..core.projector import render_value
+
+            li = render_value(obj, g, kvp=s.kvp, method=s.method, step_mm=step, device=device)
+        else:
+            li = render_drr(obj, g, method=s.method, step_mm=step, device=device)
+    else:
+        raise CtwinError(f"the volume provider returned {type(obj).__name__}, not a volume or scene")
+    if s.photons > 0:
+        li = physics.add_noise(li, s.photons, s.electronic_noise, s.seed + frame)
+    img = physics.to_value(li, s.value)
+    info = {"frame": int(frame), "value": s.value, "device": device, "method": s.method,
+            "kvp": s.kvp or None, "photons": s.photons or None}
+    return img, g, info
+
+
+class CTWIN_DRR_RenderEngine(bpy.types.RenderEngine):
+    bl_idname = "CTWIN_DRR"
+    bl_label = "ctwin DRR"
+    bl_use_preview = False
+    bl_use_postprocess = False
+    bl_use_image_save = False
+    bl_use_eevee_viewport = True
+
+    def render(self, depsgraph):
+        from ..core.projector import frame_written, read_frame, write_frame
+
+        scene = depsgraph.scene_eval  # evaluated: the camera's animated matrix at this frame
+        frame = scene.frame_current
+        W = max(1, int(scene.render.resolution_x * scene.render.resolution_percentage / 100))
+        H = max(1, int(scene.render.resolution_y * scene.render.resolution_percentage / 100))
+        stem = frame_stem(scene, frame)
+        try:
+            if self.is_animation and frame_written(stem):
+                img, _ = read_frame(stem)
+                self.report({"INFO"}, f"frame {frame}: {stem.name}.tif already written, skipped")
+            else:
+                self.update_stats("ctwin DRR", f"frame {frame}: projecting")
+                img, g, info = render_frame(scene, frame)
+                if scene.ctwin_drr.write_frames or self.is_animation:
+                    write_frame(stem, img, g.to_sidecar(**info, blend=bpy.data.filepath))
+        except CtwinError as exc:
+            self.report({"ERROR"}, str(exc))
+            img = np.zeros((H, W), np.float32)
+        if img.shape != (H, W):
+            self.report({"ERROR"}, f"image {img.shape} does not match the resolution {W}x{H}")
+            img = np.zeros((H, W), np.float32)
+        rgba = np.empty((H, W, 4), np.float32)
+        rgba[..., :3] = img[::-1, :, None]  # Blender's rows run bottom to top
+        rgba[..., 3] = 1.0
+        result = self.begin_result(0, 0, W, H)
+        result.layers[0].passes["Combined"].rect = rgba.reshape(-1, 4)
+        self.end_result(result)
+
+
+class CTWIN_DRR_Settings(bpy.types.PropertyGroup):
+    ct_path: bpy.props.StringProperty(name="CT", subtype="FILE_PATH",
+                                      description="CT to render when no twin provides volumes")
+    method: bpy.props.EnumProperty(name="Method", items=[
+        ("trilinear", "Trilinear", "ray marching through the trilinear mu field"),
+        ("siddon", "Siddon", "exact integral of the nearest-voxel mu field")], default="trilinear")
+    value: bpy.props.EnumProperty(name="Output", items=[
+        ("line_integral", "Line integral", "integral of mu along the ray"),
+        ("intensity", "Intensity", "Beer-Lambert I/I0"),
+        ("display", "Display", "log display in [0, 1]")], default="line_integral")
+    device: bpy.props.EnumProperty(name="Device", items=[
+        ("auto", "Auto", "CUDA when available"), ("cpu", "CPU", ""), ("cuda", "CUDA", "")], default="auto")
+    step_mm: bpy.props.FloatProperty(name="Step (mm)", default=0.0, min=0.0,
+                                     description="trilinear step; 0 = half the smallest voxel")
+    kvp: bpy.props.FloatProperty(name="kVp", default=0.0, min=0.0, max=120.0,
+                                 description="polyenergetic spectrum (60-120); 0 = monoenergetic")
+    photons: bpy.props.FloatProperty(name="Photons/pixel", default=0.0, min=0.0,
+                                     description="Poisson noise; 0 = noiseless")
+    electronic_noise: bpy.props.FloatProperty(name="Electronic noise", default=0.0, min=0.0)
+    seed: bpy.props.IntProperty(name="Seed", default=0, min=0)
+    write_frames: bpy.props.BoolProperty(
+        name="Write frames on F12", default=True,
+        description="also write the .tif and .json to the output path for still renders")
+
+
+class CTWIN_DRR_PT_settings(bpy.types.Panel):
+    bl_label = "ctwin DRR"
+    bl_space_type = "PROPERTIES"
+    bl_region_type = "WINDOW"
+    bl_context = "render"
+    COMPAT_ENGINES = {"CTWIN_DRR"}
+
+    @classmethod
+    def poll(cls, context):
+        return context.engine in cls.COMPAT_ENGINES
+
+    def draw(self, context):
+        s = context.scene.ctwin_drr
+        col = self.layout.column()
+        for name in ("ct_path", "method", "value", "device", "step_mm", "kvp", "photons",
+                     "electronic_noise", "seed", "write_frames"):
+            col.prop(s, name)
+
+
+_COMPAT_PANELS = ("RENDER_PT_format", "RENDER_PT_frame_range", "RENDER_PT_output", "DATA_PT_lens",
+                  "DATA_PT_camera", "DATA_PT_camera_display", "RENDER_PT_color_management")
+
+
+def register_compat():
+    for name in _COMPAT_PANELS:
+        p = getattr(bpy.types, name, None)
+        if p is not None and hasattr(p, "COMPAT_ENGINES"):
+            p.COMPAT_ENGINES.add("CTWIN_DRR")
+
+
+def unregister_compat():
+    for name in _COMPAT_PANELS:
+        p = getattr(bpy.types, name, None)
+        if p is not None and hasattr(p, "COMPAT_ENGINES"):
+            p.COMPAT_ENGINES.discard("CTWIN_DRR")

@@ -1,0 +1,115 @@
+"""The "ctwin DRR" Blender render engine: camera <-> geometry, F12 and animation renders, resume."""
+import numpy as np
+import pytest
+
+bpy = pytest.importorskip("bpy")
+
+from ctwin.core.carm import named_view  # noqa: E402
+from ctwin.core.projector import read_frame, render_drr  # noqa: E402
+from ctwin.core.volume import Volume, affine_from, save_nifti  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def registered():
+    from ctwin import render
+
+    render.register()
+    yield
+    render.unregister()
+
+
+@pytest.fixture(scope="module")
+def ct_file(tmp_path_factory):
+    d = np.full((20, 18, 16), -1000, np.int16)
+    d[2:-2, 2:-2, 2:-2] = 0
+    d[6:10, 7:11, 5:9] = 1200
+    vol = Volume(d, affine_from((2.0, 2.0, 2.5), (-19, -17, -18)))
+    path = tmp_path_factory.mktemp("ct") / "ct.nii.gz"
+    save_nifti(vol, path)
+    return vol, path
+
+
+def _scene_with_camera(geometry):
+    from ctwin.render.camera import setup_xray_camera
+
+    scene = bpy.context.scene
+    cam = bpy.data.objects.new("xray", bpy.data.cameras.new("xray"))
+    scene.collection.objects.link(cam)
+    scene.camera = cam
+    setup_xray_camera(cam, geometry, scene)
+    return scene, cam
+
+
+def _same_geometry(a, b):
+    assert np.allclose(a.source_mm, b.source_mm, atol=1e-3)
+    assert np.allclose(a.detector_center_mm, b.detector_center_mm, atol=1e-2)
+    assert np.allclose(a.detector_u, b.detector_u, atol=1e-6)
+    assert np.allclose(a.detector_v, b.detector_v, atol=1e-6)
+    assert np.allclose(a.pixel_spacing_mm, b.pixel_spacing_mm, rtol=1e-5)
+    assert tuple(a.size_px) == tuple(b.size_px) and a.parallel == b.parallel
+
+
+@pytest.mark.parametrize("view,parallel", [("lao20_cran10", False), ("lat_left", True)])
+def test_camera_geometry_round_trip(registered, ct_file, view, parallel):
+    from ctwin.render.camera import geometry_from_camera
+
+    vol, _ = ct_file
+    g = named_view(view, vol, size=(24, 20), parallel=parallel)
+    scene, cam = _scene_with_camera(g)
+    assert cam.data.type == ("ORTHO" if parallel else "PERSP")
+    if not parallel:
+        assert cam.data.lens == pytest.approx(1500.0)  # lens = SID
+        assert cam.data.sensor_width == pytest.approx(24 * g.pixel_spacing_mm[0])  # = detector width
+    _same_geometry(geometry_from_camera(scene), g)
+
+
+def test_f12_and_animation_render_with_resume(registered, ct_file, tmp_path):
+    from ctwin.render import scene_volumes
+
+    vol, path = ct_file
+    g = named_view("ap", vol, size=(24, 20))
+    scene, cam = _scene_with_camera(g)
+    scene.render.engine = "CTWIN_DRR"
+    scene.ctwin_drr.ct_path = str(path)
+    scene.render.filepath = str(tmp_path / "drr" / "frame_")
+    scene_volumes.clear_cache()
+
+    # F12 (still): the image goes to the render result and to frame_0001.tif + .json
+    scene.frame_set(1)
+    bpy.ops.render.render()
+    img, sc = read_frame(tmp_path / "drr" / "frame_0001")
+    expect = render_drr(vol, g, device="cpu")
+    assert img.shape == (20, 24) and expect.max() > 0
+    tol = 2e-4 * expect.max()  # Blender keeps the camera in float32
+    assert np.abs(img - expect).max() <= tol
+    assert sc["frame"] == 1 and sc["value"] == "line_integral"
+    assert np.allclose(sc["projection"], g.projection_matrix(), rtol=1e-5, atol=1e-3)
+    exr = tmp_path / "result.exr"
+    scene.render.image_settings.file_format = "OPEN_EXR"
+    scene.render.image_settings.color_depth = "32"
+    bpy.data.images["Render Result"].save_render(filepath=str(exr))
+    im = bpy.data.images.load(str(exr))
+    px = np.array(im.pixels[:], np.float32).reshape(20, 24, 4)
+    assert np.abs(px[::-1, :, 0] - img).max() <= 1e-5 * expect.max()
+
+    # animation: the camera moves 30 mm along x between frames 1 and 3
+    cam.keyframe_insert("location", frame=1)
+    cam.location.x += 0.03
+    cam.keyframe_insert("location", frame=3)
+    scene.frame_start, scene.frame_end = 1, 3
+    (tmp_path / "drr" / "frame_0001.tif").unlink()
+    bpy.ops.render.render(animation=True)
+    frames = {f: read_frame(tmp_path / "drr" / f"frame_{f:04d}") for f in (1, 2, 3)}
+    assert len([k for k in scene_volumes._CACHE if k[0] == "ct"]) == 1  # loaded once, resident
+    assert np.abs(frames[1][0] - expect).max() <= tol
+    assert np.abs(frames[3][0] - expect).max() > 0.05 * expect.max()
+    assert frames[3][1]["source_mm"][0] == pytest.approx(g.source_mm[0] + 30.0, abs=1e-3)
+    # resume: written frames are skipped, a missing one is rendered again
+    (tmp_path / "drr" / "frame_0002.tif").unlink()
+    m1 = (tmp_path / "drr" / "frame_0001.tif").stat().st_mtime_ns
+    bpy.ops.render.render(animation=True)
+    assert (tmp_path / "drr" / "frame_0001.tif").stat().st_mtime_ns == m1
+    assert np.allclose(read_frame(tmp_path / "drr" / "frame_0002")[0], frames[2][0])
+    assert not list((tmp_path / "drr").glob(".*part*"))
+    names = sorted(p.name for p in (tmp_path / "drr").iterdir() if p.suffix in (".tif", ".json"))
+    assert names == [f"frame_000{f}.{e}" for f in (1, 2, 3) for e in ("json", "tif")]
