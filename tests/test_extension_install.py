@@ -3,7 +3,9 @@
 The zip is made by tools/build_extension.py (once per test session) and installed in a
 subprocess whose Blender user resources live in a temporary folder (BLENDER_USER_RESOURCES),
 so the user's real Blender configuration is untouched and no test sees another's state. The
-subprocess installs, enables, checks, disables and uninstalls the extension twice in a row.
+subprocess installs, enables, checks, disables and uninstalls the extension twice in a row with
+the operator behind Preferences > Install from Disk, then once more with the handler of
+`blender --command extension install-file` (the README's command).
 """
 from __future__ import annotations
 
@@ -60,11 +62,18 @@ def state():
 
 baseline = state()
 repo_dir = bpy.context.preferences.extensions.repos[repo_index()].directory
-for rnd in range(2):
-    r = {}
+# Twice through the operator behind Preferences > Install from Disk, then once through the
+# handler of `blender --command extension install-file ...` (the README's command).
+import bl_pkg
+for rnd, how in enumerate(("operator", "operator", "command")):
+    r = {"how": how}
     t0 = time.perf_counter()
-    r["install"] = sorted(bpy.ops.extensions.package_install_files(
-        filepath=zip_path, repo="user_default", enable_on_install=True))
+    if how == "operator":
+        r["install"] = sorted(bpy.ops.extensions.package_install_files(
+            filepath=zip_path, repo="user_default", enable_on_install=True))
+    else:
+        rc = bl_pkg.cli_extension(["install-file", "--repo", "user_default", "--enable", zip_path])
+        r["install"] = ["FINISHED"] if rc == 0 else ["rc=%r" % rc]
     r["install_s"] = time.perf_counter() - t0
     mod = sys.modules.get(PKG)
     r["module_file"] = getattr(mod, "__file__", None)
@@ -108,7 +117,12 @@ for rnd in range(2):
     r["disabled_addons"] = PKG in bpy.context.preferences.addons
     r["disabled_registered"] = sorted(c.__name__ for c in classes if c.is_registered)
     r["disabled_handle"] = repr(getattr(mod, "_cli_handle", "missing"))
-    r["uninstall"] = sorted(bpy.ops.extensions.package_uninstall(repo_index=repo_index(), pkg_id="ctwin"))
+    if how == "operator":
+        r["uninstall"] = sorted(bpy.ops.extensions.package_uninstall(
+            repo_index=repo_index(), pkg_id="ctwin"))
+    else:
+        rc = bl_pkg.cli_extension(["remove", "user_default.ctwin"])
+        r["uninstall"] = ["FINISHED"] if rc == 0 else ["rc=%r" % rc]
     r["ext_dir_left"] = os.path.exists(os.path.join(repo_dir, "ctwin"))
     r["wheel_dirs_left"] = sorted(os.listdir(site)) if os.path.isdir(site) else []
     r["after"] = state()
@@ -187,7 +201,7 @@ def test_install_enable_disable_uninstall_twice(extension_zip, tmp_path):
     res = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     base = res["baseline"]
     assert not base["scene_ctwin"] and not base["modules"]
-    assert len(res["rounds"]) == 2
+    assert [r["how"] for r in res["rounds"]] == ["operator", "operator", "command"]
     for r in res["rounds"]:
         assert r["install"] == ["FINISHED"]
         # It is the installed copy from the zip that runs, not this clone.
