@@ -413,19 +413,19 @@ class _Problem:
 
 def _levenberg_marquardt(fun, x0, steps, iterations, tol=1e-5):
     """Minimise 0.5 |fun(x)|^2: forward-difference Jacobian, damped normal equations (n is small).
-    Returns (x, cost, function evaluations)."""
+    Returns (x, cost, iterations)."""
     x = x0.copy()
     r = fun(x)
     cost = 0.5 * float(r @ r)
     lam = 1e-3
-    nfev = 1
+    nit = 0
     for _ in range(iterations):
+        nit += 1
         J = np.empty((len(r), len(x)))
         for k in range(len(x)):
             xk = x.copy()
             xk[k] += steps[k]
             J[:, k] = (fun(xk) - r) / steps[k]
-        nfev += len(x)
         A = J.T @ J
         g = J.T @ r
         d = np.maximum(np.diag(A), 1e-9)
@@ -437,7 +437,6 @@ def _levenberg_marquardt(fun, x0, steps, iterations, tol=1e-5):
                 lam *= 10.0
                 continue
             rn = fun(x + dx)
-            nfev += 1
             cn = 0.5 * float(rn @ rn)
             if cn < cost:
                 rel = (cost - cn) / max(cost, 1e-12)
@@ -448,7 +447,7 @@ def _levenberg_marquardt(fun, x0, steps, iterations, tol=1e-5):
             lam *= 4.0
         if not improved or rel < tol:
             break
-    return x, cost, nfev
+    return x, cost, nit
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,6 +598,7 @@ def fit_body_model(body_model=None, skin=None, labelmap=None, names=None, *, fov
     rigid_mask[:6 + min(nb, 2)] = True
     best = None
     iters = 0
+    costs = {}
     for k, (name, body69) in enumerate(cands.items()):
         tmpl = np.concatenate([go, body69])
         x0 = initial(body69)
@@ -609,10 +609,16 @@ def fit_body_model(body_model=None, skin=None, labelmap=None, names=None, *, fov
                                     gates=[50.0], tag=f"pose {name}")
         iters += nf
         report(f"fit: preset {name} cost {cost:.2f}", 0.1 + 0.2 * k)
+        costs[name] = cost
         if best is None or cost < best[1]:
             best = (x, cost, name, tmpl, body69)
     x, _, name, tmpl, body69 = best
     detected["arms"] = "up" if name.endswith("arms_up") else "down"
+    if len(costs) > 1 and detected["arms_from"].startswith("best fit"):
+        lo_, hi_ = sorted(costs.values())[:2]
+        if hi_ - lo_ < 0.02 * hi_:  # the data hardly prefer one: the arms are out of the FOV
+            detected["arms"] = "undetermined (" + detected["arms"] + " assumed)"
+    detected["preset_costs"] = {k: round(v, 3) for k, v in costs.items()}
     detected["initial_preset"] = name
     x, cost, nf, c = prob.solve(x, tmpl, _free_of(body69, prob.free), outer, 25,
                                 gates=[40.0, 30.0, 25.0], tag="full")
