@@ -108,6 +108,120 @@ def mesh_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
     return float(np.einsum("ij,ij->i", a, np.cross(b, d)).sum() / 6.0)
 
 
+def _pair_nonmanifold(vertices, faces, hes, u, v, flip=False) -> list[tuple[int, int]]:
+    """Pair the half-edges of one non-manifold edge (2k faces) geometrically.
+
+    Faces around the edge are sorted by angle; consecutive faces of opposite direction that
+    bound a wedge of the solid (both outward normals point away from the wedge) are paired, so
+    the solid's pieces that touch only along this edge come apart.
+    """
+    a = int(min(u[hes[0]], v[hes[0]]))
+    b = int(max(u[hes[0]], v[hes[0]]))
+    pa, pb = vertices[a], vertices[b]
+    e = pb - pa
+    e /= max(np.linalg.norm(e), 1e-12)
+    x = np.cross(e, [1.0, 0.0, 0.0])
+    if np.linalg.norm(x) < 1e-6:
+        x = np.cross(e, [0.0, 1.0, 0.0])
+    x /= np.linalg.norm(x)
+    y = np.cross(e, x)
+    f = hes // 3
+    c = hes % 3
+    w = faces[f, (c + 2) % 3]
+    d = vertices[w] - pa
+    ang = np.arctan2(d @ y, d @ x)
+    order = np.argsort(ang)
+    hs, angs = hes[order], ang[order]
+    fwd = u[hs] == a
+    tri = vertices[faces[hs // 3]]
+    nrm = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    k = len(hs)
+    options = []
+    for s in (0, 1):
+        pairs, score, ok = [], 0, True
+        for i in range(s, s + k, 2):
+            i0, i1 = i % k, (i + 1) % k
+            if fwd[i0] == fwd[i1]:
+                ok = False
+                break
+            gap = (angs[i1] - angs[i0]) % (2 * np.pi)
+            mid = angs[i0] + 0.5 * gap
+            m = np.cos(mid) * x + np.sin(mid) * y
+            score += int(m @ nrm[i0] < 0 and m @ nrm[i1] < 0)
+            pairs.append((int(hs[i0]), int(hs[i1])))
+        if ok:
+            options.append((score, s, pairs))
+    if not options:
+        return []
+    options.sort(key=lambda o: (-o[0], o[1]))  # most solid wedges first
+    return options[-1][2] if flip else options[0][2]
+
+
+def make_manifold(vertices: np.ndarray, faces: np.ndarray):
+    """Split vertices so that a closed oriented surface becomes 2-manifold.
+
+    Every edge ends up in exactly two faces and every vertex has one fan of faces; where pieces
+    touched only along an edge or at a vertex, they get their own copies of those vertices (same
+    positions). Triangles and volume are unchanged. Returns (vertices, faces, source vertex ids).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    faces = np.asarray(faces, dtype=np.int64)
+    nf = len(faces)
+    if nf == 0:
+        return vertices, faces, np.arange(len(vertices))
+    n = int(len(vertices)) + 1
+    u = faces.reshape(-1)
+    v = faces[:, [1, 2, 0]].reshape(-1)
+    und = np.minimum(u, v) * n + np.maximum(u, v)
+    order = np.argsort(und, kind="stable")
+    su = und[order]
+    starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]])
+    counts = np.diff(np.r_[starts, len(su)])
+    two = starts[counts == 2]
+    h1, h2 = order[two], order[two + 1]
+    ok = (u[h1] == v[h2]) & (v[h1] == u[h2])  # opposite directions: a proper manifold edge
+    pairs = [np.stack([h1[ok], h2[ok]], axis=1)]
+    multi = [(int(s), int(cnt)) for s, cnt in zip(starts[counts > 2], counts[counts > 2])]
+
+    def split(flipped):
+        extra = []
+        for s, cnt in multi:
+            extra += _pair_nonmanifold(vertices, faces, order[s:s + cnt], u, v, s in flipped)
+        p = np.concatenate(pairs + ([np.asarray(extra, dtype=np.int64)] if extra else []))
+        a, b = p[:, 0], p[:, 1]
+        fa, ca, fb, cb = a // 3, a % 3, b // 3, b % 3
+        # corner of u(a) in a's face ~ corner of the same vertex in b's face (likewise for v(a))
+        src = np.concatenate([3 * fa + ca, 3 * fa + (ca + 1) % 3])
+        dst = np.concatenate([3 * fb + (cb + 1) % 3, 3 * fb + cb])
+        g = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(3 * nf, 3 * nf))
+        ncomp, comp = connected_components(g, directed=False)
+        return ncomp, comp
+
+    ncomp, comp = split(set())
+    if multi:
+        # where an edge is still shared by > 2 faces (both ends stayed one fan), pair it the
+        # other way: the pieces then join across the edge instead of touching along it
+        cf = comp.reshape(-1, 3)
+        e = np.sort(np.stack([cf.reshape(-1), cf[:, [1, 2, 0]].reshape(-1)], axis=1), axis=1)
+        key = e[:, 0] * (ncomp + 1) + e[:, 1]
+        _, inv_k, cnt_k = np.unique(key, return_inverse=True, return_counts=True)
+        still = cnt_k[inv_k] > 2
+        if still.any():
+            flipped = {s for s, c in multi if still[order[s:s + c]].any()}
+            ncomp2, comp2 = split(flipped)
+            cf2 = comp2.reshape(-1, 3)
+            e2 = np.sort(np.stack([cf2.reshape(-1), cf2[:, [1, 2, 0]].reshape(-1)], axis=1), axis=1)
+            _, inv2, cnt2 = np.unique(e2[:, 0] * (ncomp2 + 1) + e2[:, 1], return_inverse=True,
+                                      return_counts=True)
+            if np.count_nonzero(cnt2 > 2) < np.count_nonzero(cnt_k > 2):
+                ncomp, comp = ncomp2, comp2
+    source = np.empty(ncomp, dtype=np.int64)
+    source[comp] = u
+    return vertices[source], comp.reshape(-1, 3).astype(np.int64), source
+
+
 def write_ply(mesh: Mesh, path) -> None:
     """Write a binary little-endian PLY (float32 x y z in mm, uchar-count int32 faces), atomically."""
     from .fileio import atomic_path
@@ -325,10 +439,19 @@ class SharedComplex:
         tot -= np.bincount(self.sides[:, 1], weights=vol6, minlength=n)
         return {int(lab): float(tot[lab] / 6.0) for lab in self.voxel_volume_mm3}
 
-    def mesh(self, label: int, name: str = "") -> Mesh:
+    def mesh(self, label: int, name: str = "", manifold: bool = True) -> Mesh:
+        """One label's closed mesh. ``meta['complex_vertex']`` maps its vertices to the shared ids.
+
+        With ``manifold`` (default), vertices where pieces of the label touch only along an edge
+        or at a point are split (``make_manifold``): same positions, 2-manifold result.
+        """
         f = self.label_faces(label)
         used, inv = np.unique(f.reshape(-1), return_inverse=True)
-        return Mesh(self.vertices[used], inv.reshape(-1, 3), name, {"label_id": int(label)})
+        verts, faces = self.vertices[used], inv.reshape(-1, 3)
+        src = np.arange(len(used))
+        if manifold:
+            verts, faces, src = make_manifold(verts, faces)
+        return Mesh(verts, faces, name, {"label_id": int(label), "complex_vertex": used[src]})
 
 
 def _world(pos_idx: np.ndarray, affine: np.ndarray) -> np.ndarray:

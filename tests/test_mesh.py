@@ -77,6 +77,23 @@ def test_thin_structure_volume_bounded():
     assert abs(v / 36.0 - 1) <= 0.015 + 1e-9
 
 
+def test_diagonal_contacts_become_manifold():
+    import trimesh
+
+    lab = np.zeros((8, 8, 8), np.uint8)
+    lab[2, 2, 2:6] = 1
+    lab[3, 3, 2:6] = 1  # touches the first rod only along an edge
+    lab[4, 4, 6] = 1  # touches the second rod only at a corner
+    lab[2, 3, 4] = 2  # another label in the pinch
+    vol = Volume(lab, np.eye(4))
+    ms = label_meshes(vol, {1: "rib_left_1", 2: "rib_left_2"}, smooth_iterations=0)
+    for i, m in zip((1, 2), ms.values()):
+        assert m.is_closed() and m.nonmanifold_edges() == 0
+        t = trimesh.Trimesh(m.vertices, m.faces, process=False)
+        assert t.is_watertight and t.is_winding_consistent
+        assert m.volume() == pytest.approx(np.count_nonzero(lab == i))
+
+
 def test_decimation_meets_budget_keeps_sharing():
     vol = _two_blocks()
     names = {31: "vertebrae_L1", 32: "vertebrae_T12"}
@@ -112,7 +129,7 @@ def test_abdomen_every_label_meshed_closed_and_volume(abdomen_import):
     checked = 0
     for i, n in names.items():
         m = meshes[n]
-        assert m.is_closed(), n
+        assert m.is_closed() and m.nonmanifold_edges() == 0, n
         v_label = counts[i] * vox
         rel = m.volume() / v_label - 1
         assert abs(rel) <= 0.02, (n, rel)  # smoothing bound
