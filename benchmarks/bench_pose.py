@@ -80,7 +80,7 @@ def bench_phantom(spacing: float) -> None:
             d = v @ bt[n][:3, :3].T + bt[n][:3, 3] - (v @ truth[:3, :3].T + truth[:3, 3])
             errs[n] = float(np.linalg.norm(d, axis=1).mean())
         worst = max(errs, key=errs.get)
-        print(f"{name:28s} {np.mean(list(errs.values())):11.4f} mm {errs[worst]:8.4f}  {worst}")
+        print(f"{name:28s} {np.mean(list(errs.values())):11.3g} mm {errs[worst]:8.3g}  {worst}")
 
 
 def bench_pose_speed() -> None:
