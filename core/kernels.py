@@ -26,6 +26,7 @@ import types
 import numpy as np
 
 MAX_CAND = 64  # rigid sub-volumes a single ray may cross (render_scene)
+BLOCK = 8  # edge of the empty-space blocks, in voxels (a compile-time constant)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +93,18 @@ def ray_box(M, nx, ny, nz, ox, oy, oz, dx, dy, dz, t0, t1):
     return t0, t1, px, py, pz, qx, qy, qz
 
 
-def trilinear(data, lut, off, nx, ny, nz, x, y, z):
+def mu_of(pat, lut, lin_a, lin_b):
+    """mu of one stored 16-bit pattern: linear HU -> mu with the clip at 0 (lin_a != 0) or the table."""
+    if lin_a != 0.0:
+        s = float(pat)
+        if pat >= 32768:
+            s -= 65536.0
+        v = lin_a * s + lin_b
+        return v if v > 0.0 else 0.0
+    return lut[pat]
+
+
+def trilinear(data, lut, lin_a, lin_b, off, nx, ny, nz, x, y, z):
     """mu at continuous index (x, y, z), assumed inside the cell box (clamped to the centres)."""
     if x < 0.0:
         x = 0.0
@@ -109,23 +121,24 @@ def trilinear(data, lut, off, nx, ny, nz, x, y, z):
     i = int(x)
     j = int(y)
     k = int(z)
-    fx = x - i
-    fy = y - j
-    fz = z - k
+    return trilinear_ijk(data, lut, lin_a, lin_b, off, nx, ny, nz, i, j, k, x - i, y - j, z - k)
+
+
+def trilinear_ijk(data, lut, lin_a, lin_b, off, nx, ny, nz, i, j, k, fx, fy, fz):
     si = ny * nz
     sj = nz
     di = si if i < nx - 1 else 0
     dj = sj if j < ny - 1 else 0
     dk = 1 if k < nz - 1 else 0
     b = off + i * si + j * sj + k
-    c000 = lut[data[b]]
-    c001 = lut[data[b + dk]]
-    c010 = lut[data[b + dj]]
-    c011 = lut[data[b + dj + dk]]
-    c100 = lut[data[b + di]]
-    c101 = lut[data[b + di + dk]]
-    c110 = lut[data[b + di + dj]]
-    c111 = lut[data[b + di + dj + dk]]
+    c000 = mu_of(data[b], lut, lin_a, lin_b)
+    c001 = mu_of(data[b + dk], lut, lin_a, lin_b)
+    c010 = mu_of(data[b + dj], lut, lin_a, lin_b)
+    c011 = mu_of(data[b + dj + dk], lut, lin_a, lin_b)
+    c100 = mu_of(data[b + di], lut, lin_a, lin_b)
+    c101 = mu_of(data[b + di + dk], lut, lin_a, lin_b)
+    c110 = mu_of(data[b + di + dj], lut, lin_a, lin_b)
+    c111 = mu_of(data[b + di + dj + dk], lut, lin_a, lin_b)
     c00 = c000 + (c001 - c000) * fz
     c01 = c010 + (c011 - c010) * fz
     c10 = c100 + (c101 - c100) * fz
@@ -153,12 +166,12 @@ def block_exit(px, py, pz, qx, qy, qz, bi, bj, bk, bs):
     return te
 
 
-def ray_trilinear(data, lut, nx, ny, nz, M, occ, bs, ox, oy, oz, dx, dy, dz, tlen, step):
+def ray_trilinear(data, lut, lin_a, lin_b, nx, ny, nz, M, occ, ox, oy, oz, dx, dy, dz, tlen, step):
     """Midpoint-rule integral of trilinear mu along one ray, skipping empty blocks.
 
     Samples sit at t0 + (m + 0.5) h, h = (t1 - t0) / ceil((t1 - t0) / step), so the clipped
-    interval is covered exactly; skipping jumps over samples of blocks whose (dilated) voxels are
-    all zero, which leaves the sum unchanged.
+    interval is covered exactly; skipping jumps over samples of BLOCK^3 blocks in which every
+    sample is 0 (see projector.occupancy_grid), which leaves the sum unchanged.
     """
     t0, t1, px, py, pz, qx, qy, qz = ray_box(M, nx, ny, nz, ox, oy, oz, dx, dy, dz, 0.0, tlen)
     if t1 <= t0:
@@ -167,32 +180,60 @@ def ray_trilinear(data, lut, nx, ny, nz, M, occ, bs, ox, oy, oz, dx, dy, dz, tle
     if nsteps < 1:
         nsteps = 1
     h = (t1 - t0) / nsteps
-    onx = (nx + bs - 1) // bs
-    ony = (ny + bs - 1) // bs
-    onz = (nz + bs - 1) // bs
+    ony = (ny + BLOCK - 1) // BLOCK
+    onz = (nz + BLOCK - 1) // BLOCK
+    xm = nx - 1.0
+    ym = ny - 1.0
+    zm = nz - 1.0
     acc = 0.0
+    last = -1
     m = 0
     while m < nsteps:
         t = t0 + (m + 0.5) * h
         x = px + t * qx
         y = py + t * qy
         z = pz + t * qz
-        if x >= 0.0 and y >= 0.0 and z >= 0.0 and x <= nx - 1.0 and y <= ny - 1.0 and z <= nz - 1.0:
-            bi = int(x) // bs
-            bj = int(y) // bs
-            bk = int(z) // bs
-            if occ[(bi * ony + bj) * onz + bk] == 0:
-                te = block_exit(px, py, pz, qx, qy, qz, bi, bj, bk, bs)
+        inside = True
+        if x < 0.0:
+            x = 0.0
+            inside = False
+        elif x > xm:
+            x = xm
+            inside = False
+        if y < 0.0:
+            y = 0.0
+            inside = False
+        elif y > ym:
+            y = ym
+            inside = False
+        if z < 0.0:
+            z = 0.0
+            inside = False
+        elif z > zm:
+            z = zm
+            inside = False
+        i = int(x)
+        j = int(y)
+        k = int(z)
+        bi = i // BLOCK
+        bj = j // BLOCK
+        bk = k // BLOCK
+        bid = (bi * ony + bj) * onz + bk
+        if bid != last:
+            last = bid
+            if occ[bid] == 0 and inside:
+                te = block_exit(px, py, pz, qx, qy, qz, bi, bj, bk, BLOCK)
                 mn = int(math.ceil((te - t0) / h - 0.5))
                 if mn > m:
                     m = mn
+                    last = -1
                     continue
-        acc += trilinear(data, lut, 0, nx, ny, nz, x, y, z)
+        acc += trilinear_ijk(data, lut, lin_a, lin_b, 0, nx, ny, nz, i, j, k, x - i, y - j, z - k)
         m += 1
     return acc * h
 
 
-def ray_siddon(data, lut, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen):
+def ray_siddon(data, lut, lin_a, lin_b, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen):
     """Exact integral of the nearest-voxel (piecewise constant) mu field along one ray."""
     t0, t1, px, py, pz, qx, qy, qz = ray_box(M, nx, ny, nz, ox, oy, oz, dx, dy, dz, 0.0, tlen)
     if t1 <= t0:
@@ -245,7 +286,7 @@ def ray_siddon(data, lut, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen):
         tn = min(tx, min(ty, tz))
         if tn > t1:
             tn = t1
-        acc += (tn - t) * lut[data[i * sny + j * snz + k]]
+        acc += (tn - t) * mu_of(data[i * sny + j * snz + k], lut, lin_a, lin_b)
         t = tn
         if tn == tx:
             i += si
@@ -305,8 +346,8 @@ def warp_point(disp, W, wn, x, y, z):
     return ox, oy, oz
 
 
-def ray_scene(bdata, blut, bshape, BM, use_warp, disp, WM, wn, sdata, smask, slut, sparams, nsub,
-              cidx, ct0, ct1, ox, oy, oz, dx, dy, dz, tlen, step):
+def ray_scene(bdata, blut, blin_a, blin_b, bshape, BM, use_warp, disp, WM, wn, sdata, smask, slut, slin_a, slin_b,
+              sparams, nsub, cidx, ct0, ct1, ox, oy, oz, dx, dy, dz, tlen, step):
     """Posed scene: base volume (optionally inverse-warped) + rigid sub-volumes with masks.
 
     At a sample inside the mask of a sub-volume (nearest voxel flag), the first such sub-volume's
@@ -368,7 +409,7 @@ def ray_scene(bdata, blut, bshape, BM, use_warp, disp, WM, wn, sdata, smask, slu
                 nk = min(max(int(math.floor(iz + 0.5)), 0), snz - 1)
                 off = int(sparams[s, 0])
                 if smask[off + (ni * sny + nj) * snz + nk] != 0:
-                    acc += trilinear(sdata, slut, off, snx, sny, snz, ix, iy, iz)
+                    acc += trilinear(sdata, slut, slin_a, slin_b, off, snx, sny, snz, ix, iy, iz)
                     claimed = True
                     break
         if not claimed:
@@ -380,18 +421,19 @@ def ray_scene(bdata, blut, bshape, BM, use_warp, disp, WM, wn, sdata, smask, slu
             bx, by, bz = to_index(BM, wx, wy, wz)
             if (bx >= -0.5 and by >= -0.5 and bz >= -0.5 and bx <= bnx - 0.5 and by <= bny - 0.5
                     and bz <= bnz - 0.5):
-                acc += trilinear(bdata, blut, 0, bnx, bny, bnz, bx, by, bz)
+                acc += trilinear(bdata, blut, blin_a, blin_b, 0, bnx, bny, bnz, bx, by, bz)
     return acc * h
 
 
-_PER_RAY = ("pixel_ray", "to_index", "slab", "ray_box", "trilinear", "block_exit", "ray_trilinear",
+_PER_RAY = ("pixel_ray", "to_index", "slab", "ray_box", "mu_of", "trilinear", "trilinear_ijk",
+            "block_exit", "ray_trilinear",
             "ray_siddon", "warp_point", "ray_scene")
 
 
 # ----------------------------------------------------------------------------------------------
 # drivers
 # ----------------------------------------------------------------------------------------------
-def cpu_static(out, geo, data, lut, nx, ny, nz, M, occ, bs, step, method):
+def cpu_static(out, geo, data, lut, lin_a, lin_b, nx, ny, nz, M, occ, step, method):
     H = out.shape[0]
     W = out.shape[1]
     for p in prange(H * W):  # noqa: F821 (prange is injected by _build)
@@ -399,14 +441,14 @@ def cpu_static(out, geo, data, lut, nx, ny, nz, M, occ, bs, step, method):
         c = p - r * W
         ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geo, r, c)
         if method == 1:
-            out[r, c] = ray_siddon(data, lut, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
+            out[r, c] = ray_siddon(data, lut, lin_a, lin_b, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
         else:
-            out[r, c] = ray_trilinear(data, lut, nx, ny, nz, M, occ, bs, ox, oy, oz, dx, dy, dz,
-                                      tlen, step)
+            out[r, c] = ray_trilinear(data, lut, lin_a, lin_b, nx, ny, nz, M, occ, ox, oy, oz, dx, dy,
+                                      dz, tlen, step)
 
 
-def cpu_scene(out, geo, bdata, blut, bshape, BM, use_warp, disp, WM, wn, sdata, smask, slut,
-              sparams, nsub, step):
+def cpu_scene(out, geo, bdata, blut, blin_a, blin_b, bshape, BM, use_warp, disp, WM, wn, sdata,
+              smask, slut, slin_a, slin_b, sparams, nsub, step):
     H = out.shape[0]
     W = out.shape[1]
     for p in prange(H * W):  # noqa: F821
@@ -416,11 +458,12 @@ def cpu_scene(out, geo, bdata, blut, bshape, BM, use_warp, disp, WM, wn, sdata, 
         r = p // W
         c = p - r * W
         ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geo, r, c)
-        out[r, c] = ray_scene(bdata, blut, bshape, BM, use_warp, disp, WM, wn, sdata, smask, slut,
-                              sparams, nsub, cidx, ct0, ct1, ox, oy, oz, dx, dy, dz, tlen, step)
+        out[r, c] = ray_scene(bdata, blut, blin_a, blin_b, bshape, BM, use_warp, disp, WM, wn, sdata,
+                              smask, slut, slin_a, slin_b, sparams, nsub, cidx, ct0, ct1, ox, oy, oz,
+                              dx, dy, dz, tlen, step)
 
 
-def cuda_static(out, geo, data, lut, nx, ny, nz, M, occ, bs, step, method):
+def cuda_static(out, geo, data, lut, lin_a, lin_b, nx, ny, nz, M, occ, step, method):
     p = cuda.grid(1)  # noqa: F821 (cuda is injected by _build)
     H = out.shape[0]
     W = out.shape[1]
@@ -429,14 +472,14 @@ def cuda_static(out, geo, data, lut, nx, ny, nz, M, occ, bs, step, method):
         c = p - r * W
         ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geo, r, c)
         if method == 1:
-            out[r, c] = ray_siddon(data, lut, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
+            out[r, c] = ray_siddon(data, lut, lin_a, lin_b, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
         else:
-            out[r, c] = ray_trilinear(data, lut, nx, ny, nz, M, occ, bs, ox, oy, oz, dx, dy, dz,
-                                      tlen, step)
+            out[r, c] = ray_trilinear(data, lut, lin_a, lin_b, nx, ny, nz, M, occ, ox, oy, oz, dx, dy,
+                                      dz, tlen, step)
 
 
-def cuda_scene(out, geo, bdata, blut, bshape, BM, use_warp, disp, WM, wn, sdata, smask, slut,
-               sparams, nsub, step):
+def cuda_scene(out, geo, bdata, blut, blin_a, blin_b, bshape, BM, use_warp, disp, WM, wn, sdata,
+               smask, slut, slin_a, slin_b, sparams, nsub, step):
     p = cuda.grid(1)  # noqa: F821
     H = out.shape[0]
     W = out.shape[1]
@@ -447,8 +490,9 @@ def cuda_scene(out, geo, bdata, blut, bshape, BM, use_warp, disp, WM, wn, sdata,
         r = p // W
         c = p - r * W
         ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geo, r, c)
-        out[r, c] = ray_scene(bdata, blut, bshape, BM, use_warp, disp, WM, wn, sdata, smask, slut,
-                              sparams, nsub, cidx, ct0, ct1, ox, oy, oz, dx, dy, dz, tlen, step)
+        out[r, c] = ray_scene(bdata, blut, blin_a, blin_b, bshape, BM, use_warp, disp, WM, wn, sdata,
+                              smask, slut, slin_a, slin_b, sparams, nsub, cidx, ct0, ct1, ox, oy, oz,
+                              dx, dy, dz, tlen, step)
 
 
 def _build(decorate, extra: dict) -> dict:
@@ -471,12 +515,13 @@ def cpu_kernels() -> dict:
     if _CPU is None:
         import numba
 
-        ns = _build(lambda f: numba.njit(f, cache=True), {"prange": numba.prange, "numba": numba})
+        ns = _build(lambda f: numba.njit(f, cache=True, fastmath=True),
+                    {"prange": numba.prange, "numba": numba})
         out = {}
         for name in ("cpu_static", "cpu_scene"):
             f = globals()[name]
             fn = types.FunctionType(f.__code__, ns, name)
-            out[name[4:]] = numba.njit(fn, parallel=True, cache=True)
+            out[name[4:]] = numba.njit(fn, parallel=True, cache=True, fastmath=True)
         _CPU = out
     return _CPU
 

@@ -31,8 +31,9 @@ import numpy as np
 from . import physics
 from .errors import CtwinError
 
-BLOCK = 8
+from .kernels import BLOCK  # noqa: E402  (kernels imports numba lazily)
 _TPB = 128
+STEP_FACTOR = 0.5  # default trilinear step, in units of the smallest voxel spacing
 
 
 # --- device -----------------------------------------------------------------------------------
@@ -123,6 +124,7 @@ class PreparedVolume:
     lut: np.ndarray  # float32 (65536,)
     quantity: str
     occ: np.ndarray | None = None
+    lin: tuple = (0.0, 0.0)  # (a, b): mu = max(a * HU + b, 0) computed inline instead of the table
     _gpu: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -141,7 +143,7 @@ class PreparedVolume:
     def with_affine(self, affine) -> "PreparedVolume":
         """The same resident data placed elsewhere (shares arrays and GPU copies)."""
         return PreparedVolume(self.flat, self.shape, np.asarray(affine, np.float64), self.lut,
-                              self.quantity, self.occ, self._gpu)
+                              self.quantity, self.occ, self.lin, self._gpu)
 
     def gpu(self, name: str, host: np.ndarray):
         from numba import cuda
@@ -168,11 +170,18 @@ def prepare_volume(volume, quantity: str = "auto") -> PreparedVolume:
     pat, lut, q = _as_patterns(data, quantity)
     pat = np.ascontiguousarray(pat)
     return PreparedVolume(pat.reshape(-1), tuple(int(s) for s in data.shape),
-                          np.asarray(volume.affine, np.float64), lut, q)
+                          np.asarray(volume.affine, np.float64), lut, q, lin=_linear_params(q))
+
+
+def _linear_params(quantity: str) -> tuple:
+    """The SPEC 5 HU -> mu map as (a, b) for the kernels' inline path ((0, 0): use the table)."""
+    if quantity == "hu":
+        return (physics.MU_WATER_PER_MM / 1000.0, physics.MU_WATER_PER_MM)
+    return (0.0, 0.0)
 
 
 def default_step(spacing) -> float:
-    return 0.5 * float(np.min(spacing))
+    return STEP_FACTOR * float(np.min(spacing))
 
 
 # --- static volumes ----------------------------------------------------------------------------
@@ -187,6 +196,7 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
     if not step > 0:
         raise CtwinError(f"step must be positive, got {step}")
     table = pv.lut if lut is None else np.ascontiguousarray(lut, dtype=np.float32)
+    la, lb = pv.lin if lut is None else (0.0, 0.0)
     if table.shape != (65536,):
         raise CtwinError("a look-up table must have 65536 entries")
     if method == "trilinear":
@@ -203,7 +213,7 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
         out = np.zeros((H, W), np.float64)
         from .kernels import cpu_kernels
 
-        cpu_kernels()["static"](out, geo, pv.flat, table, nx, ny, nz, pv.M, occ, BLOCK, step, mcode)
+        cpu_kernels()["static"](out, geo, pv.flat, table, la, lb, nx, ny, nz, pv.M, occ, step, mcode)
         return out.astype(np.float32)
     from numba import cuda
 
@@ -215,8 +225,8 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
     d_lut = pv.gpu("lut", table) if lut is None else cuda.to_device(table)
     d_occ = cuda.to_device(occ)
     blocks = (H * W + _TPB - 1) // _TPB
-    k[blocks, _TPB](d_out, cuda.to_device(geo), d_data, d_lut, nx, ny, nz, cuda.to_device(pv.M),
-                    d_occ, BLOCK, step, mcode)
+    k[blocks, _TPB](d_out, cuda.to_device(geo), d_data, d_lut, la, lb, nx, ny, nz,
+                    cuda.to_device(pv.M), d_occ, step, mcode)
     return d_out.copy_to_host().astype(np.float32)
 
 
@@ -321,11 +331,13 @@ class Scene:
                 self._packed["sdata"] = np.concatenate(pats)
                 self._packed["smask"] = np.concatenate(masks)
                 self._packed["slut"] = lut
+                self._packed["slin"] = _linear_params(q)
                 self._packed["offs"] = offs
             else:
                 self._packed["sdata"] = np.zeros(1, np.uint16)
                 self._packed["smask"] = np.zeros(1, np.uint8)
                 self._packed["slut"] = physics.hu_to_mu_lut()
+                self._packed["slin"] = _linear_params("hu")
                 self._packed["offs"] = []
         return self._packed
 
@@ -367,8 +379,8 @@ def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
         from .kernels import cpu_kernels
 
         out = np.zeros((H, W), np.float64)
-        cpu_kernels()["scene"](out, geo, base.flat, base.lut, bshape, base.M, use_warp, disp, WM, wn,
-                               pk["sdata"], pk["smask"], pk["slut"], sp, nsub, step)
+        cpu_kernels()["scene"](out, geo, base.flat, base.lut, *base.lin, bshape, base.M, use_warp, disp,
+                               WM, wn, pk["sdata"], pk["smask"], pk["slut"], *pk["slin"], sp, nsub, step)
         return out.astype(np.float32)
     from numba import cuda
 
@@ -381,10 +393,10 @@ def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
     d_out = cuda.device_array((H, W), np.float64)
     blocks = (H * W + _TPB - 1) // _TPB
     cuda_kernels()["scene"][blocks, _TPB](
-        d_out, cuda.to_device(geo), base.gpu("flat", base.flat), base.gpu("lut", base.lut),
+        d_out, cuda.to_device(geo), base.gpu("flat", base.flat), base.gpu("lut", base.lut), *base.lin,
         cuda.to_device(bshape), cuda.to_device(base.M), use_warp, cuda.to_device(disp),
         cuda.to_device(WM), cuda.to_device(wn), pk["d_sdata"], pk["d_smask"], pk["d_slut"],
-        cuda.to_device(sp), nsub, step)
+        *pk["slin"], cuda.to_device(sp), nsub, step)
     return d_out.copy_to_host().astype(np.float32)
 
 
