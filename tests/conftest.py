@@ -32,3 +32,14 @@ def factory_fresh_blender():
 
         bpy.ops.wm.read_factory_settings(use_empty=True)
     yield
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """The default phantom (supine_arms_down, 3 mm, seed 0) written once per session:
+    ct.nii.gz, seg.nii.gz, labels.json, truth.json."""
+    from ctwin.core.phantom import write_phantom
+
+    out = tmp_path_factory.mktemp("phantom")
+    write_phantom(out, pose="supine_arms_down", spacing=3.0, seed=0)
+    return out

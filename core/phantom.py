@@ -1,0 +1,580 @@
+"""The full-body CT phantom with ground truth at any pose (issue 3).
+
+``generate_phantom(pose, spacing, seed, noise_hu)`` voxelises the anatomy of ``core.anatomy`` posed by
+a 72-float SMPL pose (``core.poses``) onto an axis-aligned LPS grid:
+
+- every structure is attached to one SMPL segment and placed by that segment's rigid transform
+  ``T_j = A_j(pose) + transl`` (``core.skeleton.forward_kinematics`` on the anatomical rest joints),
+  so each bone is an exact rigid copy of its canonical rest; ``truth["bones"][name] = T_j``;
+- the body outline is the smooth minimum of per-segment flesh primitives, each evaluated in its
+  own segment's frame: soft tissue follows the limbs without tearing; skin, subcutaneous fat and
+  muscle are layers below that outline; organs and bones override the layers by priority;
+- partial volume: a voxel whose centre is closer than half its diagonal to any tissue interface is
+  sampled at ``subsamples``^3 points; its HU is the mean and its label the most frequent one;
+- bones have a cortical shell (~1450 HU) over a cancellous core (~220-300 HU) with a seeded texture
+  that is fixed in the bone's frame; a patient table (label ``table``) is static in world and
+  yields to the body where a limb reaches into it; optional seeded Gaussian noise.
+
+The grid lattice is the multiples of ``spacing`` in world mm, so phantoms of one seed at two poses
+share voxel centres. The seed picks the body shape (seed 0 = the default adult) and same seed,
+same arguments -> same bytes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .anatomy import KIND_BONE, NPARAM, PLANE, UNION, BOX, CONE, ELL, TRI, build_anatomy
+from .errors import CtwinError
+from .labels import is_skeletal, name_to_id
+from .progress import report
+from .skeleton import JOINT_NAMES, forward_kinematics
+from .volume import Volume, affine_from
+
+try:  # numba is a hard dependency of the project; the fallback only keeps imports working
+    from numba import njit, prange
+except ImportError:  # pragma: no cover
+    prange = range
+
+    def njit(*a, **k):
+        def deco(f):
+            return f
+        return deco if not (a and callable(a[0])) else a[0]
+
+HU_AIR = -1000.0
+HU_SKIN = 30.0
+HU_FAT = -100.0
+HU_MUSCLE = 45.0
+HU_TABLE_SHELL = 450.0
+HU_TABLE_CORE = -850.0
+TABLE_HALF_WIDTH = 250.0
+TABLE_THICKNESS = 45.0
+TABLE_SHELL = 4.0
+
+
+@dataclass
+class Phantom:
+    ct: Volume       # int16 HU
+    seg: Volume      # uint16 label ids
+    labels: dict     # id -> name (ids present in seg)
+    truth: dict      # SPEC section 4: pose, transl, joints, bones (+ extras)
+
+
+# ------------------------------------------------------------------------------------------------
+# numba kernels
+
+@njit(cache=True, inline="always")
+def _sdf(t, P, o, x, y, z):
+    if t == 0:  # round cone
+        ax, ay, az = P[o], P[o + 1], P[o + 2]
+        bax, bay, baz = P[o + 3] - ax, P[o + 4] - ay, P[o + 5] - az
+        r1, r2 = P[o + 6], P[o + 7]
+        l2 = bax * bax + bay * bay + baz * baz
+        rr = r1 - r2
+        a2 = l2 - rr * rr
+        il2 = 1.0 / l2
+        pax, pay, paz = x - ax, y - ay, z - az
+        yy = pax * bax + pay * bay + paz * baz
+        zz = yy - l2
+        cx, cy, cz = pax * l2 - bax * yy, pay * l2 - bay * yy, paz * l2 - baz * yy
+        x2 = cx * cx + cy * cy + cz * cz
+        y2 = yy * yy * l2
+        z2 = zz * zz * l2
+        k = rr * rr * x2
+        if rr < 0:
+            k = -k
+        sz = 1.0 if zz > 0 else (-1.0 if zz < 0 else 0.0)
+        sy = 1.0 if yy > 0 else (-1.0 if yy < 0 else 0.0)
+        if sz * a2 * z2 > k:
+            return math.sqrt(x2 + z2) * il2 - r2
+        if sy * a2 * y2 < k:
+            return math.sqrt(x2 + y2) * il2 - r1
+        return (math.sqrt(x2 * a2 * il2) + yy * rr) * il2 - r1
+    if t == 1 or t == 3:  # ellipsoid / rounded box: local coordinates first
+        dx, dy, dz = x - P[o], y - P[o + 1], z - P[o + 2]
+        lx = P[o + 3] * dx + P[o + 4] * dy + P[o + 5] * dz
+        ly = P[o + 6] * dx + P[o + 7] * dy + P[o + 8] * dz
+        lz = P[o + 9] * dx + P[o + 10] * dy + P[o + 11] * dz
+        if t == 1:
+            rx, ry, rz = P[o + 12], P[o + 13], P[o + 14]
+            k0 = math.sqrt((lx / rx) ** 2 + (ly / ry) ** 2 + (lz / rz) ** 2)
+            k1 = math.sqrt((lx / (rx * rx)) ** 2 + (ly / (ry * ry)) ** 2 + (lz / (rz * rz)) ** 2)
+            if k1 < 1e-12:
+                return -min(rx, min(ry, rz))
+            return k0 * (k0 - 1.0) / k1
+        r = P[o + 15]
+        qx = abs(lx) - P[o + 12] + r
+        qy = abs(ly) - P[o + 13] + r
+        qz = abs(lz) - P[o + 14] + r
+        mx, my, mz = max(qx, 0.0), max(qy, 0.0), max(qz, 0.0)
+        return math.sqrt(mx * mx + my * my + mz * mz) + min(max(qx, max(qy, qz)), 0.0) - r
+    if t == 2:  # triangle slab
+        ax, ay, az = P[o], P[o + 1], P[o + 2]
+        bx, by, bz = P[o + 3], P[o + 4], P[o + 5]
+        cx, cy, cz = P[o + 6], P[o + 7], P[o + 8]
+        bax, bay, baz = bx - ax, by - ay, bz - az
+        pax, pay, paz = x - ax, y - ay, z - az
+        cbx, cby, cbz = cx - bx, cy - by, cz - bz
+        pbx, pby, pbz = x - bx, y - by, z - bz
+        acx, acy, acz = ax - cx, ay - cy, az - cz
+        pcx, pcy, pcz = x - cx, y - cy, z - cz
+        nx = bay * acz - baz * acy
+        ny = baz * acx - bax * acz
+        nz = bax * acy - bay * acx
+        # sign tests
+        s1x, s1y, s1z = bay * nz - baz * ny, baz * nx - bax * nz, bax * ny - bay * nx
+        s2x, s2y, s2z = cby * nz - cbz * ny, cbz * nx - cbx * nz, cbx * ny - cby * nx
+        s3x, s3y, s3z = acy * nz - acz * ny, acz * nx - acx * nz, acx * ny - acy * nx
+        d1 = s1x * pax + s1y * pay + s1z * paz
+        d2 = s2x * pbx + s2y * pby + s2z * pbz
+        d3 = s3x * pcx + s3y * pcy + s3z * pcz
+        sg = (1.0 if d1 > 0 else (-1.0 if d1 < 0 else 0.0)) + (1.0 if d2 > 0 else (-1.0 if d2 < 0 else 0.0)) \
+            + (1.0 if d3 > 0 else (-1.0 if d3 < 0 else 0.0))
+        if sg < 2.0:
+            t1 = min(max((bax * pax + bay * pay + baz * paz) / (bax * bax + bay * bay + baz * baz), 0.0), 1.0)
+            e1 = (bax * t1 - pax) ** 2 + (bay * t1 - pay) ** 2 + (baz * t1 - paz) ** 2
+            t2 = min(max((cbx * pbx + cby * pby + cbz * pbz) / (cbx * cbx + cby * cby + cbz * cbz), 0.0), 1.0)
+            e2 = (cbx * t2 - pbx) ** 2 + (cby * t2 - pby) ** 2 + (cbz * t2 - pbz) ** 2
+            t3 = min(max((acx * pcx + acy * pcy + acz * pcz) / (acx * acx + acy * acy + acz * acz), 0.0), 1.0)
+            e3 = (acx * t3 - pcx) ** 2 + (acy * t3 - pcy) ** 2 + (acz * t3 - pcz) ** 2
+            dd = min(e1, min(e2, e3))
+        else:
+            dn = nx * pax + ny * pay + nz * paz
+            dd = dn * dn / (nx * nx + ny * ny + nz * nz)
+        return math.sqrt(dd) - P[o + 9]
+    # plane
+    return P[o] * x + P[o + 1] * y + P[o + 2] * z - P[o + 3]
+
+
+@njit(cache=True, inline="always")
+def _hash01(ix, iy, iz, seed):
+    h = (ix * 374761393 + iy * 668265263 + iz * 2246822519 + seed * 3266489917) & 0xFFFFFFFF
+    h = ((h ^ (h >> 15)) * 2246822519) & 0xFFFFFFFF
+    h = ((h ^ (h >> 13)) * 3266489917) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    return h * (2.0 / 4294967295.0) - 1.0
+
+
+@njit(cache=True)
+def _noise(x, y, z, cell, seed):
+    fx, fy, fz = x / cell, y / cell, z / cell
+    ix, iy, iz = math.floor(fx), math.floor(fy), math.floor(fz)
+    tx, ty, tz = fx - ix, fy - iy, fz - iz
+    tx = tx * tx * (3.0 - 2.0 * tx)
+    ty = ty * ty * (3.0 - 2.0 * ty)
+    tz = tz * tz * (3.0 - 2.0 * tz)
+    ix, iy, iz = int(ix), int(iy), int(iz)
+    v = 0.0
+    for a in range(2):
+        wa = tx if a else 1.0 - tx
+        for b in range(2):
+            wb = ty if b else 1.0 - ty
+            for c in range(2):
+                wc = tz if c else 1.0 - tz
+                v += wa * wb * wc * _hash01(ix + a, iy + b, iz + c, seed)
+    return v
+
+
+@njit(cache=True)
+def _eval_point(x, y, z, seg_inv, fprims, flist, nf, sprims, sinfo, slist, ns, plist, sstart, send, table, trel,
+                skin_t, fat_t, kblend, seed, full):
+    """(label, hu, interface distance) at world point (x, y, z). ``full``: compute the distance."""
+    big = 1e9
+    D = big
+    for ii in range(nf):
+        f = flist[ii]
+        s = int(fprims[f, 1])
+        M = seg_inv[s]
+        qx = M[0, 0] * x + M[0, 1] * y + M[0, 2] * z + M[0, 3]
+        qy = M[1, 0] * x + M[1, 1] * y + M[1, 2] * z + M[1, 3]
+        qz = M[2, 0] * x + M[2, 1] * y + M[2, 2] * z + M[2, 3]
+        d = _sdf(int(fprims[f, 0]), fprims[f], 4, qx, qy, qz) - fprims[f, 3]
+        hh = max(kblend - abs(D - d), 0.0) / kblend
+        D = min(D, d) - hh * hh * kblend * 0.25
+    iface = abs(D)
+    if D >= 0.0:
+        if trel:
+            cx = 0.5 * (table[0] + table[1])
+            cy = 0.5 * (table[2] + table[3])
+            cz = 0.5 * (table[4] + table[5])
+            dt = max(abs(x - cx) - 0.5 * (table[1] - table[0]),
+                     max(abs(y - cy) - 0.5 * (table[3] - table[2]), abs(z - cz) - 0.5 * (table[5] - table[4])))
+            iface = min(iface, abs(dt))
+            if dt < 0.0:
+                e1 = y - (table[2] + table[6])
+                e2 = (table[3] - table[6]) - y
+                iface = min(iface, min(abs(e1), abs(e2)))
+                if e1 < 0.0 or e2 < 0.0:
+                    return 0xFFFF, HU_TABLE_SHELL, iface
+                return 0xFFFF, HU_TABLE_CORE, iface
+        return 0, HU_AIR, iface
+    iface = min(iface, min(abs(D + skin_t), abs(D + fat_t)))
+    win = -1
+    dwin = 0.0
+    wx, wy, wz = 0.0, 0.0, 0.0
+    for ii in range(ns):
+        si = slist[ii]
+        st = sstart[ii]
+        en = send[ii]
+        s = int(sprims[plist[st], 1])
+        M = seg_inv[s]
+        qx = M[0, 0] * x + M[0, 1] * y + M[0, 2] * z + M[0, 3]
+        qy = M[1, 0] * x + M[1, 1] * y + M[1, 2] * z + M[1, 3]
+        qz = M[2, 0] * x + M[2, 1] * y + M[2, 2] * z + M[2, 3]
+        du = big
+        dsub = big
+        dint = -big
+        for rr in range(st, en):
+            r = plist[rr]
+            d = _sdf(int(sprims[r, 0]), sprims[r], 4, qx, qy, qz)
+            op = int(sprims[r, 2])
+            if op == 0:
+                du = min(du, d)
+            elif op == 1:
+                dsub = min(dsub, d)
+            else:
+                dint = max(dint, d)
+        ds = max(du, max(-dsub, dint))
+        if full:
+            iface = min(iface, abs(ds))
+        if ds < 0.0 and win < 0:
+            win = si
+            dwin = ds
+            wx, wy, wz = qx, qy, qz
+            if not full:
+                break
+    if win >= 0:
+        lab = int(sinfo[win, 2])
+        kind = int(sinfo[win, 3])
+        amp = sinfo[win, 7]
+        sd = seed * 1009 + win
+        if kind == 0:
+            ct = sinfo[win, 6]
+            if full:
+                iface = min(iface, abs(dwin + ct))
+            if dwin > -ct:
+                hu = sinfo[win, 4] + 0.5 * amp * _noise(wx, wy, wz, 3.0, sd)
+            else:
+                hu = sinfo[win, 5] + amp * _noise(wx, wy, wz, 3.0, sd)
+            return lab, hu, iface
+        hu = sinfo[win, 4]
+        if amp > 0.0:
+            hu += amp * _noise(wx, wy, wz, 4.0, sd)
+        return lab, hu, iface
+    if D > -skin_t:
+        return -1, HU_SKIN, iface
+    if D > -fat_t:
+        return -2, HU_FAT, iface
+    return -3, HU_MUSCLE, iface
+
+
+@njit(cache=True, parallel=True)
+def _voxelise(nx, ny, nz, ox, oy, oz, h, seg_inv, fprims, fbox, sprims, pbox, sinfo, sbox, table,
+              skin_t, fat_t, kblend, seed, nsub, lab_skin, lab_fat, lab_muscle, lab_table,
+              hu_out, lab_out):
+    B = 8
+    nF = fprims.shape[0]
+    nS = sinfo.shape[0]
+    rad = 0.5 * math.sqrt(3.0) * h * 1.05
+    mf = 2.0 * kblend + fat_t + rad + h
+    ms = rad + h
+    n3 = nsub * nsub * nsub
+    nbx = (nx + B - 1) // B
+    nby = (ny + B - 1) // B
+    nbz = (nz + B - 1) // B
+    for bb in prange(nbx * nby * nbz):
+        bi = bb // (nby * nbz)
+        bj = (bb // nbz) % nby
+        bk = bb % nbz
+        if True:
+            if True:
+                flist = np.empty(nF, np.int64)
+                slist = np.empty(nS, np.int64)
+                sstart = np.empty(nS, np.int64)
+                send = np.empty(nS, np.int64)
+                plist = np.empty(sprims.shape[0], np.int64)
+                labs = np.empty(n3, np.int64)
+                i0, j0, k0 = bi * B, bj * B, bk * B
+                i1, j1, k1 = min(i0 + B, nx), min(j0 + B, ny), min(k0 + B, nz)
+                lx, hx = ox + (i0 - 0.5) * h, ox + (i1 - 0.5) * h
+                ly, hy = oy + (j0 - 0.5) * h, oy + (j1 - 0.5) * h
+                lz, hz = oz + (k0 - 0.5) * h, oz + (k1 - 0.5) * h
+                nf = 0
+                for f in range(nF):
+                    if (fbox[f, 0] <= hx + mf and fbox[f, 1] >= lx - mf and fbox[f, 2] <= hy + mf
+                            and fbox[f, 3] >= ly - mf and fbox[f, 4] <= hz + mf and fbox[f, 5] >= lz - mf):
+                        flist[nf] = f
+                        nf += 1
+                ns = 0
+                npl = 0
+                if nf > 0:
+                    for s in range(nS):
+                        if (sbox[s, 0] <= hx + ms and sbox[s, 1] >= lx - ms and sbox[s, 2] <= hy + ms
+                                and sbox[s, 3] >= ly - ms and sbox[s, 4] <= hz + ms and sbox[s, 5] >= lz - ms):
+                            first = npl
+                            nu = 0
+                            for r in range(int(sinfo[s, 0]), int(sinfo[s, 1])):
+                                if sprims[r, 2] != 0:
+                                    plist[npl] = r
+                                    npl += 1
+                                elif (pbox[r, 0] <= hx + ms and pbox[r, 1] >= lx - ms and pbox[r, 2] <= hy + ms
+                                      and pbox[r, 3] >= ly - ms and pbox[r, 4] <= hz + ms and pbox[r, 5] >= lz - ms):
+                                    plist[npl] = r
+                                    npl += 1
+                                    nu += 1
+                            if nu == 0:
+                                npl = first
+                                continue
+                            slist[ns] = s
+                            sstart[ns] = first
+                            send[ns] = npl
+                            ns += 1
+                trel = (table[0] <= hx + ms and table[1] >= lx - ms and table[2] <= hy + ms
+                        and table[3] >= ly - ms and table[4] <= hz + ms and table[5] >= lz - ms)
+                for i in range(i0, i1):
+                    x = ox + i * h
+                    for j in range(j0, j1):
+                        y = oy + j * h
+                        for k in range(k0, k1):
+                            z = oz + k * h
+                            if nf == 0 and not trel:
+                                hu_out[i, j, k] = HU_AIR
+                                lab_out[i, j, k] = 0
+                                continue
+                            lab, hu, iface = _eval_point(x, y, z, seg_inv, fprims, flist, nf, sprims, sinfo,
+                                                         slist, ns, plist, sstart, send, table, trel, skin_t, fat_t, kblend, seed, True)
+                            if iface <= rad:
+                                acc = 0.0
+                                m = 0
+                                for a in range(nsub):
+                                    xs = x + ((a + 0.5) / nsub - 0.5) * h
+                                    for b in range(nsub):
+                                        ys = y + ((b + 0.5) / nsub - 0.5) * h
+                                        for c in range(nsub):
+                                            zs = z + ((c + 0.5) / nsub - 0.5) * h
+                                            l2, h2, _ = _eval_point(xs, ys, zs, seg_inv, fprims, flist, nf, sprims,
+                                                                    sinfo, slist, ns, plist, sstart, send, table, trel, skin_t, fat_t,
+                                                                    kblend, seed, False)
+                                            acc += h2
+                                            labs[m] = l2
+                                            m += 1
+                                hu = acc / n3
+                                best = 0
+                                bestc = 0
+                                for a in range(n3):
+                                    c = 0
+                                    for b in range(n3):
+                                        if labs[b] == labs[a]:
+                                            c += 1
+                                    if c > bestc:
+                                        bestc = c
+                                        best = labs[a]
+                                lab = best
+                            hu_out[i, j, k] = hu
+                            if lab == -1:
+                                lab = lab_skin
+                            elif lab == -2:
+                                lab = lab_fat
+                            elif lab == -3:
+                                lab = lab_muscle
+                            elif lab == 0xFFFF:
+                                lab = lab_table
+                            lab_out[i, j, k] = lab
+
+
+# ------------------------------------------------------------------------------------------------
+# packing the anatomy for the kernel
+
+def _rest_aabb(t, q):
+    q = np.asarray(q, dtype=np.float64)
+    if t == CONE:
+        r = max(q[6], q[7])
+        return np.minimum(q[0:3], q[3:6]) - r, np.maximum(q[0:3], q[3:6]) + r
+    if t == TRI:
+        v = q[0:9].reshape(3, 3)
+        return v.min(0) - q[9], v.max(0) + q[9]
+    if t == ELL:
+        rot = q[3:12].reshape(3, 3)
+        ext = np.sqrt(((rot * q[12:15][:, None]) ** 2).sum(0))
+        return q[0:3] - ext, q[0:3] + ext
+    if t == BOX:
+        rot = q[3:12].reshape(3, 3)
+        ext = (np.abs(rot) * q[12:15][:, None]).sum(0)
+        return q[0:3] - ext, q[0:3] + ext
+    return None
+
+
+def _world_aabb(lo, hi, T):
+    c = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    w = c @ T[:3, :3].T + T[:3, 3]
+    return w.min(0), w.max(0)
+
+
+@lru_cache(maxsize=4)
+def _packed(seed: int):
+    """Rest-frame arrays of an anatomy (cached per seed)."""
+    anat = build_anatomy(seed)
+    ids = name_to_id()
+    F = len(anat.flesh)
+    fprims = np.zeros((F, 4 + NPARAM))
+    frest = np.zeros((F, 6))
+    for i, fp in enumerate(anat.flesh):
+        fprims[i, 0], fprims[i, 1], fprims[i, 3] = fp.prim.type, fp.seg, fp.girth_mm
+        fprims[i, 4:4 + len(fp.prim.params)] = fp.prim.params
+        lo, hi = _rest_aabb(fp.prim.type, fp.prim.params)
+        frest[i] = np.r_[lo - max(fp.girth_mm, 0.0), hi + max(fp.girth_mm, 0.0)]
+    rows, sinfo, srest, prest = [], [], [], []
+    for si, st in enumerate(anat.structures):
+        start = len(rows)
+        lo_all, hi_all = np.full(3, np.inf), np.full(3, -np.inf)
+        for p in st.prims:
+            r = np.zeros(4 + NPARAM)
+            r[0], r[1], r[2], r[3] = p.type, st.seg, p.op, si
+            r[4:4 + len(p.params)] = p.params
+            rows.append(r)
+            if p.op == UNION and p.type != PLANE:
+                lo, hi = _rest_aabb(p.type, p.params)
+                lo_all, hi_all = np.minimum(lo_all, lo), np.maximum(hi_all, hi)
+                prest.append(np.r_[lo, hi])
+            else:
+                prest.append(np.r_[np.full(3, -1e9), np.full(3, 1e9)])
+        label = ids[st.name] if st.name else 0
+        sinfo.append([start, len(rows), label, st.kind, st.hu, st.hu_inner, st.cortex_mm, st.tex_amp])
+        srest.append(np.r_[lo_all, hi_all])
+    return (anat, fprims, frest, np.asarray(rows), np.asarray(sinfo, dtype=np.float64), np.asarray(srest),
+            np.asarray(prest))
+
+
+def _segment_transforms(anat, pose, transl) -> np.ndarray:
+    a, _ = forward_kinematics(pose, anat.joints)
+    t = a.copy()
+    t[:, :3, 3] += transl
+    return t
+
+
+def _boxes_world(rest_boxes, segs, T) -> np.ndarray:
+    """World AABBs (N, 6: xlo, xhi, ylo, yhi, zlo, zhi) of rest AABBs (N, 6: lo, hi) moved by T[seg]."""
+    b = np.asarray(rest_boxes, dtype=np.float64)
+    sel = np.array([[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1], [1, 0, 0], [1, 0, 1], [1, 1, 0], [1, 1, 1]])
+    lo, hi = b[:, None, :3], b[:, None, 3:]
+    corners = np.where(sel[None] == 1, hi, lo)  # (N, 8, 3)
+    Ts = T[np.asarray(segs).astype(int)]
+    w = np.einsum("nij,nkj->nki", Ts[:, :3, :3], corners) + Ts[:, None, :3, 3]
+    mn, mx = w.min(1), w.max(1)
+    return np.stack([mn[:, 0], mx[:, 0], mn[:, 1], mx[:, 1], mn[:, 2], mx[:, 2]], axis=1)
+
+
+def _table_box(seed: int) -> np.ndarray:
+    """The table (world, static): under the back of the supine patient of this seed."""
+    from .poses import ACQUISITION_PRESETS, PRESETS
+
+    anat, fprims, frest = _packed(seed)[:3]
+    trunk = {0, 3, 6, 9}
+    zlo, zhi, top = np.inf, -np.inf, -np.inf
+    for name in ACQUISITION_PRESETS:
+        T = _segment_transforms(anat, PRESETS[name], np.zeros(3))
+        wb = _boxes_world(frest, fprims[:, 1], T)
+        zlo, zhi = min(zlo, wb[:, 4].min()), max(zhi, wb[:, 5].max())
+        if name == ACQUISITION_PRESETS[0]:
+            top = max(wb[i, 3] for i in range(len(wb)) if int(fprims[i, 1]) in trunk)
+    hw = TABLE_HALF_WIDTH * anat.shape.scale
+    return np.array([-hw, hw, top, top + TABLE_THICKNESS, zlo - 40.0, zhi + 40.0, TABLE_SHELL])
+
+
+def _as_pose(pose):
+    from .poses import PRESETS, resolve_pose
+
+    if isinstance(pose, str) and pose not in PRESETS and not (pose.endswith((".json", ".npz")) or Path(pose).exists()):
+        raise CtwinError(f"unknown pose '{pose}': give a pose file or one of {', '.join(PRESETS)}")
+    r = resolve_pose(pose)
+    return r["pose"], r["transl"]
+
+
+def generate_phantom(pose="supine_arms_down", spacing: float = 3.0, seed: int = 0, noise_hu: float = 0.0,
+                     transl=None, subsamples: int = 2) -> Phantom:
+    """Voxelise the phantom at a pose (preset name, pose file, dict or 72 floats).
+
+    ``transl`` (mm) overrides the pose file's; presets use 0. ``subsamples`` per axis at boundary voxels.
+    """
+    spacing = float(spacing)
+    if not (0.5 <= spacing <= 20.0):
+        raise CtwinError(f"spacing must be between 0.5 and 20 mm, got {spacing}")
+    if noise_hu < 0:
+        raise CtwinError("noise must be >= 0 HU")
+    seed = int(seed)
+    if seed < 0:
+        raise CtwinError("seed must be >= 0")
+    pose_v, transl_file = _as_pose(pose)
+    tr = np.zeros(3) if transl is None else np.asarray(transl, dtype=np.float64).reshape(3)
+    if transl is None and transl_file is not None:
+        tr = transl_file
+    anat, fprims, frest, sprims, sinfo, srest, prest = _packed(seed)
+    T = _segment_transforms(anat, pose_v, tr)
+    seg_inv = np.ascontiguousarray(np.linalg.inv(T)[:, :3, :])
+    fbox = _boxes_world(frest, fprims[:, 1], T)
+    sseg = sprims[sinfo[:, 0].astype(int), 1]
+    sbox = _boxes_world(srest, sseg, T)
+    pbox = _boxes_world(prest, sprims[:, 1], T)
+    table = _table_box(seed)
+    lo = np.minimum(fbox[:, [0, 2, 4]].min(0), table[[0, 2, 4]]) - 12.0
+    hi = np.maximum(fbox[:, [1, 3, 5]].max(0), table[[1, 3, 5]]) + 12.0
+    lo = np.floor(lo / spacing) * spacing
+    n = np.ceil((hi - lo) / spacing).astype(int) + 1
+    if np.prod(n) * 6 > 3e9:
+        raise CtwinError(f"grid {tuple(n)} at {spacing} mm is too large")
+    report(f"phantom: seed {seed}, grid {n[0]}x{n[1]}x{n[2]} at {spacing:g} mm", 0.05)
+    ids = name_to_id()
+    hu = np.empty(tuple(n), dtype=np.float32)
+    lab = np.empty(tuple(n), dtype=np.uint16)
+    _voxelise(int(n[0]), int(n[1]), int(n[2]), float(lo[0]), float(lo[1]), float(lo[2]), spacing, seg_inv,
+              fprims, fbox, sprims, pbox, sinfo, sbox, table, anat.skin_mm, anat.fat_mm, anat.blend_mm, seed,
+              int(subsamples), ids["skin"], ids["subcutaneous_fat"], ids["muscle"], ids["table"], hu, lab)
+    report("phantom: voxelised", 0.85)
+    if noise_hu > 0:
+        rng = np.random.default_rng([seed, 11])
+        hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(noise_hu)
+    ct_data = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    affine = affine_from([spacing] * 3, lo)
+    ct = Volume(ct_data, affine, {"source": "ctwin phantom"})
+    seg = Volume(lab, affine.copy(), {"source": "ctwin phantom"})
+    present = np.flatnonzero(np.bincount(lab.ravel(), minlength=1))
+    names = {int(i): _id_name(i) for i in present if int(i) != 0}
+    joints_w = forward_kinematics(pose_v, anat.joints)[1] + tr
+    bones, segments = {}, {}
+    for si, st in enumerate(anat.structures):
+        if st.name and is_skeletal(st.name) and ids[st.name] in names:
+            bones[st.name] = T[st.seg].tolist()
+            segments[st.name] = JOINT_NAMES[st.seg]
+    truth = {
+        "pose": pose_v.tolist(), "transl": tr.tolist(), "joints": joints_w.tolist(), "bones": bones,
+        "bone_segments": segments, "joints_rest": anat.joints.tolist(), "joint_names": list(JOINT_NAMES),
+        "seed": seed, "shape": anat.shape.to_json(), "spacing_mm": spacing, "noise_hu": float(noise_hu),
+        "table_box_mm": table[:6].tolist(),
+    }
+    return Phantom(ct, seg, names, truth)
+
+
+def _id_name(i) -> str:
+    from .labels import all_names
+
+    return all_names()[int(i)]
+
+
+def write_phantom(out_dir, **kwargs) -> Phantom:
+    """Generate and write ct.nii.gz, seg.nii.gz, labels.json and truth.json into ``out_dir``."""
+    from .fileio import write_json
+    from .volume import save_nifti
+
+    out = Path(out_dir)
+    ph = generate_phantom(**kwargs)
+    out.mkdir(parents=True, exist_ok=True)
+    save_nifti(ph.ct, out / "ct.nii.gz")
+    save_nifti(ph.seg, out / "seg.nii.gz")
+    write_json(out / "labels.json", {str(k): v for k, v in sorted(ph.labels.items())})
+    write_json(out / "truth.json", ph.truth)
+    report(f"phantom written to {out}", 1.0)
+    return ph
