@@ -36,10 +36,8 @@ from .skeleton import JOINT_NAMES, forward_kinematics
 from .volume import Volume, affine_from
 
 try:  # numba is a hard dependency of the project; the fallback only keeps imports working
-    from numba import njit, prange
+    from numba import njit
 except ImportError:  # pragma: no cover
-    prange = range
-
     def njit(*a, **k):
         def deco(f):
             return f
@@ -180,6 +178,20 @@ def _noise(x, y, z, cell, seed):
 
 
 @njit(cache=True)
+def _struct_hu(win, cort, qx, qy, qz, sinfo, seed):
+    """HU of structure ``win`` at rest-frame point q (texture fixed in the structure's frame)."""
+    amp = sinfo[win, 7]
+    sd = seed * 1009 + win
+    if int(sinfo[win, 3]) == 0:
+        if cort:
+            return sinfo[win, 4] + 0.5 * amp * _noise(qx, qy, qz, 3.0, sd)
+        return sinfo[win, 5] + amp * _noise(qx, qy, qz, 3.0, sd)
+    if amp > 0.0:
+        return sinfo[win, 4] + amp * _noise(qx, qy, qz, 4.0, sd)
+    return sinfo[win, 4]
+
+
+@njit(cache=True)
 def _eval_point(x, y, z, seg_inv, fprims, flist, nf, sprims, sinfo, slist, ns, plist, sstart, send, table, trel,
                 skin_t, fat_t, kblend, seed, full):
     """(label, hu, interface distance) at world point (x, y, z). ``full``: compute the distance."""
@@ -209,9 +221,9 @@ def _eval_point(x, y, z, seg_inv, fprims, flist, nf, sprims, sinfo, slist, ns, p
                 e2 = (table[3] - table[6]) - y
                 iface = min(iface, min(abs(e1), abs(e2)))
                 if e1 < 0.0 or e2 < 0.0:
-                    return 0xFFFF, HU_TABLE_SHELL, iface
-                return 0xFFFF, HU_TABLE_CORE, iface
-        return 0, HU_AIR, iface
+                    return 0xFFFF, HU_TABLE_SHELL, iface, -1, 0
+                return 0xFFFF, HU_TABLE_CORE, iface, -1, 0
+        return 0, HU_AIR, iface, -1, 0
     iface = min(iface, min(abs(D + skin_t), abs(D + fat_t)))
     win = -1
     dwin = 0.0
@@ -248,31 +260,22 @@ def _eval_point(x, y, z, seg_inv, fprims, flist, nf, sprims, sinfo, slist, ns, p
             if not full:
                 break
     if win >= 0:
-        lab = int(sinfo[win, 2])
-        kind = int(sinfo[win, 3])
-        amp = sinfo[win, 7]
-        sd = seed * 1009 + win
-        if kind == 0:
+        cort = 0
+        if int(sinfo[win, 3]) == 0:
             ct = sinfo[win, 6]
             if full:
                 iface = min(iface, abs(dwin + ct))
             if dwin > -ct:
-                hu = sinfo[win, 4] + 0.5 * amp * _noise(wx, wy, wz, 3.0, sd)
-            else:
-                hu = sinfo[win, 5] + amp * _noise(wx, wy, wz, 3.0, sd)
-            return lab, hu, iface
-        hu = sinfo[win, 4]
-        if amp > 0.0:
-            hu += amp * _noise(wx, wy, wz, 4.0, sd)
-        return lab, hu, iface
+                cort = 1
+        return int(sinfo[win, 2]), _struct_hu(win, cort, wx, wy, wz, sinfo, seed), iface, win, cort
     if D > -skin_t:
-        return -1, HU_SKIN, iface
+        return -1, HU_SKIN, iface, -1, 0
     if D > -fat_t:
-        return -2, HU_FAT, iface
-    return -3, HU_MUSCLE, iface
+        return -2, HU_FAT, iface, -1, 0
+    return -3, HU_MUSCLE, iface, -1, 0
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _voxelise(nx, ny, nz, ox, oy, oz, h, seg_inv, fprims, fbox, sprims, pbox, sinfo, sbox, table,
               skin_t, fat_t, kblend, seed, nsub, lab_skin, lab_fat, lab_muscle, lab_table,
               hu_out, lab_out):
@@ -286,7 +289,7 @@ def _voxelise(nx, ny, nz, ox, oy, oz, h, seg_inv, fprims, fbox, sprims, pbox, si
     nbx = (nx + B - 1) // B
     nby = (ny + B - 1) // B
     nbz = (nz + B - 1) // B
-    for bb in prange(nbx * nby * nbz):
+    for bb in range(nbx * nby * nbz):
         bi = bb // (nby * nbz)
         bj = (bb // nbz) % nby
         bk = bb % nbz
@@ -335,55 +338,95 @@ def _voxelise(nx, ny, nz, ox, oy, oz, h, seg_inv, fprims, fbox, sprims, pbox, si
                             ns += 1
                 trel = (table[0] <= hx + ms and table[1] >= lx - ms and table[2] <= hy + ms
                         and table[3] >= ly - ms and table[4] <= hz + ms and table[5] >= lz - ms)
-                for i in range(i0, i1):
-                    x = ox + i * h
-                    for j in range(j0, j1):
-                        y = oy + j * h
-                        for k in range(k0, k1):
-                            z = oz + k * h
-                            if nf == 0 and not trel:
+                if nf == 0 and not trel:
+                    for i in range(i0, i1):
+                        for j in range(j0, j1):
+                            for k in range(k0, k1):
                                 hu_out[i, j, k] = HU_AIR
                                 lab_out[i, j, k] = 0
+                    continue
+                # sub-bricks of 4^3 voxels: one test at the centre decides whether all are pure
+                for si0 in range(i0, i1, 4):
+                    for sj0 in range(j0, j1, 4):
+                        for sk0 in range(k0, k1, 4):
+                            si1, sj1, sk1 = min(si0 + 4, i1), min(sj0 + 4, j1), min(sk0 + 4, k1)
+                            cx = ox + 0.5 * (si0 + si1 - 1) * h
+                            cy = oy + 0.5 * (sj0 + sj1 - 1) * h
+                            cz = oz + 0.5 * (sk0 + sk1 - 1) * h
+                            rb = 0.5 * h * math.sqrt((si1 - si0) ** 2 + (sj1 - sj0) ** 2 + (sk1 - sk0) ** 2) * 1.05
+                            lab, hu, iface, win, cort = _eval_point(
+                                cx, cy, cz, seg_inv, fprims, flist, nf, sprims, sinfo, slist, ns, plist, sstart,
+                                send, table, trel, skin_t, fat_t, kblend, seed, True)
+                            if iface > rb and lab != 0xFFFF:
+                                lab = _final_label(lab, lab_skin, lab_fat, lab_muscle, lab_table)
+                                M = seg_inv[int(sprims[int(sinfo[win, 0]), 1])] if win >= 0 else seg_inv[0]
+                                for i in range(si0, si1):
+                                    x = ox + i * h
+                                    for j in range(sj0, sj1):
+                                        y = oy + j * h
+                                        for k in range(sk0, sk1):
+                                            z = oz + k * h
+                                            if win >= 0 and sinfo[win, 7] > 0.0:
+                                                qx = M[0, 0] * x + M[0, 1] * y + M[0, 2] * z + M[0, 3]
+                                                qy = M[1, 0] * x + M[1, 1] * y + M[1, 2] * z + M[1, 3]
+                                                qz = M[2, 0] * x + M[2, 1] * y + M[2, 2] * z + M[2, 3]
+                                                hu_out[i, j, k] = _struct_hu(win, cort, qx, qy, qz, sinfo, seed)
+                                            else:
+                                                hu_out[i, j, k] = hu
+                                            lab_out[i, j, k] = lab
                                 continue
-                            lab, hu, iface = _eval_point(x, y, z, seg_inv, fprims, flist, nf, sprims, sinfo,
-                                                         slist, ns, plist, sstart, send, table, trel, skin_t, fat_t, kblend, seed, True)
-                            if iface <= rad:
-                                acc = 0.0
-                                m = 0
-                                for a in range(nsub):
-                                    xs = x + ((a + 0.5) / nsub - 0.5) * h
-                                    for b in range(nsub):
-                                        ys = y + ((b + 0.5) / nsub - 0.5) * h
-                                        for c in range(nsub):
-                                            zs = z + ((c + 0.5) / nsub - 0.5) * h
-                                            l2, h2, _ = _eval_point(xs, ys, zs, seg_inv, fprims, flist, nf, sprims,
-                                                                    sinfo, slist, ns, plist, sstart, send, table, trel, skin_t, fat_t,
-                                                                    kblend, seed, False)
-                                            acc += h2
-                                            labs[m] = l2
-                                            m += 1
-                                hu = acc / n3
-                                best = 0
-                                bestc = 0
-                                for a in range(n3):
-                                    c = 0
-                                    for b in range(n3):
-                                        if labs[b] == labs[a]:
-                                            c += 1
-                                    if c > bestc:
-                                        bestc = c
-                                        best = labs[a]
-                                lab = best
-                            hu_out[i, j, k] = hu
-                            if lab == -1:
-                                lab = lab_skin
-                            elif lab == -2:
-                                lab = lab_fat
-                            elif lab == -3:
-                                lab = lab_muscle
-                            elif lab == 0xFFFF:
-                                lab = lab_table
-                            lab_out[i, j, k] = lab
+                            for i in range(si0, si1):
+                                x = ox + i * h
+                                for j in range(sj0, sj1):
+                                    y = oy + j * h
+                                    for k in range(sk0, sk1):
+                                        z = oz + k * h
+                                        lab, hu, iface, win, cort = _eval_point(
+                                            x, y, z, seg_inv, fprims, flist, nf, sprims, sinfo, slist, ns, plist,
+                                            sstart, send, table, trel, skin_t, fat_t, kblend, seed, True)
+                                        if iface <= rad:
+                                            acc = 0.0
+                                            m = 0
+                                            for a in range(nsub):
+                                                xs = x + ((a + 0.5) / nsub - 0.5) * h
+                                                for b in range(nsub):
+                                                    ys = y + ((b + 0.5) / nsub - 0.5) * h
+                                                    for c in range(nsub):
+                                                        zs = z + ((c + 0.5) / nsub - 0.5) * h
+                                                        l2, h2, _, _, _ = _eval_point(
+                                                            xs, ys, zs, seg_inv, fprims, flist, nf, sprims, sinfo,
+                                                            slist, ns, plist, sstart, send, table, trel, skin_t,
+                                                            fat_t, kblend, seed, False)
+                                                        acc += h2
+                                                        labs[m] = l2
+                                                        m += 1
+                                            hu = acc / n3
+                                            best = 0
+                                            bestc = 0
+                                            for a in range(n3):
+                                                c = 0
+                                                for b in range(n3):
+                                                    if labs[b] == labs[a]:
+                                                        c += 1
+                                                if c > bestc:
+                                                    bestc = c
+                                                    best = labs[a]
+                                            lab = best
+                                        hu_out[i, j, k] = hu
+                                        lab_out[i, j, k] = _final_label(lab, lab_skin, lab_fat, lab_muscle, lab_table)
+
+
+@njit(cache=True, inline="always")
+def _final_label(lab, lab_skin, lab_fat, lab_muscle, lab_table):
+    if lab == -1:
+        return lab_skin
+    if lab == -2:
+        return lab_fat
+    if lab == -3:
+        return lab_muscle
+    if lab == 0xFFFF:
+        return lab_table
+    return lab
 
 
 # ------------------------------------------------------------------------------------------------
