@@ -201,15 +201,19 @@ def _closest_weights(pts, bv, bf, bw, centroids, faces_idx, k_candidates):
     _, cand = tree.query(pts, k=k)
     cand = faces_idx[np.asarray(cand).reshape(len(pts), k)]
     best_d = np.full(len(pts), np.inf)
-    best_w = np.zeros((len(pts), bw.shape[1]))
+    best_f = np.zeros(len(pts), dtype=np.int64)
+    best_b = np.zeros((len(pts), 3))
     for c in range(k):
-        f = bf[cand[:, c]]
+        fi = cand[:, c]
+        f = bf[fi]
         cp, bary = closest_point_on_triangles(pts, bv[f[:, 0]], bv[f[:, 1]], bv[f[:, 2]])
-        d = np.linalg.norm(cp - pts, axis=1)
+        d = np.einsum("nk,nk->n", cp - pts, cp - pts)
         better = d < best_d
         best_d[better] = d[better]
-        best_w[better] = np.einsum("nk,nkj->nj", bary[better], bw[f[better]])
-    return best_d, best_w
+        best_f[better] = fi[better]
+        best_b[better] = bary[better]
+    w = np.einsum("nk,nkj->nj", best_b, bw[bf[best_f]])
+    return np.sqrt(best_d), w
 
 
 def transfer_weights(points, armature: Armature, body_verts_mm, body_faces, body_weights, k_candidates=12,
