@@ -53,12 +53,18 @@ class CTWIN_OT_load_motion(bpy.types.Operator, ImportHelper):
     def execute(self, context):
         from .animation import load_motion_keyframes
 
+        import warnings
+
         arm = _rig_object(context)
         try:
-            _, n = load_motion_keyframes(arm, self.filepath, context.scene)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _, n = load_motion_keyframes(arm, self.filepath, context.scene)
         except CtwinError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
+        for w in caught:  # joint-range warnings: shown in Blender's status bar / info log
+            self.report({"WARNING"}, str(w.message))
         progress.report(f"motion: {n} frames keyed on {arm.name}")
         self.report({"INFO"}, f"Loaded {n} frames")
         return {"FINISHED"}
