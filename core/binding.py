@@ -32,7 +32,7 @@ import numpy as np
 from .armature import SPINE_CHAIN, Armature, armature_from_fit, build_armature
 from .errors import CtwinError
 from .labels import is_skeletal
-from .skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS
+from .skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS
 
 SMOOTH = "smooth"
 TOP_K = 4
@@ -407,4 +407,4 @@ def load_binding(path) -> Binding:
 
 
 __all__ = ["Binding", "VertebraBone", "SoftWeights", "bind_structures", "rigid_bone_for", "is_vertebra",
-           "transfer_weights", "save_binding", "load_binding", "spine_blend", "PARENTS"]
+           "transfer_weights", "save_binding", "load_binding", "spine_blend"]

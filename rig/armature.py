@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bpy
 import numpy as np
-from mathutils import Matrix, Vector
+from mathutils import Vector
 
 from .. import bl_data
 from ..core.armature import Armature, build_armature
@@ -218,4 +218,4 @@ def bone_world_matrices_mm(arm_obj) -> dict:
 
 
 __all__ = ["create_armature", "bind_meshes", "set_pose", "armature_pose", "armature_pose_vector", "twin_armature",
-           "pose_bone_values", "bone_world_matrices_mm", "Matrix"]
+           "pose_bone_values", "bone_world_matrices_mm", "helper_bone_name"]

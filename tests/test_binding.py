@@ -4,7 +4,6 @@ import warnings
 import numpy as np
 import pytest
 
-from ctwin.core.armature import build_armature
 from ctwin.core.binding import (SMOOTH, bind_structures, load_binding, rigid_bone_for, save_binding,
                                 spine_blend)
 from ctwin.core.pose import bone_deltas, check_joint_limits, joint_limit_violations, pose_meshes
