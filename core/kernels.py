@@ -7,10 +7,11 @@ and the GPU run the same code; only the drivers differ (a ``prange`` loop over p
 CUDA thread per pixel).
 
 Conventions (see core/projector.py for the host side):
-- A volume is a flat ``uint16`` array (C order, index (i, j, k), k fastest) plus a float32 lookup
-  table ``lut`` of 65536 entries mapping the stored 16-bit pattern to mu (1/mm). int16 HU and
-  float16 mu volumes are both stored as their 16-bit patterns, so one kernel serves both and the
-  HU -> mu conversion happens on the fly (the table already clips mu at 0).
+- A volume is a flat 16-bit array (C order, index (i, j, k), k fastest): int16 HU, or float16 mu
+  stored as its uint16 bit patterns. Values reach mu either through the linear SPEC 5 map
+  (``lin_a`` != 0: HU clamped at ``lin_lo`` = -1000 is interpolated, then mu = a HU + b, which equals
+  interpolating the clipped mu exactly) or through a float32 table ``lut`` of 65536 entries indexed
+  by the 16-bit pattern (float16 mu, material tables of the polyenergetic model).
 - ``M`` (12 float64) maps world mm to continuous voxel index: p = M[0:3,0:3] x + M[0:3,3].
 - The volume fills index space [-0.5, n - 0.5]; mu = 0 outside. Inside, positions are clamped to
   [0, n - 1] and interpolated trilinearly: nearest-voxel values between the outermost voxel
@@ -93,18 +94,25 @@ def ray_box(M, nx, ny, nz, ox, oy, oz, dx, dy, dz, t0, t1):
     return t0, t1, px, py, pz, qx, qy, qz
 
 
-def mu_of(pat, lut, lin_a, lin_b):
-    """mu of one stored 16-bit pattern: linear HU -> mu with the clip at 0 (lin_a != 0) or the table."""
+def raw_val(pat, lut, lin_a, lin_lo):
+    """Interpolation value of one stored voxel: HU clamped at ``lin_lo`` (linear mode, lin_a != 0)
+    or mu from the table (indexed by the 16-bit pattern)."""
     if lin_a != 0.0:
-        s = float(pat)
-        if pat >= 32768:
-            s -= 65536.0
-        v = lin_a * s + lin_b
-        return v if v > 0.0 else 0.0
-    return lut[pat]
+        v = float(pat)
+        return v if v > lin_lo else lin_lo
+    return lut[pat & 0xFFFF]
 
 
-def trilinear(data, lut, lin_a, lin_b, off, nx, ny, nz, x, y, z):
+def finish(v, lin_a, lin_b):
+    """Interpolated value -> mu. In linear mode mu = a HU + b is exact after interpolation, because
+    HU clamped at lin_lo (where mu reaches 0) keeps mu linear in HU: clamping then interpolating
+    HU equals interpolating the clipped mu."""
+    if lin_a != 0.0:
+        return lin_a * v + lin_b
+    return v
+
+
+def trilinear(data, lut, lin_a, lin_b, lin_lo, off, nx, ny, nz, x, y, z):
     """mu at continuous index (x, y, z), assumed inside the cell box (clamped to the centres)."""
     if x < 0.0:
         x = 0.0
@@ -121,31 +129,31 @@ def trilinear(data, lut, lin_a, lin_b, off, nx, ny, nz, x, y, z):
     i = int(x)
     j = int(y)
     k = int(z)
-    return trilinear_ijk(data, lut, lin_a, lin_b, off, nx, ny, nz, i, j, k, x - i, y - j, z - k)
+    return trilinear_ijk(data, lut, lin_a, lin_b, lin_lo, off, nx, ny, nz, i, j, k, x - i, y - j, z - k)
 
 
-def trilinear_ijk(data, lut, lin_a, lin_b, off, nx, ny, nz, i, j, k, fx, fy, fz):
+def trilinear_ijk(data, lut, lin_a, lin_b, lin_lo, off, nx, ny, nz, i, j, k, fx, fy, fz):
     si = ny * nz
     sj = nz
     di = si if i < nx - 1 else 0
     dj = sj if j < ny - 1 else 0
     dk = 1 if k < nz - 1 else 0
     b = off + i * si + j * sj + k
-    c000 = mu_of(data[b], lut, lin_a, lin_b)
-    c001 = mu_of(data[b + dk], lut, lin_a, lin_b)
-    c010 = mu_of(data[b + dj], lut, lin_a, lin_b)
-    c011 = mu_of(data[b + dj + dk], lut, lin_a, lin_b)
-    c100 = mu_of(data[b + di], lut, lin_a, lin_b)
-    c101 = mu_of(data[b + di + dk], lut, lin_a, lin_b)
-    c110 = mu_of(data[b + di + dj], lut, lin_a, lin_b)
-    c111 = mu_of(data[b + di + dj + dk], lut, lin_a, lin_b)
+    c000 = raw_val(data[b], lut, lin_a, lin_lo)
+    c001 = raw_val(data[b + dk], lut, lin_a, lin_lo)
+    c010 = raw_val(data[b + dj], lut, lin_a, lin_lo)
+    c011 = raw_val(data[b + dj + dk], lut, lin_a, lin_lo)
+    c100 = raw_val(data[b + di], lut, lin_a, lin_lo)
+    c101 = raw_val(data[b + di + dk], lut, lin_a, lin_lo)
+    c110 = raw_val(data[b + di + dj], lut, lin_a, lin_lo)
+    c111 = raw_val(data[b + di + dj + dk], lut, lin_a, lin_lo)
     c00 = c000 + (c001 - c000) * fz
     c01 = c010 + (c011 - c010) * fz
     c10 = c100 + (c101 - c100) * fz
     c11 = c110 + (c111 - c110) * fz
     c0 = c00 + (c01 - c00) * fy
     c1 = c10 + (c11 - c10) * fy
-    return c0 + (c1 - c0) * fx
+    return finish(c0 + (c1 - c0) * fx, lin_a, lin_b)
 
 
 def block_exit(px, py, pz, qx, qy, qz, bi, bj, bk, bs):
@@ -166,7 +174,7 @@ def block_exit(px, py, pz, qx, qy, qz, bi, bj, bk, bs):
     return te
 
 
-def ray_trilinear(data, lut, lin_a, lin_b, nx, ny, nz, M, occ, ox, oy, oz, dx, dy, dz, tlen, step):
+def ray_trilinear(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, dx, dy, dz, tlen, step):
     """Midpoint-rule integral of trilinear mu along one ray, skipping empty blocks.
 
     Samples sit at t0 + (m + 0.5) h, h = (t1 - t0) / ceil((t1 - t0) / step), so the clipped
@@ -228,12 +236,12 @@ def ray_trilinear(data, lut, lin_a, lin_b, nx, ny, nz, M, occ, ox, oy, oz, dx, d
                     m = mn
                     last = -1
                     continue
-        acc += trilinear_ijk(data, lut, lin_a, lin_b, 0, nx, ny, nz, i, j, k, x - i, y - j, z - k)
+        acc += trilinear_ijk(data, lut, lin_a, lin_b, lin_lo, 0, nx, ny, nz, i, j, k, x - i, y - j, z - k)
         m += 1
     return acc * h
 
 
-def ray_siddon(data, lut, lin_a, lin_b, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen):
+def ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen):
     """Exact integral of the nearest-voxel (piecewise constant) mu field along one ray."""
     t0, t1, px, py, pz, qx, qy, qz = ray_box(M, nx, ny, nz, ox, oy, oz, dx, dy, dz, 0.0, tlen)
     if t1 <= t0:
@@ -286,7 +294,7 @@ def ray_siddon(data, lut, lin_a, lin_b, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, t
         tn = min(tx, min(ty, tz))
         if tn > t1:
             tn = t1
-        acc += (tn - t) * mu_of(data[i * sny + j * snz + k], lut, lin_a, lin_b)
+        acc += (tn - t) * finish(raw_val(data[i * sny + j * snz + k], lut, lin_a, lin_lo), lin_a, lin_b)
         t = tn
         if tn == tx:
             i += si
@@ -346,7 +354,7 @@ def warp_point(disp, W, wn, x, y, z):
     return ox, oy, oz
 
 
-def ray_scene(bdata, blut, blin_a, blin_b, bshape, BM, use_warp, disp, WM, wn, sdata, smask, slut, slin_a, slin_b,
+def ray_scene(bdata, blut, blin_a, blin_b, blin_lo, bshape, BM, use_warp, disp, WM, wn, sdata, smask, slut, slin_a, slin_b, slin_lo,
               sparams, nsub, cidx, ct0, ct1, ox, oy, oz, dx, dy, dz, tlen, step):
     """Posed scene: base volume (optionally inverse-warped) + rigid sub-volumes with masks.
 
@@ -409,7 +417,7 @@ def ray_scene(bdata, blut, blin_a, blin_b, bshape, BM, use_warp, disp, WM, wn, s
                 nk = min(max(int(math.floor(iz + 0.5)), 0), snz - 1)
                 off = int(sparams[s, 0])
                 if smask[off + (ni * sny + nj) * snz + nk] != 0:
-                    acc += trilinear(sdata, slut, slin_a, slin_b, off, snx, sny, snz, ix, iy, iz)
+                    acc += trilinear(sdata, slut, slin_a, slin_b, slin_lo, off, snx, sny, snz, ix, iy, iz)
                     claimed = True
                     break
         if not claimed:
@@ -421,11 +429,11 @@ def ray_scene(bdata, blut, blin_a, blin_b, bshape, BM, use_warp, disp, WM, wn, s
             bx, by, bz = to_index(BM, wx, wy, wz)
             if (bx >= -0.5 and by >= -0.5 and bz >= -0.5 and bx <= bnx - 0.5 and by <= bny - 0.5
                     and bz <= bnz - 0.5):
-                acc += trilinear(bdata, blut, blin_a, blin_b, 0, bnx, bny, bnz, bx, by, bz)
+                acc += trilinear(bdata, blut, blin_a, blin_b, blin_lo, 0, bnx, bny, bnz, bx, by, bz)
     return acc * h
 
 
-_PER_RAY = ("pixel_ray", "to_index", "slab", "ray_box", "mu_of", "trilinear", "trilinear_ijk",
+_PER_RAY = ("pixel_ray", "to_index", "slab", "ray_box", "raw_val", "finish", "trilinear", "trilinear_ijk",
             "block_exit", "ray_trilinear",
             "ray_siddon", "warp_point", "ray_scene")
 
@@ -433,7 +441,7 @@ _PER_RAY = ("pixel_ray", "to_index", "slab", "ray_box", "mu_of", "trilinear", "t
 # ----------------------------------------------------------------------------------------------
 # drivers
 # ----------------------------------------------------------------------------------------------
-def cpu_static(out, geo, data, lut, lin_a, lin_b, nx, ny, nz, M, occ, step, method):
+def cpu_static(out, geo, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, step, method):
     H = out.shape[0]
     W = out.shape[1]
     for p in prange(H * W):  # noqa: F821 (prange is injected by _build)
@@ -441,14 +449,14 @@ def cpu_static(out, geo, data, lut, lin_a, lin_b, nx, ny, nz, M, occ, step, meth
         c = p - r * W
         ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geo, r, c)
         if method == 1:
-            out[r, c] = ray_siddon(data, lut, lin_a, lin_b, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
+            out[r, c] = ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
         else:
-            out[r, c] = ray_trilinear(data, lut, lin_a, lin_b, nx, ny, nz, M, occ, ox, oy, oz, dx, dy,
+            out[r, c] = ray_trilinear(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, dx, dy,
                                       dz, tlen, step)
 
 
-def cpu_scene(out, geo, bdata, blut, blin_a, blin_b, bshape, BM, use_warp, disp, WM, wn, sdata,
-              smask, slut, slin_a, slin_b, sparams, nsub, step):
+def cpu_scene(out, geo, bdata, blut, blin_a, blin_b, blin_lo, bshape, BM, use_warp, disp, WM, wn, sdata,
+              smask, slut, slin_a, slin_b, slin_lo, sparams, nsub, step):
     H = out.shape[0]
     W = out.shape[1]
     for p in prange(H * W):  # noqa: F821
@@ -458,12 +466,12 @@ def cpu_scene(out, geo, bdata, blut, blin_a, blin_b, bshape, BM, use_warp, disp,
         r = p // W
         c = p - r * W
         ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geo, r, c)
-        out[r, c] = ray_scene(bdata, blut, blin_a, blin_b, bshape, BM, use_warp, disp, WM, wn, sdata,
-                              smask, slut, slin_a, slin_b, sparams, nsub, cidx, ct0, ct1, ox, oy, oz,
+        out[r, c] = ray_scene(bdata, blut, blin_a, blin_b, blin_lo, bshape, BM, use_warp, disp, WM, wn, sdata,
+                              smask, slut, slin_a, slin_b, slin_lo, sparams, nsub, cidx, ct0, ct1, ox, oy, oz,
                               dx, dy, dz, tlen, step)
 
 
-def cuda_static(out, geo, data, lut, lin_a, lin_b, nx, ny, nz, M, occ, step, method):
+def cuda_static(out, geo, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, step, method):
     p = cuda.grid(1)  # noqa: F821 (cuda is injected by _build)
     H = out.shape[0]
     W = out.shape[1]
@@ -472,14 +480,14 @@ def cuda_static(out, geo, data, lut, lin_a, lin_b, nx, ny, nz, M, occ, step, met
         c = p - r * W
         ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geo, r, c)
         if method == 1:
-            out[r, c] = ray_siddon(data, lut, lin_a, lin_b, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
+            out[r, c] = ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
         else:
-            out[r, c] = ray_trilinear(data, lut, lin_a, lin_b, nx, ny, nz, M, occ, ox, oy, oz, dx, dy,
+            out[r, c] = ray_trilinear(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, dx, dy,
                                       dz, tlen, step)
 
 
-def cuda_scene(out, geo, bdata, blut, blin_a, blin_b, bshape, BM, use_warp, disp, WM, wn, sdata,
-               smask, slut, slin_a, slin_b, sparams, nsub, step):
+def cuda_scene(out, geo, bdata, blut, blin_a, blin_b, blin_lo, bshape, BM, use_warp, disp, WM, wn, sdata,
+               smask, slut, slin_a, slin_b, slin_lo, sparams, nsub, step):
     p = cuda.grid(1)  # noqa: F821
     H = out.shape[0]
     W = out.shape[1]
@@ -490,8 +498,8 @@ def cuda_scene(out, geo, bdata, blut, blin_a, blin_b, bshape, BM, use_warp, disp
         r = p // W
         c = p - r * W
         ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geo, r, c)
-        out[r, c] = ray_scene(bdata, blut, blin_a, blin_b, bshape, BM, use_warp, disp, WM, wn, sdata,
-                              smask, slut, slin_a, slin_b, sparams, nsub, cidx, ct0, ct1, ox, oy, oz,
+        out[r, c] = ray_scene(bdata, blut, blin_a, blin_b, blin_lo, bshape, BM, use_warp, disp, WM, wn, sdata,
+                              smask, slut, slin_a, slin_b, slin_lo, sparams, nsub, cidx, ct0, ct1, ox, oy, oz,
                               dx, dy, dz, tlen, step)
 
 

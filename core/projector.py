@@ -17,8 +17,9 @@ outermost voxel centres and the faces; trilinear inside. ``trilinear`` integrate
 rule at ``step_mm`` (default 0.5 x the smallest voxel spacing, adjusted so the clipped ray is
 covered exactly) and skips 8^3-voxel blocks where every sample is exactly 0 (see ``occupancy_grid``). ``siddon`` is the exact integral of the piecewise-constant nearest-voxel field.
 
-Storage: int16 HU volumes stay int16 (viewed as uint16; the table converts HU -> mu with the
-clip at 0); float16 mu volumes stay float16. Other integer dtypes are taken as HU and cast to
+Storage: int16 HU volumes stay int16, used in place (mu = 0.02/mm (1 + HU/1000) computed in the
+kernel, exactly: HU is clamped at -1000 before interpolation); float16 mu volumes stay float16
+(read through a 65536-entry table indexed by their bit patterns). Other integer dtypes are taken as HU and cast to
 int16 (clipped); float32/64 are HU unless ``quantity="mu"`` (then stored as float16).
 """
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _world_to_index12(affine) -> np.ndarray:
 
 
 def _as_patterns(data: np.ndarray, quantity: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """(uint16 view or copy, lut, quantity) for a data array."""
+    """(16-bit array: int16 HU or float16 bits as uint16, lut, quantity) for a data array."""
     if quantity == "auto":
         quantity = "mu" if data.dtype == np.float16 else "hu"
     if quantity == "mu":
@@ -80,7 +81,7 @@ def _as_patterns(data: np.ndarray, quantity: str) -> tuple[np.ndarray, np.ndarra
             data = np.rint(np.clip(data, -32768, 32767)).astype(np.int16)
         else:
             data = np.clip(data, -32768, 32767).astype(np.int16)
-    return data.view(np.uint16), physics.hu_to_mu_lut(), "hu"
+    return data, physics.hu_to_mu_lut(), "hu"
 
 
 def _occupancy_cpu(flat, nz_table, nx, ny, nz, bs):
@@ -90,7 +91,7 @@ def _occupancy_cpu(flat, nz_table, nx, ny, nz, bs):
         for j in range(ny):
             base = (i * ny + j) * nz
             for k in range(nz):
-                if nz_table[flat[base + k]]:
+                if nz_table[flat[base + k] & 0xFFFF]:
                     # voxel (i, j, k) is a trilinear corner of samples whose floor is i or i - 1
                     for bi in (i // bs, max(i - 1, 0) // bs):
                         for bj in (j // bs, max(j - 1, 0) // bs):
@@ -118,13 +119,13 @@ def occupancy_grid(flat: np.ndarray, lut: np.ndarray, shape, bs: int = BLOCK) ->
 class PreparedVolume:
     """A volume in the kernels' compact resident form (see module docstring)."""
 
-    flat: np.ndarray  # uint16 (n,) C order
+    flat: np.ndarray  # int16 HU or uint16 (float16 mu bits), (n,) C order
     shape: tuple
     affine: np.ndarray  # index -> world
     lut: np.ndarray  # float32 (65536,)
     quantity: str
     occ: np.ndarray | None = None
-    lin: tuple = (0.0, 0.0)  # (a, b): mu = max(a * HU + b, 0) computed inline instead of the table
+    lin: tuple = (0.0, 0.0, 0.0)  # (a, b, lo): mu = a * max(HU, lo) + b inline instead of the table
     _gpu: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -174,10 +175,10 @@ def prepare_volume(volume, quantity: str = "auto") -> PreparedVolume:
 
 
 def _linear_params(quantity: str) -> tuple:
-    """The SPEC 5 HU -> mu map as (a, b) for the kernels' inline path ((0, 0): use the table)."""
+    """The SPEC 5 HU -> mu map as (a, b, lo) for the kernels' inline path (a = 0: use the table)."""
     if quantity == "hu":
-        return (physics.MU_WATER_PER_MM / 1000.0, physics.MU_WATER_PER_MM)
-    return (0.0, 0.0)
+        return (physics.MU_WATER_PER_MM / 1000.0, physics.MU_WATER_PER_MM, -1000.0)
+    return (0.0, 0.0, 0.0)
 
 
 def default_step(spacing) -> float:
@@ -196,7 +197,7 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
     if not step > 0:
         raise CtwinError(f"step must be positive, got {step}")
     table = pv.lut if lut is None else np.ascontiguousarray(lut, dtype=np.float32)
-    la, lb = pv.lin if lut is None else (0.0, 0.0)
+    lin = pv.lin if lut is None else (0.0, 0.0, 0.0)
     if table.shape != (65536,):
         raise CtwinError("a look-up table must have 65536 entries")
     if method == "trilinear":
@@ -213,7 +214,7 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
         out = np.zeros((H, W), np.float64)
         from .kernels import cpu_kernels
 
-        cpu_kernels()["static"](out, geo, pv.flat, table, la, lb, nx, ny, nz, pv.M, occ, step, mcode)
+        cpu_kernels()["static"](out, geo, pv.flat, table, *lin, nx, ny, nz, pv.M, occ, step, mcode)
         return out.astype(np.float32)
     from numba import cuda
 
@@ -225,7 +226,7 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
     d_lut = pv.gpu("lut", table) if lut is None else cuda.to_device(table)
     d_occ = cuda.to_device(occ)
     blocks = (H * W + _TPB - 1) // _TPB
-    k[blocks, _TPB](d_out, cuda.to_device(geo), d_data, d_lut, la, lb, nx, ny, nz,
+    k[blocks, _TPB](d_out, cuda.to_device(geo), d_data, d_lut, *lin, nx, ny, nz,
                     cuda.to_device(pv.M), d_occ, step, mcode)
     return d_out.copy_to_host().astype(np.float32)
 
@@ -334,7 +335,7 @@ class Scene:
                 self._packed["slin"] = _linear_params(q)
                 self._packed["offs"] = offs
             else:
-                self._packed["sdata"] = np.zeros(1, np.uint16)
+                self._packed["sdata"] = np.zeros(1, np.int16)
                 self._packed["smask"] = np.zeros(1, np.uint8)
                 self._packed["slut"] = physics.hu_to_mu_lut()
                 self._packed["slin"] = _linear_params("hu")
