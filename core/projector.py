@@ -147,6 +147,7 @@ class PreparedVolume:
                               self.quantity, self.occ, self.lin, self._gpu)
 
     def gpu(self, name: str, host: np.ndarray):
+        """Device copy of one of this volume's persistent arrays (flat, lut, occ), made once."""
         from numba import cuda
 
         key = (name, id(host))
@@ -224,7 +225,7 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
     d_out = cuda.device_array((H, W), np.float64)
     d_data = pv.gpu("flat", pv.flat)
     d_lut = pv.gpu("lut", table) if lut is None else cuda.to_device(table)
-    d_occ = cuda.to_device(occ)
+    d_occ = pv.gpu("occ", occ) if occ is pv.occ else cuda.to_device(occ)
     blocks = (H * W + _TPB - 1) // _TPB
     k[blocks, _TPB](d_out, cuda.to_device(geo), d_data, d_lut, *lin, nx, ny, nz,
                     cuda.to_device(pv.M), d_occ, step, mcode)
