@@ -108,53 +108,100 @@ def mesh_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
     return float(np.einsum("ij,ij->i", a, np.cross(b, d)).sum() / 6.0)
 
 
-def _pair_nonmanifold(vertices, faces, hes, u, v, flip=False) -> list[tuple[int, int]]:
-    """Pair the half-edges of one non-manifold edge (2k faces) geometrically.
+@nb.njit(cache=True)
+def _pair_groups(vertices, faces, order, gstart, gcount, u, v, flip, out):
+    """Pair the half-edges of each non-manifold edge (2k faces) geometrically.
 
-    Faces around the edge are sorted by angle; consecutive faces of opposite direction that
-    bound a wedge of the solid (both outward normals point away from the wedge) are paired, so
-    the solid's pieces that touch only along this edge come apart.
+    Faces around the edge are sorted by angle; consecutive faces of opposite direction are
+    paired. Of the two possible pairings the default one pairs faces that bound wedges of the
+    solid (outward normals pointing away from the wedge), so pieces touching only along the
+    edge come apart; ``flip[g]`` takes the other pairing. Writes pairs to ``out``; returns count.
     """
-    a = int(min(u[hes[0]], v[hes[0]]))
-    b = int(max(u[hes[0]], v[hes[0]]))
-    pa, pb = vertices[a], vertices[b]
-    e = pb - pa
-    e /= max(np.linalg.norm(e), 1e-12)
-    x = np.cross(e, [1.0, 0.0, 0.0])
-    if np.linalg.norm(x) < 1e-6:
-        x = np.cross(e, [0.0, 1.0, 0.0])
-    x /= np.linalg.norm(x)
-    y = np.cross(e, x)
-    f = hes // 3
-    c = hes % 3
-    w = faces[f, (c + 2) % 3]
-    d = vertices[w] - pa
-    ang = np.arctan2(d @ y, d @ x)
-    order = np.argsort(ang)
-    hs, angs = hes[order], ang[order]
-    fwd = u[hs] == a
-    tri = vertices[faces[hs // 3]]
-    nrm = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    k = len(hs)
-    options = []
-    for s in (0, 1):
-        pairs, score, ok = [], 0, True
-        for i in range(s, s + k, 2):
-            i0, i1 = i % k, (i + 1) % k
-            if fwd[i0] == fwd[i1]:
-                ok = False
-                break
-            gap = (angs[i1] - angs[i0]) % (2 * np.pi)
-            mid = angs[i0] + 0.5 * gap
-            m = np.cos(mid) * x + np.sin(mid) * y
-            score += int(m @ nrm[i0] < 0 and m @ nrm[i1] < 0)
-            pairs.append((int(hs[i0]), int(hs[i1])))
-        if ok:
-            options.append((score, s, pairs))
-    if not options:
-        return []
-    options.sort(key=lambda o: (-o[0], o[1]))  # most solid wedges first
-    return options[-1][2] if flip else options[0][2]
+    nout = 0
+    for g in range(gstart.shape[0]):
+        s0 = gstart[g]
+        k = gcount[g]
+        h0 = order[s0]
+        a = min(u[h0], v[h0])
+        b = max(u[h0], v[h0])
+        e = vertices[b] - vertices[a]
+        e = e / max(np.sqrt((e * e).sum()), 1e-12)
+        ref = np.array([1.0, 0.0, 0.0]) if abs(e[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+        x = np.cross(e, ref)
+        x = x / np.sqrt((x * x).sum())
+        y = np.cross(e, x)
+        hs = np.empty(k, np.int64)
+        ang = np.empty(k)
+        for i in range(k):
+            h = order[s0 + i]
+            hs[i] = h
+            f = h // 3
+            w = faces[f, (h % 3 + 2) % 3]
+            d = vertices[w] - vertices[a]
+            ang[i] = np.arctan2((d * y).sum(), (d * x).sum())
+        idx = np.argsort(ang)
+        hs = hs[idx]
+        ang = ang[idx]
+        best_s = -1
+        best_score = -1
+        alt_s = -1
+        for s in range(2):
+            ok = True
+            score = 0
+            for i in range(s, s + k, 2):
+                i0 = i % k
+                i1 = (i + 1) % k
+                f0 = (u[hs[i0]] == a)
+                f1 = (u[hs[i1]] == a)
+                if f0 == f1:
+                    ok = False
+                    break
+                gap = (ang[i1] - ang[i0]) % (2 * np.pi)
+                mid = ang[i0] + 0.5 * gap
+                m = np.cos(mid) * x + np.sin(mid) * y
+                solid = True
+                for hh in (hs[i0], hs[i1]):
+                    t = faces[hh // 3]
+                    nrm = np.cross(vertices[t[1]] - vertices[t[0]], vertices[t[2]] - vertices[t[0]])
+                    if (m * nrm).sum() >= 0:
+                        solid = False
+                if solid:
+                    score += 1
+            if ok:
+                if score > best_score:
+                    alt_s = best_s
+                    best_s, best_score = s, score
+                else:
+                    alt_s = s
+        use = alt_s if (flip[g] and alt_s >= 0) else best_s
+        if use < 0:
+            continue
+        for i in range(use, use + k, 2):
+            out[nout, 0] = hs[i % k]
+            out[nout, 1] = hs[(i + 1) % k]
+            nout += 1
+    return nout
+
+
+def _corner_components(nf, pairs):
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a, b = pairs[:, 0], pairs[:, 1]
+    fa, ca, fb, cb = a // 3, a % 3, b // 3, b % 3
+    # corner of u(a) in a's face ~ corner of the same vertex in b's face (likewise for v(a))
+    src = np.concatenate([3 * fa + ca, 3 * fa + (ca + 1) % 3])
+    dst = np.concatenate([3 * fb + (cb + 1) % 3, 3 * fb + cb])
+    g = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(3 * nf, 3 * nf))
+    return connected_components(g, directed=False)
+
+
+def _overshared(comp, ncomp) -> np.ndarray:
+    """Per corner: is the edge starting at this corner used by more than two faces?"""
+    cf = comp.reshape(-1, 3).astype(np.int64)
+    e = np.sort(np.stack([cf.reshape(-1), cf[:, [1, 2, 0]].reshape(-1)], axis=1), axis=1)
+    _, inv, cnt = np.unique(e[:, 0] * (ncomp + 1) + e[:, 1], return_inverse=True, return_counts=True)
+    return cnt[inv] > 2
 
 
 def make_manifold(vertices: np.ndarray, faces: np.ndarray):
@@ -162,12 +209,13 @@ def make_manifold(vertices: np.ndarray, faces: np.ndarray):
 
     Every edge ends up in exactly two faces and every vertex has one fan of faces; where pieces
     touched only along an edge or at a vertex, they get their own copies of those vertices (same
-    positions). Triangles and volume are unchanged. Returns (vertices, faces, source vertex ids).
+    positions). Triangles and volume are unchanged. Where both ends of a non-manifold edge stay
+    one fan, the edge is paired the other way (the pieces join across it); the rare edges that
+    stay non-manifold after that are left as they are (still closed). Returns (vertices, faces,
+    source vertex ids).
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     faces = np.asarray(faces, dtype=np.int64)
+    vertices = np.ascontiguousarray(vertices, dtype=np.float64)
     nf = len(faces)
     if nf == 0:
         return vertices, faces, np.arange(len(vertices))
@@ -182,40 +230,26 @@ def make_manifold(vertices: np.ndarray, faces: np.ndarray):
     two = starts[counts == 2]
     h1, h2 = order[two], order[two + 1]
     ok = (u[h1] == v[h2]) & (v[h1] == u[h2])  # opposite directions: a proper manifold edge
-    pairs = [np.stack([h1[ok], h2[ok]], axis=1)]
-    multi = [(int(s), int(cnt)) for s, cnt in zip(starts[counts > 2], counts[counts > 2])]
+    base = np.stack([h1[ok], h2[ok]], axis=1)
+    gstart = starts[counts > 2].astype(np.int64)
+    gcount = counts[counts > 2].astype(np.int64)
 
-    def split(flipped):
-        extra = []
-        for s, cnt in multi:
-            extra += _pair_nonmanifold(vertices, faces, order[s:s + cnt], u, v, s in flipped)
-        p = np.concatenate(pairs + ([np.asarray(extra, dtype=np.int64)] if extra else []))
-        a, b = p[:, 0], p[:, 1]
-        fa, ca, fb, cb = a // 3, a % 3, b // 3, b % 3
-        # corner of u(a) in a's face ~ corner of the same vertex in b's face (likewise for v(a))
-        src = np.concatenate([3 * fa + ca, 3 * fa + (ca + 1) % 3])
-        dst = np.concatenate([3 * fb + (cb + 1) % 3, 3 * fb + cb])
-        g = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(3 * nf, 3 * nf))
-        ncomp, comp = connected_components(g, directed=False)
-        return ncomp, comp
+    def split(flip):
+        out = np.empty((int(gcount.sum()) // 2 + 1, 2), np.int64)
+        k = _pair_groups(vertices, faces, order, gstart, gcount, u, v, flip, out) if len(gstart) else 0
+        return _corner_components(nf, np.concatenate([base, out[:k]]))
 
-    ncomp, comp = split(set())
-    if multi:
-        # where an edge is still shared by > 2 faces (both ends stayed one fan), pair it the
-        # other way: the pieces then join across the edge instead of touching along it
-        cf = comp.reshape(-1, 3)
-        e = np.sort(np.stack([cf.reshape(-1), cf[:, [1, 2, 0]].reshape(-1)], axis=1), axis=1)
-        key = e[:, 0] * (ncomp + 1) + e[:, 1]
-        _, inv_k, cnt_k = np.unique(key, return_inverse=True, return_counts=True)
-        still = cnt_k[inv_k] > 2
+    ncomp, comp = split(np.zeros(len(gstart), np.bool_))
+    if len(gstart):
+        still = _overshared(comp, ncomp)
         if still.any():
-            flipped = {s for s, c in multi if still[order[s:s + c]].any()}
-            ncomp2, comp2 = split(flipped)
-            cf2 = comp2.reshape(-1, 3)
-            e2 = np.sort(np.stack([cf2.reshape(-1), cf2[:, [1, 2, 0]].reshape(-1)], axis=1), axis=1)
-            _, inv2, cnt2 = np.unique(e2[:, 0] * (ncomp2 + 1) + e2[:, 1], return_inverse=True,
-                                      return_counts=True)
-            if np.count_nonzero(cnt2 > 2) < np.count_nonzero(cnt_k > 2):
+            # groups with a half-edge (= corner id) still over-shared
+            grp = np.repeat(np.arange(len(gstart)), gcount)
+            members = order[np.concatenate([np.arange(s, s + c) for s, c in zip(gstart, gcount)])]
+            flip = np.zeros(len(gstart), np.bool_)
+            flip[np.unique(grp[still[members]])] = True
+            ncomp2, comp2 = split(flip)
+            if np.count_nonzero(_overshared(comp2, ncomp2)) < np.count_nonzero(still):
                 ncomp, comp = ncomp2, comp2
     source = np.empty(ncomp, dtype=np.int64)
     source[comp] = u
@@ -424,19 +458,27 @@ class SharedComplex:
 
     def label_faces(self, label: int) -> np.ndarray:
         """Faces of one label, wound outward (global vertex ids)."""
-        a = self.triangles[self.sides[:, 0] == label]
-        b = self.triangles[self.sides[:, 1] == label][:, ::-1]
-        return np.concatenate([a, b])
+        key = (id(self.triangles), id(self.sides))
+        cache = getattr(self, "_by_label", None)
+        if cache is None or cache[0] != key:
+            lab = np.concatenate([self.sides[:, 0], self.sides[:, 1]])
+            order = np.argsort(lab, kind="stable")
+            bounds = np.searchsorted(lab[order], np.arange(int(lab.max(initial=0)) + 2))
+            cache = self._by_label = (key, order, bounds)
+        _, order, bounds = cache
+        if label < 0 or label + 1 >= len(bounds):
+            return np.zeros((0, 3), np.int64)
+        sel = order[bounds[label]:bounds[label + 1]]
+        nt = len(self.triangles)
+        first = sel[sel < nt]
+        second = sel[sel >= nt] - nt
+        return np.concatenate([self.triangles[first], self.triangles[second][:, ::-1]])
 
     def label_volumes(self, vertices: np.ndarray | None = None) -> dict:
         """Signed enclosed volume per label (mm^3) for the given vertex positions."""
-        v = self.vertices if vertices is None else vertices
-        p = v[self.triangles]
-        c = v.mean(axis=0)
-        vol6 = np.einsum("ij,ij->i", p[:, 0] - c, np.cross(p[:, 1] - c, p[:, 2] - c))
+        v = np.ascontiguousarray(self.vertices if vertices is None else vertices, dtype=np.float64)
         n = int(max(self.sides.max(initial=0), 0)) + 1
-        tot = np.bincount(self.sides[:, 0], weights=vol6, minlength=n)
-        tot -= np.bincount(self.sides[:, 1], weights=vol6, minlength=n)
+        tot = _label_volumes6(v, self.triangles, self.sides, n, v.mean(axis=0))
         return {int(lab): float(tot[lab] / 6.0) for lab in self.voxel_volume_mm3}
 
     def mesh(self, label: int, name: str = "", manifold: bool = True) -> Mesh:
@@ -452,6 +494,42 @@ class SharedComplex:
         if manifold:
             verts, faces, src = make_manifold(verts, faces)
         return Mesh(verts, faces, name, {"label_id": int(label), "complex_vertex": used[src]})
+
+
+@nb.njit(cache=True)
+def _label_volumes6(v, tris, sides, n, c):
+    """6 x signed volume per label: sum of det(p0-c, p1-c, p2-c), + on side 0, - on side 1."""
+    tot = np.zeros(n)
+    for t in range(tris.shape[0]):
+        a0 = v[tris[t, 0], 0] - c[0]
+        a1 = v[tris[t, 0], 1] - c[1]
+        a2 = v[tris[t, 0], 2] - c[2]
+        b0 = v[tris[t, 1], 0] - c[0]
+        b1 = v[tris[t, 1], 1] - c[1]
+        b2 = v[tris[t, 1], 2] - c[2]
+        d0 = v[tris[t, 2], 0] - c[0]
+        d1 = v[tris[t, 2], 1] - c[1]
+        d2 = v[tris[t, 2], 2] - c[2]
+        det = a0 * (b1 * d2 - b2 * d1) - a1 * (b0 * d2 - b2 * d0) + a2 * (b0 * d1 - b1 * d0)
+        tot[sides[t, 0]] += det
+        tot[sides[t, 1]] -= det
+    return tot
+
+
+@nb.njit(cache=True)
+def _vertex_min_t(tris, sides, t_lab, nv):
+    """Per vertex: the smallest blend factor of the labels (> 0) whose surfaces use it."""
+    t_v = np.ones(nv)
+    for t in range(tris.shape[0]):
+        for s in range(2):
+            lab = sides[t, s]
+            if lab <= 0:
+                continue
+            f = t_lab[lab]
+            for c in range(3):
+                if f < t_v[tris[t, c]]:
+                    t_v[tris[t, c]] = f
+    return t_v
 
 
 def _world(pos_idx: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -471,9 +549,10 @@ def surface_nets(labels: np.ndarray, affine: np.ndarray, *, smooth_iterations: i
     if not present:
         raise CtwinError("label map has no labelled voxel to mesh")
     # Crop to the labelled bounding box (+1) to save time on large empty margins.
-    nz = np.nonzero(lab)
-    lo = np.array([x.min() for x in nz])
-    hi = np.array([x.max() for x in nz]) + 1
+    lo, hi = np.zeros(3, np.int64), np.zeros(3, np.int64)
+    for ax in range(3):
+        occ = np.flatnonzero(np.any(lab != 0, axis=tuple(a for a in range(3) if a != ax)))
+        lo[ax], hi[ax] = occ[0], occ[-1] + 1
     sub = lab[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     pad = np.pad(sub, 2).astype(np.int32)  # quads are emitted from padded index 1 on
     vid, n = _sn_vertices(pad)
@@ -509,11 +588,6 @@ def _bound_volumes(cx: SharedComplex, exact: np.ndarray, smooth: np.ndarray, tol
     labels_ = np.array(sorted(v0))
     nlab = int(labels_.max()) + 1
     t_lab = np.ones(nlab)
-    # vertex -> labels touching it: via triangles
-    vt = np.concatenate([cx.triangles.reshape(-1), cx.triangles.reshape(-1)])
-    vl = np.concatenate([np.repeat(cx.sides[:, 0], 3), np.repeat(cx.sides[:, 1], 3)])
-    keep = vl > 0
-    vt, vl = vt[keep], vl[keep]
     n = len(exact)
     pos = smooth
     for _ in range(12):
@@ -528,16 +602,14 @@ def _bound_volumes(cx: SharedComplex, exact: np.ndarray, smooth: np.ndarray, tol
                     t_lab[lab_id] = 0.0
         if not bad:
             return pos
-        t_v = np.ones(n)
-        np.minimum.at(t_v, vt, t_lab[vl])
+        t_v = _vertex_min_t(cx.triangles, cx.sides, t_lab, n)
         pos = exact + t_v[:, None] * (smooth - exact)
     # last resort: labels still outside the tolerance keep their voxel-exact surfaces
     vols = cx.label_volumes(pos)
     for lab_id in labels_:
         if abs(vols[lab_id] - v0[lab_id]) / v0[lab_id] > tol:
             t_lab[lab_id] = 0.0
-    t_v = np.ones(n)
-    np.minimum.at(t_v, vt, t_lab[vl])
+    t_v = _vertex_min_t(cx.triangles, cx.sides, t_lab, n)
     return exact + t_v[:, None] * (smooth - exact)
 
 
@@ -622,10 +694,12 @@ def _axial_axis(vol: Volume) -> int:
 def body_mask(ct: Volume, threshold_hu: float = -500.0, opening_mm: float = 6.0) -> np.ndarray:
     """Boolean body mask: HU > threshold, table and blankets removed, holes filled slice-wise.
 
-    The table and blankets are thin structures that touch the body along thin bridges at most:
-    an in-plane opening with a disk of radius ``opening_mm`` cuts them off, the largest 3-D
-    component is the body, and the body's voxels lost to the opening are restored where they
-    are within the opening radius of that component and not part of a separate thin structure.
+    The table and blankets are thin structures, or touch the body along thin bridges only: an
+    in-plane opening with a disk of radius ``opening_mm`` cuts them off and the largest 3-D
+    component is the body. Pieces the opening shaved off are given back when they lie wholly
+    within the opening radius of the body (skin details), not when they extend beyond it (a pad
+    or blanket lying against the body). Not handled: a thick table fused to the body over a wide
+    contact with no lower-HU layer between them.
     """
     from scipy import ndimage
 
@@ -646,12 +720,19 @@ def body_mask(ct: Volume, threshold_hu: float = -500.0, opening_mm: float = 6.0)
     sizes = np.bincount(lab.reshape(-1))
     sizes[0] = 0
     body = lab == int(np.argmax(sizes))
-    # restore the rim the opening shaved off the body (not the table: it was cut off entirely)
+    # Restore what the opening shaved off the body itself: pieces of (mask - body) that lie
+    # wholly within the opening radius of the body. A table pad or blanket touching the body
+    # extends beyond that radius (it is wider than the body's contact) and stays out.
     near = ndimage.binary_dilation(body, structure=struct)
-    rim = m & near & ~body
-    other = opened & ~body
-    rim &= ~ndimage.binary_dilation(other, structure=struct)
-    body |= rim
+    rest_lab, nrest = ndimage.label(m & ~body)
+    if nrest:
+        total = np.bincount(rest_lab.reshape(-1), minlength=nrest + 1)
+        close = np.bincount(rest_lab[near].reshape(-1), minlength=nrest + 1)
+        keep = (close == total)
+        keep[0] = False
+        body |= keep[rest_lab]
+        table = ~keep[rest_lab] & (rest_lab > 0)
+        _cut_flat_table(body, table, ct, ax)
     # fill holes slice by slice (lungs, bowel gas) in the axial planes
     body = np.moveaxis(body, ax, 0)
     for s in range(body.shape[0]):
@@ -664,6 +745,44 @@ def body_mask(ct: Volume, threshold_hu: float = -500.0, opening_mm: float = 6.0)
         sizes[0] = 0
         body = lab == int(np.argmax(sizes))
     return np.ascontiguousarray(body)
+
+
+def _cut_flat_table(body: np.ndarray, table: np.ndarray, ct: Volume, ax: int,
+                    flat_mm: float = 10.0, min_width_mm: float = 100.0) -> None:
+    """Remove a flat table top that the body lies on directly (in place).
+
+    Per axial slice: the anterior-most row in which the thin structures cut off beside the body
+    (``table``) span at least ``min_width_mm``, and the rows within ``flat_mm`` posterior of it,
+    are the table top when no body voxel lies posterior of them; body voxels in those rows are
+    table, not patient. A curved table (its top rows are its raised sides, with the body
+    reaching further posterior) is left to the opening.
+    """
+    inplane = [a for a in range(3) if a != ax]
+    d = ct.direction
+    yax = inplane[int(np.argmax([abs(d[1, a]) for a in inplane]))]
+    xax = inplane[0] if inplane[1] == yax else inplane[1]
+    post_sign = np.sign(d[1, yax])  # +1: increasing index is posterior
+    sp_y, sp_x = ct.spacing[yax], ct.spacing[xax]
+    b = np.transpose(body, (ax, xax, yax))  # a view: writes go to ``body``
+    t = np.transpose(table, (ax, xax, yax))
+    nband = max(1, int(np.floor(flat_mm / sp_y)))
+    for s in np.flatnonzero(t.any(axis=(1, 2))):
+        # the table's top: its anterior-most row that spans min_width_mm, and the rows
+        # within flat_mm posterior of it
+        wide = np.flatnonzero(t[s].sum(axis=0) * sp_x >= min_width_mm)
+        if wide.size == 0:
+            continue
+        if post_sign > 0:
+            rows = np.arange(wide[0], min(wide[0] + nband, t.shape[2]))
+        else:
+            rows = np.arange(max(wide[-1] - nband + 1, 0), wide[-1] + 1)
+        brows = np.flatnonzero(b[s].any(axis=0))
+        if brows.size == 0:
+            continue
+        beyond = brows > rows[-1] if post_sign > 0 else brows < rows[0]
+        if beyond.any():  # body posterior of the "table": it is not a table under the body
+            continue
+        b[s, :, rows[0]:rows[-1] + 1] = False
 
 
 def skin_mesh(ct: Volume, threshold_hu: float = -500.0, *, smooth_iterations: int = 10,

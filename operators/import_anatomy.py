@@ -6,8 +6,9 @@ leaves the scene untouched (and the whole operator is one undo step).
 
 ``create_anatomy(meshes, skin=None, stats=None)`` builds the collections Skeleton, Organs and
 Skin, one object per structure named by label (LPS mm -> Blender metres, no axis swap), materials
-coloured by tissue class and custom properties ``label_id``, ``tissue``, ``hu_mean``, ``hu_std``,
-``hu_p5``, ``hu_p95``, ``volume_cm3``. ``ctwin build`` can call it to fill ``twin.blend``.
+coloured by tissue class and custom properties ``label_id``, ``label_name``, ``tissue``,
+``hu_mean``, ``hu_std``, ``hu_p5``, ``hu_p95``, ``volume_cm3``. The CT skin surface is the object
+``skin``; a segmentation label also named ``skin`` becomes the object ``skin_label``. ``ctwin build`` can call it to fill ``twin.blend``.
 """
 from __future__ import annotations
 
@@ -48,21 +49,27 @@ def create_anatomy(meshes: dict, skin=None, stats: dict | None = None) -> dict:
     name_to_id = _labels.name_to_id()
     cols = {}
     objs = {}
-    items = list(meshes.items()) + ([("skin", skin)] if skin is not None else [])
-    for name, m in items:
+    # (object name, label name, mesh); the CT skin surface takes the name "skin", a segmentation
+    # label that is also called "skin" (a skin-tissue shell) becomes "skin_label"
+    items = [("skin_label" if (n == "skin" and skin is not None) else n, n, m, n)
+             for n, m in meshes.items()]
+    if skin is not None:
+        items.append(("skin", "skin", skin, "skin_surface"))  # its stats key: "skin_surface"
+    for obj_name, name, m, stats_key in items:
         tissue = "skin" if name == "skin" else _labels.tissue_class(name)
         cname = collection_for(tissue)
         if cname not in cols:
             cols[cname] = bl_data.ensure_collection(cname)
-        obj = bl_data.mesh_object(name, m.vertices, m.faces, cols[cname])
+        obj = bl_data.mesh_object(obj_name, m.vertices, m.faces, cols[cname])
         obj.data.materials.append(tissue_material(tissue))
-        props = {"label_id": int(m.meta.get("label_id", name_to_id.get(name, 0))), "tissue": tissue}
-        st = stats.get(name)
+        props = {"label_id": int(m.meta.get("label_id", name_to_id.get(name, 0))), "label_name": name,
+                 "tissue": tissue}
+        st = stats.get(stats_key)
         if st:
             props.update({"hu_mean": st["mean"], "hu_std": st["std"], "hu_p5": st["p5"],
                           "hu_p95": st["p95"], "volume_cm3": st["volume_cm3"]})
         bl_data.set_custom_props(obj, props)
-        objs[name] = obj
+        objs[obj_name] = obj
     return objs
 
 
@@ -129,7 +136,7 @@ class CTWIN_OT_import_ct_anatomy(bpy.types.Operator, ImportHelper):
                     max_triangles=self.max_triangles or None)
                 stats = label_hu_stats(ct, labelmap, names)
                 body = body_mask(ct)
-                skin_stats = label_hu_stats(ct, labelmap.with_data(body.astype("uint16")), {1: "skin"})
+                skin_stats = label_hu_stats(ct, labelmap.with_data(body.astype("uint16")), {1: "skin_surface"})
                 stats.update(skin_stats)
         except CtwinError as exc:
             self.report({"ERROR"}, " ".join(str(exc).split()))

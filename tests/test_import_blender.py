@@ -91,6 +91,8 @@ def test_import_ct_anatomy_operator(case):
     v, f = bl_data.mesh_arrays(spine)
     np.testing.assert_allclose(v, meshes["vertebrae_L1"].vertices, atol=1e-3)
     np.testing.assert_array_equal(f, meshes["vertebrae_L1"].faces)
+    sk = bpy.data.objects["skin"]
+    assert sk["tissue"] == "skin" and -100 < sk["hu_mean"] < 200  # body-mask HU, not air
     # the table slab (rows j >= 33 -> LPS y >= 49 mm) is not in the skin
     sv, _ = bl_data.mesh_arrays(bpy.data.objects["skin"])
     assert sv[:, 1].max() < -50 + 3 * 32

@@ -210,4 +210,18 @@ def test_phantom_every_bone_imported(tmp_path):
                                                        tmp_path / "ph" / "seg.nii.gz")
     bones = {n for i, n in ph.labels.items() if labels.is_skeletal(n) and np.any(ph.seg.data == i)}
     assert bones and bones <= set(meshes)
-    assert all(meshes[b].is_closed() for b in bones)
+    assert all(meshes[b].is_closed() and meshes[b].nonmanifold_edges() == 0 for b in bones)
+    # the phantom's table lies right under the body; it must not be part of the skin
+    inv = {n: i for i, n in ph.labels.items()}
+    body = body_mask(ct)
+    if "table" in inv:
+        table = labelmap.data == inv["table"]
+        assert table.any() and not (body & table).any()
+        from scipy.spatial import cKDTree
+
+        d, _ = cKDTree(ct.index_to_world(np.argwhere(table))).query(skin.vertices)
+        assert d.min() >= 0.5 * ct.spacing.min() - 1e-6
+    # labelled anatomy above the body threshold is in the body (coarse partial-volume fat
+    # voxels below -500 HU cannot be)
+    anatomy = (labelmap.data > 0) & (labelmap.data != inv.get("table", -1)) & (ct.data > -500)
+    assert body[anatomy].mean() > 0.999
