@@ -7,8 +7,8 @@ and the GPU run the same code; only the drivers differ (a ``prange`` loop over p
 CUDA thread per pixel).
 
 Conventions (see core/projector.py for the host side):
-- A volume is a flat 16-bit array (C order, index (i, j, k), k fastest): int16 HU, or float16 mu
-  stored as its uint16 bit patterns. Values reach mu either through the linear SPEC 5 map
+- A volume is a flat int16 array (C order, index (i, j, k), k fastest): HU, or float16 mu bit
+  patterns viewed as int16 (one compiled specialisation for both). Values reach mu either through the linear SPEC 5 map
   (``lin_a`` != 0: HU clamped at ``lin_lo`` = -1000 is interpolated, then mu = a HU + b, which equals
   interpolating the clipped mu exactly) or through a float32 table ``lut`` of 65536 entries indexed
   by the 16-bit pattern (float16 mu, material tables of the polyenergetic model).

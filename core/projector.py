@@ -67,13 +67,15 @@ def _world_to_index12(affine) -> np.ndarray:
 
 
 def _as_patterns(data: np.ndarray, quantity: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """(16-bit array: int16 HU or float16 bits as uint16, lut, quantity) for a data array."""
+    """(int16 array: HU, or float16 mu bit patterns viewed as int16, lut, quantity).
+
+    Both kinds reach the kernels as int16 so that one compiled specialisation serves both."""
     if quantity == "auto":
         quantity = "mu" if data.dtype == np.float16 else "hu"
     if quantity == "mu":
         if data.dtype != np.float16:
             data = data.astype(np.float16)
-        return data.view(np.uint16), physics.float16_lut(), "mu"
+        return data.view(np.int16), physics.float16_lut(), "mu"
     if quantity != "hu":
         raise CtwinError(f"unknown volume quantity {quantity!r} (hu or mu)")
     if data.dtype != np.int16:
@@ -119,7 +121,7 @@ def occupancy_grid(flat: np.ndarray, lut: np.ndarray, shape, bs: int = BLOCK) ->
 class PreparedVolume:
     """A volume in the kernels' compact resident form (see module docstring)."""
 
-    flat: np.ndarray  # int16 HU or uint16 (float16 mu bits), (n,) C order
+    flat: np.ndarray  # int16: HU, or float16 mu bits (quantity "mu"), (n,) C order
     shape: tuple
     affine: np.ndarray  # index -> world
     lut: np.ndarray  # float32 (65536,)
