@@ -7,7 +7,7 @@ of it again, so the extension can be enabled and disabled repeatedly in one sess
 """
 
 # Blender-layer modules; each has register() and unregister(). Registered in this order.
-_BLENDER_MODULES = ("properties", "operators", "rig", "render", "ui")
+_BLENDER_MODULES = ("properties", "operators", "rig", "render", "twin_blend", "ui")
 _cli_handle = None
 _registered = []
 

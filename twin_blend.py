@@ -18,7 +18,7 @@ def ensure_registered() -> None:
     """Register the extension's classes when running from a clone (the bpy module, no install)."""
     import bpy
 
-    engines = {cls.bl_idname for cls in bpy.types.RenderEngine.__subclasses__()
+    engines = {getattr(cls, "bl_idname", None) for cls in bpy.types.RenderEngine.__subclasses__()
                if getattr(cls, "is_registered", False)}
     if "CTWIN_DRR" in engines:
         return
@@ -28,55 +28,17 @@ def ensure_registered() -> None:
 
 
 def set_xray_camera(scene, geometry, name: str = "xray_source"):
-    """Create or update the scene camera so that it is the X-ray source of ``geometry``.
-
-    The camera looks down its local -Z, local +X is the detector's u (columns) and local -Y its v
-    (rows). Perspective = cone beam with lens/sensor matching SID/detector width; orthographic =
-    parallel beam with ortho_scale = detector width. Detector size and SID are custom properties.
-    """
+    """Create or update the scene camera as the X-ray source of ``geometry`` (render.camera maths)."""
     import bpy
-    from mathutils import Matrix
 
-    g = geometry
+    from .render.camera import setup_xray_camera
+
     cam_data = bpy.data.cameras.get(name) or bpy.data.cameras.new(name)
     cam = bpy.data.objects.get(name) or bpy.data.objects.new(name, cam_data)
     if cam.name not in scene.collection.objects:
         scene.collection.objects.link(cam)
-    src = np.asarray(g.source_mm, dtype=np.float64)
-    det = np.asarray(g.detector_center_mm, dtype=np.float64)
-    d = det - src
-    sid = float(np.linalg.norm(d))
-    u = np.asarray(g.detector_u, dtype=np.float64)
-    v = np.asarray(g.detector_v, dtype=np.float64)
-    rot = np.column_stack([u, -v, -d / sid])
-    m = np.eye(4)
-    m[:3, :3] = rot
-    m[:3, 3] = src * MM
-    cam.matrix_world = Matrix(m.tolist())
-    w, h = g.size_px
-    du, dv = g.pixel_spacing_mm
-    width_mm, height_mm = w * du, h * dv
-    cam_data.sensor_fit = "HORIZONTAL"
-    cam_data.sensor_width = width_mm
-    cam_data.sensor_height = height_mm
-    if g.parallel:
-        cam_data.type = "ORTHO"
-        cam_data.ortho_scale = width_mm * MM
-    else:
-        cam_data.type = "PERSP"
-        cam_data.lens_unit = "MILLIMETERS"
-        cam_data.lens = sid
-    cam_data.clip_start = 0.01
-    cam_data.clip_end = max(10.0, 2 * sid * MM)
-    cam_data["sid_mm"] = sid
-    cam_data["detector_width_mm"] = width_mm
-    cam_data["detector_height_mm"] = height_mm
+    setup_xray_camera(cam, geometry, scene)
     scene.camera = cam
-    scene.render.resolution_x = int(w)
-    scene.render.resolution_y = int(h)
-    scene.render.resolution_percentage = 100
-    scene.render.pixel_aspect_x = 1.0
-    scene.render.pixel_aspect_y = float(dv / du) if du > 0 else 1.0
     return cam
 
 
@@ -128,7 +90,7 @@ def write_twin_blend(twin_dir, blend_path, *, reset: bool = True) -> Path:
     views = twin.default_views(size=512)
     set_xray_camera(scene, views["ap"])
     scene.render.engine = "CTWIN_DRR"
-    scene["ctwin_twin_dir"] = "//"
+    scene.ctwin.twin_dir = "//"
     scene.render.fps = 24
     scene.frame_start = 1
     scene.frame_end = 1
@@ -136,3 +98,58 @@ def write_twin_blend(twin_dir, blend_path, *, reset: bool = True) -> Path:
     blend_path = Path(blend_path)
     bpy.ops.wm.save_as_mainfile(filepath=str(blend_path), check_existing=False, compress=True)
     return blend_path
+
+
+# --------------------------------------------------------------------------------------------
+# the DRR engine's volume provider for twins
+# --------------------------------------------------------------------------------------------
+def twin_armature_object(scene):
+    """The scene's twin armature (the one created by ``rig.armature.create_armature``)."""
+    for obj in scene.objects:
+        if obj.type == "ARMATURE" and obj.get("ctwin_joints_mm") is not None:
+            return obj
+    for obj in scene.objects:
+        if obj.type == "ARMATURE":
+            return obj
+    return None
+
+
+def twin_provider(scene, frame):
+    """Posed projector scene of the twin at the armature's current pose, or None without a twin."""
+    import os
+
+    import bpy
+
+    from .core.articulated import to_projector_scene
+    from .core.twin import load_twin
+    from .render import scene_volumes
+    from .rig.armature import armature_pose
+
+    settings = getattr(scene, "ctwin", None)
+    if settings is None or not settings.twin_dir:
+        return None
+    d = os.path.realpath(bpy.path.abspath(settings.twin_dir))
+    meta = os.path.join(d, "twin.json")
+    if not os.path.isfile(meta):
+        from .core.errors import CtwinError
+
+        raise CtwinError(f"the scene's twin directory {d} has no twin.json")
+    twin = scene_volumes.cached(("twin", d, os.stat(meta).st_mtime_ns), lambda: load_twin(d))
+    arm = twin_armature_object(scene)
+    if arm is not None:
+        pose, transl = armature_pose(arm)
+    else:
+        pose, transl = twin.pose0, None
+    return to_projector_scene(twin.posed_scene(pose, transl))
+
+
+def register():
+    from .render import scene_volumes
+
+    scene_volumes.register_provider(twin_provider)
+
+
+def unregister():
+    from .render import scene_volumes
+
+    scene_volumes.unregister_provider(twin_provider)

@@ -334,8 +334,14 @@ def frame_poses(twin: Twin, pose=None, motion=None, frames=None, fps: float = 24
 def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=None, geometry=None,
                 size=None, device="auto", sad_mm=1000.0, sid_mm=1500.0, parallel=False,
                 method="trilinear", step_mm=None, value="line_integral", kvp=None, photons=None,
-                electronic_sigma=0.0, seed=0, fps: float = 24.0) -> int:
-    """Render a twin's frames (posed by a pose file or a motion) as <view>_<frame>.tif + .json."""
+                electronic_sigma=0.0, seed=0, fps: float = 24.0, annotate: bool = False,
+                views: dict | None = None) -> int:
+    """Render a twin's frames (posed by a pose file or a motion) as <view>_<frame>.tif + .json.
+
+    ``annotate`` also writes, per frame and view, the projected label masks and the 2D joints and
+    landmarks (``core.annotations``). ``views`` ({name: Geometry, or a callable frame -> Geometry})
+    overrides the named views, e.g. for a C-arm sweep.
+    """
     from . import physics
     from .carm import named_view
     from .projector import frame_written, resolve_device, write_frame
@@ -347,7 +353,9 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
     twin = load_twin(twin_dir)
     dev = resolve_device(device)
     out = Path(out_dir)
-    if geometry is not None:
+    if views is not None:
+        pass
+    elif geometry is not None:
         views = {"view": geometry}
     else:
         lo, hi = (np.asarray(b) for b in twin.meta["ct"]["bbox_mm"])
@@ -364,10 +372,24 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
             report(f"frame {f}: already written, skipped", done / total)
             continue
         scene = twin.posed_scene(p, t)
+        posed = joints = marks = None
+        if annotate:
+            from .annotations import twin_landmarks
+
+            posed = twin.posed_meshes(p, t)
+            posed.pop("skin", None)
+            joints = twin.binding.armature.posed_joints(p, t)
+            marks = twin_landmarks(twin, p, t)
         for n, g in views.items():
             done += 1
+            if callable(g):
+                g = g(f)
             if frame_written(stems[n]):
                 continue
+            if annotate:
+                from .annotations import write_annotations
+
+                write_annotations(stems[n], g, posed, joints, marks)
             li = twin_render_scene(scene, g, step_mm=step_mm, device=dev)
             if photons is not None:
                 li = physics.add_noise(li, photons, electronic_sigma, seed + f)

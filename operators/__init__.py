@@ -5,11 +5,13 @@ File-menu entries go in ``MENUS`` as ``(menu_type_name, draw_function)`` pairs.
 """
 from .import_anatomy import CTWIN_OT_import_anatomy_meshes, CTWIN_OT_import_ct_anatomy, menu_import
 from .fit import CTWIN_OT_fit_body_model
+from .workflow import CLASSES as WORKFLOW_CLASSES
 
 CLASSES = (
     CTWIN_OT_import_ct_anatomy,
     CTWIN_OT_import_anatomy_meshes,
     CTWIN_OT_fit_body_model,
+    *WORKFLOW_CLASSES,
 )
 
 MENUS = (

@@ -1,0 +1,228 @@
+"""Operators of the ctwin panel's later steps: Build Rig, X-ray Camera, Render DRR, Render Animation.
+
+Thin: they collect Blender data, call the core, and write the results back into the scene.
+"""
+from __future__ import annotations
+
+import json
+
+import bpy
+import numpy as np
+from bpy.props import EnumProperty, FloatProperty, IntProperty
+
+from .. import bl_data
+from ..core import progress
+from ..core.errors import CtwinError
+
+RIG_COLLECTION = "Rig"
+CONE_OBJECT = "xray_cone"
+IMAGE_NAME = "ctwin DRR"
+
+VIEW_ITEMS = [
+    ("ap", "AP", "anteroposterior"), ("pa", "PA", "posteroanterior"),
+    ("lat_left", "Lateral (left)", "left lateral"), ("lat_right", "Lateral (right)", "right lateral"),
+    ("lao30", "LAO 30", "left anterior oblique 30 degrees"), ("rao30", "RAO 30", "right anterior oblique 30 degrees"),
+    ("lao30_cran20", "LAO 30 / cranial 20", ""), ("caud20", "Caudal 20", ""),
+]
+
+
+def _anatomy_meshes():
+    """{name: Mesh (world mm)} of the imported anatomy (Skeleton, Organs and Skin collections)."""
+    from ..core.mesh import Mesh
+
+    out = {}
+    for cname in ("Skeleton", "Organs", "Skin"):
+        col = bpy.data.collections.get(cname)
+        if col is None:
+            continue
+        for obj in col.all_objects:
+            if obj.type == "MESH":
+                v, f = bl_data.mesh_arrays(obj, world=True)
+                out[obj.name] = (obj, Mesh(v, f, obj.name))
+    return out
+
+
+def _fit_from_scene(context) -> dict:
+    raw = context.scene.get("ctwin_fit")
+    if not raw:
+        raise CtwinError("no fit in the scene: run Fit Body Model first")
+    fit = json.loads(raw)
+    return {k: np.asarray(fit[k], dtype=np.float64) for k in ("pose", "betas", "transl_mm", "joints_mm")}
+
+
+def anatomy_bbox_mm():
+    """World (min, max) in mm of the imported anatomy (or of every mesh in the scene)."""
+    pts = []
+    for obj in bpy.context.scene.objects:
+        if obj.type == "MESH" and obj.name != CONE_OBJECT:
+            m = np.array(obj.matrix_world)
+            c = np.array([list(v) for v in obj.bound_box], dtype=np.float64)
+            pts.append((c @ m[:3, :3].T + m[:3, 3]) * 1000.0)
+    if not pts:
+        raise CtwinError("nothing in the scene to aim the X-ray camera at: import anatomy first")
+    p = np.concatenate(pts)
+    return p.min(axis=0), p.max(axis=0)
+
+
+class CTWIN_OT_build_rig(bpy.types.Operator):
+    """Build the armature from the fitted skeleton and bind the anatomy (bones rigid, soft tissue smooth)"""
+
+    bl_idname = "ctwin.build_rig"
+    bl_label = "Build Rig"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        from ..core.binding import bind_structures
+        from ..core.body_model import load_body_model
+        from ..rig.armature import bind_meshes, create_armature
+
+        try:
+            fit = _fit_from_scene(context)
+            items = _anatomy_meshes()
+            if not items:
+                raise CtwinError("no anatomy in the scene: import CT anatomy or meshes first")
+            bm = load_body_model(context.scene.get("ctwin_body_model_path") or None)
+            fit["residual_mm"] = None  # weights come from the parametric fit; the residual is small
+            meshes = {n: m for n, (_, m) in items.items()}
+            progress.report(f"binding {len(meshes)} structures")
+            binding = bind_structures(meshes, bm, fit)
+            old = bpy.data.objects.get("ctwin_rig")
+            if old is not None:
+                bpy.data.objects.remove(old)
+            arm = create_armature(binding, collection=bl_data.ensure_collection(RIG_COLLECTION))
+            bind_meshes(arm, {n: o for n, (o, _) in items.items()}, binding)
+        except CtwinError as exc:
+            self.report({"ERROR"}, " ".join(str(exc).split()))
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"rig built: {len(binding.rigid)} rigid structures, {len(binding.soft)} smooth")
+        return {"FINISHED"}
+
+
+def _cone(scene, g):
+    """A wire pyramid from the source to the detector corners, and the detector outline."""
+    w, h = g.size_px
+    du, dv = g.pixel_spacing_mm
+    c = np.asarray(g.detector_center_mm)
+    u, v = np.asarray(g.detector_u), np.asarray(g.detector_v)
+    hw, hh = 0.5 * w * du, 0.5 * h * dv
+    corners = [c - hw * u - hh * v, c + hw * u - hh * v, c + hw * u + hh * v, c - hw * u + hh * v]
+    src = np.asarray(g.source_mm) if not g.parallel else None
+    verts = corners + ([src] if src is not None else [k - g.sid_mm * g.normal for k in corners])
+    verts = np.asarray(verts)
+    if src is not None:
+        edges = [(0, 1), (1, 2), (2, 3), (3, 0), (4, 0), (4, 1), (4, 2), (4, 3)]
+    else:
+        edges = [(0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4), (0, 4), (1, 5), (2, 6), (3, 7)]
+    old = bpy.data.objects.get(CONE_OBJECT)
+    if old is not None:
+        me = old.data
+        bpy.data.objects.remove(old)
+        bpy.data.meshes.remove(me)
+    me = bpy.data.meshes.new(CONE_OBJECT)
+    me.from_pydata((verts / 1000.0).tolist(), edges, [])
+    obj = bpy.data.objects.new(CONE_OBJECT, me)
+    scene.collection.objects.link(obj)
+    obj.hide_render = True
+    obj.hide_select = True
+    return obj
+
+
+class CTWIN_OT_xray_camera(bpy.types.Operator):
+    """Place the X-ray source (the scene camera) at a C-arm view of the anatomy and show the beam"""
+
+    bl_idname = "ctwin.xray_camera"
+    bl_label = "X-ray Camera"
+    bl_options = {"REGISTER", "UNDO"}
+
+    view: EnumProperty(name="View", items=VIEW_ITEMS, default="ap")
+    sad_mm: FloatProperty(name="SAD (mm)", default=1000.0, min=100.0, description="source to isocentre")
+    sid_mm: FloatProperty(name="SID (mm)", default=1500.0, min=150.0, description="source to detector")
+    pixels: IntProperty(name="Detector pixels", default=512, min=8, max=8192)
+
+    def execute(self, context):
+        from ..core.carm import named_view
+        from ..twin_blend import set_xray_camera
+
+        try:
+            g = named_view(self.view, anatomy_bbox_mm(), sad_mm=self.sad_mm, sid_mm=self.sid_mm,
+                           size=self.pixels)
+            cam = set_xray_camera(context.scene, g)
+            _cone(context.scene, g)
+        except CtwinError as exc:
+            self.report({"ERROR"}, " ".join(str(exc).split()))
+            return {"CANCELLED"}
+        if context.scene.render.engine != "CTWIN_DRR":
+            context.scene.render.engine = "CTWIN_DRR"
+        self.report({"INFO"}, f"{cam.name}: {self.view}, SID {self.sid_mm:g} mm, "
+                              f"detector {g.detector_size_mm[0]:.0f} mm, {self.pixels} px")
+        return {"FINISHED"}
+
+
+def show_image(img: np.ndarray, name: str = IMAGE_NAME):
+    """Put a float DRR into an image datablock (bulk) and show it in an Image Editor if one exists."""
+    h, w = img.shape
+    im = bpy.data.images.get(name)
+    if im is None or tuple(im.size) != (w, h):
+        if im is not None:
+            bpy.data.images.remove(im)
+        im = bpy.data.images.new(name, width=w, height=h, float_buffer=True, is_data=True)
+    top = float(np.percentile(img, 99.7)) or 1.0
+    g = np.clip(img / top, 0.0, 1.0)[::-1].astype(np.float32)  # Blender rows run bottom-up
+    rgba = np.empty((h, w, 4), np.float32)
+    rgba[..., :3] = g[..., None]
+    rgba[..., 3] = 1.0
+    im.pixels.foreach_set(rgba.reshape(-1))
+    im.update()
+    wm = bpy.context.window_manager
+    for window in getattr(wm, "windows", []):
+        for area in window.screen.areas:
+            if area.type == "IMAGE_EDITOR":
+                area.spaces.active.image = im
+                return im
+    return im
+
+
+class CTWIN_OT_render_drr(bpy.types.Operator):
+    """Render the DRR of the current frame with the ctwin DRR engine and show it"""
+
+    bl_idname = "ctwin.render_drr"
+    bl_label = "Render DRR"
+
+    def execute(self, context):
+        from ..core.projector import write_frame
+        from ..render.engine import frame_stem, render_frame
+
+        scene = context.scene
+        try:
+            img, g, info = render_frame(scene)
+            if scene.ctwin_drr.write_frames:
+                write_frame(frame_stem(scene, scene.frame_current), img,
+                            g.to_sidecar(**info, blend=bpy.data.filepath))
+        except CtwinError as exc:
+            self.report({"ERROR"}, " ".join(str(exc).split()))
+            return {"CANCELLED"}
+        show_image(img)
+        self.report({"INFO"}, f"DRR {img.shape[1]}x{img.shape[0]} of frame {scene.frame_current}")
+        return {"FINISHED"}
+
+
+class CTWIN_OT_render_animation(bpy.types.Operator):
+    """Render every frame of the scene's range with the ctwin DRR engine (.tif + .json per frame)"""
+
+    bl_idname = "ctwin.render_animation"
+    bl_label = "Render Animation"
+
+    def execute(self, context):
+        scene = context.scene
+        if scene.render.engine != "CTWIN_DRR":
+            scene.render.engine = "CTWIN_DRR"
+        if scene.camera is None:
+            self.report({"ERROR"}, "no X-ray camera: use X-ray Camera first")
+            return {"CANCELLED"}
+        bpy.ops.render.render(animation=True)
+        n = scene.frame_end - scene.frame_start + 1
+        self.report({"INFO"}, f"rendered {n} frames to {bpy.path.abspath(scene.render.filepath)}")
+        return {"FINISHED"}
+
+
+CLASSES = (CTWIN_OT_build_rig, CTWIN_OT_xray_camera, CTWIN_OT_render_drr, CTWIN_OT_render_animation)
