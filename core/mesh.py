@@ -183,17 +183,62 @@ def _pair_groups(vertices, faces, order, gstart, gcount, u, v, flip, out):
     return nout
 
 
-def _corner_components(nf, pairs):
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+@nb.njit(cache=True)
+def _uf_find(parent, x):
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
 
-    a, b = pairs[:, 0], pairs[:, 1]
-    fa, ca, fb, cb = a // 3, a % 3, b // 3, b % 3
-    # corner of u(a) in a's face ~ corner of the same vertex in b's face (likewise for v(a))
-    src = np.concatenate([3 * fa + ca, 3 * fa + (ca + 1) % 3])
-    dst = np.concatenate([3 * fb + (cb + 1) % 3, 3 * fb + cb])
-    g = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(3 * nf, 3 * nf))
-    return connected_components(g, directed=False)
+
+@nb.njit(cache=True)
+def _corner_uf(n, pairs):
+    """Union-find over face corners joined across paired half-edges: (ncomp, comp)."""
+    parent = np.arange(n)
+    for e in range(pairs.shape[0]):
+        a = pairs[e, 0]
+        b = pairs[e, 1]
+        fa, ca, fb, cb = a // 3, a % 3, b // 3, b % 3
+        # corner of u(a) in a's face ~ the same vertex's corner in b's face (likewise for v(a))
+        for x, y in ((3 * fa + ca, 3 * fb + (cb + 1) % 3), (3 * fa + (ca + 1) % 3, 3 * fb + cb)):
+            rx = _uf_find(parent, x)
+            ry = _uf_find(parent, y)
+            if rx != ry:
+                if rx < ry:
+                    parent[ry] = rx
+                else:
+                    parent[rx] = ry
+    comp = np.empty(n, np.int64)
+    label = np.full(n, -1, np.int64)
+    ncomp = 0
+    for i in range(n):
+        r = _uf_find(parent, i)
+        if label[r] < 0:
+            label[r] = ncomp
+            ncomp += 1
+        comp[i] = label[r]
+    return ncomp, comp
+
+
+@nb.njit(cache=True)
+def _compact(flat, nv):
+    """Vertex ids used by ``flat`` (in first-use order) and ``flat`` renumbered to them."""
+    m = np.full(nv, -1, np.int64)
+    used = np.empty(flat.shape[0], np.int64)
+    out = np.empty(flat.shape[0], np.int64)
+    n = 0
+    for i in range(flat.shape[0]):
+        v = flat[i]
+        if m[v] < 0:
+            m[v] = n
+            used[n] = v
+            n += 1
+        out[i] = m[v]
+    return used[:n], out
+
+
+def _corner_components(nf, pairs):
+    return _corner_uf(3 * nf, np.ascontiguousarray(pairs, dtype=np.int64))
 
 
 def _overshared(comp, ncomp) -> np.ndarray:
@@ -488,7 +533,7 @@ class SharedComplex:
         or at a point are split (``make_manifold``): same positions, 2-manifold result.
         """
         f = self.label_faces(label)
-        used, inv = np.unique(f.reshape(-1), return_inverse=True)
+        used, inv = _compact(np.ascontiguousarray(f.reshape(-1), dtype=np.int64), len(self.vertices))
         verts, faces = self.vertices[used], inv.reshape(-1, 3)
         src = np.arange(len(used))
         if manifold:
