@@ -27,7 +27,9 @@ def add_arguments(p) -> None:
     p.add_argument("--size", metavar="W[xH]", help="detector pixels (default 512)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--method", default="trilinear", choices=("trilinear", "siddon"))
+    p.add_argument("--method", default="trilinear", choices=("trilinear", "siddon", "exact"),
+                   help="trilinear: ray marching (step --step); exact: exact integral of the same "
+                        "trilinear field; siddon: exact integral of the nearest-voxel field")
     p.add_argument("--step", type=float, default=None, metavar="MM", help="trilinear step (default: half the smallest voxel)")
     p.add_argument("--value", default="line_integral", choices=("line_integral", "intensity", "display"))
     p.add_argument("--kvp", type=float, default=None, help="polyenergetic spectrum at this kVp (60-120); default monoenergetic")

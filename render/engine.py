@@ -102,7 +102,8 @@ class CTWIN_DRR_Settings(bpy.types.PropertyGroup):
                                       description="CT to render when no twin provides volumes")
     method: bpy.props.EnumProperty(name="Method", items=[
         ("trilinear", "Trilinear", "ray marching through the trilinear mu field"),
-        ("siddon", "Siddon", "exact integral of the nearest-voxel mu field")], default="trilinear")
+        ("siddon", "Siddon", "exact integral of the nearest-voxel mu field"),
+        ("exact", "Exact trilinear", "exact integral of the trilinear mu field")], default="trilinear")
     value: bpy.props.EnumProperty(name="Output", items=[
         ("line_integral", "Line integral", "integral of mu along the ray"),
         ("intensity", "Intensity", "Beer-Lambert I/I0"),

@@ -56,7 +56,7 @@ def smooth_volume():
     return Volume(d, affine_from((1.2, 1.5, 2.0), (-18, -20, -22), _rot(0.3, -0.2, 0.5)))
 
 
-@pytest.mark.parametrize("method", ["trilinear", "siddon"])
+@pytest.mark.parametrize("method", ["trilinear", "siddon", "exact"])
 @pytest.mark.parametrize("parallel", [False, True])
 def test_uniform_box_matches_closed_form(method, parallel):
     vol = Volume(np.full((14, 12, 10), 500, np.int16),
@@ -86,6 +86,7 @@ def test_gaussian_ellipsoid_matches_closed_form():
     expect = A * np.sqrt(2 * np.pi / a) * np.exp(-0.5 * (c - b * b / a))
     img = render_drr(vol, g, device="cpu")
     assert _rel_err(img, expect) <= 0.005
+    assert _rel_err(render_drr(vol, g, method="exact", device="cpu"), expect) <= 0.005
 
 
 @pytest.mark.parametrize("view,parallel", [("lao40_cran20", False), ("lat_right", True)])
@@ -94,14 +95,17 @@ def test_trilinear_matches_float64_reference(smooth_volume, view, parallel):
     ref = reference_drr(smooth_volume, g, step_mm=0.02)
     img = render_drr(smooth_volume, g, device="cpu")
     assert _rel_err(img, ref) <= 0.005
+    # the exact mode integrates the same field without a step: only the reference's own error
+    assert _rel_err(render_drr(smooth_volume, g, method="exact", device="cpu"), ref) <= 2e-5
     # empty-space skipping is exact: same sums with the occupancy grid switched off
     pv = prepare_volume(smooth_volume)
     occ = pv.occupancy()
     assert 0 < occ.sum() < occ.size
     pv_full = prepare_volume(smooth_volume)
     pv_full.occ = np.ones_like(occ)
-    assert np.allclose(render_drr(pv, g, device="cpu"), render_drr(pv_full, g, device="cpu"),
-                       rtol=1e-6, atol=1e-6)
+    for method in ("trilinear", "exact"):
+        assert np.allclose(render_drr(pv, g, method=method, device="cpu"),
+                           render_drr(pv_full, g, method=method, device="cpu"), rtol=1e-6, atol=1e-6)
 
 
 def test_siddon_is_exact_for_the_nearest_voxel_field(smooth_volume):
@@ -210,7 +214,7 @@ CUDASIM_SCRIPT = textwrap.dedent("""
     res = {}
     for par in (False, True):
         g = named_view("lao30_cran10", vol, size=8, parallel=par)
-        for m in ("trilinear", "siddon"):
+        for m in ("trilinear", "siddon", "exact"):
             a = render_drr(vol, g, method=m, device="cpu")
             b = render_drr(vol, g, method=m, device="cuda")
             res[f"{m}_{par}"] = [float(np.abs(a - b).max()), float(a.max())]
@@ -236,7 +240,7 @@ def test_cuda_kernels_match_cpu_under_simulator(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.split("RESULT", 1)[1])
-    assert len(res) == 5
+    assert len(res) == 7
     for key, (diff, vmax) in res.items():
         assert vmax > 0, key
         assert diff <= 1e-5 * vmax, (key, diff, vmax)
