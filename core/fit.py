@@ -39,6 +39,7 @@ from .skeleton import JOINT_INDEX, N_JOINTS, forward_kinematics, pose_feature, r
 
 CAP_MARGIN_MM = 6.0      # skin within this distance of the volume faces is a truncation cap
 HUBER_MM = 10.0
+ENC_REACH_MM = 15.0
 N_SKIN_SAMPLES = 4000
 N_MODEL_POINTS = 2000
 N_BONE_POINTS = 4000
@@ -53,7 +54,7 @@ class FitResult:
     betas: np.ndarray           # (B,)
     transl_mm: np.ndarray       # (3,)
     residual_mm: np.ndarray     # (V, 3) rest-frame offsets
-    joints_mm: np.ndarray       # (24, 3) world mm
+    joints_mm: np.ndarray       # (24, 3) world mm: the scaffold's joints (anatomical where the labels tell)
     vertices_mm: np.ndarray     # (V, 3) fitted surface, world mm
     faces: np.ndarray           # (F, 3)
     metrics: dict = field(default_factory=dict)
@@ -63,6 +64,8 @@ class FitResult:
     detected: dict = field(default_factory=dict)
     landmarks: dict = field(default_factory=dict)
     body_model_path: str = ""
+    model_joints_mm: np.ndarray | None = None   # (24, 3) the body model's own joints at the fit
+    joint_sources: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         out = {
@@ -70,6 +73,8 @@ class FitResult:
             "betas": self.betas.tolist(),
             "transl_mm": self.transl_mm.tolist(),
             "joints_mm": self.joints_mm.tolist(),
+            "model_joints_mm": None if self.model_joints_mm is None else self.model_joints_mm.tolist(),
+            "joint_sources": self.joint_sources,
             **{k: float(v) for k, v in self.metrics.items() if isinstance(v, (int, float, np.floating))},
             "metrics": {k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
                         for k, v in self.metrics.items()},
@@ -198,6 +203,7 @@ class _Data:
         sv = np.asarray(skin.vertices, dtype=np.float64)
         sf = np.asarray(skin.faces, dtype=np.int64)
         self.skin_v, self.skin_f = sv, sf
+        self._skin_index = None
         if fov_box is None:
             fov_box = (labelmap.bbox_world() if labelmap is not None else (sv.min(0), sv.max(0)))
         self.lo = np.asarray(fov_box[0], dtype=np.float64)
@@ -222,6 +228,14 @@ class _Data:
         if labelmap is not None and names:
             self.lm = lmk.extract_landmarks(labelmap, names)
             self.bone_pts = lmk.sample_bone_points(labelmap, names, N_BONE_POINTS, seed=seed)
+
+    @property
+    def skin_index(self):
+        from .metrics import SurfaceIndex
+
+        if self._skin_index is None:
+            self._skin_index = SurfaceIndex(self.skin_v, self.skin_f)
+        return self._skin_index
 
     def inside_fov(self, p, margin):
         return np.all((p >= self.lo + margin) & (p <= self.hi - margin), axis=1)
@@ -293,6 +307,7 @@ class _Problem:
         n = min(N_MODEL_POINTS, lbs.V)
         self.sub = np.sort(rng.choice(lbs.V, size=n, replace=False))
         self.free = np.array(FREE_JOINTS)
+        self.enc_on = 0.0  # the enclosure term joins once the body is roughly in place
 
     # parameter vector: rotvec(3), transl(3), betas(nb), pose of free joints (3*len(free))
     def pack(self, pose, betas, transl):
@@ -340,7 +355,7 @@ class _Problem:
         if len(d.bone_pts):
             db, kb = mt.query(d.bone_pts)
             s = np.einsum("ij,ij->i", d.bone_pts - allv[kb], vn[kb])
-            near = s > -15.0
+            near = (s > -15.0) & (s < 25.0)  # far outside: a limb elsewhere, not an enclosure matter
             c["enc_p"] = d.bone_pts[near]
             c["enc_idx"] = kb[near]
             c["enc_n"] = vn[kb[near]]
@@ -373,7 +388,7 @@ class _Problem:
         r_s2m = np.einsum("ij,ij->i", c["s2m_p"] - v[c["s2m_k"]], c["s2m_n"]) * c["s2m_w"] * np.sqrt(w["s2m"] / n_s)
         nb_all = max(len(self.data.bone_pts), 1)
         s = np.einsum("ij,ij->i", c["enc_p"] - v[c["enc_k"]], c["enc_n"])
-        r_enc = np.maximum(s + 3.0, 0.0) * np.sqrt(w["enc"] / nb_all)
+        r_enc = np.maximum(s + 3.0, 0.0) * np.sqrt(w["enc"] * self.enc_on / nb_all)
         r_lm = lmk.landmark_residuals(self.data.lm, joints) * np.sqrt(w["lm"])
         bp = pose.reshape(24, 3)[self.free].reshape(-1) - prior_pose
         r_pose = bp * np.sqrt(w["pose"])
@@ -465,14 +480,14 @@ def _laplacian(F, n):
     return sp.identity(n) - dinv @ a
 
 
-def _fit_residual(lbs: _Lbs, data: _Data, pose, betas, transl, iterations=4, smooth=20.0, margin=2.5):
+def _fit_residual(lbs: _Lbs, data: _Data, pose, betas, transl, iterations=4, smooth=2.0, margin=2.5):
     """Per-vertex world offsets u (Laplacian-smoothed) toward the skin and around the bones,
     mapped back to the rest frame. Returns residual_mm (V, 3) in the rest frame."""
     import scipy.sparse as sp
     from scipy.sparse.linalg import splu
     from scipy.spatial import cKDTree
 
-    from .metrics import point_to_surface, winding_number
+    from .metrics import winding_number
 
     F = lbs.faces
     n = lbs.V
@@ -490,7 +505,7 @@ def _fit_residual(lbs: _Lbs, data: _Data, pose, betas, transl, iterations=4, smo
         # model -> skin: exact closest point on the skin for vertices inside the FOV
         ins = np.nonzero(data.inside_fov(v, CAP_MARGIN_MM))[0]
         if len(ins):
-            d, q, _ = point_to_surface(v[ins], data.skin_v, data.skin_f, return_closest=True)
+            d, q, _ = data.skin_index.query(v[ins], return_closest=True)
             ok = d < 40.0
             i = ins[ok]
             wgt[i] += 1.0
@@ -514,13 +529,15 @@ def _fit_residual(lbs: _Lbs, data: _Data, pose, betas, transl, iterations=4, smo
             w_in = winding_number(data.bone_pts, v, F)
             db, kb = tree.query(data.bone_pts)
             s = np.einsum("ij,ij->i", data.bone_pts - v[kb], vn[kb])
-            bad = (w_in < 0.5) | (s > -margin)
+            # only bones just outside or just under the surface: farther ones mean a misplaced
+            # limb, which the surface terms fix, not a bulge
+            bad = ((w_in < 0.5) | (s > -margin)) & (s < ENC_REACH_MM)
             if bad.any():
                 need = (s[bad] + margin)[:, None] * vn[kb[bad]]
                 for j, nv in zip(kb[bad], need):
                     cur = enc_t[j] if enc_w[j] > 0 else np.zeros(3)
                     enc_t[j] = np.where(np.abs(u[j] + nv) > np.abs(cur), u[j] + nv, cur)
-                    enc_w[j] = min(enc_w[j] + 4.0, 40.0)
+                    enc_w[j] = min(enc_w[j] + 2.0, 10.0)
         W = sp.diags(wgt.clip(0, 1) + enc_w + 1e-3)
         rhs = (wgt.clip(0, 1))[:, None] * target + enc_w[:, None] * enc_t
         lu = splu((W + smooth * LtL).tocsc())
@@ -534,7 +551,7 @@ def _fit_residual(lbs: _Lbs, data: _Data, pose, betas, transl, iterations=4, smo
 # --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
-DEFAULT_WEIGHTS = {"m2s": 1.0, "s2m": 1.0, "enc": 30.0, "lm": 0.05, "pose": 20.0, "beta": 0.5}
+DEFAULT_WEIGHTS = {"m2s": 1.0, "s2m": 1.0, "enc": 10.0, "lm": 1.0, "pose": 20.0, "beta": 1.0}
 
 
 def fit_body_model(body_model=None, skin=None, labelmap=None, names=None, *, fov_box=None,
@@ -613,6 +630,7 @@ def fit_body_model(body_model=None, skin=None, labelmap=None, names=None, *, fov
         if best is None or cost < best[1]:
             best = (x, cost, name, tmpl, body69)
     x, _, name, tmpl, body69 = best
+    prob.enc_on = 1.0
     detected["arms"] = "up" if name.endswith("arms_up") else "down"
     if len(costs) > 1 and detected["arms_from"].startswith("best fit"):
         lo_, hi_ = sorted(costs.values())[:2]
@@ -631,14 +649,16 @@ def fit_body_model(body_model=None, skin=None, labelmap=None, names=None, *, fov
     verts, joints = body_model.forward(pose=pose, betas=_pad_betas(betas, body_model), transl_mm=transl,
                                        residual_mm=res if residual else None)
     verts = np.asarray(verts, dtype=np.float64)
-    joints = np.asarray(joints, dtype=np.float64)
+    model_joints = np.asarray(joints, dtype=np.float64)
+    joints, sources = lmk.anatomical_joints(data.lm, model_joints)
     out = FitResult(pose=pose, betas=_pad_betas(betas, body_model), transl_mm=transl, residual_mm=res,
-                    joints_mm=joints, vertices_mm=verts, faces=lbs.faces.copy(), losses=losses,
+                    joints_mm=joints, model_joints_mm=model_joints, joint_sources=sources, vertices_mm=verts, faces=lbs.faces.copy(), losses=losses,
                     iterations=int(iters), detected=detected, landmarks=data.lm.as_dict(),
                     body_model_path=str(getattr(body_model, "path", "")))
     if compute_metrics:
         report("fit: metrics", 0.95)
-        out.metrics = fit_metrics(out, skin, labelmap, names, fov_box=(data.lo, data.hi))
+        out.metrics = fit_metrics(out, skin, labelmap, names, fov_box=(data.lo, data.hi),
+                                  skin_index=data.skin_index)
     out.seconds = time.perf_counter() - t0
     report(f"fit: done in {out.seconds:.1f} s", 1.0)
     return out
@@ -655,7 +675,7 @@ def _pad_betas(betas, bm):
     return out
 
 
-def fit_metrics(result: FitResult, skin, labelmap, names, fov_box=None) -> dict:
+def fit_metrics(result: FitResult, skin, labelmap, names, fov_box=None, skin_index=None) -> dict:
     """chamfer_mm and enclosure_pct (SPEC section 6) of a fit."""
     from .metrics import chamfer_mm, enclosure_pct
 
@@ -663,7 +683,7 @@ def fit_metrics(result: FitResult, skin, labelmap, names, fov_box=None) -> dict:
     if fov_box is None:
         fov_box = labelmap.bbox_world() if labelmap is not None else (skin.vertices.min(0), skin.vertices.max(0))
     z = (float(fov_box[0][2]), float(fov_box[1][2]))
-    m["chamfer_mm"] = chamfer_mm((result.vertices_mm, result.faces), skin, z)
+    m["chamfer_mm"] = chamfer_mm((result.vertices_mm, result.faces), skin, z, skin_index=skin_index)
     if labelmap is not None and names:
         try:
             m["enclosure_pct"] = enclosure_pct(result.vertices_mm, result.faces, labelmap, names)

@@ -30,8 +30,11 @@ _PSEUDO_LEVEL = {"skull": -2.0, "clavicula": 8.0, "scapula": 11.0, "sternum": 13
 
 # Where each vertebral level lies on the model's spine chain (pelvis, spine1, spine2, spine3,
 # neck, head): level of each chain joint, SMPL proportions.
+# The model's own spine joints need not follow these levels (its joints are its own), so the
+# spine-line term is a weak guide along the body axis and left-right.
+SPINE_WEIGHT = 0.3
 CHAIN_JOINTS = [JOINT_INDEX[n] for n in ("pelvis", "spine1", "spine2", "spine3", "neck", "head")]
-CHAIN_LEVELS = np.array([25.0, 22.0, 19.5, 16.5, 7.5, 1.0])
+CHAIN_LEVELS = np.array([26.5, 22.5, 19.5, 13.5, 7.5, 0.5])
 
 
 def vertebra_level(name: str):
@@ -63,6 +66,7 @@ class Landmarks:
     level_fit: tuple | None = None                   # (origin (3,), slope (3,)) centroid = o + slope*level
     humerus_levels: list = field(default_factory=list)
     axes: np.ndarray | None = None                   # columns left, up, front (set by the fit)
+    extra: dict = field(default_factory=dict)        # collars, vertebral centroids by level
 
     def names(self):
         out = [self.joint_names[j] for j in sorted(self.joints)]
@@ -111,22 +115,30 @@ def extract_landmarks(labelmap, names) -> Landmarks:
     ids = np.array(sorted(present), dtype=np.int64)
     if len(ids) == 0:
         return lm
-    # per-label centroids and voxel counts in one pass
-    maxid = int(max(ids.max(), data.max()))
-    idx = np.indices(data.shape).reshape(3, -1).T if data.size < 4e6 else None
-    flat = data.reshape(-1).astype(np.int64)
-    counts = np.bincount(flat, minlength=maxid + 1)
-    sums = np.zeros((maxid + 1, 3))
-    if idx is not None:
-        for a in range(3):
-            sums[:, a] = np.bincount(flat, weights=idx[:, a], minlength=maxid + 1)
-    else:
-        for a in range(3):
-            sums[:, a] = ndimage.sum_labels(np.indices(data.shape)[a], data, np.arange(maxid + 1))
-    cent = {}
+    # per-label voxels through bounding boxes (one pass over the volume)
+    objs = ndimage.find_objects(data)
+    shape = np.array(data.shape)
+    local_cache = {}
+
+    def local(lid):
+        """(voxel indices (N,3), boundary flag (N,)) of label lid, via its padded bounding box."""
+        if lid not in local_cache:
+            sl = objs[lid - 1] if lid - 1 < len(objs) else None
+            if sl is None:
+                local_cache[lid] = (np.zeros((0, 3), np.int64), np.zeros(0, bool))
+            else:
+                lo_ = [max(x.start - 1, 0) for x in sl]
+                hi_ = [min(x.stop + 1, n) for x, n in zip(sl, data.shape)]
+                sub = data[lo_[0]:hi_[0], lo_[1]:hi_[1], lo_[2]:hi_[2]] == lid
+                local_cache[lid] = (np.argwhere(sub) + np.array(lo_), _boundary(sub)[sub])
+        return local_cache[lid]
+
+    counts, cent = {}, {}
     for i, n in present.items():
-        if i <= maxid and counts[i] >= 5:
-            cent[n] = labelmap.index_to_world(sums[i] / counts[i])
+        ijk, _ = local(i)
+        counts[i] = len(ijk)
+        if len(ijk) >= 5:
+            cent[n] = labelmap.index_to_world(ijk.mean(axis=0))
     by_name = {n: i for i, n in present.items()}
     # superior axis: regression of centroids on cranio-caudal level
     pts, lvs = [], []
@@ -176,72 +188,86 @@ def extract_landmarks(labelmap, names) -> Landmarks:
             if lv is not None:
                 lm.humerus_levels.append(lv)
     arms = lm.arms_state()
-    shape = np.array(data.shape)
-
-    def bone_points(name):
-        m = data == by_name[name]
-        return m
 
     def ends(name, axis_dir):
-        """Proximal/distal end regions of a long bone along axis_dir: (top_pts, top_cut, bot_pts, bot_cut)."""
-        m = bone_points(name)
-        ijk = np.argwhere(m)
+        """A long bone along axis_dir: (boundary flags, points, heights, top sel, top cut by the FOV,
+        bottom sel, bottom cut)."""
+        ijk, bnd = local(by_name[name])
         p = labelmap.index_to_world(ijk)
         h = p @ axis_dir
         hi_, lo_ = h.max(), h.min()
         on_border = np.any((ijk == 0) | (ijk == shape - 1), axis=1)
         top = h > hi_ - 0.15 * (hi_ - lo_)
         bot = h < lo_ + 0.15 * (hi_ - lo_)
-        return m, p, h, top, bool(on_border[top].any()), bot, bool(on_border[bot].any())
+        return bnd, p, h, top, bool(on_border[top].any()), bot, bool(on_border[bot].any())
 
-    for side, hip_j, knee_j, ank_j, sh_j, el_j in (
-            ("left", "left_hip", "left_knee", "left_ankle", "left_shoulder", "left_elbow"),
-            ("right", "right_hip", "right_knee", "right_ankle", "right_shoulder", "right_elbow")):
+    def usable(name):
+        return name in cent and counts[by_name[name]] > 50
+
+    def distal_pair(a, b, axis, depth):
+        """Mean of the distal-end centroids of two parallel bones (b optional), or None if cut."""
+        out = []
+        for nm in (a, b):
+            if nm and usable(nm):
+                _, p, h, _, _, _, cut = ends(nm, axis)
+                if cut or (h.max() - h.min()) < 150.0:
+                    return None if nm == a else (out[0] if out else None)
+                out.append(p[h < h.min() + depth].mean(axis=0))
+        return np.mean(out, axis=0) if out else None
+
+    def put(j, p, what):
+        lm.joints[JOINT_INDEX[j]] = p
+        lm.joint_names[JOINT_INDEX[j]] = what
+
+    for side in ("left", "right"):
         fem = f"femur_{side}"
-        if fem in cent and counts[by_name[fem]] > 50:
-            m, p, h, top, top_cut, bot, bot_cut = ends(fem, up)
+        if usable(fem):
+            bnd, p, h, top, top_cut, bot, bot_cut = ends(fem, up)
             if not top_cut:
-                head = _femoral_head(labelmap, m, p, h, up, lm.spine_centroid)
+                head = _femoral_head(bnd, p, h, up, lm.spine_centroid)
                 if head is not None:
-                    lm.joints[JOINT_INDEX[hip_j]] = head
-                    lm.joint_names[JOINT_INDEX[hip_j]] = f"femoral head {side} (sphere fit)"
+                    put(f"{side}_hip", head, f"femoral head {side} (sphere fit)")
             if not bot_cut and (h.max() - h.min()) > 250.0:
-                knee = p[h < h.min() + 25.0].mean(axis=0)
-                tib = f"tibia_{side}"
-                if tib in cent:
-                    _, pt, ht, ttop, tcut, _, _ = ends(tib, up)
-                    if not tcut:
-                        knee = 0.5 * (knee + pt[ht > ht.max() - 25.0].mean(axis=0))
-                lm.joints[JOINT_INDEX[knee_j]] = knee
-                lm.joint_names[JOINT_INDEX[knee_j]] = f"distal femur {side}"
-        tib = f"tibia_{side}"
-        if tib in cent and counts[by_name[tib]] > 50:
-            _, pt, ht, _, _, bot, bot_cut = ends(tib, up)
-            if not bot_cut and (ht.max() - ht.min()) > 250.0:
-                lm.joints[JOINT_INDEX[ank_j]] = pt[ht < ht.min() + 20.0].mean(axis=0)
-                lm.joint_names[JOINT_INDEX[ank_j]] = f"distal tibia {side}"
+                # the flexion axis runs through the condyles, about 20 mm above the distal end
+                put(f"{side}_knee", p[h < h.min() + 45.0].mean(axis=0), f"femoral condyles {side}")
+        ank = distal_pair(f"tibia_{side}", f"fibula_{side}", up, 20.0)
+        if ank is not None:
+            put(f"{side}_ankle", ank, f"malleoli {side}")
         hum = f"humerus_{side}"
-        if hum in cent and counts[by_name[hum]] > 50 and arms is not None:
+        if usable(hum) and arms is not None:
             # proximal end: superior with arms down, inferior with arms up
             axis = up if arms == "down" else -up
-            m, p, h, top, top_cut, bot, bot_cut = ends(hum, axis)
+            bnd, p, h, top, top_cut, bot, bot_cut = ends(hum, axis)
             if not top_cut:
                 sel = h > h.max() - 45.0
-                bnd = _boundary(m)[m]
                 q = p[sel & bnd]
                 ok = False
                 if len(q) > 20:
                     c, r = fit_sphere(q)
                     ok = 10.0 < r < 40.0 and np.linalg.norm(c - p[sel].mean(0)) < 30.0
-                lm.joints[JOINT_INDEX[sh_j]] = c if ok else p[sel].mean(axis=0)
-                lm.joint_names[JOINT_INDEX[sh_j]] = f"humeral head {side}"
+                put(f"{side}_shoulder", c if ok else p[sel].mean(axis=0), f"humeral head {side}")
             if not bot_cut and (h.max() - h.min()) > 200.0:
-                lm.joints[JOINT_INDEX[el_j]] = p[h < h.min() + 20.0].mean(axis=0)
-                lm.joint_names[JOINT_INDEX[el_j]] = f"distal humerus {side}"
+                put(f"{side}_elbow", p[h < h.min() + 20.0].mean(axis=0), f"distal humerus {side}")
+            wr = distal_pair(f"radius_{side}", f"ulna_{side}", axis, 15.0)
+            if wr is not None:
+                put(f"{side}_wrist", wr, f"distal radius/ulna {side}")
+        cla = f"clavicula_{side}"
+        if usable(cla) and lm.left_hint is not None:
+            _, p, _, _, _, _, _ = ends(cla, up)
+            mid = lm.spine_centroid if lm.spine_centroid is not None else p.mean(0)
+            lat = np.abs((p - mid) @ lm.left_hint)
+            near = lat < lat.min() + 12.0
+            ijk, _ = local(by_name[cla])
+            if not np.any((ijk[near] == 0) | (ijk[near] == shape - 1)):
+                lm.extra[f"{side}_collar"] = p[near].mean(axis=0)
+    for n, c in cent.items():
+        lv = vertebra_level(n)
+        if lv is not None and n.startswith("vertebrae_"):
+            lm.extra[f"level_{lv:g}"] = c
     return lm
 
 
-def _femoral_head(labelmap, m, p, h, up, spine_c):
+def _femoral_head(bnd, p, h, up, spine_c):
     """Femoral head centre: sphere fit to the surface voxels of the medial part of the top slab."""
     sel = h > h.max() - 50.0
     if sel.sum() < 20:
@@ -250,7 +276,7 @@ def _femoral_head(labelmap, m, p, h, up, spine_c):
     mid = spine_c if spine_c is not None else top.mean(0)
     lat = np.linalg.norm((top - mid) - np.outer((top - mid) @ up, up), axis=1)
     medial = lat <= np.median(lat)
-    bnd = _boundary(m)[m][sel]
+    bnd = bnd[sel]
     q = top[medial & bnd]
     if len(q) < 20:
         return top[medial].mean(axis=0)
@@ -293,7 +319,7 @@ def landmark_residuals(lm: Landmarks, joints) -> np.ndarray:
         left, up = lm.axes[:, 0], lm.axes[:, 1]
         for lv, c in lm.vertebrae:
             d = c - chain_point(joints, lv)
-            r.append(np.array([d @ up, d @ left]))
+            r.append(SPINE_WEIGHT * np.array([d @ up, d @ left]))
     if not r:
         return np.zeros(0)
     out = np.concatenate(r)
@@ -346,3 +372,49 @@ def labelmap_from_meshes(meshes: dict, spacing: float = 3.0, box=None):
             data[s[:, 0], s[:, 1], s[:, 2]] = lid
             names[lid] = name
     return Volume(data, aff), names
+
+
+# Anatomical joint conventions (those of the project's anatomy, ``core.anatomy``): the spine joints
+# sit on the intervertebral discs, the neck on C7/T1, the head on the occipital condyles just
+# above C1, the collars on the sternoclavicular joints, and the pelvis 35 % of the way from the
+# femoral-head midpoint to L5.
+_DISC_JOINTS = {"spine1": (22, 23), "spine2": (19, 20), "spine3": (13, 14), "neck": (7, 8)}
+
+
+def anatomical_joints(lm: Landmarks, model_joints):
+    """The scaffold's joints: each model joint replaced by its anatomical estimate from the labels
+    where the labels give one; a joint without evidence follows its parent's correction.
+    Returns (joints (24, 3), {joint name: source})."""
+    from .skeleton import JOINT_NAMES, PARENTS
+
+    mj = np.asarray(model_joints, dtype=np.float64)
+    ev = {j: p for j, p in lm.joints.items()}
+    src = {JOINT_NAMES[j]: lm.joint_names[j] for j in ev}
+    lv = {float(k[6:]): v for k, v in lm.extra.items() if k.startswith("level_")}
+    for name, (a, b) in _DISC_JOINTS.items():
+        if a in lv and b in lv:
+            ev[JOINT_INDEX[name]] = 0.5 * (lv[a] + lv[b])
+            src[name] = f"disc between levels {a} and {b}"
+    if 1 in lv and 2 in lv:
+        ev[JOINT_INDEX["head"]] = lv[1] + 0.65 * (lv[1] - lv[2])
+        src["head"] = "above C1"
+    hips = [JOINT_INDEX["left_hip"], JOINT_INDEX["right_hip"]]
+    if all(h in lm.joints for h in hips) and 24 in lv:
+        hm = 0.5 * (lm.joints[hips[0]] + lm.joints[hips[1]])
+        ev[0] = hm + 0.35 * (lv[24] - hm)
+        src["pelvis"] = "femoral heads and L5"
+    for side in ("left", "right"):
+        if f"{side}_collar" in lm.extra:
+            ev[JOINT_INDEX[f"{side}_collar"]] = lm.extra[f"{side}_collar"]
+            src[f"{side}_collar"] = f"sternoclavicular joint {side}"
+    out = mj.copy()
+    for j in range(len(mj)):
+        if j in ev:
+            out[j] = ev[j]
+        elif PARENTS[j] >= 0:
+            out[j] = mj[j] + (out[PARENTS[j]] - mj[PARENTS[j]])
+        else:
+            # the root without evidence: the mean correction of the joints that have some
+            d = [ev[k] - mj[k] for k in ev]
+            out[j] = mj[j] + (np.mean(d, axis=0) if d else 0.0)
+    return out, src

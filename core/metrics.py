@@ -67,42 +67,49 @@ def sample_surface(V, F, n: int, seed: int = 0, return_faces: bool = False):
 # --------------------------------------------------------------------------------------------
 # exact point-to-surface distance
 # --------------------------------------------------------------------------------------------
-@nb.njit(cache=True, fastmath=False)
-def _closest_on_triangle(p, a, b, c):
-    """Closest point on triangle abc to p (Ericson, Real-Time Collision Detection 5.1.5)."""
-    ab = b - a
-    ac = c - a
-    ap = p - a
-    d1 = ab @ ap
-    d2 = ac @ ap
+@nb.njit(cache=True, inline="always")
+def _closest_xyz(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz):
+    """Closest point on triangle abc to p (Ericson, Real-Time Collision Detection 5.1.5), scalars."""
+    abx, aby, abz = bx - ax, by - ay, bz - az
+    acx, acy, acz = cx - ax, cy - ay, cz - az
+    apx, apy, apz = px - ax, py - ay, pz - az
+    d1 = abx * apx + aby * apy + abz * apz
+    d2 = acx * apx + acy * apy + acz * apz
     if d1 <= 0.0 and d2 <= 0.0:
-        return a
-    bp = p - b
-    d3 = ab @ bp
-    d4 = ac @ bp
+        return ax, ay, az
+    bpx, bpy, bpz = px - bx, py - by, pz - bz
+    d3 = abx * bpx + aby * bpy + abz * bpz
+    d4 = acx * bpx + acy * bpy + acz * bpz
     if d3 >= 0.0 and d4 <= d3:
-        return b
+        return bx, by, bz
     vc = d1 * d4 - d3 * d2
     if vc <= 0.0 and d1 >= 0.0 and d3 <= 0.0:
         v = d1 / (d1 - d3)
-        return a + v * ab
-    cp = p - c
-    d5 = ab @ cp
-    d6 = ac @ cp
+        return ax + v * abx, ay + v * aby, az + v * abz
+    cpx, cpy, cpz = px - cx, py - cy, pz - cz
+    d5 = abx * cpx + aby * cpy + abz * cpz
+    d6 = acx * cpx + acy * cpy + acz * cpz
     if d6 >= 0.0 and d5 <= d6:
-        return c
+        return cx, cy, cz
     vb = d5 * d2 - d1 * d6
     if vb <= 0.0 and d2 >= 0.0 and d6 <= 0.0:
         w = d2 / (d2 - d6)
-        return a + w * ac
+        return ax + w * acx, ay + w * acy, az + w * acz
     va = d3 * d6 - d5 * d4
     if va <= 0.0 and (d4 - d3) >= 0.0 and (d5 - d6) >= 0.0:
         w = (d4 - d3) / ((d4 - d3) + (d5 - d6))
-        return b + w * (c - b)
+        return bx + w * (cx - bx), by + w * (cy - by), bz + w * (cz - bz)
     denom = 1.0 / (va + vb + vc)
     v = vb * denom
     w = vc * denom
-    return a + ab * v + ac * w
+    return ax + abx * v + acx * w, ay + aby * v + acy * w, az + abz * v + acz * w
+
+
+@nb.njit(cache=True)
+def _closest_on_triangle(p, a, b, c):
+    """Closest point on triangle abc to p, as an array (3,)."""
+    q = _closest_xyz(p[0], p[1], p[2], a[0], a[1], a[2], b[0], b[1], b[2], c[0], c[1], c[2])
+    return np.array([q[0], q[1], q[2]])
 
 
 @nb.njit(cache=True, parallel=True)
@@ -110,19 +117,66 @@ def _best_of_candidates(points, V, F, cand, dist, closest, tri):
     """For each point i, exact distance to the triangles cand[i, :] (-1 = none); keeps the best."""
     n, k = cand.shape
     for i in nb.prange(n):
-        p = points[i]
-        best = dist[i]
+        px, py, pz = points[i, 0], points[i, 1], points[i, 2]
+        best = dist[i] * dist[i]
         for j in range(k):
             t = cand[i, j]
             if t < 0:
                 continue
-            q = _closest_on_triangle(p, V[F[t, 0]], V[F[t, 1]], V[F[t, 2]])
-            d = np.sqrt(((q - p) ** 2).sum())
+            a, b, c = F[t, 0], F[t, 1], F[t, 2]
+            qx, qy, qz = _closest_xyz(px, py, pz, V[a, 0], V[a, 1], V[a, 2], V[b, 0], V[b, 1], V[b, 2],
+                                      V[c, 0], V[c, 1], V[c, 2])
+            d = (qx - px) ** 2 + (qy - py) ** 2 + (qz - pz) ** 2
             if d < best:
                 best = d
-                closest[i] = q
+                closest[i, 0], closest[i, 1], closest[i, 2] = qx, qy, qz
                 tri[i] = t
-        dist[i] = best
+        dist[i] = np.sqrt(best)
+
+
+class SurfaceIndex:
+    """A triangle mesh prepared for repeated exact point-to-surface queries (see ``point_to_surface``)."""
+
+    def __init__(self, V, F):
+        from scipy.spatial import cKDTree
+
+        self.V, self.F = _as_vf(V, F)
+        tv = self.V[self.F]
+        cent = tv.mean(axis=1)
+        self.radius = float(np.sqrt(((tv - cent[:, None, :]) ** 2).sum(-1)).max())
+        self.tree = cKDTree(cent)
+
+    def query(self, points, k: int = 8, return_closest: bool = False):
+        V, F, tree, radius = self.V, self.F, self.tree, self.radius
+        pts = np.ascontiguousarray(np.asarray(points, dtype=np.float64).reshape(-1, 3))
+        n = len(pts)
+        dist = np.full(n, np.inf)
+        closest = np.zeros((n, 3))
+        tri = np.full(n, -1, dtype=np.int64)
+        todo = np.arange(n)
+        kk = int(min(k, len(F)))
+        while len(todo):
+            dk, ik = tree.query(pts[todo], k=kk)
+            dk = dk.reshape(len(todo), kk)
+            ik = np.ascontiguousarray(ik.reshape(len(todo), kk).astype(np.int64))
+            d2, c2, t2 = dist[todo].copy(), closest[todo].copy(), tri[todo].copy()
+            _best_of_candidates(pts[todo], V, F, ik, d2, c2, t2)
+            dist[todo], closest[todo], tri[todo] = d2, c2, t2
+            if kk >= len(F):
+                break
+            todo = todo[dk[:, -1] - radius < d2]  # not certified: a farther triangle could be closer
+            if kk >= 512 and len(todo):
+                lists = tree.query_ball_point(pts[todo], dist[todo] + radius + 1e-9)
+                width = max(len(x) for x in lists)
+                cand = np.full((len(todo), max(width, 1)), -1, dtype=np.int64)
+                for r, lst in enumerate(lists):
+                    cand[r, : len(lst)] = lst
+                d2, c2, t2 = dist[todo].copy(), closest[todo].copy(), tri[todo].copy()
+                _best_of_candidates(pts[todo], V, F, cand, d2, c2, t2)
+                dist[todo], closest[todo], tri[todo] = d2, c2, t2
+                break
+            kk = int(min(kk * 4, len(F)))
+        return (dist, closest, tri) if return_closest else dist
 
 
 def point_to_surface(points, V, F, k: int = 8, return_closest: bool = False):
@@ -130,43 +184,13 @@ def point_to_surface(points, V, F, k: int = 8, return_closest: bool = False):
 
     Candidates: the ``k`` triangles with the nearest centroids. A point is certified when its
     k-th centroid distance minus the largest centroid-to-vertex radius R exceeds the best distance
-    found (no other triangle can be closer); the rest are resolved with a ball query of radius
-    best + R, so the result is the true minimum for every point.
+    found (no other triangle can be closer); the others are retried with 4x more candidates, and
+    beyond 512 resolved with a ball query of radius best + R, so the result is the true minimum
+    for every point.
     Returns distances (N,), and with ``return_closest`` also closest points (N,3), triangle ids (N,).
+    For repeated queries on one mesh, build a ``SurfaceIndex`` once.
     """
-    from scipy.spatial import cKDTree
-
-    V, F = _as_vf(V, F)
-    pts = np.ascontiguousarray(np.asarray(points, dtype=np.float64).reshape(-1, 3))
-    n = len(pts)
-    dist = np.full(n, np.inf)
-    closest = np.zeros((n, 3))
-    tri = np.full(n, -1, dtype=np.int64)
-    if n == 0:
-        return (dist, closest, tri) if return_closest else dist
-    tv = V[F]  # (M, 3, 3)
-    cent = tv.mean(axis=1)
-    radius = float(np.sqrt(((tv - cent[:, None, :]) ** 2).sum(-1)).max())
-    tree = cKDTree(cent)
-    k = int(min(k, len(F)))
-    dk, ik = tree.query(pts, k=k)
-    dk = dk.reshape(n, k)
-    ik = np.ascontiguousarray(ik.reshape(n, k).astype(np.int64))
-    _best_of_candidates(pts, V, F, ik, dist, closest, tri)
-    if k < len(F):
-        todo = np.nonzero(dk[:, -1] - radius < dist)[0]
-        if len(todo):
-            lists = tree.query_ball_point(pts[todo], dist[todo] + radius + 1e-9)
-            width = max(len(x) for x in lists)
-            cand = np.full((len(todo), max(width, 1)), -1, dtype=np.int64)
-            for r, lst in enumerate(lists):
-                cand[r, : len(lst)] = lst
-            d2 = dist[todo].copy()
-            c2 = closest[todo].copy()
-            t2 = tri[todo].copy()
-            _best_of_candidates(pts[todo], V, F, cand, d2, c2, t2)
-            dist[todo], closest[todo], tri[todo] = d2, c2, t2
-    return (dist, closest, tri) if return_closest else dist
+    return SurfaceIndex(V, F).query(points, k=k, return_closest=return_closest)
 
 
 def _z_range(z_range_mm):
@@ -180,12 +204,13 @@ def _z_range(z_range_mm):
 
 
 def chamfer_mm(body, skin, z_range_mm, n: int = CHAMFER_SAMPLES, seed: int = 0,
-               margin_mm: float = FOV_MARGIN_MM, details: bool = False):
+               margin_mm: float = FOV_MARGIN_MM, details: bool = False, skin_index=None):
     """SPEC section 6 chamfer distance between the fitted body surface and the CT skin surface.
 
     ``body`` and ``skin``: meshes with ``vertices``/``faces`` (or ``(V, F)`` tuples), world mm.
     ``z_range_mm``: the CT's axial field of view (zmin, zmax) or the CT Volume itself.
     Samples within ``margin_mm`` of either end are dropped, so that truncation caps do not count.
+    ``skin_index``: an optional prebuilt ``SurfaceIndex`` of the skin (same result, faster).
     """
     bv, bf = _mesh_vf(body)
     sv, sf = _mesh_vf(skin)
@@ -197,7 +222,7 @@ def chamfer_mm(body, skin, z_range_mm, n: int = CHAMFER_SAMPLES, seed: int = 0,
     k = k[(k[:, 2] >= z0) & (k[:, 2] <= z1)]
     if len(s) == 0 or len(k) == 0:
         raise CtwinError("chamfer: no surface samples inside the CT's axial field of view")
-    d_sk = point_to_surface(s, sv, sf)
+    d_sk = (skin_index or SurfaceIndex(sv, sf)).query(s)
     d_ks = point_to_surface(k, bv, bf)
     value = 0.5 * (float(d_sk.mean()) + float(d_ks.mean()))
     if details:
