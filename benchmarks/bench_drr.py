@@ -43,6 +43,7 @@ from ctwin.core.carm import named_view  # noqa: E402
 from ctwin.core.projector import prepare_volume, reference_drr, render_drr  # noqa: E402
 from ctwin.core.volume import Volume  # noqa: E402
 
+DIFFDRR_MAX_GB = 6.0
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct" / "abdomen_pelvis" / "ct.nii.gz"
 
 
@@ -188,7 +189,11 @@ def bench_volume(name, vol, sizes, repeat, device, peers, tmpdir):
                     line[f"maxrel_vs_plastimatch_{alg}_pct"] = 100 * float(np.abs(img - pm).max() / pm.max())
                     ref_t = comp if comp else wall
                     line[f"speedup_vs_plastimatch_{alg}"] = ref_t / sec
-            if peers.get("diffdrr") and method == "siddon":
+            # DiffDRR holds (rays x plane crossings) float tensors: skip it when they would be huge
+            diff_gb = size * size * (sum(vol.shape) + 3) * 4 * 6 / 2 ** 30
+            if peers.get("diffdrr") and method == "siddon" and diff_gb > DIFFDRR_MAX_GB:
+                line["diffdrr"] = f"skipped: would need about {diff_gb:.0f} GB (limit {DIFFDRR_MAX_GB} GB)"
+            elif peers.get("diffdrr") and method == "siddon":
                 res = run_diffdrr(vol, mu, g, max(1, repeat // 2))
                 if isinstance(res, str):
                     line["diffdrr"] = res
