@@ -741,7 +741,7 @@ def body_mask(ct: Volume, threshold_hu: float = -500.0, opening_mm: float = 6.0)
 
     The table and blankets are thin structures, or touch the body along thin bridges only: an
     in-plane opening with a disk of radius ``opening_mm`` cuts them off and the largest 3-D
-    component is the body. Pieces the opening shaved off are given back when they lie wholly
+    component is the body (with any other bulky component, e.g. an arm apart from the trunk). Pieces the opening shaved off are given back when they lie wholly
     within the opening radius of the body (skin details), not when they extend beyond it (a pad
     or blanket lying against the body). Not handled: a thick table fused to the body over a wide
     contact with no lower-HU layer between them.
@@ -762,9 +762,7 @@ def body_mask(ct: Volume, threshold_hu: float = -500.0, opening_mm: float = 6.0)
     lab, n = ndimage.label(opened)
     if n == 0:
         raise CtwinError("CT body mask vanishes under the table-removal opening (body too thin?)")
-    sizes = np.bincount(lab.reshape(-1))
-    sizes[0] = 0
-    body = lab == int(np.argmax(sizes))
+    body = _body_components(lab, n, ct, ax)
     # Restore what the opening shaved off the body itself: pieces of (mask - body) that lie
     # wholly within the opening radius of the body. A table pad or blanket touching the body
     # extends beyond that radius (it is wider than the body's contact) and stays out.
@@ -786,10 +784,34 @@ def body_mask(ct: Volume, threshold_hu: float = -500.0, opening_mm: float = 6.0)
     body = np.moveaxis(body, 0, ax)
     lab, n = ndimage.label(body)
     if n > 1:
-        sizes = np.bincount(lab.reshape(-1))
-        sizes[0] = 0
-        body = lab == int(np.argmax(sizes))
+        body = _body_components(lab, n, ct, ax)
     return np.ascontiguousarray(body)
+
+
+def _body_components(lab: np.ndarray, n: int, ct: Volume, ax: int,
+                     min_fraction: float = 0.05, min_ap_mm: float = 40.0) -> np.ndarray:
+    """The largest component, plus any other bulky one (an arm apart from the trunk): at least
+    ``min_fraction`` of the largest's voxels and ``min_ap_mm`` thick front to back (table
+    pieces are flat)."""
+    from scipy import ndimage
+
+    sizes = np.bincount(lab.reshape(-1), minlength=n + 1)
+    sizes[0] = 0
+    big = int(np.argmax(sizes))
+    keep = np.zeros(n + 1, bool)
+    keep[big] = True
+    cand = np.flatnonzero(sizes >= min_fraction * sizes[big])
+    if len(cand) > 1:
+        inplane = [a for a in range(3) if a != ax]
+        yax = inplane[int(np.argmax([abs(ct.direction[1, a]) for a in inplane]))]
+        sl = ndimage.find_objects(lab)
+        for c in cand:
+            if c == big or sl[c - 1] is None:
+                continue
+            s = sl[c - 1][yax]
+            if (s.stop - s.start) * ct.spacing[yax] >= min_ap_mm:
+                keep[c] = True
+    return keep[lab]
 
 
 def _cut_flat_table(body: np.ndarray, table: np.ndarray, ct: Volume, ax: int,

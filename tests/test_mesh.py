@@ -225,3 +225,21 @@ def test_phantom_every_bone_imported(tmp_path):
     # voxels below -500 HU cannot be)
     anatomy = (labelmap.data > 0) & (labelmap.data != inv.get("table", -1)) & (ct.data > -500)
     assert body[anatomy].mean() > 0.999
+
+
+def test_chest_body_keeps_both_arms_drops_table():
+    from ctwin.core.ct import load_ct
+    from ctwin.core.segmentation import load_segmentation
+
+    ct = load_ct(real_ct_path("chest_dicom", "dicom"))
+    lab, names = load_segmentation(real_ct_path("chest_dicom", "seg.nii.gz"), ct)
+    body = body_mask(ct)
+    inv = {n: i for i, n in names.items()}
+    for arm in ("humerus_left", "humerus_right"):
+        assert body[lab.data == inv[arm]].mean() > 0.99, arm
+    assert body[lab.data > 0].mean() > 0.999
+    # the curved table: dense voxels below (posterior of) the body's lowest labelled row + 3 cm
+    post = np.argwhere(lab.data > 0)[:, 1].max() + int(30 / ct.spacing[1])
+    table = np.zeros_like(body)
+    table[:, post:] = ct.data[:, post:] > -500
+    assert table.sum() > 1000 and not (body & table).any()
