@@ -870,13 +870,18 @@ def skin_mesh(ct: Volume, threshold_hu: float = -500.0, *, smooth_iterations: in
 # The import step shared by the Blender operator and `ctwin build`
 
 
+SKIN_LABEL_KEY = "skin_label"
+
+
 def import_anatomy(ct_path, seg_path, *, smooth_iterations: int = 10,
                    max_triangles: int | None = None):
     """Read a CT and its segmentation and mesh them.
 
     Returns ``(ct, labelmap, names, meshes, skin)``: the int16 HU CT Volume, the uint16 labelmap
     on the CT grid, id -> name, {name: Mesh} (closed, shared boundaries, LPS mm) and the skin
-    Mesh. Nothing is written.
+    Mesh. Nothing is written. The name ``skin`` belongs to the CT skin surface (SPEC: meshes/
+    skin.ply); a segmentation label called ``skin`` (a skin-tissue shell, as in the phantom) is
+    returned under the key ``skin_label`` (its ``meta['label_name']`` is ``skin``).
     """
     import time
 
@@ -891,6 +896,11 @@ def import_anatomy(ct_path, seg_path, *, smooth_iterations: int = 10,
     report(f"meshing {len(names)} structures", 0.35)
     meshes = label_meshes(labelmap, names, smooth_iterations=smooth_iterations,
                           max_triangles=max_triangles)
+    if "skin" in meshes:  # a skin-tissue label: keep the name "skin" for the CT skin surface
+        m = meshes.pop("skin")
+        m.name = SKIN_LABEL_KEY
+        m.meta["label_name"] = "skin"
+        meshes[SKIN_LABEL_KEY] = m
     report("meshing skin", 0.75)
     skin = skin_mesh(ct, smooth_iterations=smooth_iterations)
     report(f"imported {len(meshes)} structures and the skin in {time.perf_counter() - t0:.1f} s", 1.0)

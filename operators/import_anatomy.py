@@ -49,12 +49,16 @@ def create_anatomy(meshes: dict, skin=None, stats: dict | None = None) -> dict:
     name_to_id = _labels.name_to_id()
     cols = {}
     objs = {}
-    # (object name, label name, mesh); the CT skin surface takes the name "skin", a segmentation
-    # label that is also called "skin" (a skin-tissue shell) becomes "skin_label"
-    items = [("skin_label" if (n == "skin" and skin is not None) else n, n, m, n)
-             for n, m in meshes.items()]
+    # (object name, label name, mesh, stats key). The CT skin surface is the object "skin" (stats
+    # key "skin_surface"); a segmentation label also called "skin" (a skin-tissue shell; the key
+    # "skin_label" from core.mesh.import_anatomy) becomes the object "skin_label".
+    items = []
+    for key, m in meshes.items():
+        label = m.meta.get("label_name", "skin" if key == "skin_label" else key)
+        obj_name = "skin_label" if (key == "skin" and skin is not None) else key
+        items.append((obj_name, label, m, label))
     if skin is not None:
-        items.append(("skin", "skin", skin, "skin_surface"))  # its stats key: "skin_surface"
+        items.append(("skin", "skin", skin, "skin_surface"))
     for obj_name, name, m, stats_key in items:
         tissue = "skin" if name == "skin" else _labels.tissue_class(name)
         cname = collection_for(tissue)

@@ -137,3 +137,28 @@ def test_import_anatomy_meshes_operator(tmp_path):
         bpy.ops.ctwin.import_anatomy_meshes(directory=str(tmp_path),
                                             files=[{"name": "spleen.stl"}, {"name": "bad.stl"}])
     assert len(bpy.data.objects) == n
+
+
+def test_skin_label_and_skin_surface_coexist(tmp_path):
+    """A segmentation label called "skin" (the phantom has one) does not clash with the CT skin."""
+    d = tmp_path
+    shape = (30, 30, 16)
+    i, j, k = np.indices(shape)
+    r2 = (i - 15) ** 2 + (j - 15) ** 2
+    ct = np.where(r2 < 100, 30, -1000).astype(np.int16)
+    seg = np.zeros(shape, np.uint8)
+    seg[(r2 >= 64) & (r2 < 100)] = 140  # a shell labelled "skin" (sidecar below)
+    seg[r2 < 9] = 5
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    save_nifti(Volume(ct, aff), d / "ct.nii.gz")
+    save_nifti(Volume(seg, aff), d / "seg.nii.gz")
+    (d / "labels.json").write_text('{"140": "skin", "5": "liver"}')
+    ct_v, lab, names, meshes, skin = import_anatomy(d / "ct.nii.gz", d / "seg.nii.gz")
+    assert set(meshes) == {"skin_label", "liver"} and meshes["skin_label"].meta["label_name"] == "skin"
+    r = bpy.ops.ctwin.import_ct_anatomy(filepath=str(d / "ct.nii.gz"), seg_path=str(d / "seg.nii.gz"))
+    assert r == {"FINISHED"}
+    objs = {o.name for o in bpy.data.collections["Skin"].objects}
+    assert objs == {"skin", "skin_label"}
+    lab_obj = bpy.data.objects["skin_label"]
+    assert lab_obj["label_name"] == "skin" and lab_obj["label_id"] == 140
+    assert bpy.data.objects["skin"]["volume_cm3"] > lab_obj["volume_cm3"]
