@@ -9,9 +9,11 @@ Multi-label surface nets
     Before smoothing, each label's surface is exactly the boundary of its voxels, so its
     enclosed volume equals the voxel volume. Each label's mesh is a closed, consistently oriented
     surface (every edge is used equally often in both directions), so volumes and winding numbers
-    are exact; an edge where two voxels of one label touch only diagonally is used by 4 faces of
-    that label (non-manifold but still closed), as in every surface-nets/marching method without
-    topology repair. ``Mesh.nonmanifold_edges()`` counts these.
+    are exact. Where voxels of one label touch only along an edge or at a corner, the raw surface
+    is non-manifold; ``make_manifold`` splits those vertices per label mesh (same positions), so
+    the label meshes are 2-manifold and watertight in trimesh's sense (0 non-manifold edges on
+    the real CTs and the phantom; ``Mesh.nonmanifold_edges()`` counts any that remain).
+    ``Mesh.meta['complex_vertex']`` maps each mesh vertex to its shared-complex vertex.
 
 Smoothing
     Taubin (lambda/mu) smoothing of the whole shared complex, each vertex clamped to its dual
@@ -24,12 +26,17 @@ Decimation (``max_triangles``)
     Vertex clustering on the shared complex: a uniform world grid whose cell size is found by
     bisection so that the total triangle count meets the budget; each cluster's vertex is the
     mean of its members. It acts on the shared vertices, so shared boundaries stay shared after
-    decimation; it changes volumes (checked and reported) and may leave non-manifold edges.
+    decimation and meshes stay closed; it changes volumes (not re-bounded) and coarsens evenly
+    (no curvature adaptivity); structures smaller than a cluster can vanish (reported).
 
 Coordinates: vertices are LPS world mm (``labelmap.affine`` applied); faces are wound with
 outward normals whatever the sign of the affine's determinant.
 
-Deviation from the planned API: none; ``import_anatomy`` also lives here (it needs the mesher).
+Skin: ``body_mask`` (HU > -500, table and blankets cut off, holes filled per axial slice) and
+``skin_mesh``; see ``body_mask`` for how the table is found and what is not handled.
+
+Deviation from the planned API: none; ``import_anatomy`` also lives here (it needs the mesher);
+a segmentation label named ``skin`` is returned by it under the key ``skin_label``.
 """
 from __future__ import annotations
 
