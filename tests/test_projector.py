@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ctwin.core.carm import Geometry, named_view
-from ctwin.core.projector import (Scene, SubVolume, prepare_volume, reference_drr, render_drr,
-                                  render_scene, render_value)
+from ctwin.core.projector import (Scene, SubVolume, prepare_volume, reference_drr, render_biplanar,
+                                  render_drr, render_scene, render_value)
 from ctwin.core.volume import Volume, affine_from
 
 from conftest import ROOT, real_ct_path
@@ -133,6 +133,17 @@ def test_float16_mu_volume_matches_int16_hu(smooth_volume):
     a = render_drr(smooth_volume, g, device="cpu")
     b = render_drr(Volume(mu, smooth_volume.affine), g, device="cpu")
     assert _rel_err(b, a) <= 2e-3
+
+
+def test_biplanar_pair(smooth_volume):
+    pair = render_biplanar(smooth_volume, size=16, device="cpu")
+    assert set(pair) == {"ap", "lateral"}
+    (ap, gap), (lat, glat) = pair["ap"], pair["lateral"]
+    assert np.allclose(gap.extra["isocenter_mm"], glat.extra["isocenter_mm"])
+    assert abs(gap.ray_direction @ glat.ray_direction) < 1e-9  # orthogonal beams
+    assert np.array_equal(ap, render_drr(smooth_volume, gap, device="cpu"))
+    assert np.array_equal(lat, render_drr(smooth_volume, glat, device="cpu"))
+    assert ap.max() > 0 and lat.max() > 0
 
 
 def test_polyenergetic_and_noise_options(smooth_volume):
