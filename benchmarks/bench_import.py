@@ -1,6 +1,6 @@
 """Import benchmark: time to read, resolve and mesh a CT + segmentation (core.mesh.import_anatomy).
 
-    .venv/bin/python benchmarks/bench_import.py [--phantom-spacing 3] [--real] [--out DIR]
+    .venv/bin/python benchmarks/bench_import.py [--phantom-spacing 3] [--real [--budget N]] [--out DIR]
 
 Prints measured numbers: per-step and total seconds, structures, triangles, the worst mesh volume
 error against the voxel volume, non-manifold edges. Parts:
@@ -38,7 +38,7 @@ def warm_up():
     label_meshes(Volume(lab, np.eye(4)), {1: "spleen"})
 
 
-def bench(label: str, ct_path, seg_path) -> dict:
+def bench(label: str, ct_path, seg_path, budget: int | None = None) -> dict:
     t = {}
     c0 = time.process_time()
     t0 = time.perf_counter()
@@ -71,6 +71,18 @@ def bench(label: str, ct_path, seg_path) -> dict:
     print(f"  volume error vs voxels: worst {100 * max(errs):.2f} % (all), "
           f"worst {100 * max(big, default=0):.2f} % (> 5 cm^3, {len(big)} structures); "
           f"non-manifold edges {nonman}")
+    if budget:
+        td = time.perf_counter()
+        dec = label_meshes(lab, names, max_triangles=budget)
+        td = time.perf_counter() - td
+        derr = [abs(dec[n].volume() / (counts[i] * vox) - 1) for i, n in names.items() if n in dec]
+        dbig = [abs(dec[n].volume() / (counts[i] * vox) - 1) for i, n in names.items()
+                if n in dec and counts[i] * vox > 5000]
+        print(f"  decimated to budget {budget}: {sum(m.n_faces for m in dec.values())} triangles, "
+              f"{len(dec)}/{len(names)} structures kept, all closed: "
+              f"{all(m.is_closed() for m in dec.values())}, {td:.2f} s; volume error median "
+              f"{100 * np.median(derr):.2f} %, worst {100 * max(derr):.2f} % "
+              f"(> 5 cm^3: worst {100 * max(dbig, default=0):.2f} %)")
     return t
 
 
@@ -78,6 +90,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--phantom-spacing", type=float, default=3.0)
     ap.add_argument("--real", action="store_true", help="also time the real CTs in ../shared")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="also decimate the real CTs' label meshes to this many triangles")
     ap.add_argument("--out", help="keep the generated phantom here and reuse it on the next run "
                                   "(default: a temp folder)")
     args = ap.parse_args()
@@ -109,7 +123,8 @@ def main():
         if not real.exists():
             print(f"real CTs: skipped ({real} not found)")
         else:
-            bench("abdomen_pelvis", real / "abdomen_pelvis" / "ct.nii.gz", real / "abdomen_pelvis" / "seg.nii.gz")
+            bench("abdomen_pelvis", real / "abdomen_pelvis" / "ct.nii.gz", real / "abdomen_pelvis" / "seg.nii.gz",
+                  args.budget)
             bench("chest_dicom", real / "chest_dicom" / "dicom", real / "chest_dicom" / "seg.nii.gz")
 
 

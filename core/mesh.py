@@ -182,6 +182,23 @@ def _pair_groups(vertices, faces, order, gstart, gcount, u, v, flip, out):
                     alt_s = s
         use = alt_s if (flip[g] and alt_s >= 0) else best_s
         if use < 0:
+            # degenerate geometry (e.g. after decimation): pair forward with reverse half-edges
+            # in angular order, which keeps the surface closed and consistently oriented
+            fw = np.empty(k, np.int64)
+            rv = np.empty(k, np.int64)
+            nfw = 0
+            nrv = 0
+            for i in range(k):
+                if u[hs[i]] == a:
+                    fw[nfw] = hs[i]
+                    nfw += 1
+                else:
+                    rv[nrv] = hs[i]
+                    nrv += 1
+            for i in range(min(nfw, nrv)):
+                out[nout, 0] = fw[i]
+                out[nout, 1] = rv[i]
+                nout += 1
             continue
         for i in range(use, use + k, 2):
             out[nout, 0] = hs[i % k]
@@ -682,7 +699,9 @@ def decimate_shared(cx: SharedComplex, max_triangles: int) -> SharedComplex:
 
     def cluster(h):
         key = np.floor((v - lo) / h).astype(np.int64)
-        uniq, inv = np.unique(key, axis=0, return_inverse=True)
+        dims = key.max(axis=0) + 1
+        flat = (key[:, 0] * dims[1] + key[:, 1]) * dims[2] + key[:, 2]
+        uniq, inv = np.unique(flat, return_inverse=True)
         inv = inv.reshape(-1)
         t = inv[cx.triangles]
         ok = (t[:, 0] != t[:, 1]) & (t[:, 1] != t[:, 2]) & (t[:, 0] != t[:, 2])
