@@ -193,6 +193,17 @@ def ray_trilinear(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, o
     xm = nx - 1.0
     ym = ny - 1.0
     zm = nz - 1.0
+    si = ny * nz
+    sj = nz
+    lastb = -1
+    c000 = 0.0
+    c001 = 0.0
+    c010 = 0.0
+    c011 = 0.0
+    c100 = 0.0
+    c101 = 0.0
+    c110 = 0.0
+    c111 = 0.0
     acc = 0.0
     last = -1
     m = 0
@@ -236,7 +247,30 @@ def ray_trilinear(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, o
                     m = mn
                     last = -1
                     continue
-        acc += trilinear_ijk(data, lut, lin_a, lin_b, lin_lo, 0, nx, ny, nz, i, j, k, x - i, y - j, z - k)
+        b = i * si + j * sj + k
+        if b != lastb:  # a new cell: load its 8 corners (consecutive samples often share a cell)
+            lastb = b
+            di = si if i < nx - 1 else 0
+            dj = sj if j < ny - 1 else 0
+            dk = 1 if k < nz - 1 else 0
+            c000 = finish(raw_val(data[b], lut, lin_a, lin_lo), lin_a, lin_b)
+            c001 = finish(raw_val(data[b + dk], lut, lin_a, lin_lo), lin_a, lin_b)
+            c010 = finish(raw_val(data[b + dj], lut, lin_a, lin_lo), lin_a, lin_b)
+            c011 = finish(raw_val(data[b + dj + dk], lut, lin_a, lin_lo), lin_a, lin_b)
+            c100 = finish(raw_val(data[b + di], lut, lin_a, lin_lo), lin_a, lin_b)
+            c101 = finish(raw_val(data[b + di + dk], lut, lin_a, lin_lo), lin_a, lin_b)
+            c110 = finish(raw_val(data[b + di + dj], lut, lin_a, lin_lo), lin_a, lin_b)
+            c111 = finish(raw_val(data[b + di + dj + dk], lut, lin_a, lin_lo), lin_a, lin_b)
+        fx = x - i
+        fy = y - j
+        fz = z - k
+        c00 = c000 + (c001 - c000) * fz
+        c01 = c010 + (c011 - c010) * fz
+        c10 = c100 + (c101 - c100) * fz
+        c11 = c110 + (c111 - c110) * fz
+        c0 = c00 + (c01 - c00) * fy
+        c1 = c10 + (c11 - c10) * fy
+        acc += c0 + (c1 - c0) * fx
         m += 1
     return acc * h
 
