@@ -372,6 +372,28 @@ class _Problem:
         c["sub"] = self.lbs.subset(need)
         return c
 
+    def mismatch_mm(self, x, pose_template, cap=100.0):
+        """Symmetric mean surface distance (mm, capped, no gating) inside the FOV: what decides
+        between initial presets (a limb where the CT has air costs here, not in the gated ICP)."""
+        from scipy.spatial import cKDTree
+
+        pose, betas, transl = self.unpack(x, pose_template)
+        allv, _ = self.lbs.verts(pose, betas, transl)
+        vs = allv[self.sub]
+        vs = vs[self.data.inside_fov(vs, CAP_MARGIN_MM)]
+        d1 = np.minimum(self.data.tree.query(vs)[0], cap).mean() if len(vs) else cap
+        d2 = np.minimum(cKDTree(allv).query(self.data.pts)[0], cap).mean()
+        return float(0.5 * (d1 + d2))
+
+    def unsupported(self, x, pose_template):
+        """Model points inside the CT's axial slab but outside its cross-section."""
+        pose, betas, transl = self.unpack(x, pose_template)
+        vs, _ = self.lbs.verts(pose, betas, transl, idx=self.sub)
+        d = self.data
+        slab = (vs[:, 2] >= d.lo[2]) & (vs[:, 2] <= d.hi[2])
+        cross = np.all((vs[:, :2] >= d.lo[:2]) & (vs[:, :2] <= d.hi[:2]), axis=1)
+        return int((slab & ~cross).sum())
+
     def _skin_n(self):
         if not hasattr(self, "_skin_n_cache"):
             _, j = self.data.tree.query(self.data.pts)
@@ -388,7 +410,7 @@ class _Problem:
         r_s2m = np.einsum("ij,ij->i", c["s2m_p"] - v[c["s2m_k"]], c["s2m_n"]) * c["s2m_w"] * np.sqrt(w["s2m"] / n_s)
         nb_all = max(len(self.data.bone_pts), 1)
         s = np.einsum("ij,ij->i", c["enc_p"] - v[c["enc_k"]], c["enc_n"])
-        r_enc = np.maximum(s + 3.0, 0.0) * np.sqrt(w["enc"] * self.enc_on / nb_all)
+        r_enc = np.maximum(s + 1.0, 0.0) * np.sqrt(w["enc"] * self.enc_on / nb_all)
         r_lm = lmk.landmark_residuals(self.data.lm, joints) * np.sqrt(w["lm"])
         bp = pose.reshape(24, 3)[self.free].reshape(-1) - prior_pose
         r_pose = bp * np.sqrt(w["pose"])
@@ -551,7 +573,7 @@ def _fit_residual(lbs: _Lbs, data: _Data, pose, betas, transl, iterations=4, smo
 # --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
-DEFAULT_WEIGHTS = {"m2s": 1.0, "s2m": 1.0, "enc": 10.0, "lm": 1.0, "pose": 20.0, "beta": 1.0}
+DEFAULT_WEIGHTS = {"m2s": 1.0, "s2m": 1.0, "enc": 3.0, "lm": 1.0, "pose": 20.0, "beta": 1.0}
 
 
 def fit_body_model(body_model=None, skin=None, labelmap=None, names=None, *, fov_box=None,
@@ -613,29 +635,34 @@ def fit_body_model(body_model=None, skin=None, labelmap=None, names=None, *, fov
     nfree = 3 * len(prob.free)
     rigid_mask = np.zeros(6 + nb + nfree, bool)
     rigid_mask[:6 + min(nb, 2)] = True
-    best = None
     iters = 0
-    costs = {}
+    costs, tried = {}, {}
     for k, (name, body69) in enumerate(cands.items()):
+        # rigid placement and overall size with the preset's limbs; the presets are compared here,
+        # before the limbs are freed (a freed arm can hide where the CT has none)
         tmpl = np.concatenate([go, body69])
         x0 = initial(body69)
         x, cost, nf, _ = prob.solve(x0, tmpl, _free_of(body69, prob.free), 3, 15,
                                     mask=rigid_mask, gates=[150.0, 80.0, 50.0], tag=f"rigid {name}")
         iters += nf
-        x, cost, nf, _ = prob.solve(x, tmpl, _free_of(body69, prob.free), 2, 15,
-                                    gates=[50.0], tag=f"pose {name}")
-        iters += nf
-        report(f"fit: preset {name} cost {cost:.2f}", 0.1 + 0.2 * k)
-        costs[name] = cost
-        if best is None or cost < best[1]:
-            best = (x, cost, name, tmpl, body69)
-    x, _, name, tmpl, body69 = best
+        score = prob.mismatch_mm(x, tmpl)
+        report(f"fit: preset {name}: surface mismatch {score:.2f} mm", 0.1 + 0.2 * k)
+        costs[name] = score
+        tried[name] = (x, score, name, tmpl, body69)
+    order = sorted(tried, key=lambda k: costs[k])
+    undetermined = len(order) > 1 and costs[order[1]] - costs[order[0]] < 0.5
+    if undetermined:
+        # the data hardly prefer one preset (< 0.5 mm): the limbs are outside the CT's cross-section.
+        # Keep them out of the CT's axial extent where a preset can (SPEC's chamfer counts the whole
+        # axial slab, and a limb cut off by the field of view is no evidence for being there).
+        order = sorted(order, key=lambda k: prob.unsupported(tried[k][0], tried[k][3]))
+    x, _, name, tmpl, body69 = tried[order[0]]
+    x, cost, nf, _ = prob.solve(x, tmpl, _free_of(body69, prob.free), 2, 15, gates=[50.0], tag=f"pose {name}")
+    iters += nf
     prob.enc_on = 1.0
     detected["arms"] = "up" if name.endswith("arms_up") else "down"
-    if len(costs) > 1 and detected["arms_from"].startswith("best fit"):
-        lo_, hi_ = sorted(costs.values())[:2]
-        if hi_ - lo_ < 0.02 * hi_:  # the data hardly prefer one: the arms are out of the FOV
-            detected["arms"] = "undetermined (" + detected["arms"] + " assumed)"
+    if undetermined and detected["arms_from"].startswith("best fit"):
+        detected["arms"] = "undetermined (" + detected["arms"] + " assumed)"
     detected["preset_costs"] = {k: round(v, 3) for k, v in costs.items()}
     detected["initial_preset"] = name
     x, cost, nf, c = prob.solve(x, tmpl, _free_of(body69, prob.free), outer, 25,
