@@ -621,6 +621,47 @@ def cpu_static(out, geo, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, st
                                       dz, tlen, step)
 
 
+def cpu_batch(out, geos, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, step, method):
+    B = out.shape[0]
+    H = out.shape[1]
+    W = out.shape[2]
+    for p in prange(B * H * W):  # noqa: F821
+        v = p // (H * W)
+        q = p - v * H * W
+        r = q // W
+        c = q - r * W
+        ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geos[v], r, c)
+        if method == 1:
+            out[v, r, c] = ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
+        elif method == 2:
+            out[v, r, c] = ray_exact(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, dx,
+                                     dy, dz, tlen)
+        else:
+            out[v, r, c] = ray_trilinear(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz,
+                                         dx, dy, dz, tlen, step)
+
+
+def cuda_batch(out, geos, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, step, method):
+    p = cuda.grid(1)  # noqa: F821
+    B = out.shape[0]
+    H = out.shape[1]
+    W = out.shape[2]
+    if p < B * H * W:
+        v = p // (H * W)
+        q = p - v * H * W
+        r = q // W
+        c = q - r * W
+        ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geos[v], r, c)
+        if method == 1:
+            out[v, r, c] = ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
+        elif method == 2:
+            out[v, r, c] = ray_exact(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, dx,
+                                     dy, dz, tlen)
+        else:
+            out[v, r, c] = ray_trilinear(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz,
+                                         dx, dy, dz, tlen, step)
+
+
 def cpu_scene(out, geo, bdata, blut, blin_a, blin_b, blin_lo, bshape, BM, use_warp, disp, WM, wn, sdata,
               smask, slut, slin_a, slin_b, slin_lo, sparams, nsub, step):
     H = out.shape[0]
@@ -695,7 +736,7 @@ def cpu_kernels() -> dict:
         ns = _build(lambda f: numba.njit(f, cache=True, fastmath=True),
                     {"prange": numba.prange, "numba": numba})
         out = {}
-        for name in ("cpu_static", "cpu_scene"):
+        for name in ("cpu_static", "cpu_scene", "cpu_batch"):
             f = globals()[name]
             fn = types.FunctionType(f.__code__, ns, name)
             out[name[4:]] = numba.njit(fn, parallel=True, cache=True, fastmath=True)
@@ -712,7 +753,7 @@ def cuda_kernels() -> dict:
 
         ns = _build(lambda f: cuda.jit(device=True)(f), {"cuda": cuda, "numba": numba})
         out = {}
-        for name in ("cuda_static", "cuda_scene"):
+        for name in ("cuda_static", "cuda_scene", "cuda_batch"):
             f = globals()[name]
             out[name[5:]] = cuda.jit(types.FunctionType(f.__code__, ns, name))
         _CUDA = out

@@ -10,6 +10,7 @@ Public API
   scenes (``Scene``: a base volume with an optional inverse-warp displacement grid + rigid
   sub-volumes with masks, whose affines change per frame).
 - ``render_biplanar(volume, size=512, ...) -> {"ap": (image, Geometry), "lateral": ...}``.
+- ``render_drr_batch(volume, geometries, ...) -> float32 (B, H, W)``: many views, one launch.
 - ``render_value(volume, geometry, value=..., kvp=None, photons=None, ...)``: physics options.
 
 Sampling (SPEC 5): cells fill [-0.5, n - 0.5]; mu = 0 outside; nearest-voxel values between the
@@ -234,6 +235,47 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
     blocks = (H * W + _TPB - 1) // _TPB
     k[blocks, _TPB](d_out, cuda.to_device(geo), d_data, d_lut, *lin, nx, ny, nz,
                     cuda.to_device(pv.M), d_occ, step, mcode)
+    return d_out.copy_to_host().astype(np.float32)
+
+
+def render_drr_batch(volume, geometries, *, method: str = "trilinear", step_mm: float | None = None,
+                     device: str = "auto") -> np.ndarray:
+    """Many views of one volume in one kernel launch: float32 (B, H, W). All geometries must have
+    the same size in pixels (e.g. a C-arm sweep or training-data batches); the volume is prepared
+    and transferred once."""
+    pv = prepare_volume(volume)
+    geometries = list(geometries)
+    if not geometries:
+        raise CtwinError("render_drr_batch needs at least one geometry")
+    W, H = geometries[0].size_px
+    if any(tuple(g.size_px) != (W, H) for g in geometries):
+        raise CtwinError("all geometries of a batch must have the same size in pixels")
+    if method not in METHODS:
+        raise CtwinError(f"unknown projector method {method!r}; use one of {', '.join(METHODS)}")
+    dev = resolve_device(device)
+    step = default_step(pv.spacing) if step_mm is None else float(step_mm)
+    occ = pv.occupancy() if method != "siddon" else np.ones(1, np.uint8)
+    geos = np.ascontiguousarray(np.stack([g.packed() for g in geometries]))
+    B = len(geometries)
+    nx, ny, nz = pv.shape
+    args = (pv.lut, *pv.lin, nx, ny, nz)
+    mcode = METHODS.index(method)
+    if dev == "cpu":
+        from .kernels import cpu_kernels
+
+        out = np.zeros((B, H, W), np.float64)
+        cpu_kernels()["batch"](out, geos, pv.flat, *args, pv.M, occ, step, mcode)
+        return out.astype(np.float32)
+    from numba import cuda
+
+    from .kernels import cuda_kernels
+
+    d_out = cuda.device_array((B, H, W), np.float64)
+    d_occ = pv.gpu("occ", occ) if occ is pv.occ else cuda.to_device(occ)
+    blocks = (B * H * W + _TPB - 1) // _TPB
+    cuda_kernels()["batch"][blocks, _TPB](d_out, cuda.to_device(geos), pv.gpu("flat", pv.flat),
+                                          pv.gpu("lut", pv.lut), *pv.lin, nx, ny, nz,
+                                          cuda.to_device(pv.M), d_occ, step, mcode)
     return d_out.copy_to_host().astype(np.float32)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from ctwin.core.carm import Geometry, named_view
 from ctwin.core.projector import (Scene, SubVolume, prepare_volume, reference_drr, render_biplanar,
-                                  render_drr, render_scene, render_value)
+                                  render_drr, render_drr_batch, render_scene, render_value)
 from ctwin.core.volume import Volume, affine_from
 
 from conftest import ROOT, real_ct_path
@@ -144,6 +144,11 @@ def test_biplanar_pair(smooth_volume):
     assert np.array_equal(ap, render_drr(smooth_volume, gap, device="cpu"))
     assert np.array_equal(lat, render_drr(smooth_volume, glat, device="cpu"))
     assert ap.max() > 0 and lat.max() > 0
+    # the same views in one batched launch
+    for method in ("trilinear", "siddon"):
+        batch = render_drr_batch(smooth_volume, [gap, glat], method=method, device="cpu")
+        assert batch.shape == (2, 16, 16)
+        assert np.allclose(batch[1], render_drr(smooth_volume, glat, method=method, device="cpu"), atol=1e-6)
 
 
 def test_polyenergetic_and_noise_options(smooth_volume):
@@ -216,7 +221,7 @@ CUDASIM_SCRIPT = textwrap.dedent("""
     load_package("ctwin")
     import numpy as np
     from ctwin.core.carm import named_view
-    from ctwin.core.projector import Scene, SubVolume, render_drr, render_scene
+    from ctwin.core.projector import Scene, SubVolume, render_drr, render_drr_batch, render_scene
     from ctwin.core.volume import Volume, affine_from
     rng = np.random.default_rng(0)
     d = rng.normal(200, 400, (16, 16, 16)).astype(np.int16)
@@ -230,6 +235,10 @@ CUDASIM_SCRIPT = textwrap.dedent("""
             b = render_drr(vol, g, method=m, device="cuda")
             res[f"{m}_{par}"] = [float(np.abs(a - b).max()), float(a.max())]
     g = named_view("ap", vol, size=8)
+    g2 = named_view("lat_left", vol, size=8)
+    a = render_drr_batch(vol, [g, g2], device="cpu")
+    b = render_drr_batch(vol, [g, g2], device="cuda")
+    res["batch"] = [float(np.abs(a - b).max()), float(a.max())]
     mask = np.zeros((6, 6, 6), np.uint8); mask[1:5, 1:5, 1:5] = 1
     aff = vol.affine.copy(); aff[:3, 3] += [3.0, 1.0, -2.0]
     disp = np.full((4, 4, 4, 3), 1.5, np.float32)
@@ -251,7 +260,7 @@ def test_cuda_kernels_match_cpu_under_simulator(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.split("RESULT", 1)[1])
-    assert len(res) == 7
+    assert len(res) == 8
     for key, (diff, vmax) in res.items():
         assert vmax > 0, key
         assert diff <= 1e-5 * vmax, (key, diff, vmax)
