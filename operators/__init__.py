@@ -19,19 +19,31 @@ MENUS = (
 )
 
 
+_menus_added = False
+
+
 def register():
+    """Register the operators (idempotent: classes already registered are skipped)."""
     import bpy
 
+    global _menus_added
     for cls in CLASSES:
-        bpy.utils.register_class(cls)
-    for menu, fn in MENUS:
-        getattr(bpy.types, menu).append(fn)
+        if not getattr(cls, "is_registered", False):
+            bpy.utils.register_class(cls)
+    if not _menus_added:
+        for menu, fn in MENUS:
+            getattr(bpy.types, menu).append(fn)
+        _menus_added = True
 
 
 def unregister():
     import bpy
 
-    for menu, fn in reversed(MENUS):
-        getattr(bpy.types, menu).remove(fn)
+    global _menus_added
+    if _menus_added:
+        for menu, fn in reversed(MENUS):
+            getattr(bpy.types, menu).remove(fn)
+        _menus_added = False
     for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+        if getattr(cls, "is_registered", False):
+            bpy.utils.unregister_class(cls)

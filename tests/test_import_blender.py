@@ -13,9 +13,13 @@ from ctwin.core.volume import Volume, save_nifti  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def registered():
-    operators.register()
+    """Register the operators unless the session already did (then leave them registered)."""
+    mine = not operators.CTWIN_OT_import_ct_anatomy.is_registered
+    if mine:
+        operators.register()
     yield
-    operators.unregister()
+    if mine:
+        operators.unregister()
 
 
 @pytest.fixture(scope="module")
