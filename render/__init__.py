@@ -12,13 +12,16 @@ CLASSES = ()  # filled on register (importing bpy types lazily keeps the package
 
 
 def register():
+    """Register the engine, its settings and panel (idempotent: registered classes are skipped)."""
     import bpy
 
     global CLASSES
     CLASSES = _classes()
     for cls in CLASSES:
-        bpy.utils.register_class(cls)
-    bpy.types.Scene.ctwin_drr = bpy.props.PointerProperty(type=CLASSES[0])
+        if not getattr(cls, "is_registered", False):
+            bpy.utils.register_class(cls)
+    if not hasattr(bpy.types.Scene, "ctwin_drr"):
+        bpy.types.Scene.ctwin_drr = bpy.props.PointerProperty(type=CLASSES[0])
     from .engine import register_compat
 
     register_compat()
@@ -33,4 +36,5 @@ def unregister():
     if hasattr(bpy.types.Scene, "ctwin_drr"):
         del bpy.types.Scene.ctwin_drr
     for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+        if getattr(cls, "is_registered", False):
+            bpy.utils.unregister_class(cls)

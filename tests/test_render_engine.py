@@ -11,11 +11,16 @@ from ctwin.core.volume import Volume, affine_from, save_nifti  # noqa: E402
 
 @pytest.fixture(scope="module")
 def registered():
+    """Register the render layer unless the session already did (then leave it registered)."""
     from ctwin import render
+    from ctwin.render.engine import CTWIN_DRR_RenderEngine
 
-    render.register()
+    mine = not CTWIN_DRR_RenderEngine.is_registered
+    if mine:
+        render.register()
     yield
-    render.unregister()
+    if mine:
+        render.unregister()
 
 
 @pytest.fixture(scope="module")
