@@ -14,6 +14,7 @@ class CtwinSceneSettings(bpy.types.PropertyGroup):
         description="The twin directory (SPEC section 4) this scene was built from or renders",
         subtype="DIR_PATH",
         default="",
+        options={"PATH_SUPPORTS_BLEND_RELATIVE"},
     )
     device: bpy.props.EnumProperty(
         name="Device",

@@ -43,3 +43,30 @@ def phantom_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom")
     write_phantom(out, pose="supine_arms_down", spacing=3.0, seed=0)
     return out
+
+
+COARSE_MM = 8.0  # phantom spacing for the end-to-end twin tests (speed; the chain is the same)
+
+
+@pytest.fixture(scope="session")
+def coarse_phantoms(tmp_path_factory) -> dict:
+    """Coarse phantoms of one body at the acquisition pose and at a target pose."""
+    from ctwin.core.phantom import write_phantom
+
+    out = {}
+    for pose in ("supine_arms_down", "hip_flexion"):
+        d = tmp_path_factory.mktemp(f"coarse_{pose}")
+        write_phantom(d, pose=pose, spacing=COARSE_MM, seed=0)
+        out[pose] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def twin_dir(coarse_phantoms, tmp_path_factory) -> Path:
+    """A twin built (with twin.blend) from the coarse acquisition phantom, once per session."""
+    from ctwin.core.twin import build_twin
+
+    src = coarse_phantoms["supine_arms_down"]
+    out = tmp_path_factory.mktemp("twin") / "twin"
+    build_twin(src / "ct.nii.gz", src / "seg.nii.gz", out, write_blend=True)
+    return out
