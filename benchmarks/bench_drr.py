@@ -242,7 +242,7 @@ def bench_rss():
     if r.returncode != 0:
         print("peak-RSS check failed:", r.stderr[-500:])
         return
-    _, rss_mb, t1, t2, vmax = r.stdout.split("RSS", 1)[1].split()
+    rss_mb, t1, t2, vmax = r.stdout.split("RSS", 1)[1].split()
     print(f"\n== 512x512x1800 int16 CT (0.8 mm), 512^2 AP DRR ==\npeak RSS {float(rss_mb) / 1024:.2f} GB "
           f"(volume itself {512 * 512 * 1800 * 2 / 2**30:.2f} GB); first render incl. prepare "
           f"{float(t1):.2f} s, second render {float(t2):.2f} s; image max {float(vmax):.3f}")
@@ -291,9 +291,13 @@ def main():
     ap.add_argument("--skip-phantom", action="store_true")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--ptx-only", action="store_true", help="only compile the CUDA kernels to PTX")
+    ap.add_argument("--rss-only", action="store_true", help="only the 512x512x1800 peak-RSS check")
     args = ap.parse_args()
     if args.ptx_only:
         check_ptx()
+        return
+    if args.rss_only:
+        bench_rss()
         return
     progress.set_quiet(True)
     import numba
