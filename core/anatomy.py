@@ -66,7 +66,7 @@ class Shape:
     scale: float = 1.0   # overall size (height 1.76 m at 1.0)
     leg: float = 1.0     # leg length ratio
     arm: float = 1.0     # arm length ratio
-    girth: float = 1.0   # flesh thickness (fat)
+    girth: float = 1.0   # flesh thickness (fat); >= 1 so that bones keep their soft-tissue cover
 
     @classmethod
     def from_seed(cls, seed: int) -> "Shape":
@@ -77,7 +77,7 @@ class Shape:
             scale=float(np.clip(rng.normal(1.0, 0.05), 0.87, 1.11)),
             leg=float(np.clip(rng.normal(1.0, 0.03), 0.93, 1.07)),
             arm=float(np.clip(rng.normal(1.0, 0.03), 0.93, 1.07)),
-            girth=float(np.clip(rng.normal(1.0, 0.12), 0.8, 1.35)),
+            girth=float(np.clip(rng.normal(1.08, 0.12), 1.0, 1.4)),
         )
 
     def to_json(self) -> dict:
@@ -266,7 +266,7 @@ def _vertebra(v) -> list:
         canal, sp_len, sp_drop, tp, arch_r, sp_r = 14.0, _lerp(24.0, 26.0, s), 18.0, _lerp(36.0, 30.0, s), 3.8, 4.0
     else:
         bw, bd = (10.5, 8.0) if idx > 2 else (10.0, 8.0)
-        canal, sp_len, sp_drop, tp, arch_r, sp_r = 13.0, (24.0 if idx == 7 else 14.0), 6.0, 24.0, 3.2, 3.5
+        canal, sp_len, sp_drop, tp, arch_r, sp_r = 13.0, (19.0 if idx == 7 else 14.0), 6.0, 24.0, 3.2, 3.5
     bh = max((v["h"] - (8.0 if region == "L" else 5.5 if region == "T" else 4.5)) / 2.0, 4.0)
     prims = []
     if name == "C1":  # the atlas: a ring, no body
@@ -503,18 +503,21 @@ def _default_flesh(J):
             F.append(FleshPrim(seg[sg], prim, girth))
 
     # trunk
-    f("pelvis", box((0, 950, -8), (172, 110, 118), 75.0), 90.0)
-    f("pelvis", ell((70, 895, -50), (80, 85, 78)), 40.0, True)
+    f("pelvis", box((0, 940, -8), (172, 120, 118), 75.0), 90.0)
+    f("pelvis", ell((70, 880, -50), (82, 95, 80)), 40.0, True)
     f("spine1", box((0, 1075, -5), (150, 80, 112), 75.0), 110.0)
     f("spine2", box((0, 1190, -8), (155, 90, 118), 70.0), 100.0)
     f("spine3", box((0, 1345, -10), (158, 150, 122), 65.0), 90.0)
     f("neck", cone((0, 1470, -20), (0, 1612, -12), 62.0, 55.0), 35.0)
+    f("spine3", ell((0, 1470, -55), (70, 45, 45)), 30.0)
     f("head", ell((0, 1675, -6), (78, 88, 104)), 6.0)
     f("head", ell((0, 1612, 38), (58, 55, 62)), 8.0)
     f("head", ell((0, 1590, 35), (68, 42, 58)), 8.0)
     # shoulder girdle
     f("collar", cone((30, 1445, -10), (185, 1430, -28), 55.0, 52.0), 25.0, True)
     f("collar", ell((110, 1380, -75), (65, 110, 42)), 25.0, True)
+    f("collar", cone((25, 1445, 60), (120, 1455, 42), 22.0), 8.0, True)
+    f("collar", cone((120, 1455, 42), (176, 1461, -20), 22.0), 8.0, True)
     # arm
     f("shoulder", cone(J["left_shoulder"], J["left_elbow"], 50.0, 38.0), 30.0, True)
     f("shoulder", ell(J["left_elbow"], (45, 50, 45)), 15.0, True)
@@ -526,9 +529,10 @@ def _default_flesh(J):
     f("hand", cone((838, 1418, 32), (890, 1415, 62), 12.0, 10.0), 2.0, True)
     # leg
     f("hip", cone(J["left_hip"], J["left_knee"], 80.0, 55.0), 45.0, True)
-    f("knee", cone(J["left_knee"], J["left_ankle"], 55.0, 36.0), 25.0, True)
+    f("knee", cone(J["left_knee"], J["left_ankle"], 59.0, 41.0), 25.0, True)
+    f("knee", ell((95, 530, 25), (45, 45, 35)), 6.0, True)
     f("knee", ell((95, 370, -30), (48, 110, 48)), 20.0, True)
-    f("knee", ell((95, 75, -8), (46, 40, 42)), 4.0, True)
+    f("knee", ell((97, 72, -8), (52, 46, 46)), 4.0, True)
     f("ankle", box((97, 40, 20), (42, 40, 110), 28.0), 3.0, True)
     f("foot", box((97, 18, 150), (40, 18, 32), 12.0), 2.0, True)
     return F

@@ -416,6 +416,22 @@ def _voxelise(nx, ny, nz, ox, oy, oz, h, seg_inv, fprims, fbox, sprims, pbox, si
                                         lab_out[i, j, k] = _final_label(lab, lab_skin, lab_fat, lab_muscle, lab_table)
 
 
+@njit(cache=True)
+def _body_sdf_points(pts, seg_inv, fprims, kblend, out):
+    for n in range(pts.shape[0]):
+        x, y, z = pts[n, 0], pts[n, 1], pts[n, 2]
+        D = 1e9
+        for f in range(fprims.shape[0]):
+            M = seg_inv[int(fprims[f, 1])]
+            qx = M[0, 0] * x + M[0, 1] * y + M[0, 2] * z + M[0, 3]
+            qy = M[1, 0] * x + M[1, 1] * y + M[1, 2] * z + M[1, 3]
+            qz = M[2, 0] * x + M[2, 1] * y + M[2, 2] * z + M[2, 3]
+            d = _sdf(int(fprims[f, 0]), fprims[f], 4, qx, qy, qz) - fprims[f, 3]
+            hh = max(kblend - abs(D - d), 0.0) / kblend
+            D = min(D, d) - hh * hh * kblend * 0.25
+        out[n] = D
+
+
 @njit(cache=True, inline="always")
 def _final_label(lab, lab_skin, lab_fat, lab_muscle, lab_table):
     if lab == -1:
@@ -449,6 +465,48 @@ def _rest_aabb(t, q):
         ext = (np.abs(rot) * q[12:15][:, None]).sum(0)
         return q[0:3] - ext, q[0:3] + ext
     return None
+
+
+def _prim_world_boxes(rows, T, pad=None) -> np.ndarray:
+    """Tight world AABBs (N, 6: xlo, xhi, ylo, yhi, zlo, zhi) of packed primitives moved by T[seg].
+
+    Exact for round cones, ellipsoids and triangle slabs, conservative for rounded boxes; planes and
+    subtracted primitives get an infinite box.
+    """
+    out = np.empty((len(rows), 6))
+    for i, r in enumerate(rows):
+        t, tr, q = int(r[0]), T[int(r[1])], r[4:]
+        R, o = tr[:3, :3], tr[:3, 3]
+        if (len(r) > 2 and r[2] != UNION and pad is None) or t == PLANE:
+            out[i] = [-1e9, 1e9, -1e9, 1e9, -1e9, 1e9]
+            continue
+        if t == CONE:
+            a, b = R @ q[0:3] + o, R @ q[3:6] + o
+            lo, hi = np.minimum(a - q[6], b - q[7]), np.maximum(a + q[6], b + q[7])
+        elif t == TRI:
+            v = q[0:9].reshape(3, 3) @ R.T + o
+            lo, hi = v.min(0) - q[9], v.max(0) + q[9]
+        else:
+            c = R @ q[0:3] + o
+            m = R @ q[3:12].reshape(3, 3).T  # local axes in world (columns)
+            if t == ELL:
+                ext = np.sqrt(((m * q[12:15][None, :]) ** 2).sum(1))
+            else:
+                ext = (np.abs(m) * q[12:15][None, :]).sum(1)
+            lo, hi = c - ext, c + ext
+        if pad is not None:
+            lo, hi = lo - pad[i], hi + pad[i]
+        out[i] = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]]
+    return out
+
+
+def _struct_boxes(pbox, sprims, sinfo) -> np.ndarray:
+    out = np.empty((len(sinfo), 6))
+    for s, (a, b) in enumerate(sinfo[:, :2].astype(int)):
+        u = [r for r in range(a, b) if sprims[r, 2] == UNION and sprims[r, 0] != PLANE]
+        bx = pbox[u]
+        out[s] = [bx[:, 0].min(), bx[:, 1].max(), bx[:, 2].min(), bx[:, 3].max(), bx[:, 4].min(), bx[:, 5].max()]
+    return out
 
 
 def _world_aabb(lo, hi, T):
@@ -520,7 +578,7 @@ def _table_box(seed: int) -> np.ndarray:
     zlo, zhi, top = np.inf, -np.inf, -np.inf
     for name in ACQUISITION_PRESETS:
         T = _segment_transforms(anat, PRESETS[name], np.zeros(3))
-        wb = _boxes_world(frest, fprims[:, 1], T)
+        wb = _prim_world_boxes(fprims, T, pad=np.maximum(fprims[:, 3], 0.0))
         zlo, zhi = min(zlo, wb[:, 4].min()), max(zhi, wb[:, 5].max())
         if name == ACQUISITION_PRESETS[0]:
             top = max(wb[i, 3] for i in range(len(wb)) if int(fprims[i, 1]) in trunk)
@@ -538,10 +596,11 @@ def _as_pose(pose):
 
 
 def generate_phantom(pose="supine_arms_down", spacing: float = 3.0, seed: int = 0, noise_hu: float = 0.0,
-                     transl=None, subsamples: int = 2) -> Phantom:
+                     transl=None, subsamples: int = 2, roi_mm=None) -> Phantom:
     """Voxelise the phantom at a pose (preset name, pose file, dict or 72 floats).
 
     ``transl`` (mm) overrides the pose file's; presets use 0. ``subsamples`` per axis at boundary voxels.
+    ``roi_mm`` = (lo (3,), hi (3,)) world box: voxelise only that part of the grid (same lattice).
     """
     spacing = float(spacing)
     if not (0.5 <= spacing <= 20.0):
@@ -558,13 +617,17 @@ def generate_phantom(pose="supine_arms_down", spacing: float = 3.0, seed: int = 
     anat, fprims, frest, sprims, sinfo, srest, prest = _packed(seed)
     T = _segment_transforms(anat, pose_v, tr)
     seg_inv = np.ascontiguousarray(np.linalg.inv(T)[:, :3, :])
-    fbox = _boxes_world(frest, fprims[:, 1], T)
-    sseg = sprims[sinfo[:, 0].astype(int), 1]
-    sbox = _boxes_world(srest, sseg, T)
-    pbox = _boxes_world(prest, sprims[:, 1], T)
+    fbox = _prim_world_boxes(fprims, T, pad=np.maximum(fprims[:, 3], 0.0))
+    pbox = _prim_world_boxes(sprims, T)
+    sbox = _struct_boxes(pbox, sprims, sinfo)
     table = _table_box(seed)
     lo = np.minimum(fbox[:, [0, 2, 4]].min(0), table[[0, 2, 4]]) - 12.0
     hi = np.maximum(fbox[:, [1, 3, 5]].max(0), table[[1, 3, 5]]) + 12.0
+    if roi_mm is not None:
+        rlo, rhi = (np.asarray(v, dtype=np.float64).reshape(3) for v in roi_mm)
+        lo, hi = np.maximum(lo, rlo), np.minimum(hi, rhi)
+        if np.any(hi <= lo):
+            raise CtwinError("the region of interest does not overlap the phantom")
     lo = np.floor(lo / spacing) * spacing
     n = np.ceil((hi - lo) / spacing).astype(int) + 1
     if np.prod(n) * 6 > 3e9:
@@ -596,9 +659,28 @@ def generate_phantom(pose="supine_arms_down", spacing: float = 3.0, seed: int = 
         "pose": pose_v.tolist(), "transl": tr.tolist(), "joints": joints_w.tolist(), "bones": bones,
         "bone_segments": segments, "joints_rest": anat.joints.tolist(), "joint_names": list(JOINT_NAMES),
         "seed": seed, "shape": anat.shape.to_json(), "spacing_mm": spacing, "noise_hu": float(noise_hu),
-        "table_box_mm": table[:6].tolist(),
+        "table_box_mm": table[:6].tolist(), "subsamples": int(subsamples),
     }
     return Phantom(ct, seg, names, truth)
+
+
+def body_sdf(points, pose="supine_arms_down", seed: int = 0, transl=None) -> np.ndarray:
+    """Signed distance (mm, < 0 inside) of world points to the phantom's skin surface at a pose.
+
+    The same blended outline the voxeliser uses (without brick culling): the ground truth for
+    "inside the body" checks.
+    """
+    pose_v, transl_file = _as_pose(pose)
+    tr = np.zeros(3) if transl is None else np.asarray(transl, dtype=np.float64).reshape(3)
+    if transl is None and transl_file is not None:
+        tr = transl_file
+    anat, fprims = _packed(int(seed))[:2]
+    T = _segment_transforms(anat, pose_v, tr)
+    seg_inv = np.ascontiguousarray(np.linalg.inv(T)[:, :3, :])
+    pts = np.ascontiguousarray(np.asarray(points, dtype=np.float64).reshape(-1, 3))
+    out = np.empty(len(pts))
+    _body_sdf_points(pts, seg_inv, fprims, anat.blend_mm, out)
+    return out
 
 
 def _id_name(i) -> str:
