@@ -64,7 +64,7 @@ class Landmarks:
     left_hint: np.ndarray | None = None
     spine_centroid: np.ndarray | None = None
     level_fit: tuple | None = None                   # (origin (3,), slope (3,)) centroid = o + slope*level
-    humerus_levels: list = field(default_factory=list)
+    arms: str | None = None
     axes: np.ndarray | None = None                   # columns left, up, front (set by the fit)
     extra: dict = field(default_factory=dict)        # collars, vertebral centroids by level
 
@@ -83,11 +83,8 @@ class Landmarks:
         return d
 
     def arms_state(self):
-        """"up", "down" or None (unknown) from the humeri's cranio-caudal level."""
-        if not self.humerus_levels:
-            return None
-        lv = float(np.mean(self.humerus_levels))
-        return "up" if lv < 4.0 else "down"
+        """"up", "down" or None (unknown), from the humeri (see ``extract_landmarks``)."""
+        return self.arms
 
 
 def _boundary(mask):
@@ -182,12 +179,6 @@ def extract_landmarks(labelmap, names) -> Landmarks:
         o, s = lm.level_fit
         return float((p - o) @ s / (s @ s))
 
-    for side in ("left", "right"):
-        if f"humerus_{side}" in cent:
-            lv = level_at(cent[f"humerus_{side}"])
-            if lv is not None:
-                lm.humerus_levels.append(lv)
-    arms = lm.arms_state()
 
     def ends(name, axis_dir):
         """A long bone along axis_dir: (boundary flags, points, heights, top sel, top cut by the FOV,
@@ -218,6 +209,27 @@ def extract_landmarks(labelmap, names) -> Landmarks:
     def put(j, p, what):
         lm.joints[JOINT_INDEX[j]] = p
         lm.joint_names[JOINT_INDEX[j]] = what
+
+    # arms up or down, from the humeri: their proximal end is the one nearer the scapula; without
+    # scapulae, the humeri's height against T1 (arms down: the humerus hangs below the shoulder)
+    votes = []
+    t1 = next((c for lv_, c in lm.vertebrae if lv_ == 8.0), None)
+    for side in ("left", "right"):
+        hum, sca = f"humerus_{side}", f"scapula_{side}"
+        if not usable(hum):
+            continue
+        _, p, h, top, _, bot, _ = ends(hum, up)
+        if sca in cent:
+            ptop, pbot = p[top].mean(0), p[bot].mean(0)
+            near_top = np.linalg.norm(ptop - cent[sca]) < np.linalg.norm(pbot - cent[sca])
+            votes.append("down" if near_top else "up")
+        elif t1 is not None:
+            votes.append("up" if (cent[hum] - t1) @ up > 0 else "down")
+        elif level_at(cent[hum]) is not None:
+            votes.append("up" if level_at(cent[hum]) < 6.0 else "down")
+    if votes:
+        lm.arms = max(set(votes), key=votes.count)
+    arms = lm.arms
 
     for side in ("left", "right"):
         fem = f"femur_{side}"
