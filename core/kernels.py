@@ -404,56 +404,57 @@ def ray_exact(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, d
     return acc / 6.0
 
 
-def ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen):
-    """Exact integral of the nearest-voxel (piecewise constant) mu field along one ray."""
+def siddon_axis(p, q, n, t):
+    """Voxel index at arc length t (just after it) along one axis, the t of its next cell face,
+    the index step and the t between faces."""
+    i = int(math.floor(p + t * q + 0.5))
+    i = min(max(i, 0), n - 1)
+    if q > 0.0:
+        return i, (i + 0.5 - p) / q, 1, 1.0 / q
+    if q < 0.0:
+        return i, (i - 0.5 - p) / q, -1, -1.0 / q
+    return i, 1e300, 0, 0.0
+
+
+def ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, dx, dy, dz, tlen):
+    """Exact integral of the nearest-voxel (piecewise constant) mu field along one ray.
+
+    Voxels of empty BLOCK^3 blocks (projector.occupancy_grid: no voxel with mu > 0) are jumped
+    over to the block's far face, where the traversal restarts.
+    """
     t0, t1, px, py, pz, qx, qy, qz = ray_box(M, nx, ny, nz, ox, oy, oz, dx, dy, dz, 0.0, tlen)
     if t1 <= t0:
         return 0.0
     tm = t0 + 1e-9 * (t1 - t0)
-    i = int(math.floor(px + tm * qx + 0.5))
-    j = int(math.floor(py + tm * qy + 0.5))
-    k = int(math.floor(pz + tm * qz + 0.5))
-    i = min(max(i, 0), nx - 1)
-    j = min(max(j, 0), ny - 1)
-    k = min(max(k, 0), nz - 1)
-    si = 0
-    sj = 0
-    sk = 0
-    tx = 1e300
-    ty = 1e300
-    tz = 1e300
-    ddx = 0.0
-    ddy = 0.0
-    ddz = 0.0
-    if qx > 0.0:
-        si = 1
-        tx = (i + 0.5 - px) / qx
-        ddx = 1.0 / qx
-    elif qx < 0.0:
-        si = -1
-        tx = (i - 0.5 - px) / qx
-        ddx = -1.0 / qx
-    if qy > 0.0:
-        sj = 1
-        ty = (j + 0.5 - py) / qy
-        ddy = 1.0 / qy
-    elif qy < 0.0:
-        sj = -1
-        ty = (j - 0.5 - py) / qy
-        ddy = -1.0 / qy
-    if qz > 0.0:
-        sk = 1
-        tz = (k + 0.5 - pz) / qz
-        ddz = 1.0 / qz
-    elif qz < 0.0:
-        sk = -1
-        tz = (k - 0.5 - pz) / qz
-        ddz = -1.0 / qz
+    i, tx, si, ddx = siddon_axis(px, qx, nx, tm)
+    j, ty, sj, ddy = siddon_axis(py, qy, ny, tm)
+    k, tz, sk, ddz = siddon_axis(pz, qz, nz, tm)
+    ony = (ny + BLOCK - 1) // BLOCK
+    onz = (nz + BLOCK - 1) // BLOCK
     acc = 0.0
     t = t0
     snz = nz
     sny = ny * nz
+    last = -1
     while t < t1:
+        bi = i // BLOCK
+        bj = j // BLOCK
+        bk = k // BLOCK
+        bid = (bi * ony + bj) * onz + bk
+        if bid != last:
+            last = bid
+            if occ[bid] == 0:
+                # shift by half a voxel: cell faces i + 0.5 become the block grid's integer planes
+                te = block_exit(px + 0.5, py + 0.5, pz + 0.5, qx, qy, qz, bi, bj, bk, BLOCK)
+                if te >= t1:
+                    break
+                if te > t:
+                    t = te
+                    tm = t + 1e-9 * (t1 - t0)
+                    i, tx, si, ddx = siddon_axis(px, qx, nx, tm)
+                    j, ty, sj, ddy = siddon_axis(py, qy, ny, tm)
+                    k, tz, sk, ddz = siddon_axis(pz, qz, nz, tm)
+                    continue
         tn = min(tx, min(ty, tz))
         if tn > t1:
             tn = t1
@@ -598,7 +599,7 @@ def ray_scene(bdata, blut, blin_a, blin_b, blin_lo, bshape, BM, use_warp, disp, 
 
 _PER_RAY = ("pixel_ray", "to_index", "slab", "ray_box", "raw_val", "finish", "trilinear", "trilinear_ijk",
             "block_exit", "first_break", "corner_eval", "ray_exact", "ray_trilinear",
-            "ray_siddon", "warp_point", "ray_scene")
+            "siddon_axis", "ray_siddon", "warp_point", "ray_scene")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,7 +613,7 @@ def cpu_static(out, geo, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, st
         c = p - r * W
         ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geo, r, c)
         if method == 1:
-            out[r, c] = ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
+            out[r, c] = ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, dx, dy, dz, tlen)
         elif method == 2:
             out[r, c] = ray_exact(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, dx,
                                   dy, dz, tlen)
@@ -632,7 +633,7 @@ def cpu_batch(out, geos, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, st
         c = q - r * W
         ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geos[v], r, c)
         if method == 1:
-            out[v, r, c] = ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
+            out[v, r, c] = ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, dx, dy, dz, tlen)
         elif method == 2:
             out[v, r, c] = ray_exact(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, dx,
                                      dy, dz, tlen)
@@ -653,7 +654,7 @@ def cuda_batch(out, geos, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, s
         c = q - r * W
         ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geos[v], r, c)
         if method == 1:
-            out[v, r, c] = ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
+            out[v, r, c] = ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, dx, dy, dz, tlen)
         elif method == 2:
             out[v, r, c] = ray_exact(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, dx,
                                      dy, dz, tlen)
@@ -687,7 +688,7 @@ def cuda_static(out, geo, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, s
         c = p - r * W
         ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geo, r, c)
         if method == 1:
-            out[r, c] = ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, ox, oy, oz, dx, dy, dz, tlen)
+            out[r, c] = ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, dx, dy, dz, tlen)
         elif method == 2:
             out[r, c] = ray_exact(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, dx,
                                   dy, dz, tlen)

@@ -207,12 +207,9 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
     lin = pv.lin if lut is None else (0.0, 0.0, 0.0)
     if table.shape != (65536,):
         raise CtwinError("a look-up table must have 65536 entries")
-    if method in ("trilinear", "exact"):
-        occ = pv.occupancy()
-        if lut is not None and np.any((table > 0) & ~(pv.lut > 0)):
-            occ = np.ones_like(occ)  # the override table is non-zero where the grid says empty
-    else:
-        occ = np.ones(1, np.uint8)
+    occ = pv.occupancy()
+    if lut is not None and np.any((table > 0) & ~(pv.lut > 0)):
+        occ = np.ones_like(occ)  # the override table is non-zero where the grid says empty
     W, H = geometry.size_px
     geo = geometry.packed()
     nx, ny, nz = pv.shape
@@ -254,7 +251,7 @@ def render_drr_batch(volume, geometries, *, method: str = "trilinear", step_mm: 
         raise CtwinError(f"unknown projector method {method!r}; use one of {', '.join(METHODS)}")
     dev = resolve_device(device)
     step = default_step(pv.spacing) if step_mm is None else float(step_mm)
-    occ = pv.occupancy() if method != "siddon" else np.ones(1, np.uint8)
+    occ = pv.occupancy()
     geos = np.ascontiguousarray(np.stack([g.packed() for g in geometries]))
     B = len(geometries)
     nx, ny, nz = pv.shape

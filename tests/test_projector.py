@@ -103,14 +103,15 @@ def test_trilinear_matches_float64_reference(smooth_volume, view, parallel):
     assert 0 < occ.sum() < occ.size
     pv_full = prepare_volume(smooth_volume)
     pv_full.occ = np.ones_like(occ)
-    for method in ("trilinear", "exact"):
+    for method in ("trilinear", "exact", "siddon"):
         assert np.allclose(render_drr(pv, g, method=method, device="cpu"),
                            render_drr(pv_full, g, method=method, device="cpu"), rtol=1e-6, atol=1e-6)
 
 
-def test_siddon_is_exact_for_the_nearest_voxel_field(smooth_volume):
+@pytest.mark.parametrize("view", ["ap", "lat_left"])
+def test_siddon_is_exact_for_the_nearest_voxel_field(smooth_volume, view):
     vol = smooth_volume
-    g = named_view("ap", vol, size=(9, 8))
+    g = named_view(view, vol, size=(9, 8))
     o, d, length = g.rays()
     inv = np.linalg.inv(vol.affine)
     mu = np.maximum(0.02 * (1 + vol.data / 1000.0), 0)
