@@ -342,7 +342,7 @@ def _voxelise(nx, ny, nz, ox, oy, oz, h, seg_inv, fprims, fbox, sprims, pbox, si
                     for i in range(i0, i1):
                         for j in range(j0, j1):
                             for k in range(k0, k1):
-                                hu_out[i, j, k] = HU_AIR
+                                hu_out[i, j, k] = -1000
                                 lab_out[i, j, k] = 0
                     continue
                 # sub-bricks of 4^3 voxels: one test at the centre decides whether all are pure
@@ -370,9 +370,9 @@ def _voxelise(nx, ny, nz, ox, oy, oz, h, seg_inv, fprims, fbox, sprims, pbox, si
                                                 qx = M[0, 0] * x + M[0, 1] * y + M[0, 2] * z + M[0, 3]
                                                 qy = M[1, 0] * x + M[1, 1] * y + M[1, 2] * z + M[1, 3]
                                                 qz = M[2, 0] * x + M[2, 1] * y + M[2, 2] * z + M[2, 3]
-                                                hu_out[i, j, k] = _struct_hu(win, cort, qx, qy, qz, sinfo, seed)
+                                                hu_out[i, j, k] = _to_i16(_struct_hu(win, cort, qx, qy, qz, sinfo, seed))
                                             else:
-                                                hu_out[i, j, k] = hu
+                                                hu_out[i, j, k] = _to_i16(hu)
                                             lab_out[i, j, k] = lab
                                 continue
                             for i in range(si0, si1):
@@ -412,7 +412,7 @@ def _voxelise(nx, ny, nz, ox, oy, oz, h, seg_inv, fprims, fbox, sprims, pbox, si
                                                     bestc = c
                                                     best = labs[a]
                                             lab = best
-                                        hu_out[i, j, k] = hu
+                                        hu_out[i, j, k] = _to_i16(hu)
                                         lab_out[i, j, k] = _final_label(lab, lab_skin, lab_fat, lab_muscle, lab_table)
 
 
@@ -430,6 +430,11 @@ def _body_sdf_points(pts, seg_inv, fprims, kblend, out):
             hh = max(kblend - abs(D - d), 0.0) / kblend
             D = min(D, d) - hh * hh * kblend * 0.25
         out[n] = D
+
+
+@njit(cache=True, inline="always")
+def _to_i16(hu):
+    return np.int16(min(max(math.floor(hu + 0.5), -1024.0), 3071.0))
 
 
 @njit(cache=True, inline="always")
@@ -634,20 +639,25 @@ def generate_phantom(pose="supine_arms_down", spacing: float = 3.0, seed: int = 
         raise CtwinError(f"grid {tuple(n)} at {spacing} mm is too large")
     report(f"phantom: seed {seed}, grid {n[0]}x{n[1]}x{n[2]} at {spacing:g} mm", 0.05)
     ids = name_to_id()
-    hu = np.empty(tuple(n), dtype=np.float32)
+    hu = np.empty(tuple(n), dtype=np.int16)
     lab = np.empty(tuple(n), dtype=np.uint16)
     _voxelise(int(n[0]), int(n[1]), int(n[2]), float(lo[0]), float(lo[1]), float(lo[2]), spacing, seg_inv,
               fprims, fbox, sprims, pbox, sinfo, sbox, table, anat.skin_mm, anat.fat_mm, anat.blend_mm, seed,
               int(subsamples), ids["skin"], ids["subcutaneous_fat"], ids["muscle"], ids["table"], hu, lab)
     report("phantom: voxelised", 0.85)
-    if noise_hu > 0:
+    if noise_hu > 0:  # seeded Gaussian noise, slab by slab to keep memory flat
         rng = np.random.default_rng([seed, 11])
-        hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(noise_hu)
-    ct_data = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+        for k in range(hu.shape[2]):
+            sl = hu[:, :, k].astype(np.float32) + rng.standard_normal(hu.shape[:2], dtype=np.float32) * np.float32(noise_hu)
+            hu[:, :, k] = np.clip(np.rint(sl), -1024, 3071)
+    ct_data = hu
     affine = affine_from([spacing] * 3, lo)
     ct = Volume(ct_data, affine, {"source": "ctwin phantom"})
     seg = Volume(lab, affine.copy(), {"source": "ctwin phantom"})
-    present = np.flatnonzero(np.bincount(lab.ravel(), minlength=1))
+    counts = np.zeros(65536, np.int64)
+    for k in range(lab.shape[2]):  # slab by slab: no int64 copy of the whole label volume
+        counts += np.bincount(lab[:, :, k].ravel(), minlength=65536)
+    present = np.flatnonzero(counts)
     names = {int(i): _id_name(i) for i in present if int(i) != 0}
     joints_w = forward_kinematics(pose_v, anat.joints)[1] + tr
     bones, segments = {}, {}
