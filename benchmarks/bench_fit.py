@@ -4,7 +4,8 @@ Cases:
 - phantoms: seeds (= body shapes) x acquisition presets (supine_arms_down / supine_arms_up), 3 mm;
   chamfer_mm, enclosure_pct (SPEC section 6), joint-centre error against truth.json's joints
   (mean over all 24 joints, and over the 22 without the hands), fit time;
-- real CT abdomen_pelvis (partial FOV, 3 mm): chamfer_mm, enclosure_pct, fit time.
+- real CT abdomen_pelvis (partial FOV, 3 mm): chamfer_mm, enclosure_pct, fit time;
+- with --extra: prone feet-first phantoms and an abdomen-pelvis crop of a phantom (partial FOV).
 Targets (issue 6): phantom chamfer <= 5 mm, enclosure >= 99.5 %, mean joint error <= 15 mm;
 real CT enclosure >= 99 %; <= 60 s per fit on 2 cores.
 
@@ -54,12 +55,61 @@ def run_case(bm, ct_path, seg_path, truth=None):
     return row
 
 
+def run_volumes(bm, ct, labelmap, names, truth):
+    from ctwin.core.mesh import skin_mesh as _skin
+
+    r = fit_body_model(bm, _skin(ct), labelmap, names)
+    tj = np.asarray(truth["joints"], dtype=np.float64)
+    err = np.linalg.norm(r.joints_mm - tj, axis=1)
+    lo, hi = ct.bbox_world()
+    inside = (tj[:, 2] > lo[2]) & (tj[:, 2] < hi[2])
+    return {"chamfer_mm": r.metrics.get("chamfer_mm"), "enclosure_pct": r.metrics.get("enclosure_pct"),
+            "seconds": r.seconds, "arms": r.detected.get("arms"), "head_first": r.detected.get("head_first"),
+            "position": r.detected.get("position"), "joint_err_mean_mm": float(err.mean()),
+            "joint_err_mean22_mm": float(err[:22].mean()), "joint_err_max_mm": float(err.max()),
+            "joint_err_in_fov_mm": float(err[inside].mean()) if inside.any() else float("nan")}
+
+
+def extra_cases(bm):
+    """Prone feet-first phantoms (orientation detection) and an abdomen-pelvis crop of the default
+    phantom (partial FOV; joint error also over the joints inside the FOV)."""
+    from ctwin.core.phantom import generate_phantom
+    from ctwin.core.poses import PRESETS
+    from ctwin.core.skeleton import rotation_to_rotvec
+    from ctwin.core.volume import Volume
+
+    rows = []
+    R = np.stack([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]], axis=1)  # left +x, head -z, front +y
+    for preset in ("supine_arms_down", "supine_arms_up"):
+        pose = PRESETS[preset].copy()
+        pose[:3] = rotation_to_rotvec(R)
+        ph = generate_phantom(pose=pose, spacing=3.0, seed=1)
+        row = run_volumes(bm, ph.ct, ph.seg, ph.labels, ph.truth)
+        row["case"] = f"phantom prone feet-first {preset[7:]} s1"
+        rows.append(row)
+    ph = generate_phantom(pose="supine_arms_up", spacing=3.0, seed=0)
+    tj = np.asarray(ph.truth["joints"])
+    z0, z1 = tj[1, 2] - 80.0, tj[6, 2] + 90.0  # below the femoral heads to above T12/L1
+    k = (ph.ct.world_to_index([[0, 0, z0], [0, 0, z1]])[:, 2]).round().astype(int)
+    k0, k1 = max(min(k), 0), min(max(k), ph.ct.shape[2])
+    aff = ph.ct.affine.copy()
+    aff[:3, 3] = ph.ct.index_to_world([0, 0, k0])
+    ct = Volume(np.ascontiguousarray(ph.ct.data[:, :, k0:k1]), aff)
+    seg = Volume(np.ascontiguousarray(ph.seg.data[:, :, k0:k1]), aff.copy())
+    present = set(np.unique(seg.data).tolist())
+    row = run_volumes(bm, ct, seg, {i: n for i, n in ph.labels.items() if i in present}, ph.truth)
+    row["case"] = "phantom abdomen crop arms_up s0"
+    rows.append(row)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     ap.add_argument("--presets", nargs="*", default=["supine_arms_down", "supine_arms_up"])
     ap.add_argument("--cache", default="/tmp/ctwin_bench_fit")
     ap.add_argument("--no-real", action="store_true")
+    ap.add_argument("--extra", action="store_true", help="also prone feet-first phantoms and an abdomen crop")
     ap.add_argument("--json", help="also write the rows here")
     a = ap.parse_args(argv)
     progress.set_quiet(True)
@@ -84,6 +134,13 @@ def main(argv=None):
                   f"{row['joint_err_mean_mm']:6.1f} {row['joint_err_mean22_mm']:6.1f} {row['joint_err_max_mm']:6.1f} "
                   f"{row['seconds']:6.1f}  arms {row['arms']}, {row['position']}, head_first {row['head_first']}",
                   flush=True)
+    if a.extra:
+        for row in extra_cases(bm):
+            rows.append(row)
+            print(f"{row['case']:34s} {row['chamfer_mm']:8.2f} {row['enclosure_pct']:8.2f} "
+                  f"{row['joint_err_mean_mm']:6.1f} {row['joint_err_mean22_mm']:6.1f} {row['joint_err_max_mm']:6.1f} "
+                  f"{row['seconds']:6.1f}  arms {row['arms']}, {row['position']}, head_first {row['head_first']}"
+                  f", joint error inside the FOV {row['joint_err_in_fov_mm']:.1f} mm", flush=True)
     if not a.no_real:
         d = ROOT.parent / "shared" / "data" / "real_ct" / "abdomen_pelvis"
         if d.exists():
@@ -93,7 +150,7 @@ def main(argv=None):
             print(f"{row['case']:34s} {row['chamfer_mm']:8.2f} {row['enclosure_pct']:8.2f} {'-':>6s} {'-':>6s} "
                   f"{'-':>6s} {row['seconds']:6.1f}  arms {row['arms']}, {row['position']}, "
                   f"head_first {row['head_first']}")
-    ph = [r for r in rows if r["case"].startswith("phantom")]
+    ph = [r for r in rows if r["case"].startswith("phantom") and "joint_err_per_joint_mm" in r]
     if ph:
         print(f"phantom summary over {len(ph)} cases: chamfer mean {np.mean([r['chamfer_mm'] for r in ph]):.2f} "
               f"max {np.max([r['chamfer_mm'] for r in ph]):.2f} mm; enclosure min "
