@@ -24,6 +24,18 @@ Deterministic: fixed sample seeds, deterministic solvers.
 
 The same code runs for the built-in model and a user SMPL file: only the ``BodyModel`` arrays
 (``v_template, faces, J_regressor, weights, posedirs, shapedirs``) and ``forward`` are used.
+
+Joints (a documented extension of the planned API): ``FitResult.joints_mm`` are the scaffold's
+joints, i.e. anatomical joint centres from the labels where the labels give them
+(``core.landmarks.anatomical_joints``: the conventions of the project's anatomy), elsewhere the
+model's joint moved with its parent's correction; ``FitResult.model_joints_mm`` are the body
+model's own J_regressor joints at the fitted parameters (what ``BodyModel.forward`` returns).
+The two differ by the model's own joint conventions (e.g. the built-in model's pelvis and spine3
+joints sit 40-100 mm from the anatomical ones). ``iterations`` counts Levenberg-Marquardt steps.
+
+Stages: for each candidate acquisition preset a rigid + overall-size fit, compared by a capped
+symmetric surface distance; then the body pose; then everything with the enclosure term; then the
+residual (Laplacian-smoothed offsets toward the skin, bone points just outside pushed in).
 """
 from __future__ import annotations
 
