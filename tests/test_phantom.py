@@ -317,3 +317,20 @@ def test_cli_phantom_sitting(tmp_path):
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("ctwin phantom: error:") and "sitting" in last and "walking_stride" in last
+
+
+def test_pose_file_reproduces_truth(phantom_dir, tmp_path):
+    """A truth.json is a pose file: the phantom generated from it has the same pose, joints and bones."""
+    from ctwin.core.poses import write_pose_file
+
+    truth = json.loads((phantom_dir / "truth.json").read_text())
+    ph = generate_phantom(str(phantom_dir / "truth.json"), spacing=8.0)
+    np.testing.assert_allclose(ph.truth["joints"], truth["joints"], atol=1e-9)
+    for name, t in truth["bones"].items():
+        if name in ph.truth["bones"]:
+            np.testing.assert_allclose(ph.truth["bones"][name], t, atol=1e-9)
+    # transl moves everything rigidly, joints included
+    write_pose_file(tmp_path / "p.json", truth["pose"], [10.0, -20.0, 30.0])
+    moved = generate_phantom(str(tmp_path / "p.json"), spacing=8.0)
+    np.testing.assert_allclose(np.asarray(moved.truth["joints"]) - truth["joints"], [[10.0, -20.0, 30.0]] * 24,
+                               atol=1e-9)
