@@ -401,13 +401,18 @@ def _voxelise(nx, ny, nz, ox, oy, oz, h, seg_inv, fprims, fbox, sprims, pbox, si
                                                         labs[m] = l2
                                                         m += 1
                                             hu = acc / n3
-                                            best = 0
+                                            # majority label; a tie goes to the label at the centre
+                                            best = lab
                                             bestc = 0
+                                            for b in range(n3):
+                                                if labs[b] == lab:
+                                                    bestc += 2
+                                            bestc += 1
                                             for a in range(n3):
                                                 c = 0
                                                 for b in range(n3):
                                                     if labs[b] == labs[a]:
-                                                        c += 1
+                                                        c += 2
                                                 if c > bestc:
                                                     bestc = c
                                                     best = labs[a]
