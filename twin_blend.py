@@ -137,7 +137,7 @@ def twin_provider(scene, frame):
     twin = scene_volumes.cached(("twin", d, os.stat(meta).st_mtime_ns), lambda: load_twin(d))
     arm = twin_armature_object(scene)
     if arm is not None:
-        pose, transl = armature_pose(arm)
+        pose, transl = armature_pose(scene_volumes.evaluated(arm))
     else:
         pose, transl = twin.pose0, None
     return to_projector_scene(twin.posed_scene(pose, transl))

@@ -70,6 +70,7 @@ class CTWIN_DRR_RenderEngine(bpy.types.RenderEngine):
         from ..core.projector import frame_written, read_frame, write_frame
 
         scene = depsgraph.scene_eval  # evaluated: the camera's animated matrix at this frame
+        scene_volumes.set_depsgraph(depsgraph)  # providers read evaluated (animated) objects
         frame = scene.frame_current
         W = max(1, int(scene.render.resolution_x * scene.render.resolution_percentage / 100))
         H = max(1, int(scene.render.resolution_y * scene.render.resolution_percentage / 100))

@@ -15,6 +15,23 @@ import os
 
 _CACHE: dict = {}
 _PROVIDERS: list = []
+_DEPSGRAPH = [None]
+
+
+def set_depsgraph(depsgraph) -> None:
+    """The depsgraph of the frame being rendered (set by the engine before asking providers)."""
+    _DEPSGRAPH[0] = depsgraph
+
+
+def evaluated(obj):
+    """``obj`` as evaluated for the frame being rendered (animation, constraints applied)."""
+    dg = _DEPSGRAPH[0]
+    if dg is None:
+        return obj
+    try:
+        return obj.evaluated_get(dg)
+    except (ReferenceError, RuntimeError):
+        return obj
 
 
 def register_provider(fn, first: bool = True) -> None:
