@@ -272,6 +272,19 @@ def test_bones_inside_the_skin_every_preset(pose, seed):
     assert ncomp == 1
 
 
+@pytest.mark.parametrize("rseed", [2, 5])
+def test_bones_inside_the_skin_random_pose(rseed):
+    """Enclosure holds for random poses too (every joint, spine included, ~20 degrees), because each
+    segment's own flesh covers its own bones (6 mm)."""
+    rng = np.random.default_rng(rseed)
+    pose = PRESETS["supine_arms_down"] + rng.normal(0.0, 0.35, 72)
+    pose[:3] = PRESETS["supine_arms_down"][:3]
+    ph = generate_phantom(pose, spacing=6.0)
+    skel = np.isin(ph.seg.data, _skeletal_ids(ph.labels))
+    d = body_sdf(ph.seg.voxel_centers_world(skel), pose)
+    assert d.max() < -2.0, ph.labels[int(ph.seg.data[skel][np.argmax(d)])]
+
+
 def test_determinism_seed_and_noise(tmp_path):
     a = write_phantom(tmp_path / "a", pose="knee_flexion", spacing=8.0, seed=3, noise_hu=15.0)
     write_phantom(tmp_path / "b", pose="knee_flexion", spacing=8.0, seed=3, noise_hu=15.0)
