@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .anatomy import KIND_BONE, NPARAM, PLANE, UNION, BOX, CONE, ELL, TRI, build_anatomy
+from .anatomy import CONE, ELL, NPARAM, PLANE, TRI, UNION, build_anatomy
 from .errors import CtwinError
 from .labels import is_skeletal, name_to_id
 from .progress import report
@@ -458,25 +458,6 @@ def _final_label(lab, lab_skin, lab_fat, lab_muscle, lab_table):
 # ------------------------------------------------------------------------------------------------
 # packing the anatomy for the kernel
 
-def _rest_aabb(t, q):
-    q = np.asarray(q, dtype=np.float64)
-    if t == CONE:
-        r = max(q[6], q[7])
-        return np.minimum(q[0:3], q[3:6]) - r, np.maximum(q[0:3], q[3:6]) + r
-    if t == TRI:
-        v = q[0:9].reshape(3, 3)
-        return v.min(0) - q[9], v.max(0) + q[9]
-    if t == ELL:
-        rot = q[3:12].reshape(3, 3)
-        ext = np.sqrt(((rot * q[12:15][:, None]) ** 2).sum(0))
-        return q[0:3] - ext, q[0:3] + ext
-    if t == BOX:
-        rot = q[3:12].reshape(3, 3)
-        ext = (np.abs(rot) * q[12:15][:, None]).sum(0)
-        return q[0:3] - ext, q[0:3] + ext
-    return None
-
-
 def _prim_world_boxes(rows, T, pad=None) -> np.ndarray:
     """Tight world AABBs (N, 6: xlo, xhi, ylo, yhi, zlo, zhi) of packed primitives moved by T[seg].
 
@@ -519,45 +500,26 @@ def _struct_boxes(pbox, sprims, sinfo) -> np.ndarray:
     return out
 
 
-def _world_aabb(lo, hi, T):
-    c = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-    w = c @ T[:3, :3].T + T[:3, 3]
-    return w.min(0), w.max(0)
-
-
 @lru_cache(maxsize=4)
 def _packed(seed: int):
-    """Rest-frame arrays of an anatomy (cached per seed)."""
+    """The anatomy of a seed packed for the kernel (cached): flesh rows, structure rows, structure table."""
     anat = build_anatomy(seed)
     ids = name_to_id()
-    F = len(anat.flesh)
-    fprims = np.zeros((F, 4 + NPARAM))
-    frest = np.zeros((F, 6))
+    fprims = np.zeros((len(anat.flesh), 4 + NPARAM))
     for i, fp in enumerate(anat.flesh):
         fprims[i, 0], fprims[i, 1], fprims[i, 3] = fp.prim.type, fp.seg, fp.girth_mm
         fprims[i, 4:4 + len(fp.prim.params)] = fp.prim.params
-        lo, hi = _rest_aabb(fp.prim.type, fp.prim.params)
-        frest[i] = np.r_[lo - max(fp.girth_mm, 0.0), hi + max(fp.girth_mm, 0.0)]
-    rows, sinfo, srest, prest = [], [], [], []
+    rows, sinfo = [], []
     for si, st in enumerate(anat.structures):
         start = len(rows)
-        lo_all, hi_all = np.full(3, np.inf), np.full(3, -np.inf)
         for p in st.prims:
             r = np.zeros(4 + NPARAM)
             r[0], r[1], r[2], r[3] = p.type, st.seg, p.op, si
             r[4:4 + len(p.params)] = p.params
             rows.append(r)
-            if p.op == UNION and p.type != PLANE:
-                lo, hi = _rest_aabb(p.type, p.params)
-                lo_all, hi_all = np.minimum(lo_all, lo), np.maximum(hi_all, hi)
-                prest.append(np.r_[lo, hi])
-            else:
-                prest.append(np.r_[np.full(3, -1e9), np.full(3, 1e9)])
         label = ids[st.name] if st.name else 0
         sinfo.append([start, len(rows), label, st.kind, st.hu, st.hu_inner, st.cortex_mm, st.tex_amp])
-        srest.append(np.r_[lo_all, hi_all])
-    return (anat, fprims, frest, np.asarray(rows), np.asarray(sinfo, dtype=np.float64), np.asarray(srest),
-            np.asarray(prest))
+    return anat, fprims, np.asarray(rows), np.asarray(sinfo, dtype=np.float64)
 
 
 def _segment_transforms(anat, pose, transl) -> np.ndarray:
@@ -567,23 +529,11 @@ def _segment_transforms(anat, pose, transl) -> np.ndarray:
     return t
 
 
-def _boxes_world(rest_boxes, segs, T) -> np.ndarray:
-    """World AABBs (N, 6: xlo, xhi, ylo, yhi, zlo, zhi) of rest AABBs (N, 6: lo, hi) moved by T[seg]."""
-    b = np.asarray(rest_boxes, dtype=np.float64)
-    sel = np.array([[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1], [1, 0, 0], [1, 0, 1], [1, 1, 0], [1, 1, 1]])
-    lo, hi = b[:, None, :3], b[:, None, 3:]
-    corners = np.where(sel[None] == 1, hi, lo)  # (N, 8, 3)
-    Ts = T[np.asarray(segs).astype(int)]
-    w = np.einsum("nij,nkj->nki", Ts[:, :3, :3], corners) + Ts[:, None, :3, 3]
-    mn, mx = w.min(1), w.max(1)
-    return np.stack([mn[:, 0], mx[:, 0], mn[:, 1], mx[:, 1], mn[:, 2], mx[:, 2]], axis=1)
-
-
 def _table_box(seed: int) -> np.ndarray:
     """The table (world, static): under the back of the supine patient of this seed."""
     from .poses import ACQUISITION_PRESETS, PRESETS
 
-    anat, fprims, frest = _packed(seed)[:3]
+    anat, fprims = _packed(seed)[:2]
     trunk = {0, 3, 6, 9}
     zlo, zhi, top = np.inf, -np.inf, -np.inf
     for name in ACQUISITION_PRESETS:
@@ -624,7 +574,7 @@ def generate_phantom(pose="supine_arms_down", spacing: float = 3.0, seed: int = 
     tr = np.zeros(3) if transl is None else np.asarray(transl, dtype=np.float64).reshape(3)
     if transl is None and transl_file is not None:
         tr = transl_file
-    anat, fprims, frest, sprims, sinfo, srest, prest = _packed(seed)
+    anat, fprims, sprims, sinfo = _packed(seed)
     T = _segment_transforms(anat, pose_v, tr)
     seg_inv = np.ascontiguousarray(np.linalg.inv(T)[:, :3, :])
     fbox = _prim_world_boxes(fprims, T, pad=np.maximum(fprims[:, 3], 0.0))
