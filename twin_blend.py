@@ -146,6 +146,7 @@ def twin_provider(scene, frame):
 def register():
     from .render import scene_volumes
 
+    scene_volumes.register_provider(session_provider)
     scene_volumes.register_provider(twin_provider)
 
 
@@ -153,3 +154,67 @@ def unregister():
     from .render import scene_volumes
 
     scene_volumes.unregister_provider(twin_provider)
+    scene_volumes.unregister_provider(session_provider)
+
+
+def _evaluated_bone_deltas(arm_obj) -> dict:
+    """{bone: 4x4} rest -> posed world transforms (mm) of every bone of the evaluated armature."""
+    from .render import scene_volumes
+
+    ev = scene_volumes.evaluated(arm_obj)
+    mw = np.array(arm_obj.matrix_world, dtype=np.float64)
+    out = {}
+    for pb in ev.pose.bones:
+        posed = mw @ np.array(pb.matrix, dtype=np.float64)
+        rest = mw @ np.array(pb.bone.matrix_local, dtype=np.float64)
+        d = posed @ np.linalg.inv(rest)
+        d[:3, 3] /= MM
+        out[pb.name] = d
+    return out
+
+
+def session_provider(scene, frame):
+    """The panel workflow's twin (no twin directory): the CT and segmentation stored by "Import CT
+    Anatomy", decomposed once for the rig made by "Build Rig", posed by the evaluated armature."""
+    import os
+
+    from .core.articulated import posed_scene, prepare_articulated, to_projector_scene
+    from .core.ct import load_ct
+    from .core.segmentation import load_segmentation
+    from .core.skeleton import JOINT_NAMES
+    from .render import scene_volumes
+
+    settings = getattr(scene, "ctwin", None)
+    if settings is not None and settings.twin_dir:
+        return None  # twin_provider renders twins with a directory
+    ct_path, seg_path = scene.get("ctwin_ct_path"), scene.get("ctwin_seg_path")
+    arm = twin_armature_object(scene)
+    if not ct_path or not seg_path or arm is None or arm.get("ctwin_binding") is None:
+        return None
+    if not (os.path.exists(ct_path) and os.path.exists(seg_path)):
+        return None
+    table = dict(arm["ctwin_binding"].to_dict() if hasattr(arm["ctwin_binding"], "to_dict") else arm["ctwin_binding"])
+    joints = np.asarray(arm["ctwin_joints_mm"], dtype=np.float64).reshape(-1, 3)
+    key = ("session", os.path.realpath(ct_path), os.path.realpath(seg_path), arm.name,
+           hash(joints.round(3).tobytes()), tuple(sorted(table.items())))
+
+    def build():
+        ct = load_ct(ct_path)
+        labelmap, names = load_segmentation(seg_path, ct)
+        bones = arm.data.bones
+        joint_of = {}
+        for label, bone in table.items():
+            if bone == "smooth" or bone not in bones:
+                continue
+            b = bones[bone]
+            while b is not None and b.name not in JOINT_NAMES:
+                b = b.parent
+            if b is not None:
+                joint_of[label] = b.name
+        return prepare_articulated(ct, labelmap, names, joint_of, joints)
+
+    art = scene_volumes.cached(key, build)
+    deltas = _evaluated_bone_deltas(arm)
+    bone_deltas = {label: deltas[bone] for label, bone in table.items() if bone in deltas}
+    joint_deltas = np.stack([deltas[n] for n in JOINT_NAMES])
+    return to_projector_scene(posed_scene(art, bone_deltas, joint_deltas))

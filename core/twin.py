@@ -222,11 +222,12 @@ class Twin:
 
     @property
     def pose0(self) -> np.ndarray:
-        return np.asarray(self.fit["pose"], dtype=np.float64)
+        """The rig's acquisition pose (the identity of every posing)."""
+        return np.asarray(self.binding.armature.pose0, dtype=np.float64)
 
     @property
     def transl0_mm(self) -> np.ndarray:
-        return np.asarray(self.fit["transl_mm"], dtype=np.float64)
+        return np.asarray(self.binding.armature.transl0_mm, dtype=np.float64)
 
     def meshes(self, include_skin: bool = True) -> dict:
         """{name: Mesh} at the acquisition pose: label meshes (+ skin). Not the body model."""

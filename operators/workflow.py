@@ -51,7 +51,15 @@ def _fit_from_scene(context) -> dict:
 
 
 def anatomy_bbox_mm():
-    """World (min, max) in mm of the imported anatomy (or of every mesh in the scene)."""
+    """World (min, max) in mm of the imported CT (SPEC 5: the isocentre is the centre of the CT's
+    bounding box), or of the meshes in the scene when there is no CT."""
+    import os
+
+    ct_path = bpy.context.scene.get("ctwin_ct_path")
+    if ct_path and os.path.exists(ct_path):
+        from ..core.ct import read_volume
+
+        return read_volume(ct_path).bbox_world()
     pts = []
     for obj in bpy.context.scene.objects:
         if obj.type == "MESH" and obj.name != CONE_OBJECT:
