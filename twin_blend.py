@@ -217,4 +217,6 @@ def session_provider(scene, frame):
     deltas = _evaluated_bone_deltas(arm)
     bone_deltas = {label: deltas[bone] for label, bone in table.items() if bone in deltas}
     joint_deltas = np.stack([deltas[n] for n in JOINT_NAMES])
-    return to_projector_scene(posed_scene(art, bone_deltas, joint_deltas))
+    from .core.twin import WARP_SPACING_MM
+
+    return to_projector_scene(posed_scene(art, bone_deltas, joint_deltas, warp_spacing_mm=WARP_SPACING_MM))

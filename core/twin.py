@@ -30,6 +30,11 @@ from .fileio import read_json, write_json
 from .progress import report
 
 TWIN_FORMAT = 1
+# Spacing of the soft tissue's inverse-warp grid. Measured on the 3 mm phantom posed to the
+# walking stride (256^2 AP and lateral vs the phantom generated there): 6, 8, 10 and 12 mm give
+# the same SSIM (0.9865 / 0.9767) and PSNR (36.56 / 34.11 dB) within 0.01, and 12 mm builds the
+# warp 9x faster than 6 mm (3.1 s against 28 s on 2 loaded cores).
+WARP_SPACING_MM = 12.0
 
 
 def software_versions() -> dict:
@@ -280,7 +285,7 @@ class Twin:
         if pose is None:
             pose = self.pose0
         return posed_scene(self.articulated, self.bone_deltas(pose, transl_mm),
-                           self.joint_deltas(pose, transl_mm))
+                           self.joint_deltas(pose, transl_mm), warp_spacing_mm=WARP_SPACING_MM)
 
     def render(self, geometry, pose=None, transl_mm=None, *, step_mm=None, device="auto") -> np.ndarray:
         """Line-integral DRR of the twin at a pose through the articulated path (identity = p0)."""
