@@ -190,11 +190,11 @@ def run(args) -> int:
         save_png(strip([to_gray8(rb, vm), to_gray8(tt, vm)]), img_dir / f"target_{v}.png")
         comp.append((f"images/target_{v}.png", f"walking stride, {v}: phantom generated at that pose | twin posed to it"))
     sections.append({"title": "Fidelity", "text": "Left: the ground truth; right: the twin.", "images": comp})
+    path = write_report(out, metrics, sections)
+    done("report")
     metrics["timings_s"] = timings
     metrics["demo_seconds"] = round(time.perf_counter() - t_all, 1)
     write_json(metrics_path, metrics)
-    path = write_report(out, metrics, sections)
-    done("report")
     progress.report(f"demo: report written to {path} ({metrics['demo_seconds']:.0f} s in all)")
     return 0
 

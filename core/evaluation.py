@@ -27,7 +27,10 @@ def _similarity(test, ref) -> dict:
     from .metrics import drr_similarity
 
     s = drr_similarity(test, ref)
-    return {"ssim": float(s["ssim"]), "psnr_db": _finite(s["psnr_db"])}
+    out = {"ssim": float(s["ssim"]), "psnr_db": _finite(s["psnr_db"])}
+    if out["psnr_db"] is None:
+        out["identical"] = True  # mean squared error 0: PSNR is infinite (JSON has no infinity)
+    return out
 
 
 def fit_scores(twin) -> dict:
@@ -58,6 +61,8 @@ def acquisition_fidelity(twin, size: int = 512, device: str = "auto", keep_image
     out["ssim"] = float(np.mean([v["ssim"] for v in out.values()]))
     ps = [out[k]["psnr_db"] for k in ("ap", "lateral") if out[k]["psnr_db"] is not None]
     out["psnr_db"] = float(np.mean(ps)) if ps else None
+    if all(out[k].get("identical") for k in ("ap", "lateral")):
+        out["identical"] = True
     return out
 
 

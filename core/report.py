@@ -87,7 +87,8 @@ def metrics_rows(metrics: dict) -> list[tuple]:
         ("Chamfer distance, body model to CT skin (mm)", fit.get("chamfer_mm"), PUBLISHED["chamfer_mm"], "lower"),
         ("Skeletal enclosure, acquisition pose (%)", fit.get("enclosure_pct"), PUBLISHED["enclosure_pct"], "higher"),
         ("DRR SSIM, acquisition pose (AP+lateral mean)", acq.get("ssim"), PUBLISHED["acq_ssim"], "higher"),
-        ("DRR PSNR, acquisition pose (dB)", acq.get("psnr_db"), PUBLISHED["acq_psnr_db"], "higher"),
+        ("DRR PSNR, acquisition pose (dB)",
+         "inf (identical images)" if acq.get("identical") else acq.get("psnr_db"), PUBLISHED["acq_psnr_db"], "higher"),
     ]
     if tgt:
         be = tgt.get("bone_err_mm") or {}
