@@ -13,7 +13,8 @@ def register():
     import bpy
 
     for cls in CLASSES:
-        bpy.utils.register_class(cls)
+        if not cls.is_registered:
+            bpy.utils.register_class(cls)
     register_props()
 
 
@@ -22,4 +23,5 @@ def unregister():
 
     unregister_props()
     for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+        if cls.is_registered:
+            bpy.utils.unregister_class(cls)

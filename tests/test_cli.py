@@ -32,6 +32,8 @@ def listed_commands(help_text: str) -> list[str]:
     for ln in lines[start + 1:]:
         if not ln.startswith("  "):
             break
+        if len(ln) - len(ln.lstrip()) > 4:
+            continue  # a wrapped help text, not a command's line
         word = ln.split()[0]
         if word in cli.COMMAND_NAMES:
             names.append(word)

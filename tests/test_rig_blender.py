@@ -113,7 +113,9 @@ def test_motion_keyframes_fast_and_exact(twin, tmp_path):
     from ctwin.rig import register, unregister
     from ctwin.rig.armature import armature_pose_vector
     from ctwin.rig.animation import load_motion_keyframes
+    from ctwin.rig.operators import CTWIN_OT_load_motion
 
+    mine = not CTWIN_OT_load_motion.is_registered  # leave a session-wide registration as it is
     register()
     try:
         arm_obj, objs = _scene(twin)
@@ -148,4 +150,5 @@ def test_motion_keyframes_fast_and_exact(twin, tmp_path):
         bpy.context.view_layer.objects.active = arm_obj
         assert bpy.ops.ctwin.load_motion(filepath=str(path)) == {"FINISHED"}
     finally:
-        unregister()
+        if mine:
+            unregister()
