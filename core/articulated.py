@@ -8,8 +8,9 @@ The CT is decomposed once (``prepare_articulated``) into
 - **soft tissue**: the CT with the interior of those masks filled from the surrounding tissue
   (nearest-neighbour fill, smoothed), so a bone moved away leaves plausible tissue, not a hole or a
   ghost;
-- a smooth **skinning-weight field** on a coarse grid: per SMPL joint, a soft-min of the distance
-  to the bones bound to that joint.
+- a smooth **skinning-weight field** on a coarse grid: per SMPL joint j, the distance d_j to the
+  bones bound to it, turned into weights by a soft-min whose width grows with the distance to the
+  nearest bone, ``exp(-(d_j - d_min) / (tau + slope d_min))`` (normalised, below 2 % dropped).
 
 ``posed_scene`` turns a pose (per-structure 4x4 rest->posed transforms and per-joint deltas D_j)
 into a ``PosedScene``: each rigid part gets ``affine' = D @ affine``; the soft tissue gets an
@@ -146,6 +147,7 @@ class ArticulatedCT:
     joints_rest_mm: np.ndarray | None = None  # (24, 3) acquisition-pose joints, world mm
     binding: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple:
@@ -233,7 +235,8 @@ def _pool_any(mask: np.ndarray, f) -> np.ndarray:
 
 def prepare_articulated(ct: Volume, labelmap: Volume, names: dict, binding: dict | None = None,
                         joints_rest_mm=None, *, rim_voxels: float = 2.0,
-                        weight_spacing_mm: float = 8.0, tau_mm: float = 10.0,
+                        weight_spacing_mm: float = 8.0, weight_tau_mm: float = 3.0,
+                        weight_tau_slope: float = 0.3, weight_cutoff: float = 0.02,
                         static_labels=("table",), body_threshold_hu: float = -500.0,
                         static_threshold_hu: float = -900.0, fill_sigma_vox: float = 1.5
                         ) -> ArticulatedCT:
@@ -345,16 +348,20 @@ def prepare_articulated(ct: Volume, labelmap: Volume, names: dict, binding: dict
         dists.append(ndimage.distance_transform_edt(~m, sampling=[f * s for f, s in zip(fac, sp)]))
     if dists:
         dd = np.stack(dists, axis=-1)
-        dd -= dd.min(axis=-1, keepdims=True)
-        w = np.exp(-dd / max(tau_mm, 1e-6))
+        # soft-min of the distances with a width that grows with the distance to the nearest bone:
+        # rigid on and next to a bone, 50/50 half-way between two bones, broad blending far from
+        # all bones (w_j ~ exp(-(d_j - d_min) / (tau + slope d_min)))
+        dmin = dd.min(axis=-1, keepdims=True)
+        w = np.exp(-(dd - dmin) / (max(weight_tau_mm, 1e-3) + weight_tau_slope * dmin))
         w /= w.sum(axis=-1, keepdims=True)
-        w[w < 0.01] = 0.0
+        w[w < weight_cutoff] = 0.0
         w /= w.sum(axis=-1, keepdims=True)
         weights = w.astype(np.float32)
     else:
         weights = np.zeros(cshape + (0,), np.float32)
     jr = None if joints_rest_mm is None else np.asarray(joints_rest_mm, dtype=np.float64).reshape(N_JOINTS, 3)
-    params = {"rim_voxels": rim_voxels, "weight_spacing_mm": weight_spacing_mm, "tau_mm": tau_mm,
+    params = {"rim_voxels": rim_voxels, "weight_spacing_mm": weight_spacing_mm, "weight_tau_mm": weight_tau_mm,
+              "weight_tau_slope": weight_tau_slope, "weight_cutoff": weight_cutoff,
               "body_threshold_hu": body_threshold_hu, "static_threshold_hu": static_threshold_hu,
               "fill_sigma_vox": fill_sigma_vox}
     return ArticulatedCT(ct.affine.copy(), soft, parts, weights, w_affine,
@@ -684,6 +691,7 @@ class PosedScene:
     warp_affine: np.ndarray | None = None
     info: dict = field(default_factory=dict)
     _packed: tuple | None = field(default=None, repr=False, compare=False)
+    source: object = field(default=None, repr=False, compare=False)  # the ArticulatedCT
 
     def bbox_world(self) -> tuple[np.ndarray, np.ndarray]:
         """World box that holds everything non-air in this frame (CT box, parts, warp grid)."""
@@ -692,6 +700,33 @@ class PosedScene:
             boxes.append(_box_corners(p.affine, p.hu.shape))
         if self.warp is not None:
             boxes.append(_box_corners(self.warp_affine, self.warp.shape[:3]))
+        c = np.concatenate(boxes)
+        return c.min(axis=0), c.max(axis=0)
+
+    def content_bbox(self) -> tuple[np.ndarray, np.ndarray]:
+        """World box of the CT box, the parts' posed boxes and the warp nodes that carry non-air
+        soft tissue (a tighter box than ``bbox_world``)."""
+        boxes = [_box_corners(self.soft_affine, self.soft.shape)]
+        for p in self.parts:  # the posed non-air voxels of each part
+            idx = np.argwhere((p.mask > 0) & (p.hu > -900))
+            if len(idx):
+                c = idx @ p.affine[:3, :3].T + p.affine[:3, 3]
+                half = 0.5 * np.abs(p.affine[:3, :3]).sum(axis=1)
+                boxes.append(np.stack([c.min(axis=0) - half, c.max(axis=0) + half]))
+        if self.warp is not None:
+            n = self.warp.shape[:3]
+            nodes = np.indices(n).reshape(3, -1).T @ self.warp_affine[:3, :3].T + self.warp_affine[:3, 3]
+            rest = nodes + self.warp.reshape(-1, 3)
+            inv = np.linalg.inv(self.soft_affine)
+            idx = np.rint(rest @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
+            shp = np.asarray(self.soft.shape)
+            ok = np.all((idx >= 0) & (idx < shp), axis=1)
+            occ = np.zeros(len(nodes), bool)
+            occ[ok] = self.soft[tuple(idx[ok].T)] > -900
+            occ &= np.abs(self.warp.reshape(-1, 3)).max(axis=1) > 0.01  # moved content only
+            if occ.any():
+                sp = 0.5 * np.abs(self.warp_affine[:3, :3]).sum(axis=1)
+                boxes.append(np.stack([nodes[occ].min(axis=0) - sp, nodes[occ].max(axis=0) + sp]))
         c = np.concatenate(boxes)
         return c.min(axis=0), c.max(axis=0)
 
@@ -763,7 +798,7 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
                 d = jd[p.joint]
         aff = p.affine(art.affine)
         parts.append(ScenePart(p.name, p.kind, p.hu, p.mask, aff if _is_identity(d) else d @ aff))
-    scene = PosedScene(art.soft, art.affine.copy(), parts, info={"warp": "none"})
+    scene = PosedScene(art.soft, art.affine.copy(), parts, info={"warp": "none"}, source=art)
     if jd is None or art.weights.shape[-1] == 0:
         return scene
     D = jd[art.weight_joints]
@@ -856,17 +891,19 @@ def sample_warp(scene: PosedScene, points) -> np.ndarray:
 def compose_volume(scene: PosedScene, affine=None, shape=None) -> Volume:
     """Resample the posed scene onto a grid (HU, float32).
 
-    Default grid: the CT's own axes and spacing, extended to hold the posed scene (at the
-    acquisition pose it is the CT grid itself and the result equals the CT voxel for voxel).
+    Default grid: the CT's own axes and spacing, extended to hold the posed content
+    (``content_bbox``); at the acquisition pose it is the CT grid itself and the result equals the
+    CT voxel for voxel. A fallback path: ``render_posed(backend="projector")`` is exact.
     """
     if affine is None:
-        lo, hi = scene.bbox_world()
+        lo, hi = scene.content_bbox()
         c = np.array([[a, b, cc] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for cc in (lo[2], hi[2])])
         inv = np.linalg.inv(scene.soft_affine)
         ci = c @ inv[:3, :3].T + inv[:3, 3]
-        i0 = np.minimum(np.floor(ci.min(axis=0) + 0.5), 0).astype(int)
-        i1 = np.maximum(np.ceil(ci.max(axis=0) - 0.5), np.asarray(scene.soft.shape) - 1).astype(int)
-        # do not extend beyond what the parts and warp need, but never shrink the CT grid
+        i0 = np.minimum(np.floor(ci.min(axis=0) + 0.5 + 1e-6), 0).astype(int)
+        i1 = np.maximum(np.ceil(ci.max(axis=0) - 0.5 - 1e-6), np.asarray(scene.soft.shape) - 1).astype(int)
+        # the CT grid, extended only where posed content leaves it (on an extended side the CT's
+        # outer half-voxel is blurred by the resampling; elsewhere the values are exact)
         t = np.eye(4)
         t[:3, 3] = i0
         affine = scene.soft_affine @ t
@@ -950,27 +987,49 @@ def static_scene(ct: Volume) -> PosedScene:
 
 
 def to_projector_scene(scene: PosedScene):
-    """Adapter to ``core.projector.render_scene``'s scene format (see that module)."""
-    from . import projector  # noqa: F401
+    """The posed scene as a ``core.projector.Scene`` (base = soft tissue, subs = rigid parts).
 
-    make = getattr(projector, "Scene", None)
-    if make is None:
-        raise CtwinError("core.projector has no Scene type")
-    raise CtwinError("core.projector.Scene adapter not written yet")
+    The projector keeps its arrays resident: the Scene is built once per ``ArticulatedCT`` and only
+    the sub-volume affines and the warp are updated per frame (``Scene.set_frame``).
+    """
+    from . import projector
+
+    art = scene.source
+    ps = None if art is None else art._cache.get("projector_scene")
+    if ps is None or len(ps.subs) != len(scene.parts):
+        base = Volume(np.ascontiguousarray(scene.soft), scene.soft_affine.copy())
+        subs = [projector.SubVolume(p.hu, p.mask, p.affine.copy()) for p in scene.parts]
+        ps = projector.Scene(base=base, subs=subs)
+        if art is not None:
+            art._cache["projector_scene"] = ps
+    ps.set_frame([p.affine for p in scene.parts],
+                 None if scene.warp is None else (scene.warp, scene.warp_affine))
+    return ps
 
 
-def render_posed(scene: PosedScene, geometry, **kwargs) -> np.ndarray:
-    """Render a posed scene: projector.render_scene, else compose + render_drr, else reference."""
-    try:
-        from . import projector
-    except ImportError:
-        projector = None
-    if projector is not None and hasattr(projector, "render_scene") and hasattr(projector, "Scene"):
+def render_posed(scene: PosedScene, geometry, *, step_mm: float | None = None,
+                 device: str = "auto", backend: str = "auto") -> np.ndarray:
+    """Line integrals of mu through a posed scene, float32 (H, W).
+
+    ``backend``: "projector" (``core.projector.render_scene``, CPU or CUDA), "compose" (resample
+    the scene onto a grid, then ``render_drr``), "reference" (``render_scene_reference``), or
+    "auto" (the first available of projector, reference).
+    """
+    if backend == "auto":
         try:
-            return projector.render_scene(to_projector_scene(scene), geometry, **kwargs)
-        except CtwinError:
-            pass
-    if projector is not None and hasattr(projector, "render_drr"):
-        vol = compose_volume(scene)
-        return projector.render_drr(vol, geometry, **kwargs)
-    return render_scene_reference(scene, geometry, step_mm=kwargs.get("step_mm") or 0.5)
+            from . import projector
+
+            backend = "projector" if hasattr(projector, "render_scene") else "reference"
+        except ImportError:
+            backend = "reference"
+    if backend == "projector":
+        from . import projector
+
+        return projector.render_scene(to_projector_scene(scene), geometry, step_mm=step_mm, device=device)
+    if backend == "compose":
+        from . import projector
+
+        return projector.render_drr(compose_volume(scene), geometry, step_mm=step_mm, device=device)
+    if backend == "reference":
+        return render_scene_reference(scene, geometry, step_mm=step_mm or 0.5)
+    raise CtwinError(f"unknown render backend {backend!r}")
