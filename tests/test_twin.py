@@ -99,10 +99,11 @@ def test_blender_animation_matches_cli(twin_dir, tmp_path):
     from ctwin.twin_blend import ensure_registered, twin_armature_object
 
     n = 3
-    body = np.asarray(PRESETS["knee_flexion"])
-    poses = np.zeros((n, 72))
+    start, end = np.asarray(PRESETS["supine_arms_down"]), np.asarray(PRESETS["knee_flexion"])
+    poses = np.zeros((n, 72))  # the motion's own root stays fixed (retargeted onto the twin)
     for f in range(n):
-        poses[f, 3:] = (f / (n - 1)) * body[3:]
+        a = f / (n - 1)
+        poses[f, 3:] = (1 - a) * start[3:] + a * end[3:]
     motion = tmp_path / "motion.npz"
     write_motion_file(motion, poses, np.zeros((n, 3)), 24.0)
 
