@@ -95,10 +95,10 @@ def metrics_rows(metrics: dict) -> list[tuple]:
         rows += [
             (f"Skeletal enclosure at target pose '{tgt.get('pose')}' (%)", tgt.get("enclosure_pct"),
              PUBLISHED["enclosure_target_pct"], "higher"),
-            (f"Bone placement error at target pose, mean / max (mm)",
+            ("Bone placement error at target pose, mean / max (mm)",
              None if not be else f"{be['mean']:.2f} / {be['max']:.2f}", "not measured", "lower"),
-            (f"DRR SSIM at target pose vs phantom truth", tgt.get("ssim"), "not measured", "higher"),
-            (f"DRR PSNR at target pose vs phantom truth (dB)", tgt.get("psnr_db"), "not measured", "higher"),
+            ("DRR SSIM at target pose vs phantom truth", tgt.get("ssim"), "not measured", "higher"),
+            ("DRR PSNR at target pose vs phantom truth (dB)", tgt.get("psnr_db"), "not measured", "higher"),
         ]
     return rows
 

@@ -69,7 +69,6 @@ def build_twin(ct_path, seg_path, out_dir, body_model_path=None, *, write_blend:
     from .binding import bind_structures, save_binding
     from .body_model import default_body_model_path, load_body_model
     from .fit import fit_body_model
-    from .labels import write_labels_json
     from .mesh import import_anatomy, write_ply
     from .volume import save_nifti
 
