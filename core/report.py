@@ -107,7 +107,7 @@ def write_report(out_dir, metrics: dict, sections: list[dict], title: str = "ctw
     """Write ``report.html``. ``sections``: [{"title", "text", "images": [(relpath, caption)]}]."""
     out = Path(out_dir)
     rows = "\n".join(
-        f"<tr><td>{html.escape(m)}</td><td><b>{_fmt(o)}</b></td><td>{_fmt(p, 1)}</td><td>{b}</td></tr>"
+        f"<tr><td>{html.escape(m)}</td><td><b>{_fmt(o)}</b></td><td>{html.escape(str(p))}</td><td>{b}</td></tr>"
         for m, o, p, b in metrics_rows(metrics))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
