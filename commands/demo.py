@@ -115,7 +115,7 @@ def run(args) -> int:
     done("motion")
 
     step("render", f"4/6 render {args.frames} frames, AP sweep and lateral, {args.size}x{args.size}")
-    lo, hi = (np.asarray(b) for b in twin.meta["ct"]["bbox_mm"])
+    lo, hi = twin.ct_bbox_mm
     frames_dir = out / "frames"
     n = args.frames
 

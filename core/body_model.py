@@ -56,7 +56,7 @@ import numpy as np
 from .errors import CtwinError
 from .fileio import atomic_path
 from .progress import report
-from .skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, kintree_table, rodrigues
+from .skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, kintree_table, rigid_transforms, rodrigues
 
 GENERATOR_VERSION = 1
 NUM_BETAS = 10
@@ -833,7 +833,7 @@ class BodyModel:
             if r.shape != v_posed.shape:
                 raise CtwinError(f"residual has shape {r.shape}, expected {v_posed.shape}")
             v_posed = v_posed + r / 1000.0
-        a, joints_posed = _rigid_transforms(rots, joints, self.parents)
+        a, joints_posed = rigid_transforms(rots, joints, self.parents)
         t = np.einsum("vj,jab->vab", self.weights, a)
         verts = np.einsum("vab,vb->va", t[:, :3, :3], v_posed) + t[:, :3, 3]
         return verts, joints_posed, a
@@ -854,7 +854,7 @@ class BodyModel:
         """Per-joint skinning transforms A (24, 4, 4) in mm units, without ``transl``."""
         rots = rodrigues(_pose24(pose))
         _, joints = self.rest(betas)
-        a, _ = _rigid_transforms(rots, joints, self.parents)
+        a, _ = rigid_transforms(rots, joints, self.parents)
         a[:, :3, 3] *= 1000.0
         return a
 
@@ -881,20 +881,6 @@ def _pose24(pose) -> np.ndarray:
     if p.size != 3 * N_JOINTS:
         raise CtwinError(f"a pose has 72 values (24 joints x 3), got {p.size}")
     return p.reshape(N_JOINTS, 3)
-
-
-def _rigid_transforms(rots, joints, parents):
-    """smplx's batch_rigid_transform: (A (24, 4, 4) rest -> posed, posed joints (24, 3))."""
-    g = np.zeros((N_JOINTS, 4, 4))
-    for i in range(N_JOINTS):
-        local = np.eye(4)
-        local[:3, :3] = rots[i]
-        p = parents[i]
-        local[:3, 3] = joints[i] if p < 0 else joints[i] - joints[p]
-        g[i] = local if p < 0 else g[p] @ local
-    a = g.copy()
-    a[:, :3, 3] -= np.einsum("nij,nj->ni", g[:, :3, :3], joints)
-    return a, g[:, :3, 3].copy()
 
 
 def load_body_model(path=None) -> BodyModel:

@@ -33,6 +33,16 @@ def _similarity(test, ref) -> dict:
     return out
 
 
+def _summary(per_view: dict) -> dict:
+    """Mean SSIM and PSNR over the views (PSNR over the views where it is finite)."""
+    out = {"ssim": float(np.mean([v["ssim"] for v in per_view.values()]))}
+    ps = [v["psnr_db"] for v in per_view.values() if v["psnr_db"] is not None]
+    out["psnr_db"] = float(np.mean(ps)) if ps else None
+    if all(v.get("identical") for v in per_view.values()):
+        out["identical"] = True
+    return out
+
+
 def fit_scores(twin) -> dict:
     """chamfer_mm and enclosure_pct of the twin's fitted body surface (SPEC section 6)."""
     from .metrics import chamfer_mm, enclosure_pct
@@ -40,7 +50,7 @@ def fit_scores(twin) -> dict:
 
     body = read_mesh(twin.path / "meshes" / "body_model.ply", name="body_model")
     skin = read_mesh(twin.path / "meshes" / "skin.ply", name="skin")
-    lo, hi = (np.asarray(b) for b in twin.meta["ct"]["bbox_mm"])
+    lo, hi = twin.ct_bbox_mm
     out = {"chamfer_mm": float(chamfer_mm(body, skin, (lo[2], hi[2])))}
     out["enclosure_pct"] = float(enclosure_pct(body.vertices, body.faces, twin.labelmap, twin.names))
     return out
@@ -58,11 +68,7 @@ def acquisition_fidelity(twin, size: int = 512, device: str = "auto", keep_image
         out[name] = _similarity(test, ref)
         if keep_images is not None:
             keep_images[name] = (test, ref, g)
-    out["ssim"] = float(np.mean([v["ssim"] for v in out.values()]))
-    ps = [out[k]["psnr_db"] for k in ("ap", "lateral") if out[k]["psnr_db"] is not None]
-    out["psnr_db"] = float(np.mean(ps)) if ps else None
-    if all(out[k].get("identical") for k in ("ap", "lateral")):
-        out["identical"] = True
+    out.update(_summary(out))
     return out
 
 
@@ -137,9 +143,7 @@ def target_fidelity(twin, truth_dir, size: int = 512, device: str = "auto",
         if keep_images is not None:
             keep_images[name] = (test, ref, g)
     out["drr"] = drr
-    out["ssim"] = float(np.mean([v["ssim"] for v in drr.values()]))
-    ps = [v["psnr_db"] for v in drr.values() if v["psnr_db"] is not None]
-    out["psnr_db"] = float(np.mean(ps)) if ps else None
+    out.update(_summary(drr))
     return out
 
 

@@ -75,7 +75,12 @@ def forward_kinematics(pose, joints_rest, parents=PARENTS):
     posed position (``x_posed = A[j] @ [x_rest, 1]``), and ``joints_posed`` (24, 3). The root rotates
     about its own rest position, as in SMPL. Units are those of ``joints_rest``.
     """
-    rots = rodrigues(as_pose(pose))
+    return rigid_transforms(rodrigues(as_pose(pose)), joints_rest, parents)
+
+
+def rigid_transforms(rots, joints_rest, parents=PARENTS):
+    """``forward_kinematics`` from per-joint local rotation matrices (24, 3, 3) (smplx's
+    ``batch_rigid_transform``): returns ``(A (24, 4, 4), joints_posed (24, 3))``."""
     j = np.asarray(joints_rest, dtype=np.float64)
     n = len(parents)
     g = np.zeros((n, 4, 4))

@@ -292,12 +292,17 @@ class Twin:
 
         return render_posed(self.posed_scene(pose, transl_mm), geometry, step_mm=step_mm, device=device)
 
+    @property
+    def ct_bbox_mm(self) -> tuple[np.ndarray, np.ndarray]:
+        """World (min, max) of the CT's cell box, mm (recorded in twin.json at build)."""
+        lo, hi = self.meta["ct"]["bbox_mm"]
+        return np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+
     def default_views(self, size=512, **kw) -> dict:
         """SPEC section 5 metric views (AP and lateral) for this twin's CT bounding box."""
         from .carm import default_views
 
-        lo, hi = (np.asarray(b) for b in self.meta["ct"]["bbox_mm"])
-        return default_views((lo, hi), size=size, **kw)
+        return default_views(self.ct_bbox_mm, size=size, **kw)
 
 
 def load_twin(path) -> Twin:
@@ -348,6 +353,7 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
     overrides the named views, e.g. for a C-arm sweep.
     """
     from . import physics
+    from .articulated import render_posed
     from .carm import named_view
     from .projector import frame_written, resolve_device, write_frame
 
@@ -363,9 +369,8 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
     elif geometry is not None:
         views = {"view": geometry}
     else:
-        lo, hi = (np.asarray(b) for b in twin.meta["ct"]["bbox_mm"])
         names = [view] if view else ["ap", "lateral"]
-        views = {n: named_view(n, (lo, hi), sad_mm=sad_mm, sid_mm=sid_mm, size=size or 512,
+        views = {n: named_view(n, twin.ct_bbox_mm, sad_mm=sad_mm, sid_mm=sid_mm, size=size or 512,
                                parallel=parallel) for n in names}
     todo = frame_poses(twin, pose, motion, frames, fps)
     total = len(todo) * len(views)
@@ -395,7 +400,7 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
                 from .annotations import write_annotations
 
                 write_annotations(stems[n], g, posed, joints, marks)
-            li = twin_render_scene(scene, g, step_mm=step_mm, device=dev)
+            li = render_posed(scene, g, step_mm=step_mm, device=dev)
             if photons is not None:
                 li = physics.add_noise(li, photons, electronic_sigma, seed + f)
             img = physics.to_value(li, value)
@@ -406,8 +411,3 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
             report(f"{stems[n].name}.tif written", done / total)
     return 0
 
-
-def twin_render_scene(scene, geometry, *, step_mm=None, device="auto") -> np.ndarray:
-    from .articulated import render_posed
-
-    return render_posed(scene, geometry, step_mm=step_mm, device=device)
