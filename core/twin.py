@@ -1,5 +1,6 @@
-"""The twin directory (SPEC section 4): build it from a CT and its segmentation, load it, pose it,
-render it.
+"""The twin directory (SPEC section 4): build it from a CT and its segmentation (``build_twin``) or
+from closed meshes with no CT (``build_twin_from_meshes``, mesh mode: the meshes are voxelised into
+a synthetic CT by ``core.mesh_volume`` and the same pipeline follows), load it, pose it, render it.
 
 Layout::
 
@@ -65,11 +66,67 @@ def build_twin(ct_path, seg_path, out_dir, body_model_path=None, *, write_blend:
     Everything is written into a temporary sibling folder that replaces ``out_dir`` only when the
     build has succeeded, so an interrupted build leaves no half-written twin.
     """
+    from .mesh import import_anatomy
+
+    def source():
+        report("build 1/6: import CT and segmentation", 0.0)
+        ct, labelmap, names, meshes, skin = import_anatomy(ct_path, seg_path,
+                                                           smooth_iterations=smooth_iterations)
+        if not meshes:
+            raise CtwinError("the segmentation has no structure to build a twin from")
+        inputs = {"ct": str(Path(ct_path).resolve()), "seg": str(Path(seg_path).resolve())}
+        return ct, labelmap, names, meshes, skin, ct.bbox_world(), inputs, {}
+
+    return _build(source, out_dir, body_model_path, write_blend)
+
+
+def build_twin_from_meshes(mesh_dir, out_dir, body_model_path=None, *, hu=None, spacing: float = 3.0,
+                           write_blend: bool = True, subsamples: int = 4) -> Path:
+    """Build a twin directory from a folder of closed per-structure meshes, with no CT (mesh mode).
+
+    The meshes are voxelised into a synthetic CT and labelmap (``core.mesh_volume``: each
+    structure's HU from the default table by kind, or ``hu``: a dict or a JSON file name -> HU or
+    material), then the twin is built by the same pipeline as from a CT: fit, binding, articulated
+    decomposition, meshes (the input meshes, unchanged), ``twin.blend``. ``twin.json`` records
+    ``"mode": "mesh"`` and the HU table used.
+    """
+    from .mesh_volume import SKIN, hu_table, load_hu_overrides, read_mesh_folder, voxelise_meshes
+
+    def source():
+        report("build 1/6: read and voxelise the meshes", 0.0)
+        meshes = read_mesh_folder(mesh_dir)
+        over = hu if (hu is None or isinstance(hu, dict)) else load_hu_overrides(hu)
+        table = hu_table(meshes, over)
+        mv = voxelise_meshes(meshes, table, spacing, subsamples=subsamples)
+        skin = meshes.pop(SKIN)
+        for name, m in meshes.items():
+            if name == "skin_label":
+                m.meta["label_name"] = "skin"
+        fov = (skin.vertices.min(0), skin.vertices.max(0))
+        inputs = {"meshes": str(Path(mesh_dir).resolve())}
+        if hu is not None and not isinstance(hu, dict):
+            inputs["hu_table"] = str(Path(hu).resolve())
+        extra = {"mode": "mesh",
+                 "mesh_volume": {"spacing_mm": float(spacing), "subsamples": int(subsamples),
+                                 "seconds": round(mv.seconds, 2),
+                                 "priority": "body surface < tissue layers < organs and vessels "
+                                             "< gas < bones (core.mesh_volume)"},
+                 "hu_table": {n: {"hu": e["hu"], "source": e["source"],
+                                  "volume_mm3": round(mv.volumes_mm3[n], 1)}
+                              for n, e in sorted(table.items())}}
+        return mv.ct, mv.labelmap, mv.names, meshes, skin, fov, inputs, extra
+
+    return _build(source, out_dir, body_model_path, write_blend)
+
+
+def _build(source, out_dir, body_model_path, write_blend: bool) -> Path:
+    """The build pipeline shared by both modes. ``source()`` returns (ct, labelmap, names,
+    meshes, skin, fov_box, inputs, extra twin.json keys)."""
     from .articulated import prepare_articulated
     from .binding import bind_structures, save_binding
     from .body_model import default_body_model_path, load_body_model
     from .fit import fit_body_model
-    from .mesh import import_anatomy, write_ply
+    from .mesh import write_ply
     from .volume import save_nifti
 
     t0 = time.perf_counter()
@@ -82,17 +139,13 @@ def build_twin(ct_path, seg_path, out_dir, body_model_path=None, *, write_blend:
     (tmp / "meshes").mkdir(parents=True)
     (tmp / "volumes").mkdir()
     try:
-        report("build 1/6: import CT and segmentation", 0.0)
-        ct, labelmap, names, meshes, skin = import_anatomy(ct_path, seg_path,
-                                                           smooth_iterations=smooth_iterations)
-        if not meshes:
-            raise CtwinError("the segmentation has no structure to build a twin from")
+        ct, labelmap, names, meshes, skin, fov_box, inputs, extra = source()
 
         report("build 2/6: fit the body model", 0.25)
         builtin = body_model_path is None
         bm_path = default_body_model_path() if builtin else Path(body_model_path)
         bm = load_body_model(bm_path)
-        fit = fit_body_model(bm, skin, labelmap, names, fov_box=ct.bbox_world())
+        fit = fit_body_model(bm, skin, labelmap, names, fov_box=fov_box)
         body = fit.body_mesh()
 
         report("build 3/6: bind structures to the armature", 0.55)
@@ -119,7 +172,8 @@ def build_twin(ct_path, seg_path, out_dir, body_model_path=None, *, write_blend:
         fj = fit.to_json()
         meta = {
             "format": TWIN_FORMAT,
-            "inputs": {"ct": str(Path(ct_path).resolve()), "seg": str(Path(seg_path).resolve())},
+            "mode": "ct",
+            "inputs": inputs,
             "ct": {"shape": list(ct.shape), "spacing_mm": ct.spacing.tolist(),
                    "bbox_mm": [b.tolist() for b in ct.bbox_world()]},
             "body_model": {"path": str(bm_path), "builtin": builtin, "num_betas": int(bm.num_betas),
@@ -131,6 +185,7 @@ def build_twin(ct_path, seg_path, out_dir, body_model_path=None, *, write_blend:
             "software": software_versions(),
             "build_seconds": None,
         }
+        meta.update(extra)
         write_json(tmp / "twin.json", meta)
 
         if write_blend:
