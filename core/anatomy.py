@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .labels import name_to_id
-from .skeleton import JOINT_INDEX, JOINT_NAMES, PARENTS
+from .skeleton import JOINT_INDEX, JOINT_NAMES, PARENTS, canonical_joints_mm
 
 CONE, ELL, TRI, BOX, PLANE = 0, 1, 2, 3, 4
 UNION, SUB, INT = 0, 1, 2
@@ -196,32 +196,11 @@ def _spine_layout():
     return out, bounds
 
 
-def _default_joints(bounds) -> np.ndarray:
-    j = np.zeros((24, 3))
-
-    def put(name, xyz, mirror=False):
-        if mirror:
-            j[JOINT_INDEX["left_" + name]] = xyz
-            j[JOINT_INDEX["right_" + name]] = (-xyz[0], xyz[1], xyz[2])
-        else:
-            j[JOINT_INDEX[name]] = xyz
-
-    put("pelvis", (0.0, 940.0, -10.0))
-    put("hip", (88.0, 905.0, 5.0), True)           # femoral head centre
-    put("spine1", tuple(bounds[("L4", "L3")]))     # L3/L4 disc
-    put("knee", (95.0, 500.0, -2.0), True)         # between the femoral condyles
-    put("spine2", tuple(bounds[("L1", "T12")]))    # T12/L1 disc
-    put("ankle", (95.0, 62.0, -5.0), True)         # talus
-    put("spine3", tuple(bounds[("T7", "T6")]))     # T6/T7 disc
-    put("foot", (95.0, 18.0, 125.0), True)         # metatarsophalangeal joints
-    put("neck", tuple(bounds[("T1", "C7")]))       # C7/T1 disc
-    put("collar", (25.0, 1442.0, 62.0), True)      # sternoclavicular joint
-    put("head", (0.0, 1610.0, -20.0))              # occipital condyles
-    put("shoulder", (180.0, 1425.0, -30.0), True)  # glenohumeral centre
-    put("elbow", (500.0, 1425.0, -30.0), True)     # between the epicondyles
-    put("wrist", (768.0, 1425.0, -25.0), True)     # radiocarpal joint
-    put("hand", (866.0, 1425.0, -25.0), True)      # metacarpophalangeal joints
-    return j
+def _default_joints() -> np.ndarray:
+    """The default adult's joint centres: the project's canonical rest skeleton (shared with the
+    built-in body model, ``core.skeleton.canonical_joints_mm``: femoral head centres, the knee
+    between the condyles, the spine joints on the discs of ``_spine_layout``, ...)."""
+    return canonical_joints_mm()
 
 
 def _vertebra_segment(name: str) -> int:
@@ -575,7 +554,7 @@ def build_anatomy(seed: int = 0) -> Anatomy:
     """The shaped rest anatomy for a seed (seed 0 = the default adult)."""
     shape = Shape.from_seed(seed)
     spine, bounds = _spine_layout()
-    j0 = _default_joints(bounds)
+    j0 = _default_joints()
     structures = _build_default(j0, spine, bounds)
     flesh = _default_flesh({n: j0[i] for i, n in enumerate(JOINT_NAMES)})
     s = _segment_scales(shape)

@@ -256,7 +256,17 @@ def build_armature(joints_mm, pose, transl_mm=None) -> Armature:
 
 
 def armature_from_fit(fit) -> Armature:
-    """``build_armature`` from a fit result (object with attributes or a dict / npz mapping)."""
-    get = (lambda k: fit[k]) if hasattr(fit, "__getitem__") and not hasattr(fit, "joints_mm") else (
-        lambda k: getattr(fit, k))
-    return build_armature(np.asarray(get("joints_mm")), np.asarray(get("pose")), np.asarray(get("transl_mm")))
+    """``build_armature`` from a fit result (object with attributes or a dict / npz mapping): the
+    fitted joints, and the skeleton's own pose (``scaffold_pose``, see ``core.fit.scaffold_pose``)
+    where the fit has one, else the surface fit's pose."""
+    mapping = hasattr(fit, "__getitem__") and not hasattr(fit, "joints_mm")
+
+    def get(k):
+        if mapping:
+            return fit[k] if k in fit else None
+        return getattr(fit, k, None)
+
+    pose = get("scaffold_pose")
+    if pose is None:
+        pose = get("pose")
+    return build_armature(np.asarray(get("joints_mm")), np.asarray(pose), np.asarray(get("transl_mm")))

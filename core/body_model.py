@@ -20,7 +20,10 @@ How the model is made:
   implicit surface. It is watertight, manifold and oriented outward (checked at generation).
   Vertices ``smplx`` reads as extra keypoints (nose, eyes, ears, toes, heels, finger tips; see
   ``smplx.vertex_ids['smplh']``) are placed at those anatomical landmarks.
-- **Joints**: placed anatomically (adult, 1.75 m at ``betas = 0``). The pelvis joint is at the
+- **Joints**: the project's canonical rest skeleton (``core.skeleton.canonical_joints_mm``:
+  anatomical joint centres of an adult, 1.75 m at ``betas = 0``, the same bone directions as the
+  phantom's, so a fitted pose is the phantom's pose); the limb flesh is stretched to follow
+  them (``_retarget``). The pelvis joint is at the
   origin for every shape, so ``transl`` is the pelvis position (in SMPL it is not; nothing else
   depends on it). ``J_regressor`` rows are convex weights of the vertices around each joint
   that reproduce the joint centre (to ~1e-6 m at rest).
@@ -56,9 +59,10 @@ import numpy as np
 from .errors import CtwinError
 from .fileio import atomic_path
 from .progress import report
-from .skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, kintree_table, rigid_transforms, rodrigues
+from .skeleton import (JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, canonical_joints_mm, kintree_table,
+                       rigid_transforms, rodrigues)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 NUM_BETAS = 10
 DEFAULT_HEIGHT_M = 1.75
 GRID_SPACING_M = 0.0105  # marching-cubes grid of the built-in surface
@@ -94,9 +98,15 @@ _REQUIRED_KEYS = ("v_template", "f", "J_regressor", "weights", "posedirs", "shap
 # Anatomy of the built-in body (metres, measured from the floor; x = left, y = up, z = front).
 # Left-side items are listed once and mirrored (x -> -x) for the right side.
 # --------------------------------------------------------------------------------------------
-_PELVIS_HEIGHT = 0.97
+# The rest joints are the project's canonical skeleton (``core.skeleton.canonical_joints_mm``,
+# shared with the phantom so that one pose vector means one articulation for both). The flesh
+# primitives below were drawn around the skeleton in ``_FLESH_JOINTS_FLOOR``; ``_retarget`` moves
+# the limb primitives (and limb landmarks) with their joints, so arms and legs bend where the
+# canonical joints are.
+_ORIGIN_FLOOR = canonical_joints_mm()[0] / 1000.0  # the pelvis joint: the model's origin
+_PELVIS_HEIGHT = float(_ORIGIN_FLOOR[1])
 
-_JOINTS_FLOOR = {
+_FLESH_JOINTS_FLOOR = {
     "pelvis": (0.0, 0.970, 0.000),
     "left_hip": (0.088, 0.885, 0.002),
     "spine1": (0.0, 1.085, -0.012),
@@ -124,6 +134,9 @@ _PRIMS_FLOOR = [
     ("spine2", "ellipsoid", ((0.0, 1.180, -0.002), (0.148, 0.120, 0.108))),
     ("spine3", "ellipsoid", ((0.0, 1.300, 0.000), (0.165, 0.152, 0.120))),
     ("left_collar", "cone", ((0.045, 1.405, -0.018), (0.170, 1.430, -0.024), 0.066, 0.056)),
+    # the clavicle's ridge, from the sternoclavicular joint (the collar joint) to the shoulder
+    ("left_collar", "cone", ((0.025, 1.445, 0.060), (0.120, 1.455, 0.042), 0.022, 0.022)),
+    ("left_collar", "cone", ((0.120, 1.455, 0.042), (0.176, 1.461, -0.020), 0.022, 0.022)),
     ("neck", "cone", ((0.0, 1.440, -0.022), (0.0, 1.585, -0.004), 0.058, 0.053)),
     ("head", "ellipsoid", ((0.0, 1.642, 0.014), (0.076, 0.108, 0.096))),
     # arm (left; mirrored for the right)
@@ -162,13 +175,42 @@ def _mirror_name(name: str) -> str:
 
 def _rest_joints() -> np.ndarray:
     """Rest joints (24, 3) in the canonical frame, metres, pelvis at the origin."""
-    j = np.zeros((N_JOINTS, 3))
-    for name, p in _JOINTS_FLOOR.items():
-        j[JOINT_INDEX[name]] = p
-        if name.startswith("left_"):
-            j[JOINT_INDEX[_mirror_name(name)]] = (-p[0], p[1], p[2])
-    j[:, 1] -= _PELVIS_HEIGHT
-    return j
+    return canonical_joints_mm() / 1000.0 - _ORIGIN_FLOOR
+
+
+_ARM_CHAIN = ("left_shoulder", "left_elbow", "left_wrist", "left_hand")
+_LEG_CHAIN = ("left_hip", "left_knee", "left_ankle")
+
+
+def _retarget(joint: str, p) -> np.ndarray:
+    """A left-side primitive point (floor frame, m) of ``joint``'s body part, moved from the flesh
+    skeleton (``_FLESH_JOINTS_FLOOR``) to the canonical one: along the arm and leg chains the
+    joints' displacements are interpolated by the point's projection on the chain (a stretch of
+    each segment); the leg keeps its front-back profile (x and y only); the foot moves sideways
+    with the ankle and keeps its sole on the floor; the trunk and head stay as drawn."""
+    p = np.asarray(p, dtype=np.float64)
+    new = canonical_joints_mm() / 1000.0
+    if joint in _ARM_CHAIN:
+        chain, keep = _ARM_CHAIN, np.ones(3)
+    elif joint in _LEG_CHAIN[:2]:
+        chain, keep = _LEG_CHAIN, np.array([1.0, 1.0, 0.0])
+    elif joint in ("left_ankle", "left_foot"):
+        d = new[JOINT_INDEX["left_ankle"]] - np.asarray(_FLESH_JOINTS_FLOOR["left_ankle"])
+        return p + d * np.array([1.0, 0.0, 0.0])
+    else:
+        return p
+    old_j = [np.asarray(_FLESH_JOINTS_FLOOR[n]) for n in chain]
+    new_j = [new[JOINT_INDEX[n]] for n in chain]
+    best = None
+    for k in range(len(chain) - 1):
+        ab = old_j[k + 1] - old_j[k]
+        t = float(np.clip(np.dot(p - old_j[k], ab) / np.dot(ab, ab), 0.0, 1.0))
+        dist = float(np.linalg.norm(old_j[k] + t * ab - p))
+        if best is None or dist < best[0]:
+            best = (dist, k, t)
+    _, k, t = best
+    d = (1.0 - t) * (new_j[k] - old_j[k]) + t * (new_j[k + 1] - old_j[k + 1])
+    return p + d * keep
 
 
 def _primitives() -> list:
@@ -180,14 +222,16 @@ def _primitives() -> list:
             sides.append((_mirror_name(joint), -1.0))
         for name, sx in sides:
             m = np.array([sx, 1.0, 1.0])
-            shift = np.array([0.0, -_PELVIS_HEIGHT, 0.0])
+            shift = -_ORIGIN_FLOOR
             if kind == "cone":
                 a, b, ra, rb = params
+                a, b = _retarget(joint, a), _retarget(joint, b)
                 prim = dict(a=np.array(a) * m + shift, b=np.array(b) * m + shift, ra=ra, rb=rb)
                 lo = np.minimum(prim["a"] - ra, prim["b"] - rb)
                 hi = np.maximum(prim["a"] + ra, prim["b"] + rb)
             else:
                 c, r = params
+                c = _retarget(joint, c)
                 prim = dict(c=np.array(c) * m + shift, r=np.array(r, dtype=np.float64))
                 lo, hi = prim["c"] - prim["r"], prim["c"] + prim["r"]
             k = _SMOOTH_K_TRUNK if name in _TRUNK else _SMOOTH_K
@@ -396,7 +440,9 @@ def _place_landmarks(v, f):
         raise RuntimeError("the built-in body surface has too few vertices for smplx's keypoints")
     targets = {}
     for name, p in _LANDMARKS_FLOOR.items():
-        q = np.array(p) - np.array([0.0, _PELVIS_HEIGHT, 0.0])
+        part = {"lt": "left_hand", "li": "left_hand", "lm": "left_hand", "lr": "left_hand", "lp": "left_hand",
+                "LB": "left_foot", "LS": "left_foot", "LH": "left_foot"}.get(name[:2], "head")
+        q = _retarget(part, p) - _ORIGIN_FLOOR
         targets[name] = q
         if name[0] in "lL":
             targets[{"l": "r", "L": "R"}[name[0]] + name[1:]] = q * np.array([-1.0, 1.0, 1.0])
@@ -656,7 +702,10 @@ def _write_arrays(path: Path, data: dict) -> None:
 
 
 def _source_tag() -> str:
-    return hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:10]
+    """Hash of the generator's sources (this module and the canonical skeleton it is built around)."""
+    h = hashlib.sha1(Path(__file__).read_bytes())
+    h.update((Path(__file__).parent / "skeleton.py").read_bytes())
+    return h.hexdigest()[:10]
 
 
 def cache_dir() -> Path:

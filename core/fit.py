@@ -47,7 +47,7 @@ import numpy as np
 from . import landmarks as lmk
 from .errors import CtwinError
 from .progress import report
-from .skeleton import JOINT_INDEX, N_JOINTS, forward_kinematics, pose_feature, rodrigues, rotation_to_rotvec
+from .skeleton import JOINT_INDEX, N_JOINTS, PARENTS, forward_kinematics, pose_feature, rodrigues, rotation_to_rotvec
 
 CAP_MARGIN_MM = 6.0      # skin within this distance of the volume faces is a truncation cap
 HUBER_MM = 10.0
@@ -58,6 +58,58 @@ N_BONE_POINTS = 4000
 
 # joints whose rotation is fitted (hands are not: nothing in a CT constrains them)
 FREE_JOINTS = [j for j in range(1, N_JOINTS) if j not in (22, 23)]
+
+
+SCAFFOLD_SIGMA_MM = 3.0      # a joint-centre misfit of this size costs as much as 1 degree off the prior
+
+
+def scaffold_pose(rest_joints_mm, joints_mm, pose, evidence, prior=None, sigma_mm=SCAFFOLD_SIGMA_MM):
+    """The skeleton's pose at the acquisition: local rotations whose forward kinematics put the
+    joints where the bones say they are, for the armature's rest pose.
+
+    The surface fit's pose (``pose``) also bends joints to match the body model's flesh to the
+    patient's skin (a head turned 10 degrees to fit a differently shaped skull); a target pose is
+    applied on top of the armature's rest pose, so every such degree moves bones at every new
+    pose. Here the rotations are re-estimated from the skeleton alone: the rest skeleton has the
+    body model's rest bone directions (at the fitted shape) and the bone lengths of ``joints_mm``;
+    the residuals are the joints with anatomical evidence (``evidence``, joint indices) in units of
+    ``sigma_mm``, and each local rotation's deviation (degrees) from ``prior`` (the acquisition
+    template: neutral limbs) -- which decides what the joints cannot (twists, the hands, the
+    head's nod). The global orientation and the shoulders' resting angles are not pulled toward
+    the template (the prior is the surface fit's own for them). Returns (72,).
+    """
+    from scipy.optimize import least_squares
+
+    rb = np.asarray(rest_joints_mm, dtype=np.float64).reshape(N_JOINTS, 3)
+    jm = np.asarray(joints_mm, dtype=np.float64).reshape(N_JOINTS, 3)
+    p0 = np.asarray(pose, dtype=np.float64).reshape(N_JOINTS, 3)
+    ev = sorted(set(int(j) for j in evidence))
+    if len(ev) < 3:
+        return p0.reshape(-1).copy()
+    pr = np.zeros((N_JOINTS, 3)) if prior is None else np.asarray(prior, dtype=np.float64).reshape(N_JOINTS, 3).copy()
+    for n in ("left_shoulder", "right_shoulder"):
+        pr[JOINT_INDEX[n]] = p0[JOINT_INDEX[n]]
+    rest = np.zeros((N_JOINTS, 3))
+    for j in range(1, N_JOINTS):
+        u = rb[j] - rb[PARENTS[j]]
+        rest[j] = rest[PARENTS[j]] + np.linalg.norm(jm[j] - jm[PARENTS[j]]) * u / max(np.linalg.norm(u), 1e-9)
+    free = FREE_JOINTS
+
+    def unpack(x):
+        p = p0.copy()
+        p[0] = x[0:3]
+        p[free] = x[3:3 + 3 * len(free)].reshape(-1, 3)
+        return p, x[3 + 3 * len(free):]
+
+    def residuals(x):
+        p, t = unpack(x)
+        _, jp = forward_kinematics(p, rest)
+        return np.concatenate([((jp[ev] + t) - jm[ev]).ravel() / sigma_mm,
+                               np.degrees(p[free] - pr[free]).ravel()])
+
+    x0 = np.concatenate([p0[0], p0[free].ravel(), jm[0] - rest[0]])
+    sol = least_squares(residuals, x0, method="lm", max_nfev=2000)
+    return unpack(sol.x)[0].reshape(-1)
 
 
 @dataclass
@@ -78,6 +130,7 @@ class FitResult:
     body_model_path: str = ""
     model_joints_mm: np.ndarray | None = None   # (24, 3) the body model's own joints at the fit
     joint_sources: dict = field(default_factory=dict)
+    scaffold_pose: np.ndarray | None = None      # (72,) the armature's rest pose (``scaffold_pose``)
 
     def to_json(self) -> dict:
         out = {
@@ -87,6 +140,7 @@ class FitResult:
             "joints_mm": self.joints_mm.tolist(),
             "model_joints_mm": None if self.model_joints_mm is None else self.model_joints_mm.tolist(),
             "joint_sources": self.joint_sources,
+            "scaffold_pose": None if self.scaffold_pose is None else self.scaffold_pose.tolist(),
             **{k: float(v) for k, v in self.metrics.items() if isinstance(v, (int, float, np.floating))},
             "metrics": {k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
                         for k, v in self.metrics.items()},
@@ -105,8 +159,9 @@ class FitResult:
 
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
+                extra = {} if self.scaffold_pose is None else {"scaffold_pose": self.scaffold_pose}
                 np.savez(f, pose=self.pose, betas=self.betas, transl_mm=self.transl_mm,
-                         residual_mm=self.residual_mm, joints_mm=self.joints_mm)
+                         residual_mm=self.residual_mm, joints_mm=self.joints_mm, **extra)
 
     def body_mesh(self, name: str = "body_model"):
         from .mesh import Mesh
@@ -690,8 +745,12 @@ def fit_body_model(body_model=None, skin=None, labelmap=None, names=None, *, fov
     verts = np.asarray(verts, dtype=np.float64)
     model_joints = np.asarray(joints, dtype=np.float64)
     joints, sources = lmk.anatomical_joints(data.lm, model_joints)
+    _, rest_j = body_model.rest(_pad_betas(betas, body_model))
+    p_scaffold = scaffold_pose(np.asarray(rest_j) * 1000.0, joints, pose,
+                               [JOINT_INDEX[n] for n in sources], prior=tmpl)
     out = FitResult(pose=pose, betas=_pad_betas(betas, body_model), transl_mm=transl, residual_mm=res,
-                    joints_mm=joints, model_joints_mm=model_joints, joint_sources=sources, vertices_mm=verts, faces=lbs.faces.copy(), losses=losses,
+                    joints_mm=joints, model_joints_mm=model_joints, joint_sources=sources,
+                    scaffold_pose=p_scaffold, vertices_mm=verts, faces=lbs.faces.copy(), losses=losses,
                     iterations=int(iters), detected=detected, landmarks=data.lm.as_dict(),
                     body_model_path=str(getattr(body_model, "path", "")))
     if compute_metrics:

@@ -24,6 +24,47 @@ JOINT_INDEX = {n: i for i, n in enumerate(JOINT_NAMES)}
 # (+z), canonical front (+z) -> anterior (-y): a +90 degree rotation about x.
 SUPINE_GLOBAL_ORIENT = np.array([np.pi / 2, 0.0, 0.0])
 
+# The project's canonical rest skeleton: anatomical joint centres of the default adult (1.75 m) in
+# SMPL's T pose, canonical frame, millimetres, the floor at y = 0. Left side; the right mirrors x.
+#
+# A pose vector is a set of rotations *relative to the canonical rest bone directions*, so one pose
+# means one articulation only between skeletons whose rest bones point the same way. The built-in
+# body model (``core.body_model``) and the phantom (``core.anatomy``) are both generated around this
+# table (each then scales its own segments, which keeps the directions): a pose fitted with the
+# body model is the pose the phantom was generated with, and a target pose applied to a fitted twin
+# moves its bones as the phantom's move. A user's own SMPL file brings its own rest skeleton.
+# The spine joints sit on the intervertebral discs of ``core.anatomy``'s spine layout
+# (tests/test_phantom.py checks that they agree).
+_CANONICAL_LEFT_MM = {
+    "pelvis": (0.0, 940.0, -10.0),
+    "hip": (88.0, 905.0, 5.0),            # femoral head centre
+    "spine1": (0.0, 1075.0, -22.5),       # L3/L4 disc
+    "knee": (95.0, 500.0, -2.0),          # between the femoral condyles
+    "spine2": (0.0, 1180.0, -34.0),       # T12/L1 disc
+    "ankle": (95.0, 62.0, -5.0),          # talus
+    "spine3": (0.0, 1345.0, -62.0),       # T6/T7 disc
+    "foot": (95.0, 18.0, 125.0),          # metatarsophalangeal joints
+    "neck": (0.0, 1488.4, -36.0),         # C7/T1 disc
+    "collar": (25.0, 1442.0, 62.0),       # sternoclavicular joint
+    "head": (0.0, 1610.0, -20.0),         # occipital condyles
+    "shoulder": (180.0, 1425.0, -30.0),   # glenohumeral centre
+    "elbow": (500.0, 1425.0, -30.0),      # between the epicondyles
+    "wrist": (768.0, 1425.0, -25.0),      # radiocarpal joint
+    "hand": (866.0, 1425.0, -25.0),       # metacarpophalangeal joints
+}
+
+
+def canonical_joints_mm() -> np.ndarray:
+    """The canonical rest joints (24, 3) in mm, floor frame (see ``_CANONICAL_LEFT_MM``)."""
+    j = np.zeros((N_JOINTS, 3))
+    for name, xyz in _CANONICAL_LEFT_MM.items():
+        if name in JOINT_INDEX:
+            j[JOINT_INDEX[name]] = xyz
+        else:
+            j[JOINT_INDEX["left_" + name]] = xyz
+            j[JOINT_INDEX["right_" + name]] = (-xyz[0], xyz[1], xyz[2])
+    return j
+
 
 def kintree_table() -> np.ndarray:
     """SMPL's ``kintree_table`` (2 x 24): parents (root's parent as 2**32-1) and joint ids."""

@@ -178,7 +178,7 @@ def _build(source, out_dir, body_model_path, write_blend: bool) -> Path:
                    "bbox_mm": [b.tolist() for b in ct.bbox_world()]},
             "body_model": {"path": str(bm_path), "builtin": builtin, "num_betas": int(bm.num_betas),
                            "vertices": int(len(bm.v_template))},
-            "fit": {k: fj[k] for k in ("pose", "betas", "transl_mm", "joints_mm", "iterations", "seconds")
+            "fit": {k: fj[k] for k in ("pose", "scaffold_pose", "betas", "transl_mm", "joints_mm", "iterations", "seconds")
                     if k in fj} | {k: v for k, v in fit.metrics.items() if isinstance(v, (int, float))},
             "binding": binding.table(),
             "structures": sorted(meshes),
@@ -324,13 +324,23 @@ class Twin:
         return pose_meshes(self.binding, self.meshes(), pose, transl_mm)
 
     def posed_body(self, pose, transl_mm=None):
-        """The fitted body-model surface at a pose (its own LBS, fitted betas and residual)."""
+        """The fitted body-model surface at a pose: the surface as fitted at the acquisition, moved by
+        the armature's joint deltas with the body model's skinning weights (the same deltas that
+        move the bones, so the skin and the skeleton stay together)."""
         from .mesh import Mesh
+        from .pose import lbs_points
 
-        t = self.transl0_mm if transl_mm is None else np.asarray(transl_mm, dtype=np.float64)
         bm = self.body_model
-        v, _ = bm.forward(pose=pose, betas=self.fit["betas"], transl_mm=t, residual_mm=self.fit["residual_mm"])
-        return Mesh(v, np.asarray(bm.faces, dtype=np.int64), "body_model")
+        if "body_acq" not in self._cache:
+            fit = self.fit
+            p0 = fit["pose"]
+            v, _ = bm.forward(pose=p0, betas=fit["betas"], transl_mm=fit["transl_mm"], residual_mm=fit["residual_mm"])
+            w = np.asarray(bm.weights, dtype=np.float64)
+            idx = np.broadcast_to(np.arange(w.shape[1]), w.shape)
+            self._cache["body_acq"] = (np.asarray(v, dtype=np.float64), idx, w)
+        v, idx, ww = self._cache["body_acq"]
+        d = self.joint_deltas(pose, transl_mm)
+        return Mesh(lbs_points(d, v, idx, ww), np.asarray(bm.faces, dtype=np.int64), "body_model")
 
     def posed_scene(self, pose=None, transl_mm=None):
         """The articulated CT posed for rendering (``core.articulated.PosedScene``)."""

@@ -106,7 +106,7 @@ def test_joints_anatomical_and_inside(model):
     for name in JOINT_NAMES:
         if name.startswith("left_"):
             jl, jr = j[JOINT_INDEX[name]], j[JOINT_INDEX["right_" + name[5:]]]
-            assert jl[0] > 0.05 and jr[0] < -0.05
+            assert jl[0] > 0.02 and jr[0] < -0.02  # the collars sit at the sternoclavicular joints
             np.testing.assert_allclose(jl * [-1, 1, 1], jr, atol=1e-3)  # symmetric
     y = {n: j[JOINT_INDEX[n], 1] for n in JOINT_NAMES}
     assert y["left_ankle"] < y["left_knee"] < y["left_hip"] < y["pelvis"] < y["spine1"] < y["spine2"] \
@@ -310,3 +310,24 @@ def test_bad_files_are_one_line_errors(tmp_path):
         bm.load_body_model(p)
     with pytest.raises(CtwinError):
         bm.write_body_model(tmp_path / "model.obj")
+
+
+def test_rest_skeleton_shared_with_the_phantom(model):
+    """One canonical rest convention: the body model's rest bones point exactly as the phantom's
+    (any seed: the phantom scales segments, never turns them), and the phantom's spine joints sit
+    on its intervertebral discs."""
+    from ctwin.core import anatomy
+    from ctwin.core.skeleton import PARENTS, canonical_joints_mm
+
+    _, j = model.rest()
+    for seed in (0, 3):
+        ja = anatomy.build_anatomy(seed).joints
+        for i in range(1, len(JOINT_NAMES)):
+            u, w = j[i] - j[PARENTS[i]], ja[i] - ja[PARENTS[i]]
+            cos = u @ w / np.linalg.norm(u) / np.linalg.norm(w)
+            assert cos > np.cos(np.radians(0.1)), (seed, JOINT_NAMES[i], np.degrees(np.arccos(min(cos, 1.0))))
+    _, discs = anatomy._spine_layout()
+    ja = anatomy.build_anatomy(0).joints
+    for joint, disc in (("spine1", ("L4", "L3")), ("spine2", ("L1", "T12")), ("spine3", ("T7", "T6")),
+                        ("neck", ("T1", "C7"))):
+        np.testing.assert_allclose(ja[JOINT_INDEX[joint]] - ja[0], discs[disc] - canonical_joints_mm()[0], atol=1e-6)

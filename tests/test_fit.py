@@ -31,12 +31,11 @@ def quiet():
 
 def _synthetic_case(bm, R, body_pose, betas, transl, spacing=4.0):
     """The body model posed at known parameters: its surface as the skin, and a labelmap with
-    vertebral blobs on the spine chain (posterior) and femoral heads at the hip joints."""
+    vertebral blobs on the spine chain (the canonical spine joints sit on the discs) and femoral heads at the hip joints."""
     pose = np.concatenate([rotation_to_rotvec(R), body_pose])
     v, j = bm.forward(pose, betas, transl)
-    back = -R[:, 2]
     ids = name_to_id()
-    blobs = [(f"vertebrae_{n}", landmarks.chain_point(j, landmarks.vertebra_level(f"vertebrae_{n}")) + 30 * back, 12.0)
+    blobs = [(f"vertebrae_{n}", landmarks.chain_point(j, landmarks.vertebra_level(f"vertebrae_{n}")), 12.0)
              for n in ("C5", "T5", "T12", "L3")]
     blobs += [("femur_left", j[JOINT_INDEX["left_hip"]], 22.0), ("femur_right", j[JOINT_INDEX["right_hip"]], 22.0)]
     centres = np.array([c for _, c, _ in blobs])
