@@ -131,7 +131,7 @@ def mesh_twin(twin_dir, tmp_path_factory):
     from ctwin.core.twin import build_twin_from_meshes
 
     out = tmp_path_factory.mktemp("mesh_twin") / "twin"
-    build_twin_from_meshes(twin_dir / "meshes", out, spacing=6.0, write_blend=False)
+    build_twin_from_meshes(twin_dir / "meshes", out, spacing=8.0, write_blend=False)
     return out
 
 
@@ -159,7 +159,7 @@ def test_mesh_twin_renders_like_the_phantom_ct(mesh_twin, coarse_phantoms):
     for name, g in default_views(ct_a, size=128).items():
         s = drr_similarity(twin.render(g), render_drr(ct_a, g))
         print(f"mesh twin, acquisition pose, {name}: SSIM {s['ssim']:.4f} PSNR {s['psnr_db']:.2f} dB")
-        assert s["ssim"] > 0.95 and s["psnr_db"] > 30.0
+        assert s["ssim"] > 0.98 and s["psnr_db"] > 35.0
 
     tgt = coarse_phantoms["hip_flexion"]
     ta, tb = read_json(acq / "truth.json"), read_json(tgt / "truth.json")
@@ -182,7 +182,7 @@ def test_mesh_twin_renders_like_the_phantom_ct(mesh_twin, coarse_phantoms):
     assert np.linalg.norm(fem @ T[:3, :3].T + T[:3, 3] - fem, axis=1).max() > 100.0  # the hip flexed
     print(f"bone error at hip_flexion: mean {np.mean(list(errs.values())):.1f} mm, femur_left "
           f"{errs['femur_left']:.1f} mm")
-    assert errs["femur_left"] < 25.0
+    assert errs["femur_left"] < 10.0
     ct_b = load_ct(tgt / "ct.nii.gz")
     scene = twin.posed_scene(pose_b, transl)
     from ctwin.core.articulated import render_posed
@@ -190,4 +190,4 @@ def test_mesh_twin_renders_like_the_phantom_ct(mesh_twin, coarse_phantoms):
     for name, g in default_views(ct_b, size=128).items():
         s = drr_similarity(render_posed(scene, g), render_drr(ct_b, g))
         print(f"mesh twin, hip_flexion, {name}: SSIM {s['ssim']:.4f} PSNR {s['psnr_db']:.2f} dB")
-        assert s["ssim"] > 0.85 and s["psnr_db"] > 25.0
+        assert s["ssim"] > 0.95 and s["psnr_db"] > 30.0
