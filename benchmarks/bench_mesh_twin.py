@@ -1,7 +1,7 @@
 """Mesh mode figures on the phantom: a twin built from meshes only (no CT) against the phantom CT.
 
     .venv/bin/python benchmarks/bench_mesh_twin.py [--spacing 3] [--mesh-spacing 3] [--size 512]
-        [--presets hip_flexion knee_flexion walking_stride] [--out /tmp/bench_mesh_twin]
+        [--presets hip_flexion knee_flexion walking_stride] [--out /tmp/bench_mesh_twin] [--real]
 
 1. The phantom at the acquisition pose is generated, and its anatomy imported as meshes
    (``core.mesh.import_anatomy``: one closed mesh per label and the skin), written as PLY files:
@@ -13,6 +13,10 @@
 4. For each target preset: the phantom generated there, the mesh twin posed to it (the truth's
    translation change carried over, as ``ctwin evaluate`` does), bone error (SPEC section 6) and
    DRR similarity; the time of a posed DRR against a static DRR of the synthetic CT.
+5. ``--real``: the real abdomen CT's anatomy (its TotalSegmentator labels and skin) as meshes,
+   voxelised with the default table, against the CT's DRR with the table outside the body set to
+   air (the meshes have no table). The real remainder inside the body and outside the labels (fat
+   and muscle) is printed beside the default -50 HU.
 """
 from __future__ import annotations
 
@@ -54,9 +58,12 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--presets", nargs="*", default=["hip_flexion", "knee_flexion", "walking_stride"])
     ap.add_argument("--out", default="/tmp/bench_mesh_twin")
+    ap.add_argument("--real", action="store_true", help="also the real abdomen CT (../shared/data/real_ct)")
     args = ap.parse_args()
     progress.set_quiet(True)
     out = Path(args.out)
+    if args.real:
+        real_ct(args)
 
     def phantom(pose):
         d = out / f"phantom_{pose}"
@@ -132,6 +139,33 @@ def main() -> int:
         print(f"posed DRR {t_posed:.2f} s, static DRR of the synthetic CT {t_static:.2f} s "
               f"({args.size}^2, last view; ratio {t_posed / t_static:.1f})")
     return 0
+
+
+def real_ct(args) -> None:
+    """The real abdomen CT's anatomy as meshes (its labels and skin), voxelised with the default
+    table, against the CT's DRR with everything outside the body (the table) set to air."""
+    import numpy as np
+
+    from ctwin.core.carm import default_views
+    from ctwin.core.mesh import body_mask, import_anatomy
+    from ctwin.core.mesh_volume import hu_table, prepare_mesh, voxelise_meshes
+    from ctwin.core.metrics import drr_similarity
+    from ctwin.core.projector import render_drr
+
+    d = ROOT.parent / "shared" / "data" / "real_ct" / "abdomen_pelvis"
+    if not d.is_dir():
+        print(f"real CT not found at {d}")
+        return
+    ct, lab, names, meshes, skin = import_anatomy(d / "ct.nii.gz", d / "seg.nii.gz")
+    meshes = {n: prepare_mesh(m) for n, m in (meshes | {"skin": skin}).items()}
+    r = voxelise_meshes(meshes, hu_table(meshes), spacing=args.mesh_spacing)
+    body = body_mask(ct)
+    ref_ct = ct.with_data(np.where(body, ct.data, -1000).astype(np.int16))
+    print(f"real abdomen CT: {len(meshes)} meshes, remainder inside the body outside the labels: "
+          f"mean {ct.data[body & (lab.data == 0)].mean():.0f} HU")
+    for n, g in default_views(ct, size=args.size).items():
+        s = drr_similarity(render_drr(r.ct, g), render_drr(ref_ct, g))
+        print(f"real abdomen CT, static synthetic CT (default table) vs the CT without its table, {n:8s}: {_fmt(s)}")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ must be closed; a folder without ``skin`` or without any bone is refused.
 - by default from ``DEFAULT_HU`` by structure kind: bones are the mean of cortex and cancellous
   bone over the whole bone (long bones 550, vertebrae 250, skull 800, ...: means measured inside
   TotalSegmentator masks of real CTs are 200-700 HU), organs 30-55, muscle 45, fat -100, lung
-  -850, air and gas -1000; ``skin`` (the body surface) encloses the remainder, soft tissue 0 HU
-  (a mix of fat and muscle);
+  -850, air and gas -1000; ``skin`` (the body surface) encloses the remainder, -50 HU (a mix of
+  fat and muscle);
 - overridden per structure by a JSON object (``load_hu_overrides``): ``name -> HU``, ``name ->
   material`` (a material of ``core.physics``: ``soft_tissue``, ``bone``, ``metal``, ``water``,
   ``aluminium``, or ``air``) or ``name -> {"material": m, "density": g/cm3}``. A material is
@@ -93,7 +93,8 @@ _KIND_RULES = [
     (r"^table$", "table"),
 ]
 DEFAULT_HU = {
-    "body": 0.0,          # the remainder inside the body surface: soft tissue (fat and muscle)
+    "body": -50.0,        # the remainder inside the body surface: fat and muscle (real abdomen CT
+                          # outside its TotalSegmentator labels: mean -68, median -83 HU)
     "skin_tissue": 30.0,
     "fat": -100.0,
     "muscle": 45.0,

@@ -150,7 +150,7 @@ def test_mesh_twin_renders_like_the_phantom_ct(mesh_twin, coarse_phantoms):
     twin = load_twin(mesh_twin)
     assert twin.meta["mode"] == "mesh"
     table = twin.meta["hu_table"]
-    assert table["femur_left"]["source"].startswith("default") and table["skin"]["hu"] == 0.0
+    assert table["femur_left"]["source"].startswith("default") and table["skin"]["hu"] == -50.0
     assert "femur_left" in twin.meta["structures"] and twin.meta["binding"]["femur_left"] == "left_hip"
     assert "skin" not in twin.meta["structures"] and (mesh_twin / "meshes" / "skin.ply").is_file()
 
