@@ -183,7 +183,10 @@ def material_hu(material: str, density: float | None = None) -> float:
 
 
 def load_hu_overrides(path) -> dict:
-    """Read a JSON object name -> HU | material | {"material": m, "density": rho} | {"hu": x}."""
+    """Read a JSON object name -> HU | material | {"material": m, "density": rho} | {"hu": x}.
+
+    Names are mesh names: ``skin`` sets the remainder inside the body surface, ``skin_label`` the
+    skin-tissue label (or ``skin`` when there is no body remainder to set)."""
     p = Path(path)
     try:
         raw = json.loads(p.read_text())

@@ -99,9 +99,6 @@ def build_twin_from_meshes(mesh_dir, out_dir, body_model_path=None, *, hu=None, 
         table = hu_table(meshes, over)
         mv = voxelise_meshes(meshes, table, spacing, subsamples=subsamples)
         skin = meshes.pop(SKIN)
-        for name, m in meshes.items():
-            if name == "skin_label":
-                m.meta["label_name"] = "skin"
         fov = (skin.vertices.min(0), skin.vertices.max(0))
         inputs = {"meshes": str(Path(mesh_dir).resolve())}
         if hu is not None and not isinstance(hu, dict):
@@ -326,9 +323,10 @@ class Twin:
     def posed_body(self, pose, transl_mm=None):
         """The fitted body-model surface at a pose: the surface as fitted at the acquisition, moved by
         the armature's joint deltas with the body model's skinning weights (the same deltas that
-        move the bones, so the skin and the skeleton stay together)."""
+        move the bones, so the skin and the skeleton stay together), blended as dual quaternions
+        (no flesh collapsing into bent joints)."""
         from .mesh import Mesh
-        from .pose import lbs_points
+        from .pose import dqs_points
 
         bm = self.body_model
         if "body_acq" not in self._cache:
@@ -340,7 +338,7 @@ class Twin:
             self._cache["body_acq"] = (np.asarray(v, dtype=np.float64), idx, w)
         v, idx, ww = self._cache["body_acq"]
         d = self.joint_deltas(pose, transl_mm)
-        return Mesh(lbs_points(d, v, idx, ww), np.asarray(bm.faces, dtype=np.int64), "body_model")
+        return Mesh(dqs_points(d, v, idx, ww), np.asarray(bm.faces, dtype=np.int64), "body_model")
 
     def posed_scene(self, pose=None, transl_mm=None):
         """The articulated CT posed for rendering (``core.articulated.PosedScene``)."""
