@@ -1,7 +1,7 @@
 """``build``: a twin directory from a CT and its segmentation, or from meshes (SPEC sections 3-4)."""
 from __future__ import annotations
 
-HELP = "build a twin directory (meshes, fitted body model, rig, articulated CT, twin.blend)"
+HELP = "build a twin directory (meshes, fitted body model, rig, articulated CT, twin.blend) from a CT or from meshes"
 
 
 def add_arguments(p) -> None:
