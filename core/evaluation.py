@@ -73,7 +73,11 @@ def acquisition_fidelity(twin, size: int = 512, device: str = "auto", keep_image
 
 
 def _source_truth(twin) -> dict | None:
-    ct = Path(twin.meta["inputs"]["ct"])
+    """The acquisition truth (truth.json) beside the twin's input CT, if any (mesh twins have none)."""
+    ct = twin.meta.get("inputs", {}).get("ct")
+    if not ct:
+        return None
+    ct = Path(ct)
     p = (ct if ct.is_dir() else ct.parent) / "truth.json"
     return read_json(p) if p.is_file() else None
 

@@ -60,23 +60,38 @@ N_BONE_POINTS = 4000
 FREE_JOINTS = [j for j in range(1, N_JOINTS) if j not in (22, 23)]
 
 
-SCAFFOLD_SIGMA_MM = 3.0      # a joint-centre misfit of this size costs as much as 1 degree off the prior
+SCAFFOLD_SIGMA_MM = 3.0       # the joint centres' uncertainty
+SCAFFOLD_PRIOR_PER_DEG = 1.0   # what the joints cannot tell: 1 degree off the prior costs one sigma
+SCAFFOLD_WEAK_PER_DEG = 0.05   # every local rotation, weakly (keeps the problem well posed)
 
 
-def scaffold_pose(rest_joints_mm, joints_mm, pose, evidence, prior=None, sigma_mm=SCAFFOLD_SIGMA_MM):
+def _twist_deg(rotvec, axis):
+    """The twist (degrees) of a rotation about a unit axis (swing-twist decomposition)."""
+    theta = np.linalg.norm(rotvec)
+    if theta < 1e-12:
+        return 0.0
+    w = np.cos(theta / 2.0)
+    v = np.sin(theta / 2.0) * rotvec / theta
+    return float(np.degrees(2.0 * np.arctan2(v @ axis, w)))
+
+
+def scaffold_pose(rest_joints_mm, joints_mm, pose, evidence, prior=None, sigma_mm=SCAFFOLD_SIGMA_MM,
+                  prior_per_deg=SCAFFOLD_PRIOR_PER_DEG, weak_per_deg=SCAFFOLD_WEAK_PER_DEG):
     """The skeleton's pose at the acquisition: local rotations whose forward kinematics put the
     joints where the bones say they are, for the armature's rest pose.
 
-    The surface fit's pose (``pose``) also bends joints to match the body model's flesh to the
-    patient's skin (a head turned 10 degrees to fit a differently shaped skull); a target pose is
-    applied on top of the armature's rest pose, so every such degree moves bones at every new
-    pose. Here the rotations are re-estimated from the skeleton alone: the rest skeleton has the
-    body model's rest bone directions (at the fitted shape) and the bone lengths of ``joints_mm``;
-    the residuals are the joints with anatomical evidence (``evidence``, joint indices) in units of
-    ``sigma_mm``, and each local rotation's deviation (degrees) from ``prior`` (the acquisition
-    template: neutral limbs) -- which decides what the joints cannot (twists, the hands, the
-    head's nod). The global orientation and the shoulders' resting angles are not pulled toward
-    the template (the prior is the surface fit's own for them). Returns (72,).
+    The surface fit's pose (``pose``, the starting point) also bends joints to match the body
+    model's flesh to the patient's skin (a head turned 10 degrees to fit a differently shaped
+    skull); a target pose is applied on top of the armature's rest pose, so every such degree moves
+    bones at every new pose. Here the rotations are re-estimated from the skeleton alone: the rest
+    skeleton has the bone directions of ``rest_joints_mm`` (the body model's template: a pose is
+    read on the model's mean-shape skeleton, as the phantom's poses are on its canonical one; the
+    built-in model's shape space would otherwise turn bones by up to 5 degrees through its joint
+    regressor) and the bone lengths of ``joints_mm``; the residuals are the joints with anatomical evidence (``evidence``, joint
+    indices) in units of ``sigma_mm``, and, in degrees, what the joints cannot tell, pulled toward
+    ``prior`` (the acquisition template): the twist of a joint about its only located child, the
+    whole rotation of a joint with no located child (the head's nod, the hands, the feet), and
+    weakly every local rotation. Returns (72,).
     """
     from scipy.optimize import least_squares
 
@@ -86,14 +101,21 @@ def scaffold_pose(rest_joints_mm, joints_mm, pose, evidence, prior=None, sigma_m
     ev = sorted(set(int(j) for j in evidence))
     if len(ev) < 3:
         return p0.reshape(-1).copy()
-    pr = np.zeros((N_JOINTS, 3)) if prior is None else np.asarray(prior, dtype=np.float64).reshape(N_JOINTS, 3).copy()
-    for n in ("left_shoulder", "right_shoulder"):
-        pr[JOINT_INDEX[n]] = p0[JOINT_INDEX[n]]
+    pr = np.zeros((N_JOINTS, 3)) if prior is None else np.asarray(prior, dtype=np.float64).reshape(N_JOINTS, 3)
     rest = np.zeros((N_JOINTS, 3))
     for j in range(1, N_JOINTS):
         u = rb[j] - rb[PARENTS[j]]
         rest[j] = rest[PARENTS[j]] + np.linalg.norm(jm[j] - jm[PARENTS[j]]) * u / max(np.linalg.norm(u), 1e-9)
     free = FREE_JOINTS
+    twist_axis, whole = {}, []
+    for j in free:
+        located = [c for c in range(N_JOINTS) if PARENTS[c] == j and c in ev]
+        if len(located) == 1:
+            u = rest[located[0]] - rest[j]
+            twist_axis[j] = u / np.linalg.norm(u)
+        elif not located:
+            whole.append(j)
+    twist_prior = {j: _twist_deg(pr[j], a) for j, a in twist_axis.items()}
 
     def unpack(x):
         p = p0.copy()
@@ -104,11 +126,14 @@ def scaffold_pose(rest_joints_mm, joints_mm, pose, evidence, prior=None, sigma_m
     def residuals(x):
         p, t = unpack(x)
         _, jp = forward_kinematics(p, rest)
+        tw = [_twist_deg(p[j], a) - twist_prior[j] for j, a in twist_axis.items()]
         return np.concatenate([((jp[ev] + t) - jm[ev]).ravel() / sigma_mm,
-                               np.degrees(p[free] - pr[free]).ravel()])
+                               prior_per_deg * np.asarray(tw),
+                               prior_per_deg * np.degrees(p[whole] - pr[whole]).ravel(),
+                               weak_per_deg * np.degrees(p[free] - pr[free]).ravel()])
 
     x0 = np.concatenate([p0[0], p0[free].ravel(), jm[0] - rest[0]])
-    sol = least_squares(residuals, x0, method="lm", max_nfev=2000)
+    sol = least_squares(residuals, x0, method="lm", max_nfev=4000)
     return unpack(sol.x)[0].reshape(-1)
 
 
@@ -745,7 +770,7 @@ def fit_body_model(body_model=None, skin=None, labelmap=None, names=None, *, fov
     verts = np.asarray(verts, dtype=np.float64)
     model_joints = np.asarray(joints, dtype=np.float64)
     joints, sources = lmk.anatomical_joints(data.lm, model_joints)
-    _, rest_j = body_model.rest(_pad_betas(betas, body_model))
+    _, rest_j = body_model.rest()
     p_scaffold = scaffold_pose(np.asarray(rest_j) * 1000.0, joints, pose,
                                [JOINT_INDEX[n] for n in sources], prior=tmpl)
     out = FitResult(pose=pose, betas=_pad_betas(betas, body_model), transl_mm=transl, residual_mm=res,

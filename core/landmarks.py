@@ -195,16 +195,23 @@ def extract_landmarks(labelmap, names) -> Landmarks:
     def usable(name):
         return name in cent and counts[by_name[name]] > 50
 
-    def distal_pair(a, b, axis, depth):
-        """Mean of the distal-end centroids of two parallel bones (b optional), or None if cut."""
-        out = []
+    def distal_pair(a, b, axis, depth, at_end=False):
+        """Mean of the distal-end centroids of two parallel bones (b optional), or None if cut.
+        ``at_end``: moved along the axis onto the most distal point (an articular surface)."""
+        out, h_end = [], np.inf
         for nm in (a, b):
             if nm and usable(nm):
                 _, p, h, _, _, _, cut = ends(nm, axis)
                 if cut or (h.max() - h.min()) < 150.0:
-                    return None if nm == a else (out[0] if out else None)
+                    if nm == a or not out:
+                        return None
+                    break
                 out.append(p[h < h.min() + depth].mean(axis=0))
-        return np.mean(out, axis=0) if out else None
+                h_end = min(h_end, float(h.min()))
+        if not out:
+            return None
+        c = np.mean(out, axis=0)
+        return c + (h_end - c @ axis) * axis if at_end else c
 
     def put(j, p, what):
         lm.joints[JOINT_INDEX[j]] = p
@@ -260,7 +267,8 @@ def extract_landmarks(labelmap, names) -> Landmarks:
                 put(f"{side}_shoulder", c if ok else p[sel].mean(axis=0), f"humeral head {side}")
             if not bot_cut and (h.max() - h.min()) > 200.0:
                 put(f"{side}_elbow", p[h < h.min() + 20.0].mean(axis=0), f"distal humerus {side}")
-            wr = distal_pair(f"radius_{side}", f"ulna_{side}", axis, 15.0)
+            # the radiocarpal joint: on the distal articular surface of the radius and ulna
+            wr = distal_pair(f"radius_{side}", f"ulna_{side}", axis, 15.0, at_end=True)
             if wr is not None:
                 put(f"{side}_wrist", wr, f"distal radius/ulna {side}")
         cla = f"clavicula_{side}"
@@ -272,11 +280,51 @@ def extract_landmarks(labelmap, names) -> Landmarks:
             ijk, _ = local(by_name[cla])
             if not np.any((ijk[near] == 0) | (ijk[near] == shape - 1)):
                 lm.extra[f"{side}_collar"] = p[near].mean(axis=0)
+    # vertebral body centres (the spine joints sit on the discs between the bodies); the label's
+    # centroid lies 5-10 mm behind, pulled back by the arch and processes
+    anterior = None
+    if lm.superior is not None and lm.left_hint is not None:
+        left = lm.left_hint - (lm.left_hint @ lm.superior) * lm.superior
+        if np.linalg.norm(left) > 0.5:
+            left /= np.linalg.norm(left)
+            anterior = np.cross(left, lm.superior)
+    h_vox = float(np.mean(np.abs(np.asarray(labelmap.affine)[:3, :3]).sum(axis=0)))
     for n, c in cent.items():
         lv = vertebra_level(n)
         if lv is not None and n.startswith("vertebrae_"):
+            if anterior is not None:
+                ijk, _ = local(by_name[n])
+                if not np.any((ijk == 0) | (ijk == shape - 1)):
+                    c = vertebral_body_centre(labelmap.index_to_world(ijk), anterior, left, h_vox)
             lm.extra[f"level_{lv:g}"] = c
+    if anterior is not None and "level_1" in lm.extra and "level_2" in lm.extra:
+        # the atlas is a ring with no body: its centre in depth is that of the axis's body (the
+        # dens sits in the ring)
+        c1, c2 = lm.extra["level_1"], lm.extra["level_2"]
+        lm.extra["level_1"] = c1 + ((c2 - c1) @ anterior) * anterior
     return lm
+
+
+BODY_DEPTH_TO_WIDTH = 0.74   # vertebral bodies: antero-posterior depth / left-right width
+
+
+def vertebral_body_centre(p, anterior, left, voxel_mm):
+    """Centre of a vertebral body from its label's voxel centres (N, 3): the body is the label's
+    anterior, roughly elliptic part, its depth ``BODY_DEPTH_TO_WIDTH`` times its width. The width is
+    read in the front half of the body (no pedicles or processes there); the centre lies half a
+    depth behind the anterior surface, and left-right and cranio-caudally at the front part's
+    centroid."""
+    a = p @ anterior
+    front = a.max() + 0.5 * voxel_mm
+    depth = 30.0
+    for _ in range(3):
+        sel = a >= front - 0.5 * depth
+        if sel.sum() < 8:
+            return p.mean(axis=0)
+        x = p[sel] @ left
+        depth = BODY_DEPTH_TO_WIDTH * (np.percentile(x, 99) - np.percentile(x, 1) + voxel_mm)
+    c = p[a >= front - depth].mean(axis=0)
+    return c + (front - 0.5 * depth - c @ anterior) * anterior
 
 
 def _femoral_head(bnd, p, h, up, spine_c):
@@ -388,8 +436,8 @@ def labelmap_from_meshes(meshes: dict, spacing: float = 3.0, box=None):
 
 # Anatomical joint conventions (those of the project's anatomy, ``core.anatomy``): the spine joints
 # sit on the intervertebral discs, the neck on C7/T1, the head on the occipital condyles just
-# above C1, the collars on the sternoclavicular joints, and the pelvis 35 % of the way from the
-# femoral-head midpoint to L5.
+# above C1, the collars on the sternoclavicular joints, and the pelvis 30 % of the way from the
+# femoral-head midpoint to the centre of the L5 body.
 _DISC_JOINTS = {"spine1": (22, 23), "spine2": (19, 20), "spine3": (13, 14), "neck": (7, 8)}
 
 
@@ -413,7 +461,7 @@ def anatomical_joints(lm: Landmarks, model_joints):
     hips = [JOINT_INDEX["left_hip"], JOINT_INDEX["right_hip"]]
     if all(h in lm.joints for h in hips) and 24 in lv:
         hm = 0.5 * (lm.joints[hips[0]] + lm.joints[hips[1]])
-        ev[0] = hm + 0.35 * (lv[24] - hm)
+        ev[0] = hm + 0.30 * (lv[24] - hm)
         src["pelvis"] = "femoral heads and L5"
     for side in ("left", "right"):
         if f"{side}_collar" in lm.extra:

@@ -77,6 +77,41 @@ def lbs_points(deltas: np.ndarray, points, index, weight) -> np.ndarray:
     return np.einsum("nij,nj->ni", m[:, :3, :3], p) + m[:, :3, 3]
 
 
+def _dual_quaternions(deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rigid 4x4s (J, 4, 4) -> unit dual quaternions (real (J, 4), dual (J, 4)), (w, x, y, z)."""
+    from scipy.spatial.transform import Rotation
+
+    xyzw = Rotation.from_matrix(deltas[:, :3, :3]).as_quat()
+    qr = np.concatenate([xyzw[:, 3:], xyzw[:, :3]], axis=1)
+    t = deltas[:, :3, 3]
+    # q_d = 0.5 * (0, t) * q_r
+    w, v = qr[:, 0], qr[:, 1:]
+    qd = 0.5 * np.concatenate([(-(t * v).sum(axis=1))[:, None], t * w[:, None] + np.cross(t, v)], axis=1)
+    return qr, qd
+
+
+def dqs_points(deltas: np.ndarray, points, index, weight) -> np.ndarray:
+    """Dual-quaternion skinning of points (N, 3) (same arguments as ``lbs_points``). Blending
+    rotations as dual quaternions keeps limbs from collapsing at bent and twisted joints, where
+    linear blending shrinks the flesh toward the joint."""
+    p = np.asarray(points, dtype=np.float64)
+    idx = np.asarray(index, dtype=np.int64)
+    w = np.asarray(weight, dtype=np.float64)
+    qr, qd = _dual_quaternions(np.asarray(deltas, dtype=np.float64))
+    r, d = qr[idx], qd[idx]                                     # (N, K, 4)
+    pivot = r[np.arange(len(p)), np.argmax(w, axis=1)]           # antipodal alignment to the dominant joint
+    sign = np.where(np.einsum("nkc,nc->nk", r, pivot) < 0, -1.0, 1.0)
+    br = np.einsum("nk,nkc->nc", w * sign, r)
+    bd = np.einsum("nk,nkc->nc", w * sign, d)
+    norm = np.linalg.norm(br, axis=1, keepdims=True)
+    br, bd = br / norm, bd / norm
+    w0, v = br[:, :1], br[:, 1:]
+    d0, dv = bd[:, :1], bd[:, 1:]
+    # rotate, then translate by 2 (w0 dv - d0 v + v x dv)
+    rot = p + 2.0 * np.cross(v, np.cross(v, p) + w0 * p)
+    return rot + 2.0 * (w0 * dv - d0 * v + np.cross(v, dv))
+
+
 def pose_meshes(binding: Binding, meshes: dict, pose, transl_mm=None, *, check_limits: bool = True) -> dict:
     """Pose every mesh: bones rigidly, soft tissue by LBS. Returns {name: Mesh} (world mm)."""
     if check_limits:

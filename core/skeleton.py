@@ -45,7 +45,7 @@ _CANONICAL_LEFT_MM = {
     "spine3": (0.0, 1345.0, -62.0),       # T6/T7 disc
     "foot": (95.0, 18.0, 125.0),          # metatarsophalangeal joints
     "neck": (0.0, 1488.4, -36.0),         # C7/T1 disc
-    "collar": (25.0, 1442.0, 62.0),       # sternoclavicular joint
+    "collar": (25.0, 1442.0, 70.0),       # sternoclavicular joint: the clavicle's medial end
     "head": (0.0, 1610.0, -20.0),         # occipital condyles
     "shoulder": (180.0, 1425.0, -30.0),   # glenohumeral centre
     "elbow": (500.0, 1425.0, -30.0),      # between the epicondyles
