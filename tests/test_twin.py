@@ -141,6 +141,12 @@ def test_evaluate_against_truth(twin_dir, coarse_phantoms, tmp_path):
     m = json.loads(out.read_text())
     assert m["acquisition"]["ssim"] >= 0.995
     t = m["target"]
-    assert 0.0 <= t["enclosure_pct"] <= 100.0
-    assert t["bone_err_mm"]["mean"] >= 0.0 and len(t["bone_err_mm"]["per_bone"]) > 50
+    # looser bounds than the targets (mean 3, max 8 mm, enclosure 99 %; met at 3 mm by
+    # benchmarks/bench_twin.py): this phantom is at 8 mm, where the bone landmarks are coarser
+    # (measured here: bone mean 5.4, max 18.4 mm, enclosure 97.7 %, SSIM 0.996-0.997)
+    assert t["enclosure_pct"] >= 96.0, t["enclosure_pct"]
+    assert len(t["bone_err_mm"]["per_bone"]) > 50
+    assert t["bone_err_mm"]["mean"] <= 8.0 and t["bone_err_mm"]["max"] <= 25.0, t["bone_err_mm"]
     assert set(t["drr"]) == {"ap", "lateral"}
+    for v in t["drr"].values():
+        assert v["ssim"] >= 0.97 and v["psnr_db"] >= 30.0, v
