@@ -173,9 +173,40 @@ def _evaluated_bone_deltas(arm_obj) -> dict:
     return out
 
 
+ANATOMY_COLLECTIONS = ("Skin", "Organs", "Skeleton")
+
+
+def _anatomy_objects() -> list:
+    """The imported anatomy's mesh objects (collections Skin, Organs, Skeleton)."""
+    import bpy
+
+    out = []
+    for cname in ANATOMY_COLLECTIONS:
+        col = bpy.data.collections.get(cname)
+        if col is not None:
+            out.extend(o for o in col.all_objects if o.type == "MESH")
+    return out
+
+
+def scene_mesh_volume(objects, spacing: float = 3.0):
+    """Mesh mode in a scene: the anatomy objects (LPS mm) voxelised into a synthetic CT and
+    labelmap (``core.mesh_volume``, each structure's HU by its kind)."""
+    from . import bl_data
+    from .core.mesh import Mesh
+    from .core.mesh_volume import hu_table, prepare_mesh, voxelise_meshes
+
+    meshes = {}
+    for obj in objects:
+        v, f = bl_data.mesh_arrays(obj, world=True)
+        meshes[obj.name] = prepare_mesh(Mesh(v, f, obj.name))
+    return voxelise_meshes(meshes, hu_table(meshes), spacing)
+
+
 def session_provider(scene, frame):
     """The panel workflow's twin (no twin directory): the CT and segmentation stored by "Import CT
-    Anatomy", decomposed once for the rig made by "Build Rig", posed by the evaluated armature."""
+    Anatomy" -- or, after "Import Anatomy Meshes" with no CT, the anatomy objects voxelised
+    (mesh mode, ``scene_mesh_volume``) -- decomposed once for the rig made by "Build Rig", posed by
+    the evaluated armature."""
     import os
 
     from .core.articulated import posed_scene, prepare_articulated, to_projector_scene
@@ -189,18 +220,32 @@ def session_provider(scene, frame):
         return None  # twin_provider renders twins with a directory
     ct_path, seg_path = scene.get("ctwin_ct_path"), scene.get("ctwin_seg_path")
     arm = twin_armature_object(scene)
-    if not ct_path or not seg_path or arm is None or arm.get("ctwin_binding") is None:
-        return None
-    if not (os.path.exists(ct_path) and os.path.exists(seg_path)):
+    if arm is None or arm.get("ctwin_binding") is None:
         return None
     table = dict(arm["ctwin_binding"].to_dict() if hasattr(arm["ctwin_binding"], "to_dict") else arm["ctwin_binding"])
     joints = np.asarray(arm["ctwin_joints_mm"], dtype=np.float64).reshape(-1, 3)
-    key = ("session", os.path.realpath(ct_path), os.path.realpath(seg_path), arm.name,
-           hash(joints.round(3).tobytes()), tuple(sorted(table.items())))
+    if ct_path and seg_path:
+        if not (os.path.exists(ct_path) and os.path.exists(seg_path)):
+            return None
+        source = (os.path.realpath(ct_path), os.path.realpath(seg_path))
+
+        def volumes():
+            ct = load_ct(ct_path)
+            labelmap, names = load_segmentation(seg_path, ct)
+            return ct, labelmap, names
+    else:
+        objects = _anatomy_objects()
+        if not any(o.name == "skin" for o in objects):
+            return None
+        source = ("meshes",) + tuple(sorted((o.name, len(o.data.vertices)) for o in objects))
+
+        def volumes():
+            mv = scene_mesh_volume(objects)
+            return mv.ct, mv.labelmap, mv.names
+    key = ("session",) + source + (arm.name, hash(joints.round(3).tobytes()), tuple(sorted(table.items())))
 
     def build():
-        ct = load_ct(ct_path)
-        labelmap, names = load_segmentation(seg_path, ct)
+        ct, labelmap, names = volumes()
         bones = arm.data.bones
         joint_of = {}
         for label, bone in table.items():
