@@ -53,7 +53,7 @@ import numpy as np
 
 from .errors import CtwinError
 from .labels import is_skeletal, name_to_id
-from .metrics import _build_grid, _edge_fn
+from .metrics import _build_grid, vertical_crossing
 from .progress import report
 from .volume import Volume, affine_from
 
@@ -364,28 +364,10 @@ def _voxelise(V, F, tstruct, start, items, x0, y0, z0, h, nx, ny, nz, s, struct_
                     ne = 0
                     for q in range(a0, a1):
                         t = items[q]
-                        i0, i1, i2 = F[t, 0], F[t, 1], F[t, 2]
-                        ax, ay, az = V[i0, 0], V[i0, 1], V[i0, 2]
-                        bx, by, bz = V[i1, 0], V[i1, 1], V[i1, 2]
-                        cx, cy, cz = V[i2, 0], V[i2, 1], V[i2, 2]
-                        area = (bx - ax) * (cy - ay) - (by - ay) * (cx - ax)
-                        if area == 0.0:
+                        z, sign = vertical_crossing(V, F, t, px, py)
+                        if sign == 0:
                             continue
-                        sign = 1
-                        if area < 0.0:  # counter-clockwise in projection
-                            sign = -1
-                            i1, i2 = i2, i1
-                            bx, by, bz, cx, cy, cz = cx, cy, cz, bx, by, bz
-                        e0, t0 = _edge_fn(i0, i1, ax, ay, bx, by, px, py)
-                        if not (e0 > 0.0 or (e0 == 0.0 and t0)):
-                            continue
-                        e1, t1 = _edge_fn(i1, i2, bx, by, cx, cy, px, py)
-                        if not (e1 > 0.0 or (e1 == 0.0 and t1)):
-                            continue
-                        e2, t2 = _edge_fn(i2, i0, cx, cy, ax, ay, px, py)
-                        if not (e2 > 0.0 or (e2 == 0.0 and t2)):
-                            continue
-                        ez[ne] = (e1 * az + e2 * bz + e0 * cz) / (e0 + e1 + e2)
+                        ez[ne] = z
                         # an outward face seen from below (normal -z) is entered going up
                         ed[ne] = -sign
                         es[ne] = loc[tstruct[t]]

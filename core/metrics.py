@@ -270,6 +270,36 @@ def _edge_fn(ia, ib, ax, ay, bx, by, px, py):
 
 
 @nb.njit(cache=True)
+def vertical_crossing(V, F, t, px, py):
+    """Where the vertical line through (px, py) crosses triangle ``t``: ``(z, sign)``, sign +1 for a
+    triangle counter-clockwise seen from +z (normal up), -1 for clockwise, 0 for no crossing. A line
+    through an edge or vertex shared by several triangles crosses exactly one of them
+    (``_edge_fn``'s canonical orientation and top-left rule)."""
+    i0, i1, i2 = F[t, 0], F[t, 1], F[t, 2]
+    ax, ay, az = V[i0, 0], V[i0, 1], V[i0, 2]
+    bx, by, bz = V[i1, 0], V[i1, 1], V[i1, 2]
+    cx, cy, cz = V[i2, 0], V[i2, 1], V[i2, 2]
+    area = (bx - ax) * (cy - ay) - (by - ay) * (cx - ax)
+    if area == 0.0:
+        return 0.0, 0
+    sign = 1
+    if area < 0.0:  # make it counter-clockwise in projection
+        sign = -1
+        i1, i2 = i2, i1
+        bx, by, bz, cx, cy, cz = cx, cy, cz, bx, by, bz
+    e0, t0 = _edge_fn(i0, i1, ax, ay, bx, by, px, py)
+    if not (e0 > 0.0 or (e0 == 0.0 and t0)):
+        return 0.0, 0
+    e1, t1 = _edge_fn(i1, i2, bx, by, cx, cy, px, py)
+    if not (e1 > 0.0 or (e1 == 0.0 and t1)):
+        return 0.0, 0
+    e2, t2 = _edge_fn(i2, i0, cx, cy, ax, ay, px, py)
+    if not (e2 > 0.0 or (e2 == 0.0 and t2)):
+        return 0.0, 0
+    return (e1 * az + e2 * bz + e0 * cz) / (e0 + e1 + e2), sign
+
+
+@nb.njit(cache=True)
 def _build_grid(V, F, x0, y0, h, nx, ny):
     m = F.shape[0]
     counts = np.zeros(nx * ny + 1, dtype=np.int64)
@@ -313,31 +343,8 @@ def _crossings(points, V, F, start, items, x0, y0, h, nx, ny, out):
         c = int(fi) * ny + int(fj)
         w = 0
         for q in range(start[c], start[c + 1]):
-            t = items[q]
-            i0, i1, i2 = F[t, 0], F[t, 1], F[t, 2]
-            ax, ay, az = V[i0, 0], V[i0, 1], V[i0, 2]
-            bx, by, bz = V[i1, 0], V[i1, 1], V[i1, 2]
-            cx, cy, cz = V[i2, 0], V[i2, 1], V[i2, 2]
-            area = (bx - ax) * (cy - ay) - (by - ay) * (cx - ax)
-            if area == 0.0:
-                continue
-            sign = 1
-            if area < 0.0:  # make it counter-clockwise in projection
-                sign = -1
-                i1, i2 = i2, i1
-                bx, by, bz, cx, cy, cz = cx, cy, cz, bx, by, bz
-            e0, t0 = _edge_fn(i0, i1, ax, ay, bx, by, px, py)
-            if not (e0 > 0.0 or (e0 == 0.0 and t0)):
-                continue
-            e1, t1 = _edge_fn(i1, i2, bx, by, cx, cy, px, py)
-            if not (e1 > 0.0 or (e1 == 0.0 and t1)):
-                continue
-            e2, t2 = _edge_fn(i2, i0, cx, cy, ax, ay, px, py)
-            if not (e2 > 0.0 or (e2 == 0.0 and t2)):
-                continue
-            s = e0 + e1 + e2
-            z = (e1 * az + e2 * bz + e0 * cz) / s
-            if z > pz:
+            z, sign = vertical_crossing(V, F, items[q], px, py)
+            if sign != 0 and z > pz:
                 w += sign
         out[n] = w
 
