@@ -532,6 +532,9 @@ def _kernels():
                     dx = _tri3(warp[:, :, :, 0], ci, cj, ck)
                     dy = _tri3(warp[:, :, :, 1], ci, cj, ck)
                     dz = _tri3(warp[:, :, :, 2], ci, cj, ck)
+                    if dx != dx or dy != dy or dz != dz:  # a NaN node: posed air
+                        out[n] = -1000.0
+                        continue
                     x += dx
                     y += dy
                     z += dz
@@ -546,8 +549,14 @@ def _kernels():
 
     @njit(cache=True)
     def _blend(x, y, z, W, w_inv, D, m):
-        """Blended 3x4 transform sum_j w_j(x) D_j (normalised) into m."""
-        a, b, c, C = W.shape
+        """Blended 3x4 transform sum_j w_j(x) D_j (normalised) into m.
+
+        ``W`` = (shape (3,), ptr, channel, weight): the weight field in sparse rows (node n's
+        non-zero channels are entries ptr[n] .. ptr[n + 1]), interpolated trilinearly."""
+        Ws, Wp, Wc, Wv = W
+        a = Ws[0]
+        b = Ws[1]
+        c = Ws[2]
         ci = w_inv[0, 0] * x + w_inv[0, 1] * y + w_inv[0, 2] * z + w_inv[0, 3]
         cj = w_inv[1, 0] * x + w_inv[1, 1] * y + w_inv[1, 2] * z + w_inv[1, 3]
         ck = w_inv[2, 0] * x + w_inv[2, 1] * y + w_inv[2, 2] * z + w_inv[2, 3]
@@ -561,20 +570,21 @@ def _kernels():
             for q in range(4):
                 m[r, q] = 0.0
         tot = 0.0
-        for ch in range(C):
-            w = ((1 - fi) * (1 - fj) * (1 - fk) * W[i0, j0, k0, ch]
-                 + (1 - fi) * (1 - fj) * fk * W[i0, j0, k1, ch]
-                 + (1 - fi) * fj * (1 - fk) * W[i0, j1, k0, ch]
-                 + (1 - fi) * fj * fk * W[i0, j1, k1, ch]
-                 + fi * (1 - fj) * (1 - fk) * W[i1, j0, k0, ch]
-                 + fi * (1 - fj) * fk * W[i1, j0, k1, ch]
-                 + fi * fj * (1 - fk) * W[i1, j1, k0, ch]
-                 + fi * fj * fk * W[i1, j1, k1, ch])
-            if w > 0.0:
+        for q in range(8):
+            wi = fi if (q & 4) else 1.0 - fi
+            wj = fj if (q & 2) else 1.0 - fj
+            wk = fk if (q & 1) else 1.0 - fk
+            cw = wi * wj * wk
+            if cw <= 0.0:
+                continue
+            node = ((i1 if (q & 4) else i0) * b + (j1 if (q & 2) else j0)) * c + (k1 if (q & 1) else k0)
+            for e in range(Wp[node], Wp[node + 1]):
+                w = cw * Wv[e]
+                ch = Wc[e]
                 tot += w
                 for r in range(3):
-                    for q in range(4):
-                        m[r, q] += w * D[ch, r, q]
+                    for q2 in range(4):
+                        m[r, q2] += w * D[ch, r, q2]
         if tot <= 0.0:
             for r in range(3):
                 for q in range(4):
@@ -593,32 +603,158 @@ def _kernels():
         return math.sqrt(fx * fx + fy * fy + fz * fz)
 
     @njit(parallel=True, cache=True)
-    def inverse_lbs(ys, W, w_inv, D, Dinv, cand_lo, cand_hi, iters, tol, out, res):
-        n_pts = ys.shape[0]
-        C = D.shape[0]
-        for n in prange(n_pts):
+    def forward_lbs(xs, W, w_inv, D, out):
+        for n in prange(xs.shape[0]):
             m = np.empty((3, 4))
-            px = ys[n, 0]
-            py = ys[n, 1]
-            pz = ys[n, 2]
-            bx, by, bz = px, py, pz
-            br = _resid(px, py, pz, px, py, pz, W, w_inv, D, m)
-            for ch in range(C):
-                if (px < cand_lo[ch, 0] or px > cand_hi[ch, 0] or py < cand_lo[ch, 1]
-                        or py > cand_hi[ch, 1] or pz < cand_lo[ch, 2] or pz > cand_hi[ch, 2]):
+            _blend(xs[n, 0], xs[n, 1], xs[n, 2], W, w_inv, D, m)
+            for r in range(3):
+                out[n, r] = m[r, 0] * xs[n, 0] + m[r, 1] * xs[n, 1] + m[r, 2] * xs[n, 2] + m[r, 3]
+
+    @njit(parallel=True, cache=True)
+    def forward_blend(xs, W, w_inv, D, ys, Minv):
+        """Forward skinning of rest points xs with their blended transforms' inverses (3x4)."""
+        for n in prange(xs.shape[0]):
+            m = np.empty((3, 4))
+            x = xs[n, 0]
+            y = xs[n, 1]
+            z = xs[n, 2]
+            _blend(x, y, z, W, w_inv, D, m)
+            for r in range(3):
+                ys[n, r] = m[r, 0] * x + m[r, 1] * y + m[r, 2] * z + m[r, 3]
+            a00, a01, a02 = m[0, 0], m[0, 1], m[0, 2]
+            a10, a11, a12 = m[1, 0], m[1, 1], m[1, 2]
+            a20, a21, a22 = m[2, 0], m[2, 1], m[2, 2]
+            det = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
+                   + a02 * (a10 * a21 - a11 * a20))
+            if abs(det) < 1e-9:
+                det = 1e-9
+            i00 = (a11 * a22 - a12 * a21) / det
+            i01 = -(a01 * a22 - a02 * a21) / det
+            i02 = (a01 * a12 - a02 * a11) / det
+            i10 = -(a10 * a22 - a12 * a20) / det
+            i11 = (a00 * a22 - a02 * a20) / det
+            i12 = -(a00 * a12 - a02 * a10) / det
+            i20 = (a10 * a21 - a11 * a20) / det
+            i21 = -(a00 * a21 - a01 * a20) / det
+            i22 = (a00 * a11 - a01 * a10) / det
+            Minv[n, 0, 0] = i00
+            Minv[n, 0, 1] = i01
+            Minv[n, 0, 2] = i02
+            Minv[n, 1, 0] = i10
+            Minv[n, 1, 1] = i11
+            Minv[n, 1, 2] = i12
+            Minv[n, 2, 0] = i20
+            Minv[n, 2, 1] = i21
+            Minv[n, 2, 2] = i22
+            for r in range(3):
+                Minv[n, r, 3] = -(Minv[n, r, 0] * m[0, 3] + Minv[n, r, 1] * m[1, 3] + Minv[n, r, 2] * m[2, 3])
+
+    @njit(parallel=True, cache=True)
+    def splat_nearest(ys, order, g0s, waff, ninv, wn, R, best, src):
+        """For every warp node within R mm of a forward-skinned point ys[s], the nearest such s.
+        ``order`` sorts the points by their first node coordinate ``g0s`` (parallel over node slabs)."""
+        lo_s = 1e30
+        for q in range(3):
+            lo_s = min(lo_s, math.sqrt(waff[0, q] ** 2 + waff[1, q] ** 2 + waff[2, q] ** 2))
+        rI = R / lo_s + 1e-9
+        R2 = R * R
+        n12 = wn[1] * wn[2]
+        for a in prange(wn[0]):
+            s0 = np.searchsorted(g0s, a - rI)
+            s1 = np.searchsorted(g0s, a + rI, side="right")
+            for q in range(s0, s1):
+                s = order[q]
+                yx = ys[s, 0]
+                yy = ys[s, 1]
+                yz = ys[s, 2]
+                g1 = ninv[1, 0] * yx + ninv[1, 1] * yy + ninv[1, 2] * yz + ninv[1, 3]
+                g2 = ninv[2, 0] * yx + ninv[2, 1] * yy + ninv[2, 2] * yz + ninv[2, 3]
+                g0 = g0s[q]
+                ra2 = rI * rI - (a - g0) * (a - g0)
+                if ra2 < 0.0:
                     continue
-                x = Dinv[ch, 0, 0] * px + Dinv[ch, 0, 1] * py + Dinv[ch, 0, 2] * pz + Dinv[ch, 0, 3]
-                y = Dinv[ch, 1, 0] * px + Dinv[ch, 1, 1] * py + Dinv[ch, 1, 2] * pz + Dinv[ch, 1, 3]
-                z = Dinv[ch, 2, 0] * px + Dinv[ch, 2, 1] * py + Dinv[ch, 2, 2] * pz + Dinv[ch, 2, 3]
-                r = _resid(x, y, z, px, py, pz, W, w_inv, D, m)
-                if r < br:
-                    bx, by, bz, br = x, y, z, r
+                ra = math.sqrt(ra2)
+                b0 = max(int(math.ceil(g1 - ra)), 0)
+                b1 = min(int(math.floor(g1 + ra)), wn[1] - 1)
+                for b in range(b0, b1 + 1):
+                    rb2 = ra2 - (b - g1) * (b - g1)
+                    if rb2 < 0.0:
+                        continue
+                    rb = math.sqrt(rb2)
+                    c0 = max(int(math.ceil(g2 - rb)), 0)
+                    c1 = min(int(math.floor(g2 + rb)), wn[2] - 1)
+                    for c in range(c0, c1 + 1):
+                        dx = waff[0, 0] * a + waff[0, 1] * b + waff[0, 2] * c + waff[0, 3] - yx
+                        dy = waff[1, 0] * a + waff[1, 1] * b + waff[1, 2] * c + waff[1, 3] - yy
+                        dz = waff[2, 0] * a + waff[2, 1] * b + waff[2, 2] * c + waff[2, 3] - yz
+                        d2 = dx * dx + dy * dy + dz * dz
+                        n = a * n12 + b * wn[2] + c
+                        if d2 <= R2 and d2 < best[n]:
+                            best[n] = d2
+                            src[n] = s
+
+    @njit(parallel=True, cache=True)
+    def inverse_lbs_nodes(waff, wn, W, w_inv, D, near, src, Minv, iters, tol, disp, res, status):
+        """Inverse skinning at the warp nodes that can carry soft tissue.
+
+        status 0: no tissue can reach the node (no forward-skinned tissue within R, no rest tissue
+        next to it): displacement 0. Otherwise start from the best of the identity, the inverse of
+        the blended transform of the nearest forward-skinned tissue point (``src``/``Minv``); then
+        fixed-point steps
+        x <- M(x)^-1 y (halved when they do not improve). status 1: a pre-image (residual < tol
+        or the best found); status 2: rest tissue here has moved away and nothing moved in (the
+        node is in posed air)."""
+        n12 = wn[1] * wn[2]
+        a_ = near.shape[0]
+        b_ = near.shape[1]
+        c_ = near.shape[2]
+        for n in prange(wn[0] * n12):
+            a = n // n12
+            rr = n - a * n12
+            b = rr // wn[2]
+            c = rr - b * wn[2]
+            px = waff[0, 0] * a + waff[0, 1] * b + waff[0, 2] * c + waff[0, 3]
+            py = waff[1, 0] * a + waff[1, 1] * b + waff[1, 2] * c + waff[1, 3]
+            pz = waff[2, 0] * a + waff[2, 1] * b + waff[2, 2] * c + waff[2, 3]
+            disp[n, 0] = 0.0
+            disp[n, 1] = 0.0
+            disp[n, 2] = 0.0
+            res[n] = 0.0
+            status[n] = 0
+            s = src[n]
+            rest_near = False
+            ci = int(math.floor(w_inv[0, 0] * px + w_inv[0, 1] * py + w_inv[0, 2] * pz + w_inv[0, 3] + 0.5))
+            cj = int(math.floor(w_inv[1, 0] * px + w_inv[1, 1] * py + w_inv[1, 2] * pz + w_inv[1, 3] + 0.5))
+            ck = int(math.floor(w_inv[2, 0] * px + w_inv[2, 1] * py + w_inv[2, 2] * pz + w_inv[2, 3] + 0.5))
+            if ci >= 0 and cj >= 0 and ck >= 0 and ci < a_ and cj < b_ and ck < c_:
+                rest_near = near[ci, cj, ck] != 0
+            if s < 0 and not rest_near:
+                continue
+            m = np.empty((3, 4))
+            status[n] = 1
+            # m always holds the blended transform at the point of the last residual
+            if s >= 0:  # the guess first (moved tissue), then the identity (tissue in place)
+                bx = Minv[s, 0, 0] * px + Minv[s, 0, 1] * py + Minv[s, 0, 2] * pz + Minv[s, 0, 3]
+                by = Minv[s, 1, 0] * px + Minv[s, 1, 1] * py + Minv[s, 1, 2] * pz + Minv[s, 1, 3]
+                bz = Minv[s, 2, 0] * px + Minv[s, 2, 1] * py + Minv[s, 2, 2] * pz + Minv[s, 2, 3]
+                br = _resid(bx, by, bz, px, py, pz, W, w_inv, D, m)
+                m_ok = True
+                if br >= tol:
+                    r = _resid(px, py, pz, px, py, pz, W, w_inv, D, m)
+                    m_ok = r < br
+                    if m_ok:
+                        bx, by, bz, br = px, py, pz, r
+            else:
+                bx, by, bz = px, py, pz
+                br = _resid(px, py, pz, px, py, pz, W, w_inv, D, m)
+                m_ok = True
             x, y, z = bx, by, bz
-            for it in range(iters):
+            # without a skinned-tissue guess only tissue nearly in place can land here: a few steps
+            for it in range(iters if s >= 0 else min(iters, 3)):
                 if br < tol:
                     break
-                _blend(x, y, z, W, w_inv, D, m)
-                # solve m[:, :3] q = p - m[:, 3]
+                if not m_ok:
+                    _blend(x, y, z, W, w_inv, D, m)
                 a00, a01, a02 = m[0, 0], m[0, 1], m[0, 2]
                 a10, a11, a12 = m[1, 0], m[1, 1], m[1, 2]
                 a20, a21, a22 = m[2, 0], m[2, 1], m[2, 2]
@@ -639,24 +775,27 @@ def _kernels():
                 if r < br:
                     bx, by, bz, br = qx, qy, qz, r
                     x, y, z = qx, qy, qz
+                    m_ok = True
                 else:  # damped step
                     x = 0.5 * (x + qx)
                     y = 0.5 * (y + qy)
                     z = 0.5 * (z + qz)
-            out[n, 0] = bx
-            out[n, 1] = by
-            out[n, 2] = bz
+                    m_ok = False
+            if s < 0 and br >= tol:
+                # rest tissue at the node, none skinned near it and no pre-image: it moved away
+                status[n] = 2
+                disp[n, 0] = np.nan
+                disp[n, 1] = np.nan
+                disp[n, 2] = np.nan
+                continue
+            disp[n, 0] = bx - px
+            disp[n, 1] = by - py
+            disp[n, 2] = bz - pz
             res[n] = br
 
-    @njit(parallel=True, cache=True)
-    def forward_lbs(xs, W, w_inv, D, out):
-        for n in prange(xs.shape[0]):
-            m = np.empty((3, 4))
-            _blend(xs[n, 0], xs[n, 1], xs[n, 2], W, w_inv, D, m)
-            for r in range(3):
-                out[n, r] = m[r, 0] * xs[n, 0] + m[r, 1] * xs[n, 1] + m[r, 2] * xs[n, 2] + m[r, 3]
-
-    _KERNELS = {"sample_points": sample_points, "inverse_lbs": inverse_lbs, "forward_lbs": forward_lbs}
+    _KERNELS = {"sample_points": sample_points, "forward_lbs": forward_lbs,
+                "forward_blend": forward_blend, "splat_nearest": splat_nearest,
+                "inverse_lbs_nodes": inverse_lbs_nodes}
     _ = nb
     return _KERNELS
 
@@ -690,6 +829,7 @@ class PosedScene:
     warp: np.ndarray | None = None
     warp_affine: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+    grid: tuple | None = None  # (first voxel, shape) on the soft grid's lattice holding the frame
     _packed: tuple | None = field(default=None, repr=False, compare=False)
     source: object = field(default=None, repr=False, compare=False)  # the ArticulatedCT
 
@@ -720,7 +860,7 @@ class PosedScene:
             inv = np.linalg.inv(self.soft_affine)
             idx = np.rint(rest @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
             shp = np.asarray(self.soft.shape)
-            ok = np.all((idx >= 0) & (idx < shp), axis=1)
+            ok = np.all((idx >= 0) & (idx < shp), axis=1) & np.isfinite(rest).all(axis=1)
             occ = np.zeros(len(nodes), bool)
             occ[ok] = self.soft[tuple(idx[ok].T)] > -900
             occ &= np.abs(self.warp.reshape(-1, 3)).max(axis=1) > 0.01  # moved content only
@@ -783,10 +923,16 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
     ``bone_deltas``: {label name or rig bone name: 4x4 world transform rest -> posed}.
     ``joint_deltas``: (24, 4, 4) D_j for the soft tissue (and for bones missing from
     ``bone_deltas``). Missing everything = identity. Static parts never move.
+
+    The scene's ``grid`` is the CT lattice extended (in whole 8-voxel blocks) to hold the posed
+    content; the inverse warp lives on the same lattice (every ``warp_spacing_mm`` / voxel spacing
+    voxels, rounded), covering that grid.
     """
     bone_deltas = dict(bone_deltas or {})
     jd = None if joint_deltas is None else np.asarray(joint_deltas, dtype=np.float64).reshape(N_JOINTS, 4, 4)
     parts = []
+    ct_inv = np.linalg.inv(art.affine)
+    lo, hi = np.zeros(3), np.asarray(art.shape, np.float64) - 1.0
     for p in art.parts:
         d = np.eye(4)
         if p.kind == "bone":
@@ -797,62 +943,146 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
             elif jd is not None and p.joint >= 0:
                 d = jd[p.joint]
         aff = p.affine(art.affine)
-        parts.append(ScenePart(p.name, p.kind, p.hu, p.mask, aff if _is_identity(d) else d @ aff))
+        moved = not _is_identity(d)
+        parts.append(ScenePart(p.name, p.kind, p.hu, p.mask, d @ aff if moved else aff))
+        if moved:
+            cb = _part_content_box(art, p)
+            if cb is not None:
+                a, b = _cell_box_bounds(ct_inv @ d @ aff, *cb)
+                lo, hi = np.minimum(lo, a), np.maximum(hi, b)
     scene = PosedScene(art.soft, art.affine.copy(), parts, info={"warp": "none"}, source=art)
-    if jd is None or art.weights.shape[-1] == 0:
+    D = None if jd is None or art.weights.shape[-1] == 0 else jd[art.weight_joints]
+    if D is None or all(_is_identity(d) for d in D):
+        scene.grid = _grid(art, lo, hi)
         return scene
-    D = jd[art.weight_joints]
-    if all(_is_identity(d) for d in D):
-        return scene
-    warp, waff, info = _inverse_warp_grid(art, D, warp_spacing_mm, iterations, tol_mm)
-    scene.warp, scene.warp_affine = warp, waff
+    warp, waff, grid, info = _inverse_warp_grid(art, D, warp_spacing_mm, iterations, tol_mm, lo, hi)
+    scene.warp, scene.warp_affine, scene.grid = warp, waff, grid
     scene.info = info
     return scene
 
 
-def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol):
-    """Displacement x - y on a world-axis grid covering the posed body."""
-    W = np.ascontiguousarray(art.weights, dtype=np.float64)
-    w_inv = np.linalg.inv(art.weight_affine)
-    # occupied coarse cells (non-air soft tissue or parts), per channel posed boxes
-    fac = np.rint(np.linalg.norm(art.weight_affine[:3, :3], axis=0) / np.linalg.norm(art.affine[:3, :3], axis=0)).astype(int)
-    occ = _pool_any(art.soft > -900, fac)[: W.shape[0], : W.shape[1], : W.shape[2]]
-    half = 0.5 * np.abs(art.weight_affine[:3, :3]).sum(axis=1)
-    lo_all, hi_all = [], []
-    cand_lo = np.full((len(D), 3), np.inf)
-    cand_hi = np.full((len(D), 3), -np.inf)
-    for ch in range(len(D)):
-        idx = np.argwhere(occ & (W[..., ch] > 0))
-        if len(idx) == 0:
-            continue
-        c = idx @ art.weight_affine[:3, :3].T + art.weight_affine[:3, 3]
-        lo, hi = c.min(axis=0) - half, c.max(axis=0) + half
-        box = np.array([[a, b, cc] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for cc in (lo[2], hi[2])])
-        pb = box @ D[ch, :3, :3].T + D[ch, :3, 3]
-        cand_lo[ch] = pb.min(axis=0) - 2 * half
-        cand_hi[ch] = pb.max(axis=0) + 2 * half
-        lo_all.append(cand_lo[ch])
-        hi_all.append(cand_hi[ch])
-    ct_c = _box_corners(art.affine, art.shape)
-    lo = np.minimum(np.min(lo_all, axis=0), ct_c.min(axis=0)) if lo_all else ct_c.min(axis=0)
-    hi = np.maximum(np.max(hi_all, axis=0), ct_c.max(axis=0)) if hi_all else ct_c.max(axis=0)
-    n = np.maximum(np.ceil((hi - lo) / spacing).astype(int) + 1, 2)
-    waff = np.eye(4)
-    waff[:3, :3] = np.diag([spacing] * 3)
-    waff[:3, 3] = lo
-    g = np.indices(tuple(n)).reshape(3, -1).T.astype(np.float64)
-    ys = np.ascontiguousarray(g * spacing + lo)
+def _grid(art, lo, hi):
+    from .projector import _grid_from_bounds
+
+    return _grid_from_bounds(lo, hi, np.asarray(art.shape, np.int64))
+
+
+def _cell_box_bounds(M, lo, hi):
+    """Index-space bounds of the cell box [lo - 0.5, hi + 0.5] mapped by the 4x4 M."""
+    c = np.array([[a, b, cc] for a in (lo[0] - 0.5, hi[0] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5)
+                  for cc in (lo[2] - 0.5, hi[2] + 0.5)])
+    q = c @ M[:3, :3].T + M[:3, 3]
+    return q.min(axis=0), q.max(axis=0)
+
+
+def _part_content_box(art, p):
+    """Index box (lo, hi) of a part's masked non-air voxels (cached per ArticulatedCT)."""
+    boxes = art._cache.setdefault("part_boxes", {})
+    if p.name not in boxes:
+        m = (p.mask > 0) & (p.hu > -900)
+        if m.any():
+            idx = [np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+            boxes[p.name] = (np.array([v[0] for v in idx], np.float64), np.array([v[-1] for v in idx], np.float64))
+        else:
+            boxes[p.name] = None
+    return boxes[p.name]
+
+
+def _sparse_weights(art: ArticulatedCT) -> tuple:
+    """The weight field as (shape, row pointers, channels, weights) (cached): a blend reads only a
+    node's non-zero channels."""
+    w = art._cache.get("sparse_weights")
+    if w is None:
+        W = np.asarray(art.weights)
+        flat = W.reshape(-1, W.shape[-1])
+        nzr, nzc = np.nonzero(flat > 0)
+        ptr = np.zeros(len(flat) + 1, np.int64)
+        np.cumsum(np.bincount(nzr, minlength=len(flat)), out=ptr[1:])
+        w = (np.asarray(W.shape[:3], np.int64), ptr, nzc.astype(np.int64),
+             flat[nzr, nzc].astype(np.float64))
+        art._cache["sparse_weights"] = w
+    return w
+
+
+def _warp_prep(art: ArticulatedCT) -> dict:
+    """Pose-independent inputs of the inverse warp (cached): the weight cells that hold soft tissue,
+    their centres and channels, and the tissue cells dilated by one cell."""
+    prep = art._cache.get("warp_prep")
+    if prep is None:
+        from scipy import ndimage
+
+        W = _sparse_weights(art)
+        fac = np.maximum(np.rint(np.linalg.norm(art.weight_affine[:3, :3], axis=0)
+                                 / np.linalg.norm(art.affine[:3, :3], axis=0)).astype(int), 1)
+        wshape = art.weights.shape[:3]
+        occ = np.zeros(wshape, bool)
+        pooled = _pool_any(art.soft > -900, fac)[: wshape[0], : wshape[1], : wshape[2]]
+        occ[: pooled.shape[0], : pooled.shape[1], : pooled.shape[2]] = pooled
+        idx = np.argwhere(occ)
+        prep = {"W": W, "w_inv": np.ascontiguousarray(np.linalg.inv(art.weight_affine)[:3]),
+                "near": np.ascontiguousarray(ndimage.binary_dilation(occ, np.ones((3, 3, 3), bool)).astype(np.uint8)),
+                "centres": np.ascontiguousarray(idx @ art.weight_affine[:3, :3].T + art.weight_affine[:3, 3]),
+                "chan": art.weights[tuple(idx.T)] > 0, "fac": fac}
+        art._cache["warp_prep"] = prep
+    return prep
+
+
+def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi):
+    """Displacement x - y (mm) on a CT-lattice grid covering the posed content.
+
+    The tissue weight cells that a moved joint drives are skinned forward (their centres); the grid
+    covers their images and the CT. Each node within R of such an image starts from the inverse of
+    that image's blended transform; nodes whose rest tissue moved away with nothing moving in get
+    NaN (air); nodes that no tissue can reach keep 0."""
+    prep = _warp_prep(art)
     k = _kernels()
-    xs = np.empty_like(ys)
-    res = np.empty(len(ys))
-    Dinv = np.linalg.inv(D)
-    k["inverse_lbs"](ys, W, np.ascontiguousarray(w_inv[:3]), np.ascontiguousarray(D[:, :3]),
-                     np.ascontiguousarray(Dinv[:, :3]), cand_lo, cand_hi, iterations, tol, xs, res)
-    warp = (xs - ys).reshape(tuple(n) + (3,)).astype(np.float32)
-    info = {"warp": "inverse_lbs", "warp_shape": [int(v) for v in n], "warp_spacing_mm": spacing,
-            "residual_mm_p99": float(np.percentile(res, 99)), "residual_mm_max": float(res.max()),
-            "unconverged_fraction": float(np.mean(res > 0.5))}
-    return warp, waff, info
+    moved = np.array([not _is_identity(d) for d in D])
+    sel = prep["chan"][:, moved].any(axis=1)
+    xs = prep["centres"][sel]
+    D3 = np.ascontiguousarray(D[:, :3], dtype=np.float64)
+    ys = np.empty_like(xs)
+    Minv = np.empty((len(xs), 3, 4))
+    if len(xs):
+        k["forward_blend"](xs, prep["W"], prep["w_inv"], D3, ys, Minv)
+    ct_inv = np.linalg.inv(art.affine)
+    wsp = np.linalg.norm(art.weight_affine[:3, :3], axis=0)
+    if len(ys):
+        yi = ys @ ct_inv[:3, :3].T + ct_inv[:3, 3]
+        lo = np.minimum(lo, yi.min(axis=0) - prep["fac"])
+        hi = np.maximum(hi, yi.max(axis=0) + prep["fac"])
+    i0, shape = _grid(art, lo, hi)
+    vsp = np.linalg.norm(art.affine[:3, :3], axis=0)
+    f = np.maximum(np.rint(spacing / vsp).astype(np.int64), 1)
+    wn = np.maximum(-(-(shape - 1) // f) + 1, 2)
+    t = np.eye(4)
+    t[:3, :3] = np.diag(f.astype(np.float64))
+    t[:3, 3] = i0
+    waff = art.affine @ t
+    N = int(np.prod(wn))
+    best = np.full(N, np.inf)
+    src = np.full(N, -1, np.int64)
+    node_sp = vsp * f
+    R = float(np.sqrt(3.0) * (node_sp.max() + 0.5 * wsp.max()))
+    if len(ys):
+        ninv = np.ascontiguousarray(np.linalg.inv(waff)[:3])
+        g0 = ys @ ninv[0, :3] + ninv[0, 3]
+        order = np.argsort(g0, kind="stable")
+        k["splat_nearest"](ys, order, np.ascontiguousarray(g0[order]), np.ascontiguousarray(waff[:3]), ninv,
+                           wn, R, best, src)
+    disp = np.empty((N, 3), np.float32)
+    res = np.empty(N)
+    status = np.empty(N, np.int8)
+    k["inverse_lbs_nodes"](np.ascontiguousarray(waff[:3]), wn, prep["W"], prep["w_inv"], D3, prep["near"], src,
+                           Minv, iterations, tol, disp, res, status)
+    warp = disp.reshape(tuple(wn) + (3,))
+    solved = res[status == 1]
+    info = {"warp": "inverse_lbs", "warp_shape": [int(v) for v in wn],
+            "warp_spacing_mm": [float(v) for v in node_sp],
+            "solved_nodes": int(len(solved)), "air_nodes": int(np.sum(status == 2)),
+            "residual_mm_p99": float(np.percentile(solved, 99)) if len(solved) else 0.0,
+            "residual_mm_max": float(solved.max()) if len(solved) else 0.0,
+            "unconverged_fraction": float(np.mean(solved > 0.5)) if len(solved) else 0.0}
+    return warp, waff, (i0, shape), info
 
 
 def forward_lbs(art: ArticulatedCT, points, joint_deltas) -> np.ndarray:
@@ -861,7 +1091,7 @@ def forward_lbs(art: ArticulatedCT, points, joint_deltas) -> np.ndarray:
     D = np.ascontiguousarray(jd[art.weight_joints][:, :3])
     pts = np.ascontiguousarray(np.asarray(points, dtype=np.float64).reshape(-1, 3))
     out = np.empty_like(pts)
-    _kernels()["forward_lbs"](pts, np.ascontiguousarray(art.weights, dtype=np.float64),
+    _kernels()["forward_lbs"](pts, _sparse_weights(art),
                               np.ascontiguousarray(np.linalg.inv(art.weight_affine)[:3]), D, out)
     return out
 
@@ -889,25 +1119,19 @@ def sample_warp(scene: PosedScene, points) -> np.ndarray:
 
 
 def compose_volume(scene: PosedScene, affine=None, shape=None) -> Volume:
-    """Resample the posed scene onto a grid (HU, float32).
+    """The posed scene on a grid (HU, float32).
 
-    Default grid: the CT's own axes and spacing, extended to hold the posed content
-    (``content_bbox``); at the acquisition pose it is the CT grid itself and the result equals the
-    CT voxel for voxel. A fallback path: ``render_posed(backend="projector")`` is exact.
+    Default grid: the scene's own (``scene.grid``: the CT's axes and spacing, extended in whole
+    8-voxel blocks where the posed content leaves the CT box), written by
+    ``core.projector.compose_scene`` (what ``render_posed`` renders); at the acquisition pose it is
+    the CT voxel for voxel. With ``affine`` and ``shape``: the composition rule sampled at that
+    grid's voxel centres (``PosedScene.sample``).
     """
     if affine is None:
-        lo, hi = scene.content_bbox()
-        c = np.array([[a, b, cc] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for cc in (lo[2], hi[2])])
-        inv = np.linalg.inv(scene.soft_affine)
-        ci = c @ inv[:3, :3].T + inv[:3, 3]
-        i0 = np.minimum(np.floor(ci.min(axis=0) + 0.5 + 1e-6), 0).astype(int)
-        i1 = np.maximum(np.ceil(ci.max(axis=0) - 0.5 - 1e-6), np.asarray(scene.soft.shape) - 1).astype(int)
-        # the CT grid, extended only where posed content leaves it (on an extended side the CT's
-        # outer half-voxel is blurred by the resampling; elsewhere the values are exact)
-        t = np.eye(4)
-        t[:3, 3] = i0
-        affine = scene.soft_affine @ t
-        shape = tuple(int(v) for v in (i1 - i0 + 1))
+        from . import projector
+
+        pv = projector.compose_scene(to_projector_scene(scene))
+        return Volume(pv.flat.reshape(pv.shape).astype(np.float32), pv.affine.copy(), {"articulated": True})
     affine = np.asarray(affine, dtype=np.float64)
     out = np.empty(int(np.prod(shape)), np.float32)
     # chunk along the first axis to bound memory
@@ -999,11 +1223,11 @@ def to_projector_scene(scene: PosedScene):
     if ps is None or len(ps.subs) != len(scene.parts):
         base = Volume(np.ascontiguousarray(scene.soft), scene.soft_affine.copy())
         subs = [projector.SubVolume(p.hu, p.mask, p.affine.copy()) for p in scene.parts]
-        ps = projector.Scene(base=base, subs=subs)
+        ps = projector.Scene(base=base, subs=subs, compose=True)
         if art is not None:
             art._cache["projector_scene"] = ps
     ps.set_frame([p.affine for p in scene.parts],
-                 None if scene.warp is None else (scene.warp, scene.warp_affine))
+                 None if scene.warp is None else (scene.warp, scene.warp_affine), scene.grid)
     return ps
 
 
@@ -1011,25 +1235,16 @@ def render_posed(scene: PosedScene, geometry, *, step_mm: float | None = None,
                  device: str = "auto", backend: str = "auto") -> np.ndarray:
     """Line integrals of mu through a posed scene, float32 (H, W).
 
-    ``backend``: "projector" (``core.projector.render_scene``, CPU or CUDA), "compose" (resample
-    the scene onto a grid, then ``render_drr``), "reference" (``render_scene_reference``), or
-    "auto" (the first available of projector, reference).
+    ``backend``: "auto" or "compose" (the frame composed onto one grid, cached per frame so that
+    several views of one frame compose once, then the static kernels: ``core.projector.render_scene``
+    with ``compose=True``; CPU or CUDA), "projector" (the per-sample scene kernel, ``compose=False``)
+    or "reference" (``render_scene_reference``, slow).
     """
-    if backend == "auto":
-        try:
-            from . import projector
-
-            backend = "projector" if hasattr(projector, "render_scene") else "reference"
-        except ImportError:
-            backend = "reference"
-    if backend == "projector":
+    if backend in ("auto", "compose", "projector"):
         from . import projector
 
-        return projector.render_scene(to_projector_scene(scene), geometry, step_mm=step_mm, device=device)
-    if backend == "compose":
-        from . import projector
-
-        return projector.render_drr(compose_volume(scene), geometry, step_mm=step_mm, device=device)
+        return projector.render_scene(to_projector_scene(scene), geometry, step_mm=step_mm, device=device,
+                                      compose=backend != "projector")
     if backend == "reference":
         return render_scene_reference(scene, geometry, step_mm=step_mm or 0.5)
     raise CtwinError(f"unknown render backend {backend!r}")

@@ -336,23 +336,38 @@ class Scene:
 
     ``warp`` = (displacement (X, Y, Z, 3) float mm, affine index -> world): the displacement at a
     posed world point x (trilinear, clamped inside the grid's cell box, zero outside it) gives the
-    rest point x + d(x) at which the base is sampled. At a sample inside a sub-volume's mask
-    (nearest voxel), the first such sub-volume counts and the base does not. Only the affines and
-    the warp change between frames: call ``set_frame``; the arrays stay resident.
+    rest point x + d(x) at which the base is sampled; a NaN displacement marks a node in posed air
+    (a cell with such a node is air). At a sample inside a sub-volume's mask (nearest voxel), the
+    first such sub-volume counts and the base does not. Only the affines and the warp change
+    between frames: call ``set_frame``; the arrays stay resident.
+
+    ``compose``: how ``render_scene`` renders the scene by default: False, the per-sample scene
+    kernel (the composition rule at every sample); True, the frame composed onto one grid
+    (``compose_scene``, cached per frame) and rendered by the static kernels. Composing resamples
+    moved content once (trilinear), which smooths its edges by about a voxel; a frame costs one
+    composition plus static renders. ``grid`` (optional, per frame) = (first voxel (3,), shape
+    (3,)) in the base's index space: the grid on which ``compose_scene`` writes the frame (the
+    base lattice, extended to hold the posed content). Without it the grid is derived from the
+    sub-volumes and the warp.
     """
 
     base: object
     subs: list = field(default_factory=list)
     warp: tuple | None = None
+    grid: tuple | None = None
+    compose: bool = False
     _packed: dict = field(default_factory=dict, repr=False)
+    _composed: dict = field(default_factory=dict, repr=False)
+    _buffers: list = field(default_factory=list, repr=False)
 
-    def set_frame(self, sub_affines=None, warp=None) -> None:
+    def set_frame(self, sub_affines=None, warp=None, grid=None) -> None:
         if sub_affines is not None:
             if len(sub_affines) != len(self.subs):
                 raise CtwinError(f"{len(sub_affines)} affines for {len(self.subs)} sub-volumes")
             for s, a in zip(self.subs, sub_affines):
                 s.affine = np.asarray(a, dtype=np.float64)
         self.warp = warp
+        self.grid = grid
 
     def _pack(self):
         if "base" not in self._packed:
@@ -398,8 +413,13 @@ class Scene:
 
 
 def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
-                 device: str = "auto") -> np.ndarray:
-    """Line integrals through a posed scene (see ``Scene``), float32 (H, W)."""
+                 device: str = "auto", compose: bool | None = None) -> np.ndarray:
+    """Line integrals through a posed scene (see ``Scene``), float32 (H, W).
+
+    ``compose`` (default: ``scene.compose``): compose the frame onto one grid (``compose_scene``,
+    cached per frame, so several views of a frame compose once; HU scenes only) and render it with
+    the static kernels (``render_drr``: CPU or CUDA, with empty-space skipping); otherwise the
+    per-sample scene kernel (``ray_scene``: the composition rule evaluated at every sample)."""
     pk = scene._pack()
     base: PreparedVolume = pk["base"]
     dev = resolve_device(device)
@@ -408,6 +428,10 @@ def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
     step = default_step([min(spacings)]) if step_mm is None else float(step_mm)
     if not scene.subs and scene.warp is None:
         return render_drr(base, geometry, step_mm=step, device=dev)
+    if compose is None:
+        compose = scene.compose and base.quantity == "hu" and (not scene.subs or pk["slin"][0] != 0.0)
+    if compose:
+        return render_drr(compose_scene(scene), geometry, step_mm=step, device=dev)
     if scene.warp is not None:
         disp, waff = scene.warp
         disp = np.ascontiguousarray(disp, dtype=np.float32)
@@ -444,6 +468,264 @@ def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
         cuda.to_device(WM), cuda.to_device(wn), pk["d_sdata"], pk["d_smask"], pk["d_slut"],
         *pk["slin"], cuda.to_device(sp), nsub, step)
     return d_out.copy_to_host().astype(np.float32)
+
+
+# --- posed scenes composed onto a grid ---------------------------------------------------------
+_AIR_HU = -1000
+_COMPOSED_KEEP = 2  # composed frames kept per Scene (e.g. the acquisition pose + the current one)
+
+
+def _frame_key(scene: Scene):
+    aff = np.stack([np.asarray(s.affine, np.float64) for s in scene.subs]).tobytes() if scene.subs else b""
+    w = None if scene.warp is None else (id(scene.warp[0]), np.asarray(scene.warp[1], np.float64).tobytes())
+    g = None if scene.grid is None else tuple(int(v) for v in np.concatenate([np.ravel(scene.grid[0]),
+                                                                            np.ravel(scene.grid[1])]))
+    return aff, w, g
+
+
+def _sub_content_box(scene: Scene, i: int, pk: dict, content: bool = False):
+    """Index box (lo, hi) of sub-volume i's mask voxels (``content``: its masked non-air voxels),
+    cached; None when empty."""
+    boxes = pk.setdefault("mask_boxes", {})
+    if (i, content) not in boxes:
+        s = scene.subs[i]
+        m = np.asarray(s.mask) != 0
+        if content:
+            m = m & (np.asarray(s.data) > _AIR_HU)
+        if m.any():
+            idx = [np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+            boxes[(i, content)] = (np.array([v[0] for v in idx], np.float64),
+                                   np.array([v[-1] for v in idx], np.float64))
+        else:
+            boxes[(i, content)] = None
+    return boxes[(i, content)]
+
+
+def _box_to(M, lo, hi) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned bounds of the cell box [lo - 0.5, hi + 0.5] mapped by the 3x4/4x4 matrix M."""
+    c = np.array([[a, b, cc] for a in (lo[0] - 0.5, hi[0] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5)
+                  for cc in (lo[2] - 0.5, hi[2] + 0.5)])
+    p = c @ np.asarray(M)[:3, :3].T + np.asarray(M)[:3, 3]
+    return p.min(axis=0), p.max(axis=0)
+
+
+def _aligned_offset(S) -> np.ndarray | None:
+    """Integer t when the base-index -> sub-index map S is the translation by -t, else None."""
+    S = np.asarray(S)
+    if np.abs(S[:3, :3] - np.eye(3)).max() > 1e-9:
+        return None
+    t = -S[:3, 3]
+    r = np.rint(t)
+    return r.astype(np.int64) if np.abs(t - r).max() <= 1e-6 else None
+
+
+def scene_grid(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+    """(first voxel, shape) of the grid ``compose_scene`` writes, in the base's index space: the base
+    grid, extended by whole empty-space blocks where posed content leaves it (``scene.grid`` when
+    set)."""
+    pk = scene._pack()
+    base: PreparedVolume = pk["base"]
+    n = np.asarray(base.shape, np.int64)
+    if scene.grid is not None:
+        return np.asarray(scene.grid[0], np.int64).reshape(3), np.asarray(scene.grid[1], np.int64).reshape(3)
+    binv = np.linalg.inv(base.affine)
+    lo, hi = np.zeros(3), n - 1.0
+    for i, s in enumerate(scene.subs):
+        cb = _sub_content_box(scene, i, pk, content=True)
+        if cb is None:
+            continue
+        a, b = _box_to(binv @ np.asarray(s.affine), *cb)
+        lo, hi = np.minimum(lo, a), np.maximum(hi, b)
+    if scene.warp is not None:  # warp nodes that move content: rest point in an occupied base block
+        disp, waff = scene.warp
+        d = np.asarray(disp, np.float64).reshape(-1, 3)
+        moved = np.isfinite(d).all(axis=1) & (np.abs(d).max(axis=1) > 0)
+        if moved.any():
+            idx = np.argwhere(moved.reshape(disp.shape[:3]))
+            nodes = idx @ (binv @ waff)[:3, :3].T + (binv @ waff)[:3, 3]
+            rest = np.rint(nodes + d[moved] @ binv[:3, :3].T).astype(np.int64)
+            ok = np.all((rest >= 0) & (rest < n), axis=1)
+            occ = base.occupancy().reshape(-(-n // BLOCK))
+            ok[ok] = occ[tuple((rest[ok] // BLOCK).T)] > 0
+            if ok.any():
+                cell = np.abs((binv @ waff)[:3, :3]).sum(axis=1)
+                lo = np.minimum(lo, nodes[ok].min(axis=0) - cell)
+                hi = np.maximum(hi, nodes[ok].max(axis=0) + cell)
+    return _grid_from_bounds(lo, hi, n)
+
+
+def _grid_from_bounds(lo, hi, n) -> tuple[np.ndarray, np.ndarray]:
+    """(first voxel, shape): the base grid [0, n - 1] extended to hold index bounds [lo, hi], by whole
+    empty-space blocks (the extended grid keeps the base's block lattice)."""
+    lo = np.minimum(np.ceil(np.asarray(lo, np.float64) - 1e-6), 0)  # voxel centres inside the bounds
+    hi = np.maximum(np.floor(np.asarray(hi, np.float64) + 1e-6), n - 1)
+    i0 = np.floor(lo / BLOCK) * BLOCK
+    ext = np.ceil((hi - (n - 1)) / BLOCK) * BLOCK
+    return i0.astype(np.int64), (n - i0 + ext).astype(np.int64)
+
+
+def compose_scene(scene: Scene) -> PreparedVolume:
+    """The scene's current frame written onto one grid (``scene_grid``), HU int16, prepared for
+    ``render_drr`` (occupancy included). Cached per frame (the sub-volume affines, the warp array
+    object and the grid): several views of one frame compose once.
+
+    Per voxel centre: the first sub-volume (in order) whose nearest voxel is in its mask gives its
+    trilinear HU; otherwise the base, pulled through the warp (trilinear displacement, trilinear
+    HU). Where nothing moved (sub-volumes at integer offsets on the base lattice, zero
+    displacement) the stored voxels are copied, so an unmoved scene gives back its CT voxel for
+    voxel."""
+    from .kernels import compose_kernels
+
+    pk = scene._pack()
+    base: PreparedVolume = pk["base"]
+    if base.quantity != "hu" or (scene.subs and pk["slin"][0] == 0.0):
+        raise CtwinError("compose_scene needs HU volumes (int16); render float16 mu scenes with compose=False")
+    key = _frame_key(scene)
+    hit = scene._composed.get(key)
+    if hit is not None:
+        return hit[0]
+    k = compose_kernels()
+    bn = np.asarray(base.shape, np.int64)
+    i0, on = scene_grid(scene)
+    shift = -i0
+    # the base in place, air around it; its occupancy grid likewise (whole-block shift)
+    buf = _buffer(scene, int(np.prod(on)))
+    out = buf[: int(np.prod(on))]
+    out3 = out.reshape(tuple(on))
+    sl = tuple(slice(int(a), int(a + b)) for a, b in zip(shift, bn))
+    if np.any(on != bn):
+        for ax in range(3):  # air outside the base's slab on each axis (disjoint pieces)
+            lo_sl = [slice(None)] * 3
+            hi_sl = [slice(None)] * 3
+            for b in range(ax):
+                lo_sl[b] = hi_sl[b] = sl[b]
+            lo_sl[ax] = slice(0, sl[ax].start)
+            hi_sl[ax] = slice(sl[ax].stop, None)
+            out3[tuple(lo_sl)] = _AIR_HU
+            out3[tuple(hi_sl)] = _AIR_HU
+    out3[sl] = base.flat.reshape(tuple(bn))
+    ob = -(-on // BLOCK)
+    bo = shift // BLOCK
+    bocc = base.occupancy().reshape(tuple(-(-bn // BLOCK)))
+    occ = np.zeros(tuple(ob), np.uint8)
+    occ[tuple(slice(int(a), int(a + b)) for a, b in zip(bo, bocc.shape))] = bocc
+    for ax in range(3):  # a base voxel on the first layer also feeds samples just before it
+        if bo[ax] > 0:
+            dst = [slice(None)] * 3
+            src = [slice(None)] * 3
+            dst[ax], src[ax] = bo[ax] - 1, bo[ax]
+            occ[tuple(dst)] |= occ[tuple(src)]
+    binv = np.linalg.inv(base.affine)
+    keep = None
+    if scene.warp is not None:
+        disp, waff = scene.warp
+        keep = disp
+        wn = np.asarray(disp.shape[:3], np.int64)
+        if np.all(wn >= 2):
+            d32 = np.ascontiguousarray(disp, dtype=np.float32)
+            cells = k["warp_cells"](d32)
+            if len(cells):
+                G = (np.linalg.inv(waff) @ base.affine)[:3]
+                G[np.abs(G) < 1e-12 * np.abs(G).max()] = 0.0
+                G = np.ascontiguousarray(G)
+                Ginv = np.ascontiguousarray((binv @ waff)[:3])
+                focc, fcum = _fine_air(base, pk)
+                k["warp"](out, occ, on, shift, base.flat, bn, focc, fcum, G, Ginv, wn, d32,
+                          np.ascontiguousarray(binv[:3, :3]), cells, float(_AIR_HU))
+    n = len(scene.subs)
+    if n:
+        S = np.empty((n, 3, 4))
+        aligned = np.zeros((n, 4), np.int64)
+        boxes = np.zeros((n, 6), np.int64)
+        boxes[:, 1] = -1  # empty
+        for i, sv in enumerate(scene.subs):
+            Si = np.linalg.inv(np.asarray(sv.affine)) @ base.affine
+            S[i] = Si[:3]
+            t = _aligned_offset(Si)
+            if t is not None:
+                sn = np.asarray(np.asarray(sv.data).shape, np.int64)
+                lo = np.maximum(t + shift, 0)
+                hi = np.minimum(t + shift + sn - 1, on - 1)
+                aligned[i, :3], aligned[i, 3] = t, 1
+            else:
+                cb = _sub_content_box(scene, i, pk)
+                if cb is None:
+                    continue
+                lo, hi = _box_to(np.linalg.inv(Si), *cb)
+                lo = np.maximum(np.ceil(lo - 1e-9).astype(np.int64) + shift, 0)
+                hi = np.minimum(np.floor(hi + 1e-9).astype(np.int64) + shift, on - 1)
+            if np.all(hi >= lo):
+                boxes[i] = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]]
+        if "sns" not in pk:
+            pk["sns"] = np.array([np.asarray(sv.data).shape for sv in scene.subs], np.int64)
+            pk["offs_arr"] = np.asarray(pk["offs"], np.int64)
+            spans, soffs = [], [0]
+            for sv in scene.subs:  # per row of each mask: first and last masked voxel
+                m = np.asarray(sv.mask) != 0
+                anyr = m.any(axis=2)
+                first = np.where(anyr, m.argmax(axis=2), m.shape[2])
+                last = np.where(anyr, m.shape[2] - 1 - m[:, :, ::-1].argmax(axis=2), -1)
+                spans.append(np.stack([first.ravel(), last.ravel()]))
+                soffs.append(soffs[-1] + first.size)
+            pk["spans"] = np.ascontiguousarray(np.concatenate(spans, axis=1).astype(np.int64))
+            pk["soffs"] = np.asarray(soffs[:-1], np.int64)
+        k["subs"](out, occ, on, shift, pk["sdata"], pk["smask"], pk["offs_arr"], pk["sns"], S, aligned, boxes,
+                  np.arange(n - 1, -1, -1, dtype=np.int64), pk["spans"], pk["soffs"], float(_AIR_HU))
+    shape = tuple(int(v) for v in on)
+    t = np.eye(4)
+    t[:3, 3] = i0
+    pv = PreparedVolume(out, shape, base.affine @ t, base.lut, "hu", occ.reshape(-1), base.lin)
+    while len(scene._composed) >= _COMPOSED_KEEP:
+        scene._composed.pop(next(iter(scene._composed)))
+    scene._composed[key] = (pv, keep, buf)
+    return pv
+
+
+def _buffer(scene: Scene, n: int) -> np.ndarray:
+    """An int16 array of at least n voxels for a composed frame: one of the scene's buffers that no cached
+    frame uses (fresh memory costs a page fault per 4 KiB on first touch, which for a whole CT
+    costs as much as composing it)."""
+    used = {id(v[2]) for v in scene._composed.values()}
+    pool = scene._buffers
+    for b in pool:
+        if id(b) not in used and b.size >= n:
+            return b
+    for b in list(pool):  # drop free buffers that are too small
+        if id(b) not in used:
+            pool.remove(b)
+    b = np.empty(n, np.int16)
+    pool.append(b)
+    return b
+
+
+def _fine_air(base: PreparedVolume, pk: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The base's fine air grid (FINE^3-voxel blocks: 1 where a trilinear sample whose floor index
+    lies in the block can be non-zero, i.e. a voxel of the block or of the next layer has mu > 0)
+    and its 3-D prefix sums, padded by one (cached): O(1) any-occupied queries over block boxes."""
+    if "fine_air" not in pk:
+        from .kernels import FINE
+
+        nz = (base.lut > 0)[base.flat.view(np.uint16)].reshape(base.shape)
+        for ax in range(3):
+            n = nz.shape[ax]
+            nb = -(-n // FINE)
+            pad = [(0, 0)] * 3
+            pad[ax] = (0, nb * FINE + 1 - n)
+            p = np.pad(nz, pad)
+            sl = [slice(None)] * 3
+            m = None
+            for o in range(FINE + 1):  # voxels FINE b .. FINE b + FINE
+                sl[ax] = slice(o, o + nb * FINE, FINE)
+                m = p[tuple(sl)] if m is None else m | p[tuple(sl)]
+            nz = m
+        occ = np.ascontiguousarray(nz.astype(np.uint8))
+        cum = np.zeros(tuple(np.asarray(occ.shape) + 2), np.int32)
+        cum[1:-1, 1:-1, 1:-1] = occ.cumsum(0, dtype=np.int32).cumsum(1).cumsum(2)
+        cum[-1] = cum[-2]
+        cum[:, -1] = cum[:, -2]
+        cum[:, :, -1] = cum[:, :, -2]
+        pk["fine_air"] = (occ, cum)
+    return pk["fine_air"]
 
 
 # --- reference (slow, float64 numpy) -----------------------------------------------------------
