@@ -793,9 +793,41 @@ def _kernels():
             disp[n, 2] = bz - pz
             res[n] = br
 
+    @njit(parallel=True, cache=True)
+    def air_border(wn, status, disp, thr):
+        """Nodes left at zero displacement (no tissue can reach them) next to a solved node that
+        moves by more than ``thr`` mm become air (NaN): interpolating between the two would sweep
+        the cell's pre-images across the rest anatomy in between."""
+        n12 = wn[1] * wn[2]
+        t2 = thr * thr
+        flag = np.zeros(wn[0] * n12, np.uint8)
+        for a in prange(wn[0]):
+            for b in range(wn[1]):
+                for c in range(wn[2]):
+                    n = a * n12 + b * wn[2] + c
+                    if status[n] != 0:
+                        continue
+                    hit = False
+                    for da in range(max(a - 1, 0), min(a + 2, wn[0])):
+                        for db in range(max(b - 1, 0), min(b + 2, wn[1])):
+                            for dc in range(max(c - 1, 0), min(c + 2, wn[2])):
+                                q = da * n12 + db * wn[2] + dc
+                                if status[q] == 1:
+                                    d2 = disp[q, 0] ** 2 + disp[q, 1] ** 2 + disp[q, 2] ** 2
+                                    if d2 > t2:
+                                        hit = True
+                    if hit:
+                        flag[n] = 1
+        for n in prange(wn[0] * n12):
+            if flag[n]:
+                status[n] = 2
+                disp[n, 0] = np.nan
+                disp[n, 1] = np.nan
+                disp[n, 2] = np.nan
+
     _KERNELS = {"sample_points": sample_points, "forward_lbs": forward_lbs,
                 "forward_blend": forward_blend, "splat_nearest": splat_nearest,
-                "inverse_lbs_nodes": inverse_lbs_nodes}
+                "inverse_lbs_nodes": inverse_lbs_nodes, "air_border": air_border}
     _ = nb
     return _KERNELS
 
@@ -1020,7 +1052,7 @@ def _warp_prep(art: ArticulatedCT) -> dict:
         occ[: pooled.shape[0], : pooled.shape[1], : pooled.shape[2]] = pooled
         idx = np.argwhere(occ)
         prep = {"W": W, "w_inv": np.ascontiguousarray(np.linalg.inv(art.weight_affine)[:3]),
-                "near": np.ascontiguousarray(ndimage.binary_dilation(occ, np.ones((3, 3, 3), bool)).astype(np.uint8)),
+                "occ": occ,
                 "centres": np.ascontiguousarray(idx @ art.weight_affine[:3, :3].T + art.weight_affine[:3, 3]),
                 "chan": art.weights[tuple(idx.T)] > 0, "fac": fac}
         art._cache["warp_prep"] = prep
@@ -1072,8 +1104,18 @@ def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi):
     disp = np.empty((N, 3), np.float32)
     res = np.empty(N)
     status = np.empty(N, np.int8)
-    k["inverse_lbs_nodes"](np.ascontiguousarray(waff[:3]), wn, prep["W"], prep["w_inv"], D3, prep["near"], src,
+    # rest tissue within a node cell's diagonal of the node (in weight cells)
+    kn = int(np.ceil(np.sqrt(3.0) * node_sp.max() / wsp.min()))
+    near = prep.get(("near", kn))
+    if near is None:
+        from scipy import ndimage
+
+        near = np.ascontiguousarray(ndimage.binary_dilation(prep["occ"], np.ones((3, 3, 3), bool),
+                                                            iterations=kn).astype(np.uint8))
+        prep[("near", kn)] = near
+    k["inverse_lbs_nodes"](np.ascontiguousarray(waff[:3]), wn, prep["W"], prep["w_inv"], D3, near, src,
                            Minv, iterations, tol, disp, res, status)
+    k["air_border"](wn, status, disp, float(0.5 * node_sp.min()))
     warp = disp.reshape(tuple(wn) + (3,))
     solved = res[status == 1]
     info = {"warp": "inverse_lbs", "warp_shape": [int(v) for v in wn],
@@ -1223,7 +1265,17 @@ def to_projector_scene(scene: PosedScene):
     if ps is None or len(ps.subs) != len(scene.parts):
         base = Volume(np.ascontiguousarray(scene.soft), scene.soft_affine.copy())
         subs = [projector.SubVolume(p.hu, p.mask, p.affine.copy()) for p in scene.parts]
-        ps = projector.Scene(base=base, subs=subs, compose=True)
+        # the warp pulls soft tissue without the static parts' edge voxels (kept in the soft
+        # tissue for exactness at rest): a table's edge must not travel with the tissue on it
+        wb = None
+        for p in scene.parts:
+            if p.kind == "static":
+                if wb is None:
+                    wb = np.array(scene.soft, dtype=np.int16, copy=True)
+                t = np.rint(np.linalg.solve(scene.soft_affine, p.affine)[:3, 3]).astype(int)
+                sl = tuple(slice(int(a), int(a) + n) for a, n in zip(t, p.mask.shape))
+                wb[sl][p.mask > 0] = AIR_HU
+        ps = projector.Scene(base=base, subs=subs, compose=True, warp_base=wb)
         if art is not None:
             art._cache["projector_scene"] = ps
     ps.set_frame([p.affine for p in scene.parts],

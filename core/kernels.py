@@ -1130,7 +1130,7 @@ def _compose_build():
                         p0 = x0 if ax == 0 else (y0 if ax == 1 else z0)
                         sl = S[s, ax, 2]
                         nax = float(sns[s, ax])
-                        if sl == 0.0:
+                        if abs(sl) < 1e-12:
                             if p0 < -0.5 or p0 > nax - 0.5:
                                 khi = -1.0
                                 klo = 0.0
@@ -1139,8 +1139,8 @@ def _compose_build():
                         tb = (nax - 0.5 - p0) / sl + shift[2]
                         if ta > tb:
                             ta, tb = tb, ta
-                        klo = max(klo, math.ceil(ta - 1e-9))
-                        khi = min(khi, math.floor(tb + 1e-9))
+                        klo = max(klo, math.ceil(min(max(ta, klo - 1.0), khi + 1.0) - 1e-9))
+                        khi = min(khi, math.floor(min(max(tb, klo - 1.0), khi + 1.0) + 1e-9))
                     for k in range(int(klo), int(khi) + 1):
                         bz = float(k - shift[2])
                         x = x0 + S[s, 0, 2] * bz

@@ -345,7 +345,10 @@ class Scene:
     kernel (the composition rule at every sample); True, the frame composed onto one grid
     (``compose_scene``, cached per frame) and rendered by the static kernels. Composing resamples
     moved content once (trilinear), which smooths its edges by about a voxel; a frame costs one
-    composition plus static renders. ``grid`` (optional, per frame) = (first voxel (3,), shape
+    composition plus static renders. ``warp_base`` (optional, the base's shape): what the warp
+    pulls where the displacement is not zero (composition only; e.g. the base without the voxels
+    of static sub-volumes, so that a table's edge kept in the base does not travel with the
+    tissue). ``grid`` (optional, per frame) = (first voxel (3,), shape
     (3,)) in the base's index space: the grid on which ``compose_scene`` writes the frame (the
     base lattice, extended to hold the posed content). Without it the grid is derived from the
     sub-volumes and the warp.
@@ -356,6 +359,7 @@ class Scene:
     warp: tuple | None = None
     grid: tuple | None = None
     compose: bool = False
+    warp_base: np.ndarray | None = None
     _packed: dict = field(default_factory=dict, repr=False)
     _composed: dict = field(default_factory=dict, repr=False)
     _buffers: list = field(default_factory=list, repr=False)
@@ -629,8 +633,9 @@ def compose_scene(scene: Scene) -> PreparedVolume:
                 G[np.abs(G) < 1e-12 * np.abs(G).max()] = 0.0
                 G = np.ascontiguousarray(G)
                 Ginv = np.ascontiguousarray((binv @ waff)[:3])
-                focc, fcum = _fine_air(base, pk)
-                k["warp"](out, occ, on, shift, base.flat, bn, focc, fcum, G, Ginv, wn, d32,
+                wbase = _warp_base(scene, pk)
+                focc, fcum = _fine_air(wbase, pk)
+                k["warp"](out, occ, on, shift, wbase.flat, bn, focc, fcum, G, Ginv, wn, d32,
                           np.ascontiguousarray(binv[:3, :3]), cells, float(_AIR_HU))
     n = len(scene.subs)
     if n:
@@ -696,6 +701,21 @@ def _buffer(scene: Scene, n: int) -> np.ndarray:
     b = np.empty(n, np.int16)
     pool.append(b)
     return b
+
+
+def _warp_base(scene: Scene, pk: dict) -> PreparedVolume:
+    """The volume that the warp pulls from (``scene.warp_base``, else the base), prepared once."""
+    if "warp_base" not in pk:
+        base = pk["base"]
+        wb = base
+        if scene.warp_base is not None:
+            data = np.asarray(scene.warp_base)
+            if data.shape != base.shape:
+                raise CtwinError("a scene's warp_base must have the shape of its base")
+            wb = PreparedVolume(np.ascontiguousarray(_as_patterns(data, base.quantity)[0]).reshape(-1),
+                                base.shape, base.affine, base.lut, base.quantity, lin=base.lin)
+        pk["warp_base"] = wb
+    return pk["warp_base"]
 
 
 def _fine_air(base: PreparedVolume, pk: dict) -> tuple[np.ndarray, np.ndarray]:
