@@ -7,7 +7,11 @@
   lateral: on the phantom and on real_ct/abdomen_pelvis (its TotalSegmentator labels);
 - target poses: the phantom built at supine_arms_down, posed to each preset with the truth's bone
   transforms (T_B inv(T_A)) and joint deltas from the truth joints, vs the phantom CT at that pose;
-- cost: posed DRR time (warp + render_scene) / static DRR time of the same CT, in one run.
+- cost, per preset at 256^2 and 512^2 (``--cost-sizes``): a new pose (inverse warp + composition
+  + render) against a static ``render_drr`` of the same CT and view, in one run (best of 5 each);
+  also against the render of an already prepared CT, and for AP + lateral of one pose (composed
+  once) against two static renders. ``--cost-only`` skips the fidelity part.
+The inverse warp uses the twins' 12 mm grid (``core.twin.WARP_SPACING_MM``).
 Targets (issue 8): acquisition SSIM >= 0.995 & PSNR >= 45 dB; targets SSIM >= 0.95 & PSNR >= 30;
 cost ratio <= 1.5.
 """
@@ -59,12 +63,20 @@ def main(argv=None):
     ap.add_argument("--presets", default="")
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--cost-sizes", default="256,512")
+    ap.add_argument("--cost-only", action="store_true", help="only the cost part (no fidelity)")
     a = ap.parse_args(argv)
+    _SPACING[0] = a.spacing
 
     from ctwin.core.phantom import generate_phantom
     from ctwin.core.poses import PRESETS
 
     ph = generate_phantom("supine_arms_down", spacing=a.spacing)
+    presets = [p for p in (a.presets.split(",") if a.presets else PRESETS) if p != "supine_arms_down"]
+    if a.cost_only:
+        art = A.prepare_articulated(ph.ct, ph.seg, ph.labels)
+        cost(art, ph.ct, ph.truth, presets, a.device, [int(v) for v in a.cost_sizes.split(",")])
+        return
     art = acquisition("phantom", ph.ct, ph.seg, ph.labels, a.size, a.device)
 
     if not a.skip_real:
@@ -82,17 +94,16 @@ def main(argv=None):
         else:
             print(f"[acquisition] abdomen_pelvis: skipped ({real} not found)")
 
-    presets = [p for p in (a.presets.split(",") if a.presets else PRESETS) if p != "supine_arms_down"]
     ta = ph.truth
     views = _views(ph.ct, a.size)
     for pname in presets:
         pb = generate_phantom(pname, spacing=a.spacing)
-        tb = pb.truth
+        tb = _TRUTHS.setdefault(pname, pb.truth)
         bd = {n: np.asarray(tb["bones"][n]) @ np.linalg.inv(np.asarray(ta["bones"][n]))
               for n in tb["bones"] if n in ta["bones"]}
         jd = A.joint_deltas_between(ta["pose"], ta["joints"], tb["pose"], tb["joints"])
         t = time.perf_counter()
-        scene = A.posed_scene(art, bd, jd)
+        scene = A.posed_scene(art, bd, jd, warp_spacing_mm=WARP_MM)
         t_warp = time.perf_counter() - t
         for vname, g in views.items():
             ref = render_drr(pb.ct, g, device=a.device)
@@ -100,24 +111,77 @@ def main(argv=None):
             print(f"[target] {pname:20s} {vname:8s} {_fmt(drr_similarity(img, ref))}  (warp {t_warp:.2f} s, "
                   f"{scene.info.get('unconverged_fraction', 0):.3%} unconverged)")
 
-    # cost: posed DRR (warp + render) vs static DRR of the same CT, one run
+    # cost: a new pose (warp + composition + render) vs a static DRR of the same CT, same view, one run
     if presets:
-        g = views["ap"]
-        render_drr(ph.ct, g, device=a.device)
-        A.render_posed(scene, g, device=a.device)  # warm-up / JIT
-        reps = 3
-        t = time.perf_counter()
-        for _ in range(reps):
-            render_drr(ph.ct, g, device=a.device)
-        t_static = (time.perf_counter() - t) / reps
-        t = time.perf_counter()
-        for _ in range(reps):
-            sc = A.posed_scene(art, bd, jd)
-            A.render_posed(sc, g, device=a.device)
-        t_posed = (time.perf_counter() - t) / reps
-        print(f"[cost] static DRR {t_static * 1000:.0f} ms, posed DRR (warp + render) {t_posed * 1000:.0f} ms, "
-              f"ratio {t_posed / t_static:.2f} ({a.size}x{a.size}, device {a.device})")
+        cost(art, ph.ct, ta, presets, a.device, [int(v) for v in a.cost_sizes.split(",")])
 
+
+def cost(art, ct, ta, presets, device, sizes, reps=5):
+    """Per preset and detector size: the best of ``reps`` wall times of
+    - static: ``render_drr(ct, g)`` (a Volume: prepared, empty-space grid built, rendered) and
+      ``render_drr(pv, g)`` with the prepared volume reused (the render alone);
+    - posed, one view: ``posed_scene`` (inverse warp) + ``render_posed`` (composition + render);
+    - posed, AP + lateral: one ``posed_scene`` and both views (the frame is composed once),
+      against two static renders.
+    """
+    from ctwin.core.carm import default_views
+    from ctwin.core.projector import prepare_volume
+
+    pv = prepare_volume(ct)
+    pv.occupancy()
+
+    def best(f):
+        f()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    for size in sizes:
+        views = default_views(ct.bbox_world(), size=size)
+        g, g2 = views["ap"], views["lateral"]
+        for pname in presets:
+            tb = _truth(pname)
+            bd = {n: np.asarray(tb["bones"][n]) @ np.linalg.inv(np.asarray(ta["bones"][n]))
+                  for n in tb["bones"] if n in ta["bones"]}
+            jd = A.joint_deltas_between(ta["pose"], ta["joints"], tb["pose"], tb["joints"])
+            t_vol = best(lambda: render_drr(ct, g, device=device))
+            t_pv = best(lambda: render_drr(pv, g, device=device))
+            t_pv2 = best(lambda: render_drr(pv, g2, device=device))
+            t_warp = best(lambda: A.posed_scene(art, bd, jd, warp_spacing_mm=WARP_MM))
+
+            def one():
+                A.render_posed(A.posed_scene(art, bd, jd, warp_spacing_mm=WARP_MM), g, device=device)
+
+            def two():
+                sc = A.posed_scene(art, bd, jd, warp_spacing_mm=WARP_MM)
+                A.render_posed(sc, g, device=device)
+                A.render_posed(sc, g2, device=device)
+
+            t_one, t_two = best(one), best(two)
+            sc = A.posed_scene(art, bd, jd, warp_spacing_mm=WARP_MM)
+            grid = np.prod(sc.grid[1]) / np.prod(ct.shape)
+            print(f"[cost] {size}^2 {pname:20s} static {t_vol * 1e3:5.0f} ms (prepared {t_pv * 1e3:4.0f}), "
+                  f"posed {t_one * 1e3:5.0f} ms (warp {t_warp * 1e3:4.0f}): ratio {t_one / t_vol:4.2f} "
+                  f"(vs prepared {t_one / t_pv:4.2f}); AP+lateral ratio {t_two / (2 * t_vol):4.2f} "
+                  f"(vs prepared {t_two / (t_pv + t_pv2):4.2f}); posed grid {grid:.2f}x the CT", flush=True)
+
+
+_TRUTHS = {}
+
+
+def _truth(pname):
+    if pname not in _TRUTHS:
+        from ctwin.core.phantom import generate_phantom
+
+        _TRUTHS[pname] = generate_phantom(pname, spacing=_SPACING[0]).truth
+    return _TRUTHS[pname]
+
+
+_SPACING = [3.0]
+WARP_MM = 12.0  # core.twin.WARP_SPACING_MM: what twins render with
 
 if __name__ == "__main__":
     main()
