@@ -28,11 +28,12 @@ filled). Any rule that decides "part" only next to a mask voxel and "soft tissue
 non-mask voxel (nearest-voxel mask, or trilinear mask >= 0.5) then reproduces the trilinear
 interpolation of the original CT at every point, and the identity warp is exactly zero.
 
+Rendering: ``render_posed`` composes the frame onto the CT lattice (``core.projector.compose_scene``:
+soft tissue pulled through the warp where it moved, parts written by the rule above, cached per
+frame) and renders it with the static kernels; ``backend="projector"`` evaluates the rule at every
+ray sample instead, ``backend="reference"`` is a slow numpy ray marcher.
+
 Deviations from the planned API (documented for the lead):
-- ``posed_scene`` returns this module's ``PosedScene``; ``render_posed`` renders it through
-  ``core.projector.render_scene`` when that exists (see ``to_projector_scene``), otherwise it
-  composes the posed scene onto a grid (``compose_volume``) and calls ``core.projector.render_drr``,
-  otherwise it uses the numpy/numba reference ray marcher ``render_scene_reference``.
 - The table and other static objects are a rigid part with the identity transform (kind
   ``"static"``) rather than a "world" weight channel: they stay exactly in place whatever the warp
   does, and the soft tissue outside the body is air.

@@ -8,7 +8,8 @@ Public API
   again and again (animations) to avoid re-preparing. GPU copies are kept inside it.
 - ``render_scene(scene, geometry, *, step_mm=None, device="auto") -> float32 (H, W)`` for posed
   scenes (``Scene``: a base volume with an optional inverse-warp displacement grid + rigid
-  sub-volumes with masks, whose affines change per frame).
+  sub-volumes with masks, whose affines change per frame); ``compose_scene(scene)`` writes a frame
+  onto one grid (cached per frame) that ``render_drr`` renders (``Scene.compose``).
 - ``render_biplanar(volume, size=512, ...) -> {"ap": (image, Geometry), "lateral": ...}``.
 - ``render_drr_batch(volume, geometries, ...) -> float32 (B, H, W)``: many views, one launch.
 - ``render_value(volume, geometry, value=..., kvp=None, photons=None, ...)``: physics options.
