@@ -376,3 +376,44 @@ def test_soft_tissue_that_moved_away_leaves_air(synth):
     assert np.all(hu(tib @ T[:3, :3].T + T[:3, 3]) > 300)
     calf = np.array([[-15.0, 5.0, -30.0], [20.0, -8.0, -35.0]])
     assert np.all(np.abs(hu(calf @ T[:3, :3].T + T[:3, 3]) - ct.data[tuple(np.rint(ct.world_to_index(calf)).astype(int).T)]) < 80)
+
+
+CUDASIM_POSED = """
+import json, os, sys
+sys.path.insert(0, os.path.join(sys.argv[1], "tools"))
+sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+from launch import load_package
+load_package("ctwin")
+import numpy as np
+from ctwin.core import articulated as A
+from ctwin.core.carm import Geometry
+from ctwin.core.skeleton import JOINT_INDEX
+from test_articulated import synthetic_ct, _knee_flexion
+ct, seg, names = synthetic_ct()
+art = A.prepare_articulated(ct, seg, names, weight_spacing_mm=4.0)
+jd = _knee_flexion(-25.0)
+scene = A.posed_scene(art, {"tibia_left": jd[JOINT_INDEX["left_knee"]]}, jd)
+g = Geometry([-1000, 0, 0.5], [500, 0.5, 0.5], [0, 1, 0], [0, 0, -1], (12.0, 12.0), (6, 10), False)
+a = A.render_posed(scene, g, device="cpu")
+b = A.render_posed(scene, g, device="cuda")
+print("RESULT" + json.dumps([float(np.abs(a - b).max()), float(a.max())]))
+"""
+
+
+@pytest.mark.cudasim
+def test_posed_frame_renders_the_same_on_cuda_under_simulator(tmp_path):
+    """The composed frame goes through the static CUDA kernel like a CT (numba's simulator)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "cudasim_posed.py"
+    script.write_text(CUDASIM_POSED)
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    diff, vmax = json.loads(r.stdout.split("RESULT", 1)[1])
+    assert vmax > 0.5 and diff <= 1e-5 * vmax, (diff, vmax)
