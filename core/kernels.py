@@ -208,6 +208,9 @@ def ray_trilinear(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, o
     acc = 0.0
     last = -1
     m = 0
+    # One exit and no continue: on a GPU, a loop whose iterations may end early (continue/break)
+    # lets a warp's threads drift apart until the loop ends (measured: 1.3 of 32 threads active per
+    # instruction), while if/else bodies reconverge every iteration.
     while m < nsteps:
         t = t0 + (m + 0.5) * h
         x = px + t * qx
@@ -239,40 +242,41 @@ def ray_trilinear(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, o
         bj = j // BLOCK
         bk = k // BLOCK
         bid = (bi * ony + bj) * onz + bk
+        skip_to = -1
         if bid != last:
             last = bid
             if occ[bid] == 0 and inside:
                 te = block_exit(px, py, pz, qx, qy, qz, bi, bj, bk, BLOCK)
-                mn = int(math.ceil((te - t0) / h - 0.5))
-                if mn > m:
-                    m = mn
-                    last = -1
-                    continue
-        b = i * si + j * sj + k
-        if b != lastb:  # a new cell: load its 8 corners (consecutive samples often share a cell)
-            lastb = b
-            di = si if i < nx - 1 else 0
-            dj = sj if j < ny - 1 else 0
-            dk = 1 if k < nz - 1 else 0
-            c000 = finish(raw_val(data[b], lut, lin_a, lin_lo), lin_a, lin_b)
-            c001 = finish(raw_val(data[b + dk], lut, lin_a, lin_lo), lin_a, lin_b)
-            c010 = finish(raw_val(data[b + dj], lut, lin_a, lin_lo), lin_a, lin_b)
-            c011 = finish(raw_val(data[b + dj + dk], lut, lin_a, lin_lo), lin_a, lin_b)
-            c100 = finish(raw_val(data[b + di], lut, lin_a, lin_lo), lin_a, lin_b)
-            c101 = finish(raw_val(data[b + di + dk], lut, lin_a, lin_lo), lin_a, lin_b)
-            c110 = finish(raw_val(data[b + di + dj], lut, lin_a, lin_lo), lin_a, lin_b)
-            c111 = finish(raw_val(data[b + di + dj + dk], lut, lin_a, lin_lo), lin_a, lin_b)
-        fx = x - i
-        fy = y - j
-        fz = z - k
-        c00 = c000 + (c001 - c000) * fz
-        c01 = c010 + (c011 - c010) * fz
-        c10 = c100 + (c101 - c100) * fz
-        c11 = c110 + (c111 - c110) * fz
-        c0 = c00 + (c01 - c00) * fy
-        c1 = c10 + (c11 - c10) * fy
-        acc += c0 + (c1 - c0) * fx
-        m += 1
+                skip_to = int(math.ceil((te - t0) / h - 0.5))
+        if skip_to > m:
+            m = skip_to
+            last = -1
+        else:
+            b = i * si + j * sj + k
+            if b != lastb:  # a new cell: load its 8 corners (consecutive samples often share a cell)
+                lastb = b
+                di = si if i < nx - 1 else 0
+                dj = sj if j < ny - 1 else 0
+                dk = 1 if k < nz - 1 else 0
+                c000 = finish(raw_val(data[b], lut, lin_a, lin_lo), lin_a, lin_b)
+                c001 = finish(raw_val(data[b + dk], lut, lin_a, lin_lo), lin_a, lin_b)
+                c010 = finish(raw_val(data[b + dj], lut, lin_a, lin_lo), lin_a, lin_b)
+                c011 = finish(raw_val(data[b + dj + dk], lut, lin_a, lin_lo), lin_a, lin_b)
+                c100 = finish(raw_val(data[b + di], lut, lin_a, lin_lo), lin_a, lin_b)
+                c101 = finish(raw_val(data[b + di + dk], lut, lin_a, lin_lo), lin_a, lin_b)
+                c110 = finish(raw_val(data[b + di + dj], lut, lin_a, lin_lo), lin_a, lin_b)
+                c111 = finish(raw_val(data[b + di + dj + dk], lut, lin_a, lin_lo), lin_a, lin_b)
+            fx = x - i
+            fy = y - j
+            fz = z - k
+            c00 = c000 + (c001 - c000) * fz
+            c01 = c010 + (c011 - c010) * fz
+            c10 = c100 + (c101 - c100) * fz
+            c11 = c110 + (c111 - c110) * fz
+            c0 = c00 + (c01 - c00) * fy
+            c1 = c10 + (c11 - c10) * fy
+            acc += c0 + (c1 - c0) * fx
+            m += 1
     return acc * h
 
 
@@ -437,45 +441,47 @@ def ray_siddon(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, 
     snz = nz
     sny = ny * nz
     last = -1
-    while t < t1:
+    going = t < t1
+    while going:  # one exit, no break/continue (see ray_trilinear)
         bi = i // BLOCK
         bj = j // BLOCK
         bk = k // BLOCK
         bid = (bi * ony + bj) * onz + bk
+        skipped = False
         if bid != last:
             last = bid
             if occ[bid] == 0:
                 # shift by half a voxel: cell faces i + 0.5 become the block grid's integer planes
                 te = block_exit(px + 0.5, py + 0.5, pz + 0.5, qx, qy, qz, bi, bj, bk, BLOCK)
                 if te >= t1:
-                    break
-                if te > t:
+                    going = False
+                    skipped = True
+                elif te > t:
                     t = te
                     tm = t + 1e-9 * (t1 - t0)
                     i, tx, si, ddx = siddon_axis(px, qx, nx, tm)
                     j, ty, sj, ddy = siddon_axis(py, qy, ny, tm)
                     k, tz, sk, ddz = siddon_axis(pz, qz, nz, tm)
-                    continue
-        tn = min(tx, min(ty, tz))
-        if tn > t1:
-            tn = t1
-        acc += (tn - t) * finish(raw_val(data[i * sny + j * snz + k], lut, lin_a, lin_lo), lin_a, lin_b)
-        t = tn
-        if tn == tx:
-            i += si
-            tx += ddx
-            if i < 0 or i >= nx:
-                break
-        elif tn == ty:
-            j += sj
-            ty += ddy
-            if j < 0 or j >= ny:
-                break
-        else:
-            k += sk
-            tz += ddz
-            if k < 0 or k >= nz:
-                break
+                    skipped = True
+        if not skipped:
+            tn = min(tx, min(ty, tz))
+            if tn > t1:
+                tn = t1
+            acc += (tn - t) * finish(raw_val(data[i * sny + j * snz + k], lut, lin_a, lin_lo), lin_a, lin_b)
+            t = tn
+            if tn == tx:
+                i += si
+                tx += ddx
+                going = 0 <= i < nx
+            elif tn == ty:
+                j += sj
+                ty += ddy
+                going = 0 <= j < ny
+            else:
+                k += sk
+                tz += ddz
+                going = 0 <= k < nz
+        going = going and t < t1
     return acc
 
 

@@ -696,9 +696,7 @@ def _buffer(scene: Scene, n: int) -> np.ndarray:
     for b in pool:
         if id(b) not in used and b.size >= n:
             return b
-    for b in list(pool):  # drop free buffers that are too small
-        if id(b) not in used:
-            pool.remove(b)
+    pool[:] = [b for b in pool if id(b) in used]  # drop free buffers that are too small
     b = np.empty(n, np.int16)
     pool.append(b)
     return b

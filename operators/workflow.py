@@ -202,7 +202,7 @@ class CTWIN_OT_render_drr(bpy.types.Operator):
 
         scene = context.scene
         try:
-            img, g, info = render_frame(scene)
+            img, g, info = render_frame(scene, depsgraph=context.evaluated_depsgraph_get())
             if scene.ctwin_drr.write_frames:
                 write_frame(frame_stem(scene, scene.frame_current), img,
                             g.to_sidecar(**info, blend=bpy.data.filepath))

@@ -28,8 +28,19 @@ def frame_stem(scene, frame: int) -> Path:
     return p.with_name(name)
 
 
-def render_frame(scene, frame: int | None = None):
-    """Render the scene's DRR at ``frame`` (default: current). Returns (image float32, Geometry, info)."""
+def render_frame(scene, frame: int | None = None, depsgraph=None):
+    """Render the scene's DRR at ``frame`` (default: current). Returns (image float32, Geometry, info).
+
+    ``depsgraph``: the evaluated depsgraph whose animated objects the volume providers read; it is
+    only held during this call (a depsgraph outlives neither its render nor a file load)."""
+    scene_volumes.set_depsgraph(depsgraph)
+    try:
+        return _render_frame(scene, frame)
+    finally:
+        scene_volumes.set_depsgraph(None)
+
+
+def _render_frame(scene, frame):
     from ..core.projector import PreparedVolume, Scene, render_drr, render_scene, resolve_device
     from ..core import physics
 
@@ -70,7 +81,6 @@ class CTWIN_DRR_RenderEngine(bpy.types.RenderEngine):
         from ..core.projector import frame_written, read_frame, write_frame
 
         scene = depsgraph.scene_eval  # evaluated: the camera's animated matrix at this frame
-        scene_volumes.set_depsgraph(depsgraph)  # providers read evaluated (animated) objects
         frame = scene.frame_current
         W = max(1, int(scene.render.resolution_x * scene.render.resolution_percentage / 100))
         H = max(1, int(scene.render.resolution_y * scene.render.resolution_percentage / 100))
@@ -81,7 +91,7 @@ class CTWIN_DRR_RenderEngine(bpy.types.RenderEngine):
                 self.report({"INFO"}, f"frame {frame}: {stem.name}.tif already written, skipped")
             else:
                 self.update_stats("ctwin DRR", f"frame {frame}: projecting")
-                img, g, info = render_frame(scene, frame)
+                img, g, info = render_frame(scene, frame, depsgraph)  # evaluated (animated) objects
                 if scene.ctwin_drr.write_frames or self.is_animation:
                     write_frame(stem, img, g.to_sidecar(**info, blend=bpy.data.filepath))
         except CtwinError as exc:
