@@ -1,7 +1,8 @@
 """``ctwin pose --twin DIR --pose FILE --out DIR``: the twin's meshes posed, as PLY in world mm.
 
 Bones move rigidly with their bone, soft structures by the transferred LBS weights, and
-``body_model.ply`` is the fitted body model posed by its own LBS (fitted betas and residual).
+``body_model.ply`` is the fitted body-model surface moved by the same joint deltas as the bones,
+blended with the body model's weights as dual quaternions (``Twin.posed_body``).
 Also writes ``pose.json``: the pose, the translation, and each rigid structure's 4x4 transform
 (acquisition world mm -> posed world mm) and any joint-range warnings.
 """
