@@ -28,6 +28,7 @@ int16 (clipped); float32/64 are HU unless ``quantity="mu"`` (then stored as floa
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -43,7 +44,9 @@ STEP_FACTOR = 0.5  # default trilinear step, in units of the smallest voxel spac
 
 
 # --- device -----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
 def cuda_available() -> bool:
+    """Whether numba-cuda sees a GPU (asked once per process: the answer does not change)."""
     try:
         from numba import cuda
 
@@ -162,6 +165,17 @@ class PreparedVolume:
             self._gpu[key] = cuda.to_device(host)
         return self._gpu[key]
 
+    def gpu_M(self):
+        """Device copy of ``M`` for the current affine (one upload per placement, not per render)."""
+        from numba import cuda
+
+        key = ("M", self.affine.tobytes())
+        if key not in self._gpu:
+            for k in [k for k in self._gpu if k[0] == "M"]:
+                del self._gpu[k]
+            self._gpu[key] = cuda.to_device(self.M)
+        return self._gpu[key]
+
     def bbox_world(self):
         n = np.asarray(self.shape, dtype=np.float64)
         c = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64)
@@ -216,24 +230,23 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
     nx, ny, nz = pv.shape
     mcode = METHODS.index(method)
     if dev == "cpu":
-        out = np.zeros((H, W), np.float64)
+        out = np.zeros((H, W), np.float32)  # the kernels sum in float64 and round once on writing
         from .kernels import cpu_kernels
 
         cpu_kernels()["static"](out, geo, pv.flat, table, *lin, nx, ny, nz, pv.M, occ, step, mcode)
-        return out.astype(np.float32)
+        return out
     from numba import cuda
 
     from .kernels import cuda_kernels
 
     k = cuda_kernels()["static"]
-    d_out = cuda.device_array((H, W), np.float64)
+    d_out = cuda.device_array((H, W), np.float32)
     d_data = pv.gpu("flat", pv.flat)
     d_lut = pv.gpu("lut", table) if lut is None else cuda.to_device(table)
     d_occ = pv.gpu("occ", occ) if occ is pv.occ else cuda.to_device(occ)
     blocks = (H * W + _TPB - 1) // _TPB
-    k[blocks, _TPB](d_out, cuda.to_device(geo), d_data, d_lut, *lin, nx, ny, nz,
-                    cuda.to_device(pv.M), d_occ, step, mcode)
-    return d_out.copy_to_host().astype(np.float32)
+    k[blocks, _TPB](d_out, cuda.to_device(geo), d_data, d_lut, *lin, nx, ny, nz, pv.gpu_M(), d_occ, step, mcode)
+    return d_out.copy_to_host()
 
 
 def render_drr_batch(volume, geometries, *, method: str = "trilinear", step_mm: float | None = None,
@@ -261,20 +274,20 @@ def render_drr_batch(volume, geometries, *, method: str = "trilinear", step_mm: 
     if dev == "cpu":
         from .kernels import cpu_kernels
 
-        out = np.zeros((B, H, W), np.float64)
+        out = np.zeros((B, H, W), np.float32)
         cpu_kernels()["batch"](out, geos, pv.flat, *args, pv.M, occ, step, mcode)
-        return out.astype(np.float32)
+        return out
     from numba import cuda
 
     from .kernels import cuda_kernels
 
-    d_out = cuda.device_array((B, H, W), np.float64)
+    d_out = cuda.device_array((B, H, W), np.float32)
     d_occ = pv.gpu("occ", occ) if occ is pv.occ else cuda.to_device(occ)
     blocks = (B * H * W + _TPB - 1) // _TPB
     cuda_kernels()["batch"][blocks, _TPB](d_out, cuda.to_device(geos), pv.gpu("flat", pv.flat),
                                           pv.gpu("lut", pv.lut), *pv.lin, nx, ny, nz,
-                                          cuda.to_device(pv.M), d_occ, step, mcode)
-    return d_out.copy_to_host().astype(np.float32)
+                                          pv.gpu_M(), d_occ, step, mcode)
+    return d_out.copy_to_host()
 
 
 def render_biplanar(volume, size=512, *, method="trilinear", step_mm=None, device="auto",
@@ -453,10 +466,10 @@ def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
     if dev == "cpu":
         from .kernels import cpu_kernels
 
-        out = np.zeros((H, W), np.float64)
+        out = np.zeros((H, W), np.float32)
         cpu_kernels()["scene"](out, geo, base.flat, base.lut, *base.lin, bshape, base.M, use_warp, disp,
                                WM, wn, pk["sdata"], pk["smask"], pk["slut"], *pk["slin"], sp, nsub, step)
-        return out.astype(np.float32)
+        return out
     from numba import cuda
 
     from .kernels import cuda_kernels
@@ -465,14 +478,14 @@ def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
         pk["d_sdata"] = cuda.to_device(pk["sdata"])
         pk["d_smask"] = cuda.to_device(pk["smask"])
         pk["d_slut"] = cuda.to_device(pk["slut"])
-    d_out = cuda.device_array((H, W), np.float64)
+    d_out = cuda.device_array((H, W), np.float32)
     blocks = (H * W + _TPB - 1) // _TPB
     cuda_kernels()["scene"][blocks, _TPB](
         d_out, cuda.to_device(geo), base.gpu("flat", base.flat), base.gpu("lut", base.lut), *base.lin,
         cuda.to_device(bshape), cuda.to_device(base.M), use_warp, cuda.to_device(disp),
         cuda.to_device(WM), cuda.to_device(wn), pk["d_sdata"], pk["d_smask"], pk["d_slut"],
         *pk["slin"], cuda.to_device(sp), nsub, step)
-    return d_out.copy_to_host().astype(np.float32)
+    return d_out.copy_to_host()
 
 
 # --- posed scenes composed onto a grid ---------------------------------------------------------
