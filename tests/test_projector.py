@@ -348,3 +348,20 @@ def test_render_command_ct_path(tmp_path, capsys):
     assert cli.main(["render", "--ct", str(ct), "--pose", "x.json", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("error" in e for e in err)
+
+
+def test_composed_frame_buffers_are_reused_and_freed():
+    """A posed scene's frame buffers: a free one big enough is reused, free ones too small are
+    dropped, and buffers of cached frames are never handed out."""
+    from ctwin.core.projector import _buffer
+    from ctwin.core.volume import Volume, affine_from
+
+    scene = Scene(base=Volume(np.zeros((4, 4, 4), np.int16), affine_from((1.0, 1.0, 1.0), (0, 0, 0))))
+    used = np.zeros(6, np.int16)  # same size as a free one: arrays must be told apart by identity
+    small1, small2 = np.zeros(5, np.int16), np.zeros(6, np.int16)
+    scene._composed = {"frame": (None, None, used)}
+    scene._buffers[:] = [small1, used, small2]
+    b = _buffer(scene, 50)
+    assert b.size >= 50 and b is not used
+    assert [id(x) for x in scene._buffers] == [id(used), id(b)]
+    assert _buffer(scene, 40) is b  # free and big enough: reused
