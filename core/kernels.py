@@ -157,25 +157,6 @@ def trilinear_ijk(data, lut, lin_a, lin_b, lin_lo, off, nx, ny, nz, i, j, k, fx,
     return finish(c0 + (c1 - c0) * fx, lin_a, lin_b)
 
 
-def cell_corners(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, i, j, k):
-    """mu at the 8 corners of cell (i, j, k) (c000, c001, ..., c111; index order i, j, k), with the
-    last voxel repeated on the far faces."""
-    si = ny * nz
-    sj = nz
-    di = si if i < nx - 1 else 0
-    dj = sj if j < ny - 1 else 0
-    dk = 1 if k < nz - 1 else 0
-    b = i * si + j * sj + k
-    return (finish(raw_val(data[b], lut, lin_a, lin_lo), lin_a, lin_b),
-            finish(raw_val(data[b + dk], lut, lin_a, lin_lo), lin_a, lin_b),
-            finish(raw_val(data[b + dj], lut, lin_a, lin_lo), lin_a, lin_b),
-            finish(raw_val(data[b + dj + dk], lut, lin_a, lin_lo), lin_a, lin_b),
-            finish(raw_val(data[b + di], lut, lin_a, lin_lo), lin_a, lin_b),
-            finish(raw_val(data[b + di + dk], lut, lin_a, lin_lo), lin_a, lin_b),
-            finish(raw_val(data[b + di + dj], lut, lin_a, lin_lo), lin_a, lin_b),
-            finish(raw_val(data[b + di + dj + dk], lut, lin_a, lin_lo), lin_a, lin_b))
-
-
 def block_exit(px, py, pz, qx, qy, qz, bi, bj, bk, bs):
     """Arc length (from the index-space origin p) at which the ray leaves block (bi, bj, bk)."""
     te = 1e30
@@ -274,9 +255,27 @@ def ray_trilinear(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, o
             b = i * si + j * sj + k
             if b != lastb:  # a new cell: load its 8 corners (consecutive samples often share a cell)
                 lastb = b
-                c000, c001, c010, c011, c100, c101, c110, c111 = cell_corners(
-                    data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, i, j, k)
-            acc += corner_eval(c000, c001, c010, c011, c100, c101, c110, c111, i, j, k, nx, ny, nz, x, y, z)
+                di = si if i < nx - 1 else 0
+                dj = sj if j < ny - 1 else 0
+                dk = 1 if k < nz - 1 else 0
+                c000 = finish(raw_val(data[b], lut, lin_a, lin_lo), lin_a, lin_b)
+                c001 = finish(raw_val(data[b + dk], lut, lin_a, lin_lo), lin_a, lin_b)
+                c010 = finish(raw_val(data[b + dj], lut, lin_a, lin_lo), lin_a, lin_b)
+                c011 = finish(raw_val(data[b + dj + dk], lut, lin_a, lin_lo), lin_a, lin_b)
+                c100 = finish(raw_val(data[b + di], lut, lin_a, lin_lo), lin_a, lin_b)
+                c101 = finish(raw_val(data[b + di + dk], lut, lin_a, lin_lo), lin_a, lin_b)
+                c110 = finish(raw_val(data[b + di + dj], lut, lin_a, lin_lo), lin_a, lin_b)
+                c111 = finish(raw_val(data[b + di + dj + dk], lut, lin_a, lin_lo), lin_a, lin_b)
+            fx = x - i
+            fy = y - j
+            fz = z - k
+            c00 = c000 + (c001 - c000) * fz
+            c01 = c010 + (c011 - c010) * fz
+            c10 = c100 + (c101 - c100) * fz
+            c11 = c110 + (c111 - c110) * fz
+            c0 = c00 + (c01 - c00) * fy
+            c1 = c10 + (c11 - c10) * fy
+            acc += c0 + (c1 - c0) * fx
             m += 1
     return acc * h
 
@@ -327,6 +326,8 @@ def ray_exact(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, d
         return 0.0
     ony = (ny + BLOCK - 1) // BLOCK
     onz = (nz + BLOCK - 1) // BLOCK
+    si = ny * nz
+    sj = nz
     acc = 0.0
     t = t0
     have_f0 = False
@@ -382,8 +383,18 @@ def ray_exact(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz, d
                 f0 = 0.0
                 have_f0 = True
                 continue
-        c000, c001, c010, c011, c100, c101, c110, c111 = cell_corners(data, lut, lin_a, lin_b, lin_lo, nx, ny,
-                                                                       nz, i, j, k)
+        di = si if i < nx - 1 else 0
+        dj = sj if j < ny - 1 else 0
+        dk = 1 if k < nz - 1 else 0
+        b = i * si + j * sj + k
+        c000 = finish(raw_val(data[b], lut, lin_a, lin_lo), lin_a, lin_b)
+        c001 = finish(raw_val(data[b + dk], lut, lin_a, lin_lo), lin_a, lin_b)
+        c010 = finish(raw_val(data[b + dj], lut, lin_a, lin_lo), lin_a, lin_b)
+        c011 = finish(raw_val(data[b + dj + dk], lut, lin_a, lin_lo), lin_a, lin_b)
+        c100 = finish(raw_val(data[b + di], lut, lin_a, lin_lo), lin_a, lin_b)
+        c101 = finish(raw_val(data[b + di + dk], lut, lin_a, lin_lo), lin_a, lin_b)
+        c110 = finish(raw_val(data[b + di + dj], lut, lin_a, lin_lo), lin_a, lin_b)
+        c111 = finish(raw_val(data[b + di + dj + dk], lut, lin_a, lin_lo), lin_a, lin_b)
         if not have_f0:
             f0 = corner_eval(c000, c001, c010, c011, c100, c101, c110, c111, i, j, k, nx, ny, nz,
                              px + t * qx, py + t * qy, pz + t * qz)
@@ -596,7 +607,7 @@ def ray_scene(bdata, blut, blin_a, blin_b, blin_lo, bshape, BM, use_warp, disp, 
 
 
 _PER_RAY = ("pixel_ray", "to_index", "slab", "ray_box", "raw_val", "finish", "trilinear", "trilinear_ijk",
-            "cell_corners", "block_exit", "first_break", "corner_eval", "ray_exact", "ray_trilinear",
+            "block_exit", "first_break", "corner_eval", "ray_exact", "ray_trilinear",
             "siddon_axis", "ray_siddon", "warp_point", "ray_scene")
 
 
