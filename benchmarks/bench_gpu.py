@@ -174,21 +174,6 @@ def throughput(vol: Volume, name: str, sizes, repeat, batch, skip_cpu, jp):
     emit({"volume": name, "prepare_occupancy_s": prep}, jp)
 
 
-def kernel_info(jp):
-    """Registers and local (spill) memory per thread of each compiled CUDA kernel specialisation."""
-    from ctwin.core.kernels import cuda_kernels
-
-    for name, k in cuda_kernels().items():
-        for sig in list(getattr(k, "overloads", {})):
-            rec = {"kernel": name}
-            for what in ("regs_per_thread", "local_mem_per_thread", "shared_mem_per_block"):
-                try:
-                    rec[what] = int(getattr(k, f"get_{what}")(sig))
-                except Exception as exc:  # not offered by this numba-cuda
-                    rec[what] = f"n/a ({type(exc).__name__})"
-            emit(rec, jp)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -218,7 +203,6 @@ def main():
     t = time.perf_counter()
     agreement(vols[first], first, args.check_size, jp)
     emit({"agreement_s (incl. CPU and CUDA compilation)": time.perf_counter() - t}, jp)
-    kernel_info(jp)
     for name, vol in vols.items():
         if args.only and name not in args.only:
             continue
