@@ -18,9 +18,11 @@ Conventions (see core/projector.py for the host side):
   centres and the faces, trilinear elsewhere (SPEC 5). Each corner goes through the table before
   interpolation (mu is interpolated, not HU).
 - Rays are parametrised by arc length t (mm) from their origin; a ray runs over [0, tlen].
-- A ray loop has one exit (its condition) and no ``continue`` or ``break``: on a GPU, early exits
-  kept a warp's threads apart for the rest of the loop (1.3 of 32 active per instruction, 16-18x
-  slower kernels, measured on an H200); if/else bodies reconverge every iteration.
+- Write ray loops with one exit (their condition) and if/else bodies, not ``continue``/``break``:
+  on a GPU, the early exits of the trilinear and Siddon loops kept a warp's threads apart for the
+  rest of the loop (1.3 of 32 active per instruction, kernels 16-18x slower; measured on an H200).
+  ``ray_exact`` (22 of 32 active with its two ``continue``) and ``ray_scene`` (the per-sample posed
+  kernel, not the default path) still have early exits; measure before relying on them on a GPU.
 """
 from __future__ import annotations
 
