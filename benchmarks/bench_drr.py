@@ -41,7 +41,7 @@ load_package("ctwin")
 from ctwin.core import physics, progress  # noqa: E402
 from ctwin.core.carm import named_view  # noqa: E402
 from ctwin.core.projector import prepare_volume, reference_drr, render_drr  # noqa: E402
-from ctwin.core.volume import Volume  # noqa: E402
+from ctwin.core.volume import Volume, affine_from  # noqa: E402
 
 DIFFDRR_MAX_GB = float(os.environ.get("CTWIN_BENCH_DIFFDRR_MAX_GB", "10"))
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct" / "abdomen_pelvis" / "ct.nii.gz"
@@ -209,25 +209,25 @@ def bench_volume(name, vol, sizes, repeat, device, peers, tmpdir):
     return rows
 
 
+def clinical_ct(n: int = 512, nz: int = 1800, sp: float = 0.8) -> Volume:
+    """A synthetic n x n x nz int16 CT at sp mm (a body ellipse with a bone cylinder, the same on
+    every slice): the size of a clinical whole-trunk CT."""
+    yy, xx = np.mgrid[0:n, 0:n]
+    r2 = ((xx - n / 2) / (0.42 * n)) ** 2 + ((yy - n / 2) / (0.30 * n)) ** 2
+    body = np.where(r2 < 1.0, 40, -1000).astype(np.int16)
+    body[((xx - n / 2) ** 2 + (yy - 0.62 * n) ** 2) < (0.05 * n) ** 2] = 900
+    d = np.empty((n, n, nz), np.int16)
+    d[:] = body[:, :, None]
+    return Volume(d, affine_from((sp, sp, sp), (-n * sp / 2, -n * sp / 2, -nz * sp / 2)))
+
+
 RSS_CHILD = r"""
 import resource, sys, time
-sys.path.insert(0, sys.argv[1] + "/tools")
-from launch import load_package
-load_package("ctwin")
-import numpy as np
+sys.path.insert(0, sys.argv[1] + "/benchmarks")
+from bench_drr import clinical_ct
 from ctwin.core.carm import named_view
 from ctwin.core.projector import prepare_volume, render_drr
-from ctwin.core.volume import Volume, affine_from
-n, nz, sp = 512, 1800, 0.8
-d = np.empty((n, n, nz), np.int16)
-yy, xx = np.mgrid[0:n, 0:n]
-r2 = ((xx - n / 2) / (0.42 * n)) ** 2 + ((yy - n / 2) / (0.30 * n)) ** 2
-body = np.where(r2 < 1.0, 40, -1000).astype(np.int16)
-bone = (((xx - n / 2) ** 2 + (yy - 0.62 * n) ** 2) < (0.05 * n) ** 2)
-body[bone] = 900
-for k in range(nz):
-    d[:, :, k] = body
-vol = Volume(d, affine_from((sp, sp, sp), (-n * sp / 2, -n * sp / 2, -nz * sp / 2)))
+vol = clinical_ct()
 t = time.perf_counter()
 pv = prepare_volume(vol)
 g = named_view("ap", vol, size=512)

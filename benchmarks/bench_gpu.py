@@ -42,6 +42,8 @@ from ctwin.core.projector import (Scene, SubVolume, prepare_volume, render_drr, 
                                   render_drr_batch, render_scene)
 from ctwin.core.volume import Volume, affine_from  # noqa: E402
 
+from bench_drr import clinical_ct  # noqa: E402  (this script's folder is on sys.path)
+
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct" / "abdomen_pelvis" / "ct.nii.gz"
 METHODS = ("trilinear", "exact", "siddon")
 RESULTS: list = []
@@ -89,14 +91,7 @@ def volumes(args):
 
         out["phantom_1.5mm"] = generate_phantom(spacing=1.5).ct
     if not args.skip_clinical:
-        n, nz, sp = 512, 1800, 0.8
-        yy, xx = np.mgrid[0:n, 0:n]
-        r2 = ((xx - n / 2) / (0.42 * n)) ** 2 + ((yy - n / 2) / (0.30 * n)) ** 2
-        body = np.where(r2 < 1.0, 40, -1000).astype(np.int16)
-        body[((xx - n / 2) ** 2 + (yy - 0.62 * n) ** 2) < (0.05 * n) ** 2] = 900
-        d = np.empty((n, n, nz), np.int16)
-        d[:] = body[:, :, None]
-        out["clinical_512x512x1800"] = Volume(d, affine_from((sp, sp, sp), (-n * sp / 2, -n * sp / 2, -nz * sp / 2)))
+        out["clinical_512x512x1800"] = clinical_ct()
     return out
 
 

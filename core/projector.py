@@ -482,7 +482,7 @@ def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
     blocks = (H * W + _TPB - 1) // _TPB
     cuda_kernels()["scene"][blocks, _TPB](
         d_out, cuda.to_device(geo), base.gpu("flat", base.flat), base.gpu("lut", base.lut), *base.lin,
-        cuda.to_device(bshape), cuda.to_device(base.M), use_warp, cuda.to_device(disp),
+        cuda.to_device(bshape), base.gpu_M(), use_warp, cuda.to_device(disp),
         cuda.to_device(WM), cuda.to_device(wn), pk["d_sdata"], pk["d_smask"], pk["d_slut"],
         *pk["slin"], cuda.to_device(sp), nsub, step)
     return d_out.copy_to_host()
