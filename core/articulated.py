@@ -798,29 +798,26 @@ def _kernels():
     def air_border(wn, status, disp, thr):
         """Nodes left at zero displacement (no tissue can reach them) next to a solved node that
         moves by more than ``thr`` mm become air (NaN): interpolating between the two would sweep
-        the cell's pre-images across the rest anatomy in between."""
+        the cell's pre-images across the rest anatomy in between. Visits the few moving solved
+        nodes and marks their unreached neighbours (a marked node is never read as a source)."""
         n12 = wn[1] * wn[2]
         t2 = thr * thr
-        flag = np.zeros(wn[0] * n12, np.uint8)
         for a in prange(wn[0]):
             for b in range(wn[1]):
                 for c in range(wn[2]):
-                    n = a * n12 + b * wn[2] + c
-                    if status[n] != 0:
+                    q = a * n12 + b * wn[2] + c
+                    if status[q] != 1:
                         continue
-                    hit = False
+                    if not disp[q, 0] ** 2 + disp[q, 1] ** 2 + disp[q, 2] ** 2 > t2:
+                        continue
                     for da in range(max(a - 1, 0), min(a + 2, wn[0])):
                         for db in range(max(b - 1, 0), min(b + 2, wn[1])):
                             for dc in range(max(c - 1, 0), min(c + 2, wn[2])):
-                                q = da * n12 + db * wn[2] + dc
-                                if status[q] == 1:
-                                    d2 = disp[q, 0] ** 2 + disp[q, 1] ** 2 + disp[q, 2] ** 2
-                                    if d2 > t2:
-                                        hit = True
-                    if hit:
-                        flag[n] = 1
+                                n = da * n12 + db * wn[2] + dc
+                                if status[n] == 0:
+                                    status[n] = 3
         for n in prange(wn[0] * n12):
-            if flag[n]:
+            if status[n] == 3:
                 status[n] = 2
                 disp[n, 0] = np.nan
                 disp[n, 1] = np.nan
