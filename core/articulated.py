@@ -56,6 +56,9 @@ from .volume import Volume, resample_onto
 
 FORMAT_VERSION = 1
 AIR_HU = -1000
+# a warp node whose best pre-image misses it by this many node spacings is posed air (see
+# inverse_lbs_nodes): 2.5 measured best over the phantom presets, seeds 0 and 2
+AIR_MISS_NODES = 2.5
 
 # --------------------------------------------------------------------------------------------
 # Default label -> SMPL joint (the joint whose transform moves that bone, as in SMPL's skinning:
@@ -695,7 +698,7 @@ def _kernels():
                             src[n] = s
 
     @njit(parallel=True, cache=True)
-    def inverse_lbs_nodes(waff, wn, W, w_inv, D, near, src, Minv, iters, tol, disp, res, status):
+    def inverse_lbs_nodes(waff, wn, W, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res, status):
         """Inverse skinning at the warp nodes that can carry soft tissue.
 
         status 0: no tissue can reach the node (no forward-skinned tissue within R, no rest tissue
@@ -703,8 +706,11 @@ def _kernels():
         the blended transform of the nearest forward-skinned tissue point (``src``/``Minv``); then
         fixed-point steps
         x <- M(x)^-1 y (halved when they do not improve). status 1: a pre-image (residual < tol
-        or the best found); status 2: rest tissue here has moved away and nothing moved in (the
-        node is in posed air)."""
+        or the best found, if under ``air_tol``); status 2: posed air: rest tissue here has moved
+        away and nothing moved in, or the best pre-image misses the node by ``air_tol`` or more.
+        The latter are nodes where skinning would stretch tissue across a gap that opens (between
+        an abducted arm and the torso): there the steps do not converge, and the stretched tissue
+        would be a web that is not in the patient."""
         n12 = wn[1] * wn[2]
         a_ = near.shape[0]
         b_ = near.shape[1]
@@ -782,8 +788,9 @@ def _kernels():
                     y = 0.5 * (y + qy)
                     z = 0.5 * (z + qz)
                     m_ok = False
-            if s < 0 and br >= tol:
-                # rest tissue at the node, none skinned near it and no pre-image: it moved away
+            if (s < 0 and br >= tol) or br >= air_tol:
+                # no pre-image: rest tissue here moved away (none skinned near it), or skinning
+                # only reaches the node by stretching tissue across an opening gap
                 status[n] = 2
                 disp[n, 0] = np.nan
                 disp[n, 1] = np.nan
@@ -946,8 +953,8 @@ def _is_identity(m, tol=1e-9) -> bool:
 
 
 def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_deltas=None, *,
-                warp_spacing_mm: float = 6.0, iterations: int = 12, tol_mm: float = 0.05
-                ) -> PosedScene:
+                warp_spacing_mm: float = 6.0, iterations: int = 12, tol_mm: float = 0.05,
+                air_miss_mm: float | None = None) -> PosedScene:
     """Pose an articulated CT.
 
     ``bone_deltas``: {label name or rig bone name: 4x4 world transform rest -> posed}.
@@ -956,7 +963,8 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
 
     The scene's ``grid`` is the CT lattice extended (in whole 8-voxel blocks) to hold the posed
     content; the inverse warp lives on the same lattice (every ``warp_spacing_mm`` / voxel spacing
-    voxels, rounded), covering that grid.
+    voxels, rounded), covering that grid. A warp node whose best pre-image misses it by
+    ``air_miss_mm`` or more (default ``AIR_MISS_NODES`` node spacings) is posed air.
     """
     bone_deltas = dict(bone_deltas or {})
     jd = None if joint_deltas is None else np.asarray(joint_deltas, dtype=np.float64).reshape(N_JOINTS, 4, 4)
@@ -985,7 +993,7 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
     if D is None or all(_is_identity(d) for d in D):
         scene.grid = _grid(art, lo, hi)
         return scene
-    warp, waff, grid, info = _inverse_warp_grid(art, D, warp_spacing_mm, iterations, tol_mm, lo, hi)
+    warp, waff, grid, info = _inverse_warp_grid(art, D, warp_spacing_mm, iterations, tol_mm, lo, hi, air_miss_mm)
     scene.warp, scene.warp_affine, scene.grid = warp, waff, grid
     scene.info = info
     return scene
@@ -1057,7 +1065,7 @@ def _warp_prep(art: ArticulatedCT) -> dict:
     return prep
 
 
-def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi):
+def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, air_miss=None):
     """Displacement x - y (mm) on a CT-lattice grid covering the posed content.
 
     The tissue weight cells that a moved joint drives are skinned forward (their centres); the grid
@@ -1092,6 +1100,7 @@ def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi):
     best = np.full(N, np.inf)
     src = np.full(N, -1, np.int64)
     node_sp = vsp * f
+    air_tol = AIR_MISS_NODES * float(node_sp.max()) if air_miss is None else float(air_miss)
     R = float(np.sqrt(3.0) * (node_sp.max() + 0.5 * wsp.max()))
     if len(ys):
         ninv = np.ascontiguousarray(np.linalg.inv(waff)[:3])
@@ -1112,13 +1121,13 @@ def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi):
                                                             iterations=kn).astype(np.uint8))
         prep[("near", kn)] = near
     k["inverse_lbs_nodes"](np.ascontiguousarray(waff[:3]), wn, prep["W"], prep["w_inv"], D3, near, src,
-                           Minv, iterations, tol, disp, res, status)
+                           Minv, iterations, tol, air_tol, disp, res, status)
     k["air_border"](wn, status, disp, float(0.5 * node_sp.min()))
     warp = disp.reshape(tuple(wn) + (3,))
     solved = res[status == 1]
     info = {"warp": "inverse_lbs", "warp_shape": [int(v) for v in wn],
             "warp_spacing_mm": [float(v) for v in node_sp],
-            "solved_nodes": int(len(solved)), "air_nodes": int(np.sum(status == 2)),
+            "solved_nodes": int(len(solved)), "air_nodes": int(np.sum(status == 2)), "air_miss_mm": air_tol,
             "residual_mm_p99": float(np.percentile(solved, 99)) if len(solved) else 0.0,
             "residual_mm_max": float(solved.max()) if len(solved) else 0.0,
             "unconverged_fraction": float(np.mean(solved > 0.5)) if len(solved) else 0.0}
