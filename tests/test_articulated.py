@@ -293,19 +293,34 @@ def test_joint_deltas_between_two_poses_match_forward_kinematics():
     np.testing.assert_allclose(D, Wb @ np.linalg.inv(Wa), atol=1e-8)
 
 
-def test_phantom_posed_to_another_preset_matches_the_phantom_at_that_pose():
+@pytest.fixture(scope="module")
+def phantom_6mm():
+    """The phantom at supine_arms_down (6 mm) and its articulated CT."""
     phantom = pytest.importorskip("ctwin.core.phantom")
-    from ctwin.core.carm import default_views
-    from ctwin.core.projector import render_drr
-
     pa = phantom.generate_phantom("supine_arms_down", spacing=6.0)
-    pb = phantom.generate_phantom("knee_flexion", spacing=6.0)
-    art = A.prepare_articulated(pa.ct, pa.seg, pa.labels)
+    return pa, A.prepare_articulated(pa.ct, pa.seg, pa.labels)
+
+
+def _posed_to(phantom_6mm, preset):
+    """(the phantom generated at ``preset``, the articulated phantom posed there with the truth's
+    bone transforms and joint deltas)."""
+    from ctwin.core import phantom
+
+    pa, art = phantom_6mm
+    pb = phantom.generate_phantom(preset, spacing=6.0)
     ta, tb = pa.truth, pb.truth
     bd = {n: np.asarray(tb["bones"][n]) @ np.linalg.inv(np.asarray(ta["bones"][n]))
           for n in tb["bones"] if n in ta["bones"]}
     jd = A.joint_deltas_between(ta["pose"], ta["joints"], tb["pose"], tb["joints"])
-    scene = A.posed_scene(art, bd, jd)
+    return pb, A.posed_scene(art, bd, jd)
+
+
+def test_phantom_posed_to_another_preset_matches_the_phantom_at_that_pose(phantom_6mm):
+    from ctwin.core.carm import default_views
+    from ctwin.core.projector import render_drr
+
+    pa, art = phantom_6mm
+    pb, scene = _posed_to(phantom_6mm, "knee_flexion")
     ident = A.posed_scene(art, {}, np.tile(np.eye(4), (24, 1, 1)))
     for name, g in default_views(pa.ct.bbox_world(), size=96).items():
         ref = render_drr(pb.ct, g, device="cpu")
@@ -318,23 +333,16 @@ def test_phantom_posed_to_another_preset_matches_the_phantom_at_that_pose():
         assert acq["ssim"] >= 0.995 and acq["psnr_db"] >= 45
 
 
-def test_abducted_arm_leaves_no_web_of_stretched_tissue():
+def test_abducted_arm_leaves_no_web_of_stretched_tissue(phantom_6mm):
     """Abducting an arm opens a gap beside the torso. Skinning would reach the gap's warp nodes only
     by stretching the tissue between arm and hip across it (a bright web in the AP view: PSNR 31.2
     dB here before nodes whose best pre-image misses them by 2.5 node spacings became air). The
     phantom at that pose has air there."""
-    phantom = pytest.importorskip("ctwin.core.phantom")
     from ctwin.core.carm import default_views
     from ctwin.core.projector import render_drr
 
-    pa = phantom.generate_phantom("supine_arms_down", spacing=6.0)
-    pb = phantom.generate_phantom("arm_abducted", spacing=6.0)
-    art = A.prepare_articulated(pa.ct, pa.seg, pa.labels)
-    ta, tb = pa.truth, pb.truth
-    bd = {n: np.asarray(tb["bones"][n]) @ np.linalg.inv(np.asarray(ta["bones"][n]))
-          for n in tb["bones"] if n in ta["bones"]}
-    jd = A.joint_deltas_between(ta["pose"], ta["joints"], tb["pose"], tb["joints"])
-    scene = A.posed_scene(art, bd, jd)
+    pa, _ = phantom_6mm
+    pb, scene = _posed_to(phantom_6mm, "arm_abducted")
     assert scene.info["air_miss_mm"] == pytest.approx(2.5 * 6.0)
     g = default_views(pa.ct.bbox_world(), size=96)["ap"]
     s = _similarity(A.render_posed(scene, g, device="cpu"), render_drr(pb.ct, g, device="cpu"))
