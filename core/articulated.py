@@ -57,7 +57,8 @@ from .volume import Volume, resample_onto
 FORMAT_VERSION = 1
 AIR_HU = -1000
 # a warp node whose best pre-image misses it by this many node spacings is posed air (see
-# inverse_lbs_nodes): 2.5 measured best over the phantom presets, seeds 0 and 2
+# inverse_lbs_nodes): 2.5 (30 mm at the twins' 12 mm nodes) is the middle of 24, 30 and 36 mm,
+# compared over the phantom presets of two phantoms (README, Posed DRRs)
 AIR_MISS_NODES = 2.5
 
 # --------------------------------------------------------------------------------------------
@@ -966,6 +967,8 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
     voxels, rounded), covering that grid. A warp node whose best pre-image misses it by
     ``air_miss_mm`` or more (default ``AIR_MISS_NODES`` node spacings) is posed air.
     """
+    if air_miss_mm is not None and not float(air_miss_mm) > 0:
+        raise CtwinError(f"air_miss_mm must be positive, got {air_miss_mm}")
     bone_deltas = dict(bone_deltas or {})
     jd = None if joint_deltas is None else np.asarray(joint_deltas, dtype=np.float64).reshape(N_JOINTS, 4, 4)
     parts = []

@@ -6,6 +6,7 @@ import pytest
 from scipy import ndimage
 
 from ctwin.core import articulated as A
+from ctwin.core.errors import CtwinError
 from ctwin.core.labels import all_names, name_to_id
 from ctwin.core.skeleton import JOINT_INDEX, rodrigues
 from ctwin.core.volume import Volume, affine_from
@@ -341,9 +342,11 @@ def test_abducted_arm_leaves_no_web_of_stretched_tissue(phantom_6mm):
     from ctwin.core.carm import default_views
     from ctwin.core.projector import render_drr
 
-    pa, _ = phantom_6mm
+    pa, art = phantom_6mm
     pb, scene = _posed_to(phantom_6mm, "arm_abducted")
     assert scene.info["air_miss_mm"] == pytest.approx(2.5 * 6.0)
+    with pytest.raises(CtwinError, match="air_miss_mm"):
+        A.posed_scene(art, air_miss_mm=0.0)
     g = default_views(pa.ct.bbox_world(), size=96)["ap"]
     s = _similarity(A.render_posed(scene, g, device="cpu"), render_drr(pb.ct, g, device="cpu"))
     print(f"phantom arm_abducted ap: ssim {s['ssim']:.4f} psnr {s['psnr_db']:.1f} dB")
@@ -418,6 +421,7 @@ from launch import load_package
 load_package("ctwin")
 import numpy as np
 from ctwin.core import articulated as A
+from ctwin.core.errors import CtwinError
 from ctwin.core.carm import Geometry
 from ctwin.core.skeleton import JOINT_INDEX
 from test_articulated import synthetic_ct, _knee_flexion
