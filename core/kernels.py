@@ -271,16 +271,8 @@ def ray_trilinear(data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, o
                 c101 = finish(raw_val(data[b + di + dk], lut, lin_a, lin_lo), lin_a, lin_b)
                 c110 = finish(raw_val(data[b + di + dj], lut, lin_a, lin_lo), lin_a, lin_b)
                 c111 = finish(raw_val(data[b + di + dj + dk], lut, lin_a, lin_lo), lin_a, lin_b)
-            fx = x - i
-            fy = y - j
-            fz = z - k
-            c00 = c000 + (c001 - c000) * fz
-            c01 = c010 + (c011 - c010) * fz
-            c10 = c100 + (c101 - c100) * fz
-            c11 = c110 + (c111 - c110) * fz
-            c0 = c00 + (c01 - c00) * fy
-            c1 = c10 + (c11 - c10) * fy
-            acc += c0 + (c1 - c0) * fx
+            # x, y, z are clamped already, so corner_eval's clamp changes nothing
+            acc += corner_eval(c000, c001, c010, c011, c100, c101, c110, c111, i, j, k, nx, ny, nz, x, y, z)
             m += 1
     return acc * h
 
