@@ -31,14 +31,17 @@ def add_arguments(p) -> None:
                    help="trilinear: ray marching (step --step); exact: exact integral of the same "
                         "trilinear field; siddon: exact integral of the nearest-voxel field")
     p.add_argument("--step", type=float, default=None, metavar="MM", help="trilinear step (default: half the smallest voxel)")
-    p.add_argument("--value", default="line_integral", choices=("line_integral", "intensity", "display"))
-    p.add_argument("--kvp", type=float, default=None, help="polyenergetic spectrum at this kVp (60-120); default monoenergetic")
+    p.add_argument("--value", default="line_integral", choices=("line_integral", "intensity", "display", "radiograph"))
     p.add_argument("--photons", type=float, default=None, help="unattenuated photons per pixel: adds seeded Poisson noise")
-    p.add_argument("--electronic-noise", type=float, default=0.0, metavar="SIGMA", help="Gaussian electronic noise (counts)")
+    p.add_argument("--electronic-noise", type=float, default=None, metavar="SIGMA",
+                   help="Gaussian electronic noise (counts; with --kvp default: the detector preset's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (frame number is added)")
     p.add_argument("--sad", type=float, default=1000.0, help="source-to-isocentre mm (default 1000)")
     p.add_argument("--sid", type=float, default=1500.0, help="source-to-image mm (default 1500)")
     p.add_argument("--parallel", action="store_true", help="parallel beam instead of cone beam")
+    from .xray_args import add_arguments as add_xray_arguments
+
+    add_xray_arguments(p)
 
 
 def parse_size(text):
@@ -75,7 +78,7 @@ def parse_frames(text):
 def options(args) -> dict:
     """Rendering options shared by the --ct and --twin paths."""
     return dict(method=args.method, step_mm=args.step, value=args.value, kvp=args.kvp,
-                photons=args.photons, electronic_sigma=args.electronic_noise, seed=args.seed)
+                photons=args.photons, electronic_sigma=args.electronic_noise or 0.0, seed=args.seed)
 
 
 def run(args) -> int:
@@ -83,13 +86,15 @@ def run(args) -> int:
     from ..core.carm import Geometry, named_view
     from ..core.errors import CtwinError
     from ..core.fileio import read_json
-    from ..core.projector import frame_written, prepare_volume, render_value, resolve_device, write_frame
+    from ..core.projector import prepare_volume, render_value, resolve_device
+    from .xray_args import frame_written, setup_from_args, write_output
 
     size = parse_size(args.size)
     frames = parse_frames(args.frames)
     out = Path(args.out)
-    if args.kvp is not None and not 60.0 <= args.kvp <= 120.0:
-        raise CtwinError(f"--kvp must be within 60-120, got {args.kvp:g}")
+    xray = setup_from_args(args)
+    if args.twin and args.format != "tiff":
+        raise CtwinError("--format dicom is available for plain CTs (--ct); twins write TIFF")
     geometry = None
     if args.geometry:
         gp = Path(args.geometry)
@@ -136,12 +141,17 @@ def run(args) -> int:
                                parallel=args.parallel) for n in names}
     for i, (name, g) in enumerate(views.items()):
         stem = out / f"{name}_{frame:04d}"
-        if frame_written(stem):
+        if frame_written(stem, args.format):
             progress.report(f"{stem.name}: already written, skipped", (i + 1) / len(views))
             continue
-        img = render_value(pv, g, device=device, **{**options(args), "seed": args.seed + frame})
+        rec = {}
+        if xray is not None:
+            xray.seed = args.seed + frame
+            xray.stream = i
+        img = render_value(pv, g, device=device, **{**options(args), "seed": args.seed + frame},
+                           xray=xray, record=rec)
         sidecar = g.to_sidecar(frame=frame, value=args.value, device=device, source=str(ctp),
-                               method=args.method, kvp=args.kvp, photons=args.photons)
-        write_frame(stem, img, sidecar)
+                               method=args.method, kvp=args.kvp, photons=args.photons, **rec)
+        write_output(stem, img, sidecar, args.format)
         progress.report(f"{stem.name}.tif written ({g.width}x{g.height})", (i + 1) / len(views))
     return 0

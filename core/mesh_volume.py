@@ -14,10 +14,10 @@ must be closed; a folder without ``skin`` or without any bone is refused.
   -850, air and gas -1000; ``skin`` (the body surface) encloses the remainder, -50 HU (a mix of
   fat and muscle);
 - overridden per structure by a JSON object (``load_hu_overrides``): ``name -> HU``, ``name ->
-  material`` (a material of ``core.physics``: ``soft_tissue``, ``bone``, ``metal``, ``water``,
+  material`` (a material of ``core.xray``: ``soft_tissue``, ``bone``, ``metal``, ``water``,
   ``aluminium``, or ``air``) or ``name -> {"material": m, "density": g/cm3}``. A material is
   turned into the HU that gives its attenuation under the SPEC 5 monoenergetic default:
-  mu_water = 0.02/mm is water's attenuation at ``EFFECTIVE_KEV`` (~64 keV, NIST XCOM), and
+  mu_water = 0.02/mm is water's attenuation at ``EFFECTIVE_KEV`` (~64 keV, xraylib), and
   HU = 1000 (mu_m(E) rho / 0.02 - 1).
 
 ``voxelise_meshes(meshes, hu, spacing)`` renders the set into a CT (int16 HU) and a labelmap on
@@ -168,14 +168,13 @@ EFFECTIVE_KEV = _effective_kev()
 def material_hu(material: str, density: float | None = None) -> float:
     """HU that gives ``material`` (at ``density`` g/cm3, default its own) the attenuation it has
     at ``EFFECTIVE_KEV`` under the SPEC 5 monoenergetic mapping."""
-    from .physics import MASS_ATTENUATION, MU_WATER_PER_MM, mass_attenuation
+    from .physics import MU_WATER_PER_MM, mass_attenuation
+    from .xray import composition
 
     if material == "air":
         return AIR_HU
-    if material not in MASS_ATTENUATION:
-        raise CtwinError(f"unknown material {material!r}; use one of "
-                         f"{', '.join(sorted(MASS_ATTENUATION))}, air, or a number (HU)")
-    rho = MATERIAL_DENSITY.get(material, 1.0) if density is None else float(density)
+    composition(material)  # unknown names raise with the list of known materials
+    rho = MATERIAL_DENSITY.get(material, composition(material)[2]) if density is None else float(density)
     if not rho > 0:
         raise CtwinError(f"material {material}: density must be positive, got {density}")
     mu = float(mass_attenuation(material, EFFECTIVE_KEV)) * rho / 10.0  # 1/mm

@@ -304,33 +304,50 @@ def render_biplanar(volume, size=512, *, method="trilinear", step_mm=None, devic
 def render_value(volume, geometry, *, value: str = "line_integral", kvp: float | None = None,
                  photons: float | None = None, electronic_sigma: float = 0.0, seed: int = 0,
                  method: str = "trilinear", step_mm=None, device: str = "auto",
-                 extra_al_mm: float = 0.0) -> np.ndarray:
-    """A DRR with the physics options: monoenergetic (kvp None) or polyenergetic (kvp given,
-    HU volumes only), optional seeded noise, output value line_integral | intensity | display."""
+                 xray=None, record: dict | None = None) -> np.ndarray:
+    """A DRR with the physics options, output value line_integral | intensity | display | radiograph.
+
+    Default: the SPEC 5 monoenergetic line integral, with optional seeded Poisson noise
+    (``photons``). ``xray`` (a ``core.xray.XraySetup``, or ``kvp`` for one with default options)
+    selects the realistic chain: stoichiometric materials from HU, SpekPy spectrum, detector, noise;
+    HU volumes only. The physics record (spectrum used, options) is put into ``record`` when given.
+    """
     pv = prepare_volume(volume)
-    if kvp is None:
+    if xray is None and kvp is not None:
+        from .xray import XraySetup
+
+        xray = XraySetup(kvp=kvp, photons=photons, seed=seed,
+                         electronic_sigma=electronic_sigma if photons is not None else None)
+    if xray is None:
         li = render_drr(pv, geometry, method=method, step_mm=step_mm, device=device)
-    else:
-        if pv.quantity != "hu":
-            raise CtwinError("polyenergetic rendering needs a HU volume (int16), not mu")
-        luts = physics.material_luts()
-        ints = {}
-        for m, t in luts.items():
-            if m == "metal" and not _has_metal(pv):
-                ints[m] = np.zeros((geometry.height, geometry.width), np.float32)
-                continue
-            ints[m] = render_drr(pv, geometry, method=method, step_mm=step_mm, device=device, lut=t)
-        intensity = physics.polyenergetic_intensity(ints, kvp, extra_al_mm=extra_al_mm)
-        li = -np.log(np.maximum(intensity, 1e-30))
-    if photons is not None:
-        li = physics.add_noise(li, photons, electronic_sigma, seed)
+        if photons is not None:
+            li = physics.add_noise(li, photons, electronic_sigma, seed)
+        return physics.to_value(li, value)
+    ints = material_integrals(pv, geometry, xray.table(), method=method, step_mm=step_mm, device=device)
+    from .xray import form_image
+
+    res = form_image(ints, xray, geometry)
+    if record is not None:
+        record.update(res["sidecar"])
+    li = -np.log(np.maximum(res["intensity"], 1e-30))
     return physics.to_value(li, value)
 
 
-def _has_metal(pv: PreparedVolume) -> bool:
+def material_integrals(volume, geometry, hu_table, *, method="trilinear", step_mm=None, device="auto") -> dict:
+    """{material: integral of its partial density (g/cm3 x mm) along each ray} for a HU volume,
+    one projection per material of the calibration that the volume's HU values use."""
+    pv = prepare_volume(volume)
     if pv.quantity != "hu":
-        return False
-    return bool(np.any(pv.flat.view(np.int16) >= int(physics.METAL_HU)))
+        raise CtwinError("realistic physics (--kvp) needs a HU volume (int16), not mu")
+    present = np.bincount(pv.flat.view(np.uint16).ravel(), minlength=65536) > 0
+    out = {}
+    for m, t in hu_table.luts().items():
+        if not np.any(t[present] > 0):
+            continue
+        out[m] = render_drr(pv, geometry, method=method, step_mm=step_mm, device=device, lut=t)
+    if not out:
+        out["air"] = np.zeros((geometry.height, geometry.width), np.float32)
+    return out
 
 
 # --- posed scenes ------------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""The realistic-physics options of ``render`` (SPEC 3: ``--kvp`` and friends) and the frame
+output format; shared by the command and kept here so that ``render.py`` stays small.
+Not a command itself (cli.py lists its commands by name)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+PHYSICS_FLAGS = ("filter_al", "filter_cu", "anode_angle", "heel", "detector", "csi_um", "focal_spot_mm",
+                 "hu_table", "mas")
+
+
+def add_arguments(p) -> None:
+    g = p.add_argument_group("realistic X-ray physics (SpekPy spectra, xraylib materials; needs --kvp)")
+    g.add_argument("--kvp", type=float, default=None,
+                   help="tube voltage 40-150 kV: polychromatic render; default: monoenergetic SPEC 5 mu")
+    g.add_argument("--filter-al", type=float, default=0.0, metavar="MM", help="added aluminium filtration (mm)")
+    g.add_argument("--filter-cu", type=float, default=0.0, metavar="MM", help="added copper filtration (mm)")
+    g.add_argument("--anode-angle", type=float, default=None, metavar="DEG", help="anode angle (default 12)")
+    g.add_argument("--heel", action="store_true", help="heel effect along the detector rows (anode-cathode axis)")
+    g.add_argument("--detector", default=None, metavar="NAME",
+                   help="ideal (absorbs every photon, default), paxscan4030cb (C-arm flat panel), pixium4343 (radiography)")
+    g.add_argument("--csi-um", type=float, default=None, metavar="UM", help="CsI thickness (micrometres), overrides the preset")
+    g.add_argument("--focal-spot-mm", type=float, default=None, metavar="MM", help="focal spot size (blur scaled by magnification)")
+    g.add_argument("--hu-table", default=None, metavar="FILE", help="JSON HU -> materials calibration (default: stoichiometric, Schneider 2000 ranges)")
+    g.add_argument("--mas", type=float, default=None, metavar="MAS", help="tube current-time product: photon count from SpekPy's fluence (noise)")
+    p.add_argument("--format", default="tiff", choices=("tiff", "dicom"),
+                   help="frame file: 32-bit float TIFF (default) or DICOM DX (16-bit with rescale)")
+
+
+def setup_from_args(args):
+    """A core.xray.XraySetup from the flags, or None for the monoenergetic default."""
+    from ..core.errors import CtwinError
+
+    if args.kvp is None:
+        used = [f for f in PHYSICS_FLAGS if getattr(args, f, None) not in (None, False, 0.0)]
+        if used:
+            raise CtwinError(f"--{used[0].replace('_', '-')} needs --kvp (the monoenergetic default has no spectrum)")
+        return None
+    from ..core.xray import ANODE_ANGLE_DEG, XraySetup
+
+    return XraySetup(kvp=args.kvp, filter_al_mm=args.filter_al, filter_cu_mm=args.filter_cu,
+                     anode_angle_deg=ANODE_ANGLE_DEG if args.anode_angle is None else args.anode_angle,
+                     heel=bool(args.heel), detector=args.detector or "ideal", csi_um=args.csi_um,
+                     focal_spot_mm=args.focal_spot_mm or 0.0, mas=args.mas, photons=args.photons,
+                     electronic_sigma=args.electronic_noise, seed=args.seed, hu_table=args.hu_table)
+
+
+def frame_written(stem, fmt: str) -> bool:
+    from ..core.projector import frame_written as tif_written
+
+    stem = Path(stem)
+    if fmt == "dicom":
+        return stem.with_name(stem.name + ".dcm").is_file() and stem.with_name(stem.name + ".json").is_file()
+    return tif_written(stem)
+
+
+def write_output(stem, image, sidecar: dict, fmt: str) -> None:
+    """``stem.tif`` or ``stem.dcm``, and ``stem.json`` beside it (written last)."""
+    if fmt == "dicom":
+        from ..core.dicom_dx import write_dx
+        from ..core.fileio import write_json
+
+        sidecar = {**sidecar, "format": "dicom"}
+        write_dx(Path(stem).with_name(Path(stem).name + ".dcm"), image, sidecar)
+        write_json(Path(stem).with_name(Path(stem).name + ".json"), sidecar)
+        return
+    from ..core.projector import write_frame
+
+    write_frame(stem, image, sidecar)

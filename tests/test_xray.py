@@ -1,0 +1,203 @@
+"""Realistic X-ray physics (core.xray): SpekPy spectra, xraylib materials, stoichiometric CT
+calibration, detector blur and noise, DICOM DX output, the render flags."""
+import json
+
+import numpy as np
+import pytest
+
+from ctwin.core import physics, xray
+from ctwin.core.carm import Geometry
+from ctwin.core.errors import CtwinError
+from ctwin.core.projector import material_integrals
+from ctwin.core.volume import Volume
+
+spekpy = pytest.importorskip("spekpy", reason="SpekPy is not installed (pip install -r requirements.txt)")
+xraylib = pytest.importorskip("xraylib", reason="xraylib is not installed (pip install -r requirements.txt)")
+
+
+def test_materials_from_xraylib():
+    # NIST XCOM, water at 60 keV (total with coherent): 0.2059 cm2/g; cortical bone above soft tissue
+    assert xray.mass_attenuation("water", 60.0) == pytest.approx(0.2059, rel=0.01)
+    e = np.array([40.0, 70.0])
+    assert np.all(xray.mass_attenuation("bone", e) > xray.mass_attenuation("soft_tissue", e))
+    assert np.all(xray.mass_attenuation("titanium", e) > xray.mass_attenuation("bone", e))
+    # iodine's K edge at 33.2 keV shows in iodinated blood and not in blood
+    r = xray.mass_attenuation("iodine_blood", [33.0, 33.4]) / xray.mass_attenuation("blood", [33.0, 33.4])
+    assert r[1] > 1.5 * r[0]
+    for m in ("adipose", "lung", "muscle", "brain", "skin", "stainless_steel", "cocr", "aluminium", "air"):
+        z, w, rho, _ = xray.composition(m)
+        assert abs(sum(w) - 1) < 1e-3 and rho > 0
+    with pytest.raises(CtwinError):
+        xray.composition("unobtainium")
+
+
+def test_hu_calibration_honours_hu_at_ct_energy(tmp_path):
+    t = xray.HuTable.default()
+    hu = np.array([-999.0, -960, -500, -100, 0, 40, 300, 1000, 1500, 2500])
+    pd = t.partial_densities(hu)
+    mu = sum(v * xray.mass_attenuation(m, t.ct_kev) for m, v in pd.items())
+    mu_w = xray.mass_attenuation("water", t.ct_kev)
+    assert np.allclose(1000 * (mu / mu_w - 1), hu, atol=1e-6)
+    assert pd["cortical_bone"][6] > 0 and pd["muscle"][6] > 0  # 300 HU: a soft tissue / bone mixture
+    assert t.partial_densities([3500.0])["titanium"][0] == pytest.approx(xray.density("titanium"))
+    assert all(v[0] == 0 for v in t.partial_densities([-1024.0]).values())
+    # a user table
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({"segments": [{"hu": [-1000, 500], "materials": ["water"]},
+                                          {"hu": [500, 4000], "materials": ["aluminium"], "density": "material"}]}))
+    u = xray.HuTable.load(p)
+    assert u.partial_densities([0.0])["water"][0] == pytest.approx(1.0)
+    p.write_text(json.dumps({"segments": [{"hu": [0, -5], "materials": ["water"]}]}))
+    with pytest.raises(CtwinError):
+        xray.HuTable.load(p)
+
+
+def test_spekpy_spectra():
+    means = [physics.mean_energy(k) for k in (60, 80, 100, 120)]
+    assert all(a < b for a, b in zip(means, means[1:]))
+    assert physics.mean_energy(80, filter_cu_mm=0.2) > means[1] + 3  # copper hardens the beam
+    e, f = xray.spectrum(120)
+    assert e.max() < 120 and f[(e > 58) & (e < 60)].max() > 1.5 * f[(e > 52) & (e < 56)].mean()  # W K-alpha lines
+    # heel effect: less fluence towards the anode side (negative x in SpekPy)
+    assert xray.spectrum(80, offaxis_mm=-100, distance_mm=1000)[1].sum() < xray.spectrum(80, distance_mm=1000)[1].sum()
+    with pytest.raises(CtwinError):
+        xray.spectrum(30)
+
+
+def _wedge(tmp_path, hu_step, n_steps=5, step_mm=20):
+    """Step wedge along z (1 mm voxels), one 4 mm column per step; rays along +z (parallel beam)."""
+    L = n_steps * step_mm
+    data = np.full((4 * n_steps, 4, L + 4), -1000, np.int16)
+    for k in range(n_steps):
+        data[4 * k:4 * k + 4, :, 2:2 + (k + 1) * step_mm] = hu_step
+    vol = Volume(data, np.eye(4))
+    cx, cy = (data.shape[0] - 1) / 2.0, 1.5
+    g = Geometry(source_mm=[cx, cy, -200.0], detector_center_mm=[cx, cy, L + 200.0], detector_u=[1, 0, 0],
+                 detector_v=[0, 1, 0], pixel_spacing_mm=(4.0, 4.0), size_px=(n_steps, 1), parallel=True)
+    return vol, g, np.arange(1, n_steps + 1) * step_mm
+
+
+@pytest.mark.parametrize("material,hu,formula", [("water", 0, "H2O"), ("aluminium", 2000, "Al")])
+def test_beam_hardening_against_float64_reference(tmp_path, material, hu, formula):
+    table = xray.HuTable.from_dict({"segments": [{"hu": [-1000, -500], "materials": ["air"]},
+                                                 {"hu": [-500, 1000], "materials": ["water"]},
+                                                 {"hu": [1000, 4000], "materials": ["aluminium"], "density": "material"}]})
+    vol, g, L = _wedge(tmp_path, hu)
+    ints = material_integrals(vol, g, table, method="exact", device="cpu")
+    for kvp in (70, 120):
+        setup = xray.XraySetup(kvp=kvp)
+        img = xray.form_image(ints, setup, g)["intensity"][0]
+        mu_eff = -np.log(img) / (L / 10.0)  # 1/cm
+        # independent float64 reference: SpekPy spectrum, xraylib cross sections by formula
+        s = spekpy.Spek(kvp=kvp, th=12, dk=1.0)
+        s.filter("Al", 2.5)
+        k, f = s.get_spectrum()
+        rho = 1.0 if formula == "H2O" else xraylib.ElementDensity(13)
+        mu = np.array([xraylib.CS_Total_CP(formula, float(x)) for x in k]) * rho
+        w = f * k
+        ref = np.array([-np.log((w * np.exp(-mu * t / 10.0)).sum() / w.sum()) for t in L]) / (L / 10.0)
+        assert np.max(np.abs(mu_eff / ref - 1)) <= 0.005
+        assert np.all(np.diff(mu_eff) < 0)  # the beam hardens with thickness
+
+
+def _flat(n, pixel_mm=0.1):
+    return Geometry(source_mm=[0, 0, -1000.0], detector_center_mm=[0, 0, 500.0], detector_u=[1, 0, 0],
+                    detector_v=[0, 1, 0], pixel_spacing_mm=(pixel_mm, pixel_mm), size_px=(n, n),
+                    extra={"sad_mm": 1000.0})
+
+
+def test_noise_poisson_before_blur():
+    n = 512
+    g = _flat(n)
+    half = np.zeros((n, n))
+    half[:, n // 2:] = 5.0  # g/cm3 x mm of water: 0.5 g/cm2 on the right half
+    setup = xray.XraySetup(kvp=80, detector="paxscan4030cb", photons=2000.0, electronic_sigma=0.0, seed=3)
+    res = xray.form_image({"water": half}, setup, g)
+    img = res["intensity"]
+    assert np.array_equal(img, xray.form_image({"water": half}, setup, g)["intensity"])  # seeded
+    sig = xray.blur_sigma_px(setup, g)
+    delta = np.zeros((41, 41))
+    delta[20, 20] = 1
+    k2 = float((xray.blur(delta, sig) ** 2).sum())
+    p = xray.polychromatic({"water": half}, setup, g)
+    eta = xray.absorbed_fraction(p["spectrum_kev"], setup.csi)
+    n_det = 2000.0 * float((eta * p["spectrum_fluence"]).sum() / p["spectrum_fluence"].sum())
+    for sl in (np.s_[8:-8, 8:n // 2 - 8], np.s_[8:-8, n // 2 + 8:-8]):
+        q, en = p["quanta"][sl].mean(), p["energy"][sl].mean()
+        expected = q * (en / q) ** 2 * k2 / n_det  # Poisson variance of detected photons, blurred
+        assert img[sl].mean() == pytest.approx(en, rel=0.01)
+        assert img[sl].var() == pytest.approx(expected, rel=0.03)
+    # noise added after the blur would have var = q (en/q)^2 / n_det, k2 times larger than this
+    assert k2 < 0.5
+
+
+def test_noise_power_spectrum_follows_mtf():
+    n, m = 128, 12
+    g = _flat(n, pixel_mm=0.194)  # the PaxScan 4030CB pitch: LSF sigma 0.77 px
+    setup = xray.XraySetup(kvp=80, detector="paxscan4030cb", photons=5000.0, electronic_sigma=0.0)
+    nps = np.zeros((n, n))
+    for s in range(m):
+        setup.seed = s
+        img = xray.form_image({"water": np.zeros((n, n))}, setup, g)["intensity"]
+        d = img - img.mean()
+        nps += np.abs(np.fft.fft2(d)) ** 2 / (n * n)
+    nps /= m
+    sigma_px = xray.blur_sigma_px(setup, g)[0]
+    f = np.fft.fftfreq(n)
+    fr = np.hypot(*np.meshgrid(f, f, indexing="ij"))
+    mtf2 = np.exp(-4 * np.pi ** 2 * sigma_px ** 2 * fr ** 2)  # Gaussian LSF: MTF = exp(-2 pi^2 s^2 f^2)
+    ring = (fr > 0.02) & (fr <= 0.25)  # up to half the Nyquist frequency (0.5 cycles/pixel)
+    p = xray.polychromatic({"water": np.zeros((n, n))}, setup, g)
+    eta = xray.absorbed_fraction(p["spectrum_kev"], setup.csi)
+    white = 1.0 / (5000.0 * float((eta * p["spectrum_fluence"]).sum() / p["spectrum_fluence"].sum()))
+    bins = np.linspace(0.02, 0.25, 8)
+    ratios = []
+    for a, b in zip(bins[:-1], bins[1:]):
+        sel = ring & (fr > a) & (fr <= b)
+        ratios.append(np.mean(nps[sel]) / (white * np.mean(mtf2[sel])))
+    assert np.allclose(ratios, 1.0, atol=0.10), ratios
+
+
+def test_focal_spot_blur_scales_with_magnification():
+    g = _flat(16)
+    a = xray.XraySetup(kvp=80, focal_spot_mm=1.2)
+    s1 = xray.blur_sigma_px(a, g)[0]
+    assert s1 * 0.1 == pytest.approx(1.2 * (1500 / 1000 - 1) / 2.3548, rel=1e-6)
+    g2 = Geometry(source_mm=[0, 0, -1000.0], detector_center_mm=[0, 0, 1000.0], detector_u=[1, 0, 0],
+                  detector_v=[0, 1, 0], pixel_spacing_mm=(0.1, 0.1), size_px=(16, 16), extra={"sad_mm": 1000.0})
+    assert xray.blur_sigma_px(a, g2)[0] == pytest.approx(2 * s1)
+
+
+def test_detector_absorption():
+    e = np.array([30.0, 60.0, 100.0])
+    a = xray.absorbed_fraction(e, 600)
+    mu = np.array([xraylib.CS_Total_CP("CsI", float(x)) for x in e]) * 4.51
+    assert np.allclose(a, 1 - np.exp(-mu * 0.06), rtol=1e-3)
+    assert np.all(xray.absorbed_fraction(e, None) == 1)
+    with pytest.raises(CtwinError):
+        xray.XraySetup(kvp=80, detector="film")
+
+
+def test_dicom_roundtrip(tmp_path):
+    pydicom = pytest.importorskip("pydicom", reason="pydicom is not installed")
+    from ctwin.core.dicom_dx import read_dx, write_dx
+
+    img = np.random.default_rng(0).random((20, 30)).astype(np.float32) * 3.0 + 0.5
+    sc = {"pixel_spacing_mm": [0.2, 0.3], "sid_mm": 1500.0, "sad_mm": 1000.0, "source_mm": [0, -1000, 0],
+          "detector_center_mm": [0, 500, 0], "value": "line_integral", "frame": 0, "kvp": 80, "mas": 2.0}
+    write_dx(tmp_path / "f.dcm", img, sc)
+    back, ds = read_dx(tmp_path / "f.dcm")
+    assert np.max(np.abs(back - img)) <= float(ds.RescaleSlope) * 0.5 + 1e-6
+    assert ds.pixel_array.dtype == np.uint16 and ds.Modality == "DX"
+    assert float(ds.DistanceSourceToDetector) == 1500 and float(ds.DistanceSourceToPatient) == 1000
+    assert [float(x) for x in ds.ImagerPixelSpacing] == [0.3, 0.2]
+    # beam towards +y (posterior): source anterior, detector posterior = PA beam? detector behind the
+    # patient's back: primary angle 180
+    assert abs(abs(float(ds.PositionerPrimaryAngle)) - 180) < 1e-6
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.1.1.1"
+
+
+def test_radiograph_value():
+    L = np.linspace(0, 6, 1000)
+    r = physics.to_value(L, "radiograph")
+    assert r.min() == 0 and r.max() == 1 and np.all(np.diff(r) >= 0)  # bone (high integral) bright
