@@ -94,7 +94,7 @@ def run(args) -> int:
     out = Path(args.out)
     xray = setup_from_args(args)
     if args.twin and args.format != "tiff":
-        raise CtwinError("--format dicom is available for plain CTs (--ct); twins write TIFF")
+        raise CtwinError("--format dicom is available for plain CTs (--ct); twins write TIFF for now")
     geometry = None
     if args.geometry:
         gp = Path(args.geometry)
@@ -116,7 +116,7 @@ def run(args) -> int:
         return int(render_twin(args.twin, out_dir=out, pose=args.pose, motion=args.motion,
                                frames=frames, view=args.view, geometry=geometry, size=size,
                                device=args.device, sad_mm=args.sad, sid_mm=args.sid,
-                               parallel=args.parallel, **options(args)) or 0)
+                               parallel=args.parallel, xray=xray, **options(args)) or 0)
     if args.pose or args.motion:
         raise CtwinError("--pose and --motion need --twin (a plain CT has no skeleton to pose)")
     if frames is not None and frames[1] - frames[0] != 1:
@@ -151,7 +151,7 @@ def run(args) -> int:
         img = render_value(pv, g, device=device, **{**options(args), "seed": args.seed + frame},
                            xray=xray, record=rec)
         sidecar = g.to_sidecar(frame=frame, value=args.value, device=device, source=str(ctp),
-                               method=args.method, kvp=args.kvp, photons=args.photons, **rec)
+                               method=args.method, **{"kvp": args.kvp, "photons": args.photons, **rec})
         write_output(stem, img, sidecar, args.format)
         progress.report(f"{stem.name}.tif written ({g.width}x{g.height})", (i + 1) / len(views))
     return 0

@@ -404,24 +404,45 @@ def frame_poses(twin: Twin, pose=None, motion=None, frames=None, fps: float = 24
     return [(f, p, t) for f in range(a, b)]
 
 
+def _realistic_line_integral(scene, geometry, xray, seed, stream, step_mm, device, record) -> np.ndarray:
+    """-ln(I/I0) of a posed frame through core.xray: the frame composed onto one HU grid, one
+    projection per calibration material, then spectrum, detector and noise."""
+    from .articulated import to_projector_scene
+    from .projector import compose_scene, material_integrals
+    from .xray import form_image
+
+    ps = to_projector_scene(scene)
+    base = ps._pack()["base"]
+    vol = base if (not ps.subs and ps.warp is None) else compose_scene(ps)
+    xray.seed, xray.stream = seed, stream
+    ints = material_integrals(vol, geometry, xray.table(), step_mm=step_mm, device=device)
+    res = form_image(ints, xray, geometry)
+    record.update(res["sidecar"])
+    return -np.log(np.maximum(res["intensity"], 1e-30))
+
+
 def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=None, geometry=None,
                 size=None, device="auto", sad_mm=1000.0, sid_mm=1500.0, parallel=False,
                 method="trilinear", step_mm=None, value="line_integral", kvp=None, photons=None,
                 electronic_sigma=0.0, seed=0, fps: float = 24.0, annotate: bool = False,
-                views: dict | None = None) -> int:
+                views: dict | None = None, xray=None) -> int:
     """Render a twin's frames (posed by a pose file or a motion) as <view>_<frame>.tif + .json.
 
     ``annotate`` also writes, per frame and view, the projected label masks and the 2D joints and
     landmarks (``core.annotations``). ``views`` ({name: Geometry, or a callable frame -> Geometry})
-    overrides the named views, e.g. for a C-arm sweep.
+    overrides the named views, e.g. for a C-arm sweep. ``xray`` (a ``core.xray.XraySetup``; ``kvp``
+    makes one with default options) renders with the realistic physics chain instead of SPEC 5 mu.
     """
     from . import physics
     from .articulated import render_posed
     from .carm import named_view
     from .projector import frame_written, resolve_device, write_frame
 
-    if kvp is not None:
-        raise CtwinError("polyenergetic rendering (--kvp) is available for plain CTs (--ct), not yet for twins")
+    if xray is None and kvp is not None:
+        from .xray import XraySetup
+
+        xray = XraySetup(kvp=kvp, photons=photons, seed=seed,
+                         electronic_sigma=electronic_sigma if photons is not None else None)
     if method != "trilinear":
         raise CtwinError("twins render with the trilinear method (posed sub-volumes); drop --method siddon")
     twin = load_twin(twin_dir)
@@ -463,13 +484,17 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
                 from .annotations import write_annotations
 
                 write_annotations(stems[n], g, posed, joints, marks)
-            li = render_posed(scene, g, step_mm=step_mm, device=dev)
-            if photons is not None:
-                li = physics.add_noise(li, photons, electronic_sigma, seed + f)
+            rec = {}
+            if xray is not None:
+                li = _realistic_line_integral(scene, g, xray, seed + f, list(views).index(n), step_mm, dev, rec)
+            else:
+                li = render_posed(scene, g, step_mm=step_mm, device=dev)
+                if photons is not None:
+                    li = physics.add_noise(li, photons, electronic_sigma, seed + f)
             img = physics.to_value(li, value)
             sidecar = g.to_sidecar(frame=f, value=value, device=dev, source=str(twin.path),
                                    method=method, pose=np.asarray(p).tolist(),
-                                   transl_mm=None if t is None else np.asarray(t).tolist())
+                                   transl_mm=None if t is None else np.asarray(t).tolist(), **rec)
             write_frame(stems[n], img, sidecar)
             report(f"{stems[n].name}.tif written", done / total)
     return 0

@@ -201,3 +201,49 @@ def test_radiograph_value():
     L = np.linspace(0, 6, 1000)
     r = physics.to_value(L, "radiograph")
     assert r.min() == 0 and r.max() == 1 and np.all(np.diff(r) >= 0)  # bone (high integral) bright
+
+
+def test_render_cli_realistic_dicom(tmp_path, capsys):
+    pytest.importorskip("pydicom", reason="pydicom is not installed")
+    from ctwin import cli
+    from ctwin.core.dicom_dx import read_dx
+    from ctwin.core.fileio import read_json
+    from ctwin.core.volume import save_nifti
+
+    d = np.full((20, 16, 18), -1000, np.int16)
+    d[3:-3, 3:-3, 2:-2] = 20
+    d[8:12, 6:10, 4:14] = 1200
+    ct = tmp_path / "ct.nii.gz"
+    save_nifti(Volume(d, np.diag([2.0, 2.0, 2.0, 1.0])), ct)
+    out = tmp_path / "out"
+    args = ["render", "--ct", str(ct), "--size", "24", "--out", str(out), "--kvp", "80", "--filter-cu", "0.1",
+            "--detector", "paxscan4030cb", "--mas", "0.5", "--focal-spot-mm", "0.6", "--heel",
+            "--device", "cpu", "--format", "dicom", "--value", "radiograph"]
+    assert cli.main(args) == 0
+    for view in ("ap", "lateral"):
+        sc = read_json(out / f"{view}_0000.json")
+        img, ds = read_dx(out / f"{view}_0000.dcm")
+        assert img.shape == (24, 24) and 0 <= img.min() and img.max() <= 1 + 1e-6
+        assert len(sc["spectrum_kev"]) == len(sc["spectrum_fluence"]) > 50 and max(sc["spectrum_kev"]) < 80
+        assert sc["kvp"] == 80 and sc["filter_cu_mm"] == 0.1 and sc["heel"] and sc["detector"] == "paxscan4030cb"
+        assert sc["csi_um"] == 600 and sc["mas"] == 0.5 and sc["photons_per_pixel"] > 0
+        assert float(ds.KVP) == 80 and ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.1.1"
+    a = read_dx(out / "ap_0000.dcm")[0]
+    assert not np.array_equal(a, read_dx(out / "lateral_0000.dcm")[0])
+    # the physics flags need --kvp
+    assert cli.main(["render", "--ct", str(ct), "--out", str(tmp_path / "o2"), "--filter-al", "1"]) == 2
+    assert "needs --kvp" in capsys.readouterr().err
+
+
+def test_twin_renders_with_realistic_physics(twin_dir, tmp_path):
+    from ctwin.core.projector import read_frame
+    from ctwin.core.twin import render_twin
+
+    render_twin(twin_dir, tmp_path / "mono", size=32, device="cpu", view="ap")
+    render_twin(twin_dir, tmp_path / "real", size=32, device="cpu", view="ap", kvp=80,
+                xray=xray.XraySetup(kvp=80, detector="paxscan4030cb"))
+    mono, _ = read_frame(tmp_path / "mono" / "ap_0000")
+    real, sc = read_frame(tmp_path / "real" / "ap_0000")
+    assert sc["kvp"] == 80 and len(sc["spectrum_kev"]) > 50 and np.all(np.isfinite(real))
+    m = mono > 0.05 * mono.max()
+    assert np.corrcoef(mono[m], real[m])[0, 1] > 0.95 and not np.allclose(mono, real)
