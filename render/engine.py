@@ -50,22 +50,30 @@ def _render_frame(scene, frame):
     obj = scene_volumes.volumes_for_frame(scene, frame)
     device = resolve_device(s.device)
     step = s.step_mm if s.step_mm > 0 else None
+    if not isinstance(obj, (Scene, PreparedVolume)):
+        raise CtwinError(f"the volume provider returned {type(obj).__name__}, not a volume or scene")
+    info = {"frame": int(frame), "value": s.value, "device": device, "method": s.method,
+            "kvp": s.kvp or None, "photons": s.photons or None}
+    if s.kvp > 0:  # realistic physics (core.xray): posed scenes are composed onto one HU grid first
+        from ..core.projector import compose_scene, render_value
+        from ..core.xray import XraySetup
+
+        xr = XraySetup(kvp=s.kvp, filter_al_mm=s.filter_al_mm, filter_cu_mm=s.filter_cu_mm,
+                       detector=s.detector, focal_spot_mm=s.focal_spot_mm, photons=s.photons or None,
+                       electronic_sigma=s.electronic_noise or None, seed=s.seed + frame)
+        vol = obj
+        if isinstance(obj, Scene):
+            vol = obj._pack()["base"] if not obj.subs and obj.warp is None else compose_scene(obj)
+        img = render_value(vol, g, value=s.value, method=s.method if vol is obj else "trilinear",
+                           step_mm=step, device=device, xray=xr, record=info)
+        return img, g, info
     if isinstance(obj, Scene):
         li = render_scene(obj, g, step_mm=step, device=device)
-    elif isinstance(obj, PreparedVolume):
-        if s.kvp > 0:
-            from ..core.projector import render_value
-
-            li = render_value(obj, g, kvp=s.kvp, method=s.method, step_mm=step, device=device)
-        else:
-            li = render_drr(obj, g, method=s.method, step_mm=step, device=device)
     else:
-        raise CtwinError(f"the volume provider returned {type(obj).__name__}, not a volume or scene")
+        li = render_drr(obj, g, method=s.method, step_mm=step, device=device)
     if s.photons > 0:
         li = physics.add_noise(li, s.photons, s.electronic_noise, s.seed + frame)
     img = physics.to_value(li, s.value)
-    info = {"frame": int(frame), "value": s.value, "device": device, "method": s.method,
-            "kvp": s.kvp or None, "photons": s.photons or None}
     return img, g, info
 
 
@@ -118,16 +126,26 @@ class CTWIN_DRR_Settings(bpy.types.PropertyGroup):
     value: bpy.props.EnumProperty(name="Output", items=[
         ("line_integral", "Line integral", "integral of mu along the ray"),
         ("intensity", "Intensity", "Beer-Lambert I/I0"),
-        ("display", "Display", "log display in [0, 1]")], default="line_integral")
+        ("display", "Display", "log display in [0, 1]"),
+        ("radiograph", "Radiograph", "for presentation: log signal, per-image window, bone bright")],
+        default="line_integral")
     device: bpy.props.EnumProperty(name="Device", items=[
         ("auto", "Auto", "CUDA when available"), ("cpu", "CPU", ""), ("cuda", "CUDA", "")], default="auto")
     step_mm: bpy.props.FloatProperty(name="Step (mm)", default=0.0, min=0.0,
                                      description="trilinear step; 0 = half the smallest voxel")
-    kvp: bpy.props.FloatProperty(name="kVp", default=0.0, min=0.0, max=120.0,
-                                 description="polyenergetic spectrum (60-120); 0 = monoenergetic")
+    kvp: bpy.props.FloatProperty(name="kVp", default=0.0, min=0.0, max=150.0,
+                                 description="realistic physics, SpekPy spectrum (40-150); 0 = monoenergetic")
+    filter_al_mm: bpy.props.FloatProperty(name="Added Al (mm)", default=0.0, min=0.0)
+    filter_cu_mm: bpy.props.FloatProperty(name="Added Cu (mm)", default=0.0, min=0.0)
+    detector: bpy.props.EnumProperty(name="Detector", items=[
+        ("ideal", "Ideal", "absorbs every photon, no blur"),
+        ("paxscan4030cb", "PaxScan 4030CB", "C-arm flat panel, 600 um CsI"),
+        ("pixium4343", "Pixium 4343RC", "radiography panel, CsI")], default="ideal")
+    focal_spot_mm: bpy.props.FloatProperty(name="Focal spot (mm)", default=0.0, min=0.0)
     photons: bpy.props.FloatProperty(name="Photons/pixel", default=0.0, min=0.0,
                                      description="Poisson noise; 0 = noiseless")
-    electronic_noise: bpy.props.FloatProperty(name="Electronic noise", default=0.0, min=0.0)
+    electronic_noise: bpy.props.FloatProperty(name="Electronic noise", default=0.0, min=0.0,
+                                              description="counts; with kVp, 0 = the detector's own")
     seed: bpy.props.IntProperty(name="Seed", default=0, min=0)
     write_frames: bpy.props.BoolProperty(
         name="Write frames on F12", default=True,
@@ -148,8 +166,8 @@ class CTWIN_DRR_PT_settings(bpy.types.Panel):
     def draw(self, context):
         s = context.scene.ctwin_drr
         col = self.layout.column()
-        for name in ("ct_path", "method", "value", "device", "step_mm", "kvp", "photons",
-                     "electronic_noise", "seed", "write_frames"):
+        for name in ("ct_path", "method", "value", "device", "step_mm", "kvp", "filter_al_mm", "filter_cu_mm",
+                     "detector", "focal_spot_mm", "photons", "electronic_noise", "seed", "write_frames"):
             col.prop(s, name)
 
 

@@ -118,3 +118,26 @@ def test_f12_and_animation_render_with_resume(registered, ct_file, tmp_path):
     assert not list((tmp_path / "drr").glob(".*part*"))
     names = sorted(p.name for p in (tmp_path / "drr").iterdir() if p.suffix in (".tif", ".json"))
     assert names == [f"frame_000{f}.{e}" for f in (1, 2, 3) for e in ("json", "tif")]
+
+
+def test_render_engine_realistic_physics(registered, ct_file, tmp_path):
+    pytest.importorskip("spekpy", reason="SpekPy is not installed")
+    from ctwin.core.projector import render_value
+    from ctwin.core.xray import XraySetup
+    from ctwin.render import scene_volumes
+
+    vol, path = ct_file
+    g = named_view("ap", vol, size=(24, 20))
+    scene, cam = _scene_with_camera(g)
+    scene.render.engine = "CTWIN_DRR"
+    s = scene.ctwin_drr
+    s.ct_path, s.kvp, s.detector, s.filter_cu_mm, s.value = str(path), 90.0, "paxscan4030cb", 0.1, "intensity"
+    scene.render.filepath = str(tmp_path / "drr" / "frame_")
+    scene_volumes.clear_cache()
+    scene.frame_set(1)
+    bpy.ops.render.render()
+    img, sc = read_frame(tmp_path / "drr" / "frame_0001")
+    expect = render_value(vol, g, value="intensity", device="cpu",
+                          xray=XraySetup(kvp=90, detector="paxscan4030cb", filter_cu_mm=0.1))
+    assert np.abs(img - expect).max() <= 2e-3 and expect.min() < 0.9
+    assert sc["kvp"] == 90 and sc["detector"] == "paxscan4030cb" and len(sc["spectrum_kev"]) > 50
