@@ -153,5 +153,6 @@ def run(args) -> int:
         sidecar = g.to_sidecar(frame=frame, value=args.value, device=device, source=str(ctp),
                                method=args.method, **{"kvp": args.kvp, "photons": args.photons, **rec})
         write_output(stem, img, sidecar, args.format)
-        progress.report(f"{stem.name}.tif written ({g.width}x{g.height})", (i + 1) / len(views))
+        ext = "dcm" if args.format == "dicom" else "tif"
+        progress.report(f"{stem.name}.{ext} written ({g.width}x{g.height})", (i + 1) / len(views))
     return 0
