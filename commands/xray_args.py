@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PHYSICS_FLAGS = ("filter_al", "filter_cu", "anode_angle", "heel", "detector", "csi_um", "focal_spot_mm",
-                 "hu_table", "mas")
+                 "hu_table", "mas", "scatter", "grid", "grid_lines")
 
 
 def add_arguments(p) -> None:
@@ -23,6 +23,10 @@ def add_arguments(p) -> None:
     g.add_argument("--focal-spot-mm", type=float, default=None, metavar="MM", help="focal spot size (blur scaled by magnification)")
     g.add_argument("--hu-table", default=None, metavar="FILE", help="JSON HU -> materials calibration (default: stoichiometric, Schneider 2000 ranges)")
     g.add_argument("--mas", type=float, default=None, metavar="MAS", help="tube current-time product: photon count from SpekPy's fluence (noise)")
+    g.add_argument("--scatter", action="store_true",
+                   help="add first-order scatter (kernel model; the scatter-to-primary ratio goes into the sidecar)")
+    g.add_argument("--grid", type=float, default=None, metavar="RATIO", help="anti-scatter grid ratio (e.g. 10)")
+    g.add_argument("--grid-lines", type=float, default=None, metavar="PER_CM", help="grid line density (default 40 per cm)")
     p.add_argument("--format", default="tiff", choices=("tiff", "dicom"),
                    help="frame file: 32-bit float TIFF (default) or DICOM DX (16-bit with rescale)")
 
@@ -36,13 +40,18 @@ def setup_from_args(args):
         if used:
             raise CtwinError(f"--{used[0].replace('_', '-')} needs --kvp (the monoenergetic default has no spectrum)")
         return None
-    from ..core.xray import ANODE_ANGLE_DEG, XraySetup
+    from ..core.xray import ANODE_ANGLE_DEG, GRID_LINES_PER_CM, XraySetup
+
+    if args.grid_lines is not None and args.grid is None:
+        raise CtwinError("--grid-lines needs --grid RATIO")
 
     return XraySetup(kvp=args.kvp, filter_al_mm=args.filter_al, filter_cu_mm=args.filter_cu,
                      anode_angle_deg=ANODE_ANGLE_DEG if args.anode_angle is None else args.anode_angle,
                      heel=bool(args.heel), detector=args.detector or "ideal", csi_um=args.csi_um,
                      focal_spot_mm=args.focal_spot_mm or 0.0, mas=args.mas, photons=args.photons,
-                     electronic_sigma=args.electronic_noise, seed=args.seed, hu_table=args.hu_table)
+                     electronic_sigma=args.electronic_noise, seed=args.seed, hu_table=args.hu_table,
+                     scatter=bool(args.scatter), grid_ratio=args.grid,
+                     grid_lines_per_cm=GRID_LINES_PER_CM if args.grid_lines is None else args.grid_lines)
 
 
 def frame_written(stem, fmt: str) -> bool:

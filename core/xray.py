@@ -26,8 +26,9 @@ Everything physical comes from the field's libraries, never from a hand-written 
   blur correlates the noise as a real panel's scintillator does), each photon carrying the pixel's
   mean deposited energy (the Swank factor of the spectrum is ignored); Gaussian electronic noise is
   added after the blur, in units of detected photons at the open field's mean energy.
-- Scatter is not modelled: images are primary only (a kernel model needs validation against
-  published Monte Carlo scatter-to-primary ratios, which this module does not have yet).
+- Scatter (optional): first-order scatter by thickness-dependent kernels derived from xraylib's
+  differential cross sections of water, and a linear anti-scatter grid (see the scatter section
+  below). Multiple scatter is not modelled, so the scatter-to-primary ratio is a lower bound.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ KVP_RANGE = (40.0, 150.0)
 INHERENT_AL_MM = 2.5  # IEC 60601-1-3 minimum total filtration of a diagnostic tube above 70 kV
 ANODE_ANGLE_DEG = 12.0  # a typical diagnostic tube's target angle (SpekPy's default example)
 CT_KEV = 70.0
+GRID_LAMELLA_MM = 0.036   # anti-scatter grid lamella thickness (assumed; see the scatter section)
+GRID_LINES_PER_CM = 40.0  # default grid line density (see the scatter section)
 
 # --- materials ---------------------------------------------------------------------------------
 # short name -> xraylib NIST compound name (composition and density from xraylib)
@@ -353,6 +356,9 @@ class XraySetup:
     seed: int = 0
     stream: int = 0  # a second seed key: views of one frame draw independent noise
     hu_table: str | None = None
+    scatter: bool = False
+    grid_ratio: float | None = None
+    grid_lines_per_cm: float = GRID_LINES_PER_CM
 
     def __post_init__(self):
         self.kvp = check_kvp(self.kvp)
@@ -368,6 +374,12 @@ class XraySetup:
             v = getattr(self, nm)
             if v is not None and not v > 0:
                 raise CtwinError(f"{nm} must be positive, got {v}")
+        if self.grid_ratio is not None and not 1.0 <= self.grid_ratio <= 40.0:
+            raise CtwinError(f"grid ratio must be within 1-40, got {self.grid_ratio:g}")
+        if not 5.0 <= self.grid_lines_per_cm <= 200.0:
+            raise CtwinError(f"grid line density must be within 5-200 per cm, got {self.grid_lines_per_cm:g}")
+        if self.grid_ratio:
+            grid_transmission(60.0, np.zeros(1), self.grid_ratio, self.grid_lines_per_cm)
         spectrum(self.kvp, self.filter_al_mm, self.filter_cu_mm, self.anode_angle_deg, self.inherent_al_mm)
 
     @property
@@ -489,11 +501,61 @@ def noisy_energy(energy, quanta, n_detected_open: float, electronic_sigma: float
     return sig
 
 
+def _midplane_to_detector_mm(geometry) -> float:
+    if geometry.parallel:
+        return 500.0
+    sad = float(geometry.extra.get("sad_mm", geometry.sid_mm / 1.5))
+    return max(geometry.sid_mm - sad, 50.0)
+
+
+def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int = 128):
+    """Grid and first-order scatter on the primary images of ``polychromatic``: (energy, quanta,
+    sidecar record with the scatter-to-primary ratio). Scatter is smooth, so it is computed on a grid
+    of at most ``max_px`` pixels a side and interpolated back."""
+    from scipy.ndimage import zoom
+
+    H, W = energy.shape
+    rel = energy / p["open_energy"]                          # I/I0 (energy weighted) per row's open field
+    body = rel < 0.99
+    e_sum, q_sum = float(energy[body].sum()), float(quanta[body].sum())
+    kev = p["mean_detected_kev"] * (e_sum / q_sum if body.any() and q_sum > 0 else 1.0)
+    tp, _ = grid_transmission(kev, np.zeros(1), setup.grid_ratio, setup.grid_lines_per_cm)
+    d = _midplane_to_detector_mm(geometry)
+    rec = {"grid_ratio": setup.grid_ratio, "grid_lines_per_cm": setup.grid_lines_per_cm if setup.grid_ratio else None,
+           "grid_lamella_mm": GRID_LAMELLA_MM if setup.grid_ratio else None,
+           "grid_primary_transmission": float(tp), "effective_kev": float(kev)}
+    if not setup.scatter:
+        return energy * tp, quanta * tp, {**rec, "model": None, "spr_mean": None}
+    f = max(1, int(math.ceil(max(H, W) / max_px)))
+    hc, wc = -(-H // f), -(-W // f)
+    pad = np.pad(rel, ((0, hc * f - H), (0, wc * f - W)), mode="edge")
+    coarse = pad.reshape(hc, f, wc, f).mean(axis=(1, 3))
+    du, dv = geometry.pixel_spacing_mm
+    sc, tau = scatter_image(coarse, kev, (du * f, dv * f), d, setup.csi, setup.grid_ratio, setup.grid_lines_per_cm)
+    if f > 1:
+        sc = zoom(sc, f, order=1, mode="nearest", grid_mode=True)[:H, :W]
+    s_e = sc * p["open_energy"]                              # scatter in the energy units of ``energy``
+    per_q = (q_sum / e_sum) if e_sum > 0 else float(quanta.sum() / max(energy.sum(), 1e-300))
+    e_out = energy * tp + s_e
+    q_out = quanta * tp + s_e * per_q
+    prim = energy * tp
+    spr = s_e / np.maximum(prim, 1e-30)
+    cy, cx = H // 2, W // 2
+    rec.update({"model": "first-order kernels from xraylib water cross sections (multiple scatter not modelled)",
+                "spr_mean": float(s_e[body].sum() / max(prim[body].sum(), 1e-30)) if body.any() else 0.0,
+                "spr_centre": float(spr[cy, cx]), "spr_max_body": float(spr[body].max()) if body.any() else 0.0,
+                "midplane_to_detector_mm": d, "water_equivalent_mm_max": float(tau.max())})
+    return e_out, q_out, rec
+
+
 def form_image(material_integrals: dict, setup: XraySetup, geometry) -> dict:
     """Primary image, detector blur, noise: {"intensity": I/I0 (H, W) float64 (relative to the open
     field at the detector centre), "sidecar": the physics record}."""
     p = polychromatic(material_integrals, setup, geometry)
     energy, quanta = p["energy"], p["quanta"]
+    scatter_rec = None
+    if setup.scatter or setup.grid_ratio:
+        energy, quanta, scatter_rec = add_scatter(energy, quanta, p, setup, geometry)
     sigma = blur_sigma_px(setup, geometry)
     preset = detector_preset(setup.detector)
     n_inc = None
@@ -510,6 +572,187 @@ def form_image(material_integrals: dict, setup: XraySetup, geometry) -> dict:
     rec.update({"spectrum_kev": p["spectrum_kev"].tolist(), "spectrum_fluence": p["spectrum_fluence"].tolist(),
                 "spectrum_fluence_unit": "photons / cm^2 / mAs per 1 keV bin at the detector (SpekPy)",
                 "spectrum_source": "SpekPy", "mean_detected_kev": p["mean_detected_kev"],
-                "blur_sigma_px": list(sigma), "photons_per_pixel": n_inc, "scatter": None,
+                "blur_sigma_px": list(sigma), "photons_per_pixel": n_inc, "scatter_model": scatter_rec,
+                "spr": None if scatter_rec is None else scatter_rec.get("spr_mean"),
                 "hu_table": setup.table().to_dict()})
     return {"intensity": sig, "sidecar": rec}
+
+
+# --- scatter -----------------------------------------------------------------------------------
+# First-order (single) scatter by thickness-dependent convolution kernels, in the form of the kernel
+# methods (Ohnesorge, Flohr & Klingenbeck-Regn, Eur Radiol 9:563, 1999; Star-Lack et al., Proc SPIE
+# 7258, 2009): each pixel's pencil beam emits scatter in proportion to its primary signal, spread
+# over the detector by a kernel that depends on the water-equivalent thickness tau of the pencil,
+# tau = ln(I0 / P) / mu_water(E_eff). Nothing is fitted; kernel and amplitude follow from xraylib's
+# differential cross sections of water (DCS_Compt: Klein-Nishina with the incoherent scattering
+# function; DCS_Rayl: with the atomic form factor):
+# - a pencil through tau that scatters once and leaves like a primary carries P x mu_s tau of the
+#   primary signal as scatter (first order in depth: I0 e^{-mu z} mu_s dz e^{-mu (tau - z)});
+# - scattering at height h above the pencil's exit (8 depths through tau, the body's mid-plane d above
+#   the detector), the photon leaves at angle theta with probability (dsigma/dOmega) / sigma_s, lands
+#   at r = L tan(theta) on the detector L below (density cos^3(theta) / L^2 per unit area), pays the
+#   oblique exit path at its lower (Compton) energy, exp(-(mu'/cos(theta) - mu) h) relative to the
+#   primary, and deposits E' eta(E') instead of E eta(E) in the energy-integrating detector.
+# Multiple scatter is not modelled: in thick bodies (> ~10 cm water) it is a large part of the total,
+# so the SPR here is a first-order value (a lower bound). No published Monte Carlo SPR table could be
+# obtained to validate the kernels; they are checked against a direct volume integration of single
+# scatter in a water slab (tests, benchmarks/bench_scatter.py), which tests the kernel
+# approximations (mid-plane scattering, laterally uniform slab), not the physics of multiple scatter.
+SCATTER_TAU_MM = (0.0, 25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0)  # kernel groups, interpolated
+# Anti-scatter grid: a linear focused grid of lead lamellae with aluminium interspacers (the common
+# radiography grid, e.g. 40 lines/cm, ratio 10:1). The lamella thickness is not given by the ratio and
+# line density; 36 um is assumed (a typical value, not a datasheet figure). Primary transmission:
+# open fraction x interspacer attenuation; scatter at angle theta, azimuth phi to the lamellae, passes
+# one interspace when r tan(theta) |cos(phi)| < 1 (opaque lamellae; the geometric model of grid
+# selectivity, e.g. Day & Dance, Phys Med Biol 28:1429, 1983), averaged over phi.
+
+
+def _water_dcs(kev: float, theta) -> np.ndarray:
+    """Water's differential scattering cross section (coherent + incoherent) in cm^2/g/sr."""
+    import xraylib as xr
+
+    zs, ws, _, _ = composition("water")
+    th = np.maximum(np.asarray(theta, float), 1e-3)  # xraylib's S(q) table starts there
+    out = np.zeros(th.shape)
+    for z, w in zip(zs, ws):
+        out += w * np.array([xr.DCS_Compt(int(z), float(kev), float(t)) + xr.DCS_Rayl(int(z), float(kev), float(t))
+                             for t in th.ravel()]).reshape(th.shape)
+    return out
+
+
+def _compton_kev(kev, theta):
+    return kev / (1.0 + kev / 510.99895 * (1.0 - np.cos(theta)))
+
+
+def grid_transmission(kev: float, theta, ratio: float | None, lines_per_cm: float = GRID_LINES_PER_CM):
+    """(primary transmission, transmission at scatter angle theta averaged over azimuth)."""
+    th = np.asarray(theta, float)
+    if not ratio:
+        return 1.0, np.ones(th.shape)
+    pitch = 10.0 / float(lines_per_cm)                 # mm
+    gap = pitch - GRID_LAMELLA_MM
+    if gap <= 0:
+        raise CtwinError(f"grid line density {lines_per_cm:g}/cm leaves no interspace for {GRID_LAMELLA_MM * 1000:g} um lamellae")
+    h_cm = float(ratio) * gap / 10.0
+    mu_al = float(mass_attenuation("aluminium", kev)) * density("aluminium")
+    open_frac = gap / pitch
+    tp = open_frac * math.exp(-mu_al * h_cm)
+    a = float(ratio) * np.tan(np.minimum(th, np.pi / 2 - 1e-6))
+    phi0 = np.where(a > 1.0, np.arccos(np.minimum(1.0, 1.0 / np.maximum(a, 1e-12))), 0.0)
+    geo = (2.0 / np.pi) * ((np.pi / 2 - phi0) - a * (1.0 - np.sin(phi0)))
+    e2 = _compton_kev(kev, th)
+    mu2 = mass_attenuation("aluminium", np.clip(e2, 1.0, None)) * density("aluminium")
+    ts = open_frac * np.clip(geo, 0.0, 1.0) * np.exp(-mu2 * h_cm / np.cos(np.minimum(th, 1.5)))
+    return tp, ts
+
+
+@functools.lru_cache(maxsize=64)
+def _angle_weights_cached(kev: float, csi_um):
+    """Angles, and per angle: dcs / sigma_s (1/sr), deposited-energy ratio E'eta(E')/(E eta(E)), mu'."""
+    th = np.linspace(1e-3, np.pi / 2 - 1e-3, 1500)
+    dcs = _water_dcs(kev, th)
+    full = np.linspace(1e-3, np.pi, 3000)
+    sig = np.trapz(_water_dcs(kev, full) * 2 * np.pi * np.sin(full), full)   # cm^2/g
+    e2 = _compton_kev(kev, th)
+    eta = absorbed_fraction(np.r_[kev, e2], csi_um)
+    wdet = e2 * eta[1:] / (kev * eta[0])
+    mu2 = mass_attenuation("water", e2) * density("water")                  # 1/cm
+    return th, dcs / sig, wdet, mu2, sig
+
+
+def _angle_weights(kev: float, csi_um):
+    return _angle_weights_cached(round(float(kev), 2), None if csi_um is None else float(csi_um))
+
+
+def scatter_kernel(kev: float, tau_mm: float, d_mm: float, shape, spacing_mm, csi_um=None,
+                   grid_ratio=None, grid_lines_per_cm: float = GRID_LINES_PER_CM) -> np.ndarray:
+    """Detected scatter per unit primary scatter source, on a (2H-1, 2W-1) grid of pixel offsets
+    (rows, cols), per pixel: landing density x pixel area x energy and grid weights."""
+    H, W = shape
+    du, dv = spacing_mm
+    y = (np.arange(2 * H - 1) - (H - 1)) * dv
+    x = (np.arange(2 * W - 1) - (W - 1)) * du
+    r = np.hypot(y[:, None], x[None, :])
+    th_tab, p_tab, w_tab, mu2_tab, _ = _angle_weights(kev, csi_um)
+    mu = float(mass_attenuation("water", kev)) * density("water")
+    _, ts_tab = grid_transmission(kev, th_tab, grid_ratio, grid_lines_per_cm)
+    out = np.zeros(r.shape)
+    n = 8 if tau_mm > 0 else 1
+    for j in range(n):  # scatter depths across the pencil (midpoints), h above the exit surface
+        h_mm = tau_mm * (j + 0.5) / n
+        dist = d_mm - tau_mm / 2.0 + h_mm
+        f_tab = p_tab * w_tab * ts_tab * np.exp(-(mu2_tab / np.cos(th_tab) - mu) * h_mm / 10.0)
+        th = np.arctan2(r, dist)
+        out += np.interp(th, th_tab, f_tab, right=0.0) * np.cos(th) ** 3 / dist ** 2
+    return out / n * du * dv
+
+
+def scatter_image(primary, kev: float, spacing_mm, d_mm: float, csi_um=None, grid_ratio=None,
+                  grid_lines_per_cm: float = GRID_LINES_PER_CM) -> tuple:
+    """First-order scatter (same units as ``primary``, which is I/I0 without the grid) and the
+    water-equivalent thickness map (mm). ``d_mm``: the body's mid-plane to the detector."""
+    from scipy.signal import fftconvolve
+
+    p = np.clip(np.asarray(primary, np.float64), 1e-30, None)
+    mu = float(mass_attenuation("water", kev)) * density("water")            # 1/cm
+    tau = np.clip(-np.log(np.minimum(p, 1.0)) / mu * 10.0, 0.0, SCATTER_TAU_MM[-1])
+    *_, sig = _angle_weights(kev, csi_um)
+    mu_s = sig * density("water")
+    source = p * mu_s * tau / 10.0                                            # P x mu_s x tau
+    knots = np.asarray(SCATTER_TAU_MM)
+    out = np.zeros_like(p)
+    for k, t in enumerate(knots):
+        lo = knots[k - 1] if k > 0 else t
+        hi = knots[k + 1] if k + 1 < len(knots) else t
+        w = np.zeros_like(tau)
+        if hi > t:
+            sel = (tau >= t) & (tau <= hi)
+            w[sel] = 1.0 - (tau[sel] - t) / (hi - t)
+        else:
+            w[tau >= t] = 1.0
+        if lo < t:
+            sel = (tau >= lo) & (tau < t)
+            w[sel] = (tau[sel] - lo) / (t - lo)
+        if not np.any(w > 0):
+            continue
+        kern = scatter_kernel(kev, t, d_mm, p.shape, spacing_mm, csi_um, grid_ratio, grid_lines_per_cm)
+        out += fftconvolve(source * w, kern, mode="valid")
+    return np.maximum(out, 0.0), tau
+
+
+def slab_spr_reference(kev: float, tau_mm: float, d_mm: float, field_mm, csi_um=None, grid_ratio=None,
+                       grid_lines_per_cm: float = GRID_LINES_PER_CM, n: int = 200) -> float:
+    """Single-scatter SPR at the centre of a water slab (thickness ``tau_mm``, mid-plane ``d_mm`` above
+    the detector, parallel beam over a ``field_mm`` (w, h) rectangle) by direct volume integration:
+    every depth, incident attenuation at E, the true oblique exit path at E', inverse square and
+    obliquity to the central pixel. Slow and obvious; the reference for the kernel model."""
+    mu = float(mass_attenuation("water", kev)) * density("water") / 10.0     # 1/mm
+    rho = density("water")
+    hz = np.linspace(d_mm - tau_mm / 2, d_mm + tau_mm / 2, n + 1)
+    hz = 0.5 * (hz[1:] + hz[:-1])
+    dz = tau_mm / n
+    fx, fy = field_mm[0] / 2.0, field_mm[1] / 2.0
+    xs = np.linspace(-fx, fx, 2 * n + 1)
+    ys = np.linspace(-fy, fy, 2 * n + 1)
+    X, Y = np.meshgrid(xs, ys, indexing="ij")
+    R = np.hypot(X, Y)
+    dx, dy = xs[1] - xs[0], ys[1] - ys[0]
+    th_tab, p_tab, w_tab, mu2_tab, sig = _angle_weights(kev, csi_um)
+    _, ts_tab = grid_transmission(kev, th_tab, grid_ratio, grid_lines_per_cm)
+    tp, _ = grid_transmission(kev, np.zeros(1), grid_ratio, grid_lines_per_cm)
+    dcs = p_tab * sig                                                          # cm^2/g/sr
+    total = 0.0
+    top = d_mm + tau_mm / 2
+    bottom = d_mm - tau_mm / 2
+    for h in hz:
+        L2 = R ** 2 + h ** 2
+        th = np.arctan2(R, h)
+        c = np.cos(th)
+        inc = math.exp(-mu * (top - h))
+        exit_len = (h - bottom) / c                                            # mm inside the slab
+        mu2 = np.interp(th, th_tab, mu2_tab) / 10.0
+        f = (np.interp(th, th_tab, dcs * w_tab * ts_tab, right=0.0) * rho / 10.0  # per mm per sr
+             * np.exp(-mu2 * exit_len) * c / L2)
+        total += inc * float(f.sum()) * dx * dy * dz
+    primary = math.exp(-mu * tau_mm) * tp
+    return total / primary
