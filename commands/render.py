@@ -93,8 +93,6 @@ def run(args) -> int:
     frames = parse_frames(args.frames)
     out = Path(args.out)
     xray = setup_from_args(args)
-    if args.twin and args.format != "tiff":
-        raise CtwinError("--format dicom is available for plain CTs (--ct); twins write TIFF for now")
     geometry = None
     if args.geometry:
         gp = Path(args.geometry)
@@ -116,7 +114,7 @@ def run(args) -> int:
         return int(render_twin(args.twin, out_dir=out, pose=args.pose, motion=args.motion,
                                frames=frames, view=args.view, geometry=geometry, size=size,
                                device=args.device, sad_mm=args.sad, sid_mm=args.sid,
-                               parallel=args.parallel, xray=xray, **options(args)) or 0)
+                               parallel=args.parallel, xray=xray, fmt=args.format, **options(args)) or 0)
     if args.pose or args.motion:
         raise CtwinError("--pose and --motion need --twin (a plain CT has no skeleton to pose)")
     if frames is not None and frames[1] - frames[0] != 1:

@@ -57,21 +57,19 @@ def setup_from_args(args):
 def frame_written(stem, fmt: str) -> bool:
     from ..core.projector import frame_written as tif_written
 
-    stem = Path(stem)
     if fmt == "dicom":
-        return stem.with_name(stem.name + ".dcm").is_file() and stem.with_name(stem.name + ".json").is_file()
-    return tif_written(stem)
+        from ..core.dicom_dx import dicom_frame_written
+
+        return dicom_frame_written(stem)
+    return tif_written(Path(stem))
 
 
 def write_output(stem, image, sidecar: dict, fmt: str) -> None:
     """``stem.tif`` or ``stem.dcm``, and ``stem.json`` beside it (written last)."""
     if fmt == "dicom":
-        from ..core.dicom_dx import write_dx
-        from ..core.fileio import write_json
+        from ..core.dicom_dx import write_frame_dicom
 
-        sidecar = {**sidecar, "format": "dicom"}
-        write_dx(Path(stem).with_name(Path(stem).name + ".dcm"), image, sidecar)
-        write_json(Path(stem).with_name(Path(stem).name + ".json"), sidecar)
+        write_frame_dicom(stem, image, sidecar)
         return
     from ..core.projector import write_frame
 

@@ -127,3 +127,18 @@ def read_dx(path) -> tuple:
     ds = pydicom.dcmread(str(path))
     img = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     return img, ds
+
+
+def write_frame_dicom(stem, image, sidecar: dict) -> None:
+    """``stem.dcm`` (DX) and ``stem.json`` beside it (written last, so it marks a finished frame)."""
+    from .fileio import write_json
+
+    stem = Path(stem)
+    sidecar = {**sidecar, "format": "dicom"}
+    write_dx(stem.with_name(stem.name + ".dcm"), image, sidecar)
+    write_json(stem.with_name(stem.name + ".json"), sidecar)
+
+
+def dicom_frame_written(stem) -> bool:
+    stem = Path(stem)
+    return stem.with_name(stem.name + ".dcm").is_file() and stem.with_name(stem.name + ".json").is_file()

@@ -425,18 +425,26 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
                 size=None, device="auto", sad_mm=1000.0, sid_mm=1500.0, parallel=False,
                 method="trilinear", step_mm=None, value="line_integral", kvp=None, photons=None,
                 electronic_sigma=0.0, seed=0, fps: float = 24.0, annotate: bool = False,
-                views: dict | None = None, xray=None) -> int:
+                views: dict | None = None, xray=None, fmt: str = "tiff") -> int:
     """Render a twin's frames (posed by a pose file or a motion) as <view>_<frame>.tif + .json.
 
     ``annotate`` also writes, per frame and view, the projected label masks and the 2D joints and
     landmarks (``core.annotations``). ``views`` ({name: Geometry, or a callable frame -> Geometry})
     overrides the named views, e.g. for a C-arm sweep. ``xray`` (a ``core.xray.XraySetup``; ``kvp``
     makes one with default options) renders with the realistic physics chain instead of SPEC 5 mu.
+    ``fmt`` "dicom" writes each frame as a DICOM DX file (``core.dicom_dx``) instead of a TIFF.
     """
     from . import physics
     from .articulated import render_posed
     from .carm import named_view
-    from .projector import frame_written, resolve_device, write_frame
+    from .projector import frame_written as tif_written, resolve_device, write_frame as write_tif
+
+    if fmt not in ("tiff", "dicom"):
+        raise CtwinError(f"unknown frame format {fmt!r}; use tiff or dicom")
+    if fmt == "dicom":
+        from .dicom_dx import dicom_frame_written as frame_written, write_frame_dicom as write_frame
+    else:
+        frame_written, write_frame = tif_written, write_tif
 
     if xray is None and kvp is not None:
         from .xray import XraySetup
@@ -496,6 +504,6 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
                                    method=method, pose=np.asarray(p).tolist(),
                                    transl_mm=None if t is None else np.asarray(t).tolist(), **rec)
             write_frame(stems[n], img, sidecar)
-            report(f"{stems[n].name}.tif written", done / total)
+            report(f"{stems[n].name}.{'dcm' if fmt == 'dicom' else 'tif'} written", done / total)
     return 0
 

@@ -530,8 +530,12 @@ def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int
     hc, wc = -(-H // f), -(-W // f)
     pad = np.pad(rel, ((0, hc * f - H), (0, wc * f - W)), mode="edge")
     coarse = pad.reshape(hc, f, wc, f).mean(axis=(1, 3))
+    e = p["spectrum_kev"]
+    deposit = p["spectrum_fluence"] * absorbed_fraction(e, setup.csi) * e
+    tau_c, knot_kev = water_equivalent(coarse, e, deposit)
     du, dv = geometry.pixel_spacing_mm
-    sc, tau = scatter_image(coarse, kev, (du * f, dv * f), d, setup.csi, setup.grid_ratio, setup.grid_lines_per_cm)
+    sc, tau = scatter_image(coarse, kev, (du * f, dv * f), d, setup.csi, setup.grid_ratio, setup.grid_lines_per_cm,
+                            tau=tau_c, knot_kev=knot_kev)
     if f > 1:
         sc = zoom(sc, f, order=1, mode="nearest", grid_mode=True)[:H, :W]
     s_e = sc * p["open_energy"]                              # scatter in the energy units of ``energy``
@@ -688,18 +692,22 @@ def scatter_kernel(kev: float, tau_mm: float, d_mm: float, shape, spacing_mm, cs
 
 
 def scatter_image(primary, kev: float, spacing_mm, d_mm: float, csi_um=None, grid_ratio=None,
-                  grid_lines_per_cm: float = GRID_LINES_PER_CM) -> tuple:
+                  grid_lines_per_cm: float = GRID_LINES_PER_CM, tau=None, knot_kev=None) -> tuple:
     """First-order scatter (same units as ``primary``, which is I/I0 without the grid) and the
-    water-equivalent thickness map (mm). ``d_mm``: the body's mid-plane to the detector."""
+    water-equivalent thickness map (mm). ``d_mm``: the body's mid-plane to the detector.
+
+    Monoenergetic at ``kev`` unless ``tau`` (the water-equivalent thickness per pixel, from the
+    polychromatic transmission) and ``knot_kev`` (the beam's energy behind each of
+    ``SCATTER_TAU_MM``) are given."""
     from scipy.signal import fftconvolve
 
     p = np.clip(np.asarray(primary, np.float64), 1e-30, None)
-    mu = float(mass_attenuation("water", kev)) * density("water")            # 1/cm
-    tau = np.clip(-np.log(np.minimum(p, 1.0)) / mu * 10.0, 0.0, SCATTER_TAU_MM[-1])
-    *_, sig = _angle_weights(kev, csi_um)
-    mu_s = sig * density("water")
-    source = p * mu_s * tau / 10.0                                            # P x mu_s x tau
     knots = np.asarray(SCATTER_TAU_MM)
+    if tau is None:
+        mu = float(mass_attenuation("water", kev)) * density("water")        # 1/cm
+        tau = -np.log(np.minimum(p, 1.0)) / mu * 10.0
+    tau = np.clip(np.asarray(tau, np.float64), 0.0, knots[-1])
+    kevs = [float(kev)] * len(knots) if knot_kev is None else [float(k) for k in knot_kev]
     out = np.zeros_like(p)
     for k, t in enumerate(knots):
         lo = knots[k - 1] if k > 0 else t
@@ -715,9 +723,29 @@ def scatter_image(primary, kev: float, spacing_mm, d_mm: float, csi_um=None, gri
             w[sel] = (tau[sel] - lo) / (t - lo)
         if not np.any(w > 0):
             continue
-        kern = scatter_kernel(kev, t, d_mm, p.shape, spacing_mm, csi_um, grid_ratio, grid_lines_per_cm)
-        out += fftconvolve(source * w, kern, mode="valid")
+        *_, sig = _angle_weights(kevs[k], csi_um)
+        source = p * sig * density("water") * tau / 10.0 * w                  # P x mu_s x tau
+        kern = scatter_kernel(kevs[k], t, d_mm, p.shape, spacing_mm, csi_um, grid_ratio, grid_lines_per_cm)
+        out += fftconvolve(source, kern, mode="valid")
     return np.maximum(out, 0.0), tau
+
+
+def water_equivalent(rel, spectrum_kev, weights) -> tuple:
+    """Water-equivalent thickness (mm) of an energy-weighted transmission ``rel`` for a beam of
+    detected-energy ``weights`` per bin (beam hardening included), and the weighted mean energy of
+    that beam behind each of ``SCATTER_TAU_MM``."""
+    e = np.asarray(spectrum_kev, float)
+    wts = np.asarray(weights, float)
+    mu = mass_attenuation("water", e) * density("water") / 10.0                # 1/mm
+    grid = np.arange(0.0, SCATTER_TAU_MM[-1] + 1.0, 1.0)
+    att = np.exp(-np.outer(grid, mu)) * wts[None, :]
+    lt = -np.log(att.sum(1) / wts.sum())                                        # increasing in tau
+    tau = np.interp(-np.log(np.clip(rel, 1e-30, 1.0)), lt, grid)
+    ks = []
+    for t in SCATTER_TAU_MM:
+        a = np.exp(-mu * t) * wts
+        ks.append(float((a * e).sum() / a.sum()))
+    return tau, ks
 
 
 def slab_spr_reference(kev: float, tau_mm: float, d_mm: float, field_mm, csi_um=None, grid_ratio=None,

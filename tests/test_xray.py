@@ -293,6 +293,18 @@ def test_twin_renders_with_realistic_physics(twin_dir, tmp_path):
     assert sc["kvp"] == 80 and len(sc["spectrum_kev"]) > 50 and np.all(np.isfinite(real))
     m = mono > 0.05 * mono.max()
     assert np.corrcoef(mono[m], real[m])[0, 1] > 0.95 and not np.allclose(mono, real)
+    # DICOM frames for twins, with scatter and a grid
+    pytest.importorskip("pydicom", reason="pydicom is not installed")
+    from ctwin.core.dicom_dx import read_dx
+    from ctwin.core.fileio import read_json
+
+    render_twin(twin_dir, tmp_path / "dcm", size=32, device="cpu", view="ap", fmt="dicom",
+                xray=xray.XraySetup(kvp=80, detector="paxscan4030cb", scatter=True, grid_ratio=10))
+    img, ds = read_dx(tmp_path / "dcm" / "ap_0000.dcm")
+    sc = read_json(tmp_path / "dcm" / "ap_0000.json")
+    assert img.shape == (32, 32) and float(ds.KVP) == 80 and sc["format"] == "dicom"
+    assert float(ds.DistanceSourceToDetector) == pytest.approx(sc["sid_mm"])
+    assert sc["scatter_model"]["spr_mean"] > 0 and not (tmp_path / "dcm" / "ap_0000.tif").exists()
 
 
 def _bench_gvxr():
