@@ -616,7 +616,8 @@ def _water_dcs(kev: float, theta) -> np.ndarray:
     import xraylib as xr
 
     zs, ws, _, _ = composition("water")
-    th = np.maximum(np.asarray(theta, float), 1e-3)  # xraylib's S(q) table starts there
+    # xraylib's S(q) table starts at a small q ~ E theta: the cross sections are flat below that angle
+    th = np.maximum(np.asarray(theta, float), max(1e-3, 0.07 / float(kev)))
     out = np.zeros(th.shape)
     for z, w in zip(zs, ws):
         out += w * np.array([xr.DCS_Compt(int(z), float(kev), float(t)) + xr.DCS_Rayl(int(z), float(kev), float(t))
