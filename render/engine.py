@@ -60,6 +60,7 @@ def _render_frame(scene, frame):
 
         xr = XraySetup(kvp=s.kvp, filter_al_mm=s.filter_al_mm, filter_cu_mm=s.filter_cu_mm,
                        detector=s.detector, focal_spot_mm=s.focal_spot_mm, photons=s.photons or None,
+                       scatter=s.scatter, grid_ratio=s.grid_ratio or None, grid_lines_per_cm=s.grid_lines,
                        electronic_sigma=s.electronic_noise or None, seed=s.seed + frame)
         vol = obj
         if isinstance(obj, Scene):
@@ -142,6 +143,11 @@ class CTWIN_DRR_Settings(bpy.types.PropertyGroup):
         ("paxscan4030cb", "PaxScan 4030CB", "C-arm flat panel, 600 um CsI"),
         ("pixium4343", "Pixium 4343RC", "radiography panel, CsI")], default="ideal")
     focal_spot_mm: bpy.props.FloatProperty(name="Focal spot (mm)", default=0.0, min=0.0)
+    scatter: bpy.props.BoolProperty(name="Scatter", default=False,
+                                    description="first-order scatter (kernel model; SPR in the frame's sidecar)")
+    grid_ratio: bpy.props.FloatProperty(name="Grid ratio", default=0.0, min=0.0, max=40.0,
+                                        description="anti-scatter grid ratio; 0 = no grid")
+    grid_lines: bpy.props.FloatProperty(name="Grid lines/cm", default=40.0, min=5.0, max=200.0)
     photons: bpy.props.FloatProperty(name="Photons/pixel", default=0.0, min=0.0,
                                      description="Poisson noise; 0 = noiseless")
     electronic_noise: bpy.props.FloatProperty(name="Electronic noise", default=0.0, min=0.0,
@@ -167,7 +173,8 @@ class CTWIN_DRR_PT_settings(bpy.types.Panel):
         s = context.scene.ctwin_drr
         col = self.layout.column()
         for name in ("ct_path", "method", "value", "device", "step_mm", "kvp", "filter_al_mm", "filter_cu_mm",
-                     "detector", "focal_spot_mm", "photons", "electronic_noise", "seed", "write_frames"):
+                     "detector", "focal_spot_mm", "scatter", "grid_ratio", "grid_lines", "photons",
+                     "electronic_noise", "seed", "write_frames"):
             col.prop(s, name)
 
 

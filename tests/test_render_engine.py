@@ -132,12 +132,15 @@ def test_render_engine_realistic_physics(registered, ct_file, tmp_path):
     scene.render.engine = "CTWIN_DRR"
     s = scene.ctwin_drr
     s.ct_path, s.kvp, s.detector, s.filter_cu_mm, s.value = str(path), 90.0, "paxscan4030cb", 0.1, "intensity"
+    s.scatter, s.grid_ratio = True, 10.0
     scene.render.filepath = str(tmp_path / "drr" / "frame_")
     scene_volumes.clear_cache()
     scene.frame_set(1)
     bpy.ops.render.render()
     img, sc = read_frame(tmp_path / "drr" / "frame_0001")
     expect = render_value(vol, g, value="intensity", device="cpu",
-                          xray=XraySetup(kvp=90, detector="paxscan4030cb", filter_cu_mm=0.1))
+                          xray=XraySetup(kvp=90, detector="paxscan4030cb", filter_cu_mm=0.1, scatter=True,
+                                         grid_ratio=10))
     assert np.abs(img - expect).max() <= 2e-3 and expect.min() < 0.9
     assert sc["kvp"] == 90 and sc["detector"] == "paxscan4030cb" and len(sc["spectrum_kev"]) > 50
+    assert sc["scatter"] and sc["grid_ratio"] == 10 and sc["spr"] > 0
