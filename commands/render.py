@@ -111,6 +111,8 @@ def run(args) -> int:
         except ImportError:
             raise CtwinError("rendering a twin needs core.twin.render_twin, which this build does not "
                              "have yet; use --ct to render a plain CT") from None
+        if args.seg or args.label_material:
+            raise CtwinError("--seg/--label-material work with --ct; a twin's labels are not overridden yet")
         return int(render_twin(args.twin, out_dir=out, pose=args.pose, motion=args.motion,
                                frames=frames, view=args.view, geometry=geometry, size=size,
                                device=args.device, sad_mm=args.sad, sid_mm=args.sid,
@@ -129,6 +131,10 @@ def run(args) -> int:
     except ImportError:
         from ..core.volume import load_nifti as load_ct
     vol = load_ct(ctp)
+    if xray is not None:
+        from .xray_args import apply_label_overrides
+
+        vol = apply_label_overrides(args, vol, xray)
     pv = prepare_volume(vol)
     if geometry is not None:
         name = Path(args.geometry).name.split(".")[0].rsplit("_", 1)[0] or "view"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PHYSICS_FLAGS = ("filter_al", "filter_cu", "anode_angle", "heel", "detector", "csi_um", "focal_spot_mm",
-                 "hu_table", "mas", "scatter", "grid", "grid_lines")
+                 "hu_table", "mas", "scatter", "grid", "grid_lines", "seg", "label_material")
 
 
 def add_arguments(p) -> None:
@@ -27,6 +27,11 @@ def add_arguments(p) -> None:
                    help="add first-order scatter (kernel model; the scatter-to-primary ratio goes into the sidecar)")
     g.add_argument("--grid", type=float, default=None, metavar="RATIO", help="anti-scatter grid ratio (e.g. 10)")
     g.add_argument("--grid-lines", type=float, default=None, metavar="PER_CM", help="grid line density (default 40 per cm)")
+    g.add_argument("--seg", default=None, metavar="PATH",
+                   help="segmentation of the CT (labelmap file or mask folder) for --label-material (--ct only)")
+    g.add_argument("--label-material", action="append", default=None, metavar="LABEL=MATERIAL",
+                   help="voxels of LABEL (name or pattern, e.g. '*artery*') become MATERIAL "
+                        "(e.g. iodine_blood, titanium, stainless_steel, cocr); repeatable; needs --seg")
     p.add_argument("--format", default="tiff", choices=("tiff", "dicom"),
                    help="frame file: 32-bit float TIFF (default) or DICOM DX (16-bit with rescale)")
 
@@ -52,6 +57,26 @@ def setup_from_args(args):
                      electronic_sigma=args.electronic_noise, seed=args.seed, hu_table=args.hu_table,
                      scatter=bool(args.scatter), grid_ratio=args.grid,
                      grid_lines_per_cm=GRID_LINES_PER_CM if args.grid_lines is None else args.grid_lines)
+
+
+def apply_label_overrides(args, vol, xray):
+    """The CT with the --label-material overrides applied (and recorded in ``xray``), or as it is."""
+    from ..core.errors import CtwinError
+
+    if not args.label_material:
+        if args.seg:
+            raise CtwinError("--seg is used by --label-material; give one or drop --seg")
+        return vol
+    if not args.seg:
+        raise CtwinError("--label-material needs --seg PATH (the segmentation of the CT)")
+    from ..core.segmentation import load_segmentation
+    from ..core.xray import apply_label_materials, parse_label_materials
+
+    mapping = parse_label_materials(args.label_material)
+    labelmap, names = load_segmentation(args.seg, vol)
+    out, mats, applied = apply_label_materials(vol, labelmap, names, mapping)
+    xray.overrides, xray.label_materials = mats, applied
+    return out
 
 
 def frame_written(stem, fmt: str) -> bool:

@@ -323,7 +323,8 @@ def render_value(volume, geometry, *, value: str = "line_integral", kvp: float |
         if photons is not None:
             li = physics.add_noise(li, photons, electronic_sigma, seed)
         return physics.to_value(li, value)
-    ints = material_integrals(pv, geometry, xray.table(), method=method, step_mm=step_mm, device=device)
+    ints = material_integrals(pv, geometry, xray.table(), method=method, step_mm=step_mm, device=device,
+                              overrides=xray.overrides)
     from .xray import form_image
 
     res = form_image(ints, xray, geometry)
@@ -333,15 +334,17 @@ def render_value(volume, geometry, *, value: str = "line_integral", kvp: float |
     return physics.to_value(li, value)
 
 
-def material_integrals(volume, geometry, hu_table, *, method="trilinear", step_mm=None, device="auto") -> dict:
+def material_integrals(volume, geometry, hu_table, *, method="trilinear", step_mm=None, device="auto",
+                       overrides=()) -> dict:
     """{material: integral of its partial density (g/cm3 x mm) along each ray} for a HU volume,
-    one projection per material of the calibration that the volume's HU values use."""
+    one projection per material of the calibration that the volume's HU values use. ``overrides``:
+    the materials of the reserved label codes (``core.xray.apply_label_materials``)."""
     pv = prepare_volume(volume)
     if pv.quantity != "hu":
         raise CtwinError("realistic physics (--kvp) needs a HU volume (int16), not mu")
     present = np.bincount(pv.flat.view(np.uint16).ravel(), minlength=65536) > 0
     out = {}
-    for m, t in hu_table.luts().items():
+    for m, t in hu_table.luts(overrides).items():
         if not np.any(t[present] > 0):
             continue
         out[m] = render_drr(pv, geometry, method=method, step_mm=step_mm, device=device, lut=t)

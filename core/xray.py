@@ -294,10 +294,65 @@ class HuTable:
                 out[m][sel] += f * rho
         return out
 
-    def luts(self) -> dict:
-        """{material: float32[65536]} int16 HU bit pattern -> partial density (g/cm3)."""
+    def luts(self, overrides=()) -> dict:
+        """{material: float32[65536]} int16 HU bit pattern -> partial density (g/cm3). The reserved
+        codes ``OVERRIDE_CODE0 + k`` (far below any CT value) carry ``overrides[k]`` at its density."""
         hu = np.arange(65536, dtype=np.uint16).view(np.int16).astype(np.float64)
-        return {m: v.astype(np.float32) for m, v in self.partial_densities(hu).items()}
+        out = {m: v.astype(np.float32) for m, v in self.partial_densities(hu).items()}
+        for k, m in enumerate(overrides):
+            t = out.setdefault(m, np.zeros(65536, np.float32))
+            t[np.uint16(np.int16(OVERRIDE_CODE0 + k))] = density(m)
+        return out
+
+
+# Segmentation overrides: voxels of the chosen labels get a reserved code; the code's material
+# (at its own density) replaces what the HU calibration would give them.
+OVERRIDE_CODE0 = -32700
+MAX_OVERRIDES = 16
+
+
+def parse_label_materials(items) -> dict:
+    """{label name or pattern: material} from "LABEL=MATERIAL" strings (fnmatch patterns allowed)."""
+    out = {}
+    for it in items or ():
+        name, sep, mat = str(it).partition("=")
+        if not sep or not name.strip() or not mat.strip():
+            raise CtwinError(f"--label-material takes LABEL=MATERIAL (e.g. aorta=iodine_blood), got {it!r}")
+        composition(mat.strip())
+        out[name.strip()] = mat.strip()
+    return out
+
+
+def apply_label_materials(ct, labelmap, names: dict, mapping: dict) -> tuple:
+    """(a copy of the HU volume with the voxels of the mapped labels set to reserved codes, the list
+    of override materials by code, {label: material} actually applied). Labels are matched by name,
+    case-insensitive, fnmatch patterns allowed (``*artery*``); the first matching entry wins."""
+    import fnmatch
+
+    from .volume import Volume
+
+    if tuple(labelmap.shape) != tuple(ct.shape):
+        raise CtwinError("the labelmap must be on the CT grid (core.segmentation.load_segmentation resolves it)")
+    data = np.array(ct.data, dtype=np.int16, copy=True)
+    codes = (data >= OVERRIDE_CODE0) & (data < OVERRIDE_CODE0 + MAX_OVERRIDES)
+    data[codes] = -1024  # input values that collide with the reserved codes are padding: air
+    mats, applied = [], {}
+    lab = np.asarray(labelmap.data)
+    for i, nm in sorted(names.items()):
+        for pat, mat in mapping.items():
+            if fnmatch.fnmatch(str(nm).lower(), pat.lower()):
+                if mat not in mats:
+                    if len(mats) >= MAX_OVERRIDES:
+                        raise CtwinError(f"at most {MAX_OVERRIDES} override materials")
+                    mats.append(mat)
+                data[lab == int(i)] = OVERRIDE_CODE0 + mats.index(mat)
+                applied[str(nm)] = mat
+                break
+    unused = [p for p in mapping if not any(fnmatch.fnmatch(str(n).lower(), p.lower()) for n in names.values())]
+    if unused:
+        raise CtwinError(f"no segmentation label matches {', '.join(unused)}; labels: "
+                         f"{', '.join(sorted(map(str, names.values()))[:12])}")
+    return Volume(data, ct.affine, dict(getattr(ct, "meta", {}) or {})), mats, applied
 
 
 # --- detector ----------------------------------------------------------------------------------
@@ -356,6 +411,8 @@ class XraySetup:
     seed: int = 0
     stream: int = 0  # a second seed key: views of one frame draw independent noise
     hu_table: str | None = None
+    label_materials: dict = field(default_factory=dict)  # recorded: {label: material} applied
+    overrides: list = field(default_factory=list)         # override materials by reserved code
     scatter: bool = False
     grid_ratio: float | None = None
     grid_lines_per_cm: float = GRID_LINES_PER_CM

@@ -281,6 +281,50 @@ def test_scatter_in_image_formation():
         xray.XraySetup(kvp=80, grid_ratio=0.5)
 
 
+def test_label_overrides_material(tmp_path, capsys):
+    """A vessel label becomes iodinated blood and a screw label titanium, whatever their HU; the
+    CLI reads the segmentation (a mask folder) and records the overrides."""
+    from ctwin import cli
+    from ctwin.core.fileio import read_json
+    from ctwin.core.projector import read_frame
+    from ctwin.core.volume import save_nifti
+
+    d = np.full((20, 16, 18), -1000, np.int16)
+    d[3:-3, 3:-3, 2:-2] = 40
+    ct = Volume(d, np.diag([2.0, 2.0, 2.0, 1.0]))
+    lab = np.zeros(d.shape, np.uint16)
+    lab[8:12, 6:10, 2:-2] = 1   # "aorta": a 8 x 8 mm bar along z
+    lab[4:6, 4:6, 6:10] = 2     # "screw"
+    vol, mats, applied = xray.apply_label_materials(ct, Volume(lab, ct.affine), {1: "aorta", 2: "screw_left"},
+                                                    xray.parse_label_materials(["aort*=iodine_blood", "screw*=titanium"]))
+    assert mats == ["iodine_blood", "titanium"] and applied == {"aorta": "iodine_blood", "screw_left": "titanium"}
+    g = Geometry(source_mm=[19.0, 15.0, -300.0], detector_center_mm=[19.0, 15.0, 300.0], detector_u=[1, 0, 0],
+                 detector_v=[0, 1, 0], pixel_spacing_mm=(1.0, 1.0), size_px=(40, 32), parallel=True)
+    ints = material_integrals(vol, g, xray.HuTable.default(), method="exact", device="cpu", overrides=mats)
+    # a ray through the bar's middle (x = 19 mm, y = 15 mm): 28 mm of iodinated blood (z 4..32 mm)
+    assert ints["iodine_blood"][15, 19] == pytest.approx(28.0 * xray.density("iodine_blood"), rel=0.02)
+    assert ints["titanium"].max() > 0 and ints["iodine_blood"][2, 2] == 0
+    with pytest.raises(CtwinError):
+        xray.apply_label_materials(ct, Volume(lab, ct.affine), {1: "aorta"}, {"liver": "water"})
+    with pytest.raises(CtwinError):
+        xray.parse_label_materials(["aorta"])
+    # the CLI: a mask folder, with and without the override
+    ctp = tmp_path / "ct.nii.gz"
+    save_nifti(ct, ctp)
+    (tmp_path / "seg").mkdir()
+    save_nifti(Volume((lab == 1).astype(np.uint8), ct.affine), tmp_path / "seg" / "aorta.nii.gz")
+    base = ["render", "--ct", str(ctp), "--size", "24", "--kvp", "70", "--view", "ap", "--device", "cpu",
+            "--value", "intensity"]
+    assert cli.main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert cli.main(base + ["--out", str(tmp_path / "b"), "--seg", str(tmp_path / "seg"),
+                            "--label-material", "aorta=iodine_blood"]) == 0
+    a, _ = read_frame(tmp_path / "a" / "ap_0000")
+    b, sc = read_frame(tmp_path / "b" / "ap_0000")
+    assert sc["label_materials"] == {"aorta": "iodine_blood"} and b.min() < 0.9 * a.min()
+    assert cli.main(base + ["--out", str(tmp_path / "c"), "--label-material", "aorta=iodine_blood"]) == 2
+    assert "needs --seg" in capsys.readouterr().err
+
+
 def test_twin_renders_with_realistic_physics(twin_dir, tmp_path):
     from ctwin.core.projector import read_frame
     from ctwin.core.twin import render_twin
