@@ -604,6 +604,7 @@ def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int
     cy, cx = H // 2, W // 2
     rec.update({"model": "first-order kernels from xraylib water cross sections (multiple scatter not modelled)",
                 "spr_mean": float(s_e[body].sum() / max(prim[body].sum(), 1e-30)) if body.any() else 0.0,
+                "spr_median_body": float(np.median(spr[body])) if body.any() else 0.0,
                 "spr_centre": float(spr[cy, cx]), "spr_max_body": float(spr[body].max()) if body.any() else 0.0,
                 "midplane_to_detector_mm": d, "water_equivalent_mm_max": float(tau.max())})
     return e_out, q_out, rec
