@@ -635,10 +635,12 @@ class _Progress:
         self.total, self.done0, self.done = total, done, done
         self.t0 = time.perf_counter()
         self.first = None
+        self.timeline = []  # (seconds since start, samples, worker)
 
-    def add(self, n: int, note: str = "") -> None:
+    def add(self, n: int, note: str = "", worker: int = 0) -> None:
         self.done += n
         dt = time.perf_counter() - self.t0
+        self.timeline.append((round(dt, 4), n, worker))
         if self.first is None:
             self.first = dt
         rate = (self.done - self.done0) / dt if dt > 0 else 0.0
@@ -650,6 +652,23 @@ class _Progress:
     def rate(self) -> float:
         dt = time.perf_counter() - self.t0
         return (self.done - self.done0) / dt if dt > 0 else 0.0
+
+    def steady_rate(self) -> float | None:
+        """Samples/s once every worker has finished its first shard (start-up and compilation
+        excluded); None when too few shards were rendered to tell."""
+        seen, start = set(), None
+        workers = {w for _, _, w in self.timeline}
+        for k, (t, _, w) in enumerate(self.timeline):
+            seen.add(w)
+            if seen == workers:
+                start = k
+                break
+        if start is None or start >= len(self.timeline) - 1:
+            return None
+        t0 = self.timeline[start][0]
+        n = sum(x for _, x, _ in self.timeline[start + 1:])
+        dt = self.timeline[-1][0] - t0
+        return n / dt if dt > 0 else None
 
 
 def render_only(spec_path, out, index: int, device: str = "cpu", threads: int | None = None) -> Path:
@@ -716,8 +735,9 @@ def _run_local(spec, out, todo, device, threads) -> dict:
     for s in todo:
         write_shard(out, s, r.render_shard(s))
         prog.add(len(shard_indices(spec, s)))
-    return {"samples": n, "samples_per_s": prog.rate, "twin_seconds": round(t1 - t0, 3),
-            "first_shard_s": prog.first, "workers": 0}
+    return {"samples": n, "samples_per_s": prog.rate, "steady_samples_per_s": prog.steady_rate(),
+            "twin_seconds": round(t1 - t0, 3), "first_shard_s": prog.first, "workers": 0,
+            "timeline": prog.timeline}
 
 
 _SETUP_HOOK_SRC = '''
@@ -799,7 +819,8 @@ def _run_ray(spec, out, todo, workers, threads, address, device) -> dict:
         raise CtwinError("ray is not installed: pip install -r requirements.txt (or use --workers 0)") from None
     t0 = time.perf_counter()
     if not todo:
-        return {"samples": 0, "samples_per_s": 0.0, "twin_seconds": 0.0, "first_shard_s": None, "workers": 0}
+        return {"samples": 0, "samples_per_s": 0.0, "steady_samples_per_s": None, "twin_seconds": 0.0,
+                "first_shard_s": None, "workers": 0, "timeline": []}
     ray = _ray_init(address, workers, threads)
     try:
         res = ray.cluster_resources()
@@ -868,15 +889,15 @@ def _run_ray(spec, out, todo, workers, threads, address, device) -> dict:
                 free.append(k)
                 continue
             write_shard(out, s, data)
-            prog.add(len(shard_indices(spec, s)))
+            prog.add(len(shard_indices(spec, s)), worker=k)
             free.append(k)
         try:
             mem = {k: ray.get(a.memory_mb.remote(), timeout=30) for k, a in enumerate(actors)}
         except Exception:  # noqa: BLE001 - a memory figure is optional
             mem = {}
-        return {"samples": n, "samples_per_s": prog.rate, "twin_seconds": round(t1 - t0, 3),
-                "first_shard_s": prog.first, "workers": len(actors), "threads": threads, "device": dev,
-                "worker_rss_mb": mem}
+        return {"samples": n, "samples_per_s": prog.rate, "steady_samples_per_s": prog.steady_rate(),
+                "twin_seconds": round(t1 - t0, 3), "first_shard_s": prog.first, "workers": len(actors),
+                "threads": threads, "device": dev, "worker_rss_mb": mem, "timeline": prog.timeline}
     finally:
         ray.shutdown()
 
