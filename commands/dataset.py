@@ -37,8 +37,7 @@ def run(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise CtwinError(f"--threads must be >= 1, got {args.threads}")
     if args.only is not None:
-        dev = "cpu" if args.device == "auto" else args.device
-        path = render_only(args.spec, args.out, args.only, device=dev, threads=args.threads)
+        path = render_only(args.spec, args.out, args.only, device=args.device, threads=args.threads)
         print(str(path), file=sys.stdout)
         return 0
     s = run_dataset(args.spec, args.out, workers=args.workers, threads=args.threads, address=args.address,

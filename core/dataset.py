@@ -131,9 +131,14 @@ def read_spec_file(path) -> dict:
         if p.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
+            try:
+                import yaml
+            except ImportError:
+                raise CtwinError("reading a YAML spec needs PyYAML (pip install -r requirements.txt); "
+                                 "or write the spec as .json") from None
             data = yaml.safe_load(text)
+    except CtwinError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
         raise CtwinError(f"{p.name} is not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: "
                          f"{' '.join(str(exc).split())}") from None
@@ -777,8 +782,10 @@ class _Worker:
 
         import numba
 
+        import ray
+
         return {"pid": os.getpid(), "host": socket.gethostname(), "device": self.r.device,
-                "threads": numba.get_num_threads()}
+                "threads": numba.get_num_threads(), "node": ray.get_runtime_context().get_node_id()[:8]}
 
     def render_shard(self, shard: int):
         return shard, self.r.render_shard(shard)
@@ -850,8 +857,8 @@ def _run_ray(spec, out, todo, workers, threads, address, device) -> dict:
         actors = [start() for _ in range(workers)]
         infos = ray.get([a.info.remote() for a in actors])
         for k, inf in enumerate(infos):
-            report(f"dataset: worker {k} ready (pid {inf['pid']} on {inf['host']}, {inf['device']}, "
-                   f"{inf['threads']} thread(s))")
+            report(f"dataset: worker {k} ready (pid {inf['pid']} on {inf['host']}, node {inf['node']}, "
+                   f"{inf['device']}, {inf['threads']} thread(s))")
         n = sum(len(shard_indices(spec, s)) for s in todo)
         prog = _Progress(n_samples(spec), n_samples(spec) - n)
         twin_of = {s: spec["inputs"][shard_indices(spec, s)[0] // spec["samples_per_twin"]]["name"] for s in todo}
@@ -881,10 +888,12 @@ def _run_ray(spec, out, todo, workers, threads, address, device) -> dict:
                 free.append(k)
                 continue
             except ray.exceptions.RayTaskError as exc:
-                cause = exc.as_instanceof_cause()
-                why = f"worker {k}: {' '.join(str(getattr(cause, 'args', [cause])[0] if getattr(cause, 'args', None) else cause).split())}"
+                cause = getattr(exc, "cause", None)
                 if isinstance(cause, SampleError):
-                    why = f"worker {k}: {cause}"
+                    why = f"worker {k}: {Exception.__str__(cause)}"
+                else:
+                    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+                    why = f"worker {k}: {lines[-1].strip() if lines else type(exc).__name__}"
                 _retry(s, attempts, pending, why, shard_indices(spec, s))
                 free.append(k)
                 continue
