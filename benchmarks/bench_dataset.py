@@ -102,15 +102,16 @@ def main(argv=None) -> int:
         same = (tifffile.imread(out / f"{view}_0000.tif") == ref["image"]).all()
         print(f"ctwin render call {i}: {per_call[-1]:.1f} s, image identical to the dataset's: {bool(same)}",
               flush=True)
-    loop_rate = len(per_call) / sum(per_call)
+    loop_rate = len(per_call) / sum(per_call) if per_call else None
     one = rows.get("1x1")
     print("\nsummary (machine load: see uptime below)")
     for cfg, s in rows.items():
         print(f"  {cfg}: steady {s['steady_samples_per_s'] or float('nan'):.3f} samples/s")
     if one and rows.get("2x1") and one["steady_samples_per_s"] and rows["2x1"]["steady_samples_per_s"]:
         print(f"  2 workers / 1 worker (1 thread each): {rows['2x1']['steady_samples_per_s'] / one['steady_samples_per_s']:.2f}x")
-    print(f"  ctwin render loop: {loop_rate:.4f} samples/s ({sum(per_call) / len(per_call):.1f} s per call)")
-    if one and one["steady_samples_per_s"]:
+    if loop_rate:
+        print(f"  ctwin render loop: {loop_rate:.4f} samples/s ({sum(per_call) / len(per_call):.1f} s per call)")
+    if one and one["steady_samples_per_s"] and loop_rate:
         print(f"  1 worker steady / render loop: {one['steady_samples_per_s'] / loop_rate:.1f}x")
         e2e = one["samples"] / one["seconds"]
         print(f"  1 worker end-to-end (start-up and compilation included) / render loop: {e2e / loop_rate:.1f}x")
