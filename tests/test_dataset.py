@@ -366,7 +366,7 @@ def cluster(ray_tmp):
                 pass
         for p in procs:
             try:
-                p.wait(timeout=20)
+                p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
         _kill_started([p.pid for p in procs], marker=str(ray_tmp))
