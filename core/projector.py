@@ -55,6 +55,31 @@ def cuda_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def device_status() -> str:
+    """One line saying which DRR path runs: the CUDA GPU, or why only the CPU path is available
+    (numba-cuda is not bundled where NVIDIA ships no CUDA, e.g. macOS; or no GPU is present)."""
+    import importlib.util
+
+    try:
+        has_pkg = importlib.util.find_spec("numba_cuda") is not None
+    except (ImportError, ValueError):
+        has_pkg = False
+    if not has_pkg:
+        return ("GPU path unavailable: numba-cuda is not installed (no CUDA on this platform); "
+                "DRRs render on the CPU")
+    if not cuda_available():
+        return "GPU path unavailable: no CUDA GPU found; DRRs render on the CPU"
+    try:
+        from numba import cuda
+
+        name = cuda.get_current_device().name
+        name = name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:
+        name = "CUDA device"
+    return f"GPU: {name} (CUDA); DRRs render on the GPU unless the device is set to CPU"
+
+
 def resolve_device(device: str = "auto") -> str:
     device = (device or "auto").lower()
     if device == "auto":
