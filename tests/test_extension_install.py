@@ -5,7 +5,10 @@ subprocess whose Blender user resources live in a temporary folder (BLENDER_USER
 so the user's real Blender configuration is untouched and no test sees another's state. The
 subprocess installs, enables, checks, disables and uninstalls the extension twice in a row with
 the operator behind Preferences > Install from Disk, then once more with the handler of
-`blender --command extension install-file` (the README's command).
+`blender --command extension install-file` (the README's command). The first time, the installed
+copy renders a DRR through the ctwin DRR engine (F12) and a 2-frame animation of a posed twin.
+The test runs in both environments (bpy 5.0.1 on Python 3.11, bpy 5.3.0 on Python 3.13), each
+with the linux-x64 zip of its Python line.
 """
 from __future__ import annotations
 
@@ -271,6 +274,8 @@ def test_install_enable_disable_uninstall_twice(extension_zip, twin_dir, tmp_pat
     assert p.returncode == 0, log[-4000:]
     assert "Traceback" not in log, log[-4000:]
     assert not [ln for ln in log.splitlines() if ln.startswith(("ERROR", "Error"))], log[-4000:]
+    # Installing, registering, rendering and removing print no warning (Blender's or Python's).
+    assert not [ln for ln in log.splitlines() if "warning" in ln.lower()], log[-4000:]
     res = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     base = res["baseline"]
     assert not base["scene_ctwin"] and not base["modules"]

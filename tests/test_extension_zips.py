@@ -167,3 +167,14 @@ def test_cpu_path_alone_without_cuda_packages(tmp_path):
     assert res["line"] in res["cli_err"]  # the CLI says it in one line
     assert res["cuda_modules"] == []
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["ap_0000.json", "ap_0000.tif"]
+
+
+def test_unbundled_package_is_one_clear_line():
+    from ctwin.core.errors import CtwinError
+    from ctwin.core.optional import require
+
+    assert require("json", "json", "x").dumps([1]) == "[1]"
+    with pytest.raises(CtwinError) as e:
+        require("ctwin_no_such_module_xyz", "nosuchdist", "'ctwin dataset'")
+    msg = str(e.value)
+    assert "\n" not in msg and "'ctwin dataset' needs nosuchdist" in msg and "does not bundle" in msg
