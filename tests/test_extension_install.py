@@ -116,7 +116,8 @@ def render_checks():
     res["anim_shapes"] = [list(f.shape) for f in frames]
     res["anim_max"] = [float(f.max()) for f in frames]
     res["anim_diff"] = float(np.abs(frames[0] - frames[1]).max())
-    res["anim_files"] = sorted(os.listdir(os.path.join(work, "anim")))
+    res["anim_files"] = sorted(f for f in os.listdir(os.path.join(work, "anim"))
+                               if f.endswith((".tif", ".json")))  # beside Blender's own images
     bpy.ops.wm.read_homefile(use_empty=True)
     return res
 
