@@ -99,11 +99,6 @@ def main(argv=None, prog: str = "ctwin") -> int:
 
     progress.set_quiet(args.quiet)
     try:
-        if getattr(args, "device", None) == "auto":
-            # Which DRR path "auto" takes, and why when it is the CPU (e.g. macOS has no CUDA).
-            from .core.projector import device_status
-
-            progress.report(device_status())
         return int(mods[args.command].run(args) or 0)
     except CtwinError as exc:
         msg = " ".join(str(exc).split())

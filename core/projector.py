@@ -80,10 +80,23 @@ def device_status() -> str:
     return f"GPU: {name} (CUDA); DRRs render on the GPU unless the device is set to CPU"
 
 
+_cpu_fallback_reported = False
+
+
 def resolve_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" when a GPU is usable, else "cpu" (saying why once per process, through
+    core.progress: on stderr from the CLI, in Blender's status from the render engine)."""
+    global _cpu_fallback_reported
     device = (device or "auto").lower()
     if device == "auto":
-        return "cuda" if cuda_available() else "cpu"
+        if cuda_available():
+            return "cuda"
+        if not _cpu_fallback_reported:
+            _cpu_fallback_reported = True
+            from . import progress
+
+            progress.report(device_status())
+        return "cpu"
     if device == "cuda":
         if not cuda_available():
             raise CtwinError("--device cuda: no CUDA GPU is available (numba.cuda.is_available() is False)")

@@ -140,6 +140,8 @@ NO_CUDA = textwrap.dedent(r'''
     g = named_view("ap", vol, size=(16, 12))
     out["max"] = float(render_drr(vol, g, device="auto").max())
     save_nifti(vol, sys.argv[2] + "/ct.nii.gz")
+    import ctwin.core.projector as projector
+    projector._cpu_fallback_reported = False  # said once per process; a CLI run is a new one
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         out["cli_rc"] = ctwin._cli_entry(["render", "--ct", sys.argv[2] + "/ct.nii.gz",
