@@ -26,6 +26,10 @@ class CTWIN_PT_workflow(bpy.types.Panel):
         row = col.row(align=True)
         for view, text in (("ap", "AP"), ("lat_left", "Lateral"), ("lao30", "LAO 30"), ("rao30", "RAO 30")):
             row.operator("ctwin.xray_camera", text=text).view = view
+        from .core.projector import device_status
+
+        line = device_status()  # asked once per session
+        col.label(text=line, icon="INFO" if line.startswith("GPU path unavailable") else "CHECKMARK")
         col.operator("ctwin.render_drr", text="Render DRR", icon="RENDER_STILL")
         col.operator("ctwin.render_animation", text="Render Animation", icon="RENDER_ANIMATION")
         if getattr(scene, "ctwin", None) is not None:

@@ -55,10 +55,48 @@ def cuda_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def device_status() -> str:
+    """One line saying which DRR path runs: the CUDA GPU, or why only the CPU path is available
+    (numba-cuda is not bundled where NVIDIA ships no CUDA, e.g. macOS; or no GPU is present)."""
+    import importlib.util
+
+    try:
+        has_pkg = importlib.util.find_spec("numba_cuda") is not None
+    except (ImportError, ValueError):
+        has_pkg = False
+    if not has_pkg:
+        return ("GPU path unavailable: numba-cuda is not installed (no CUDA on this platform); "
+                "DRRs render on the CPU")
+    if not cuda_available():
+        return "GPU path unavailable: no CUDA GPU found; DRRs render on the CPU"
+    try:
+        from numba import cuda
+
+        name = cuda.get_current_device().name
+        name = name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:
+        name = "CUDA device"
+    return f"GPU: {name} (CUDA); DRRs render on the GPU unless the device is set to CPU"
+
+
+_cpu_fallback_reported = False
+
+
 def resolve_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" when a GPU is usable, else "cpu" (saying why once per process, through
+    core.progress: on stderr from the CLI, in Blender's status from the render engine)."""
+    global _cpu_fallback_reported
     device = (device or "auto").lower()
     if device == "auto":
-        return "cuda" if cuda_available() else "cpu"
+        if cuda_available():
+            return "cuda"
+        if not _cpu_fallback_reported:
+            _cpu_fallback_reported = True
+            from . import progress
+
+            progress.report(device_status())
+        return "cpu"
     if device == "cuda":
         if not cuda_available():
             raise CtwinError("--device cuda: no CUDA GPU is available (numba.cuda.is_available() is False)")

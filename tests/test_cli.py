@@ -142,7 +142,7 @@ def test_readme_commands_and_ci():
     readme = (ROOT / "README.md").read_text().splitlines()
     code = [ln.strip() for ln in readme if ln.strip().startswith("tools/setup.sh")]
     assert code[:2] == ["tools/setup.sh && ./ctwin demo --out out",
-                        "tools/setup.sh && .venv/bin/python -m pytest -q"]
+                        "tools/setup.sh && tools/test.sh -q"]
     ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()
           if ln.strip() and not ln.lstrip().startswith("#")]
     assert ci[-1] == code[1]
