@@ -99,10 +99,19 @@ def target_fidelity(twin, truth_dir, size: int = 512, device: str = "auto",
     truth_a = _source_truth(twin)
     pose_b = np.asarray(truth_b["pose"], dtype=np.float64)
     transl = twin.transl0_mm
+    retargeted = False
+    if truth_b.get("rest_joints") is not None:
+        # the truth's pose is read on its own rest skeleton: retarget it onto the twin's
+        from .retarget import check_rest_joints, retarget_pose
+
+        rest_b = check_rest_joints(truth_b["rest_joints"], f"{tb_path.name}: 'rest_joints'")
+        new = retarget_pose(pose_b, rest_b, twin.skeleton_rest_mm())
+        retargeted = new is not pose_b
+        pose_b = np.asarray(new, dtype=np.float64)
     if truth_a is not None:
         # the same patient on the same table: the truth's translation change carries over
         transl = transl + (np.asarray(truth_b["transl"], dtype=np.float64) - np.asarray(truth_a["transl"]))
-    out = {"pose": truth_dir.name}
+    out = {"pose": truth_dir.name, "retargeted": retargeted}
 
     report("evaluate: bone placement at the target pose")
     if truth_a is None:

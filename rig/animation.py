@@ -80,14 +80,22 @@ def keyframe_poses(arm_obj, poses, transl_mm=None, frame_start: int = 1, action_
     return action
 
 
-def load_motion_keyframes(arm_obj, path, scene=None, frame_start: int | None = None):
-    """Import an AMASS-style .npz as keyframes at the scene's frame rate; sets the frame range."""
+def load_motion_keyframes(arm_obj, path, scene=None, frame_start: int | None = None, source_model=None):
+    """Import an AMASS-style .npz as keyframes at the scene's frame rate; sets the frame range.
+
+    ``source_model``: the SMPL or SMPL+H file the motion was made on; its skeleton (shaped by the
+    file's betas) is retargeted onto the built-in body model's, on which the twin's poses are read."""
     from ..core.motion import load_motion
 
     scene = scene or bpy.context.scene
     fps = scene.render.fps / scene.render.fps_base
     arm = twin_armature(arm_obj)
-    poses, transl = load_motion(path, fps=fps, twin_pose=arm.pose0, twin_transl_mm=arm.transl0_mm)
+    src = None
+    if source_model:
+        from ..core.body_model import load_body_model
+
+        src = (source_model, load_body_model().rest()[1] * 1000.0)
+    poses, transl = load_motion(path, fps=fps, twin_pose=arm.pose0, twin_transl_mm=arm.transl0_mm, source=src)
     start = scene.frame_start if frame_start is None else frame_start
     action = keyframe_poses(arm_obj, poses, transl, frame_start=start)
     scene.frame_start = start
