@@ -83,8 +83,10 @@ def _source_truth(twin) -> dict | None:
 
 
 def target_fidelity(twin, truth_dir, size: int = 512, device: str = "auto",
-                    keep_images: dict | None = None) -> dict:
-    """Pose the twin to the truth's pose and score bones, enclosure and DRRs against it."""
+                    keep_images: dict | None = None, retarget: bool = True) -> dict:
+    """Pose the twin to the truth's pose and score bones, enclosure and DRRs against it. The truth's
+    pose is retargeted from its ``rest_joints`` onto the twin's skeleton (``core.retarget``);
+    ``retarget=False`` applies the raw pose vector (for comparison)."""
     from .ct import load_ct
     from .metrics import enclosure_pct
     from .projector import render_drr
@@ -100,7 +102,7 @@ def target_fidelity(twin, truth_dir, size: int = 512, device: str = "auto",
     pose_b = np.asarray(truth_b["pose"], dtype=np.float64)
     transl = twin.transl0_mm
     retargeted = False
-    if truth_b.get("rest_joints") is not None:
+    if retarget and truth_b.get("rest_joints") is not None:
         # the truth's pose is read on its own rest skeleton: retarget it onto the twin's
         from .retarget import check_rest_joints, retarget_pose
 
