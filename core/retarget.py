@@ -9,8 +9,10 @@ that every bone turns in the world as the source's bone turns:
 - Rest alignment. For each joint j, ``C_j`` is the rotation that carries the target's rest bone(s)
   leaving j onto the source's: the smallest rotation between the two directions when j has one
   child, the least-squares rotation (Kabsch, ``scipy.spatial.transform.Rotation.align_vectors``)
-  of the unit directions to all children when it has several (pelvis, spine3), the identity for a
-  leaf (no bone direction to compare).
+  of the unit directions to all children when it has several (pelvis, spine3). A leaf (head, hands,
+  feet) has no bone direction to compare: it takes its parent's ``C``, so its rotation relative to
+  its parent carries over (the twin's fit, which cannot see a leaf's rotation either, keeps it
+  relative to the parent too).
 - The world-frame rotation of bone j relative to the source's rest is ``G_s[j](p)`` (the product of
   the local rotations up the chain). The target takes ``G_t[j] = G_s[j] C_j``: its bone then points
   where the source's posed bone points. In local terms ``r_t[j] = C_parent^T r_s[j] C_j``
@@ -105,9 +107,11 @@ def rest_alignment(source_rest, target_rest, parents=PARENTS) -> np.ndarray:
     t = np.asarray(target_rest, dtype=np.float64).reshape(N_JOINTS, 3)
     ch = _children(parents)
     c = np.tile(np.eye(3), (N_JOINTS, 1, 1))
-    for j in range(N_JOINTS):
+    for j in range(N_JOINTS):  # parents come first in SMPL's order
         if ch[j]:
             c[j] = _align(_unit(s[ch[j]] - s[j]), _unit(t[ch[j]] - t[j]))
+        elif parents[j] >= 0:
+            c[j] = c[parents[j]]
     return c
 
 
