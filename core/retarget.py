@@ -131,12 +131,33 @@ def same_skeleton(source_rest, target_rest) -> bool:
     return direction_mismatch_rad(source_rest, target_rest) <= SAME_DIRECTION_RAD
 
 
-def retarget_pose(pose, source_rest, target_rest):
+def acquisition_alignment(source_pose, target_pose) -> np.ndarray:
+    """``C`` (24, 3, 3) from one posture known on both skeletons (the twin's acquisition: the source's
+    pose there and the twin's fitted pose): ``C_j = G_s[j]^T G_t[j]``, so that a later source pose
+    moves every twin bone by the source bone's world rotation change from that posture, twist
+    included (what joint positions cannot show)."""
+    return np.einsum("jki,jkl->jil", global_rotations(source_pose), global_rotations(target_pose))
+
+
+def _same_rest(a, b) -> bool:
+    a = np.asarray(a, dtype=np.float64).reshape(N_JOINTS, 3)
+    b = np.asarray(b, dtype=np.float64).reshape(N_JOINTS, 3)
+    return bool(np.allclose(a - a[0], b - b[0], atol=1e-6, rtol=0.0))
+
+
+def retarget_pose(pose, source_rest, target_rest, acquisition=None):
     """A pose made on ``source_rest`` as a pose of ``target_rest`` (both (24, 3) in SMPL's canonical
-    frame). Returns the pose object itself when the skeletons' bones point the same way."""
+    frame). Returns the pose object itself when the skeletons' bones point the same way.
+
+    ``acquisition``: optional ``(source_rest_A, source_pose_A, target_pose_A)``, one posture known on
+    both skeletons; when ``source_rest_A`` is this pose's source skeleton, ``acquisition_alignment``
+    replaces the rest alignment."""
     if source_rest is None or same_skeleton(source_rest, target_rest):
         return pose
-    c = rest_alignment(source_rest, target_rest)
+    if acquisition is not None and _same_rest(acquisition[0], source_rest):
+        c = acquisition_alignment(acquisition[1], acquisition[2])
+    else:
+        c = rest_alignment(source_rest, target_rest)
     rs = rodrigues(as_pose(pose))
     rt = np.empty_like(rs)
     for j in range(N_JOINTS):
@@ -275,13 +296,16 @@ def model_rest_joints_mm(model_path, betas=None, source: str = "--source-model")
     return out
 
 
-def pose_for_twin(resolved: dict, armature, reference_rest_mm):
+def pose_for_twin(resolved: dict, armature, reference_rest_mm, acquisition=None):
     """A resolved pose file (``core.poses.resolve_pose``) as ``(pose (72,), transl_mm or None)`` on a
     twin: a relative pose is applied to the acquisition pose, a file with only world ``joints`` is
     solved by inverse kinematics on the armature, and a pose with ``rest_joints`` is retargeted from
     that skeleton onto ``reference_rest_mm`` (the skeleton the twin's pose vectors are read on; a
     callable is called only when needed), its pelvis joint kept where the source's is.
-    Anything else passes through as it is."""
+    ``acquisition``: the twin's acquisition pose as a resolved pose file on its source skeleton
+    (``pose``, ``rest_joints``, ``transl`` / ``joints``; a callable is called only when needed):
+    poses on that skeleton then move each bone by its world rotation change from the acquisition,
+    and the pelvis by its displacement from there. Anything else passes through as it is."""
     pose, transl = resolved.get("pose"), resolved.get("transl")
     if resolved.get("relative"):
         return relative_pose(pose, armature.pose0, armature.transl0_mm, transl)
@@ -291,10 +315,20 @@ def pose_for_twin(resolved: dict, armature, reference_rest_mm):
     if rest is None:
         return pose, transl
     ref = reference_rest_mm() if callable(reference_rest_mm) else reference_rest_mm
-    new = retarget_pose(pose, rest, ref)
-    if new is pose:
+    if same_skeleton(rest, ref):
         return pose, transl
+    acq = acquisition() if callable(acquisition) else acquisition
+    if acq is not None and (acq.get("rest_joints") is None or acq.get("pose") is None
+                            or not _same_rest(acq["rest_joints"], rest)):
+        acq = None
+    new = retarget_pose(pose, rest, ref, None if acq is None else (acq["rest_joints"], acq["pose"], armature.pose0))
     joints = resolved.get("joints")
     if transl is None and joints is None:
         return new, None
-    return new, transl_for_pelvis(new, pelvis_world(pose, transl, rest, joints), armature.joints_rest_mm)
+    pelvis = pelvis_world(pose, transl, rest, joints)
+    if acq is not None and (acq.get("transl") is not None or acq.get("joints") is not None):
+        # displacement of the source's pelvis from the acquisition, applied to the twin's pelvis
+        r0 = rodrigues(as_pose(armature.pose0)[0])
+        twin_pelvis0 = r0 @ np.asarray(armature.joints_rest_mm)[0] + np.asarray(armature.transl0_mm)
+        pelvis = twin_pelvis0 + pelvis - pelvis_world(acq["pose"], acq.get("transl"), rest, acq.get("joints"))
+    return new, transl_for_pelvis(new, pelvis, armature.joints_rest_mm)

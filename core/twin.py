@@ -307,6 +307,26 @@ class Twin:
             self._cache["skeleton_rest"] = np.asarray(self.body_model.rest()[1], dtype=np.float64) * 1000.0
         return self._cache["skeleton_rest"]
 
+    def source_acquisition(self):
+        """The acquisition pose on its own skeleton, when the input CT has a pose file beside it that
+        names one (``truth.json`` with ``rest_joints``, as a phantom writes): a resolved pose dict, or
+        None. Poses on that skeleton are then mapped relative to the acquisition."""
+        if "source_acq" not in self._cache:
+            from .poses import resolve_pose
+
+            acq = None
+            ct = self.meta.get("inputs", {}).get("ct")
+            if ct:
+                p = (Path(ct) if Path(ct).is_dir() else Path(ct).parent) / "truth.json"
+                if p.is_file():
+                    try:
+                        r = resolve_pose(str(p))
+                    except CtwinError:
+                        r = {}
+                    acq = r if r.get("rest_joints") is not None and r.get("pose") is not None else None
+            self._cache["source_acq"] = acq
+        return self._cache["source_acq"]
+
     def resolve_pose(self, name_or_path) -> tuple:
         """A preset, pose file or mapping as ``(pose (72,), transl_mm or None)`` on this twin: retargeted
         from the file's source skeleton, solved from world joints, or applied as a change from the
@@ -314,7 +334,8 @@ class Twin:
         from .poses import resolve_pose
         from .retarget import pose_for_twin
 
-        p, t = pose_for_twin(resolve_pose(name_or_path), self.binding.armature, self.skeleton_rest_mm)
+        p, t = pose_for_twin(resolve_pose(name_or_path), self.binding.armature, self.skeleton_rest_mm,
+                             acquisition=self.source_acquisition)
         return np.asarray(p, dtype=np.float64), t
 
     def joint_deltas(self, pose, transl_mm=None) -> np.ndarray:
