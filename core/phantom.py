@@ -578,6 +578,61 @@ def rest_skeleton(anat, variant=None):
     return skeleton_variant(np.ascontiguousarray(anat.joints, dtype=np.float64).tobytes(), int(variant))
 
 
+# The variant's flesh rule: a flesh primitive centred within this distance of a joint between its
+# segment and another is moved by a blend of the two segments' motions (rotation slerped about the
+# joint, weight 0.5 at the joint falling to 0 here), as skinning weights shared across a joint do;
+# the project's phantom moves every flesh primitive rigidly with its own segment.
+VARIANT_FLESH_BLEND_MM = 60.0
+
+
+def _flesh_blend_table(anat, fprims) -> list:
+    """[(flesh row, joint, other segment, weight)] for the variant's flesh rule."""
+    j = anat.joints
+    kids = [[c for c in range(24) if PARENTS[c] == i] for i in range(24)]
+    out = []
+    for f, row in enumerate(fprims):
+        t, seg, q = int(row[0]), int(row[1]), row[4:]
+        if t == PLANE:
+            continue
+        c = 0.5 * (q[0:3] + q[3:6]) if t == CONE else (q[0:9].reshape(3, 3).mean(0) if t == TRI else q[0:3])
+        cands = ([(seg, int(PARENTS[seg]))] if seg > 0 else []) + [(k, k) for k in kids[seg]]
+        best = None
+        for joint, other in cands:
+            d = float(np.linalg.norm(c - j[joint]))
+            if d < VARIANT_FLESH_BLEND_MM and (best is None or d < best[0]):
+                best = (d, joint, other)
+        if best is not None:
+            out.append((f, best[1], best[2], 0.5 * (1.0 - best[0] / VARIANT_FLESH_BLEND_MM)))
+    return out
+
+
+def _posed_rows(anat, fprims, pose, transl, variant=None):
+    """Segment transforms for the structures (24, 4, 4), and for the flesh: ``(T_all, flesh rows)``
+    with the variant's blended flesh transforms appended after the 24 segments."""
+    T = _segment_transforms(anat, pose, transl, variant)
+    if variant is None:
+        return T, T, fprims
+    from .pose import _slerp_matrices
+
+    rest, v = rest_skeleton(anat, variant)
+    a, _ = forward_kinematics(pose, rest)
+    fp = fprims.copy()
+    extra = []
+    for f, joint, other, w in _flesh_blend_table(anat, fprims):
+        seg = int(fprims[f, 1])
+        x = rest[joint]
+        pj = a[seg, :3, :3] @ x + a[seg, :3, 3]
+        b = np.eye(4)
+        b[:3, :3] = _slerp_matrices(a[seg, :3, :3], a[other, :3, :3], w)
+        b[:3, 3] = pj - b[:3, :3] @ x
+        m = b @ v[seg]
+        m[:3, 3] += transl
+        fp[f, 1] = 24 + len(extra)
+        extra.append(m)
+    t_all = np.concatenate([T, np.asarray(extra).reshape(-1, 4, 4)]) if extra else T
+    return T, t_all, fp
+
+
 def _segment_transforms(anat, pose, transl, variant=None) -> np.ndarray:
     rest, v = rest_skeleton(anat, variant)
     a, _ = forward_kinematics(pose, rest)
@@ -594,8 +649,8 @@ def _table_box(seed: int, variant=None) -> np.ndarray:
     trunk = {0, 3, 6, 9}
     zlo, zhi, top = np.inf, -np.inf, -np.inf
     for name in ACQUISITION_PRESETS:
-        T = _segment_transforms(anat, PRESETS[name], np.zeros(3), variant)
-        wb = _prim_world_boxes(fprims, T, pad=np.maximum(fprims[:, 3], 0.0))
+        _, T, fp = _posed_rows(anat, fprims, PRESETS[name], np.zeros(3), variant)
+        wb = _prim_world_boxes(fp, T, pad=np.maximum(fprims[:, 3], 0.0))
         zlo, zhi = min(zlo, wb[:, 4].min()), max(zhi, wb[:, 5].max())
         if name == ACQUISITION_PRESETS[0]:
             top = max(wb[i, 3] for i in range(len(wb)) if int(fprims[i, 1]) in trunk)
@@ -645,9 +700,9 @@ def generate_phantom(pose="supine_arms_down", spacing: float = 3.0, seed: int = 
         from .retarget import retarget_pose
 
         pose_v = np.asarray(retarget_pose(pose_v, src_rest, rest_j), dtype=np.float64)
-    T = _segment_transforms(anat, pose_v, tr, skeleton_variant)
-    seg_inv = np.ascontiguousarray(np.linalg.inv(T)[:, :3, :])
-    fbox = _prim_world_boxes(fprims, T, pad=np.maximum(fprims[:, 3], 0.0))
+    T, t_all, fprims = _posed_rows(anat, fprims, pose_v, tr, skeleton_variant)
+    seg_inv = np.ascontiguousarray(np.linalg.inv(t_all)[:, :3, :])
+    fbox = _prim_world_boxes(fprims, t_all, pad=np.maximum(fprims[:, 3], 0.0))
     pbox = _prim_world_boxes(sprims, T)
     sbox = _struct_boxes(pbox, sprims, sinfo)
     table = _table_box(seed, skeleton_variant)
@@ -716,8 +771,8 @@ def body_sdf(points, pose="supine_arms_down", seed: int = 0, transl=None, skelet
         from .retarget import retarget_pose
 
         pose_v = np.asarray(retarget_pose(pose_v, src_rest, rest_skeleton(anat, skeleton_variant)[0]))
-    T = _segment_transforms(anat, pose_v, tr, skeleton_variant)
-    seg_inv = np.ascontiguousarray(np.linalg.inv(T)[:, :3, :])
+    _, t_all, fprims = _posed_rows(anat, fprims, pose_v, tr, skeleton_variant)
+    seg_inv = np.ascontiguousarray(np.linalg.inv(t_all)[:, :3, :])
     pts = np.ascontiguousarray(np.asarray(points, dtype=np.float64).reshape(-1, 3))
     out = np.empty(len(pts))
     _body_sdf_points(pts, seg_inv, fprims, anat.blend_mm, out)

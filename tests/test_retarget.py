@@ -266,3 +266,25 @@ def test_amass_motion_on_variant_skeleton_moves_the_twin_as_the_builtin_one(tmp_
         worst_raw = max(worst_raw, np.linalg.norm(mv(db, pts_f) - mv(dr, pts_f), axis=-1).max())
     assert worst < 1.0
     assert worst_raw > 30.0
+
+
+def test_variant_flesh_rule_blends_across_joints():
+    """The variant's flesh near a joint follows a blend of the two segments: the same placement as
+    the rigid rule at the rest pose, a partial turn (about the joint) when the joint bends."""
+    from ctwin.core.phantom import _packed, _posed_rows, _flesh_blend_table
+
+    anat, fprims = _packed(0)[:2]
+    table = _flesh_blend_table(anat, fprims)
+    assert table and all(0.0 < w <= 0.5 for *_, w in table)
+    rest_T, rest_all, fp = _posed_rows(anat, fprims, np.zeros(72), np.zeros(3), 3)
+    for f, _, _, _ in table:
+        np.testing.assert_allclose(rest_all[int(fp[f, 1])], rest_T[int(fprims[f, 1])], atol=1e-9)
+    T, t_all, fp = _posed_rows(anat, fprims, PRESETS["knee_flexion"], np.zeros(3), 3)
+    knee = [(f, w) for f, j, o, w in table if j == JOINT_INDEX["left_ankle"] or (j == JOINT_INDEX["left_knee"])]
+    assert knee
+    for f, w in knee:
+        own = T[int(fprims[f, 1])][:3, :3]
+        own = own / np.cbrt(np.linalg.det(own))  # the variant's segment scale
+        blended = t_all[int(fp[f, 1])][:3, :3]
+        blended = blended / np.cbrt(np.linalg.det(blended))
+        assert np.degrees(np.arccos(np.clip((np.trace(own.T @ blended) - 1) / 2, -1, 1))) > 1.0
