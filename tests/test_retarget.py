@@ -288,3 +288,12 @@ def test_variant_flesh_rule_blends_across_joints():
         blended = t_all[int(fp[f, 1])][:3, :3]
         blended = blended / np.cbrt(np.linalg.det(blended))
         assert np.degrees(np.arccos(np.clip((np.trace(own.T @ blended) - 1) / 2, -1, 1))) > 1.0
+
+
+def test_cli_source_model_needs_a_motion(tmp_path, capsys):
+    from ctwin.cli import main
+
+    rc = main(["render", "--twin", str(tmp_path), "--source-model", str(tmp_path / "m.npz"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--motion" in capsys.readouterr().err
+    rc = main(["render", "--ct", str(tmp_path / "ct.nii.gz"), "--source-model", "m.npz", "--out", str(tmp_path / "o")])
+    assert rc == 2
