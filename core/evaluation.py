@@ -113,7 +113,7 @@ def target_fidelity(twin, truth_dir, size: int = 512, device: str = "auto",
         if retarget != "rest" and truth_a is not None and truth_a.get("rest_joints") is not None:
             acq = (np.asarray(truth_a["rest_joints"], dtype=np.float64),
                    np.asarray(truth_a["pose"], dtype=np.float64), twin.pose0)
-        new = retarget_pose(pose_b, rest_b, twin.skeleton_rest_mm(), acquisition=acq)
+        new = retarget_pose(pose_b, rest_b, twin.skeleton_rest_mm(), acquisition=acq, located=twin.located_joints())
         retargeted = (new is not pose_b) and ("acquisition" if acq is not None else "rest")
         pose_b = np.asarray(new, dtype=np.float64)
     if truth_a is not None:

@@ -155,16 +155,17 @@ def load_motion(path, fps=None, twin_pose=None, twin_transl_mm=None, *, check_li
     ``twin_pose``: the twin's acquisition pose (72,) or global orientation (3,) (default: supine);
     ``twin_transl_mm``: its translation (default: displacements from the first frame).
     ``fps=None`` keeps the file's frame rate. Poses outside joint ranges are reported once.
-    ``source``: ``(model_path, target_rest_mm)``, the SMPL/SMPL+H file the motion was made on (shaped
-    by the file's betas) and the twin's rest skeleton (24, 3) mm; the frames are retargeted.
+    ``source``: ``(model_path, target_rest_mm[, located])``, the SMPL/SMPL+H file the motion was made
+    on (shaped by the file's betas), the twin's rest skeleton (24, 3) mm and the joints its fit
+    located (``core.retarget.rest_alignment``); the frames are retargeted.
     """
     poses, trans, rate = read_motion_file(path)
     if source is not None:
         from .retarget import model_rest_joints_mm, retarget_poses
 
-        model_path, target_rest = source
+        model_path, target_rest = source[:2]
         rest = model_rest_joints_mm(model_path, read_betas(path))
-        poses = retarget_poses(poses, rest, target_rest)
+        poses = retarget_poses(poses, rest, target_rest, located=source[2] if len(source) > 2 else None)
     poses, trans = resample(poses, trans, rate, fps)
     go = None if twin_pose is None else np.asarray(twin_pose, dtype=np.float64).reshape(-1)[:3]
     poses, transl = retarget_root(poses, trans, go, twin_transl_mm)

@@ -7,9 +7,12 @@ file's betas with a source model, or posed world ``joints``) is mapped onto the 
 that every bone turns in the world as the source's bone turns:
 
 - Rest alignment. For each joint j, ``C_j`` is the rotation that carries the target's rest bone(s)
-  leaving j onto the source's: the smallest rotation between the two directions when j has one
-  child, the least-squares rotation (Kabsch, ``scipy.spatial.transform.Rotation.align_vectors``)
-  of the unit directions to all children when it has several (pelvis, spine3). A leaf (head, hands,
+  leaving j onto the source's. When j has one child it is the parent's ``C`` followed by the
+  smallest turn that aims the bone (``C_j = C_p S_j``), so the local rotation that the alignment
+  adds, ``C_p^T C_j = S_j``, has no twist about the bone: the twist of a bone about its own axis is
+  not in the joints, and the twin's fit keeps it as its prior says (no twist at a zero local
+  rotation). When j has several children (pelvis, spine3) it is the least-squares rotation of the
+  unit directions (Kabsch, ``scipy.spatial.transform.Rotation.align_vectors``). A leaf (head, hands,
   feet) has no bone direction to compare: it takes its parent's ``C``, so its rotation relative to
   its parent carries over (the twin's fit, which cannot see a leaf's rotation either, keeps it
   relative to the parent too).
@@ -100,18 +103,29 @@ def check_rest_joints(rest, source: str = "rest_joints") -> np.ndarray:
     return r
 
 
-def rest_alignment(source_rest, target_rest, parents=PARENTS) -> np.ndarray:
+def rest_alignment(source_rest, target_rest, parents=PARENTS, located=None) -> np.ndarray:
     """``C`` (24, 3, 3): per joint, the rotation carrying the target's rest bone directions onto the
-    source's (see the module docstring)."""
+    source's (see the module docstring). ``located``: the target joints whose positions were
+    measured (a twin's fit: ``Twin.located_joints``); a bone toward a joint that was not is the
+    target's template, not the patient's, and the fit keeps that joint's rotation relative to its
+    parent, so only located children are aimed at (default: all)."""
     s = np.asarray(source_rest, dtype=np.float64).reshape(N_JOINTS, 3)
     t = np.asarray(target_rest, dtype=np.float64).reshape(N_JOINTS, 3)
     ch = _children(parents)
+    if located is not None:
+        keep = set(int(k) for k in located)
+        ch = [[k for k in kids if k in keep] for kids in ch]
     c = np.tile(np.eye(3), (N_JOINTS, 1, 1))
     for j in range(N_JOINTS):  # parents come first in SMPL's order
-        if ch[j]:
+        p = parents[j]
+        cp = np.eye(3) if p < 0 else c[p]
+        if not ch[j]:
+            c[j] = cp
+        elif len(ch[j]) == 1:
+            # the parent's alignment, then the smallest turn that aims the bone (no twist of its own)
+            c[j] = cp @ _min_rotation(t[ch[j][0]] - t[j], cp.T @ (s[ch[j][0]] - s[j]))
+        else:
             c[j] = _align(_unit(s[ch[j]] - s[j]), _unit(t[ch[j]] - t[j]))
-        elif parents[j] >= 0:
-            c[j] = c[parents[j]]
     return c
 
 
@@ -145,7 +159,7 @@ def _same_rest(a, b) -> bool:
     return bool(np.allclose(a - a[0], b - b[0], atol=1e-6, rtol=0.0))
 
 
-def retarget_pose(pose, source_rest, target_rest, acquisition=None):
+def retarget_pose(pose, source_rest, target_rest, acquisition=None, located=None):
     """A pose made on ``source_rest`` as a pose of ``target_rest`` (both (24, 3) in SMPL's canonical
     frame). Returns the pose object itself when the skeletons' bones point the same way.
 
@@ -157,7 +171,7 @@ def retarget_pose(pose, source_rest, target_rest, acquisition=None):
     if acquisition is not None and _same_rest(acquisition[0], source_rest):
         c = acquisition_alignment(acquisition[1], acquisition[2])
     else:
-        c = rest_alignment(source_rest, target_rest)
+        c = rest_alignment(source_rest, target_rest, located=located)
     rs = rodrigues(as_pose(pose))
     rt = np.empty_like(rs)
     for j in range(N_JOINTS):
@@ -166,12 +180,12 @@ def retarget_pose(pose, source_rest, target_rest, acquisition=None):
     return rotation_to_rotvec(rt).reshape(72)
 
 
-def retarget_poses(poses, source_rest, target_rest):
+def retarget_poses(poses, source_rest, target_rest, located=None):
     """``retarget_pose`` for a sequence (T, 72)."""
     poses = np.asarray(poses, dtype=np.float64)
     if source_rest is None or same_skeleton(source_rest, target_rest):
         return poses
-    c = rest_alignment(source_rest, target_rest)
+    c = rest_alignment(source_rest, target_rest, located=located)
     rs = rodrigues(poses.reshape(len(poses), N_JOINTS, 3))
     rt = np.empty_like(rs)
     for j in range(N_JOINTS):
@@ -296,7 +310,7 @@ def model_rest_joints_mm(model_path, betas=None, source: str = "--source-model")
     return out
 
 
-def pose_for_twin(resolved: dict, armature, reference_rest_mm, acquisition=None):
+def pose_for_twin(resolved: dict, armature, reference_rest_mm, acquisition=None, located=None):
     """A resolved pose file (``core.poses.resolve_pose``) as ``(pose (72,), transl_mm or None)`` on a
     twin: a relative pose is applied to the acquisition pose, a file with only world ``joints`` is
     solved by inverse kinematics on the armature, and a pose with ``rest_joints`` is retargeted from
@@ -305,7 +319,8 @@ def pose_for_twin(resolved: dict, armature, reference_rest_mm, acquisition=None)
     ``acquisition``: the twin's acquisition pose as a resolved pose file on its source skeleton
     (``pose``, ``rest_joints``, ``transl`` / ``joints``; a callable is called only when needed):
     poses on that skeleton then move each bone by its world rotation change from the acquisition,
-    and the pelvis by its displacement from there. Anything else passes through as it is."""
+    and the pelvis by its displacement from there. ``located``: see ``rest_alignment``.
+    Anything else passes through as it is."""
     pose, transl = resolved.get("pose"), resolved.get("transl")
     if resolved.get("relative"):
         return relative_pose(pose, armature.pose0, armature.transl0_mm, transl)
@@ -321,7 +336,10 @@ def pose_for_twin(resolved: dict, armature, reference_rest_mm, acquisition=None)
     if acq is not None and (acq.get("rest_joints") is None or acq.get("pose") is None
                             or not _same_rest(acq["rest_joints"], rest)):
         acq = None
-    new = retarget_pose(pose, rest, ref, None if acq is None else (acq["rest_joints"], acq["pose"], armature.pose0))
+    if callable(located):
+        located = located()
+    new = retarget_pose(pose, rest, ref, None if acq is None else (acq["rest_joints"], acq["pose"], armature.pose0),
+                        located=located)
     joints = resolved.get("joints")
     if transl is None and joints is None:
         return new, None

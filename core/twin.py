@@ -307,6 +307,21 @@ class Twin:
             self._cache["skeleton_rest"] = np.asarray(self.body_model.rest()[1], dtype=np.float64) * 1000.0
         return self._cache["skeleton_rest"]
 
+    def located_joints(self):
+        """Indices of the joints whose centres the fit located from the labels (``fit.json``'s
+        ``joint_sources``), or None when the twin does not record them."""
+        if "located" not in self._cache:
+            from .skeleton import JOINT_INDEX
+
+            loc = None
+            fj = self.path / "fit.json"
+            if fj.is_file():
+                src = read_json(fj).get("joint_sources")
+                if src:
+                    loc = sorted(JOINT_INDEX[n] for n in src if n in JOINT_INDEX)
+            self._cache["located"] = loc
+        return self._cache["located"]
+
     def source_acquisition(self):
         """The acquisition pose on its own skeleton, when the input CT has a pose file beside it that
         names one (``truth.json`` with ``rest_joints``, as a phantom writes): a resolved pose dict, or
@@ -335,7 +350,7 @@ class Twin:
         from .retarget import pose_for_twin
 
         p, t = pose_for_twin(resolve_pose(name_or_path), self.binding.armature, self.skeleton_rest_mm,
-                             acquisition=self.source_acquisition)
+                             acquisition=self.source_acquisition, located=self.located_joints)
         return np.asarray(p, dtype=np.float64), t
 
     def joint_deltas(self, pose, transl_mm=None) -> np.ndarray:
@@ -427,7 +442,7 @@ def frame_poses(twin: Twin, pose=None, motion=None, frames=None, fps: float = 24
     if motion is not None:
         from .motion import load_motion
 
-        src = None if source_model is None else (source_model, twin.skeleton_rest_mm())
+        src = None if source_model is None else (source_model, twin.skeleton_rest_mm(), twin.located_joints())
         poses, transl = load_motion(motion, fps=fps, twin_pose=twin.pose0, twin_transl_mm=twin.transl0_mm,
                                     source=src)[:2]
         n = len(poses)

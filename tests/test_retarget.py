@@ -14,7 +14,7 @@ from ctwin.core.anatomy import build_anatomy
 from ctwin.core.poses import PRESETS, resolve_pose
 from ctwin.core.retarget import (ik_pose, model_rest_joints_mm, pose_for_twin, relative_pose, rest_alignment,
                                  retarget_pose)
-from ctwin.core.skeleton import JOINT_INDEX, PARENTS, forward_kinematics, rodrigues
+from ctwin.core.skeleton import JOINT_INDEX, PARENTS, forward_kinematics, rodrigues, rotation_to_rotvec
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +77,32 @@ def test_retargeted_bones_point_where_the_source_bones_do(variant):
         np.testing.assert_allclose(_posed_dirs(q, j), _posed_dirs(p, jv), atol=1e-9)
 
 
-def test_rest_alignment_recovers_the_variant_rotations(variant):
-    """The variant turns each segment by a rotation the phantom keeps in V; the alignment found
-    from joint positions alone is that rotation (swings at one-child joints, any at the others)."""
+def test_rest_alignment(variant):
+    """C aims every target bone along the source's; at the pelvis and spine3 (several children) it
+    is the variant's own segment rotation (kept by the phantom in V); at one-child joints it adds
+    no twist about the bone to the parent's; leaves and joints whose child was not located take
+    their parent's."""
     j, jv, v = variant
     c = rest_alignment(jv, j)
-    r = _delta_rotations(v)
-    has_child = [k for k in range(24) if any(PARENTS[c2] == k for c2 in range(24))]
-    np.testing.assert_allclose(c[has_child], r[has_child], atol=1e-9)
-    leaves = [k for k in range(24) if k not in has_child]
-    np.testing.assert_allclose(c[leaves], c[PARENTS[leaves]], atol=0)  # a leaf keeps its parent's
+    kids = [[k for k in range(24) if PARENTS[k] == i] for i in range(24)]
+    for i in range(24):
+        for k in kids[i]:
+            a, b = c[i] @ (j[k] - j[i]), jv[k] - jv[i]
+            np.testing.assert_allclose(a / np.linalg.norm(a), b / np.linalg.norm(b), atol=1e-9)
+        if len(kids[i]) > 1:
+            np.testing.assert_allclose(c[i], _delta_rotations(v)[i], atol=1e-9)
+        elif len(kids[i]) == 1 and i > 0:
+            rel = c[PARENTS[i]].T @ c[i]
+            u = (j[kids[i][0]] - j[i]) / np.linalg.norm(j[kids[i][0]] - j[i])
+            axis = rotation_to_rotvec(rel)
+            assert abs(axis @ u) < 1e-9  # a swing: its axis is normal to the bone
+        else:
+            np.testing.assert_allclose(c[i], c[PARENTS[i]], atol=0)
+    located = [k for k in range(24) if k not in (10, 11, 22, 23)]  # feet and hands not located
+    cl = rest_alignment(jv, j, located=located)
+    for ankle_or_wrist in (7, 8, 20, 21):
+        np.testing.assert_allclose(cl[ankle_or_wrist], cl[PARENTS[ankle_or_wrist]], atol=0)
+    np.testing.assert_allclose(cl[:7], c[:7], atol=0)
 
 
 def test_variant_truth_bones_follow_the_retargeted_armature():
@@ -237,8 +253,6 @@ def test_amass_motion_on_variant_skeleton_moves_the_twin_as_the_builtin_one(tmp_
     for k in range(24):
         pk = PARENTS[k]
         rot_v[:, k] = rot_b[:, k] @ r[k].T if pk < 0 else r[pk] @ rot_b[:, k] @ r[k].T
-    from ctwin.core.skeleton import rotation_to_rotvec
-
     poses_v = rotation_to_rotvec(rot_v).reshape(n, 72)
     write_motion_file(tmp_path / "builtin.npz", poses_b, trans, 30.0)
     write_motion_file(tmp_path / "variant.npz", poses_v, trans, 30.0)
