@@ -311,3 +311,21 @@ def test_cli_source_model_needs_a_motion(tmp_path, capsys):
     assert rc == 2 and "--motion" in capsys.readouterr().err
     rc = main(["render", "--ct", str(tmp_path / "ct.nii.gz"), "--source-model", "m.npz", "--out", str(tmp_path / "o")])
     assert rc == 2
+
+
+def test_twin_reads_its_acquisition_source_and_located_joints(tmp_path, variant):
+    from ctwin.core.twin import Twin
+
+    j, jv, _ = variant
+    (tmp_path / "ct").mkdir()
+    (tmp_path / "twin").mkdir()
+    truth = {"pose": PRESETS["supine_arms_down"].tolist(), "transl": [0.0, 0.0, 0.0],
+             "rest_joints": (jv - jv[0]).tolist(), "kintree_parents": PARENTS.tolist()}
+    (tmp_path / "ct" / "truth.json").write_text(json.dumps(truth))
+    (tmp_path / "twin" / "fit.json").write_text(json.dumps({"joint_sources": {"left_hip": "x", "neck": "y"}}))
+    twin = Twin(tmp_path / "twin", {"inputs": {"ct": str(tmp_path / "ct" / "ct.nii.gz")}})
+    acq = twin.source_acquisition()
+    np.testing.assert_allclose(acq["rest_joints"], jv - jv[0])
+    assert twin.located_joints() == [JOINT_INDEX["left_hip"], JOINT_INDEX["neck"]]
+    bare = Twin(tmp_path / "twin2", {"inputs": {}})
+    assert bare.source_acquisition() is None and bare.located_joints() is None
