@@ -22,6 +22,10 @@ that every bone turns in the world as the source's bone turns:
   (``r_t[0] = r_s[0] C_0``).
 - Translation: the target's pelvis joint is put where the source's is (the file's world
   ``joints[0]`` when given, else ``G_s[0] rest_s[0] + transl``).
+- A twin aims only bones toward joints its fit located (``rest_alignment(located=...)``), and when
+  one posture is known on both skeletons (the twin's acquisition, from a pose file beside its CT),
+  ``C_j = G_s[j](pA)^T G_t[j](p0)`` (``acquisition_alignment``): each bone then turns by its source
+  bone's world rotation change from the acquisition, twist included.
 
 Only bone directions matter (lengths do not change a rotation), so two skeletons whose bones point
 the same way (the built-in body model, the project's phantom, any of its seeds) are the same source:
