@@ -607,8 +607,9 @@ def _flesh_blend_table(anat, fprims) -> list:
 
 
 def _posed_rows(anat, fprims, pose, transl, variant=None):
-    """Segment transforms for the structures (24, 4, 4), and for the flesh: ``(T_all, flesh rows)``
-    with the variant's blended flesh transforms appended after the 24 segments."""
+    """``(T, T_all, flesh rows)``: the segment transforms (24, 4, 4) that place the structures, and
+    the flesh's, ``T`` with the variant's blended flesh transforms appended (the returned flesh rows
+    point at them); without a variant ``T_all`` is ``T`` and the rows are unchanged."""
     T = _segment_transforms(anat, pose, transl, variant)
     if variant is None:
         return T, T, fprims
