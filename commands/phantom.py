@@ -16,6 +16,10 @@ def add_arguments(p) -> None:
     p.add_argument("--spacing", type=float, default=3.0, metavar="MM", help="voxel size in mm (default 3; 1.5 option)")
     p.add_argument("--seed", type=int, default=0, help="body shape and texture seed (0 = default adult)")
     p.add_argument("--noise", type=float, default=0.0, metavar="HU", help="Gaussian noise sigma in HU (default 0)")
+    p.add_argument("--skeleton-variant", type=int, default=None, metavar="SEED",
+                   help="build the anatomy on a variant rest skeleton (bone directions turned by up to 15 "
+                        "degrees, lengths changed by up to 10 %%), as another body model's would be; "
+                        "truth.json records its rest_joints")
 
 
 def run(args) -> int:
@@ -23,7 +27,8 @@ def run(args) -> int:
     from ..core.progress import step
 
     with step("phantom"):
-        ph = write_phantom(args.out, pose=args.pose, spacing=args.spacing, seed=args.seed, noise_hu=args.noise)
+        ph = write_phantom(args.out, pose=args.pose, spacing=args.spacing, seed=args.seed, noise_hu=args.noise,
+                           skeleton_variant=args.skeleton_variant)
     n = ph.ct.shape
     print(f"wrote {args.out}: ct {n[0]}x{n[1]}x{n[2]} at {args.spacing:g} mm, {len(ph.labels)} labels, "
           f"{len(ph.truth['bones'])} bones", file=__import__("sys").stderr)

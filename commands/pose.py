@@ -14,7 +14,8 @@ import numpy as np
 
 HELP = "write the twin's meshes posed by a pose file (PLY, world mm)"
 DESCRIPTION = ("Pose a twin directory: every structure of meshes/ and the fitted body-model surface, "
-               "posed by a pose file (a truth.json, a SMPL pose .npz/.json, or a preset name), "
+               "posed by a pose file (a truth.json, a SMPL pose .npz/.json, or a preset name; retargeted "
+               "from the file's rest_joints, solved from world joints, or relative: docs/poses.md), "
                "written as PLY in world mm, with pose.json beside them.")
 
 
@@ -53,16 +54,15 @@ def pose_twin(twin, pose, transl_mm=None) -> tuple[dict, dict]:
 def run(args) -> int:
     from ..core.fileio import write_json
     from ..core.mesh import write_ply
-    from ..core.poses import resolve_pose
     from ..core.progress import report, step
 
     from ..core.twin import load_twin
 
     with step("reading the twin"):
         twin = load_twin(args.twin)
-    p = resolve_pose(args.pose)
+    pose, transl = twin.resolve_pose(args.pose)
     with step(f"posing {len(twin.meshes())} structures"):
-        posed, record = pose_twin(twin, p["pose"], p["transl"])
+        posed, record = pose_twin(twin, pose, transl)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, (name, mesh) in enumerate(sorted(posed.items())):

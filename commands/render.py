@@ -19,6 +19,9 @@ def add_arguments(p) -> None:
     src.add_argument("--ct", metavar="PATH", help="a plain CT (.nii/.nii.gz/.nrrd/.mha or DICOM folder)")
     p.add_argument("--pose", metavar="FILE", help="pose file (twin only); default: acquisition pose")
     p.add_argument("--motion", metavar="FILE", help="motion file (twin only)")
+    p.add_argument("--source-model", metavar="PATH",
+                   help="SMPL or SMPL+H model file the --motion was made on (shaped by the file's betas); "
+                        "default: the built-in body model's skeleton, betas ignored")
     p.add_argument("--frames", metavar="A:B", help="frame range, B exclusive (default 0:1)")
     geo = p.add_mutually_exclusive_group()
     geo.add_argument("--view", metavar="NAME", help="ap, pa, lat_left, lat_right, lateral, lao30_cran10 ... "
@@ -113,12 +116,18 @@ def run(args) -> int:
                              "have yet; use --ct to render a plain CT") from None
         if args.seg or args.label_material:
             raise CtwinError("--seg/--label-material work with --ct; a twin's labels are not overridden yet")
+        if args.motion and not args.source_model:
+            progress.report("motion: no --source-model, so its source skeleton is the built-in body "
+                            "model's (the file's betas are not used)")
+        if args.source_model and not args.motion:
+            raise CtwinError("--source-model names the model a --motion was made on; give --motion too")
         return int(render_twin(args.twin, out_dir=out, pose=args.pose, motion=args.motion,
-                               frames=frames, view=args.view, geometry=geometry, size=size,
+                               source_model=args.source_model, frames=frames, view=args.view,
+                               geometry=geometry, size=size,
                                device=args.device, sad_mm=args.sad, sid_mm=args.sid,
                                parallel=args.parallel, xray=xray, fmt=args.format, **options(args)) or 0)
-    if args.pose or args.motion:
-        raise CtwinError("--pose and --motion need --twin (a plain CT has no skeleton to pose)")
+    if args.pose or args.motion or args.source_model:
+        raise CtwinError("--pose, --motion and --source-model need --twin (a plain CT has no skeleton to pose)")
     if frames is not None and frames[1] - frames[0] != 1:
         raise CtwinError("a plain CT is static: --frames takes a single frame (A:A+1) with --ct")
     frame = 0 if frames is None else frames[0]

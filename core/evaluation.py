@@ -83,8 +83,11 @@ def _source_truth(twin) -> dict | None:
 
 
 def target_fidelity(twin, truth_dir, size: int = 512, device: str = "auto",
-                    keep_images: dict | None = None) -> dict:
-    """Pose the twin to the truth's pose and score bones, enclosure and DRRs against it."""
+                    keep_images: dict | None = None, retarget: bool = True) -> dict:
+    """Pose the twin to the truth's pose and score bones, enclosure and DRRs against it. The truth's
+    pose is retargeted from its ``rest_joints`` onto the twin's skeleton (``core.retarget``), relative
+    to the acquisition truth when that names the same skeleton; ``retarget="rest"`` uses the rest
+    alignment only, ``retarget=False`` the raw pose vector (both for comparison)."""
     from .ct import load_ct
     from .metrics import enclosure_pct
     from .projector import render_drr
@@ -99,10 +102,24 @@ def target_fidelity(twin, truth_dir, size: int = 512, device: str = "auto",
     truth_a = _source_truth(twin)
     pose_b = np.asarray(truth_b["pose"], dtype=np.float64)
     transl = twin.transl0_mm
+    retargeted = False
+    if retarget and truth_b.get("rest_joints") is not None:
+        # the truth's pose is read on its own rest skeleton: retarget it onto the twin's, relative to
+        # the acquisition truth where that names the same skeleton (core.retarget)
+        from .retarget import check_rest_joints, retarget_pose
+
+        rest_b = check_rest_joints(truth_b["rest_joints"], f"{tb_path.name}: 'rest_joints'")
+        acq = None
+        if retarget != "rest" and truth_a is not None and truth_a.get("rest_joints") is not None:
+            acq = (np.asarray(truth_a["rest_joints"], dtype=np.float64),
+                   np.asarray(truth_a["pose"], dtype=np.float64), twin.pose0)
+        new = retarget_pose(pose_b, rest_b, twin.skeleton_rest_mm(), acquisition=acq, located=twin.located_joints())
+        retargeted = (new is not pose_b) and ("acquisition" if acq is not None else "rest")
+        pose_b = np.asarray(new, dtype=np.float64)
     if truth_a is not None:
         # the same patient on the same table: the truth's translation change carries over
         transl = transl + (np.asarray(truth_b["transl"], dtype=np.float64) - np.asarray(truth_a["transl"]))
-    out = {"pose": truth_dir.name}
+    out = {"pose": truth_dir.name, "retargeted": retargeted}
 
     report("evaluate: bone placement at the target pose")
     if truth_a is None:

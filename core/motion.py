@@ -13,6 +13,11 @@ An AMASS-style file holds ``poses`` (T, 72 SMPL / 156 SMPL-H / 165 SMPL-X axis-a
   ``R_twin(t) = M R_m(t)`` with ``M = R_0 R_m(0)^T``, which maps the motion's world into the twin's
   world so that frame 0 coincides with the acquisition orientation (the body never spins to the
   mocap heading). Translation: ``transl(t) = t_0 + 1000 M (trans(t) - trans(0))`` mm.
+- Source skeleton: a motion's pose vectors rotate bones relative to the rest skeleton it was made on
+  (AMASS: SMPL or SMPL+H's template shaped by the file's ``betas``). ``source=(model_path,
+  target_rest_mm)`` retargets every frame from that model's skeleton onto the twin's
+  (``core.retarget``) before the root is mapped; without a source model the built-in body model's
+  skeleton is the source and the file's betas are not used.
 - ``load_motion(path, fps, twin_pose=None, twin_transl_mm=None)``: without ``twin_pose`` the root
   is mapped onto the standard supine acquisition (``SUPINE_GLOBAL_ORIENT``), and without
   ``twin_transl_mm`` the translations are displacements from the first frame (t_0 = 0).
@@ -137,14 +142,30 @@ def read_motion_file(path):
     return poses, trans, rate
 
 
-def load_motion(path, fps=None, twin_pose=None, twin_transl_mm=None, *, check_limits: bool = True):
+def read_betas(path):
+    """The motion file's ``betas`` (the subject's shape), or None."""
+    with np.load(path, allow_pickle=False) as z:
+        return np.asarray(z["betas"], dtype=np.float64).reshape(-1) if "betas" in z else None
+
+
+def load_motion(path, fps=None, twin_pose=None, twin_transl_mm=None, *, check_limits: bool = True,
+                source=None):
     """An AMASS-style motion as ``(poses (T, 72), transl (T, 3) mm)`` in the twin's frame at ``fps``.
 
     ``twin_pose``: the twin's acquisition pose (72,) or global orientation (3,) (default: supine);
     ``twin_transl_mm``: its translation (default: displacements from the first frame).
     ``fps=None`` keeps the file's frame rate. Poses outside joint ranges are reported once.
+    ``source``: ``(model_path, target_rest_mm[, located])``, the SMPL/SMPL+H file the motion was made
+    on (shaped by the file's betas), the twin's rest skeleton (24, 3) mm and the joints its fit
+    located (``core.retarget.rest_alignment``); the frames are retargeted.
     """
     poses, trans, rate = read_motion_file(path)
+    if source is not None:
+        from .retarget import model_rest_joints_mm, retarget_poses
+
+        model_path, target_rest = source[:2]
+        rest = model_rest_joints_mm(model_path, read_betas(path))
+        poses = retarget_poses(poses, rest, target_rest, located=source[2] if len(source) > 2 else None)
     poses, trans = resample(poses, trans, rate, fps)
     go = None if twin_pose is None else np.asarray(twin_pose, dtype=np.float64).reshape(-1)[:3]
     poses, transl = retarget_root(poses, trans, go, twin_transl_mm)

@@ -32,7 +32,7 @@ from .anatomy import CONE, ELL, NPARAM, PLANE, TRI, UNION, build_anatomy
 from .errors import CtwinError
 from .labels import is_skeletal, name_to_id
 from .progress import report
-from .skeleton import JOINT_NAMES, forward_kinematics
+from .skeleton import JOINT_NAMES, PARENTS, forward_kinematics
 from .volume import Volume, affine_from
 
 try:  # numba is a hard dependency of the project; the fallback only keeps imports working
@@ -466,8 +466,12 @@ def _prim_world_boxes(rows, T, pad=None) -> np.ndarray:
     """
     out = np.empty((len(rows), 6))
     for i, r in enumerate(rows):
-        t, tr, q = int(r[0]), T[int(r[1])], r[4:]
+        t, tr, q = int(r[0]), T[int(r[1])], r[4:].copy()
         R, o = tr[:3, :3], tr[:3, 3]
+        sc = abs(np.linalg.det(R)) ** (1.0 / 3.0)  # a skeleton variant scales segments
+        if abs(sc - 1.0) > 1e-12:
+            q[6:8] *= sc if t == CONE else 1.0
+            q[9] *= sc if t == TRI else 1.0
         if (len(r) > 2 and r[2] != UNION and pad is None) or t == PLANE:
             out[i] = [-1e9, 1e9, -1e9, 1e9, -1e9, 1e9]
             continue
@@ -486,7 +490,7 @@ def _prim_world_boxes(rows, T, pad=None) -> np.ndarray:
                 ext = (np.abs(m) * q[12:15][None, :]).sum(1)
             lo, hi = c - ext, c + ext
         if pad is not None:
-            lo, hi = lo - pad[i], hi + pad[i]
+            lo, hi = lo - sc * pad[i], hi + sc * pad[i]
         out[i] = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]]
     return out
 
@@ -522,14 +526,123 @@ def _packed(seed: int):
     return anat, fprims, np.asarray(rows), np.asarray(sinfo, dtype=np.float64)
 
 
-def _segment_transforms(anat, pose, transl) -> np.ndarray:
-    a, _ = forward_kinematics(pose, anat.joints)
-    t = a.copy()
+# Skeleton variants: the largest rotation of a rest bone direction and the largest relative change of
+# a rest bone length (a different body model's canonical skeleton, for retargeting checks).
+VARIANT_MAX_DEG = 15.0
+VARIANT_MAX_LENGTH = 0.10
+
+
+@lru_cache(maxsize=8)
+def skeleton_variant(joints_key: bytes, variant: int):
+    """A variant of a rest skeleton: ``(joints (24, 3) mm, V (24, 4, 4))``. Each joint's segment is
+    turned about the joint by its own rotation of up to ``VARIANT_MAX_DEG`` (a swing, normal to the
+    bone, where the joint has one child; any axis at the pelvis and spine3) and scaled by up to
+    ``VARIANT_MAX_LENGTH``; the variant joints are built down the tree so that segments stay joined,
+    and ``V_j(x) = J'_j + s_j R_j (x - J_j)`` carries the segment's anatomy to the variant rest.
+    Leaves (head, hands, feet) keep their frames. Seeded, deterministic."""
+    from .skeleton import PARENTS, rodrigues
+
+    j = np.frombuffer(joints_key, dtype=np.float64).reshape(24, 3)
+    rng = np.random.default_rng([int(variant), 2113])
+    kids = [[c for c in range(24) if PARENTS[c] == i] for i in range(24)]
+    rot = np.tile(np.eye(3), (24, 1, 1))
+    scale = np.ones(24)
+    for i in range(24):
+        if not kids[i]:
+            continue
+        ax = rng.normal(size=3)
+        if len(kids[i]) == 1:
+            b = j[kids[i][0]] - j[i]
+            b = b / np.linalg.norm(b)
+            ax = ax - (ax @ b) * b
+        ax = ax / np.linalg.norm(ax)
+        rot[i] = rodrigues(ax * np.deg2rad(rng.uniform(0.0, VARIANT_MAX_DEG)))
+        scale[i] = 1.0 + rng.uniform(-VARIANT_MAX_LENGTH, VARIANT_MAX_LENGTH)
+    jv = j.copy()
+    for c in range(1, 24):
+        p = PARENTS[c]
+        jv[c] = jv[p] + scale[p] * rot[p] @ (j[c] - j[p])
+    v = np.tile(np.eye(4), (24, 1, 1))
+    for i in range(24):
+        v[i, :3, :3] = scale[i] * rot[i]
+        v[i, :3, 3] = jv[i] - scale[i] * rot[i] @ j[i]
+    jv.setflags(write=False)
+    v.setflags(write=False)
+    return jv, v
+
+
+def rest_skeleton(anat, variant=None):
+    """``(rest joints (24, 3) mm, V (24, 4, 4) or None)`` of a seed's anatomy or its skeleton variant."""
+    if variant is None:
+        return anat.joints, None
+    return skeleton_variant(np.ascontiguousarray(anat.joints, dtype=np.float64).tobytes(), int(variant))
+
+
+# The variant's flesh rule: a flesh primitive centred within this distance of a joint between its
+# segment and another is moved by a blend of the two segments' motions (rotation slerped about the
+# joint, weight 0.5 at the joint falling to 0 here), as skinning weights shared across a joint do;
+# the project's phantom moves every flesh primitive rigidly with its own segment.
+VARIANT_FLESH_BLEND_MM = 60.0
+
+
+def _flesh_blend_table(anat, fprims) -> list:
+    """[(flesh row, joint, other segment, weight)] for the variant's flesh rule."""
+    j = anat.joints
+    kids = [[c for c in range(24) if PARENTS[c] == i] for i in range(24)]
+    out = []
+    for f, row in enumerate(fprims):
+        t, seg, q = int(row[0]), int(row[1]), row[4:]
+        if t == PLANE:
+            continue
+        c = 0.5 * (q[0:3] + q[3:6]) if t == CONE else (q[0:9].reshape(3, 3).mean(0) if t == TRI else q[0:3])
+        cands = ([(seg, int(PARENTS[seg]))] if seg > 0 else []) + [(k, k) for k in kids[seg]]
+        best = None
+        for joint, other in cands:
+            d = float(np.linalg.norm(c - j[joint]))
+            if d < VARIANT_FLESH_BLEND_MM and (best is None or d < best[0]):
+                best = (d, joint, other)
+        if best is not None:
+            out.append((f, best[1], best[2], 0.5 * (1.0 - best[0] / VARIANT_FLESH_BLEND_MM)))
+    return out
+
+
+def _posed_rows(anat, fprims, pose, transl, variant=None):
+    """``(T, T_all, flesh rows)``: the segment transforms (24, 4, 4) that place the structures, and
+    the flesh's, ``T`` with the variant's blended flesh transforms appended (the returned flesh rows
+    point at them); without a variant ``T_all`` is ``T`` and the rows are unchanged."""
+    T = _segment_transforms(anat, pose, transl, variant)
+    if variant is None:
+        return T, T, fprims
+    from .pose import _slerp_matrices
+
+    rest, v = rest_skeleton(anat, variant)
+    a, _ = forward_kinematics(pose, rest)
+    fp = fprims.copy()
+    extra = []
+    for f, joint, other, w in _flesh_blend_table(anat, fprims):
+        seg = int(fprims[f, 1])
+        x = rest[joint]
+        pj = a[seg, :3, :3] @ x + a[seg, :3, 3]
+        b = np.eye(4)
+        b[:3, :3] = _slerp_matrices(a[seg, :3, :3], a[other, :3, :3], w)
+        b[:3, 3] = pj - b[:3, :3] @ x
+        m = b @ v[seg]
+        m[:3, 3] += transl
+        fp[f, 1] = 24 + len(extra)
+        extra.append(m)
+    t_all = np.concatenate([T, np.asarray(extra).reshape(-1, 4, 4)]) if extra else T
+    return T, t_all, fp
+
+
+def _segment_transforms(anat, pose, transl, variant=None) -> np.ndarray:
+    rest, v = rest_skeleton(anat, variant)
+    a, _ = forward_kinematics(pose, rest)
+    t = a.copy() if v is None else a @ v
     t[:, :3, 3] += transl
     return t
 
 
-def _table_box(seed: int) -> np.ndarray:
+def _table_box(seed: int, variant=None) -> np.ndarray:
     """The table (world, static): under the back of the supine patient of this seed."""
     from .poses import ACQUISITION_PRESETS, PRESETS
 
@@ -537,8 +650,8 @@ def _table_box(seed: int) -> np.ndarray:
     trunk = {0, 3, 6, 9}
     zlo, zhi, top = np.inf, -np.inf, -np.inf
     for name in ACQUISITION_PRESETS:
-        T = _segment_transforms(anat, PRESETS[name], np.zeros(3))
-        wb = _prim_world_boxes(fprims, T, pad=np.maximum(fprims[:, 3], 0.0))
+        _, T, fp = _posed_rows(anat, fprims, PRESETS[name], np.zeros(3), variant)
+        wb = _prim_world_boxes(fp, T, pad=np.maximum(fprims[:, 3], 0.0))
         zlo, zhi = min(zlo, wb[:, 4].min()), max(zhi, wb[:, 5].max())
         if name == ACQUISITION_PRESETS[0]:
             top = max(wb[i, 3] for i in range(len(wb)) if int(fprims[i, 1]) in trunk)
@@ -552,15 +665,21 @@ def _as_pose(pose):
     if isinstance(pose, str) and pose not in PRESETS and not (pose.endswith((".json", ".npz")) or Path(pose).exists()):
         raise CtwinError(f"unknown pose '{pose}': give a pose file or one of {', '.join(PRESETS)}")
     r = resolve_pose(pose)
-    return r["pose"], r["transl"]
+    if r["pose"] is None or r.get("relative"):
+        raise CtwinError("the phantom takes an absolute pose ('pose', 72 floats): not world joints "
+                         "alone, nor a relative pose")
+    return r["pose"], r["transl"], r.get("rest_joints")
 
 
 def generate_phantom(pose="supine_arms_down", spacing: float = 3.0, seed: int = 0, noise_hu: float = 0.0,
-                     transl=None, subsamples: int = 2, roi_mm=None) -> Phantom:
+                     transl=None, subsamples: int = 2, roi_mm=None, skeleton_variant=None) -> Phantom:
     """Voxelise the phantom at a pose (preset name, pose file, dict or 72 floats).
 
     ``transl`` (mm) overrides the pose file's; presets use 0. ``subsamples`` per axis at boundary voxels.
     ``roi_mm`` = (lo (3,), hi (3,)) world box: voxelise only that part of the grid (same lattice).
+    ``skeleton_variant`` (int seed): the anatomy on a variant rest skeleton (``skeleton_variant``):
+    bone directions and lengths differ as another body model's would. A pose file with
+    ``rest_joints`` is retargeted onto the phantom's rest skeleton (``core.retarget``).
     """
     spacing = float(spacing)
     if not (0.5 <= spacing <= 20.0):
@@ -570,17 +689,24 @@ def generate_phantom(pose="supine_arms_down", spacing: float = 3.0, seed: int = 
     seed = int(seed)
     if seed < 0:
         raise CtwinError("seed must be >= 0")
-    pose_v, transl_file = _as_pose(pose)
+    if skeleton_variant is not None and int(skeleton_variant) < 0:
+        raise CtwinError("the skeleton variant must be >= 0")
+    pose_v, transl_file, src_rest = _as_pose(pose)
     tr = np.zeros(3) if transl is None else np.asarray(transl, dtype=np.float64).reshape(3)
     if transl is None and transl_file is not None:
         tr = transl_file
     anat, fprims, sprims, sinfo = _packed(seed)
-    T = _segment_transforms(anat, pose_v, tr)
-    seg_inv = np.ascontiguousarray(np.linalg.inv(T)[:, :3, :])
-    fbox = _prim_world_boxes(fprims, T, pad=np.maximum(fprims[:, 3], 0.0))
+    rest_j, _ = rest_skeleton(anat, skeleton_variant)
+    if src_rest is not None:
+        from .retarget import retarget_pose
+
+        pose_v = np.asarray(retarget_pose(pose_v, src_rest, rest_j), dtype=np.float64)
+    T, t_all, fprims = _posed_rows(anat, fprims, pose_v, tr, skeleton_variant)
+    seg_inv = np.ascontiguousarray(np.linalg.inv(t_all)[:, :3, :])
+    fbox = _prim_world_boxes(fprims, t_all, pad=np.maximum(fprims[:, 3], 0.0))
     pbox = _prim_world_boxes(sprims, T)
     sbox = _struct_boxes(pbox, sprims, sinfo)
-    table = _table_box(seed)
+    table = _table_box(seed, skeleton_variant)
     lo = np.minimum(fbox[:, [0, 2, 4]].min(0), table[[0, 2, 4]]) - 12.0
     hi = np.maximum(fbox[:, [1, 3, 5]].max(0), table[[1, 3, 5]]) + 12.0
     if roi_mm is not None:
@@ -614,7 +740,7 @@ def generate_phantom(pose="supine_arms_down", spacing: float = 3.0, seed: int = 
         counts += np.bincount(lab[:, :, k].ravel(), minlength=65536)
     present = np.flatnonzero(counts)
     names = {int(i): _id_name(i) for i in present if int(i) != 0}
-    joints_w = forward_kinematics(pose_v, anat.joints)[1] + tr
+    joints_w = forward_kinematics(pose_v, rest_j)[1] + tr
     bones, segments = {}, {}
     for si, st in enumerate(anat.structures):
         if st.name and is_skeletal(st.name) and ids[st.name] in names:
@@ -622,26 +748,32 @@ def generate_phantom(pose="supine_arms_down", spacing: float = 3.0, seed: int = 
             segments[st.name] = JOINT_NAMES[st.seg]
     truth = {
         "pose": pose_v.tolist(), "transl": tr.tolist(), "joints": joints_w.tolist(), "bones": bones,
-        "bone_segments": segments, "joints_rest": anat.joints.tolist(), "joint_names": list(JOINT_NAMES),
+        "bone_segments": segments, "joints_rest": np.asarray(rest_j).tolist(), "joint_names": list(JOINT_NAMES),
+        "rest_joints": (np.asarray(rest_j) - np.asarray(rest_j)[0]).tolist(), "kintree_parents": PARENTS.tolist(),
+        "skeleton_variant": None if skeleton_variant is None else int(skeleton_variant),
         "seed": seed, "shape": anat.shape.to_json(), "spacing_mm": spacing, "noise_hu": float(noise_hu),
         "table_box_mm": table[:6].tolist(), "subsamples": int(subsamples),
     }
     return Phantom(ct, seg, names, truth)
 
 
-def body_sdf(points, pose="supine_arms_down", seed: int = 0, transl=None) -> np.ndarray:
+def body_sdf(points, pose="supine_arms_down", seed: int = 0, transl=None, skeleton_variant=None) -> np.ndarray:
     """Signed distance (mm, < 0 inside) of world points to the phantom's skin surface at a pose.
 
     The same blended outline the voxeliser uses (without brick culling): the ground truth for
     "inside the body" checks.
     """
-    pose_v, transl_file = _as_pose(pose)
+    pose_v, transl_file, src_rest = _as_pose(pose)
     tr = np.zeros(3) if transl is None else np.asarray(transl, dtype=np.float64).reshape(3)
     if transl is None and transl_file is not None:
         tr = transl_file
     anat, fprims = _packed(int(seed))[:2]
-    T = _segment_transforms(anat, pose_v, tr)
-    seg_inv = np.ascontiguousarray(np.linalg.inv(T)[:, :3, :])
+    if src_rest is not None:
+        from .retarget import retarget_pose
+
+        pose_v = np.asarray(retarget_pose(pose_v, src_rest, rest_skeleton(anat, skeleton_variant)[0]))
+    _, t_all, fprims = _posed_rows(anat, fprims, pose_v, tr, skeleton_variant)
+    seg_inv = np.ascontiguousarray(np.linalg.inv(t_all)[:, :3, :])
     pts = np.ascontiguousarray(np.asarray(points, dtype=np.float64).reshape(-1, 3))
     out = np.empty(len(pts))
     _body_sdf_points(pts, seg_inv, fprims, anat.blend_mm, out)

@@ -12,7 +12,9 @@ Sign conventions in SMPL's canonical rest (T pose, arms along +-x, palms down):
 The right side mirrors the left: (rx, ry, rz) -> (rx, -ry, -rz).
 
 ``resolve_pose(name_or_path)`` accepts a preset name, a ``truth.json``, or a ``.npz``/``.json`` file
-with the keys ``pose`` [, ``transl``] and returns ``{"pose": (72,), "transl": (3,) or None}``.
+with the keys ``pose`` [, ``transl``] and returns ``{"pose": (72,), "transl": (3,) or None}``, plus
+``rest_joints`` / ``joints`` / ``relative`` where the file has them (its source skeleton, world
+joints for inverse kinematics, a change from the acquisition pose: ``core.retarget``).
 """
 from __future__ import annotations
 
@@ -97,24 +99,43 @@ def preset_names() -> tuple:
     return tuple(PRESETS)
 
 
-def _from_mapping(d, source: str) -> dict:
-    if "pose" not in d:
-        raise CtwinError(f"{source}: a pose file needs a 'pose' key (72 floats)")
+def _floats(d, key, n, source, unit=""):
     try:
-        pose = np.asarray(d["pose"], dtype=np.float64).reshape(-1)
+        a = np.asarray(d[key], dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
-        raise CtwinError(f"{source}: 'pose' is not a list of numbers") from None
-    if pose.size != 72 or not np.all(np.isfinite(pose)):
-        raise CtwinError(f"{source}: 'pose' must hold 72 finite floats, got {pose.size} values")
-    transl = d.get("transl") if hasattr(d, "get") else None
-    if transl is not None:
-        try:
-            transl = np.asarray(transl, dtype=np.float64).reshape(-1)
-        except (TypeError, ValueError):
-            raise CtwinError(f"{source}: 'transl' is not a list of numbers") from None
-        if transl.size != 3 or not np.all(np.isfinite(transl)):
-            raise CtwinError(f"{source}: 'transl' must hold 3 finite floats (mm)")
-    return {"pose": as_pose(pose).reshape(72), "transl": transl}
+        raise CtwinError(f"{source}: '{key}' is not a list of numbers") from None
+    if a.size != n or not np.all(np.isfinite(a)):
+        raise CtwinError(f"{source}: '{key}' must hold {n} finite floats{unit}, got {a.size} values")
+    return a
+
+
+def _from_mapping(d, source: str) -> dict:
+    """Validate a pose mapping. Returns ``pose`` (72,) or None (a file with only world ``joints``),
+    ``transl`` (3,) or None, and, where the file has them, ``rest_joints`` (24, 3), ``joints``
+    (24, 3) and ``relative`` (see ``core.retarget`` and docs/poses.md)."""
+    get = d.get if hasattr(d, "get") else (lambda k, default=None: default)
+    has = (lambda k: k in d and get(k) is not None)
+    if not has("pose") and not has("joints"):
+        raise CtwinError(f"{source}: a pose file needs a 'pose' key (72 floats) or world 'joints' (24 x 3 mm)")
+    pose = as_pose(_floats(d, "pose", 72, source)).reshape(72) if has("pose") else None
+    transl = _floats(d, "transl", 3, source, " (mm)") if has("transl") else None
+    out = {"pose": pose, "transl": transl}
+    if has("relative") and bool(np.asarray(get("relative")).reshape(-1)[0]):
+        if pose is None:
+            raise CtwinError(f"{source}: a relative pose needs 'pose' (24 x 3 rotation changes)")
+        if has("rest_joints"):
+            raise CtwinError(f"{source}: a relative pose is a change on the twin's own skeleton; "
+                             "drop 'rest_joints' or give an absolute pose")
+        out["relative"] = True
+    if has("rest_joints"):
+        from .retarget import check_parents, check_rest_joints
+
+        out["rest_joints"] = check_rest_joints(get("rest_joints"), f"{source}: 'rest_joints'")
+        if has("kintree_parents"):
+            check_parents(get("kintree_parents"), f"{source}: 'kintree_parents'")
+    if has("joints"):
+        out["joints"] = _floats(d, "joints", 72, source, " (world mm)").reshape(24, 3)
+    return out
 
 
 def resolve_pose(name_or_path) -> dict:

@@ -300,6 +300,59 @@ class Twin:
             m.pop("skin", None)
         return m
 
+    def skeleton_rest_mm(self) -> np.ndarray:
+        """The rest skeleton (24, 3) mm that the twin's pose vectors are read on: its body model's
+        mean-shape joints (the fit's scaffold pose is solved on their bone directions)."""
+        if "skeleton_rest" not in self._cache:
+            self._cache["skeleton_rest"] = np.asarray(self.body_model.rest()[1], dtype=np.float64) * 1000.0
+        return self._cache["skeleton_rest"]
+
+    def located_joints(self):
+        """Indices of the joints whose centres the fit located from the labels (``fit.json``'s
+        ``joint_sources``), or None when the twin does not record them."""
+        if "located" not in self._cache:
+            from .skeleton import JOINT_INDEX
+
+            loc = None
+            fj = self.path / "fit.json"
+            if fj.is_file():
+                src = read_json(fj).get("joint_sources")
+                if src:
+                    loc = sorted(JOINT_INDEX[n] for n in src if n in JOINT_INDEX)
+            self._cache["located"] = loc
+        return self._cache["located"]
+
+    def source_acquisition(self):
+        """The acquisition pose on its own skeleton, when the input CT has a pose file beside it that
+        names one (``truth.json`` with ``rest_joints``, as a phantom writes): a resolved pose dict, or
+        None. Poses on that skeleton are then mapped relative to the acquisition."""
+        if "source_acq" not in self._cache:
+            from .poses import resolve_pose
+
+            acq = None
+            ct = self.meta.get("inputs", {}).get("ct")
+            if ct:
+                p = (Path(ct) if Path(ct).is_dir() else Path(ct).parent) / "truth.json"
+                if p.is_file():
+                    try:
+                        r = resolve_pose(str(p))
+                    except CtwinError:
+                        r = {}
+                    acq = r if r.get("rest_joints") is not None and r.get("pose") is not None else None
+            self._cache["source_acq"] = acq
+        return self._cache["source_acq"]
+
+    def resolve_pose(self, name_or_path) -> tuple:
+        """A preset, pose file or mapping as ``(pose (72,), transl_mm or None)`` on this twin: retargeted
+        from the file's source skeleton, solved from world joints, or applied as a change from the
+        acquisition pose (``core.retarget.pose_for_twin``)."""
+        from .poses import resolve_pose
+        from .retarget import pose_for_twin
+
+        p, t = pose_for_twin(resolve_pose(name_or_path), self.binding.armature, self.skeleton_rest_mm,
+                             acquisition=self.source_acquisition, located=self.located_joints)
+        return np.asarray(p, dtype=np.float64), t
+
     def joint_deltas(self, pose, transl_mm=None) -> np.ndarray:
         """D_j (24, 4, 4): acquisition world mm -> posed world mm."""
         return self.binding.armature.deltas(pose, transl_mm)
@@ -381,23 +434,24 @@ def load_twin(path) -> Twin:
 # --------------------------------------------------------------------------------------------
 # rendering frames
 # --------------------------------------------------------------------------------------------
-def frame_poses(twin: Twin, pose=None, motion=None, frames=None, fps: float = 24.0):
+def frame_poses(twin: Twin, pose=None, motion=None, frames=None, fps: float = 24.0, source_model=None):
     """[(frame, pose (72,), transl_mm or None)] for a render: the acquisition pose, a pose file, or a
-    motion file resampled to ``fps``. ``frames`` = (A, B) with B exclusive."""
-    from .poses import resolve_pose
+    motion file resampled to ``fps``. ``frames`` = (A, B) with B exclusive. ``source_model``: the SMPL
+    or SMPL+H file a motion was made on (its betas shape it; ``core.motion.load_motion``)."""
 
     if motion is not None:
         from .motion import load_motion
 
-        poses, transl = load_motion(motion, fps=fps, twin_pose=twin.pose0, twin_transl_mm=twin.transl0_mm)[:2]
+        src = None if source_model is None else (source_model, twin.skeleton_rest_mm(), twin.located_joints())
+        poses, transl = load_motion(motion, fps=fps, twin_pose=twin.pose0, twin_transl_mm=twin.transl0_mm,
+                                    source=src)[:2]
         n = len(poses)
         a, b = (0, n) if frames is None else frames
         if b > n:
             raise CtwinError(f"the motion has {n} frames at {fps:g} fps; --frames {a}:{b} is beyond it")
         return [(f, poses[f], transl[f]) for f in range(a, b)]
     if pose is not None:
-        pz = resolve_pose(pose)
-        p, t = np.asarray(pz["pose"], dtype=np.float64), pz.get("transl")
+        p, t = twin.resolve_pose(pose)
     else:
         p, t = twin.pose0, None
     a, b = (0, 1) if frames is None else frames
@@ -425,7 +479,7 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
                 size=None, device="auto", sad_mm=1000.0, sid_mm=1500.0, parallel=False,
                 method="trilinear", step_mm=None, value="line_integral", kvp=None, photons=None,
                 electronic_sigma=0.0, seed=0, fps: float = 24.0, annotate: bool = False,
-                views: dict | None = None, xray=None, fmt: str = "tiff") -> int:
+                views: dict | None = None, xray=None, fmt: str = "tiff", source_model=None) -> int:
     """Render a twin's frames (posed by a pose file or a motion) as <view>_<frame>.tif + .json.
 
     ``annotate`` also writes, per frame and view, the projected label masks and the 2D joints and
@@ -464,7 +518,7 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
         names = [view] if view else ["ap", "lateral"]
         views = {n: named_view(n, twin.ct_bbox_mm, sad_mm=sad_mm, sid_mm=sid_mm, size=size or 512,
                                parallel=parallel) for n in names}
-    todo = frame_poses(twin, pose, motion, frames, fps)
+    todo = frame_poses(twin, pose, motion, frames, fps, source_model=source_model)
     total = len(todo) * len(views)
     done = 0
     for f, p, t in todo:

@@ -80,14 +80,46 @@ def keyframe_poses(arm_obj, poses, transl_mm=None, frame_start: int = 1, action_
     return action
 
 
-def load_motion_keyframes(arm_obj, path, scene=None, frame_start: int | None = None):
-    """Import an AMASS-style .npz as keyframes at the scene's frame rate; sets the frame range."""
+def _retarget_target(scene):
+    """(rest skeleton (24, 3) mm, located joints or None) that poses are retargeted onto: the twin's
+    own when this file is a twin directory's twin.blend, else the built-in body model's skeleton and
+    the joints located by the fit stored in the scene (``ctwin_fit``), if any."""
+    import json
+    from pathlib import Path
+
+    if bpy.data.filepath:
+        d = Path(bpy.data.filepath).parent
+        if (d / "twin.json").is_file():
+            from ..core.twin import load_twin
+
+            twin = load_twin(d)
+            return twin.skeleton_rest_mm(), twin.located_joints()
+    from ..core.body_model import load_body_model
+    from ..core.skeleton import JOINT_INDEX
+
+    located = None
+    raw = scene.get("ctwin_fit")
+    if raw:
+        src = json.loads(raw).get("joint_sources") or {}
+        located = sorted(JOINT_INDEX[n] for n in src if n in JOINT_INDEX) or None
+    return load_body_model().rest()[1] * 1000.0, located
+
+
+def load_motion_keyframes(arm_obj, path, scene=None, frame_start: int | None = None, source_model=None):
+    """Import an AMASS-style .npz as keyframes at the scene's frame rate; sets the frame range.
+
+    ``source_model``: the SMPL or SMPL+H file the motion was made on; its skeleton (shaped by the
+    file's betas) is retargeted onto the twin's, as ``ctwin render --source-model`` does
+    (``_retarget_target``)."""
     from ..core.motion import load_motion
 
     scene = scene or bpy.context.scene
     fps = scene.render.fps / scene.render.fps_base
     arm = twin_armature(arm_obj)
-    poses, transl = load_motion(path, fps=fps, twin_pose=arm.pose0, twin_transl_mm=arm.transl0_mm)
+    src = None
+    if source_model:
+        src = (source_model,) + _retarget_target(scene)
+    poses, transl = load_motion(path, fps=fps, twin_pose=arm.pose0, twin_transl_mm=arm.transl0_mm, source=src)
     start = scene.frame_start if frame_start is None else frame_start
     action = keyframe_poses(arm_obj, poses, transl, frame_start=start)
     scene.frame_start = start

@@ -45,6 +45,10 @@ class CTWIN_OT_load_motion(bpy.types.Operator, ImportHelper):
     bl_options = {"REGISTER", "UNDO"}
     filename_ext = ".npz"
     filter_glob: StringProperty(default="*.npz", options={"HIDDEN"})
+    source_model: StringProperty(
+        name="Source Model", subtype="FILE_PATH", default="",
+        description="SMPL or SMPL+H model file the motion was made on (shaped by the file's betas); "
+                    "empty: the built-in body model's skeleton")
 
     @classmethod
     def poll(cls, context):
@@ -59,7 +63,8 @@ class CTWIN_OT_load_motion(bpy.types.Operator, ImportHelper):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                _, n = load_motion_keyframes(arm, self.filepath, context.scene)
+                _, n = load_motion_keyframes(arm, self.filepath, context.scene,
+                                             source_model=bpy.path.abspath(self.source_model) or None)
         except CtwinError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}

@@ -149,6 +149,22 @@ def test_motion_keyframes_fast_and_exact(twin, tmp_path):
         assert ("femur_left", "left_hip") in bind_items and ("liver", "smooth") in bind_items
         bpy.context.view_layer.objects.active = arm_obj
         assert bpy.ops.ctwin.load_motion(filepath=str(path)) == {"FINISHED"}
+        # Load Motion's Source Model: the frames are retargeted from that model's skeleton
+        from ctwin.core.anatomy import build_anatomy
+        from ctwin.core.body_model import load_body_model
+        from ctwin.core.phantom import rest_skeleton
+
+        model = tmp_path / "variant_model.npz"
+        np.savez(model, v_template=np.asarray(rest_skeleton(build_anatomy(0), 3)[0]) / 1000.0,
+                 J_regressor=np.eye(24), kintree_table=np.vstack([np.where(PARENTS < 0, 4294967295, PARENTS),
+                                                                  np.arange(24)]))
+        assert bpy.ops.ctwin.load_motion(filepath=str(path), source_model=str(model)) == {"FINISHED"}
+        want = load_motion(path, fps=30, twin_pose=arm.pose0, twin_transl_mm=arm.transl0_mm, check_limits=False,
+                           source=(model, load_body_model().rest()[1] * 1000.0))[0]
+        scene.frame_set(1 + 37)
+        got = rodrigues(armature_pose_vector(arm_obj).reshape(24, 3))
+        assert np.allclose(got, rodrigues(want[37].reshape(24, 3)), atol=1e-4)
+        assert not np.allclose(got, rodrigues(expect[37].reshape(24, 3)), atol=1e-2)
     finally:
         if mine:
             unregister()
