@@ -180,3 +180,34 @@ def test_unbundled_package_is_one_clear_line():
         require("ctwin_no_such_module_xyz", "nosuchdist", "'ctwin dataset'")
     msg = str(e.value)
     assert "\n" not in msg and "'ctwin dataset' needs nosuchdist" in msg and "does not bundle" in msg
+
+
+def test_trimmed_spekpy_gives_the_full_wheels_spectra(tmp_path):
+    """The zips carry SpekPy without the tables ctwin's spectra never read (TRIM): installed alone,
+    the trimmed wheel gives the same spectra as the full package, on and off axis."""
+    pytest.importorskip("spekpy")
+    whl = [w for w in bx.check_manifest() if bx.wheel_name_version(w)[0] == "spekpy"]
+    assert whl, "spekpy is not bundled"
+    trimmed = bx.trimmed_wheel(Path(whl[0]).name)
+    assert trimmed.stat().st_size < 0.3 * (bx.CACHE / trimmed.name).stat().st_size
+    site = tmp_path / "site"
+    with zipfile.ZipFile(trimmed) as z:
+        z.extractall(site)
+    code = textwrap.dedent("""
+        import json, sys, spekpy
+        out = {}
+        for kvp in (40, 80, 150):
+            s = spekpy.Spek(kvp=kvp, th=12, dk=1.0, mas=1.0)
+            s.multi_filter([("Al", 2.5), ("Cu", 0.1)])
+            for x in (0.0, 8.0):
+                k, f = s.get_spectrum(x=x, z=100.0)
+                out[f"{kvp}-{x}"] = [list(map(float, k)), list(map(float, f))]
+        print(json.dumps({"file": spekpy.__file__, "spectra": out}))
+    """)
+    full = json.loads(subprocess.run([PY, "-c", code], capture_output=True, text=True,
+                                     check=True).stdout)
+    env = dict(os.environ, PYTHONPATH=str(site))
+    small = json.loads(subprocess.run([PY, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r})\n" + code],
+                                      capture_output=True, text=True, env=env, check=True).stdout)
+    assert small["file"].startswith(str(site))
+    assert small["spectra"] == full["spectra"]

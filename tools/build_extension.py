@@ -69,7 +69,22 @@ BUNDLED: dict[str, tuple[str, ...]] = {
     "nibabel": ALL, "importlib_resources": ALL, "typing_extensions": ALL,
     "SimpleITK": ALL,
     "trimesh": ALL,
+    "spekpy": ALL, "xraylib": ALL, "pydicom": ALL,
+    "matplotlib": ALL, "contourpy": ALL, "cycler": ALL, "fonttools": ALL, "kiwisolver": ALL,
+    "pyparsing": ALL, "python-dateutil": ALL, "tzdata": ALL,
 }
+# Data files left out of a bundled wheel, by package (fnmatch patterns of paths in the wheel).
+# SpekPy's wheel is 164 MB, nearly all physics tables; ctwin's spectra (core/xray.py: tungsten
+# anode, SpekPy's default "casim" model) read only the Z74 (tungsten) tables and the shared
+# ones (traced file opens for 40, 80 and 150 kVp with Al and Cu filters, on and off axis). The
+# "kqp" model's table (KQP.npz, 91 MB) and the Cu, Mo and Rh anodes' tables (Z29/Z42/Z45, 33 MB)
+# are dropped: the trimmed wheel is 38 MB.
+TRIM: dict[str, tuple[str, ...]] = {
+    "spekpy": ("spekpy/data/tables/advanced/KQP.npz",
+               "spekpy/data/tables/advanced/Z29_*", "spekpy/data/tables/advanced/Z42_*",
+               "spekpy/data/tables/advanced/Z45_*"),
+}
+TRIMMED = ROOT / "build" / "trimmed"
 # Users download one zip per platform: the build fails when one grows past this size (the
 # bundled wheels are most of it).
 MAX_ZIP_BYTES = 300 * 10**6
@@ -245,6 +260,35 @@ def check_manifest() -> list[str]:
     return wheels
 
 
+def trimmed_wheel(name: str) -> Path:
+    """The cached wheel ``name``, or for a package in TRIM a copy without the TRIM files (and
+    without their RECORD lines), made once in build/trimmed/."""
+    import fnmatch
+    import zipfile
+
+    src = CACHE / name
+    drop = TRIM.get(wheel_name_version(name)[0])
+    if not drop:
+        return src
+    dst = TRIMMED / name
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+        return dst
+    TRIMMED.mkdir(parents=True, exist_ok=True)
+    tmp = TRIMMED / f".{name}.{os.getpid()}.part"
+    gone = lambda f: any(fnmatch.fnmatch(f, pat) for pat in drop)  # noqa: E731
+    with zipfile.ZipFile(src) as zi, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zo:
+        for info in zi.infolist():
+            if gone(info.filename):
+                continue
+            data = zi.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                data = "".join(ln for ln in data.decode().splitlines(True)
+                               if not gone(ln.split(",", 1)[0])).encode()
+            zo.writestr(info, data)
+    os.replace(tmp, dst)
+    return dst
+
+
 def link_wheels(wheels: list[str]) -> None:
     """Make wheels/ hold exactly the manifest's wheels, hard-linked from the cache."""
     names = [Path(w).name for w in wheels]
@@ -253,7 +297,7 @@ def link_wheels(wheels: list[str]) -> None:
         if f.suffix == ".whl" and f.name not in names:
             f.unlink(missing_ok=True)
     for n in names:
-        dst, src = WHEELS / n, CACHE / n
+        dst, src = WHEELS / n, trimmed_wheel(n)
         if dst.exists() and dst.stat().st_size == src.stat().st_size:
             continue
         # Link (or copy) under a temporary name, then rename: safe with concurrent builds.
