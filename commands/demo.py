@@ -81,7 +81,9 @@ def run(args) -> int:
     if args.frames < 2:
         raise CtwinError("--frames must be at least 2")
     t_all = time.perf_counter()
-    out = Path(args.out).resolve()
+    from ..core.safety import check_out_dir
+
+    out = check_out_dir(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
 

@@ -16,7 +16,9 @@ def run(args) -> int:
     from ..core.evaluation import evaluate_twin
     from ..core.fileio import write_json
     from ..core.progress import report
+    from ..core.safety import check_out_file
 
+    check_out_file(args.out)
     res = evaluate_twin(args.twin, args.truth, size=args.size, device=args.device)
     write_json(args.out, res)
     report(f"metrics written to {args.out}")

@@ -55,15 +55,16 @@ def run(args) -> int:
     from ..core.mesh import write_ply
     from ..core.poses import resolve_pose
     from ..core.progress import report, step
-
+    from ..core.safety import check_out_dir, check_pose_values
     from ..core.twin import load_twin
 
+    out = check_out_dir(args.out)
     with step("reading the twin"):
         twin = load_twin(args.twin)
     p = resolve_pose(args.pose)
+    check_pose_values(p["pose"], p.get("transl"), what=f"pose {args.pose}")
     with step(f"posing {len(twin.meshes())} structures"):
         posed, record = pose_twin(twin, p["pose"], p["transl"])
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, (name, mesh) in enumerate(sorted(posed.items())):
         write_ply(mesh, out / f"{name}.ply")
