@@ -429,6 +429,11 @@ class Twin:
         return default_views(self.ct_bbox_mm, size=size, **kw)
 
 
+# The files every twin has (build writes them); load_twin refuses a twin that lacks one.
+REQUIRED_FILES = ("fit.npz", "binding.npz", "volumes/articulated/articulated.json",
+                  "volumes/articulated/articulated.npz", "meshes/skin.ply", "meshes/body_model.ply")
+
+
 def read_twin_file(twin_dir, rel: str, loader):
     """``loader(twin_dir / rel)``; a missing, truncated or unreadable file raises one line that names
     it and says to rebuild (a ``CtwinError`` from the loader passes through)."""
@@ -437,8 +442,8 @@ def read_twin_file(twin_dir, rel: str, loader):
         raise CtwinError(f"the twin {Path(twin_dir)} is damaged: {rel} is missing; rebuild it with 'ctwin build'")
     try:
         return loader(p)
-    except CtwinError:
-        raise
+    except CtwinError as exc:
+        raise CtwinError(f"the twin {Path(twin_dir)} is damaged: {rel}: {exc}; rebuild it with 'ctwin build'") from None
     except PermissionError:
         raise CtwinError(f"cannot read the twin's {rel} in {Path(twin_dir)}: permission denied") from None
     except (MemoryError, KeyboardInterrupt):
@@ -458,6 +463,9 @@ def load_twin(path) -> Twin:
     meta = read_twin_file(p, "twin.json", read_json)
     if not isinstance(meta, dict):
         raise CtwinError(f"the twin {p} is damaged: twin.json is not an object; rebuild it with 'ctwin build'")
+    for rel in REQUIRED_FILES:
+        if not (p / rel).is_file():
+            raise CtwinError(f"the twin {p} is damaged: {rel} is missing; rebuild it with 'ctwin build'")
     if meta.get("format") != TWIN_FORMAT:
         raise CtwinError(f"{p}: twin format {meta.get('format')} is not supported (expected {TWIN_FORMAT})")
     return Twin(p.resolve(), meta)
