@@ -55,10 +55,11 @@ def run(args) -> int:
     from ..core.mesh import write_ply
     from ..core.poses import resolve_pose
     from ..core.progress import report, step
-    from ..core.safety import check_out_dir, check_pose_values
+    from ..core.safety import check_out_dir, check_pose_values, clean_stale_partials
     from ..core.twin import load_twin
 
     out = check_out_dir(args.out)
+    clean_stale_partials(out)
     with step("reading the twin"):
         twin = load_twin(args.twin)
     p = resolve_pose(args.pose)

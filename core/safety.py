@@ -179,7 +179,8 @@ def check_pose_values(pose, transl_mm=None, what: str = "pose") -> None:
         raise CtwinError(f"{what}: a pose has 72 values (24 joints x 3), got shape {p.shape}")
     if not np.isfinite(p).all():
         raise CtwinError(f"{what}: the pose has non-finite values (nan or inf)")
-    ang = np.linalg.norm(p.reshape(*p.shape[:-1], 24, 3), axis=-1)
+    with np.errstate(over="ignore"):
+        ang = np.linalg.norm(p.reshape(*p.shape[:-1], 24, 3), axis=-1)
     if ang.max(initial=0.0) > MAX_ROTVEC_RAD + 1e-9:
         raise CtwinError(f"{what}: a joint rotation of {ang.max():.3g} rad is more than a full turn "
                          f"(2 pi); pose values are axis-angle radians")

@@ -496,6 +496,9 @@ def frame_poses(twin: Twin, pose=None, motion=None, frames=None, fps: float = 24
         pz = resolve_pose(pose)
         p, t = np.asarray(pz["pose"], dtype=np.float64), pz.get("transl")
         check_pose_values(p, t, what=f"pose {pose}")
+        from .pose import check_joint_limits
+
+        check_joint_limits(p, label=f"pose {pose}")
     else:
         p, t = twin.pose0, None
     a, b = (0, 1) if frames is None else frames

@@ -174,6 +174,14 @@ def test_implausible_fit_is_a_warning():
     assert check_fit({"chamfer_mm": 1.5, "enclosure_pct": 99.9}) == []
     w = check_fit({"chamfer_mm": 42.0, "enclosure_pct": 60.0})
     assert len(w) == 2 and "chamfer 42.0 mm" in w[0] and "60.0 %" in w[1]
+    # the demo report shows the twin's warnings at the top
+    import tempfile
+
+    from ctwin.core.report import write_report
+
+    with tempfile.TemporaryDirectory() as d:
+        html = write_report(d, {"warnings": w}, []).read_text()
+        assert html.index("WARNING: implausible fit: chamfer 42.0 mm") < html.index("<h2>Metrics")
 
 
 def test_built_twin_records_plausibility(twin_dir):
