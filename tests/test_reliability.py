@@ -623,3 +623,21 @@ def test_fault_injection_build(coarse_phantoms, twin_dir, tmp_path):
     assert got.keys() == ref.keys()
     diff = [k for k in ref if got[k] != ref[k]]
     assert not diff, diff
+
+
+def test_render_warns_on_joint_ranges_like_pose(twin_dir, tmp_path, capsys):
+    from ctwin.core.pose import joint_limit_violations
+    from ctwin.core.skeleton import JOINT_INDEX
+    from ctwin.core.twin import frame_poses, load_twin
+
+    twin = load_twin(twin_dir)
+    p = np.asarray(twin.pose0, dtype=np.float64).copy()
+    k = JOINT_INDEX["left_knee"]
+    p[3 * k] -= 3.0  # the knee turned by 3 rad (172 degrees) about x: beyond any knee range
+    assert joint_limit_violations(p)
+    f = tmp_path / "bad_knee.json"
+    f.write_text(json.dumps({"pose": p.tolist()}))
+    with pytest.warns(UserWarning, match="outside anatomical joint ranges"):
+        todo = frame_poses(twin, pose=str(f))
+    assert len(todo) == 1
+    assert "outside anatomical joint ranges" in capsys.readouterr().err
