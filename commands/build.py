@@ -21,6 +21,10 @@ def add_arguments(p) -> None:
     p.add_argument("--body-model", metavar="PATH", help="a SMPL-format body model (.npz/.pkl); default: built-in")
     p.add_argument("--out", required=True, metavar="DIR", help="twin directory to write")
     p.add_argument("--no-blend", action="store_true", help="skip twin.blend (headless use without Blender)")
+    p.add_argument("--force", action="store_true",
+                   help="build even when the segmentation does not look like it belongs to the CT "
+                        "(bone labels not on bone, labels outside the CT, left and right swapped); "
+                        "the problems are recorded in twin.json")
 
 
 def run(args) -> int:
@@ -40,5 +44,6 @@ def run(args) -> int:
         raise CtwinError("--hu and --spacing apply to mesh mode (--meshes); a CT gives its own")
     from ..core.twin import build_twin
 
-    build_twin(args.ct, args.seg, args.out, body_model_path=args.body_model, write_blend=not args.no_blend)
+    build_twin(args.ct, args.seg, args.out, body_model_path=args.body_model, write_blend=not args.no_blend,
+               force=args.force)
     return 0

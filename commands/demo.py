@@ -81,7 +81,9 @@ def run(args) -> int:
     if args.frames < 2:
         raise CtwinError("--frames must be at least 2")
     t_all = time.perf_counter()
-    out = Path(args.out).resolve()
+    from ..core.safety import check_out_dir
+
+    out = check_out_dir(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
 
@@ -190,6 +192,7 @@ def run(args) -> int:
         save_png(strip([to_gray8(rb, vm), to_gray8(tt, vm)]), img_dir / f"target_{v}.png")
         comp.append((f"images/target_{v}.png", f"walking stride, {v}: phantom generated at that pose | twin posed to it"))
     sections.append({"title": "Fidelity", "text": "Left: the ground truth; right: the twin.", "images": comp})
+    metrics["warnings"] = list(twin.meta.get("warnings", []))
     path = write_report(out, metrics, sections)
     done("report")
     metrics["timings_s"] = timings

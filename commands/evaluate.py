@@ -13,10 +13,15 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from ..core.evaluation import evaluate_twin
     from ..core.fileio import write_json
     from ..core.progress import report
+    from ..core.safety import check_out_file, clean_stale_partials
 
+    check_out_file(args.out)
+    clean_stale_partials(Path(args.out).parent)
     res = evaluate_twin(args.twin, args.truth, size=args.size, device=args.device)
     write_json(args.out, res)
     report(f"metrics written to {args.out}")

@@ -25,6 +25,17 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..core.phantom import write_phantom
     from ..core.progress import step
+    from ..core.safety import check_number, check_out_dir, clean_stale_partials
+
+    from ..core.poses import resolve_pose
+    from ..core.safety import check_pose_values
+
+    check_out_dir(args.out)
+    clean_stale_partials(args.out)
+    pz = resolve_pose(args.pose)
+    check_pose_values(pz["pose"], pz.get("transl"), what=f"pose {args.pose}")
+    check_number("--spacing", args.spacing, 0.5, 50.0, why="voxel size in mm")
+    check_number("--noise", args.noise, 0.0, 1000.0, why="HU")
 
     with step("phantom"):
         ph = write_phantom(args.out, pose=args.pose, spacing=args.spacing, seed=args.seed, noise_hu=args.noise,

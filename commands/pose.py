@@ -8,7 +8,6 @@ Also writes ``pose.json``: the pose, the translation, and each rigid structure's
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
@@ -55,15 +54,16 @@ def run(args) -> int:
     from ..core.fileio import write_json
     from ..core.mesh import write_ply
     from ..core.progress import report, step
-
+    from ..core.safety import check_out_dir, clean_stale_partials
     from ..core.twin import load_twin
 
+    out = check_out_dir(args.out)
+    clean_stale_partials(out)
     with step("reading the twin"):
         twin = load_twin(args.twin)
     pose, transl = twin.resolve_pose(args.pose)
     with step(f"posing {len(twin.meshes())} structures"):
         posed, record = pose_twin(twin, pose, transl)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, (name, mesh) in enumerate(sorted(posed.items())):
         write_ply(mesh, out / f"{name}.ply")

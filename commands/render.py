@@ -3,7 +3,10 @@
 ``--ct PATH`` renders a plain CT through core.projector (views "ap" and "lateral" by default, or
 ``--view NAME``, or ``--geometry FILE`` = the sidecar JSON of an earlier render, reused exactly).
 Frames are written as ``<view>_<frame:04d>.tif`` (32-bit float, one channel, rows = detector rows)
-with ``<view>_<frame:04d>.json`` beside them; frames already written are skipped (resume).
+with ``<view>_<frame:04d>.json`` beside them. A frame already written is skipped (resume) only when
+its image reads back whole and its sidecar matches the request; a frame written for another request
+is refused unless ``--overwrite`` (``core.safety.frame_status``). Every number is checked where it
+enters (``validate``).
 ``--twin DIR`` hands over to ``core.twin.render_twin``.
 """
 from __future__ import annotations
@@ -18,11 +21,15 @@ def add_arguments(p) -> None:
     src.add_argument("--twin", metavar="DIR", help="twin directory (from build)")
     src.add_argument("--ct", metavar="PATH", help="a plain CT (.nii/.nii.gz/.nrrd/.mha or DICOM folder)")
     p.add_argument("--pose", metavar="FILE", help="pose file (twin only); default: acquisition pose")
-    p.add_argument("--motion", metavar="FILE", help="motion file (twin only)")
+    p.add_argument("--motion", metavar="FILE", help="motion file (twin only; not with --pose)")
     p.add_argument("--source-model", metavar="PATH",
                    help="SMPL or SMPL+H model file the --motion was made on (shaped by the file's betas); "
                         "default: the built-in body model's skeleton, betas ignored")
-    p.add_argument("--frames", metavar="A:B", help="frame range, B exclusive (default 0:1)")
+    p.add_argument("--frames", metavar="A:B",
+                   help="frame range, B exclusive (default 0:1; with --motion every frame of the motion)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace frames in --out that were written for another request "
+                        "(default: refuse them; matching frames are kept, damaged ones re-rendered)")
     geo = p.add_mutually_exclusive_group()
     geo.add_argument("--view", metavar="NAME", help="ap, pa, lat_left, lat_right, lateral, lao30_cran10 ... "
                      "(default: ap and lateral)")
@@ -78,6 +85,35 @@ def parse_frames(text):
     return a, b
 
 
+# The finest trilinear step: CT voxels are 0.2 mm or more, and a step below a quarter of the
+# smallest voxel changes a DRR by less than float32 rounding, while the cost grows as 1 / step
+# (a 16x16 image at 1e-6 mm took 5 minutes).
+MIN_STEP_MM = 0.05
+# More photons per pixel than this makes Poisson noise invisible in float32 (relative sigma 1e-6);
+# numpy's Poisson sampler also refuses rates near 1e19.
+MAX_PHOTONS = 1.0e12
+
+
+def validate(args) -> None:
+    """Every number of the command line: finite and in range, one line otherwise."""
+    from ..core.errors import CtwinError
+    from ..core.safety import check_number
+
+    check_number("--photons", args.photons, 0.0, MAX_PHOTONS, lo_open=True,
+                 why="unattenuated photons per pixel")
+    check_number("--electronic-noise", args.electronic_noise, 0.0, why="a standard deviation in counts")
+    check_number("--step", args.step, MIN_STEP_MM, 100.0, why="trilinear sampling step in mm")
+    check_number("--sad", args.sad, 0.0, 1.0e5, lo_open=True, why="source-to-isocentre mm")
+    check_number("--sid", args.sid, 0.0, 1.0e5, lo_open=True, why="source-to-image mm")
+    if args.sid <= args.sad and not args.parallel:
+        raise CtwinError(f"--sid ({args.sid:g} mm) must be larger than --sad ({args.sad:g} mm): "
+                         f"the detector lies beyond the isocentre")
+    if not 0 <= args.seed < 2**32 - 2**20:
+        raise CtwinError(f"--seed must be within 0..{2**32 - 2**20 - 1}, got {args.seed}")
+    if args.pose and args.motion:
+        raise CtwinError("give --pose or --motion, not both (a motion sets every frame's pose)")
+
+
 def options(args) -> dict:
     """Rendering options shared by the --ct and --twin paths."""
     return dict(method=args.method, step_mm=args.step, value=args.value, kvp=args.kvp,
@@ -86,15 +122,18 @@ def options(args) -> dict:
 
 def run(args) -> int:
     from ..core import progress
-    from ..core.carm import Geometry, named_view
+    from ..core.carm import named_view
     from ..core.errors import CtwinError
     from ..core.fileio import read_json
     from ..core.projector import prepare_volume, render_value, resolve_device
-    from .xray_args import frame_written, setup_from_args, write_output
+    from .xray_args import setup_from_args, write_output
 
+    from ..core.safety import check_out_dir, clean_stale_partials, frame_to_skip, request_keys
+
+    validate(args)
     size = parse_size(args.size)
     frames = parse_frames(args.frames)
-    out = Path(args.out)
+    out = check_out_dir(args.out)
     xray = setup_from_args(args)
     geometry = None
     if args.geometry:
@@ -105,7 +144,7 @@ def run(args) -> int:
             sc = read_json(gp)
         except ValueError as exc:
             raise CtwinError(f"{gp.name} is not valid JSON: {exc}") from None
-        geometry = Geometry.from_sidecar(sc)
+        geometry = geometry_from_file(gp, sc)
         if size is not None:
             geometry = geometry.with_size(*size)
     if args.twin:
@@ -125,7 +164,8 @@ def run(args) -> int:
                                source_model=args.source_model, frames=frames, view=args.view,
                                geometry=geometry, size=size,
                                device=args.device, sad_mm=args.sad, sid_mm=args.sid,
-                               parallel=args.parallel, xray=xray, fmt=args.format, **options(args)) or 0)
+                               parallel=args.parallel, xray=xray, fmt=args.format,
+                               overwrite=args.overwrite, **options(args)) or 0)
     if args.pose or args.motion or args.source_model:
         raise CtwinError("--pose, --motion and --source-model need --twin (a plain CT has no skeleton to pose)")
     if frames is not None and frames[1] - frames[0] != 1:
@@ -152,20 +192,53 @@ def run(args) -> int:
         names = [args.view] if args.view else ["ap", "lateral"]
         views = {n: named_view(n, vol, sad_mm=args.sad, sid_mm=args.sid, size=size or 512,
                                parallel=args.parallel) for n in names}
+    clean_stale_partials(out)
     for i, (name, g) in enumerate(views.items()):
         stem = out / f"{name}_{frame:04d}"
-        if frame_written(stem, args.format):
-            progress.report(f"{stem.name}: already written, skipped", (i + 1) / len(views))
-            continue
-        rec = {}
         if xray is not None:
             xray.seed = args.seed + frame
             xray.stream = i
+        sidecar = g.to_sidecar(frame=frame, value=args.value, device=device, source=str(ctp),
+                               method=args.method,
+                               **{"kvp": args.kvp,
+                                  **request_keys(args.step, args.photons, args.electronic_noise,
+                                                 args.seed + frame),
+                                  **({} if xray is None else xray.to_sidecar())})
+        if frame_to_skip(stem, sidecar, args.overwrite, fmt=args.format):
+            progress.report(f"{stem.name}: already written, skipped", (i + 1) / len(views))
+            continue
+        rec = {}
         img = render_value(pv, g, device=device, **{**options(args), "seed": args.seed + frame},
                            xray=xray, record=rec)
-        sidecar = g.to_sidecar(frame=frame, value=args.value, device=device, source=str(ctp),
-                               method=args.method, **{"kvp": args.kvp, "photons": args.photons, **rec})
-        write_output(stem, img, sidecar, args.format)
+        write_output(stem, img, {**sidecar, **rec}, args.format)
         ext = "dcm" if args.format == "dicom" else "tif"
         progress.report(f"{stem.name}.{ext} written ({g.width}x{g.height})", (i + 1) / len(views))
     return 0
+
+
+def geometry_from_file(path, sc):
+    """A ``Geometry`` from a render sidecar, with one-line errors for JSON of another shape."""
+    import numpy as np
+
+    from ..core.carm import Geometry
+    from ..core.errors import CtwinError
+
+    if not isinstance(sc, dict):
+        raise CtwinError(f"--geometry {path}: expected a render sidecar (a JSON object with source_mm, "
+                         f"detector_center_mm ...), got a JSON {type(sc).__name__}")
+    try:
+        for k, n in (("source_mm", 3), ("detector_center_mm", 3), ("detector_u", 3), ("detector_v", 3),
+                     ("pixel_spacing_mm", 2), ("size_px", 2)):
+            if k in sc:
+                v = np.asarray(sc[k], dtype=np.float64)
+                if v.shape != (n,) or not np.isfinite(v).all():
+                    raise CtwinError(f"--geometry {path}: {k} must be {n} finite numbers, got {sc[k]!r}"[:200])
+        g = Geometry.from_sidecar(sc)
+    except CtwinError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise CtwinError(f"--geometry {path}: not a valid render sidecar ({exc})") from None
+    w, h = g.size_px
+    if min(g.pixel_spacing_mm) <= 0 or not (1 <= w <= 16384 and 1 <= h <= 16384):
+        raise CtwinError(f"--geometry {path}: pixel spacing must be positive and size 1..16384 pixels")
+    return g

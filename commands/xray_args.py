@@ -3,7 +3,6 @@ output format; shared by the command and kept here so that ``render.py`` stays s
 Not a command itself (cli.py lists its commands by name)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 PHYSICS_FLAGS = ("filter_al", "filter_cu", "anode_angle", "heel", "detector", "csi_um", "focal_spot_mm",
                  "hu_table", "mas", "scatter", "grid", "grid_lines", "seg", "label_material")
@@ -77,16 +76,6 @@ def apply_label_overrides(args, vol, xray):
     out, mats, applied = apply_label_materials(vol, labelmap, names, mapping)
     xray.overrides, xray.label_materials = mats, applied
     return out
-
-
-def frame_written(stem, fmt: str) -> bool:
-    from ..core.projector import frame_written as tif_written
-
-    if fmt == "dicom":
-        from ..core.dicom_dx import dicom_frame_written
-
-        return dicom_frame_written(stem)
-    return tif_written(Path(stem))
 
 
 def write_output(stem, image, sidecar: dict, fmt: str) -> None:

@@ -10,6 +10,7 @@ rejected with a one-line ``CtwinError``, as are corrupt or truncated files.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -22,6 +23,18 @@ from .volume import Volume, affine_from, load_nifti
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 CT_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+MIN_AIR_FRACTION = 0.005
+MAX_DENSE_FRACTION_WITHOUT_AIR = 0.10
+# A slice gap this much wider than the series' usual spacing is a missing slice.
+DICOM_GAP_FACTOR = 1.5
+
+
+def _quiet_itk() -> None:
+    """ITK prints warnings straight to stderr (for example "No Series were found" before our own
+    one-line error); the readers here report problems themselves."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
 
 def _one_line(exc: Exception, limit: int = 160) -> str:
@@ -82,6 +95,19 @@ def save_itk(vol: Volume, path) -> None:
 def _read_itk_file(path: Path) -> Volume:
     import SimpleITK as sitk
 
+    _quiet_itk()
+    if not os.access(path, os.R_OK):
+        raise CtwinError(f"cannot read {path}: permission denied")
+    try:
+        fr = sitk.ImageFileReader()
+        fr.SetFileName(str(path))
+        fr.ReadImageInformation()
+        dicom = any(k.startswith(("0008|", "0020|")) for k in fr.GetMetaDataKeys())
+    except RuntimeError:
+        dicom = False
+    if dicom:
+        raise CtwinError(f"{path.name} is a single DICOM file; give the folder that holds its whole "
+                         f"series (--ct FOLDER)")
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -92,6 +118,9 @@ def _read_itk_file(path: Path) -> Volume:
 def _read_dicom_folder(folder: Path) -> Volume:
     import SimpleITK as sitk
 
+    _quiet_itk()
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise CtwinError(f"cannot read folder {folder}: permission denied")
     reader = sitk.ImageSeriesReader()
     try:
         ids = list(reader.GetGDCMSeriesIDs(str(folder)))
@@ -119,6 +148,7 @@ def _read_dicom_folder(folder: Path) -> Volume:
         raise CtwinError(f"cannot read DICOM file {Path(files[0]).name}: {_one_line(exc)}") from None
     if modality and modality.upper() not in ("CT",):
         raise CtwinError(f"DICOM series in {folder.name} has modality {modality}, not CT")
+    _check_slice_gaps(files, folder)
     reader.SetFileNames(files)
     try:
         img = reader.Execute()  # GDCM applies rescale slope/intercept per slice
@@ -129,6 +159,39 @@ def _read_dicom_folder(folder: Path) -> Volume:
     return vol
 
 
+def _check_slice_gaps(files, folder: Path) -> None:
+    """Refuse a series with a missing slice: ITK would read it with one uniform spacing, putting
+    every slice after the gap at the wrong place. Positions come from each file's Image Position
+    (Patient) projected on the slice normal (Image Orientation (Patient))."""
+    import SimpleITK as sitk
+
+    pos, normal = [], None
+    fr = sitk.ImageFileReader()
+    fr.LoadPrivateTagsOff()
+    for f in files:
+        fr.SetFileName(f)
+        try:
+            fr.ReadImageInformation()
+            ipp = [float(v) for v in fr.GetMetaData("0020|0032").replace("\\", " ").split()]
+            if normal is None:
+                iop = [float(v) for v in fr.GetMetaData("0020|0037").replace("\\", " ").split()]
+                normal = np.cross(iop[:3], iop[3:6])
+        except (RuntimeError, ValueError, IndexError):
+            return  # no positions to check: ITK's own spacing stands
+        pos.append(float(np.dot(ipp[:3], normal)))
+    if len(pos) < 3:
+        return
+    d = np.diff(np.sort(np.asarray(pos)))
+    typical = float(np.median(d))
+    if typical <= 0:
+        return
+    worst = int(np.argmax(d))
+    if d[worst] > DICOM_GAP_FACTOR * typical:
+        raise CtwinError(f"DICOM series in {folder.name} has a gap: two slices are {d[worst]:.2f} mm apart "
+                         f"where the others are {typical:.2f} mm (about {round(d[worst] / typical) - 1} "
+                         f"missing slice(s) after slice {worst + 1} of {len(pos)}); give a complete series")
+
+
 def read_volume(path) -> Volume:
     """Read any supported volume file or DICOM folder as-is (no HU checks, original dtype)."""
     path = Path(path)
@@ -136,6 +199,8 @@ def read_volume(path) -> Volume:
         raise CtwinError(f"file not found: {path}")
     if path.is_dir():
         return _read_dicom_folder(path)
+    if not os.access(path, os.R_OK):
+        raise CtwinError(f"cannot read {path}: permission denied")
     if is_nifti(path):
         return load_nifti(path)
     if path.suffix.lower() == ".dcm":
@@ -164,6 +229,14 @@ def check_hu(data: np.ndarray, name: str = "volume") -> None:
     hint = "not a CT in Hounsfield units (MR or unscaled data?)"
     if vmin >= -200:
         raise CtwinError(f"{name} has no voxel below -200 HU (min {vmin:.0f}, no air or fat): {hint}")
+    # The histogram, not the minimum alone: a CT of a body has an air peak (outside the body, lungs,
+    # bowel gas; 36-87 % of the voxels below -500 HU in the shared real CTs and the phantom) and
+    # few dense voxels (bone above 300 HU: 0.9-1.5 %). MR with background noise dipping below
+    # -200 has no air peak and most of its tissue above 300.
+    air, dense = float((sample < -500).mean()), float((sample > 300).mean())
+    if air < MIN_AIR_FRACTION and dense > MAX_DENSE_FRACTION_WITHOUT_AIR:
+        raise CtwinError(f"{name} has no air peak ({100 * air:.2f} % of voxels below -500 HU) and "
+                         f"{100 * dense:.0f} % above 300 HU (a CT's bone is a few %): {hint}")
     if p99 - p1 < 300:
         raise CtwinError(f"{name} spans only {p99 - p1:.1f} units between its 1st and 99th percentile: {hint}")
     if vmin < -10000 or vmax > 40000:

@@ -137,8 +137,3 @@ def write_frame_dicom(stem, image, sidecar: dict) -> None:
     sidecar = {**sidecar, "format": "dicom"}
     write_dx(stem.with_name(stem.name + ".dcm"), image, sidecar)
     write_json(stem.with_name(stem.name + ".json"), sidecar)
-
-
-def dicom_frame_written(stem) -> bool:
-    stem = Path(stem)
-    return stem.with_name(stem.name + ".dcm").is_file() and stem.with_name(stem.name + ".json").is_file()

@@ -22,7 +22,10 @@ def atomic_path(path, suffix: str | None = None):
     if suffix is None:
         name = path.name
         suffix = name[name.index("."):] if "." in name else ""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+    # The name carries the process id (core.safety.partial_tag) so that the next run can remove
+    # what a killed writer left without touching the files of a writer that still runs.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}-", suffix=f".part{suffix}",
+                               dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
     try:

@@ -900,12 +900,13 @@ SKIN_LABEL_KEY = "skin_label"
 
 
 def import_anatomy(ct_path, seg_path, *, smooth_iterations: int = 10,
-                   max_triangles: int | None = None):
+                   max_triangles: int | None = None, check=None):
     """Read a CT and its segmentation and mesh them.
 
     Returns ``(ct, labelmap, names, meshes, skin)``: the int16 HU CT Volume, the uint16 labelmap
     on the CT grid, id -> name, {name: Mesh} (closed, shared boundaries, LPS mm) and the skin
-    Mesh. Nothing is written. The name ``skin`` belongs to the CT skin surface (SPEC: meshes/
+    Mesh. Nothing is written. ``check(ct, labelmap, names)``, when given, runs before the meshing
+    (the build's plausibility check). The name ``skin`` belongs to the CT skin surface (SPEC: meshes/
     skin.ply); a segmentation label called ``skin`` (a skin-tissue shell, as in the phantom) is
     returned under the key ``skin_label`` (its ``meta['label_name']`` is ``skin``).
     """
@@ -919,6 +920,8 @@ def import_anatomy(ct_path, seg_path, *, smooth_iterations: int = 10,
     ct = load_ct(ct_path)
     report("reading segmentation", 0.15)
     labelmap, names = load_segmentation(seg_path, ct)
+    if check is not None:
+        check(ct, labelmap, names)
     report(f"meshing {len(names)} structures", 0.35)
     meshes = label_meshes(labelmap, names, smooth_iterations=smooth_iterations,
                           max_triangles=max_triangles)

@@ -32,6 +32,9 @@ from .errors import CtwinError
 from .skeleton import SUPINE_GLOBAL_ORIENT, rodrigues, rotation_to_rotvec
 
 FRAMERATE_KEYS = ("mocap_framerate", "mocap_frame_rate", "frame_rate", "fps")
+# Values per frame of the body models' axis-angle vectors: SMPL-H/X body joints only (22 x 3),
+# SMPL (24 x 3), SMPL-H (52 x 3), SMPL-X (55 x 3). Any other width is not a pose of these models.
+MOTION_WIDTHS = (66, 72, 156, 165)
 
 
 def smpl72(poses) -> np.ndarray:
@@ -41,8 +44,9 @@ def smpl72(poses) -> np.ndarray:
         raise CtwinError(f"motion 'poses' must be a (frames, values) array, got shape {p.shape}")
     if p.shape[1] == 72:
         return p.copy()
-    if p.shape[1] < 66:
-        raise CtwinError(f"motion 'poses' has {p.shape[1]} values per frame; need 72 (SMPL) or >= 66")
+    if p.shape[1] not in MOTION_WIDTHS:
+        raise CtwinError(f"motion 'poses' has {p.shape[1]} values per frame; expected 72 (SMPL), 156 "
+                         f"(SMPL-H), 165 (SMPL-X) or 66 (their 22 body joints)")
     out = np.zeros((p.shape[0], 72))
     out[:, :66] = p[:, :66]
     return out

@@ -104,7 +104,8 @@ def metrics_rows(metrics: dict) -> list[tuple]:
 
 
 def write_report(out_dir, metrics: dict, sections: list[dict], title: str = "ctwin demo report") -> Path:
-    """Write ``report.html``. ``sections``: [{"title", "text", "images": [(relpath, caption)]}]."""
+    """Write ``report.html``. ``sections``: [{"title", "text", "images": [(relpath, caption)]}].
+    ``metrics["warnings"]`` (the twin's, e.g. an implausible fit) are shown in red at the top."""
     out = Path(out_dir)
     rows = "\n".join(
         f"<tr><td>{html.escape(m)}</td><td><b>{_fmt(o)}</b></td><td>{html.escape(str(p))}</td><td>{b}</td></tr>"
@@ -115,6 +116,8 @@ def write_report(out_dir, metrics: dict, sections: list[dict], title: str = "ctw
              "figure{display:inline-block;margin:6px;vertical-align:top}figcaption{font-size:90%;color:#555}"
              "img{image-rendering:pixelated;max-width:100%}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
+             *[f"<p style='color:#b00;font-weight:bold'>WARNING: {html.escape(str(w))}</p>"
+               for w in metrics.get("warnings") or []],
              "<h2>Metrics</h2><table><tr><th>metric</th><th>ctwin (this run)</th>"
              "<th>published method</th><th>better</th></tr>", rows, "</table>",
              "<p>Metric definitions: the project SPEC, section 6. The full numbers are in "

@@ -115,7 +115,7 @@ def _finish(lab: np.ndarray, ct: Volume, names: dict[int, str], source: str,
         report(f"warning: {len(outside)} label(s) lie wholly outside the CT and are left out: "
                + ", ".join(outside[:8]) + (" ..." if len(outside) > 8 else ""))
     vol = Volume(lab.astype(np.uint16, copy=False), ct.affine.copy(),
-                 {"source": str(source), "names": present})
+                 {"source": str(source), "names": present, "outside_labels": outside})
     report(f"segmentation {Path(source).name}: {len(present)} labels on the CT grid")
     return vol, present
 

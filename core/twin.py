@@ -16,7 +16,6 @@ gives a new pose ``p`` (and optionally a translation); a translation that is abs
 """
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import time
@@ -60,8 +59,12 @@ def software_versions() -> dict:
 # build
 # --------------------------------------------------------------------------------------------
 def build_twin(ct_path, seg_path, out_dir, body_model_path=None, *, write_blend: bool = True,
-               smooth_iterations: int = 10) -> Path:
+               smooth_iterations: int = 10, force: bool = False) -> Path:
     """Build a twin directory from a CT and its segmentation. Returns the directory.
+
+    Before any meshing, ``core.plausibility`` checks that the segmentation belongs to the CT (bone
+    labels on bone, organs on soft tissue, labels inside the CT, left on the left); an implausible
+    pair is refused unless ``force``, which records the problems in twin.json (``plausibility``).
 
     Everything is written into a temporary sibling folder that replaces ``out_dir`` only when the
     build has succeeded, so an interrupted build leaves no half-written twin.
@@ -69,13 +72,21 @@ def build_twin(ct_path, seg_path, out_dir, body_model_path=None, *, write_blend:
     from .mesh import import_anatomy
 
     def source():
+        from .plausibility import check_ct_segmentation
+
         report("build 1/6: import CT and segmentation", 0.0)
+        checked = {}
+
+        def check(ct, labelmap, names):
+            checked["plausibility"] = check_ct_segmentation(ct, labelmap, names, force=force)
+
         ct, labelmap, names, meshes, skin = import_anatomy(ct_path, seg_path,
-                                                           smooth_iterations=smooth_iterations)
+                                                           smooth_iterations=smooth_iterations,
+                                                           check=check)
         if not meshes:
             raise CtwinError("the segmentation has no structure to build a twin from")
         inputs = {"ct": str(Path(ct_path).resolve()), "seg": str(Path(seg_path).resolve())}
-        return ct, labelmap, names, meshes, skin, ct.bbox_world(), inputs, {}
+        return ct, labelmap, names, meshes, skin, ct.bbox_world(), inputs, checked
 
     return _build(source, out_dir, body_model_path, write_blend)
 
@@ -126,11 +137,20 @@ def _build(source, out_dir, body_model_path, write_blend: bool) -> Path:
     from .mesh import write_ply
     from .volume import save_nifti
 
+    from .plausibility import check_fit
+    from .safety import check_out_dir, clean_stale_partials, partial_tag
+
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()
+    check_out_dir(out, twin_ok=True)
+    outer = _enclosing_twin(out)
+    if outer is not None:
+        raise CtwinError(f"--out {out} lies inside the twin {outer}'s own files; choose another folder")
     if out.exists() and not (out / "twin.json").exists() and any(out.iterdir()):
         raise CtwinError(f"{out} exists and is not a twin directory; choose an empty or new folder")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_partials(out.parent)
+    tmp = out.parent / f".{out.name}.{partial_tag()}partial"
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "meshes").mkdir(parents=True)
@@ -144,6 +164,7 @@ def _build(source, out_dir, body_model_path, write_blend: bool) -> Path:
         bm = load_body_model(bm_path)
         fit = fit_body_model(bm, skin, labelmap, names, fov_box=fov_box)
         body = fit.body_mesh()
+        fit_warnings = check_fit(fit.metrics)
 
         report("build 3/6: bind structures to the armature", 0.55)
         to_bind = dict(meshes)
@@ -183,6 +204,10 @@ def _build(source, out_dir, body_model_path, write_blend: bool) -> Path:
             "build_seconds": None,
         }
         meta.update(extra)
+        warnings = list(fit_warnings)
+        if extra.get("plausibility", {}).get("forced"):
+            warnings += [f"built with --force: {p}" for p in extra["plausibility"]["problems"]]
+        meta["warnings"] = warnings
         write_json(tmp / "twin.json", meta)
 
         if write_blend:
@@ -193,7 +218,13 @@ def _build(source, out_dir, body_model_path, write_blend: bool) -> Path:
         meta["build_seconds"] = round(time.perf_counter() - t0, 1)
         write_json(tmp / "twin.json", meta)
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            kept = _foreign_entries(out, tmp)
+            report(f"replacing the existing twin in {out}"
+                   + (f" (keeping {len(kept)} file(s) it did not write: "
+                      + ", ".join(sorted(p.name for p in kept)[:5]) + ")" if kept else ""))
+            for p in kept:
+                p.rename(tmp / p.name)
+            old = out.parent / f".{out.name}.{partial_tag()}old"
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)
@@ -204,6 +235,29 @@ def _build(source, out_dir, body_model_path, write_blend: bool) -> Path:
         raise
     report(f"twin written to {out} in {time.perf_counter() - t0:.1f} s", 1.0)
     return out
+
+
+def _enclosing_twin(out: Path):
+    """The twin directory whose own files (meshes/, volumes/ ...) contain ``out``, or None."""
+    from .safety import TWIN_OWN, twin_root_of
+
+    hit = twin_root_of(out.parent) if out.parent != out else None
+    if hit is None:
+        return None
+    root, rel = hit
+    parts = (rel / out.name).parts
+    return root if parts and parts[0] in TWIN_OWN else None
+
+
+def _foreign_entries(out: Path, new: Path) -> list:
+    """Entries of an existing twin directory that the build does not write (the user's own files,
+    render folders): they are moved into the new twin instead of being deleted."""
+    from .safety import TWIN_OWN
+
+    from .safety import _PARTIAL
+
+    own = set(TWIN_OWN) | {p.name for p in new.iterdir()}
+    return [p for p in out.iterdir() if p.name not in own and not _PARTIAL.match(p.name)]
 
 
 def _joint_binding(binding) -> dict:
@@ -231,16 +285,23 @@ class Twin:
     meta: dict
     _cache: dict = field(default_factory=dict, repr=False)
 
+    def _read(self, rel: str, loader):
+        """``loader(path)`` for one of the twin's files; a missing or damaged file is one line."""
+        return read_twin_file(self.path, rel, loader)
+
     @cached_property
     def fit(self) -> dict:
-        with np.load(self.path / "fit.npz") as z:
-            return {k: z[k] for k in z.files}
+        def load(p):
+            with np.load(p) as z:
+                return {k: z[k] for k in z.files}
+
+        return self._read("fit.npz", load)
 
     @cached_property
     def binding(self):
         from .binding import load_binding
 
-        return load_binding(self.path / "binding.npz")
+        return self._read("binding.npz", load_binding)
 
     @cached_property
     def body_model(self):
@@ -258,23 +319,23 @@ class Twin:
     def articulated(self):
         from .articulated import ArticulatedCT
 
-        return ArticulatedCT.load(self.path / "volumes" / "articulated")
+        return self._read("volumes/articulated", ArticulatedCT.load)
 
     @cached_property
     def ct(self):
         from .volume import load_nifti
 
-        return load_nifti(self.path / "volumes" / "ct.nii.gz")
+        return self._read("volumes/ct.nii.gz", load_nifti)
 
     @cached_property
     def labelmap(self):
         from .volume import load_nifti
 
-        return load_nifti(self.path / "volumes" / "labelmap.nii.gz")
+        return self._read("volumes/labelmap.nii.gz", load_nifti)
 
     @cached_property
     def names(self) -> dict:
-        return {int(k): v for k, v in read_json(self.path / "volumes" / "labels.json").items()}
+        return {int(k): v for k, v in self._read("volumes/labels.json", read_json).items()}
 
     @property
     def pose0(self) -> np.ndarray:
@@ -291,9 +352,8 @@ class Twin:
 
         if "meshes" not in self._cache:
             out = {}
-            for name in self.meta.get("structures", []):
-                out[name] = read_mesh(self.path / "meshes" / f"{name}.ply", name=name)
-            out["skin"] = read_mesh(self.path / "meshes" / "skin.ply", name="skin")
+            for name in [*self.meta.get("structures", []), "skin"]:
+                out[name] = self._read(f"meshes/{name}.ply", lambda p, n=name: read_mesh(p, name=n))
             self._cache["meshes"] = out
         m = dict(self._cache["meshes"])
         if not include_skin:
@@ -348,8 +408,12 @@ class Twin:
         acquisition pose (``core.retarget.pose_for_twin``)."""
         from .poses import resolve_pose
         from .retarget import pose_for_twin
+        from .safety import check_pose_values
 
-        p, t = pose_for_twin(resolve_pose(name_or_path), self.binding.armature, self.skeleton_rest_mm,
+        raw = resolve_pose(name_or_path)
+        if raw["pose"] is not None:
+            check_pose_values(raw["pose"], raw.get("transl"), what=f"pose {name_or_path}")
+        p, t = pose_for_twin(raw, self.binding.armature, self.skeleton_rest_mm,
                              acquisition=self.source_acquisition, located=self.located_joints)
         return np.asarray(p, dtype=np.float64), t
 
@@ -421,11 +485,43 @@ class Twin:
         return default_views(self.ct_bbox_mm, size=size, **kw)
 
 
+# The files every twin has (build writes them); load_twin refuses a twin that lacks one.
+REQUIRED_FILES = ("fit.npz", "binding.npz", "volumes/articulated/articulated.json",
+                  "volumes/articulated/articulated.npz", "meshes/skin.ply", "meshes/body_model.ply")
+
+
+def read_twin_file(twin_dir, rel: str, loader):
+    """``loader(twin_dir / rel)``; a missing, truncated or unreadable file raises one line that names
+    it and says to rebuild (a ``CtwinError`` from the loader passes through)."""
+    p = Path(twin_dir) / rel
+    if not p.exists():
+        raise CtwinError(f"the twin {Path(twin_dir)} is damaged: {rel} is missing; rebuild it with 'ctwin build'")
+    try:
+        return loader(p)
+    except CtwinError as exc:
+        raise CtwinError(f"the twin {Path(twin_dir)} is damaged: {rel}: {exc}; rebuild it with 'ctwin build'") from None
+    except PermissionError:
+        raise CtwinError(f"cannot read the twin's {rel} in {Path(twin_dir)}: permission denied") from None
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to read a twin file means a damaged twin
+        raise CtwinError(f"the twin {Path(twin_dir)} is damaged: {rel} cannot be read "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:80]}); "
+                         f"rebuild it with 'ctwin build'") from None
+
+
 def load_twin(path) -> Twin:
     p = Path(path)
+    if not p.is_dir():
+        raise CtwinError(f"twin directory not found: {p}")
     if not (p / "twin.json").is_file():
         raise CtwinError(f"{p} is not a twin directory (no twin.json); build one with 'ctwin build'")
-    meta = read_json(p / "twin.json")
+    meta = read_twin_file(p, "twin.json", read_json)
+    if not isinstance(meta, dict):
+        raise CtwinError(f"the twin {p} is damaged: twin.json is not an object; rebuild it with 'ctwin build'")
+    for rel in REQUIRED_FILES:
+        if not (p / rel).is_file():
+            raise CtwinError(f"the twin {p} is damaged: {rel} is missing; rebuild it with 'ctwin build'")
     if meta.get("format") != TWIN_FORMAT:
         raise CtwinError(f"{p}: twin format {meta.get('format')} is not supported (expected {TWIN_FORMAT})")
     return Twin(p.resolve(), meta)
@@ -438,7 +534,10 @@ def frame_poses(twin: Twin, pose=None, motion=None, frames=None, fps: float = 24
     """[(frame, pose (72,), transl_mm or None)] for a render: the acquisition pose, a pose file, or a
     motion file resampled to ``fps``. ``frames`` = (A, B) with B exclusive. ``source_model``: the SMPL
     or SMPL+H file a motion was made on (its betas shape it; ``core.motion.load_motion``)."""
+    from .safety import check_pose_values
 
+    if motion is not None and pose is not None:
+        raise CtwinError("give --pose or --motion, not both (a motion sets every frame's pose)")
     if motion is not None:
         from .motion import load_motion
 
@@ -449,9 +548,13 @@ def frame_poses(twin: Twin, pose=None, motion=None, frames=None, fps: float = 24
         a, b = (0, n) if frames is None else frames
         if b > n:
             raise CtwinError(f"the motion has {n} frames at {fps:g} fps; --frames {a}:{b} is beyond it")
+        check_pose_values(poses[a:b], transl[a:b], what=f"motion {Path(motion).name}")
         return [(f, poses[f], transl[f]) for f in range(a, b)]
     if pose is not None:
         p, t = twin.resolve_pose(pose)
+        from .pose import check_joint_limits
+
+        check_joint_limits(p, label=f"pose {pose}")
     else:
         p, t = twin.pose0, None
     a, b = (0, 1) if frames is None else frames
@@ -479,7 +582,8 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
                 size=None, device="auto", sad_mm=1000.0, sid_mm=1500.0, parallel=False,
                 method="trilinear", step_mm=None, value="line_integral", kvp=None, photons=None,
                 electronic_sigma=0.0, seed=0, fps: float = 24.0, annotate: bool = False,
-                views: dict | None = None, xray=None, fmt: str = "tiff", source_model=None) -> int:
+                views: dict | None = None, xray=None, fmt: str = "tiff", source_model=None,
+                overwrite: bool = False) -> int:
     """Render a twin's frames (posed by a pose file or a motion) as <view>_<frame>.tif + .json.
 
     ``annotate`` also writes, per frame and view, the projected label masks and the 2D joints and
@@ -487,18 +591,21 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
     overrides the named views, e.g. for a C-arm sweep. ``xray`` (a ``core.xray.XraySetup``; ``kvp``
     makes one with default options) renders with the realistic physics chain instead of SPEC 5 mu.
     ``fmt`` "dicom" writes each frame as a DICOM DX file (``core.dicom_dx``) instead of a TIFF.
+    A frame already in ``out_dir`` is kept only when it reads back whole and its sidecar matches
+    this request (``core.safety``); one written for another request is refused unless ``overwrite``.
     """
     from . import physics
     from .articulated import render_posed
     from .carm import named_view
-    from .projector import frame_written as tif_written, resolve_device, write_frame as write_tif
+    from .projector import resolve_device, write_frame as write_tif
+    from .safety import clean_stale_partials, frame_to_skip, request_keys
 
     if fmt not in ("tiff", "dicom"):
         raise CtwinError(f"unknown frame format {fmt!r}; use tiff or dicom")
     if fmt == "dicom":
-        from .dicom_dx import dicom_frame_written as frame_written, write_frame_dicom as write_frame
+        from .dicom_dx import write_frame_dicom as write_frame
     else:
-        frame_written, write_frame = tif_written, write_tif
+        write_frame = write_tif
 
     if xray is None and kvp is not None:
         from .xray import XraySetup
@@ -521,9 +628,23 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
     todo = frame_poses(twin, pose, motion, frames, fps, source_model=source_model)
     total = len(todo) * len(views)
     done = 0
+    clean_stale_partials(out)
+
+    def expected(i, g, f, p, t):
+        keys = request_keys(step_mm, photons, electronic_sigma, seed + f)
+        if xray is not None:
+            xray.seed, xray.stream = seed + f, i
+            keys.update(xray.to_sidecar())
+        return g.to_sidecar(frame=f, value=value, device=dev, source=str(twin.path),
+                            method=method, pose=np.asarray(p).tolist(),
+                            transl_mm=None if t is None else np.asarray(t).tolist(), **keys)
+
     for f, p, t in todo:
         stems = {n: out / f"{n}_{f:04d}" for n in views}
-        if all(frame_written(s) for s in stems.values()):
+        geos = {n: (g(f) if callable(g) else g) for n, g in views.items()}
+        sidecars = {n: expected(i, geos[n], f, p, t) for i, n in enumerate(views)}
+        skip = {n: frame_to_skip(stems[n], sidecars[n], overwrite, fmt=fmt) for n in views}
+        if all(skip.values()):
             done += len(views)
             report(f"frame {f}: already written, skipped", done / total)
             continue
@@ -536,11 +657,10 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
             posed.pop("skin", None)
             joints = twin.binding.armature.posed_joints(p, t)
             marks = twin_landmarks(twin, p, t)
-        for n, g in views.items():
+        for n in views:
             done += 1
-            if callable(g):
-                g = g(f)
-            if frame_written(stems[n]):
+            g = geos[n]
+            if skip[n]:
                 continue
             if annotate:
                 from .annotations import write_annotations
@@ -554,10 +674,7 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
                 if photons is not None:
                     li = physics.add_noise(li, photons, electronic_sigma, seed + f)
             img = physics.to_value(li, value)
-            sidecar = g.to_sidecar(frame=f, value=value, device=dev, source=str(twin.path),
-                                   method=method, pose=np.asarray(p).tolist(),
-                                   transl_mm=None if t is None else np.asarray(t).tolist(), **rec)
-            write_frame(stems[n], img, sidecar)
+            write_frame(stems[n], img, {**sidecars[n], **rec})
             report(f"{stems[n].name}.{'dcm' if fmt == 'dicom' else 'tif'} written", done / total)
     return 0
 

@@ -33,7 +33,7 @@ def test_twin_directory_layout(twin_dir):
     for f in ("fit.npz", "fit.json", "binding.npz", "twin.blend", "volumes/ct.nii.gz",
               "volumes/labelmap.nii.gz", "volumes/labels.json"):
         assert (twin_dir / f).is_file(), f
-    assert not list(twin_dir.parent.glob(".twin.partial-*"))
+    assert not list(twin_dir.parent.glob(".twin.pid*"))
 
 
 def test_acquisition_pose_renders_like_the_ct(twin_dir):

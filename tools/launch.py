@@ -24,8 +24,22 @@ def load_package(name: str = "ctwin"):
     return module
 
 
-if __name__ == "__main__":
-    load_package()
-    from ctwin import cli  # noqa: E402  (the package exists only after load_package)
+def _main() -> int:
+    """Run the CLI; Ctrl-C anywhere (while importing, or after the command, while Python shuts
+    down) is exit status 130 with one line, never a traceback."""
+    import signal
 
-    sys.exit(cli.main(sys.argv[1:]))
+    try:
+        load_package()
+        from ctwin import cli  # noqa: E402  (the package exists only after load_package)
+
+        rc = cli.main(sys.argv[1:])
+    except KeyboardInterrupt:
+        print("ctwin: interrupted", file=sys.stderr)
+        rc = 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command is over: let Python shut down
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
