@@ -556,9 +556,10 @@ def _kernels():
     def _blend(x, y, z, W, w_inv, D, m):
         """Blended 3x4 transform sum_j w_j(x) D_j (normalised) into m.
 
-        ``W`` = (shape (3,), ptr, channel, weight): the weight field in sparse rows (node n's
-        non-zero channels are entries ptr[n] .. ptr[n + 1]), interpolated trilinearly."""
-        Ws, Wp, Wc, Wv = W
+        ``W`` = (shape (3,), P, S): the weight field blended with this pose's transforms per weight
+        node (``blend_field``: P[n] = sum_j w_j D_j as 12 numbers, S[n] = sum_j w_j), interpolated
+        trilinearly; ``D`` is not read (P holds it)."""
+        Ws, P, S = W
         a = Ws[0]
         b = Ws[1]
         c = Ws[2]
@@ -583,13 +584,13 @@ def _kernels():
             if cw <= 0.0:
                 continue
             node = ((i1 if (q & 4) else i0) * b + (j1 if (q & 2) else j0)) * c + (k1 if (q & 1) else k0)
-            for e in range(Wp[node], Wp[node + 1]):
-                w = cw * Wv[e]
-                ch = Wc[e]
-                tot += w
-                for r in range(3):
-                    for q2 in range(4):
-                        m[r, q2] += w * D[ch, r, q2]
+            sw = S[node]
+            if sw == 0.0:
+                continue
+            tot += cw * sw
+            for r in range(3):
+                for q2 in range(4):
+                    m[r, q2] += cw * P[node, r * 4 + q2]
         if tot <= 0.0:
             for r in range(3):
                 for q in range(4):
@@ -598,6 +599,24 @@ def _kernels():
             for r in range(3):
                 for q in range(4):
                     m[r, q] /= tot
+
+    @njit(parallel=True, cache=True)
+    def blend_field(Wp, Wc, Wv, D, P, S):
+        """Per weight node n (sparse rows: channels Wc[e], weights Wv[e] for e in Wp[n] .. Wp[n + 1]):
+        P[n] = sum_e Wv[e] D[Wc[e]] (the 3x4 rows, 12 numbers) and S[n] = sum_e Wv[e]. Once per pose,
+        so that a blend at a point reads 8 nodes of 13 numbers whatever the number of channels."""
+        for n in prange(Wp.shape[0] - 1):
+            for t in range(12):
+                P[n, t] = 0.0
+            sw = 0.0
+            for e in range(Wp[n], Wp[n + 1]):
+                w = Wv[e]
+                ch = Wc[e]
+                sw += w
+                for r in range(3):
+                    for q in range(4):
+                        P[n, r * 4 + q] += w * D[ch, r, q]
+            S[n] = sw
 
     @njit(cache=True)
     def _resid(x, y, z, px, py, pz, W, w_inv, D, m):
@@ -831,7 +850,7 @@ def _kernels():
                 disp[n, 1] = np.nan
                 disp[n, 2] = np.nan
 
-    _KERNELS = {"sample_points": sample_points, "forward_lbs": forward_lbs,
+    _KERNELS = {"sample_points": sample_points, "forward_lbs": forward_lbs, "blend_field": blend_field,
                 "forward_blend": forward_blend, "splat_nearest": splat_nearest,
                 "inverse_lbs_nodes": inverse_lbs_nodes, "air_border": air_border}
     _ = nb
@@ -1045,6 +1064,19 @@ def _sparse_weights(art: ArticulatedCT) -> tuple:
     return w
 
 
+def _blended_weights(art: ArticulatedCT, D3) -> tuple:
+    """The weight field blended with the pose's (n, 3, 4) transforms ``D3`` per weight node, as
+    ``_blend`` reads it: (shape, P (nodes, 12), S (nodes,)). The arrays are reused across poses."""
+    shape, ptr, chan, wts = _sparse_weights(art)
+    n = len(ptr) - 1
+    buf = art._cache.get("blend_field")
+    if buf is None or buf[0].shape[0] != n:
+        buf = (np.empty((n, 12)), np.empty(n))
+        art._cache["blend_field"] = buf
+    _kernels()["blend_field"](ptr, chan, wts, np.ascontiguousarray(D3, dtype=np.float64), buf[0], buf[1])
+    return shape, buf[0], buf[1]
+
+
 def _warp_prep(art: ArticulatedCT) -> dict:
     """Pose-independent inputs of the inverse warp (cached): the weight cells that hold soft tissue,
     their centres and channels, and the tissue cells dilated by one cell."""
@@ -1081,10 +1113,11 @@ def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, 
     sel = prep["chan"][:, moved].any(axis=1)
     xs = prep["centres"][sel]
     D3 = np.ascontiguousarray(D[:, :3], dtype=np.float64)
+    Wb = _blended_weights(art, D3)
     ys = np.empty_like(xs)
     Minv = np.empty((len(xs), 3, 4))
     if len(xs):
-        k["forward_blend"](xs, prep["W"], prep["w_inv"], D3, ys, Minv)
+        k["forward_blend"](xs, Wb, prep["w_inv"], D3, ys, Minv)
     ct_inv = np.linalg.inv(art.affine)
     wsp = np.linalg.norm(art.weight_affine[:3, :3], axis=0)
     if len(ys):
@@ -1123,7 +1156,7 @@ def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, 
         near = np.ascontiguousarray(ndimage.binary_dilation(prep["occ"], np.ones((3, 3, 3), bool),
                                                             iterations=kn).astype(np.uint8))
         prep[("near", kn)] = near
-    k["inverse_lbs_nodes"](np.ascontiguousarray(waff[:3]), wn, prep["W"], prep["w_inv"], D3, near, src,
+    k["inverse_lbs_nodes"](np.ascontiguousarray(waff[:3]), wn, Wb, prep["w_inv"], D3, near, src,
                            Minv, iterations, tol, air_tol, disp, res, status)
     k["air_border"](wn, status, disp, float(0.5 * node_sp.min()))
     warp = disp.reshape(tuple(wn) + (3,))
@@ -1143,7 +1176,7 @@ def forward_lbs(art: ArticulatedCT, points, joint_deltas) -> np.ndarray:
     D = np.ascontiguousarray(jd[art.weight_joints][:, :3])
     pts = np.ascontiguousarray(np.asarray(points, dtype=np.float64).reshape(-1, 3))
     out = np.empty_like(pts)
-    _kernels()["forward_lbs"](pts, _sparse_weights(art),
+    _kernels()["forward_lbs"](pts, _blended_weights(art, D),
                               np.ascontiguousarray(np.linalg.inv(art.weight_affine)[:3]), D, out)
     return out
 

@@ -863,7 +863,7 @@ def _compose_build():
         return v > 0
 
     @njit(parallel=True, cache=True)
-    def compose_warp(out, occ, on, shift, base, bn, focc, fcum, G, Ginv, wn, disp, B, cells, lo):
+    def compose_warp(out, occ, on, shift, base, bn, focc, fcum, G, Ginv, wn, disp, B, cells, lo, dirty):
         """Soft tissue pulled through the warp, in the listed warp cells only (elsewhere the
         displacement is 0 and the base value is already in place).
 
@@ -875,7 +875,8 @@ def _compose_build():
         whose floor index lies in the block is air), ``fcum`` its prefix sums. A cell whose
         rest-space box (its voxels plus the range of its nodes' displacements) holds no occupied
         fine block is air, and so is a voxel whose rest point lies in an empty fine block. An air
-        cell over air base voxels is left as it is."""
+        cell over air base voxels is left as it is. ``dirty`` (the output's BLOCK^3 grid) gets a 1
+        on every block that a cell may have written."""
         n1 = on[1]
         n2 = on[2]
         nb0 = bn[0]
@@ -968,6 +969,11 @@ def _compose_build():
                                         int(math.floor((blo2 - 1.0) / FINE)),
                                         int(math.floor((bhi2 + 1.0) / FINE))):
                     continue  # air over air: nothing to change
+                if i1 >= i0 and j1 >= j0 and k1 >= k0:
+                    for a_ in range(i0 // BLOCK, i1 // BLOCK + 1):
+                        for b_ in range(j0 // BLOCK, j1 // BLOCK + 1):
+                            for c_ in range(k0 // BLOCK, k1 // BLOCK + 1):
+                                dirty[a_, b_, c_] = 1
                 if diag:
                     # G is a positive diagonal scaling: g0 depends on i only, g1 on j, g2 on k;
                     # the displacement is bilinear per (i, j) and linear along k
@@ -1224,8 +1230,53 @@ def _compose_build():
                         n += 1
         return cells
 
+    @njit(cache=True)
+    def mark_boxes(dirty, boxes):
+        """Set ``dirty`` (the output's BLOCK^3 grid) over the blocks that the inclusive output
+        voxel boxes (m, 6) = (i0, i1, j0, j1, k0, k1) touch (empty boxes, i1 < i0, are skipped)."""
+        for m in range(boxes.shape[0]):
+            if boxes[m, 1] < boxes[m, 0] or boxes[m, 3] < boxes[m, 2] or boxes[m, 5] < boxes[m, 4]:
+                continue
+            for a in range(max(boxes[m, 0], 0) // BLOCK, min(boxes[m, 1] // BLOCK, dirty.shape[0] - 1) + 1):
+                for b in range(max(boxes[m, 2], 0) // BLOCK, min(boxes[m, 3] // BLOCK, dirty.shape[1] - 1) + 1):
+                    for c in range(max(boxes[m, 4], 0) // BLOCK, min(boxes[m, 5] // BLOCK, dirty.shape[2] - 1) + 1):
+                        dirty[a, b, c] = 1
+
+    @njit(parallel=True, cache=True)
+    def restore_blocks(out, on, shift, base, bn, dirty, lo):
+        """Give the marked BLOCK^3 blocks of ``out`` (shape ``on``) back their clean content: the
+        base voxel where the block lies on the base (at ``shift``), ``lo`` (air) elsewhere."""
+        n1 = on[1]
+        n2 = on[2]
+        for a in prange(dirty.shape[0]):
+            for b in range(dirty.shape[1]):
+                for c in range(dirty.shape[2]):
+                    if dirty[a, b, c] == 0:
+                        continue
+                    for i in range(a * BLOCK, min(a * BLOCK + BLOCK, on[0])):
+                        bi = i - shift[0]
+                        for j in range(b * BLOCK, min(b * BLOCK + BLOCK, n1)):
+                            bj = j - shift[1]
+                            row = (i * n1 + j) * n2
+                            k0 = c * BLOCK
+                            k1 = min(c * BLOCK + BLOCK, n2)
+                            if bi >= 0 and bi < bn[0] and bj >= 0 and bj < bn[1]:
+                                brow = (bi * bn[1] + bj) * bn[2] - shift[2]
+                                m0 = min(max(shift[2], k0), k1)
+                                m1 = max(min(shift[2] + bn[2], k1), m0)
+                                for k in range(k0, m0):
+                                    out[row + k] = lo
+                                for k in range(m0, m1):
+                                    out[row + k] = base[brow + k]
+                                for k in range(m1, k1):
+                                    out[row + k] = lo
+                            else:
+                                for k in range(k0, k1):
+                                    out[row + k] = lo
+
     _ = numba
-    return {"warp": compose_warp, "subs": compose_subs, "occupancy": occupancy_par, "warp_cells": warp_cells}
+    return {"warp": compose_warp, "subs": compose_subs, "occupancy": occupancy_par, "warp_cells": warp_cells,
+            "mark_boxes": mark_boxes, "restore_blocks": restore_blocks}
 
 
 _COMPOSE = None

@@ -435,6 +435,7 @@ class Scene:
     _packed: dict = field(default_factory=dict, repr=False)
     _composed: dict = field(default_factory=dict, repr=False)
     _buffers: list = field(default_factory=list, repr=False)
+    _buffer_state: dict = field(default_factory=dict, repr=False)
 
     def set_frame(self, sub_affines=None, warp=None, grid=None) -> None:
         if sub_affines is not None:
@@ -669,28 +670,17 @@ def compose_scene(scene: Scene) -> PreparedVolume:
     out = buf[: int(np.prod(on))]
     out3 = out.reshape(tuple(on))
     sl = tuple(slice(int(a), int(a + b)) for a, b in zip(shift, bn))
-    if np.any(on != bn):
-        for ax in range(3):  # air outside the base's slab on each axis (disjoint pieces)
-            lo_sl = [slice(None)] * 3
-            hi_sl = [slice(None)] * 3
-            for b in range(ax):
-                lo_sl[b] = hi_sl[b] = sl[b]
-            lo_sl[ax] = slice(0, sl[ax].start)
-            hi_sl[ax] = slice(sl[ax].stop, None)
-            out3[tuple(lo_sl)] = _AIR_HU
-            out3[tuple(hi_sl)] = _AIR_HU
-    out3[sl] = base.flat.reshape(tuple(bn))
     ob = -(-on // BLOCK)
-    bo = shift // BLOCK
-    bocc = base.occupancy().reshape(tuple(-(-bn // BLOCK)))
-    occ = np.zeros(tuple(ob), np.uint8)
-    occ[tuple(slice(int(a), int(a + b)) for a, b in zip(bo, bocc.shape))] = bocc
-    for ax in range(3):  # a base voxel on the first layer also feeds samples just before it
-        if bo[ax] > 0:
-            dst = [slice(None)] * 3
-            src = [slice(None)] * 3
-            dst[ax], src[ax] = bo[ax] - 1, bo[ax]
-            occ[tuple(dst)] |= occ[tuple(src)]
+    layout = (tuple(int(v) for v in i0), tuple(int(v) for v in on))
+    state = scene._buffer_state.pop(id(buf), None)
+    if state is not None and state["buffer"] is buf and state["layout"] == layout:
+        # the buffer holds an earlier frame on this grid: only the blocks that frame wrote go back
+        # to the base in place / air (the rest already is)
+        k["restore_blocks"](out, on, shift, base.flat, bn, state["dirty"], int(_AIR_HU))
+    else:
+        _fill_clean(out3, base, bn, on, sl)
+    occ, bo = _base_occupancy(base, bn, on, shift)
+    dirty = np.zeros(tuple(ob), np.uint8)
     binv = np.linalg.inv(base.affine)
     keep = None
     if scene.warp is not None:
@@ -708,7 +698,7 @@ def compose_scene(scene: Scene) -> PreparedVolume:
                 wbase = _warp_base(scene, pk)
                 focc, fcum = _fine_air(wbase, pk)
                 k["warp"](out, occ, on, shift, wbase.flat, bn, focc, fcum, G, Ginv, wn, d32,
-                          np.ascontiguousarray(binv[:3, :3]), cells, float(_AIR_HU))
+                          np.ascontiguousarray(binv[:3, :3]), cells, float(_AIR_HU), dirty)
     n = len(scene.subs)
     if n:
         S = np.empty((n, 3, 4))
@@ -748,6 +738,7 @@ def compose_scene(scene: Scene) -> PreparedVolume:
             pk["soffs"] = np.asarray(soffs[:-1], np.int64)
         k["subs"](out, occ, on, shift, pk["sdata"], pk["smask"], pk["offs_arr"], pk["sns"], S, aligned, boxes,
                   np.arange(n - 1, -1, -1, dtype=np.int64), pk["spans"], pk["soffs"], float(_AIR_HU))
+        k["mark_boxes"](dirty, np.ascontiguousarray(boxes))
     shape = tuple(int(v) for v in on)
     t = np.eye(4)
     t[:3, 3] = i0
@@ -755,7 +746,40 @@ def compose_scene(scene: Scene) -> PreparedVolume:
     while len(scene._composed) >= _COMPOSED_KEEP:
         scene._composed.pop(next(iter(scene._composed)))
     scene._composed[key] = (pv, keep, buf)
+    scene._buffer_state[id(buf)] = {"buffer": buf, "layout": layout, "dirty": dirty}
     return pv
+
+
+def _fill_clean(out3, base: PreparedVolume, bn, on, sl) -> None:
+    """A composed frame's clean state: the base in place (slices ``sl``), air around it."""
+    if np.any(on != bn):
+        for ax in range(3):  # air outside the base's slab on each axis (disjoint pieces)
+            lo_sl = [slice(None)] * 3
+            hi_sl = [slice(None)] * 3
+            for b in range(ax):
+                lo_sl[b] = hi_sl[b] = sl[b]
+            lo_sl[ax] = slice(0, sl[ax].start)
+            hi_sl[ax] = slice(sl[ax].stop, None)
+            out3[tuple(lo_sl)] = _AIR_HU
+            out3[tuple(hi_sl)] = _AIR_HU
+    out3[sl] = base.flat.reshape(tuple(bn))
+
+
+def _base_occupancy(base: PreparedVolume, bn, on, shift) -> tuple[np.ndarray, np.ndarray]:
+    """The composed grid's empty-space grid before anything moves: the base's, shifted by whole
+    blocks (and the block offset)."""
+    ob = -(-on // BLOCK)
+    bo = shift // BLOCK
+    bocc = base.occupancy().reshape(tuple(-(-bn // BLOCK)))
+    occ = np.zeros(tuple(ob), np.uint8)
+    occ[tuple(slice(int(a), int(a + b)) for a, b in zip(bo, bocc.shape))] = bocc
+    for ax in range(3):  # a base voxel on the first layer also feeds samples just before it
+        if bo[ax] > 0:
+            dst = [slice(None)] * 3
+            src = [slice(None)] * 3
+            dst[ax], src[ax] = bo[ax] - 1, bo[ax]
+            occ[tuple(dst)] |= occ[tuple(src)]
+    return occ, bo
 
 
 def _buffer(scene: Scene, n: int) -> np.ndarray:
@@ -768,6 +792,7 @@ def _buffer(scene: Scene, n: int) -> np.ndarray:
         if id(b) not in used and b.size >= n:
             return b
     pool[:] = [b for b in pool if id(b) in used]  # drop free buffers that are too small
+    scene._buffer_state = {i: st for i, st in scene._buffer_state.items() if i in used}
     b = np.empty(n, np.int16)
     pool.append(b)
     return b
