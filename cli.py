@@ -18,7 +18,7 @@ from pathlib import Path
 from .core.errors import CtwinError
 
 # The order in which commands are listed in --help.
-COMMAND_NAMES = ("demo", "phantom", "build", "pose", "render", "evaluate")
+COMMAND_NAMES = ("demo", "phantom", "build", "pose", "render", "evaluate", "register")
 
 
 class _ArgumentError(Exception):

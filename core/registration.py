@@ -8,7 +8,12 @@ Method (no GPU needed; numpy, scipy and numba):
   monoenergetic model) times the voxel volume. Voxels below ``BONE_HU`` are left out, so the
   clouds hold bone and not the rim of soft tissue around it. Clouds of fine CTs are pooled to
   about ``CLOUD_SPACING_MM``.
-- **Bone DRRs by splatting.** A pose gives each structure its rigid 4x4 (``core.pose``); each
+- **Soft tissue and table.** The twin's soft tissue (the articulated CT's bone-filled soft volume)
+  pooled to ``SOFT_SPACING_MM`` blocks of full attenuation, each block moved rigidly with the joint
+  of its largest skinning weight, and the static part (table) in place: the moving image then has
+  the body outline and the table edges that the X-ray has (without them the rigid fit was drawn to
+  those edges).
+- **DRRs by splatting.** A pose gives each structure its rigid 4x4 (``core.pose``); each
   point is moved, projected with the view's 3x4 matrix and splatted bilinearly with the density
   factor of a cone beam (``sid^2 |X - S| / (pixel area x depth^3)``), so the image is the line
   integral of the bones' excess attenuation. No soft-tissue warp while optimising: a pose costs a
@@ -18,13 +23,16 @@ Method (no GPU needed; numpy, scipy and numba):
   images, summed over the views. It ignores the offset and scale of the intensities, so the soft
   tissue, beam hardening and detector response of a real image matter little; the input is
   turned into line integrals first (``-log`` of an intensity, the inverse of the log display).
-- **Optimisation.** Coarse to fine over the image size (64, 128, 256 px by default); within a
-  level along the kinematic hierarchy: the root (rotation + translation, several starts at the
-  coarsest level), the spine, then each limb from proximal to distal (hips, knees, ankles and
-  feet; collars and shoulders, elbows, wrists and hands; neck and head). While one group moves,
-  the structures it cannot move are splatted once and kept. Powell's method (scipy) with the
-  anatomical joint ranges of ``core.pose.JOINT_LIMITS_DEG`` as bounds and a weak Gaussian prior
-  that pulls each joint toward the start pose.
+- **Optimisation.** Coarse to fine over the image size (64, 128, 256 px by default; the clouds
+  pooled to half a pixel at each level). At the coarsest level: the root (rotation + translation,
+  several starts), then each limb group from proximal to distal (hips, knees, ankles and feet;
+  collars and shoulders, elbows, wrists and hands; neck and head), each first searched over
+  single-axis offsets of +-15..90 degrees, then the root again, the limbs again, the root; at every
+  level the root with the spine, then the limb groups. While one group moves, the structures it
+  cannot move are splatted once and kept. Powell's method (scipy) with the anatomical joint
+  ranges of ``core.pose.JOINT_LIMITS_DEG`` as bounds (by projection, with a quadratic penalty
+  outside), a weak Gaussian prior that pulls each joint toward the start pose, and the root kept
+  within ``ROOT_RANGE_DEG`` / ``ROOT_RANGE_MM`` of its start.
 - **Rigid baseline** (``articulated=False``): the whole twin as one rigid body (the root only).
 - **C-arm refinement** (``refine_geometry=True``): after the root, each view after the first gets
   a rigid correction of its geometry relative to the patient (6 values) before the joints move.
@@ -642,8 +650,6 @@ class _Problem:
             bone = self.binding.rigid[n]
             vb = self.binding.vertebrae.get(bone)
             self.src.append(vb if vb is not None else JOINT_INDEX[bone])
-        trunk = {0, 3, 6, 9}
-        self.trunk = np.array([s <= trunk for s in self.sjoints])
 
     def transforms(self, pose, transl, idx=None) -> np.ndarray:
         """(S, 4, 4) acquisition -> posed transforms of the cloud's structures (or those in idx)."""
@@ -741,18 +747,22 @@ class _Problem:
         blo = np.array([-np.inf if lo is None else lo for lo, _ in bounds])
         bhi = np.array([np.inf if hi is None else hi for _, hi in bounds])
 
-        def cost(x):
-            n_ev[0] += 1
+        def terms(x):
             # bounds by projection (Powell's bounded line searches leave narrow optima)
             xc = np.clip(x, blo, bhi)
-            out = float(np.sum((x - xc) ** 2))
             pose, transl = self._apply(joints, xc, base_pose, base_transl)
             T = self.transforms(pose, transl, midx)
             imgs = [splat_bones(pts_m, w_m, own_m, T, v, s.copy()) for v, s in zip(views, static)]
-            return out - level.score(imgs) + self._penalty(pose, joints)
+            return level.score(imgs), float(np.sum((x - xc) ** 2)) + self._penalty(pose, joints)
+
+        def cost(x):
+            n_ev[0] += 1
+            sim, pen = terms(x)
+            return pen - sim
 
         x0 = np.zeros(nparam)
-        before = -cost(x0)
+        before = terms(x0)[0]
+        cost0 = cost(x0)
         cands = [x0] if starts is None else [x0] + list(starts)
         if search:
             for k in range(nparam):
@@ -772,9 +782,10 @@ class _Problem:
             if best is None or r.fun < best.fun:
                 best = r
         pose, transl = self._apply(joints, np.clip(best.x, blo, bhi), base_pose, base_transl)
-        if -best.fun >= before:
+        after = before
+        if best.fun <= cost0:
             self.pose, self.transl = pose, transl
-        after = max(-best.fun, before)
+            after = terms(best.x)[0]
         self.evals += n_ev[0]
         return {"stage": name, "level": level.size, "params": nparam, "evals": n_ev[0],
                 "before": before, "after": after, "seconds": time.perf_counter() - t0}
@@ -860,44 +871,71 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
     stages = []
     spine = [(n, js) for n, js in groups if n == "spine"]
     limbs = [(n, js) for n, js in groups if n != "spine"]
-    # stages per level: (name, joints, search); the root of the spine group is re-estimated with it
-    plan = []
-    for li in range(len(levels)):
-        if li > 0 or not articulated:
-            plan.append((li, "root", [0], False))
-        if li == 0 and refine_geometry and len(xrays) > 1:
-            plan.append((li, "geometry", None, False))
-        if articulated:
-            if li == 0:  # the limbs first from the trunk's placement (searching), so that they
-                # stop pulling the root, then the root from everything, the limbs again, the spine
-                plan += [(li, n, js, True) for n, js in limbs]
-                plan.append((li, "root_all", [0], False))
-                plan += [(li, n, js, True) for n, js in limbs]
-                plan.append((li, "root_all", [0], False))
-            plan += [(li, "spine", [0] + js, False) for n, js in spine]
-            plan += [(li, n, js, False) for n, js in limbs]
-    if articulated:
-        plan.append((len(levels) - 1, "root_final", [0], False))
     lv_objs = [_Level(xrays, int(size), cloud) for size in levels]
-    for k, (li, name, joints, search) in enumerate(plan):
+
+    def level_plan(li, root_first=True):
+        """(name, joints, search) per stage; the root of the spine group is re-estimated with it."""
+        plan = [("root", [0], False)] if (root_first or li > 0 or not articulated) else []
+        if li == 0 and refine_geometry and len(xrays) > 1:
+            plan.append(("geometry", None, False))
+        if articulated:
+            if li == 0:  # the limbs searched, then the root again (the limbs no longer pull it),
+                # the limbs again, the root, then the spine
+                plan += [(n, js, True) for n, js in limbs]
+                plan.append(("root_all", [0], False))
+                plan += [(n, js, True) for n, js in limbs]
+                plan.append(("root_all", [0], False))
+            plan += [("spine", [0] + js, False) for n, js in spine]
+            plan += [(n, js, False) for n, js in limbs]
+            if li == len(levels) - 1:
+                plan.append(("root_final", [0], False))
+        return plan
+
+    n_total = sum(len(level_plan(li)) for li in range(len(levels))) + (len(level_plan(0, False)) if articulated else 0)
+    done = [0]
+
+    def run_stage(li, name, joints, search):
         level = lv_objs[li]
-        if li > 0:  # after the coarsest level the root only refines
-            prob.root_range = (ROOT_RANGE_DEG / 2, ROOT_RANGE_MM / 2)
+        prob.root_range = (ROOT_RANGE_DEG, ROOT_RANGE_MM) if li == 0 else (ROOT_RANGE_DEG / 2, ROOT_RANGE_MM / 2)
         if name == "geometry":
             for v in range(1, len(xrays)):
                 stages.append(prob.refine_view(level, v, int(effort * 300)))
-            continue
+            return
         if name in ("root", "root_all", "root_final"):
             fev = int(effort * (400 if li == 0 else 200))
             starts = _root_starts(rng, root_starts) if li == 0 and name == "root" and root_starts > 0 else None
         else:
             fev = int(effort * (300 if name == "spine" else 120))
             starts = None
-        # the first root from the trunk alone: limbs in another pose would pull a rigid fit away
         stages.append(prob.optimise(level, joints, name, fev, starts=starts, search=search))
+        done[0] += 1
         if _DEBUG:
             print(name, level.size, np.round(prob.pose[:6], 3), np.round(prob.transl, 1), round(stages[-1]["after"], 4))
-        report(f"register: {level.size} px, {name}: similarity {stages[-1]['after']:.4f}", (k + 1) / len(plan))
+        report(f"register: {level.size} px, {name}: similarity {stages[-1]['after']:.4f}", min(1.0, done[0] / n_total))
+
+    for li in range(len(levels)):
+        if li == 0 and articulated:
+            # two orders at the coarsest level, the better kept: the rigid root first (right when
+            # the limbs are near the start), or the limbs first from the start's root (right when a
+            # strongly bent limb pulls the rigid fit away)
+            start = (prob.pose.copy(), prob.transl.copy(), [t.copy() for t in prob.view_T])
+            results = []
+            for order, root_first in (("root_first", True), ("limbs_first", False)):
+                prob.pose, prob.transl, prob.view_T = start[0].copy(), start[1].copy(), [t.copy() for t in start[2]]
+                n0 = len(stages)
+                for st in level_plan(0, root_first):
+                    run_stage(0, *st)
+                for st in stages[n0:]:
+                    st["order"] = order
+                results.append((prob.score(lv_objs[0]), prob.pose.copy(), prob.transl.copy(),
+                                [t.copy() for t in prob.view_T], order))
+            best = max(results, key=lambda r: r[0])
+            prob.pose, prob.transl, prob.view_T = best[1], best[2], best[3]
+            stages.append({"stage": "order", "level": lv_objs[0].size, "chosen": best[4],
+                           "scores": {r[4]: r[0] for r in results}})
+            continue
+        for st in level_plan(li):
+            run_stage(li, *st)
     final = prob.score(lv_objs[-1])
     geoms = [v.geometry.transformed(T) if not np.allclose(T, np.eye(4)) else x.geometry
              for v, T, x in zip([_View.of(x.geometry) for x in xrays], prob.view_T, xrays)]
@@ -948,8 +986,8 @@ def registration_record(twin, reg: Registration, xrays) -> dict:
 
 
 def contour_overlay(xray: XRay, bone_img_before: np.ndarray, bone_img_after: np.ndarray) -> np.ndarray:
-    """RGB uint8: the input image (log display) with the projected bone contours, before (red)
-    and after (green)."""
+    """RGB uint8, three panels side by side: the input image (log display), the projected bone
+    contours at the start (red) and after registration (green) on it."""
     from scipy.ndimage import binary_erosion, gaussian_filter
 
     from .physics import DISPLAY_MAX
@@ -968,9 +1006,13 @@ def contour_overlay(xray: XRay, bone_img_before: np.ndarray, bone_img_after: np.
         m = s > 0.15 * float(np.percentile(pos, 90))
         return m & ~binary_erosion(m)
 
+    panels = [rgb]
     for img, col in ((bone_img_before, (255, 40, 40)), (bone_img_after, (40, 255, 40))):
-        rgb[edge(img)] = col
-    return rgb
+        p = rgb.copy()
+        p[edge(img)] = col
+        panels.append(p)
+    gap = np.full((rgb.shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
 
 
 def write_png(path, rgb: np.ndarray) -> None:
@@ -1005,7 +1047,8 @@ def write_outputs(twin, reg: Registration, xrays, out_dir, cloud: BoneCloud | No
         overlays.append(name)
     rep = {"similarity": "gradient correlation, summed over views (Penney et al. 1998)",
            "final_similarity": reg.similarity, "seconds": reg.seconds, "stages": reg.stages,
-           "overlays": overlays, "legend": "red: bone contours at the start pose; green: after registration"}
+           "overlays": overlays,
+           "legend": "panels: input; bone contours at the start pose (red); after registration (green)"}
     write_json(out / "report.json", rep)
     return rec
 
