@@ -990,20 +990,18 @@ def contour_overlay(xray: XRay, bone_img_before: np.ndarray, bone_img_after: np.
     contours at the start (red) and after registration (green) on it."""
     from scipy.ndimage import binary_erosion, gaussian_filter
 
-    from .physics import DISPLAY_MAX
-
     li = np.maximum(xray.image, 0.0)
-    d = np.log1p(li) / np.log1p(max(DISPLAY_MAX, float(np.percentile(li, 99.5))))
-    lo, hi = np.percentile(d, [1, 99.5])
-    gray = np.clip((d - lo) / max(hi - lo, 1e-9), 0, 1)
+    body = li > 0.05 * float(li.max()) if li.max() > 0 else np.ones(li.shape, bool)
+    lo, hi = np.percentile(li[body], [1, 99.8])
+    gray = np.clip((li - lo) / max(hi - lo, 1e-9), 0, 1) ** 0.7 * body
     rgb = np.repeat((gray * 255).astype(np.uint8)[..., None], 3, axis=2)
 
     def edge(b):
-        s = gaussian_filter(b, 1.0)
+        s = gaussian_filter(b, 0.7)
         pos = s[s > 0]
         if pos.size == 0:
             return np.zeros(b.shape, bool)
-        m = s > 0.15 * float(np.percentile(pos, 90))
+        m = s > 0.3 * float(np.percentile(pos, 95))
         return m & ~binary_erosion(m)
 
     panels = [rgb]
@@ -1011,7 +1009,15 @@ def contour_overlay(xray: XRay, bone_img_before: np.ndarray, bone_img_after: np.
         p = rgb.copy()
         p[edge(img)] = col
         panels.append(p)
-    gap = np.full((rgb.shape[0], 4, 3), 255, np.uint8)
+    # crop to the body (and the contours) with a margin
+    occ = body | edge(bone_img_before) | edge(bone_img_after)
+    if occ.any():
+        rr, cc = np.flatnonzero(occ.any(1)), np.flatnonzero(occ.any(0))
+        m = max(4, int(0.03 * max(gray.shape)))
+        r0, r1 = max(0, rr[0] - m), min(gray.shape[0], rr[-1] + m + 1)
+        c0, c1 = max(0, cc[0] - m), min(gray.shape[1], cc[-1] + m + 1)
+        panels = [p[r0:r1, c0:c1] for p in panels]
+    gap = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
     return np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
 
 
