@@ -21,7 +21,7 @@ from pathlib import Path
 from .core.errors import CtwinError
 
 # The order in which commands are listed in --help.
-COMMAND_NAMES = ("demo", "phantom", "build", "pose", "render", "dataset", "evaluate")
+COMMAND_NAMES = ("demo", "phantom", "build", "pose", "render", "dataset", "evaluate", "register")
 
 
 class _ArgumentError(Exception):

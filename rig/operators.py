@@ -90,11 +90,14 @@ class CTWIN_PT_rig(bpy.types.Panel):
             return
         layout.label(text=arm.name, icon="ARMATURE_DATA")
         layout.operator(CTWIN_OT_load_motion.bl_idname, icon="ANIM")
+        layout.operator("ctwin.pose_from_xray", icon="IMAGE_BACKGROUND")
         layout.label(text="Binding (label -> bone)")
         layout.template_list("CTWIN_UL_binding", "", arm, "ctwin_binding_items", arm, "ctwin_binding_index", rows=6)
 
 
-CLASSES = (CtwinBindingItem, CTWIN_UL_binding, CTWIN_OT_load_motion, CTWIN_PT_rig)
+from .xray_pose import CTWIN_OT_pose_from_xray  # noqa: E402
+
+CLASSES = (CtwinBindingItem, CTWIN_UL_binding, CTWIN_OT_load_motion, CTWIN_OT_pose_from_xray, CTWIN_PT_rig)
 
 
 def register_props():
