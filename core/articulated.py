@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -425,435 +426,470 @@ def joint_deltas_between(pose_a, joints_a_mm, pose_b, joints_b_mm=None, transl_d
 # Numba kernels
 # --------------------------------------------------------------------------------------------
 
-_KERNELS = None
+# The kernels are plain module-level functions (no closures), compiled lazily by _kernels() over
+# a namespace dict in which their callees are globals: numba's on-disk cache key of a closure
+# hashes its pickled cells (other dispatchers here), which differ in every process, so the
+# kernels used to be recompiled (and a new cache entry written) in every process.
+# Measured, test_articulated.py -k test_posed_knee_renders_bones_rigid in a second process (loaded
+# 2-core machine): 28.3 s before (these kernels recompiled every time), 1.0 s after (all loaded).
 
 
-def _kernels():
-    global _KERNELS
-    if _KERNELS is not None:
-        return _KERNELS
-    import numba as nb
-    from numba import njit, prange
+def _clampf(c, n):
+    if c < 0.0:
+        c = 0.0
+    if c > n - 1.0:
+        c = n - 1.0
+    i0 = int(math.floor(c))
+    if i0 > n - 2:
+        i0 = n - 2
+    if i0 < 0:
+        i0 = 0
+    f = c - i0
+    if n == 1:
+        f = 0.0
+    return i0, f
 
-    @njit(cache=True, inline="always")
-    def _clampf(c, n):
-        if c < 0.0:
-            c = 0.0
-        if c > n - 1.0:
-            c = n - 1.0
-        i0 = int(math.floor(c))
-        if i0 > n - 2:
-            i0 = n - 2
-        if i0 < 0:
-            i0 = 0
-        f = c - i0
-        if n == 1:
-            f = 0.0
-        return i0, f
 
-    @njit(cache=True)
-    def _tri_flat(buf, off, ni, nj, nk, ci, cj, ck):
-        i0, fi = _clampf(ci, ni)
-        j0, fj = _clampf(cj, nj)
-        k0, fk = _clampf(ck, nk)
-        i1 = i0 + 1 if ni > 1 else i0
-        j1 = j0 + 1 if nj > 1 else j0
-        k1 = k0 + 1 if nk > 1 else k0
-        s = nj * nk
-        v000 = float(buf[off + i0 * s + j0 * nk + k0])
-        v001 = float(buf[off + i0 * s + j0 * nk + k1])
-        v010 = float(buf[off + i0 * s + j1 * nk + k0])
-        v011 = float(buf[off + i0 * s + j1 * nk + k1])
-        v100 = float(buf[off + i1 * s + j0 * nk + k0])
-        v101 = float(buf[off + i1 * s + j0 * nk + k1])
-        v110 = float(buf[off + i1 * s + j1 * nk + k0])
-        v111 = float(buf[off + i1 * s + j1 * nk + k1])
-        c00 = v000 + (v100 - v000) * fi
-        c01 = v001 + (v101 - v001) * fi
-        c10 = v010 + (v110 - v010) * fi
-        c11 = v011 + (v111 - v011) * fi
-        c0 = c00 + (c10 - c00) * fj
-        c1 = c01 + (c11 - c01) * fj
-        return c0 + (c1 - c0) * fk
+def _tri_flat(buf, off, ni, nj, nk, ci, cj, ck):
+    i0, fi = _clampf(ci, ni)
+    j0, fj = _clampf(cj, nj)
+    k0, fk = _clampf(ck, nk)
+    i1 = i0 + 1 if ni > 1 else i0
+    j1 = j0 + 1 if nj > 1 else j0
+    k1 = k0 + 1 if nk > 1 else k0
+    s = nj * nk
+    v000 = float(buf[off + i0 * s + j0 * nk + k0])
+    v001 = float(buf[off + i0 * s + j0 * nk + k1])
+    v010 = float(buf[off + i0 * s + j1 * nk + k0])
+    v011 = float(buf[off + i0 * s + j1 * nk + k1])
+    v100 = float(buf[off + i1 * s + j0 * nk + k0])
+    v101 = float(buf[off + i1 * s + j0 * nk + k1])
+    v110 = float(buf[off + i1 * s + j1 * nk + k0])
+    v111 = float(buf[off + i1 * s + j1 * nk + k1])
+    c00 = v000 + (v100 - v000) * fi
+    c01 = v001 + (v101 - v001) * fi
+    c10 = v010 + (v110 - v010) * fi
+    c11 = v011 + (v111 - v011) * fi
+    c0 = c00 + (c10 - c00) * fj
+    c1 = c01 + (c11 - c01) * fj
+    return c0 + (c1 - c0) * fk
 
-    @njit(cache=True)
-    def _tri3(vol, ci, cj, ck):
-        ni, nj, nk = vol.shape
-        i0, fi = _clampf(ci, ni)
-        j0, fj = _clampf(cj, nj)
-        k0, fk = _clampf(ck, nk)
-        i1 = i0 + 1 if ni > 1 else i0
-        j1 = j0 + 1 if nj > 1 else j0
-        k1 = k0 + 1 if nk > 1 else k0
-        c00 = vol[i0, j0, k0] + (vol[i1, j0, k0] - vol[i0, j0, k0]) * fi
-        c01 = vol[i0, j0, k1] + (vol[i1, j0, k1] - vol[i0, j0, k1]) * fi
-        c10 = vol[i0, j1, k0] + (vol[i1, j1, k0] - vol[i0, j1, k0]) * fi
-        c11 = vol[i0, j1, k1] + (vol[i1, j1, k1] - vol[i0, j1, k1]) * fi
-        c0 = c00 + (c10 - c00) * fj
-        c1 = c01 + (c11 - c01) * fj
-        return c0 + (c1 - c0) * fk
 
-    @njit(parallel=True, cache=True)
-    def sample_points(pts, base, base_inv, warp, warp_inv, has_warp, hu_flat, mask_flat,
-                      p_off, p_shape, p_inv, out):
-        n_pts = pts.shape[0]
-        n_parts = p_off.shape[0]
-        bi, bj, bk = base.shape
-        wi, wj, wk = warp.shape[0], warp.shape[1], warp.shape[2]
-        for n in prange(n_pts):
-            x = pts[n, 0]
-            y = pts[n, 1]
-            z = pts[n, 2]
-            done = False
-            for p in range(n_parts):
-                ni = p_shape[p, 0]
-                nj = p_shape[p, 1]
-                nk = p_shape[p, 2]
-                ci = p_inv[p, 0, 0] * x + p_inv[p, 0, 1] * y + p_inv[p, 0, 2] * z + p_inv[p, 0, 3]
-                if ci < -0.5 or ci > ni - 0.5:
-                    continue
-                cj = p_inv[p, 1, 0] * x + p_inv[p, 1, 1] * y + p_inv[p, 1, 2] * z + p_inv[p, 1, 3]
-                if cj < -0.5 or cj > nj - 0.5:
-                    continue
-                ck = p_inv[p, 2, 0] * x + p_inv[p, 2, 1] * y + p_inv[p, 2, 2] * z + p_inv[p, 2, 3]
-                if ck < -0.5 or ck > nk - 0.5:
-                    continue
-                ri = min(max(int(math.floor(ci + 0.5)), 0), ni - 1)
-                rj = min(max(int(math.floor(cj + 0.5)), 0), nj - 1)
-                rk = min(max(int(math.floor(ck + 0.5)), 0), nk - 1)
-                if mask_flat[p_off[p] + (ri * nj + rj) * nk + rk] == 0:
-                    continue
-                out[n] = _tri_flat(hu_flat, p_off[p], ni, nj, nk, ci, cj, ck)
-                done = True
-                break
-            if done:
+def _tri3(vol, ci, cj, ck):
+    ni, nj, nk = vol.shape
+    i0, fi = _clampf(ci, ni)
+    j0, fj = _clampf(cj, nj)
+    k0, fk = _clampf(ck, nk)
+    i1 = i0 + 1 if ni > 1 else i0
+    j1 = j0 + 1 if nj > 1 else j0
+    k1 = k0 + 1 if nk > 1 else k0
+    c00 = vol[i0, j0, k0] + (vol[i1, j0, k0] - vol[i0, j0, k0]) * fi
+    c01 = vol[i0, j0, k1] + (vol[i1, j0, k1] - vol[i0, j0, k1]) * fi
+    c10 = vol[i0, j1, k0] + (vol[i1, j1, k0] - vol[i0, j1, k0]) * fi
+    c11 = vol[i0, j1, k1] + (vol[i1, j1, k1] - vol[i0, j1, k1]) * fi
+    c0 = c00 + (c10 - c00) * fj
+    c1 = c01 + (c11 - c01) * fj
+    return c0 + (c1 - c0) * fk
+
+
+def sample_points(pts, base, base_inv, warp, warp_inv, has_warp, hu_flat, mask_flat,
+                  p_off, p_shape, p_inv, out):
+    n_pts = pts.shape[0]
+    n_parts = p_off.shape[0]
+    bi, bj, bk = base.shape
+    wi, wj, wk = warp.shape[0], warp.shape[1], warp.shape[2]
+    for n in prange(n_pts):  # noqa: F821 (prange: a global of the build namespace)
+        x = pts[n, 0]
+        y = pts[n, 1]
+        z = pts[n, 2]
+        done = False
+        for p in range(n_parts):
+            ni = p_shape[p, 0]
+            nj = p_shape[p, 1]
+            nk = p_shape[p, 2]
+            ci = p_inv[p, 0, 0] * x + p_inv[p, 0, 1] * y + p_inv[p, 0, 2] * z + p_inv[p, 0, 3]
+            if ci < -0.5 or ci > ni - 0.5:
                 continue
-            if has_warp:
-                ci = warp_inv[0, 0] * x + warp_inv[0, 1] * y + warp_inv[0, 2] * z + warp_inv[0, 3]
-                cj = warp_inv[1, 0] * x + warp_inv[1, 1] * y + warp_inv[1, 2] * z + warp_inv[1, 3]
-                ck = warp_inv[2, 0] * x + warp_inv[2, 1] * y + warp_inv[2, 2] * z + warp_inv[2, 3]
-                if (ci >= -0.5 and ci <= wi - 0.5 and cj >= -0.5 and cj <= wj - 0.5
-                        and ck >= -0.5 and ck <= wk - 0.5):
-                    dx = _tri3(warp[:, :, :, 0], ci, cj, ck)
-                    dy = _tri3(warp[:, :, :, 1], ci, cj, ck)
-                    dz = _tri3(warp[:, :, :, 2], ci, cj, ck)
-                    if dx != dx or dy != dy or dz != dz:  # a NaN node: posed air
-                        out[n] = -1000.0
-                        continue
-                    x += dx
-                    y += dy
-                    z += dz
-            ci = base_inv[0, 0] * x + base_inv[0, 1] * y + base_inv[0, 2] * z + base_inv[0, 3]
-            cj = base_inv[1, 0] * x + base_inv[1, 1] * y + base_inv[1, 2] * z + base_inv[1, 3]
-            ck = base_inv[2, 0] * x + base_inv[2, 1] * y + base_inv[2, 2] * z + base_inv[2, 3]
-            if (ci < -0.5 or ci > bi - 0.5 or cj < -0.5 or cj > bj - 0.5 or ck < -0.5
-                    or ck > bk - 0.5):
-                out[n] = -1000.0
-            else:
-                out[n] = _tri3(base, ci, cj, ck)
+            cj = p_inv[p, 1, 0] * x + p_inv[p, 1, 1] * y + p_inv[p, 1, 2] * z + p_inv[p, 1, 3]
+            if cj < -0.5 or cj > nj - 0.5:
+                continue
+            ck = p_inv[p, 2, 0] * x + p_inv[p, 2, 1] * y + p_inv[p, 2, 2] * z + p_inv[p, 2, 3]
+            if ck < -0.5 or ck > nk - 0.5:
+                continue
+            ri = min(max(int(math.floor(ci + 0.5)), 0), ni - 1)
+            rj = min(max(int(math.floor(cj + 0.5)), 0), nj - 1)
+            rk = min(max(int(math.floor(ck + 0.5)), 0), nk - 1)
+            if mask_flat[p_off[p] + (ri * nj + rj) * nk + rk] == 0:
+                continue
+            out[n] = _tri_flat(hu_flat, p_off[p], ni, nj, nk, ci, cj, ck)
+            done = True
+            break
+        if done:
+            continue
+        if has_warp:
+            ci = warp_inv[0, 0] * x + warp_inv[0, 1] * y + warp_inv[0, 2] * z + warp_inv[0, 3]
+            cj = warp_inv[1, 0] * x + warp_inv[1, 1] * y + warp_inv[1, 2] * z + warp_inv[1, 3]
+            ck = warp_inv[2, 0] * x + warp_inv[2, 1] * y + warp_inv[2, 2] * z + warp_inv[2, 3]
+            if (ci >= -0.5 and ci <= wi - 0.5 and cj >= -0.5 and cj <= wj - 0.5
+                    and ck >= -0.5 and ck <= wk - 0.5):
+                dx = _tri3(warp[:, :, :, 0], ci, cj, ck)
+                dy = _tri3(warp[:, :, :, 1], ci, cj, ck)
+                dz = _tri3(warp[:, :, :, 2], ci, cj, ck)
+                if dx != dx or dy != dy or dz != dz:  # a NaN node: posed air
+                    out[n] = -1000.0
+                    continue
+                x += dx
+                y += dy
+                z += dz
+        ci = base_inv[0, 0] * x + base_inv[0, 1] * y + base_inv[0, 2] * z + base_inv[0, 3]
+        cj = base_inv[1, 0] * x + base_inv[1, 1] * y + base_inv[1, 2] * z + base_inv[1, 3]
+        ck = base_inv[2, 0] * x + base_inv[2, 1] * y + base_inv[2, 2] * z + base_inv[2, 3]
+        if (ci < -0.5 or ci > bi - 0.5 or cj < -0.5 or cj > bj - 0.5 or ck < -0.5
+                or ck > bk - 0.5):
+            out[n] = -1000.0
+        else:
+            out[n] = _tri3(base, ci, cj, ck)
 
-    @njit(cache=True)
-    def _blend(x, y, z, W, w_inv, D, m):
-        """Blended 3x4 transform sum_j w_j(x) D_j (normalised) into m.
 
-        ``W`` = (shape (3,), P, S): the weight field blended with this pose's transforms per weight
-        node (``blend_field``: P[n] = sum_j w_j D_j as 12 numbers, S[n] = sum_j w_j), interpolated
-        trilinearly; ``D`` is not read (P holds it)."""
-        Ws, P, S = W
-        a = Ws[0]
-        b = Ws[1]
-        c = Ws[2]
-        ci = w_inv[0, 0] * x + w_inv[0, 1] * y + w_inv[0, 2] * z + w_inv[0, 3]
-        cj = w_inv[1, 0] * x + w_inv[1, 1] * y + w_inv[1, 2] * z + w_inv[1, 3]
-        ck = w_inv[2, 0] * x + w_inv[2, 1] * y + w_inv[2, 2] * z + w_inv[2, 3]
-        i0, fi = _clampf(ci, a)
-        j0, fj = _clampf(cj, b)
-        k0, fk = _clampf(ck, c)
-        i1 = i0 + 1 if a > 1 else i0
-        j1 = j0 + 1 if b > 1 else j0
-        k1 = k0 + 1 if c > 1 else k0
+def _blend(x, y, z, W, w_inv, D, m):
+    """Blended 3x4 transform sum_j w_j(x) D_j (normalised) into m.
+
+    ``W`` = (shape (3,), P, S): the weight field blended with this pose's transforms per weight
+    node (``blend_field``: P[n] = sum_j w_j D_j as 12 numbers, S[n] = sum_j w_j), interpolated
+    trilinearly; ``D`` is not read (P holds it)."""
+    Ws, P, S = W
+    a = Ws[0]
+    b = Ws[1]
+    c = Ws[2]
+    ci = w_inv[0, 0] * x + w_inv[0, 1] * y + w_inv[0, 2] * z + w_inv[0, 3]
+    cj = w_inv[1, 0] * x + w_inv[1, 1] * y + w_inv[1, 2] * z + w_inv[1, 3]
+    ck = w_inv[2, 0] * x + w_inv[2, 1] * y + w_inv[2, 2] * z + w_inv[2, 3]
+    i0, fi = _clampf(ci, a)
+    j0, fj = _clampf(cj, b)
+    k0, fk = _clampf(ck, c)
+    i1 = i0 + 1 if a > 1 else i0
+    j1 = j0 + 1 if b > 1 else j0
+    k1 = k0 + 1 if c > 1 else k0
+    for r in range(3):
+        for q in range(4):
+            m[r, q] = 0.0
+    tot = 0.0
+    for q in range(8):
+        wi = fi if (q & 4) else 1.0 - fi
+        wj = fj if (q & 2) else 1.0 - fj
+        wk = fk if (q & 1) else 1.0 - fk
+        cw = wi * wj * wk
+        if cw <= 0.0:
+            continue
+        node = ((i1 if (q & 4) else i0) * b + (j1 if (q & 2) else j0)) * c + (k1 if (q & 1) else k0)
+        sw = S[node]
+        if sw == 0.0:
+            continue
+        tot += cw * sw
+        for r in range(3):
+            for q2 in range(4):
+                m[r, q2] += cw * P[node, r * 4 + q2]
+    if tot <= 0.0:
         for r in range(3):
             for q in range(4):
-                m[r, q] = 0.0
-        tot = 0.0
-        for q in range(8):
-            wi = fi if (q & 4) else 1.0 - fi
-            wj = fj if (q & 2) else 1.0 - fj
-            wk = fk if (q & 1) else 1.0 - fk
-            cw = wi * wj * wk
-            if cw <= 0.0:
-                continue
-            node = ((i1 if (q & 4) else i0) * b + (j1 if (q & 2) else j0)) * c + (k1 if (q & 1) else k0)
-            sw = S[node]
-            if sw == 0.0:
-                continue
-            tot += cw * sw
-            for r in range(3):
-                for q2 in range(4):
-                    m[r, q2] += cw * P[node, r * 4 + q2]
-        if tot <= 0.0:
+                m[r, q] = 1.0 if r == q else 0.0
+    else:
+        for r in range(3):
+            for q in range(4):
+                m[r, q] /= tot
+
+
+def blend_field(Wp, Wc, Wv, D, P, S):
+    """Per weight node n (sparse rows: channels Wc[e], weights Wv[e] for e in Wp[n] .. Wp[n + 1]):
+    P[n] = sum_e Wv[e] D[Wc[e]] (the 3x4 rows, 12 numbers) and S[n] = sum_e Wv[e]. Once per pose,
+    so that a blend at a point reads 8 nodes of 13 numbers whatever the number of channels."""
+    for n in prange(Wp.shape[0] - 1):  # noqa: F821 (prange: a global of the build namespace)
+        for t in range(12):
+            P[n, t] = 0.0
+        sw = 0.0
+        for e in range(Wp[n], Wp[n + 1]):
+            w = Wv[e]
+            ch = Wc[e]
+            sw += w
             for r in range(3):
                 for q in range(4):
-                    m[r, q] = 1.0 if r == q else 0.0
-        else:
-            for r in range(3):
-                for q in range(4):
-                    m[r, q] /= tot
+                    P[n, r * 4 + q] += w * D[ch, r, q]
+        S[n] = sw
 
-    @njit(parallel=True, cache=True)
-    def blend_field(Wp, Wc, Wv, D, P, S):
-        """Per weight node n (sparse rows: channels Wc[e], weights Wv[e] for e in Wp[n] .. Wp[n + 1]):
-        P[n] = sum_e Wv[e] D[Wc[e]] (the 3x4 rows, 12 numbers) and S[n] = sum_e Wv[e]. Once per pose,
-        so that a blend at a point reads 8 nodes of 13 numbers whatever the number of channels."""
-        for n in prange(Wp.shape[0] - 1):
-            for t in range(12):
-                P[n, t] = 0.0
-            sw = 0.0
-            for e in range(Wp[n], Wp[n + 1]):
-                w = Wv[e]
-                ch = Wc[e]
-                sw += w
-                for r in range(3):
-                    for q in range(4):
-                        P[n, r * 4 + q] += w * D[ch, r, q]
-            S[n] = sw
 
-    @njit(cache=True)
-    def _resid(x, y, z, px, py, pz, W, w_inv, D, m):
+def _resid(x, y, z, px, py, pz, W, w_inv, D, m):
+    _blend(x, y, z, W, w_inv, D, m)
+    fx = m[0, 0] * x + m[0, 1] * y + m[0, 2] * z + m[0, 3] - px
+    fy = m[1, 0] * x + m[1, 1] * y + m[1, 2] * z + m[1, 3] - py
+    fz = m[2, 0] * x + m[2, 1] * y + m[2, 2] * z + m[2, 3] - pz
+    return math.sqrt(fx * fx + fy * fy + fz * fz)
+
+
+def forward_lbs_kernel(xs, W, w_inv, D, out):
+    for n in prange(xs.shape[0]):  # noqa: F821 (prange: a global of the build namespace)
+        m = np.empty((3, 4))
+        _blend(xs[n, 0], xs[n, 1], xs[n, 2], W, w_inv, D, m)
+        for r in range(3):
+            out[n, r] = m[r, 0] * xs[n, 0] + m[r, 1] * xs[n, 1] + m[r, 2] * xs[n, 2] + m[r, 3]
+
+
+def forward_blend(xs, W, w_inv, D, ys, Minv):
+    """Forward skinning of rest points xs with their blended transforms' inverses (3x4)."""
+    for n in prange(xs.shape[0]):  # noqa: F821 (prange: a global of the build namespace)
+        m = np.empty((3, 4))
+        x = xs[n, 0]
+        y = xs[n, 1]
+        z = xs[n, 2]
         _blend(x, y, z, W, w_inv, D, m)
-        fx = m[0, 0] * x + m[0, 1] * y + m[0, 2] * z + m[0, 3] - px
-        fy = m[1, 0] * x + m[1, 1] * y + m[1, 2] * z + m[1, 3] - py
-        fz = m[2, 0] * x + m[2, 1] * y + m[2, 2] * z + m[2, 3] - pz
-        return math.sqrt(fx * fx + fy * fy + fz * fz)
+        for r in range(3):
+            ys[n, r] = m[r, 0] * x + m[r, 1] * y + m[r, 2] * z + m[r, 3]
+        a00, a01, a02 = m[0, 0], m[0, 1], m[0, 2]
+        a10, a11, a12 = m[1, 0], m[1, 1], m[1, 2]
+        a20, a21, a22 = m[2, 0], m[2, 1], m[2, 2]
+        det = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
+               + a02 * (a10 * a21 - a11 * a20))
+        if abs(det) < 1e-9:
+            det = 1e-9
+        i00 = (a11 * a22 - a12 * a21) / det
+        i01 = -(a01 * a22 - a02 * a21) / det
+        i02 = (a01 * a12 - a02 * a11) / det
+        i10 = -(a10 * a22 - a12 * a20) / det
+        i11 = (a00 * a22 - a02 * a20) / det
+        i12 = -(a00 * a12 - a02 * a10) / det
+        i20 = (a10 * a21 - a11 * a20) / det
+        i21 = -(a00 * a21 - a01 * a20) / det
+        i22 = (a00 * a11 - a01 * a10) / det
+        Minv[n, 0, 0] = i00
+        Minv[n, 0, 1] = i01
+        Minv[n, 0, 2] = i02
+        Minv[n, 1, 0] = i10
+        Minv[n, 1, 1] = i11
+        Minv[n, 1, 2] = i12
+        Minv[n, 2, 0] = i20
+        Minv[n, 2, 1] = i21
+        Minv[n, 2, 2] = i22
+        for r in range(3):
+            Minv[n, r, 3] = -(Minv[n, r, 0] * m[0, 3] + Minv[n, r, 1] * m[1, 3] + Minv[n, r, 2] * m[2, 3])
 
-    @njit(parallel=True, cache=True)
-    def forward_lbs(xs, W, w_inv, D, out):
-        for n in prange(xs.shape[0]):
-            m = np.empty((3, 4))
-            _blend(xs[n, 0], xs[n, 1], xs[n, 2], W, w_inv, D, m)
-            for r in range(3):
-                out[n, r] = m[r, 0] * xs[n, 0] + m[r, 1] * xs[n, 1] + m[r, 2] * xs[n, 2] + m[r, 3]
 
-    @njit(parallel=True, cache=True)
-    def forward_blend(xs, W, w_inv, D, ys, Minv):
-        """Forward skinning of rest points xs with their blended transforms' inverses (3x4)."""
-        for n in prange(xs.shape[0]):
-            m = np.empty((3, 4))
-            x = xs[n, 0]
-            y = xs[n, 1]
-            z = xs[n, 2]
-            _blend(x, y, z, W, w_inv, D, m)
-            for r in range(3):
-                ys[n, r] = m[r, 0] * x + m[r, 1] * y + m[r, 2] * z + m[r, 3]
+def splat_nearest(ys, order, g0s, waff, ninv, wn, R, best, src):
+    """For every warp node within R mm of a forward-skinned point ys[s], the nearest such s.
+    ``order`` sorts the points by their first node coordinate ``g0s`` (parallel over node slabs)."""
+    lo_s = 1e30
+    for q in range(3):
+        lo_s = min(lo_s, math.sqrt(waff[0, q] ** 2 + waff[1, q] ** 2 + waff[2, q] ** 2))
+    rI = R / lo_s + 1e-9
+    R2 = R * R
+    n12 = wn[1] * wn[2]
+    for a in prange(wn[0]):  # noqa: F821 (prange: a global of the build namespace)
+        s0 = np.searchsorted(g0s, a - rI)
+        s1 = np.searchsorted(g0s, a + rI, side="right")
+        for q in range(s0, s1):
+            s = order[q]
+            yx = ys[s, 0]
+            yy = ys[s, 1]
+            yz = ys[s, 2]
+            g1 = ninv[1, 0] * yx + ninv[1, 1] * yy + ninv[1, 2] * yz + ninv[1, 3]
+            g2 = ninv[2, 0] * yx + ninv[2, 1] * yy + ninv[2, 2] * yz + ninv[2, 3]
+            g0 = g0s[q]
+            ra2 = rI * rI - (a - g0) * (a - g0)
+            if ra2 < 0.0:
+                continue
+            ra = math.sqrt(ra2)
+            b0 = max(int(math.ceil(g1 - ra)), 0)
+            b1 = min(int(math.floor(g1 + ra)), wn[1] - 1)
+            for b in range(b0, b1 + 1):
+                rb2 = ra2 - (b - g1) * (b - g1)
+                if rb2 < 0.0:
+                    continue
+                rb = math.sqrt(rb2)
+                c0 = max(int(math.ceil(g2 - rb)), 0)
+                c1 = min(int(math.floor(g2 + rb)), wn[2] - 1)
+                for c in range(c0, c1 + 1):
+                    dx = waff[0, 0] * a + waff[0, 1] * b + waff[0, 2] * c + waff[0, 3] - yx
+                    dy = waff[1, 0] * a + waff[1, 1] * b + waff[1, 2] * c + waff[1, 3] - yy
+                    dz = waff[2, 0] * a + waff[2, 1] * b + waff[2, 2] * c + waff[2, 3] - yz
+                    d2 = dx * dx + dy * dy + dz * dz
+                    n = a * n12 + b * wn[2] + c
+                    if d2 <= R2 and d2 < best[n]:
+                        best[n] = d2
+                        src[n] = s
+
+
+def inverse_lbs_nodes(waff, wn, W, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res, status):
+    """Inverse skinning at the warp nodes that can carry soft tissue.
+
+    status 0: no tissue can reach the node (no forward-skinned tissue within R, no rest tissue
+    next to it): displacement 0. Otherwise start from the best of the identity, the inverse of
+    the blended transform of the nearest forward-skinned tissue point (``src``/``Minv``); then
+    fixed-point steps
+    x <- M(x)^-1 y (halved when they do not improve). status 1: a pre-image (residual < tol
+    or the best found, if under ``air_tol``); status 2: posed air: rest tissue here has moved
+    away and nothing moved in, or the best pre-image misses the node by ``air_tol`` or more.
+    The latter are nodes where skinning would stretch tissue across a gap that opens (between
+    an abducted arm and the torso): there the steps do not converge, and the stretched tissue
+    would be a web that is not in the patient."""
+    n12 = wn[1] * wn[2]
+    a_ = near.shape[0]
+    b_ = near.shape[1]
+    c_ = near.shape[2]
+    for n in prange(wn[0] * n12):  # noqa: F821 (prange: a global of the build namespace)
+        a = n // n12
+        rr = n - a * n12
+        b = rr // wn[2]
+        c = rr - b * wn[2]
+        px = waff[0, 0] * a + waff[0, 1] * b + waff[0, 2] * c + waff[0, 3]
+        py = waff[1, 0] * a + waff[1, 1] * b + waff[1, 2] * c + waff[1, 3]
+        pz = waff[2, 0] * a + waff[2, 1] * b + waff[2, 2] * c + waff[2, 3]
+        disp[n, 0] = 0.0
+        disp[n, 1] = 0.0
+        disp[n, 2] = 0.0
+        res[n] = 0.0
+        status[n] = 0
+        s = src[n]
+        rest_near = False
+        ci = int(math.floor(w_inv[0, 0] * px + w_inv[0, 1] * py + w_inv[0, 2] * pz + w_inv[0, 3] + 0.5))
+        cj = int(math.floor(w_inv[1, 0] * px + w_inv[1, 1] * py + w_inv[1, 2] * pz + w_inv[1, 3] + 0.5))
+        ck = int(math.floor(w_inv[2, 0] * px + w_inv[2, 1] * py + w_inv[2, 2] * pz + w_inv[2, 3] + 0.5))
+        if ci >= 0 and cj >= 0 and ck >= 0 and ci < a_ and cj < b_ and ck < c_:
+            rest_near = near[ci, cj, ck] != 0
+        if s < 0 and not rest_near:
+            continue
+        m = np.empty((3, 4))
+        status[n] = 1
+        # m always holds the blended transform at the point of the last residual
+        if s >= 0:  # the guess first (moved tissue), then the identity (tissue in place)
+            bx = Minv[s, 0, 0] * px + Minv[s, 0, 1] * py + Minv[s, 0, 2] * pz + Minv[s, 0, 3]
+            by = Minv[s, 1, 0] * px + Minv[s, 1, 1] * py + Minv[s, 1, 2] * pz + Minv[s, 1, 3]
+            bz = Minv[s, 2, 0] * px + Minv[s, 2, 1] * py + Minv[s, 2, 2] * pz + Minv[s, 2, 3]
+            br = _resid(bx, by, bz, px, py, pz, W, w_inv, D, m)
+            m_ok = True
+            if br >= tol:
+                r = _resid(px, py, pz, px, py, pz, W, w_inv, D, m)
+                m_ok = r < br
+                if m_ok:
+                    bx, by, bz, br = px, py, pz, r
+        else:
+            bx, by, bz = px, py, pz
+            br = _resid(px, py, pz, px, py, pz, W, w_inv, D, m)
+            m_ok = True
+        x, y, z = bx, by, bz
+        # without a skinned-tissue guess only tissue nearly in place can land here: a few steps
+        for it in range(iters if s >= 0 else min(iters, 3)):
+            if br < tol:
+                break
+            if not m_ok:
+                _blend(x, y, z, W, w_inv, D, m)
             a00, a01, a02 = m[0, 0], m[0, 1], m[0, 2]
             a10, a11, a12 = m[1, 0], m[1, 1], m[1, 2]
             a20, a21, a22 = m[2, 0], m[2, 1], m[2, 2]
             det = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
                    + a02 * (a10 * a21 - a11 * a20))
             if abs(det) < 1e-9:
-                det = 1e-9
-            i00 = (a11 * a22 - a12 * a21) / det
-            i01 = -(a01 * a22 - a02 * a21) / det
-            i02 = (a01 * a12 - a02 * a11) / det
-            i10 = -(a10 * a22 - a12 * a20) / det
-            i11 = (a00 * a22 - a02 * a20) / det
-            i12 = -(a00 * a12 - a02 * a10) / det
-            i20 = (a10 * a21 - a11 * a20) / det
-            i21 = -(a00 * a21 - a01 * a20) / det
-            i22 = (a00 * a11 - a01 * a10) / det
-            Minv[n, 0, 0] = i00
-            Minv[n, 0, 1] = i01
-            Minv[n, 0, 2] = i02
-            Minv[n, 1, 0] = i10
-            Minv[n, 1, 1] = i11
-            Minv[n, 1, 2] = i12
-            Minv[n, 2, 0] = i20
-            Minv[n, 2, 1] = i21
-            Minv[n, 2, 2] = i22
-            for r in range(3):
-                Minv[n, r, 3] = -(Minv[n, r, 0] * m[0, 3] + Minv[n, r, 1] * m[1, 3] + Minv[n, r, 2] * m[2, 3])
+                break
+            rx = px - m[0, 3]
+            ry = py - m[1, 3]
+            rz = pz - m[2, 3]
+            qx = ((a11 * a22 - a12 * a21) * rx - (a01 * a22 - a02 * a21) * ry
+                  + (a01 * a12 - a02 * a11) * rz) / det
+            qy = (-(a10 * a22 - a12 * a20) * rx + (a00 * a22 - a02 * a20) * ry
+                  - (a00 * a12 - a02 * a10) * rz) / det
+            qz = ((a10 * a21 - a11 * a20) * rx - (a00 * a21 - a01 * a20) * ry
+                  + (a00 * a11 - a01 * a10) * rz) / det
+            r = _resid(qx, qy, qz, px, py, pz, W, w_inv, D, m)
+            if r < br:
+                bx, by, bz, br = qx, qy, qz, r
+                x, y, z = qx, qy, qz
+                m_ok = True
+            else:  # damped step
+                x = 0.5 * (x + qx)
+                y = 0.5 * (y + qy)
+                z = 0.5 * (z + qz)
+                m_ok = False
+        if (s < 0 and br >= tol) or br >= air_tol:
+            # no pre-image: rest tissue here moved away (none skinned near it), or skinning
+            # only reaches the node by stretching tissue across an opening gap
+            status[n] = 2
+            disp[n, 0] = np.nan
+            disp[n, 1] = np.nan
+            disp[n, 2] = np.nan
+            continue
+        disp[n, 0] = bx - px
+        disp[n, 1] = by - py
+        disp[n, 2] = bz - pz
+        res[n] = br
 
-    @njit(parallel=True, cache=True)
-    def splat_nearest(ys, order, g0s, waff, ninv, wn, R, best, src):
-        """For every warp node within R mm of a forward-skinned point ys[s], the nearest such s.
-        ``order`` sorts the points by their first node coordinate ``g0s`` (parallel over node slabs)."""
-        lo_s = 1e30
-        for q in range(3):
-            lo_s = min(lo_s, math.sqrt(waff[0, q] ** 2 + waff[1, q] ** 2 + waff[2, q] ** 2))
-        rI = R / lo_s + 1e-9
-        R2 = R * R
-        n12 = wn[1] * wn[2]
-        for a in prange(wn[0]):
-            s0 = np.searchsorted(g0s, a - rI)
-            s1 = np.searchsorted(g0s, a + rI, side="right")
-            for q in range(s0, s1):
-                s = order[q]
-                yx = ys[s, 0]
-                yy = ys[s, 1]
-                yz = ys[s, 2]
-                g1 = ninv[1, 0] * yx + ninv[1, 1] * yy + ninv[1, 2] * yz + ninv[1, 3]
-                g2 = ninv[2, 0] * yx + ninv[2, 1] * yy + ninv[2, 2] * yz + ninv[2, 3]
-                g0 = g0s[q]
-                ra2 = rI * rI - (a - g0) * (a - g0)
-                if ra2 < 0.0:
+
+def air_border(wn, status, disp, thr):
+    """Nodes left at zero displacement (no tissue can reach them) next to a solved node that
+    moves by more than ``thr`` mm become air (NaN): interpolating between the two would sweep
+    the cell's pre-images across the rest anatomy in between. Visits the few moving solved
+    nodes and marks their unreached neighbours (a marked node is never read as a source)."""
+    n12 = wn[1] * wn[2]
+    t2 = thr * thr
+    for a in prange(wn[0]):  # noqa: F821 (prange: a global of the build namespace)
+        for b in range(wn[1]):
+            for c in range(wn[2]):
+                q = a * n12 + b * wn[2] + c
+                if status[q] != 1:
                     continue
-                ra = math.sqrt(ra2)
-                b0 = max(int(math.ceil(g1 - ra)), 0)
-                b1 = min(int(math.floor(g1 + ra)), wn[1] - 1)
-                for b in range(b0, b1 + 1):
-                    rb2 = ra2 - (b - g1) * (b - g1)
-                    if rb2 < 0.0:
-                        continue
-                    rb = math.sqrt(rb2)
-                    c0 = max(int(math.ceil(g2 - rb)), 0)
-                    c1 = min(int(math.floor(g2 + rb)), wn[2] - 1)
-                    for c in range(c0, c1 + 1):
-                        dx = waff[0, 0] * a + waff[0, 1] * b + waff[0, 2] * c + waff[0, 3] - yx
-                        dy = waff[1, 0] * a + waff[1, 1] * b + waff[1, 2] * c + waff[1, 3] - yy
-                        dz = waff[2, 0] * a + waff[2, 1] * b + waff[2, 2] * c + waff[2, 3] - yz
-                        d2 = dx * dx + dy * dy + dz * dz
-                        n = a * n12 + b * wn[2] + c
-                        if d2 <= R2 and d2 < best[n]:
-                            best[n] = d2
-                            src[n] = s
+                if not disp[q, 0] ** 2 + disp[q, 1] ** 2 + disp[q, 2] ** 2 > t2:
+                    continue
+                for da in range(max(a - 1, 0), min(a + 2, wn[0])):
+                    for db in range(max(b - 1, 0), min(b + 2, wn[1])):
+                        for dc in range(max(c - 1, 0), min(c + 2, wn[2])):
+                            n = da * n12 + db * wn[2] + dc
+                            if status[n] == 0:
+                                status[n] = 3
+    for n in prange(wn[0] * n12):  # noqa: F821 (prange: a global of the build namespace)
+        if status[n] == 3:
+            status[n] = 2
+            disp[n, 0] = np.nan
+            disp[n, 1] = np.nan
+            disp[n, 2] = np.nan
 
-    @njit(parallel=True, cache=True)
-    def inverse_lbs_nodes(waff, wn, W, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res, status):
-        """Inverse skinning at the warp nodes that can carry soft tissue.
 
-        status 0: no tissue can reach the node (no forward-skinned tissue within R, no rest tissue
-        next to it): displacement 0. Otherwise start from the best of the identity, the inverse of
-        the blended transform of the nearest forward-skinned tissue point (``src``/``Minv``); then
-        fixed-point steps
-        x <- M(x)^-1 y (halved when they do not improve). status 1: a pre-image (residual < tol
-        or the best found, if under ``air_tol``); status 2: posed air: rest tissue here has moved
-        away and nothing moved in, or the best pre-image misses the node by ``air_tol`` or more.
-        The latter are nodes where skinning would stretch tissue across a gap that opens (between
-        an abducted arm and the torso): there the steps do not converge, and the stretched tissue
-        would be a web that is not in the patient."""
-        n12 = wn[1] * wn[2]
-        a_ = near.shape[0]
-        b_ = near.shape[1]
-        c_ = near.shape[2]
-        for n in prange(wn[0] * n12):
-            a = n // n12
-            rr = n - a * n12
-            b = rr // wn[2]
-            c = rr - b * wn[2]
-            px = waff[0, 0] * a + waff[0, 1] * b + waff[0, 2] * c + waff[0, 3]
-            py = waff[1, 0] * a + waff[1, 1] * b + waff[1, 2] * c + waff[1, 3]
-            pz = waff[2, 0] * a + waff[2, 1] * b + waff[2, 2] * c + waff[2, 3]
-            disp[n, 0] = 0.0
-            disp[n, 1] = 0.0
-            disp[n, 2] = 0.0
-            res[n] = 0.0
-            status[n] = 0
-            s = src[n]
-            rest_near = False
-            ci = int(math.floor(w_inv[0, 0] * px + w_inv[0, 1] * py + w_inv[0, 2] * pz + w_inv[0, 3] + 0.5))
-            cj = int(math.floor(w_inv[1, 0] * px + w_inv[1, 1] * py + w_inv[1, 2] * pz + w_inv[1, 3] + 0.5))
-            ck = int(math.floor(w_inv[2, 0] * px + w_inv[2, 1] * py + w_inv[2, 2] * pz + w_inv[2, 3] + 0.5))
-            if ci >= 0 and cj >= 0 and ck >= 0 and ci < a_ and cj < b_ and ck < c_:
-                rest_near = near[ci, cj, ck] != 0
-            if s < 0 and not rest_near:
-                continue
-            m = np.empty((3, 4))
-            status[n] = 1
-            # m always holds the blended transform at the point of the last residual
-            if s >= 0:  # the guess first (moved tissue), then the identity (tissue in place)
-                bx = Minv[s, 0, 0] * px + Minv[s, 0, 1] * py + Minv[s, 0, 2] * pz + Minv[s, 0, 3]
-                by = Minv[s, 1, 0] * px + Minv[s, 1, 1] * py + Minv[s, 1, 2] * pz + Minv[s, 1, 3]
-                bz = Minv[s, 2, 0] * px + Minv[s, 2, 1] * py + Minv[s, 2, 2] * pz + Minv[s, 2, 3]
-                br = _resid(bx, by, bz, px, py, pz, W, w_inv, D, m)
-                m_ok = True
-                if br >= tol:
-                    r = _resid(px, py, pz, px, py, pz, W, w_inv, D, m)
-                    m_ok = r < br
-                    if m_ok:
-                        bx, by, bz, br = px, py, pz, r
-            else:
-                bx, by, bz = px, py, pz
-                br = _resid(px, py, pz, px, py, pz, W, w_inv, D, m)
-                m_ok = True
-            x, y, z = bx, by, bz
-            # without a skinned-tissue guess only tissue nearly in place can land here: a few steps
-            for it in range(iters if s >= 0 else min(iters, 3)):
-                if br < tol:
-                    break
-                if not m_ok:
-                    _blend(x, y, z, W, w_inv, D, m)
-                a00, a01, a02 = m[0, 0], m[0, 1], m[0, 2]
-                a10, a11, a12 = m[1, 0], m[1, 1], m[1, 2]
-                a20, a21, a22 = m[2, 0], m[2, 1], m[2, 2]
-                det = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
-                       + a02 * (a10 * a21 - a11 * a20))
-                if abs(det) < 1e-9:
-                    break
-                rx = px - m[0, 3]
-                ry = py - m[1, 3]
-                rz = pz - m[2, 3]
-                qx = ((a11 * a22 - a12 * a21) * rx - (a01 * a22 - a02 * a21) * ry
-                      + (a01 * a12 - a02 * a11) * rz) / det
-                qy = (-(a10 * a22 - a12 * a20) * rx + (a00 * a22 - a02 * a20) * ry
-                      - (a00 * a12 - a02 * a10) * rz) / det
-                qz = ((a10 * a21 - a11 * a20) * rx - (a00 * a21 - a01 * a20) * ry
-                      + (a00 * a11 - a01 * a10) * rz) / det
-                r = _resid(qx, qy, qz, px, py, pz, W, w_inv, D, m)
-                if r < br:
-                    bx, by, bz, br = qx, qy, qz, r
-                    x, y, z = qx, qy, qz
-                    m_ok = True
-                else:  # damped step
-                    x = 0.5 * (x + qx)
-                    y = 0.5 * (y + qy)
-                    z = 0.5 * (z + qz)
-                    m_ok = False
-            if (s < 0 and br >= tol) or br >= air_tol:
-                # no pre-image: rest tissue here moved away (none skinned near it), or skinning
-                # only reaches the node by stretching tissue across an opening gap
-                status[n] = 2
-                disp[n, 0] = np.nan
-                disp[n, 1] = np.nan
-                disp[n, 2] = np.nan
-                continue
-            disp[n, 0] = bx - px
-            disp[n, 1] = by - py
-            disp[n, 2] = bz - pz
-            res[n] = br
 
-    @njit(parallel=True, cache=True)
-    def air_border(wn, status, disp, thr):
-        """Nodes left at zero displacement (no tissue can reach them) next to a solved node that
-        moves by more than ``thr`` mm become air (NaN): interpolating between the two would sweep
-        the cell's pre-images across the rest anatomy in between. Visits the few moving solved
-        nodes and marks their unreached neighbours (a marked node is never read as a source)."""
-        n12 = wn[1] * wn[2]
-        t2 = thr * thr
-        for a in prange(wn[0]):
-            for b in range(wn[1]):
-                for c in range(wn[2]):
-                    q = a * n12 + b * wn[2] + c
-                    if status[q] != 1:
-                        continue
-                    if not disp[q, 0] ** 2 + disp[q, 1] ** 2 + disp[q, 2] ** 2 > t2:
-                        continue
-                    for da in range(max(a - 1, 0), min(a + 2, wn[0])):
-                        for db in range(max(b - 1, 0), min(b + 2, wn[1])):
-                            for dc in range(max(c - 1, 0), min(c + 2, wn[2])):
-                                n = da * n12 + db * wn[2] + dc
-                                if status[n] == 0:
-                                    status[n] = 3
-        for n in prange(wn[0] * n12):
-            if status[n] == 3:
-                status[n] = 2
-                disp[n, 0] = np.nan
-                disp[n, 1] = np.nan
-                disp[n, 2] = np.nan
+# (function, numba.njit options besides cache=True), compiled by _kernels()
+_KERNEL_DEFS = (
+    ("_clampf", {"inline": "always"}),
+    ("_tri_flat", {}),
+    ("_tri3", {}),
+    ("sample_points", {"parallel": True}),
+    ("_blend", {}),
+    ("blend_field", {"parallel": True}),
+    ("_resid", {}),
+    ("forward_lbs_kernel", {"parallel": True}),
+    ("forward_blend", {"parallel": True}),
+    ("splat_nearest", {"parallel": True}),
+    ("inverse_lbs_nodes", {"parallel": True}),
+    ("air_border", {"parallel": True}),
+)
 
-    _KERNELS = {"sample_points": sample_points, "forward_lbs": forward_lbs, "blend_field": blend_field,
-                "forward_blend": forward_blend, "splat_nearest": splat_nearest,
-                "inverse_lbs_nodes": inverse_lbs_nodes, "air_border": air_border}
-    _ = nb
+
+_KERNELS = None
+
+
+def _kernels():
+    """The numba kernels above, compiled lazily (the CLI must not import numba for --help).
+
+    Each is re-created over one namespace dict ``ns`` (the module globals plus ``prange``) in which
+    the other kernels are the compiled dispatchers, as globals: no closure cells, so numba's cache
+    index key is the same in every process and the compiled code is loaded from disk."""
+    global _KERNELS
+    if _KERNELS is not None:
+        return _KERNELS
+    import numba
+
+    ns = dict(globals())
+    ns["prange"] = numba.prange
+    for name, opts in _KERNEL_DEFS:
+        f = globals()[name]
+        ns[name] = numba.njit(types.FunctionType(f.__code__, ns, name, f.__defaults__), cache=True, **opts)
+    _KERNELS = {"sample_points": ns["sample_points"], "forward_lbs": ns["forward_lbs_kernel"],
+                "blend_field": ns["blend_field"], "forward_blend": ns["forward_blend"],
+                "splat_nearest": ns["splat_nearest"], "inverse_lbs_nodes": ns["inverse_lbs_nodes"],
+                "air_border": ns["air_border"]}
     return _KERNELS
 
 

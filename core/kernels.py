@@ -778,505 +778,533 @@ def cuda_kernels() -> dict:
 # grid: the result is a superset of the exact grid, which is all the skipping needs.
 
 
-def _compose_build():
-    import numba
-    from numba import njit, prange
+# The composition kernels are plain module-level functions (no closures), compiled lazily by
+# _compose_build() over a namespace dict in which their callees are globals, like _build() does
+# for the ray kernels: numba's on-disk cache key of a closure hashes its pickled cells (other
+# dispatchers), which differ in every process, so they used to be recompiled in every process.
+# Measured, test_articulated.py -k test_posed_knee_renders_bones_rigid in a second process (loaded
+# 2-core machine): 28.3 s before (these kernels recompiled every time), 1.0 s after (all loaded).
 
-    @njit(cache=True, inline="always")
-    def _hu_at(data, off, nx, ny, nz, x, y, z, lo):
-        """Trilinear HU (corners clamped at ``lo``) at continuous index (x, y, z) inside the cell box."""
-        x = min(max(x, 0.0), nx - 1.0)
-        y = min(max(y, 0.0), ny - 1.0)
-        z = min(max(z, 0.0), nz - 1.0)
-        i = int(x)
-        j = int(y)
-        k = int(z)
-        fx = x - i
-        fy = y - j
-        fz = z - k
-        si = ny * nz
-        di = si if i < nx - 1 else 0
-        dj = nz if j < ny - 1 else 0
-        dk = 1 if k < nz - 1 else 0
-        b = off + i * si + j * nz + k
-        c000 = max(float(data[b]), lo)
-        c001 = max(float(data[b + dk]), lo)
-        c010 = max(float(data[b + dj]), lo)
-        c011 = max(float(data[b + dj + dk]), lo)
-        c100 = max(float(data[b + di]), lo)
-        c101 = max(float(data[b + di + dk]), lo)
-        c110 = max(float(data[b + di + dj]), lo)
-        c111 = max(float(data[b + di + dj + dk]), lo)
-        c00 = c000 + (c001 - c000) * fz
-        c01 = c010 + (c011 - c010) * fz
-        c10 = c100 + (c101 - c100) * fz
-        c11 = c110 + (c111 - c110) * fz
-        c0 = c00 + (c01 - c00) * fy
-        c1 = c10 + (c11 - c10) * fy
-        return c0 + (c1 - c0) * fx
 
-    @njit(cache=True, inline="always")
-    def _to_i16(v):
-        r = math.floor(v + 0.5)
-        if r > 32767.0:
-            r = 32767.0
-        if r < -32768.0:
-            r = -32768.0
-        return np.int16(r)
+def _hu_at(data, off, nx, ny, nz, x, y, z, lo):
+    """Trilinear HU (corners clamped at ``lo``) at continuous index (x, y, z) inside the cell box."""
+    x = min(max(x, 0.0), nx - 1.0)
+    y = min(max(y, 0.0), ny - 1.0)
+    z = min(max(z, 0.0), nz - 1.0)
+    i = int(x)
+    j = int(y)
+    k = int(z)
+    fx = x - i
+    fy = y - j
+    fz = z - k
+    si = ny * nz
+    di = si if i < nx - 1 else 0
+    dj = nz if j < ny - 1 else 0
+    dk = 1 if k < nz - 1 else 0
+    b = off + i * si + j * nz + k
+    c000 = max(float(data[b]), lo)
+    c001 = max(float(data[b + dk]), lo)
+    c010 = max(float(data[b + dj]), lo)
+    c011 = max(float(data[b + dj + dk]), lo)
+    c100 = max(float(data[b + di]), lo)
+    c101 = max(float(data[b + di + dk]), lo)
+    c110 = max(float(data[b + di + dj]), lo)
+    c111 = max(float(data[b + di + dj + dk]), lo)
+    c00 = c000 + (c001 - c000) * fz
+    c01 = c010 + (c011 - c010) * fz
+    c10 = c100 + (c101 - c100) * fz
+    c11 = c110 + (c111 - c110) * fz
+    c0 = c00 + (c01 - c00) * fy
+    c1 = c10 + (c11 - c10) * fy
+    return c0 + (c1 - c0) * fx
 
-    @njit(cache=True, inline="always")
-    def _mark(occ, i, j, k):
-        bi = i // BLOCK
-        bj = j // BLOCK
-        bk = k // BLOCK
-        bi2 = (i - 1) // BLOCK if i > 0 else bi
-        bj2 = (j - 1) // BLOCK if j > 0 else bj
-        bk2 = (k - 1) // BLOCK if k > 0 else bk
-        occ[bi, bj, bk] = 1
-        occ[bi, bj, bk2] = 1
-        occ[bi, bj2, bk] = 1
-        occ[bi, bj2, bk2] = 1
-        occ[bi2, bj, bk] = 1
-        occ[bi2, bj, bk2] = 1
-        occ[bi2, bj2, bk] = 1
-        occ[bi2, bj2, bk2] = 1
 
-    @njit(cache=True, inline="always")
-    def _any_occ(cum, b0, b1, c0, c1, d0, d1):
-        """Any occupied block in the inclusive block box (``cum``: 3-D prefix sums, padded by 1)."""
-        n0 = cum.shape[0] - 2
-        n1 = cum.shape[1] - 2
-        n2 = cum.shape[2] - 2
-        b0 = max(b0, 0)
-        c0 = max(c0, 0)
-        d0 = max(d0, 0)
-        b1 = min(b1, n0)
-        c1 = min(c1, n1)
-        d1 = min(d1, n2)
-        if b1 < b0 or c1 < c0 or d1 < d0:
-            return False
-        b1 += 1
-        c1 += 1
-        d1 += 1
-        v = (cum[b1, c1, d1] - cum[b0, c1, d1] - cum[b1, c0, d1] - cum[b1, c1, d0]
-             + cum[b0, c0, d1] + cum[b0, c1, d0] + cum[b1, c0, d0] - cum[b0, c0, d0])
-        return v > 0
+def _to_i16(v):
+    r = math.floor(v + 0.5)
+    if r > 32767.0:
+        r = 32767.0
+    if r < -32768.0:
+        r = -32768.0
+    return np.int16(r)
 
-    @njit(parallel=True, cache=True)
-    def compose_warp(out, occ, on, shift, base, bn, focc, fcum, G, Ginv, wn, disp, B, cells, lo, dirty):
-        """Soft tissue pulled through the warp, in the listed warp cells only (elsewhere the
-        displacement is 0 and the base value is already in place).
 
-        ``G`` (3x4): base index -> warp index; ``Ginv`` its inverse; ``disp`` (a, b, c, 3) the
-        displacement (mm) and ``B`` (3x3) mm -> base index; ``cells`` (m, 3): the active cells (a
-        node moved). A cell with a NaN node is air. A voxel belongs to the cell of its clamped
-        warp coordinate (each voxel to one cell); voxels outside the warp grid's cell box are not
-        moved. ``focc``: the base's fine air grid (FINE^3 blocks: 0 where every trilinear sample
-        whose floor index lies in the block is air), ``fcum`` its prefix sums. A cell whose
-        rest-space box (its voxels plus the range of its nodes' displacements) holds no occupied
-        fine block is air, and so is a voxel whose rest point lies in an empty fine block. An air
-        cell over air base voxels is left as it is. ``dirty`` (the output's BLOCK^3 grid) gets a 1
-        on every block that a cell may have written."""
-        n1 = on[1]
-        n2 = on[2]
-        nb0 = bn[0]
-        nb1 = bn[1]
-        nb2 = bn[2]
-        diag = (G[0, 1] == 0.0 and G[0, 2] == 0.0 and G[1, 0] == 0.0 and G[1, 2] == 0.0 and G[2, 0] == 0.0
-                and G[2, 1] == 0.0 and G[0, 0] > 0.0 and G[1, 1] > 0.0 and G[2, 2] > 0.0)
-        m = cells.shape[0]
-        nch = min(m, 1024)
-        for ch in prange(nch):
-            d = np.empty((8, 3))
-            for c in range(ch * m // nch, (ch + 1) * m // nch):
-                ca = cells[c, 0]
-                cb = cells[c, 1]
-                cc = cells[c, 2]
-                air = False
-                dlo0 = 1e30
-                dlo1 = 1e30
-                dlo2 = 1e30
-                dhi0 = -1e30
-                dhi1 = -1e30
-                dhi2 = -1e30
-                for q in range(8):
-                    a_ = ca + ((q >> 2) & 1)
-                    b_ = cb + ((q >> 1) & 1)
-                    c_ = cc + (q & 1)
-                    x = disp[a_, b_, c_, 0]
-                    y = disp[a_, b_, c_, 1]
-                    z = disp[a_, b_, c_, 2]
-                    if x != x or y != y or z != z:
-                        air = True
-                        x = 0.0
-                        y = 0.0
-                        z = 0.0
-                    d0 = B[0, 0] * x + B[0, 1] * y + B[0, 2] * z
-                    d1 = B[1, 0] * x + B[1, 1] * y + B[1, 2] * z
-                    d2 = B[2, 0] * x + B[2, 1] * y + B[2, 2] * z
-                    d[q, 0] = d0
-                    d[q, 1] = d1
-                    d[q, 2] = d2
-                    dlo0 = min(dlo0, d0)
-                    dhi0 = max(dhi0, d0)
-                    dlo1 = min(dlo1, d1)
-                    dhi1 = max(dhi1, d1)
-                    dlo2 = min(dlo2, d2)
-                    dhi2 = max(dhi2, d2)
-                # the voxel box of the cell (corners expanded by half a node at the grid's faces)
-                glo0 = ca - (0.5 if ca == 0 else 0.0)
-                glo1 = cb - (0.5 if cb == 0 else 0.0)
-                glo2 = cc - (0.5 if cc == 0 else 0.0)
-                ghi0 = ca + 1.0 + (0.5 if ca == wn[0] - 2 else 0.0)
-                ghi1 = cb + 1.0 + (0.5 if cb == wn[1] - 2 else 0.0)
-                ghi2 = cc + 1.0 + (0.5 if cc == wn[2] - 2 else 0.0)
-                blo0 = 1e30
-                blo1 = 1e30
-                blo2 = 1e30
-                bhi0 = -1e30
-                bhi1 = -1e30
-                bhi2 = -1e30
-                for q in range(8):
-                    g0 = ghi0 if (q & 4) else glo0
-                    g1 = ghi1 if (q & 2) else glo1
-                    g2 = ghi2 if (q & 1) else glo2
-                    x = Ginv[0, 0] * g0 + Ginv[0, 1] * g1 + Ginv[0, 2] * g2 + Ginv[0, 3]
-                    y = Ginv[1, 0] * g0 + Ginv[1, 1] * g1 + Ginv[1, 2] * g2 + Ginv[1, 3]
-                    z = Ginv[2, 0] * g0 + Ginv[2, 1] * g1 + Ginv[2, 2] * g2 + Ginv[2, 3]
-                    blo0 = min(blo0, x)
-                    blo1 = min(blo1, y)
-                    blo2 = min(blo2, z)
-                    bhi0 = max(bhi0, x)
-                    bhi1 = max(bhi1, y)
-                    bhi2 = max(bhi2, z)
-                i0 = max(int(math.ceil(blo0 - 1e-9)) + shift[0], 0)
-                i1 = min(int(math.floor(bhi0 + 1e-9)) + shift[0], on[0] - 1)
-                j0 = max(int(math.ceil(blo1 - 1e-9)) + shift[1], 0)
-                j1 = min(int(math.floor(bhi1 + 1e-9)) + shift[1], n1 - 1)
-                k0 = max(int(math.ceil(blo2 - 1e-9)) + shift[2], 0)
-                k1 = min(int(math.floor(bhi2 + 1e-9)) + shift[2], n2 - 1)
-                if not air:  # the rest-space box of the cell: any tissue there?
-                    air = not _any_occ(fcum, int(math.floor((blo0 + dlo0 - 1.0) / FINE)),
-                                       int(math.floor((bhi0 + dhi0 + 1.0) / FINE)),
-                                       int(math.floor((blo1 + dlo1 - 1.0) / FINE)),
-                                       int(math.floor((bhi1 + dhi1 + 1.0) / FINE)),
-                                       int(math.floor((blo2 + dlo2 - 1.0) / FINE)),
-                                       int(math.floor((bhi2 + dhi2 + 1.0) / FINE)))
-                if air and not _any_occ(fcum, int(math.floor((blo0 - 1.0) / FINE)),
-                                        int(math.floor((bhi0 + 1.0) / FINE)),
-                                        int(math.floor((blo1 - 1.0) / FINE)),
-                                        int(math.floor((bhi1 + 1.0) / FINE)),
-                                        int(math.floor((blo2 - 1.0) / FINE)),
-                                        int(math.floor((bhi2 + 1.0) / FINE))):
-                    continue  # air over air: nothing to change
-                if i1 >= i0 and j1 >= j0 and k1 >= k0:
-                    for a_ in range(i0 // BLOCK, i1 // BLOCK + 1):
-                        for b_ in range(j0 // BLOCK, j1 // BLOCK + 1):
-                            for c_ in range(k0 // BLOCK, k1 // BLOCK + 1):
-                                dirty[a_, b_, c_] = 1
-                if diag:
-                    # G is a positive diagonal scaling: g0 depends on i only, g1 on j, g2 on k;
-                    # the displacement is bilinear per (i, j) and linear along k
-                    for i in range(i0, i1 + 1):
-                        bx = float(i - shift[0])
-                        g0 = G[0, 0] * bx + G[0, 3]
-                        if g0 < -0.5 or g0 > wn[0] - 0.5:
-                            continue
-                        g0 = min(max(g0, 0.0), wn[0] - 1.0)
-                        if min(int(g0), wn[0] - 2) != ca:
-                            continue
-                        fx = g0 - ca
-                        for j in range(j0, j1 + 1):
-                            by = float(j - shift[1])
-                            g1 = G[1, 1] * by + G[1, 3]
-                            if g1 < -0.5 or g1 > wn[1] - 0.5:
-                                continue
-                            g1 = min(max(g1, 0.0), wn[1] - 1.0)
-                            if min(int(g1), wn[1] - 2) != cb:
-                                continue
-                            fy = g1 - cb
-                            row = (i * n1 + j) * n2
-                            w00 = (1.0 - fx) * (1.0 - fy)
-                            w01 = (1.0 - fx) * fy
-                            w10 = fx * (1.0 - fy)
-                            w11 = fx * fy
-                            l0 = w00 * d[0, 0] + w01 * d[2, 0] + w10 * d[4, 0] + w11 * d[6, 0]
-                            l1 = w00 * d[0, 1] + w01 * d[2, 1] + w10 * d[4, 1] + w11 * d[6, 1]
-                            l2 = w00 * d[0, 2] + w01 * d[2, 2] + w10 * d[4, 2] + w11 * d[6, 2]
-                            h0 = w00 * d[1, 0] + w01 * d[3, 0] + w10 * d[5, 0] + w11 * d[7, 0]
-                            h1 = w00 * d[1, 1] + w01 * d[3, 1] + w10 * d[5, 1] + w11 * d[7, 1]
-                            h2 = w00 * d[1, 2] + w01 * d[3, 2] + w10 * d[5, 2] + w11 * d[7, 2]
-                            for k in range(k0, k1 + 1):
-                                bz = float(k - shift[2])
-                                g2 = G[2, 2] * bz + G[2, 3]
-                                if g2 < -0.5 or g2 > wn[2] - 0.5:
-                                    continue
-                                g2 = min(max(g2, 0.0), wn[2] - 1.0)
-                                if min(int(g2), wn[2] - 2) != cc:
-                                    continue
-                                o = row + k
-                                if air:
-                                    out[o] = np.int16(lo)
-                                    continue
-                                fz = g2 - cc
-                                px = bx + l0 + (h0 - l0) * fz
-                                py = by + l1 + (h1 - l1) * fz
-                                pz = bz + l2 + (h2 - l2) * fz
-                                if (px < -0.5 or py < -0.5 or pz < -0.5 or px > nb0 - 0.5
-                                        or py > nb1 - 0.5 or pz > nb2 - 0.5):
-                                    out[o] = np.int16(lo)
-                                    continue
-                                # the rest point's fine block: all samples there are air
-                                cx = min(max(px, 0.0), nb0 - 1.0)
-                                cy = min(max(py, 0.0), nb1 - 1.0)
-                                cz = min(max(pz, 0.0), nb2 - 1.0)
-                                if focc[int(cx) // FINE, int(cy) // FINE, int(cz) // FINE] == 0:
-                                    out[o] = np.int16(lo)
-                                    continue
-                                v16 = _to_i16(_hu_at(base, 0, nb0, nb1, nb2, px, py, pz, lo))
-                                out[o] = v16
-                                if v16 > lo:
-                                    _mark(occ, i, j, k)
-                    continue
+def _mark(occ, i, j, k):
+    bi = i // BLOCK
+    bj = j // BLOCK
+    bk = k // BLOCK
+    bi2 = (i - 1) // BLOCK if i > 0 else bi
+    bj2 = (j - 1) // BLOCK if j > 0 else bj
+    bk2 = (k - 1) // BLOCK if k > 0 else bk
+    occ[bi, bj, bk] = 1
+    occ[bi, bj, bk2] = 1
+    occ[bi, bj2, bk] = 1
+    occ[bi, bj2, bk2] = 1
+    occ[bi2, bj, bk] = 1
+    occ[bi2, bj, bk2] = 1
+    occ[bi2, bj2, bk] = 1
+    occ[bi2, bj2, bk2] = 1
+
+
+def _any_occ(cum, b0, b1, c0, c1, d0, d1):
+    """Any occupied block in the inclusive block box (``cum``: 3-D prefix sums, padded by 1)."""
+    n0 = cum.shape[0] - 2
+    n1 = cum.shape[1] - 2
+    n2 = cum.shape[2] - 2
+    b0 = max(b0, 0)
+    c0 = max(c0, 0)
+    d0 = max(d0, 0)
+    b1 = min(b1, n0)
+    c1 = min(c1, n1)
+    d1 = min(d1, n2)
+    if b1 < b0 or c1 < c0 or d1 < d0:
+        return False
+    b1 += 1
+    c1 += 1
+    d1 += 1
+    v = (cum[b1, c1, d1] - cum[b0, c1, d1] - cum[b1, c0, d1] - cum[b1, c1, d0]
+         + cum[b0, c0, d1] + cum[b0, c1, d0] + cum[b1, c0, d0] - cum[b0, c0, d0])
+    return v > 0
+
+
+def compose_warp(out, occ, on, shift, base, bn, focc, fcum, G, Ginv, wn, disp, B, cells, lo, dirty):
+    """Soft tissue pulled through the warp, in the listed warp cells only (elsewhere the
+    displacement is 0 and the base value is already in place).
+
+    ``G`` (3x4): base index -> warp index; ``Ginv`` its inverse; ``disp`` (a, b, c, 3) the
+    displacement (mm) and ``B`` (3x3) mm -> base index; ``cells`` (m, 3): the active cells (a
+    node moved). A cell with a NaN node is air. A voxel belongs to the cell of its clamped
+    warp coordinate (each voxel to one cell); voxels outside the warp grid's cell box are not
+    moved. ``focc``: the base's fine air grid (FINE^3 blocks: 0 where every trilinear sample
+    whose floor index lies in the block is air), ``fcum`` its prefix sums. A cell whose
+    rest-space box (its voxels plus the range of its nodes' displacements) holds no occupied
+    fine block is air, and so is a voxel whose rest point lies in an empty fine block. An air
+    cell over air base voxels is left as it is. ``dirty`` (the output's BLOCK^3 grid) gets a 1
+    on every block that a cell may have written."""
+    n1 = on[1]
+    n2 = on[2]
+    nb0 = bn[0]
+    nb1 = bn[1]
+    nb2 = bn[2]
+    diag = (G[0, 1] == 0.0 and G[0, 2] == 0.0 and G[1, 0] == 0.0 and G[1, 2] == 0.0 and G[2, 0] == 0.0
+            and G[2, 1] == 0.0 and G[0, 0] > 0.0 and G[1, 1] > 0.0 and G[2, 2] > 0.0)
+    m = cells.shape[0]
+    nch = min(m, 1024)
+    for ch in prange(nch):  # noqa: F821 (prange: a global of the build namespace)
+        d = np.empty((8, 3))
+        for c in range(ch * m // nch, (ch + 1) * m // nch):
+            ca = cells[c, 0]
+            cb = cells[c, 1]
+            cc = cells[c, 2]
+            air = False
+            dlo0 = 1e30
+            dlo1 = 1e30
+            dlo2 = 1e30
+            dhi0 = -1e30
+            dhi1 = -1e30
+            dhi2 = -1e30
+            for q in range(8):
+                a_ = ca + ((q >> 2) & 1)
+                b_ = cb + ((q >> 1) & 1)
+                c_ = cc + (q & 1)
+                x = disp[a_, b_, c_, 0]
+                y = disp[a_, b_, c_, 1]
+                z = disp[a_, b_, c_, 2]
+                if x != x or y != y or z != z:
+                    air = True
+                    x = 0.0
+                    y = 0.0
+                    z = 0.0
+                d0 = B[0, 0] * x + B[0, 1] * y + B[0, 2] * z
+                d1 = B[1, 0] * x + B[1, 1] * y + B[1, 2] * z
+                d2 = B[2, 0] * x + B[2, 1] * y + B[2, 2] * z
+                d[q, 0] = d0
+                d[q, 1] = d1
+                d[q, 2] = d2
+                dlo0 = min(dlo0, d0)
+                dhi0 = max(dhi0, d0)
+                dlo1 = min(dlo1, d1)
+                dhi1 = max(dhi1, d1)
+                dlo2 = min(dlo2, d2)
+                dhi2 = max(dhi2, d2)
+            # the voxel box of the cell (corners expanded by half a node at the grid's faces)
+            glo0 = ca - (0.5 if ca == 0 else 0.0)
+            glo1 = cb - (0.5 if cb == 0 else 0.0)
+            glo2 = cc - (0.5 if cc == 0 else 0.0)
+            ghi0 = ca + 1.0 + (0.5 if ca == wn[0] - 2 else 0.0)
+            ghi1 = cb + 1.0 + (0.5 if cb == wn[1] - 2 else 0.0)
+            ghi2 = cc + 1.0 + (0.5 if cc == wn[2] - 2 else 0.0)
+            blo0 = 1e30
+            blo1 = 1e30
+            blo2 = 1e30
+            bhi0 = -1e30
+            bhi1 = -1e30
+            bhi2 = -1e30
+            for q in range(8):
+                g0 = ghi0 if (q & 4) else glo0
+                g1 = ghi1 if (q & 2) else glo1
+                g2 = ghi2 if (q & 1) else glo2
+                x = Ginv[0, 0] * g0 + Ginv[0, 1] * g1 + Ginv[0, 2] * g2 + Ginv[0, 3]
+                y = Ginv[1, 0] * g0 + Ginv[1, 1] * g1 + Ginv[1, 2] * g2 + Ginv[1, 3]
+                z = Ginv[2, 0] * g0 + Ginv[2, 1] * g1 + Ginv[2, 2] * g2 + Ginv[2, 3]
+                blo0 = min(blo0, x)
+                blo1 = min(blo1, y)
+                blo2 = min(blo2, z)
+                bhi0 = max(bhi0, x)
+                bhi1 = max(bhi1, y)
+                bhi2 = max(bhi2, z)
+            i0 = max(int(math.ceil(blo0 - 1e-9)) + shift[0], 0)
+            i1 = min(int(math.floor(bhi0 + 1e-9)) + shift[0], on[0] - 1)
+            j0 = max(int(math.ceil(blo1 - 1e-9)) + shift[1], 0)
+            j1 = min(int(math.floor(bhi1 + 1e-9)) + shift[1], n1 - 1)
+            k0 = max(int(math.ceil(blo2 - 1e-9)) + shift[2], 0)
+            k1 = min(int(math.floor(bhi2 + 1e-9)) + shift[2], n2 - 1)
+            if not air:  # the rest-space box of the cell: any tissue there?
+                air = not _any_occ(fcum, int(math.floor((blo0 + dlo0 - 1.0) / FINE)),
+                                   int(math.floor((bhi0 + dhi0 + 1.0) / FINE)),
+                                   int(math.floor((blo1 + dlo1 - 1.0) / FINE)),
+                                   int(math.floor((bhi1 + dhi1 + 1.0) / FINE)),
+                                   int(math.floor((blo2 + dlo2 - 1.0) / FINE)),
+                                   int(math.floor((bhi2 + dhi2 + 1.0) / FINE)))
+            if air and not _any_occ(fcum, int(math.floor((blo0 - 1.0) / FINE)),
+                                    int(math.floor((bhi0 + 1.0) / FINE)),
+                                    int(math.floor((blo1 - 1.0) / FINE)),
+                                    int(math.floor((bhi1 + 1.0) / FINE)),
+                                    int(math.floor((blo2 - 1.0) / FINE)),
+                                    int(math.floor((bhi2 + 1.0) / FINE))):
+                continue  # air over air: nothing to change
+            if i1 >= i0 and j1 >= j0 and k1 >= k0:
+                for a_ in range(i0 // BLOCK, i1 // BLOCK + 1):
+                    for b_ in range(j0 // BLOCK, j1 // BLOCK + 1):
+                        for c_ in range(k0 // BLOCK, k1 // BLOCK + 1):
+                            dirty[a_, b_, c_] = 1
+            if diag:
+                # G is a positive diagonal scaling: g0 depends on i only, g1 on j, g2 on k;
+                # the displacement is bilinear per (i, j) and linear along k
                 for i in range(i0, i1 + 1):
                     bx = float(i - shift[0])
+                    g0 = G[0, 0] * bx + G[0, 3]
+                    if g0 < -0.5 or g0 > wn[0] - 0.5:
+                        continue
+                    g0 = min(max(g0, 0.0), wn[0] - 1.0)
+                    if min(int(g0), wn[0] - 2) != ca:
+                        continue
+                    fx = g0 - ca
                     for j in range(j0, j1 + 1):
                         by = float(j - shift[1])
+                        g1 = G[1, 1] * by + G[1, 3]
+                        if g1 < -0.5 or g1 > wn[1] - 0.5:
+                            continue
+                        g1 = min(max(g1, 0.0), wn[1] - 1.0)
+                        if min(int(g1), wn[1] - 2) != cb:
+                            continue
+                        fy = g1 - cb
+                        row = (i * n1 + j) * n2
+                        w00 = (1.0 - fx) * (1.0 - fy)
+                        w01 = (1.0 - fx) * fy
+                        w10 = fx * (1.0 - fy)
+                        w11 = fx * fy
+                        l0 = w00 * d[0, 0] + w01 * d[2, 0] + w10 * d[4, 0] + w11 * d[6, 0]
+                        l1 = w00 * d[0, 1] + w01 * d[2, 1] + w10 * d[4, 1] + w11 * d[6, 1]
+                        l2 = w00 * d[0, 2] + w01 * d[2, 2] + w10 * d[4, 2] + w11 * d[6, 2]
+                        h0 = w00 * d[1, 0] + w01 * d[3, 0] + w10 * d[5, 0] + w11 * d[7, 0]
+                        h1 = w00 * d[1, 1] + w01 * d[3, 1] + w10 * d[5, 1] + w11 * d[7, 1]
+                        h2 = w00 * d[1, 2] + w01 * d[3, 2] + w10 * d[5, 2] + w11 * d[7, 2]
                         for k in range(k0, k1 + 1):
                             bz = float(k - shift[2])
-                            g0 = G[0, 0] * bx + G[0, 1] * by + G[0, 2] * bz + G[0, 3]
-                            g1 = G[1, 0] * bx + G[1, 1] * by + G[1, 2] * bz + G[1, 3]
-                            g2 = G[2, 0] * bx + G[2, 1] * by + G[2, 2] * bz + G[2, 3]
-                            if (g0 < -0.5 or g1 < -0.5 or g2 < -0.5 or g0 > wn[0] - 0.5
-                                    or g1 > wn[1] - 0.5 or g2 > wn[2] - 0.5):
+                            g2 = G[2, 2] * bz + G[2, 3]
+                            if g2 < -0.5 or g2 > wn[2] - 0.5:
                                 continue
-                            g0 = min(max(g0, 0.0), wn[0] - 1.0)
-                            g1 = min(max(g1, 0.0), wn[1] - 1.0)
                             g2 = min(max(g2, 0.0), wn[2] - 1.0)
-                            if (min(int(g0), wn[0] - 2) != ca or min(int(g1), wn[1] - 2) != cb
-                                    or min(int(g2), wn[2] - 2) != cc):
+                            if min(int(g2), wn[2] - 2) != cc:
                                 continue
-                            o = (i * n1 + j) * n2 + k
+                            o = row + k
                             if air:
                                 out[o] = np.int16(lo)
                                 continue
-                            fx = g0 - ca
-                            fy = g1 - cb
                             fz = g2 - cc
-                            px = bx
-                            py = by
-                            pz = bz
-                            for q in range(8):
-                                w = ((fx if (q & 4) else 1.0 - fx) * (fy if (q & 2) else 1.0 - fy)
-                                     * (fz if (q & 1) else 1.0 - fz))
-                                px += w * d[q, 0]
-                                py += w * d[q, 1]
-                                pz += w * d[q, 2]
+                            px = bx + l0 + (h0 - l0) * fz
+                            py = by + l1 + (h1 - l1) * fz
+                            pz = bz + l2 + (h2 - l2) * fz
                             if (px < -0.5 or py < -0.5 or pz < -0.5 or px > nb0 - 0.5
                                     or py > nb1 - 0.5 or pz > nb2 - 0.5):
                                 out[o] = np.int16(lo)
-                            else:
-                                v16 = _to_i16(_hu_at(base, 0, nb0, nb1, nb2, px, py, pz, lo))
-                                out[o] = v16
-                                if v16 > lo:
-                                    _mark(occ, i, j, k)
+                                continue
+                            # the rest point's fine block: all samples there are air
+                            cx = min(max(px, 0.0), nb0 - 1.0)
+                            cy = min(max(py, 0.0), nb1 - 1.0)
+                            cz = min(max(pz, 0.0), nb2 - 1.0)
+                            if focc[int(cx) // FINE, int(cy) // FINE, int(cz) // FINE] == 0:
+                                out[o] = np.int16(lo)
+                                continue
+                            v16 = _to_i16(_hu_at(base, 0, nb0, nb1, nb2, px, py, pz, lo))
+                            out[o] = v16
+                            if v16 > lo:
+                                _mark(occ, i, j, k)
+                continue
+            for i in range(i0, i1 + 1):
+                bx = float(i - shift[0])
+                for j in range(j0, j1 + 1):
+                    by = float(j - shift[1])
+                    for k in range(k0, k1 + 1):
+                        bz = float(k - shift[2])
+                        g0 = G[0, 0] * bx + G[0, 1] * by + G[0, 2] * bz + G[0, 3]
+                        g1 = G[1, 0] * bx + G[1, 1] * by + G[1, 2] * bz + G[1, 3]
+                        g2 = G[2, 0] * bx + G[2, 1] * by + G[2, 2] * bz + G[2, 3]
+                        if (g0 < -0.5 or g1 < -0.5 or g2 < -0.5 or g0 > wn[0] - 0.5
+                                or g1 > wn[1] - 0.5 or g2 > wn[2] - 0.5):
+                            continue
+                        g0 = min(max(g0, 0.0), wn[0] - 1.0)
+                        g1 = min(max(g1, 0.0), wn[1] - 1.0)
+                        g2 = min(max(g2, 0.0), wn[2] - 1.0)
+                        if (min(int(g0), wn[0] - 2) != ca or min(int(g1), wn[1] - 2) != cb
+                                or min(int(g2), wn[2] - 2) != cc):
+                            continue
+                        o = (i * n1 + j) * n2 + k
+                        if air:
+                            out[o] = np.int16(lo)
+                            continue
+                        fx = g0 - ca
+                        fy = g1 - cb
+                        fz = g2 - cc
+                        px = bx
+                        py = by
+                        pz = bz
+                        for q in range(8):
+                            w = ((fx if (q & 4) else 1.0 - fx) * (fy if (q & 2) else 1.0 - fy)
+                                 * (fz if (q & 1) else 1.0 - fz))
+                            px += w * d[q, 0]
+                            py += w * d[q, 1]
+                            pz += w * d[q, 2]
+                        if (px < -0.5 or py < -0.5 or pz < -0.5 or px > nb0 - 0.5
+                                or py > nb1 - 0.5 or pz > nb2 - 0.5):
+                            out[o] = np.int16(lo)
+                        else:
+                            v16 = _to_i16(_hu_at(base, 0, nb0, nb1, nb2, px, py, pz, lo))
+                            out[o] = v16
+                            if v16 > lo:
+                                _mark(occ, i, j, k)
 
-    @njit(parallel=True, cache=True)
-    def compose_subs(out, occ, on, shift, sdata, smask, offs, sns, S, aligned, boxes, order, spans, soffs, lo):
-        """The rigid sub-volumes written where their masks (nearest voxel) are set, in ``order``
-        (the last written wins: pass the reverse of the priority order). Parallel over output
-        planes, each plane visiting the sub-volumes in order.
 
-        ``S`` (n, 3, 4): base index -> sub index; ``aligned`` (n, 4): (t, 1) when S is the
-        translation by -t (the sub's voxels are copied as stored: at its own place a sub-volume
-        gives back the CT voxel for voxel), else (0, 0, 0, 0); ``boxes`` (n, 6): the inclusive
-        output voxel ranges to visit. ``spans`` (2, sum of rows): per sub-volume row (a, b), the
-        first and last masked c (first > last: none), from row ``soffs[s]`` on."""
-        n1 = on[1]
-        n2 = on[2]
-        i_lo = on[0]
-        i_hi = -1
+def compose_subs(out, occ, on, shift, sdata, smask, offs, sns, S, aligned, boxes, order, spans, soffs, lo):
+    """The rigid sub-volumes written where their masks (nearest voxel) are set, in ``order``
+    (the last written wins: pass the reverse of the priority order). Parallel over output
+    planes, each plane visiting the sub-volumes in order.
+
+    ``S`` (n, 3, 4): base index -> sub index; ``aligned`` (n, 4): (t, 1) when S is the
+    translation by -t (the sub's voxels are copied as stored: at its own place a sub-volume
+    gives back the CT voxel for voxel), else (0, 0, 0, 0); ``boxes`` (n, 6): the inclusive
+    output voxel ranges to visit. ``spans`` (2, sum of rows): per sub-volume row (a, b), the
+    first and last masked c (first > last: none), from row ``soffs[s]`` on."""
+    n1 = on[1]
+    n2 = on[2]
+    i_lo = on[0]
+    i_hi = -1
+    for q in range(order.shape[0]):
+        s = order[q]
+        if boxes[s, 1] >= boxes[s, 0]:
+            i_lo = min(i_lo, boxes[s, 0])
+            i_hi = max(i_hi, boxes[s, 1])
+    for i in prange(max(i_lo, 0), min(i_hi, on[0] - 1) + 1):  # noqa: F821 (prange: a global of the build namespace)
+        bx = float(i - shift[0])
         for q in range(order.shape[0]):
             s = order[q]
-            if boxes[s, 1] >= boxes[s, 0]:
-                i_lo = min(i_lo, boxes[s, 0])
-                i_hi = max(i_hi, boxes[s, 1])
-        for i in prange(max(i_lo, 0), min(i_hi, on[0] - 1) + 1):
-            bx = float(i - shift[0])
-            for q in range(order.shape[0]):
-                s = order[q]
-                if i < boxes[s, 0] or i > boxes[s, 1]:
-                    continue
-                off = offs[s]
-                s0 = sns[s, 0]
-                s1 = sns[s, 1]
-                s2 = sns[s, 2]
-                if aligned[s, 3] != 0:
-                    a = i - shift[0] - aligned[s, 0]
-                    dk = shift[2] + aligned[s, 2]
-                    for j in range(boxes[s, 2], boxes[s, 3] + 1):
-                        b = j - shift[1] - aligned[s, 1]
-                        srow = off + (a * s1 + b) * s2
-                        orow = (i * n1 + j) * n2
-                        r = soffs[s] + a * s1 + b
-                        for k in range(max(boxes[s, 4], spans[0, r] + dk), min(boxes[s, 5], spans[1, r] + dk) + 1):
-                            c = k - dk
-                            if smask[srow + c] != 0:
-                                v = sdata[srow + c]
-                                out[orow + k] = v
-                                if v > lo:
-                                    _mark(occ, i, j, k)
-                    continue
-                for j in range(boxes[s, 2], boxes[s, 3] + 1):
-                    by = float(j - shift[1])
-                    x0 = S[s, 0, 0] * bx + S[s, 0, 1] * by + S[s, 0, 3]
-                    y0 = S[s, 1, 0] * bx + S[s, 1, 1] * by + S[s, 1, 3]
-                    z0 = S[s, 2, 0] * bx + S[s, 2, 1] * by + S[s, 2, 3]
-                    # clip the row to the sub-volume's cell box (sub index linear in bz = k - shift)
-                    klo = float(boxes[s, 4])
-                    khi = float(boxes[s, 5])
-                    for ax in range(3):
-                        p0 = x0 if ax == 0 else (y0 if ax == 1 else z0)
-                        sl = S[s, ax, 2]
-                        nax = float(sns[s, ax])
-                        if abs(sl) < 1e-12:
-                            if p0 < -0.5 or p0 > nax - 0.5:
-                                khi = -1.0
-                                klo = 0.0
-                            continue
-                        ta = (-0.5 - p0) / sl + shift[2]
-                        tb = (nax - 0.5 - p0) / sl + shift[2]
-                        if ta > tb:
-                            ta, tb = tb, ta
-                        klo = max(klo, math.ceil(min(max(ta, klo - 1.0), khi + 1.0) - 1e-9))
-                        khi = min(khi, math.floor(min(max(tb, klo - 1.0), khi + 1.0) + 1e-9))
-                    for k in range(int(klo), int(khi) + 1):
-                        bz = float(k - shift[2])
-                        x = x0 + S[s, 0, 2] * bz
-                        if x < -0.5 or x > s0 - 0.5:
-                            continue
-                        y = y0 + S[s, 1, 2] * bz
-                        if y < -0.5 or y > s1 - 0.5:
-                            continue
-                        z = z0 + S[s, 2, 2] * bz
-                        if z < -0.5 or z > s2 - 0.5:
-                            continue
-                        ri = min(max(int(math.floor(x + 0.5)), 0), s0 - 1)
-                        rj = min(max(int(math.floor(y + 0.5)), 0), s1 - 1)
-                        rk = min(max(int(math.floor(z + 0.5)), 0), s2 - 1)
-                        if smask[off + (ri * s1 + rj) * s2 + rk] == 0:
-                            continue
-                        v16 = _to_i16(_hu_at(sdata, off, s0, s1, s2, x, y, z, lo))
-                        out[(i * n1 + j) * n2 + k] = v16
-                        if v16 > lo:
-                            _mark(occ, i, j, k)
-
-    @njit(parallel=True, cache=True)
-    def occupancy_par(flat, nz_table, nx, ny, nz, bs):
-        """projector.occupancy_grid, parallel over block slabs (the same grid)."""
-        onx = (nx + bs - 1) // bs
-        ony = (ny + bs - 1) // bs
-        onz = (nz + bs - 1) // bs
-        occ = np.zeros((onx, ony, onz), np.uint8)
-        for bi in prange(onx):
-            for i in range(bi * bs, min(bi * bs + bs + 1, nx)):
-                for j in range(ny):
-                    jb = j // bs
-                    jb2 = (j - 1) // bs if j > 0 else jb
-                    base = (i * ny + j) * nz
-                    for k in range(nz):
-                        if nz_table[flat[base + k] & 0xFFFF]:
-                            kb = k // bs
-                            kb2 = (k - 1) // bs if k > 0 else kb
-                            occ[bi, jb, kb] = 1
-                            occ[bi, jb2, kb] = 1
-                            occ[bi, jb, kb2] = 1
-                            occ[bi, jb2, kb2] = 1
-        return occ
-
-    @njit(parallel=True, cache=True)
-    def warp_cells(disp):
-        """The warp cells with a moved (non-zero or NaN) node, (m, 3)."""
-        wa, wb, wc = disp.shape[0], disp.shape[1], disp.shape[2]
-        flag = np.zeros((wa, wb, wc), np.uint8)
-        for a in prange(wa):
-            for b in range(wb):
-                for c in range(wc):
-                    if disp[a, b, c, 0] != 0.0 or disp[a, b, c, 1] != 0.0 or disp[a, b, c, 2] != 0.0:
-                        flag[a, b, c] = 1  # NaN != 0 too
-        na = max(wa - 1, 0)
-        count = np.zeros(na + 1, np.int64)
-        for a in prange(na):
-            n = 0
-            for b in range(wb - 1):
-                for c in range(wc - 1):
-                    if (flag[a, b, c] | flag[a, b, c + 1] | flag[a, b + 1, c] | flag[a, b + 1, c + 1]
-                            | flag[a + 1, b, c] | flag[a + 1, b, c + 1] | flag[a + 1, b + 1, c]
-                            | flag[a + 1, b + 1, c + 1]):
-                        n += 1
-            count[a + 1] = n
-        start = np.cumsum(count)
-        cells = np.empty((start[na], 3), np.int64)
-        for a in prange(na):
-            n = start[a]
-            for b in range(wb - 1):
-                for c in range(wc - 1):
-                    if (flag[a, b, c] | flag[a, b, c + 1] | flag[a, b + 1, c] | flag[a, b + 1, c + 1]
-                            | flag[a + 1, b, c] | flag[a + 1, b, c + 1] | flag[a + 1, b + 1, c]
-                            | flag[a + 1, b + 1, c + 1]):
-                        cells[n, 0] = a
-                        cells[n, 1] = b
-                        cells[n, 2] = c
-                        n += 1
-        return cells
-
-    @njit(cache=True)
-    def mark_boxes(dirty, boxes):
-        """Set ``dirty`` (the output's BLOCK^3 grid) over the blocks that the inclusive output
-        voxel boxes (m, 6) = (i0, i1, j0, j1, k0, k1) touch (empty boxes, i1 < i0, are skipped)."""
-        for m in range(boxes.shape[0]):
-            if boxes[m, 1] < boxes[m, 0] or boxes[m, 3] < boxes[m, 2] or boxes[m, 5] < boxes[m, 4]:
+            if i < boxes[s, 0] or i > boxes[s, 1]:
                 continue
-            for a in range(max(boxes[m, 0], 0) // BLOCK, min(boxes[m, 1] // BLOCK, dirty.shape[0] - 1) + 1):
-                for b in range(max(boxes[m, 2], 0) // BLOCK, min(boxes[m, 3] // BLOCK, dirty.shape[1] - 1) + 1):
-                    for c in range(max(boxes[m, 4], 0) // BLOCK, min(boxes[m, 5] // BLOCK, dirty.shape[2] - 1) + 1):
-                        dirty[a, b, c] = 1
-
-    @njit(parallel=True, cache=True)
-    def restore_blocks(out, on, shift, base, bn, dirty, lo):
-        """Give the marked BLOCK^3 blocks of ``out`` (shape ``on``) back their clean content: the
-        base voxel where the block lies on the base (at ``shift``), ``lo`` (air) elsewhere."""
-        n1 = on[1]
-        n2 = on[2]
-        for a in prange(dirty.shape[0]):
-            for b in range(dirty.shape[1]):
-                for c in range(dirty.shape[2]):
-                    if dirty[a, b, c] == 0:
+            off = offs[s]
+            s0 = sns[s, 0]
+            s1 = sns[s, 1]
+            s2 = sns[s, 2]
+            if aligned[s, 3] != 0:
+                a = i - shift[0] - aligned[s, 0]
+                dk = shift[2] + aligned[s, 2]
+                for j in range(boxes[s, 2], boxes[s, 3] + 1):
+                    b = j - shift[1] - aligned[s, 1]
+                    srow = off + (a * s1 + b) * s2
+                    orow = (i * n1 + j) * n2
+                    r = soffs[s] + a * s1 + b
+                    for k in range(max(boxes[s, 4], spans[0, r] + dk), min(boxes[s, 5], spans[1, r] + dk) + 1):
+                        c = k - dk
+                        if smask[srow + c] != 0:
+                            v = sdata[srow + c]
+                            out[orow + k] = v
+                            if v > lo:
+                                _mark(occ, i, j, k)
+                continue
+            for j in range(boxes[s, 2], boxes[s, 3] + 1):
+                by = float(j - shift[1])
+                x0 = S[s, 0, 0] * bx + S[s, 0, 1] * by + S[s, 0, 3]
+                y0 = S[s, 1, 0] * bx + S[s, 1, 1] * by + S[s, 1, 3]
+                z0 = S[s, 2, 0] * bx + S[s, 2, 1] * by + S[s, 2, 3]
+                # clip the row to the sub-volume's cell box (sub index linear in bz = k - shift)
+                klo = float(boxes[s, 4])
+                khi = float(boxes[s, 5])
+                for ax in range(3):
+                    p0 = x0 if ax == 0 else (y0 if ax == 1 else z0)
+                    sl = S[s, ax, 2]
+                    nax = float(sns[s, ax])
+                    if abs(sl) < 1e-12:
+                        if p0 < -0.5 or p0 > nax - 0.5:
+                            khi = -1.0
+                            klo = 0.0
                         continue
-                    for i in range(a * BLOCK, min(a * BLOCK + BLOCK, on[0])):
-                        bi = i - shift[0]
-                        for j in range(b * BLOCK, min(b * BLOCK + BLOCK, n1)):
-                            bj = j - shift[1]
-                            row = (i * n1 + j) * n2
-                            k0 = c * BLOCK
-                            k1 = min(c * BLOCK + BLOCK, n2)
-                            if bi >= 0 and bi < bn[0] and bj >= 0 and bj < bn[1]:
-                                brow = (bi * bn[1] + bj) * bn[2] - shift[2]
-                                m0 = min(max(shift[2], k0), k1)
-                                m1 = max(min(shift[2] + bn[2], k1), m0)
-                                for k in range(k0, m0):
-                                    out[row + k] = lo
-                                for k in range(m0, m1):
-                                    out[row + k] = base[brow + k]
-                                for k in range(m1, k1):
-                                    out[row + k] = lo
-                            else:
-                                for k in range(k0, k1):
-                                    out[row + k] = lo
+                    ta = (-0.5 - p0) / sl + shift[2]
+                    tb = (nax - 0.5 - p0) / sl + shift[2]
+                    if ta > tb:
+                        ta, tb = tb, ta
+                    klo = max(klo, math.ceil(min(max(ta, klo - 1.0), khi + 1.0) - 1e-9))
+                    khi = min(khi, math.floor(min(max(tb, klo - 1.0), khi + 1.0) + 1e-9))
+                for k in range(int(klo), int(khi) + 1):
+                    bz = float(k - shift[2])
+                    x = x0 + S[s, 0, 2] * bz
+                    if x < -0.5 or x > s0 - 0.5:
+                        continue
+                    y = y0 + S[s, 1, 2] * bz
+                    if y < -0.5 or y > s1 - 0.5:
+                        continue
+                    z = z0 + S[s, 2, 2] * bz
+                    if z < -0.5 or z > s2 - 0.5:
+                        continue
+                    ri = min(max(int(math.floor(x + 0.5)), 0), s0 - 1)
+                    rj = min(max(int(math.floor(y + 0.5)), 0), s1 - 1)
+                    rk = min(max(int(math.floor(z + 0.5)), 0), s2 - 1)
+                    if smask[off + (ri * s1 + rj) * s2 + rk] == 0:
+                        continue
+                    v16 = _to_i16(_hu_at(sdata, off, s0, s1, s2, x, y, z, lo))
+                    out[(i * n1 + j) * n2 + k] = v16
+                    if v16 > lo:
+                        _mark(occ, i, j, k)
 
-    _ = numba
-    return {"warp": compose_warp, "subs": compose_subs, "occupancy": occupancy_par, "warp_cells": warp_cells,
-            "mark_boxes": mark_boxes, "restore_blocks": restore_blocks}
+
+def occupancy_par(flat, nz_table, nx, ny, nz, bs):
+    """projector.occupancy_grid, parallel over block slabs (the same grid)."""
+    onx = (nx + bs - 1) // bs
+    ony = (ny + bs - 1) // bs
+    onz = (nz + bs - 1) // bs
+    occ = np.zeros((onx, ony, onz), np.uint8)
+    for bi in prange(onx):  # noqa: F821 (prange: a global of the build namespace)
+        for i in range(bi * bs, min(bi * bs + bs + 1, nx)):
+            for j in range(ny):
+                jb = j // bs
+                jb2 = (j - 1) // bs if j > 0 else jb
+                base = (i * ny + j) * nz
+                for k in range(nz):
+                    if nz_table[flat[base + k] & 0xFFFF]:
+                        kb = k // bs
+                        kb2 = (k - 1) // bs if k > 0 else kb
+                        occ[bi, jb, kb] = 1
+                        occ[bi, jb2, kb] = 1
+                        occ[bi, jb, kb2] = 1
+                        occ[bi, jb2, kb2] = 1
+    return occ
+
+
+def warp_cells(disp):
+    """The warp cells with a moved (non-zero or NaN) node, (m, 3)."""
+    wa, wb, wc = disp.shape[0], disp.shape[1], disp.shape[2]
+    flag = np.zeros((wa, wb, wc), np.uint8)
+    for a in prange(wa):  # noqa: F821 (prange: a global of the build namespace)
+        for b in range(wb):
+            for c in range(wc):
+                if disp[a, b, c, 0] != 0.0 or disp[a, b, c, 1] != 0.0 or disp[a, b, c, 2] != 0.0:
+                    flag[a, b, c] = 1  # NaN != 0 too
+    na = max(wa - 1, 0)
+    count = np.zeros(na + 1, np.int64)
+    for a in prange(na):  # noqa: F821 (prange: a global of the build namespace)
+        n = 0
+        for b in range(wb - 1):
+            for c in range(wc - 1):
+                if (flag[a, b, c] | flag[a, b, c + 1] | flag[a, b + 1, c] | flag[a, b + 1, c + 1]
+                        | flag[a + 1, b, c] | flag[a + 1, b, c + 1] | flag[a + 1, b + 1, c]
+                        | flag[a + 1, b + 1, c + 1]):
+                    n += 1
+        count[a + 1] = n
+    start = np.cumsum(count)
+    cells = np.empty((start[na], 3), np.int64)
+    for a in prange(na):  # noqa: F821 (prange: a global of the build namespace)
+        n = start[a]
+        for b in range(wb - 1):
+            for c in range(wc - 1):
+                if (flag[a, b, c] | flag[a, b, c + 1] | flag[a, b + 1, c] | flag[a, b + 1, c + 1]
+                        | flag[a + 1, b, c] | flag[a + 1, b, c + 1] | flag[a + 1, b + 1, c]
+                        | flag[a + 1, b + 1, c + 1]):
+                    cells[n, 0] = a
+                    cells[n, 1] = b
+                    cells[n, 2] = c
+                    n += 1
+    return cells
+
+
+def mark_boxes(dirty, boxes):
+    """Set ``dirty`` (the output's BLOCK^3 grid) over the blocks that the inclusive output
+    voxel boxes (m, 6) = (i0, i1, j0, j1, k0, k1) touch (empty boxes, i1 < i0, are skipped)."""
+    for m in range(boxes.shape[0]):
+        if boxes[m, 1] < boxes[m, 0] or boxes[m, 3] < boxes[m, 2] or boxes[m, 5] < boxes[m, 4]:
+            continue
+        for a in range(max(boxes[m, 0], 0) // BLOCK, min(boxes[m, 1] // BLOCK, dirty.shape[0] - 1) + 1):
+            for b in range(max(boxes[m, 2], 0) // BLOCK, min(boxes[m, 3] // BLOCK, dirty.shape[1] - 1) + 1):
+                for c in range(max(boxes[m, 4], 0) // BLOCK, min(boxes[m, 5] // BLOCK, dirty.shape[2] - 1) + 1):
+                    dirty[a, b, c] = 1
+
+
+def restore_blocks(out, on, shift, base, bn, dirty, lo):
+    """Give the marked BLOCK^3 blocks of ``out`` (shape ``on``) back their clean content: the
+    base voxel where the block lies on the base (at ``shift``), ``lo`` (air) elsewhere."""
+    n1 = on[1]
+    n2 = on[2]
+    for a in prange(dirty.shape[0]):  # noqa: F821 (prange: a global of the build namespace)
+        for b in range(dirty.shape[1]):
+            for c in range(dirty.shape[2]):
+                if dirty[a, b, c] == 0:
+                    continue
+                for i in range(a * BLOCK, min(a * BLOCK + BLOCK, on[0])):
+                    bi = i - shift[0]
+                    for j in range(b * BLOCK, min(b * BLOCK + BLOCK, n1)):
+                        bj = j - shift[1]
+                        row = (i * n1 + j) * n2
+                        k0 = c * BLOCK
+                        k1 = min(c * BLOCK + BLOCK, n2)
+                        if bi >= 0 and bi < bn[0] and bj >= 0 and bj < bn[1]:
+                            brow = (bi * bn[1] + bj) * bn[2] - shift[2]
+                            m0 = min(max(shift[2], k0), k1)
+                            m1 = max(min(shift[2] + bn[2], k1), m0)
+                            for k in range(k0, m0):
+                                out[row + k] = lo
+                            for k in range(m0, m1):
+                                out[row + k] = base[brow + k]
+                            for k in range(m1, k1):
+                                out[row + k] = lo
+                        else:
+                            for k in range(k0, k1):
+                                out[row + k] = lo
+
+
+
+# (function, numba.njit options besides cache=True), compiled by _compose_build()
+_COMPOSE_DEFS = (
+    ("_hu_at", {"inline": "always"}),
+    ("_to_i16", {"inline": "always"}),
+    ("_mark", {"inline": "always"}),
+    ("_any_occ", {"inline": "always"}),
+    ("compose_warp", {"parallel": True}),
+    ("compose_subs", {"parallel": True}),
+    ("occupancy_par", {"parallel": True}),
+    ("warp_cells", {"parallel": True}),
+    ("mark_boxes", {}),
+    ("restore_blocks", {"parallel": True}),
+)
+
+
+def _compose_build():
+    """Compile the composition kernels above over one namespace dict (see the note above them)."""
+    import numba
+
+    ns = dict(globals())
+    ns["prange"] = numba.prange
+    for name, opts in _COMPOSE_DEFS:
+        f = globals()[name]
+        ns[name] = numba.njit(types.FunctionType(f.__code__, ns, name, f.__defaults__), cache=True, **opts)
+    return {"warp": ns["compose_warp"], "subs": ns["compose_subs"], "occupancy": ns["occupancy_par"],
+            "warp_cells": ns["warp_cells"], "mark_boxes": ns["mark_boxes"], "restore_blocks": ns["restore_blocks"]}
 
 
 _COMPOSE = None
