@@ -278,7 +278,8 @@ def request_keys(step_mm, photons, electronic_sigma, seed) -> dict:
     can tell whether a frame on disk was made with the same request."""
     d = {"step_mm": None if step_mm is None else float(step_mm), "photons": photons}
     if photons is not None:
-        d.update(electronic_noise=float(electronic_sigma), noise_seed=int(seed))
+        d.update(electronic_noise=None if electronic_sigma is None else float(electronic_sigma),
+                 noise_seed=int(seed))
     return d
 
 
