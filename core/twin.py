@@ -485,9 +485,9 @@ class Twin:
         return default_views(self.ct_bbox_mm, size=size, **kw)
 
 
-# The files every twin has (build writes them); load_twin refuses a twin that lacks one.
-REQUIRED_FILES = ("fit.npz", "binding.npz", "volumes/articulated/articulated.json",
-                  "volumes/articulated/articulated.npz", "meshes/skin.ply", "meshes/body_model.ply")
+# The files every command that loads a twin reads; load_twin refuses a twin that lacks one. The
+# volumes are checked where they are read (``Twin._read``): posing meshes does not need them.
+REQUIRED_FILES = ("fit.npz", "binding.npz", "meshes/skin.ply", "meshes/body_model.ply")
 
 
 def read_twin_file(twin_dir, rel: str, loader):

@@ -425,7 +425,7 @@ def test_frames_default_is_documented():
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("damage, name, readers", [
     ("missing", "binding.npz", "render pose"), ("missing", "fit.npz", "render pose"),
-    ("missing", "volumes/articulated/articulated.npz", "render pose"),
+    ("missing", "volumes/articulated/articulated.npz", "render"),
     ("truncated", "twin.json", "render pose"), ("truncated", "binding.npz", "render pose"),
     ("truncated", "fit.npz", "pose"), ("truncated", "volumes/articulated/articulated.npz", "render"),
     ("truncated", "meshes/skin.ply", "pose"),
