@@ -321,6 +321,22 @@ def test_resume_refuses_frames_of_another_request(capsys, twin_copy, tmp_path):
     no_partials(out)
 
 
+def test_resume_with_realistic_physics(capsys, twin_copy, tmp_path):
+    # the physics record (spectrum options, the resolved HU table, noise) matches on a resume
+    pytest.importorskip("spekpy", reason="SpekPy is not installed")
+    out = tmp_path / "r"
+    base = ["render", "--twin", twin_copy, "--out", out, "--view", "ap", "--size", SIZE, "--kvp", "70"]
+    rc, _, err = run_cli(capsys, *base, "--photons", "1000")
+    assert rc == 0, err
+    first = (out / "ap_0000.tif").read_bytes()
+    rc, _, err = run_cli(capsys, *base, "--photons", "1000")
+    assert rc == 0 and "already written, skipped" in err, err
+    rc, _, err = run_cli(capsys, *base, "--photons", "2000")
+    assert_refused(rc, err, "ap_0000", "photons")
+    assert (out / "ap_0000.tif").read_bytes() == first
+    no_partials(out)
+
+
 @pytest.mark.parametrize("damage", ["empty", "truncated", "no_sidecar"])
 def test_damaged_frames_are_rendered_again(capsys, twin_copy, tmp_path, damage):
     out = tmp_path / "r"
