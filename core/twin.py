@@ -164,7 +164,7 @@ def _build(source, out_dir, body_model_path, write_blend: bool) -> Path:
         bm = load_body_model(bm_path)
         fit = fit_body_model(bm, skin, labelmap, names, fov_box=fov_box)
         body = fit.body_mesh()
-        fit_warnings = check_fit(fit.metrics)
+        fit_warnings = check_fit(fit.metrics, fit.joints_mm)
 
         report("build 3/6: bind structures to the armature", 0.55)
         to_bind = dict(meshes)

@@ -184,6 +184,30 @@ def test_implausible_fit_is_a_warning():
         assert html.index("WARNING: implausible fit: chamfer 42.0 mm") < html.index("<h2>Metrics")
 
 
+def test_implausible_joint_geometry_is_a_warning(twin_dir):
+    """The session twin's fitted joints pass; the same joints tampered (a collapsed femur, a
+    stretched arm, mirrored hips, metres read as mm) each give a warning naming the part."""
+    from ctwin.core.plausibility import check_fit, joint_geometry_findings
+
+    j = np.asarray(json.loads((twin_dir / "fit.json").read_text())["joints_mm"], dtype=np.float64)
+    assert joint_geometry_findings(j) == []
+    short = j.copy()
+    short[4] = short[1] + 0.2 * (short[4] - short[1])  # left knee 80 % of the way up to the hip
+    w = joint_geometry_findings(short)
+    assert any("left femur length" in x for x in w) and any("femur lengths" in x and "differ" in x for x in w)
+    long_arm = j.copy()
+    long_arm[[19, 21, 23]] += 0.4 * (j[19] - j[17])  # right elbow, wrist and hand moved away together
+    w = joint_geometry_findings(long_arm)
+    assert len(w) == 1 and "humerus lengths" in w[0], w
+    mirrored = j.copy()
+    mirrored[:, 0] *= -1.0
+    w = joint_geometry_findings(mirrored)
+    assert any("left hip lies on the patient's right" in x for x in w) and len(w) == 2
+    w = check_fit({"chamfer_mm": 1.2, "enclosure_pct": 99.9}, j / 1000.0)  # metres read as mm
+    assert len(w) == 8 and all(" length 0 mm (real bodies" in x for x in w), w
+    assert joint_geometry_findings(np.full((24, 3), np.nan)) == ["implausible fit: the fitted joints are not finite"]
+
+
 def test_built_twin_records_plausibility(twin_dir):
     meta = json.loads((twin_dir / "twin.json").read_text())
     assert meta["plausibility"]["ok"] is True and meta["warnings"] == []
