@@ -168,6 +168,20 @@ def test_force_records_the_problem(coarse_phantoms, shifted_ct):
     assert ok["ok"] and ok["measured"]["bone_median_hu"] > 300
 
 
+@pytest.mark.slow
+def test_force_builds_a_misregistered_pair_and_records_it(capsys, coarse_phantoms, shifted_ct, tmp_path):
+    seg = coarse_phantoms["supine_arms_down"] / "seg.nii.gz"
+    out = tmp_path / "twin"
+    rc, _, err = run_cli(capsys, "build", "--ct", shifted_ct, "--seg", seg, "--out", out, "--no-blend", "--force")
+    assert rc == 0, err
+    assert "Traceback" not in err and "WARNING (--force): bone labels have median" in err, err
+    meta = json.loads((out / "twin.json").read_text())
+    assert meta["plausibility"]["forced"] is True and not meta["plausibility"]["ok"]
+    assert meta["plausibility"]["measured"]["bone_median_hu"] < 100
+    assert any(w.startswith("built with --force: bone labels have median") for w in meta["warnings"])
+    no_partials(tmp_path, out)
+
+
 def test_implausible_fit_is_a_warning():
     from ctwin.core.plausibility import check_fit
 
