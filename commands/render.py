@@ -202,8 +202,7 @@ def run(args) -> int:
                                method=args.method,
                                **{"kvp": args.kvp,
                                   **request_keys(args.step, args.photons, args.electronic_noise,
-                                                 args.seed + frame),
-                                  **({} if xray is None else xray.to_sidecar())})
+                                                 args.seed + frame, xray)})
         if frame_to_skip(stem, sidecar, args.overwrite, fmt=args.format):
             progress.report(f"{stem.name}: already written, skipped", (i + 1) / len(views))
             continue

@@ -20,7 +20,17 @@ bone labels on soft tissue and fat; that is measured, not guessed:
 
 ``check_fit`` flags a fit far outside what real bodies give: chamfer above ``FIT_CHAMFER_MAX_MM``
 or skeletal enclosure below ``FIT_ENCLOSURE_MIN_PCT`` (real fits: 0.84-2.14 mm and >= 99.8 %,
-README "Measured results").
+README "Measured results"), and a joint geometry no body has (``joint_geometry_findings``):
+
+- segment lengths (joint centre to joint centre) outside ``SEGMENT_RANGE_MM``. Adult long bones
+  are about 45 cm (femur), 37 cm (tibia), 33 cm (humerus) and 25 cm (radius) long in Trotter &
+  Gleser's series (Am J Phys Anthropol 1952, doi:10.1002/ajpa.1330100407); the ranges are wide
+  (children from about six years to the tallest adults) so that only a collapsed or exploded fit,
+  or a unit error, trips them.
+- left/right asymmetry of a paired segment above ``ASYMMETRY_MAX``: bilateral length asymmetry
+  of limb bones averages 1-3 % (Auerbach & Ruff, J Hum Evol 2006, doi:10.1016/j.jhevol.2005.09.004);
+  20 % is no body.
+- sides: the left hip and shoulder at the patient's right (LPS x smaller than the right one's).
 """
 from __future__ import annotations
 
@@ -162,8 +172,42 @@ def check_ct_segmentation(ct, labelmap, names: dict, *, force: bool = False) -> 
     return rec
 
 
-def check_fit(metrics: dict) -> list[str]:
-    """Warnings for a fit far outside real bodies' range (empty when plausible)."""
+# (name, (parent joint, child joint) left, the same right, (min, max) mm); SMPL joint indices
+# (core.skeleton.JOINT_NAMES).
+SEGMENT_RANGE_MM = (
+    ("femur", (1, 4), (2, 5), (200.0, 650.0)),
+    ("tibia", (4, 7), (5, 8), (150.0, 550.0)),
+    ("humerus", (16, 18), (17, 19), (150.0, 500.0)),
+    ("forearm", (18, 20), (19, 21), (100.0, 400.0)),
+)
+ASYMMETRY_MAX = 0.20
+_SIDE_PAIRS = (("hip", 1, 2), ("shoulder", 16, 17))
+
+
+def joint_geometry_findings(joints_mm) -> list[str]:
+    """Sentences for a fitted skeleton (24, 3 world LPS mm) no real body has (empty when plausible)."""
+    j = np.asarray(joints_mm, dtype=np.float64).reshape(24, 3)
+    out = []
+    if not np.isfinite(j).all():
+        return ["implausible fit: the fitted joints are not finite"]
+    for name, left, right, (lo, hi) in SEGMENT_RANGE_MM:
+        ln = [float(np.linalg.norm(j[b] - j[a])) for a, b in (left, right)]
+        for side, v in zip(("left", "right"), ln):
+            if not lo <= v <= hi:
+                out.append(f"implausible fit: {side} {name} length {v:.0f} mm (real bodies: {lo:.0f}-{hi:.0f} mm)")
+        m = 0.5 * (ln[0] + ln[1])
+        if m > 0 and abs(ln[0] - ln[1]) / m > ASYMMETRY_MAX:
+            out.append(f"implausible fit: left and right {name} lengths {ln[0]:.0f} and {ln[1]:.0f} mm differ by "
+                       f"{100 * abs(ln[0] - ln[1]) / m:.0f} % (real bodies: a few %)")
+    for name, li, ri in _SIDE_PAIRS:
+        if j[li, 0] < j[ri, 0]:
+            out.append(f"implausible fit: the left {name} lies on the patient's right (the fit is mirrored)")
+    return out
+
+
+def check_fit(metrics: dict, joints_mm=None) -> list[str]:
+    """Warnings for a fit far outside real bodies' range (empty when plausible): chamfer, enclosure
+    and, given the fitted joints, their geometry (``joint_geometry_findings``)."""
     out = []
     ch, enc = metrics.get("chamfer_mm"), metrics.get("enclosure_pct")
     if ch is not None and np.isfinite(ch) and ch > FIT_CHAMFER_MAX_MM:
@@ -172,6 +216,8 @@ def check_fit(metrics: dict) -> list[str]:
     if enc is not None and np.isfinite(enc) and enc < FIT_ENCLOSURE_MIN_PCT:
         out.append(f"implausible fit: only {enc:.1f} % of the skeleton lies inside the fitted body "
                    f"(real fits give >= 99.8 %)")
+    if joints_mm is not None:
+        out += joint_geometry_findings(joints_mm)
     for w in out:
         report(f"WARNING: {w}")
     return out

@@ -273,25 +273,31 @@ def json_dumps(v) -> str:
     return json.dumps(v, separators=(",", ":"), default=str)
 
 
-def request_keys(step_mm, photons, electronic_sigma, seed) -> dict:
+def request_keys(step_mm, photons, electronic_sigma, seed, xray=None) -> dict:
     """Sidecar keys that record the sampling and the noise of a render, so that a resumed render
-    can tell whether a frame on disk was made with the same request."""
+    can tell whether a frame on disk was made with the same request. ``xray`` (a
+    ``core.xray.XraySetup``, seed and stream already set) adds its physics options as its render
+    records them (the HU table resolved, as ``core.xray.form_image`` writes it)."""
     d = {"step_mm": None if step_mm is None else float(step_mm), "photons": photons}
     if photons is not None:
         d.update(electronic_noise=None if electronic_sigma is None else float(electronic_sigma),
                  noise_seed=int(seed))
+    if xray is not None:
+        d.update(xray.to_sidecar())
+        d["hu_table"] = xray.table().to_dict()
     return d
 
 
-def frame_to_skip(stem, expected: dict, overwrite: bool, fmt: str = "tiff") -> bool:
+def frame_to_skip(stem, expected: dict, overwrite: bool, fmt: str = "tiff",
+                  remedy: str = "use a new --out or --overwrite to replace it") -> bool:
     """True when the frame is already written as requested. A damaged or missing frame is
-    (re)rendered; a frame written for another request is refused unless ``overwrite``."""
+    (re)rendered; a frame written for another request is refused (``remedy`` ends the message)
+    unless ``overwrite``."""
     status, why = frame_status(stem, expected, fmt)
     if status == "ok":
         return True
     if status == "mismatch" and not overwrite:
-        raise CtwinError(f"{Path(stem).name} was written for another request: {why}; use a new --out "
-                         f"or --overwrite to replace it")
+        raise CtwinError(f"{Path(stem).name} was written for another request: {why}; {remedy}")
     if status == "damaged":
         from .progress import report
 

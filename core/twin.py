@@ -164,7 +164,7 @@ def _build(source, out_dir, body_model_path, write_blend: bool) -> Path:
         bm = load_body_model(bm_path)
         fit = fit_body_model(bm, skin, labelmap, names, fov_box=fov_box)
         body = fit.body_mesh()
-        fit_warnings = check_fit(fit.metrics)
+        fit_warnings = check_fit(fit.metrics, fit.joints_mm)
 
         report("build 3/6: bind structures to the armature", 0.55)
         to_bind = dict(meshes)
@@ -631,10 +631,9 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
     clean_stale_partials(out)
 
     def expected(i, g, f, p, t):
-        keys = request_keys(step_mm, photons, electronic_sigma, seed + f)
         if xray is not None:
             xray.seed, xray.stream = seed + f, i
-            keys.update(xray.to_sidecar())
+        keys = request_keys(step_mm, photons, electronic_sigma, seed + f, xray)
         return g.to_sidecar(frame=f, value=value, device=dev, source=str(twin.path),
                             method=method, pose=np.asarray(p).tolist(),
                             transl_mm=None if t is None else np.asarray(t).tolist(), **keys)

@@ -5,7 +5,10 @@ Each render puts the line-integral (or intensity/display) image into the render 
 R, G, B = the value, A = 1) and writes ``<output path><frame>.tif`` (32-bit float, one channel,
 rows = detector rows) with its ``.json`` sidecar, atomically. Blender's own image saving is off
 for this engine, so those are the frame files. An animation render skips frames whose .tif and
-.json already exist (resume); it reads them back into the render result instead.
+.json already hold this request (resume, ``core.safety.frame_to_skip``: the image reads back
+whole and the sidecar matches the camera, size, value, method, sampling, noise and physics); it
+reads them back into the render result instead. A damaged frame is rendered again; a frame written
+for another request is an error unless "Overwrite frames" is on.
 """
 from __future__ import annotations
 
@@ -40,28 +43,54 @@ def render_frame(scene, frame: int | None = None, depsgraph=None):
         scene_volumes.set_depsgraph(None)
 
 
+def _xray_setup(s, frame):
+    from ..core.xray import XraySetup
+
+    return XraySetup(kvp=s.kvp, filter_al_mm=s.filter_al_mm, filter_cu_mm=s.filter_cu_mm,
+                     detector=s.detector, focal_spot_mm=s.focal_spot_mm, photons=s.photons or None,
+                     scatter=s.scatter, grid_ratio=s.grid_ratio or None, grid_lines_per_cm=s.grid_lines,
+                     electronic_sigma=s.electronic_noise or None, seed=s.seed + frame)
+
+
+def frame_request(scene, frame: int) -> tuple:
+    """(Geometry, sidecar keys) that a render of ``frame`` writes before its measured physics
+    record: the camera geometry, the output value, method, device, sampling, noise and, with a kVp,
+    every physics option. A resumed animation keeps a frame on disk only when its sidecar has these
+    values (``core.safety.frame_to_skip``), as the CLI's ``render`` does."""
+    from ..core.projector import resolve_device
+    from ..core.safety import request_keys
+
+    s = scene.ctwin_drr
+    g = geometry_from_camera(scene)
+    step = s.step_mm if s.step_mm > 0 else None
+    photons = s.photons or None
+    info = {"frame": int(frame), "value": s.value, "device": resolve_device(s.device), "method": s.method,
+            "kvp": s.kvp or None, "photons": photons,
+            "ct_path": bpy.path.abspath(s.ct_path) if s.ct_path else None}
+    xr = _xray_setup(s, frame) if s.kvp > 0 else None
+    if xr is None:
+        info.update(request_keys(step, photons, s.electronic_noise, s.seed + frame))
+    else:  # the physics record carries the noise options itself
+        info.update(request_keys(step, None, 0.0, 0, xr))
+    return g, info
+
+
 def _render_frame(scene, frame):
-    from ..core.projector import PreparedVolume, Scene, render_drr, render_scene, resolve_device
+    from ..core.projector import PreparedVolume, Scene, render_drr, render_scene
     from ..core import physics
 
     frame = scene.frame_current if frame is None else frame
     s = scene.ctwin_drr
-    g = geometry_from_camera(scene)
+    g, info = frame_request(scene, frame)
     obj = scene_volumes.volumes_for_frame(scene, frame)
-    device = resolve_device(s.device)
+    device = info["device"]
     step = s.step_mm if s.step_mm > 0 else None
     if not isinstance(obj, (Scene, PreparedVolume)):
         raise CtwinError(f"the volume provider returned {type(obj).__name__}, not a volume or scene")
-    info = {"frame": int(frame), "value": s.value, "device": device, "method": s.method,
-            "kvp": s.kvp or None, "photons": s.photons or None}
     if s.kvp > 0:  # realistic physics (core.xray): posed scenes are composed onto one HU grid first
         from ..core.projector import compose_scene, render_value
-        from ..core.xray import XraySetup
 
-        xr = XraySetup(kvp=s.kvp, filter_al_mm=s.filter_al_mm, filter_cu_mm=s.filter_cu_mm,
-                       detector=s.detector, focal_spot_mm=s.focal_spot_mm, photons=s.photons or None,
-                       scatter=s.scatter, grid_ratio=s.grid_ratio or None, grid_lines_per_cm=s.grid_lines,
-                       electronic_sigma=s.electronic_noise or None, seed=s.seed + frame)
+        xr = _xray_setup(s, frame)
         vol = obj
         if isinstance(obj, Scene):
             vol = obj._pack()["base"] if not obj.subs and obj.warp is None else compose_scene(obj)
@@ -87,7 +116,8 @@ class CTWIN_DRR_RenderEngine(bpy.types.RenderEngine):
     bl_use_eevee_viewport = True
 
     def render(self, depsgraph):
-        from ..core.projector import frame_written, read_frame, write_frame
+        from ..core.projector import read_frame, write_frame
+        from ..core.safety import clean_stale_partials, frame_to_skip
 
         scene = depsgraph.scene_eval  # evaluated: the camera's animated matrix at this frame
         frame = scene.frame_current
@@ -95,7 +125,14 @@ class CTWIN_DRR_RenderEngine(bpy.types.RenderEngine):
         H = max(1, int(scene.render.resolution_y * scene.render.resolution_percentage / 100))
         stem = frame_stem(scene, frame)
         try:
-            if self.is_animation and frame_written(stem):
+            skip = False
+            if self.is_animation:
+                clean_stale_partials(stem.parent)
+                g, info = frame_request(scene, frame)
+                expected = g.to_sidecar(**info, blend=bpy.data.filepath)
+                skip = frame_to_skip(stem, expected, scene.ctwin_drr.overwrite_frames,
+                                     remedy="set another output path or turn on Overwrite frames")
+            if skip:
                 img, _ = read_frame(stem)
                 self.report({"INFO"}, f"frame {frame}: {stem.name}.tif already written, skipped")
             else:
@@ -153,6 +190,10 @@ class CTWIN_DRR_Settings(bpy.types.PropertyGroup):
     electronic_noise: bpy.props.FloatProperty(name="Electronic noise", default=0.0, min=0.0,
                                               description="counts; with kVp, 0 = the detector's own")
     seed: bpy.props.IntProperty(name="Seed", default=0, min=0)
+    overwrite_frames: bpy.props.BoolProperty(
+        name="Overwrite frames", default=False,
+        description="an animation render replaces frames written for other settings; "
+                    "off: such a frame stops the render with an error (matching frames are skipped)")
     write_frames: bpy.props.BoolProperty(
         name="Write frames on F12", default=True,
         description="also write the .tif and .json to the output path for still renders")
@@ -174,7 +215,7 @@ class CTWIN_DRR_PT_settings(bpy.types.Panel):
         col = self.layout.column()
         for name in ("ct_path", "method", "value", "device", "step_mm", "kvp", "filter_al_mm", "filter_cu_mm",
                      "detector", "focal_spot_mm", "scatter", "grid_ratio", "grid_lines", "photons",
-                     "electronic_noise", "seed", "write_frames"):
+                     "electronic_noise", "seed", "write_frames", "overwrite_frames"):
             col.prop(s, name)
 
 

@@ -168,6 +168,20 @@ def test_force_records_the_problem(coarse_phantoms, shifted_ct):
     assert ok["ok"] and ok["measured"]["bone_median_hu"] > 300
 
 
+@pytest.mark.slow
+def test_force_builds_a_misregistered_pair_and_records_it(capsys, coarse_phantoms, shifted_ct, tmp_path):
+    seg = coarse_phantoms["supine_arms_down"] / "seg.nii.gz"
+    out = tmp_path / "twin"
+    rc, _, err = run_cli(capsys, "build", "--ct", shifted_ct, "--seg", seg, "--out", out, "--no-blend", "--force")
+    assert rc == 0, err
+    assert "Traceback" not in err and "WARNING (--force): bone labels have median" in err, err
+    meta = json.loads((out / "twin.json").read_text())
+    assert meta["plausibility"]["forced"] is True and not meta["plausibility"]["ok"]
+    assert meta["plausibility"]["measured"]["bone_median_hu"] < 100
+    assert any(w.startswith("built with --force: bone labels have median") for w in meta["warnings"])
+    no_partials(tmp_path, out)
+
+
 def test_implausible_fit_is_a_warning():
     from ctwin.core.plausibility import check_fit
 
@@ -182,6 +196,30 @@ def test_implausible_fit_is_a_warning():
     with tempfile.TemporaryDirectory() as d:
         html = write_report(d, {"warnings": w}, []).read_text()
         assert html.index("WARNING: implausible fit: chamfer 42.0 mm") < html.index("<h2>Metrics")
+
+
+def test_implausible_joint_geometry_is_a_warning(twin_dir):
+    """The session twin's fitted joints pass; the same joints tampered (a collapsed femur, a
+    stretched arm, mirrored hips, metres read as mm) each give a warning naming the part."""
+    from ctwin.core.plausibility import check_fit, joint_geometry_findings
+
+    j = np.asarray(json.loads((twin_dir / "fit.json").read_text())["joints_mm"], dtype=np.float64)
+    assert joint_geometry_findings(j) == []
+    short = j.copy()
+    short[4] = short[1] + 0.2 * (short[4] - short[1])  # left knee 80 % of the way up to the hip
+    w = joint_geometry_findings(short)
+    assert any("left femur length" in x for x in w) and any("femur lengths" in x and "differ" in x for x in w)
+    long_arm = j.copy()
+    long_arm[[19, 21, 23]] += 0.4 * (j[19] - j[17])  # right elbow, wrist and hand moved away together
+    w = joint_geometry_findings(long_arm)
+    assert len(w) == 1 and "humerus lengths" in w[0], w
+    mirrored = j.copy()
+    mirrored[:, 0] *= -1.0
+    w = joint_geometry_findings(mirrored)
+    assert any("left hip lies on the patient's right" in x for x in w) and len(w) == 2
+    w = check_fit({"chamfer_mm": 1.2, "enclosure_pct": 99.9}, j / 1000.0)  # metres read as mm
+    assert len(w) == 8 and all(" length 0 mm (real bodies" in x for x in w), w
+    assert joint_geometry_findings(np.full((24, 3), np.nan)) == ["implausible fit: the fitted joints are not finite"]
 
 
 def test_built_twin_records_plausibility(twin_dir):
@@ -318,6 +356,22 @@ def test_resume_refuses_frames_of_another_request(capsys, twin_copy, tmp_path):
     rc, _, err = run_cli(capsys, *base, "--size", "12", "--overwrite")
     assert rc == 0, err
     assert json.loads((out / "ap_0000.json").read_text())["size_px"] == [12, 12]
+    no_partials(out)
+
+
+def test_resume_with_realistic_physics(capsys, twin_copy, tmp_path):
+    # the physics record (spectrum options, the resolved HU table, noise) matches on a resume
+    pytest.importorskip("spekpy", reason="SpekPy is not installed")
+    out = tmp_path / "r"
+    base = ["render", "--twin", twin_copy, "--out", out, "--view", "ap", "--size", SIZE, "--kvp", "70"]
+    rc, _, err = run_cli(capsys, *base, "--photons", "1000")
+    assert rc == 0, err
+    first = (out / "ap_0000.tif").read_bytes()
+    rc, _, err = run_cli(capsys, *base, "--photons", "1000")
+    assert rc == 0 and "already written, skipped" in err, err
+    rc, _, err = run_cli(capsys, *base, "--photons", "2000")
+    assert_refused(rc, err, "ap_0000", "photons")
+    assert (out / "ap_0000.tif").read_bytes() == first
     no_partials(out)
 
 

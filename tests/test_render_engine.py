@@ -144,3 +144,60 @@ def test_render_engine_realistic_physics(registered, ct_file, tmp_path):
     assert np.abs(img - expect).max() <= 2e-3 and expect.min() < 0.9
     assert sc["kvp"] == 90 and sc["detector"] == "paxscan4030cb" and len(sc["spectrum_kev"]) > 50
     assert sc["scatter"] and sc["grid_ratio"] == 10 and sc["spr"] > 0
+    # an animation over the same frame resumes it: the physics record matches the request
+    scene.frame_start = scene.frame_end = 1
+    tif = tmp_path / "drr" / "frame_0001.tif"
+    m1 = tif.stat().st_mtime_ns
+    bpy.ops.render.render(animation=True)
+    assert tif.stat().st_mtime_ns == m1
+    s.filter_cu_mm = 0.2
+    msg = r"its filter_cu_mm is 0.1\d*, the request's is 0.2\d*; set another output path or turn on Overwrite"
+    with pytest.raises(RuntimeError, match=msg):
+        bpy.ops.render.render(animation=True)
+
+
+def test_animation_resume_matches_the_request(registered, ct_file, tmp_path):
+    """A resumed animation keeps a frame only when it reads back whole and its sidecar matches the
+    request: a damaged frame is rendered again, one made with other settings stops the render with
+    an error (the frames stay as they were) unless "Overwrite frames" is on."""
+    from ctwin.render import scene_volumes
+
+    vol, path = ct_file
+    g = named_view("ap", vol, size=(12, 10))
+    scene, cam = _scene_with_camera(g)
+    scene.render.engine = "CTWIN_DRR"
+    scene.ctwin_drr.ct_path = str(path)
+    out = tmp_path / "drr"
+    scene.render.filepath = str(out / "frame_")
+    scene.frame_start, scene.frame_end = 1, 2
+    scene_volumes.clear_cache()
+    bpy.ops.render.render(animation=True)
+    first = {f: read_frame(out / f"frame_{f:04d}") for f in (1, 2)}
+    assert first[1][0].shape == (10, 12) and first[1][1]["step_mm"] is None
+
+    # damaged: a truncated image is rendered again, the intact frame is skipped
+    tif1, tif2 = out / "frame_0001.tif", out / "frame_0002.tif"
+    tif1.write_bytes(tif1.read_bytes()[:100])
+    m2 = tif2.stat().st_mtime_ns
+    bpy.ops.render.render(animation=True)
+    assert np.array_equal(read_frame(out / "frame_0001")[0], first[1][0])
+    assert tif2.stat().st_mtime_ns == m2
+
+    # another request (step): refused, the frames on disk are untouched
+    scene.ctwin_drr.step_mm = 0.7
+    m1 = tif1.stat().st_mtime_ns
+    with pytest.raises(RuntimeError, match=r"frame_0001 was written for another request: its step_mm"):
+        bpy.ops.render.render(animation=True)
+    assert tif1.stat().st_mtime_ns == m1 and tif2.stat().st_mtime_ns == m2
+
+    # overwrite: both frames replaced with the new request recorded
+    scene.ctwin_drr.overwrite_frames = True
+    bpy.ops.render.render(animation=True)
+    for f in (1, 2):
+        assert read_frame(out / f"frame_{f:04d}")[1]["step_mm"] == pytest.approx(0.7)
+    # and a resume with the same request skips them
+    scene.ctwin_drr.overwrite_frames = False
+    m1 = tif1.stat().st_mtime_ns
+    bpy.ops.render.render(animation=True)
+    assert tif1.stat().st_mtime_ns == m1
+    assert not list(out.glob(".*pid*"))
