@@ -9,7 +9,7 @@ bone labels on soft tissue and fat; that is measured, not guessed:
   above 150 HU; the same pairs with the CT shifted by 14 mm give 58-71 HU and 23-30 %, by 28 mm
   30-32 HU and 10-17 %, by 57 mm -28..4 HU and 2-7 % (``benchmarks/bench_plausibility.py``). Cancellous bone alone
   is 140-280 HU in those CTs, and osteoporotic trabecular bone goes below 110 HU (Pickhardt et
-  al., Ann Intern Med 2013, doi:10.7326/0003-4819-158-8-201304160-00003), so the check fails only
+  al., Ann Intern Med 2013), so the check fails only
   when both the median is below ``BONE_MEDIAN_MIN_HU`` and fewer than ``BONE_FRACTION_MIN`` of the
   voxels are above 150 HU.
 - soft-tissue organs (liver, spleen, kidneys, heart, muscles): a pooled median below -300 HU means
@@ -24,11 +24,11 @@ README "Measured results"), and a joint geometry no body has (``joint_geometry_f
 
 - segment lengths (joint centre to joint centre) outside ``SEGMENT_RANGE_MM``. Adult long bones
   are about 45 cm (femur), 37 cm (tibia), 33 cm (humerus) and 25 cm (radius) long in Trotter &
-  Gleser's series (Am J Phys Anthropol 1952, doi:10.1002/ajpa.1330100407); the ranges are wide
+  Gleser's series (Am J Phys Anthropol 1952); the ranges are wide
   (children from about six years to the tallest adults) so that only a collapsed or exploded fit,
   or a unit error, trips them.
 - left/right asymmetry of a paired segment above ``ASYMMETRY_MAX``: bilateral length asymmetry
-  of limb bones averages 1-3 % (Auerbach & Ruff, J Hum Evol 2006, doi:10.1016/j.jhevol.2005.09.004);
+  of limb bones averages 1-3 % (Auerbach & Ruff, J Hum Evol 2006);
   20 % is no body.
 - sides: the left hip and shoulder at the patient's right (LPS x smaller than the right one's).
 """
