@@ -13,6 +13,11 @@ from launch import load_package  # noqa: E402
 
 load_package("ctwin")
 
+# The ./ctwin launcher that tests run as a subprocess uses the environment running the tests
+# (.venv or .venv313), so both halves of a comparison come from the same Python and packages.
+if Path(sys.prefix).resolve().parent == ROOT:
+    os.environ.setdefault("CTWIN_VENV", Path(sys.prefix).name)
+
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct"
 
 
