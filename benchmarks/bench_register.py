@@ -83,7 +83,8 @@ def main() -> int:
     from ctwin.core.phantom import generate_phantom, write_phantom
     from ctwin.core.poses import PRESETS
     from ctwin.core.projector import prepare_volume, render_value
-    from ctwin.core.registration import XRay, bone_cloud, bone_error, register, to_line_integral
+    from ctwin.core.evaluation import bone_error
+    from ctwin.core.registration import XRay, bone_cloud, register, to_line_integral
     from ctwin.core.twin import build_twin, load_twin
 
     ap = argparse.ArgumentParser()

@@ -82,6 +82,30 @@ def _source_truth(twin) -> dict | None:
     return read_json(p) if p.is_file() else None
 
 
+def bone_error(twin, pose, transl_mm, truth_a: dict, truth_b: dict) -> dict:
+    """SPEC 6 ``bone_err_mm`` of the twin posed by (pose, transl) against a phantom's truth: per bone,
+    the mean distance between its mesh vertices so posed and mapped by T_B inv(T_A); the mean and
+    max over bones, the worst bone and every bone's value."""
+    moved = twin.bone_transforms(pose, transl_mm)
+    meshes = twin.meshes(include_skin=False)
+    per = {}
+    for name, T in moved.items():
+        if name not in truth_a["bones"] or name not in truth_b["bones"] or name not in meshes:
+            continue
+        v = np.asarray(meshes[name].vertices, dtype=np.float64)
+        ta = np.asarray(truth_a["bones"][name], dtype=np.float64)
+        tb = np.asarray(truth_b["bones"][name], dtype=np.float64)
+        exact = tb @ np.linalg.inv(ta)
+        pv = v @ T[:3, :3].T + T[:3, 3]
+        tv = v @ exact[:3, :3].T + exact[:3, 3]
+        per[name] = float(np.linalg.norm(pv - tv, axis=1).mean())
+    if not per:
+        raise CtwinError("no bone of the twin is in the truth's bone table")
+    vals = np.array(list(per.values()))
+    return {"mean": float(vals.mean()), "max": float(vals.max()), "worst": max(per, key=per.get),
+            "per_bone": dict(sorted(per.items()))}
+
+
 def target_fidelity(twin, truth_dir, size: int = 512, device: str = "auto",
                     keep_images: dict | None = None, retarget: bool = True) -> dict:
     """Pose the twin to the truth's pose and score bones, enclosure and DRRs against it. The truth's
@@ -126,25 +150,7 @@ def target_fidelity(twin, truth_dir, size: int = 512, device: str = "auto",
         out["bone_err_mm"] = None
         out["bone_err_note"] = "no truth.json beside the twin's input CT: bone errors need the acquisition truth"
     else:
-        moved = twin.bone_transforms(pose_b, transl)
-        meshes = twin.meshes(include_skin=False)
-        per = {}
-        for name, T in moved.items():
-            if name not in truth_a["bones"] or name not in truth_b["bones"] or name not in meshes:
-                continue
-            v = np.asarray(meshes[name].vertices, dtype=np.float64)
-            ta = np.asarray(truth_a["bones"][name], dtype=np.float64)
-            tb = np.asarray(truth_b["bones"][name], dtype=np.float64)
-            exact = tb @ np.linalg.inv(ta)
-            pv = v @ T[:3, :3].T + T[:3, 3]
-            tv = v @ exact[:3, :3].T + exact[:3, 3]
-            per[name] = float(np.linalg.norm(pv - tv, axis=1).mean())
-        if not per:
-            raise CtwinError("no bone of the twin is in the truth's bone table")
-        vals = np.array(list(per.values()))
-        worst = max(per, key=per.get)
-        out["bone_err_mm"] = {"mean": float(vals.mean()), "max": float(vals.max()), "worst": worst,
-                              "per_bone": dict(sorted(per.items()))}
+        out["bone_err_mm"] = bone_error(twin, pose_b, transl, truth_a, truth_b)
 
     report("evaluate: enclosure at the target pose")
     ct_b = load_ct(truth_dir / "ct.nii.gz")

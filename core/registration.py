@@ -1057,22 +1057,3 @@ def write_outputs(twin, reg: Registration, xrays, out_dir, cloud: BoneCloud | No
            "legend": "panels: input; bone contours at the start pose (red); after registration (green)"}
     write_json(out / "report.json", rep)
     return rec
-
-
-def bone_error(twin, pose, transl_mm, truth_a: dict, truth_b: dict) -> dict:
-    """SPEC 6 ``bone_err_mm`` of the twin posed by (pose, transl) against a phantom's truth: per bone,
-    the mean distance between its mesh vertices so posed and mapped by T_B inv(T_A)."""
-    moved = twin.bone_transforms(pose, transl_mm)
-    meshes = twin.meshes(include_skin=False)
-    per = {}
-    for name, T in moved.items():
-        if name not in truth_a["bones"] or name not in truth_b["bones"] or name not in meshes:
-            continue
-        v = np.asarray(meshes[name].vertices, dtype=np.float64)
-        exact = np.asarray(truth_b["bones"][name]) @ np.linalg.inv(np.asarray(truth_a["bones"][name]))
-        per[name] = float(np.linalg.norm((v @ T[:3, :3].T + T[:3, 3]) - (v @ exact[:3, :3].T + exact[:3, 3]),
-                                         axis=1).mean())
-    if not per:
-        raise CtwinError("no bone of the twin is in the truth's bone table")
-    vals = np.array(list(per.values()))
-    return {"mean": float(vals.mean()), "max": float(vals.max()), "worst": max(per, key=per.get), "per_bone": per}

@@ -116,7 +116,7 @@ def test_register_recovers_the_pose(twin_dir, coarse_phantoms, target_views, tmp
     from ctwin.core.evaluation import _source_truth
     from ctwin.core.fileio import read_json
     from ctwin.core.poses import resolve_pose, write_pose_file
-    from ctwin.core.registration import bone_error
+    from ctwin.core.evaluation import bone_error
     from ctwin.core.twin import load_twin
 
     twin = load_twin(twin_dir)
@@ -164,7 +164,8 @@ def test_rigid_registration_cannot_bend_the_hip(twin_dir, coarse_phantoms, targe
     """The rigid baseline aligns the body but leaves the flexed femur where it was."""
     from ctwin.core.evaluation import _source_truth
     from ctwin.core.fileio import read_json
-    from ctwin.core.registration import bone_error, load_xray, register
+    from ctwin.core.evaluation import bone_error
+    from ctwin.core.registration import load_xray, register
     from ctwin.core.twin import load_twin
 
     twin = load_twin(twin_dir)
