@@ -19,7 +19,6 @@ Prints one row per run and a summary (mean/max bone_err, converged runs <= 5 mm,
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time

@@ -7,9 +7,6 @@ AP + lateral by ``ctwin render --ct`` with quantum noise, and a start with the r
 from __future__ import annotations
 
 import json
-import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +110,7 @@ def _start_pose(twin):
 
 
 def test_register_recovers_the_pose(twin_dir, coarse_phantoms, target_views, tmp_path, capsys):
-    from ctwin.core.evaluation import _source_truth
+    from ctwin.core.evaluation import _source_truth, bone_error
     from ctwin.core.fileio import read_json
     from ctwin.core.poses import resolve_pose, write_pose_file
     from ctwin.core.evaluation import bone_error
@@ -162,9 +159,8 @@ def test_register_recovers_the_pose(twin_dir, coarse_phantoms, target_views, tmp
 
 def test_rigid_registration_cannot_bend_the_hip(twin_dir, coarse_phantoms, target_views, tmp_path, capsys):
     """The rigid baseline aligns the body but leaves the flexed femur where it was."""
-    from ctwin.core.evaluation import _source_truth
+    from ctwin.core.evaluation import _source_truth, bone_error
     from ctwin.core.fileio import read_json
-    from ctwin.core.evaluation import bone_error
     from ctwin.core.registration import load_xray, register
     from ctwin.core.twin import load_twin
 
