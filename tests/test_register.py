@@ -113,7 +113,6 @@ def test_register_recovers_the_pose(twin_dir, coarse_phantoms, target_views, tmp
     from ctwin.core.evaluation import _source_truth, bone_error
     from ctwin.core.fileio import read_json
     from ctwin.core.poses import resolve_pose, write_pose_file
-    from ctwin.core.evaluation import bone_error
     from ctwin.core.twin import load_twin
 
     twin = load_twin(twin_dir)
