@@ -48,7 +48,7 @@ _POSE_KEYS = ("presets", "files", "motions", "random")
 _MOTION_KEYS = ("file", "stride", "fps")
 _RANDOM_KEYS = ("fraction", "base", "distribution", "joints")
 _VIEW_KEYS = ("named", "lao_deg", "cranial_deg", "sad_mm", "sid_mm", "size", "biplanar")
-_PHYSICS_KEYS = ("value", "photons", "electronic_noise", "kvp")
+_PHYSICS_KEYS = ("value", "photons", "electronic_noise", "kvp", "detector")
 _ANNOTATION_KEYS = ("masks", "points", "geometry")
 _RENDER_KEYS = ("step_mm",)
 
@@ -302,13 +302,21 @@ def load_spec(path_or_dict, base_dir=None) -> dict:
     for x in values:
         if x not in VALUES:
             _fail("physics.value", f"unknown value {x!r} (use {', '.join(VALUES)})")
-    if ph.get("kvp") is not None:
-        _fail("physics.kvp", "polyenergetic rendering is available for plain CTs, not yet for twins "
-                             "(ctwin render --twin refuses --kvp too); remove it")
     spec["physics"] = {
         "value": list(values),
         "photons": None if ph.get("photons") is None else _range(ph["photons"], "physics.photons", positive=True),
         "electronic_noise": _range(ph.get("electronic_noise", 0.0), "physics.electronic_noise", 0.0)}
+    if ph.get("kvp") is not None:  # realistic physics (core.xray), as ctwin render --kvp
+        from .xray import DETECTORS, KVP_RANGE
+
+        spec["physics"]["kvp"] = _range(ph["kvp"], "physics.kvp", *KVP_RANGE)
+        det = ph.get("detector", "ideal")
+        det = [det] if isinstance(det, str) else det
+        if not isinstance(det, list) or not det or any(d not in DETECTORS for d in det):
+            _fail("physics.detector", f"must be one of {', '.join(DETECTORS)} or a list of them")
+        spec["physics"]["detector"] = list(det)
+    elif ph.get("detector") is not None:
+        _fail("physics.detector", "needs physics.kvp (a detector is part of the realistic physics)")
     if spec["physics"]["photons"] is None and spec["physics"]["electronic_noise"][1] > 0:
         _fail("physics.electronic_noise", "needs physics.photons (noise is simulated in photon counts)")
 
@@ -402,6 +410,9 @@ def sample_params(spec: dict, index: int) -> dict:
         phys["photons"] = float(lo) if lo == hi else float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
         phys["electronic_noise"] = _uniform(rng, ph["electronic_noise"])
         phys["noise_seed"] = int(rng.integers(2 ** 31 - 1))
+    if ph.get("kvp") is not None:  # drawn last: specs without kvp keep their parameters
+        phys["kvp"] = _uniform(rng, ph["kvp"])
+        phys["detector"] = ph["detector"][int(rng.integers(len(ph["detector"])))]
     return {"index": index, "key": sample_key(index), "shard": index // spec["shard_size"],
             "twin": twin, "pose": pose_p, "view": view, "physics": phys}
 
@@ -486,15 +497,29 @@ def render_sample(twin, spec: dict, params: dict, device: str = "cpu") -> dict:
     scene = twin.posed_scene(pose, transl)
     ph = params["physics"]
     images = []
+    records = []
     for k, g in enumerate(geos):
-        li = render_posed(scene, g, step_mm=spec["render"]["step_mm"], device=device)
-        if ph["photons"] is not None:
-            li = physics.add_noise(li, ph["photons"], ph["electronic_noise"], ph["noise_seed"] + k)
+        if ph.get("kvp") is not None:
+            from .twin import realistic_line_integral
+            from .xray import XraySetup
+
+            xray = XraySetup(kvp=ph["kvp"], detector=ph["detector"], photons=ph["photons"],
+                             electronic_sigma=ph["electronic_noise"] if ph["photons"] is not None else None)
+            rec = {}
+            li = realistic_line_integral(scene, g, xray, ph["noise_seed"] or 0, k, spec["render"]["step_mm"],
+                                         device, rec)
+            records.append(rec)
+        else:
+            li = render_posed(scene, g, step_mm=spec["render"]["step_mm"], device=device)
+            if ph["photons"] is not None:
+                li = physics.add_noise(li, ph["photons"], ph["electronic_noise"], ph["noise_seed"] + k)
         images.append(physics.to_value(li, ph["value"]))
     an = spec["annotations"]
     meta = {"key": params["key"], "index": params["index"], "twin": params["twin"], "params": params,
             "pose": np.asarray(pose).tolist(),
             "transl_mm": None if transl is None else np.asarray(transl).tolist()}
+    if records:
+        meta["xray"] = records  # per view: every physics option and the spectrum used
     files = {"tif": tif_bytes(images[0] if len(images) == 1 else np.stack(images))}
     if an["masks"]:
         from .annotations import label_masks

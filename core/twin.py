@@ -561,7 +561,7 @@ def frame_poses(twin: Twin, pose=None, motion=None, frames=None, fps: float = 24
     return [(f, p, t) for f in range(a, b)]
 
 
-def _realistic_line_integral(scene, geometry, xray, seed, stream, step_mm, device, record) -> np.ndarray:
+def realistic_line_integral(scene, geometry, xray, seed, stream, step_mm, device, record) -> np.ndarray:
     """-ln(I/I0) of a posed frame through core.xray: the frame composed onto one HU grid, one
     projection per calibration material, then spectrum, detector and noise."""
     from .articulated import to_projector_scene
@@ -667,7 +667,7 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
                 write_annotations(stems[n], g, posed, joints, marks)
             rec = {}
             if xray is not None:
-                li = _realistic_line_integral(scene, g, xray, seed + f, list(views).index(n), step_mm, dev, rec)
+                li = realistic_line_integral(scene, g, xray, seed + f, list(views).index(n), step_mm, dev, rec)
             else:
                 li = render_posed(scene, g, step_mm=step_mm, device=dev)
                 if photons is not None:

@@ -65,7 +65,9 @@ def _bad(tmp_path, mutate):
     (lambda r: r.update(poses={"presets": []}), "spec field poses: the pose set is empty"),
     (lambda r: r["poses"].update(presets=["cartwheel"]), "spec field poses.presets[0]: unknown preset"),
     (lambda r: r["views"].update(sad_mm=[900, 1600]), "spec field views.sid_mm"),
-    (lambda r: r["physics"].update(kvp=80), "spec field physics.kvp"),
+    (lambda r: r["physics"].update(kvp=200), "spec field physics.kvp"),
+    (lambda r: r["physics"].update(detector="paxscan4030cb"), "spec field physics.detector: needs physics.kvp"),
+    (lambda r: r["physics"].update(kvp=80, detector="film"), "spec field physics.detector: must be one of"),
     (lambda r: r["poses"].update(random={"joints": {"left_knee": {"x": [10, 5]}}}),
      "spec field poses.random.joints.left_knee.x: low 10 exceeds high 5"),
 ])
@@ -473,3 +475,43 @@ def test_failing_sample_is_reported_and_retried_once(tmp_path, ray_tmp, monkeypa
         progress.set_sink(None)
     assert sum("shard 0 (samples 0-1) failed, retrying once: worker 0: sample 0: " in m for m in lines) == 1, lines
     assert not list((tmp_path / "o" / "shards").iterdir())
+
+
+@pytest.mark.slow
+def test_realistic_physics_sample_is_reproducible(tmp_path):
+    """physics.kvp renders a sample with the realistic chain (core.xray) and records its spectrum;
+    the pose and view are those of the same spec without kvp; rendering again gives the same bytes."""
+    pytest.importorskip("spekpy")
+    import tifffile
+
+    raw = tiny_raw()
+    raw["inputs"] = {"phantoms": [{"seed": 0, "spacing_mm": 8}]}
+    raw["samples_per_twin"] = 1
+    raw["views"]["size"] = 32
+    specs = {}
+    for name, extra in (("mono", {}), ("real", {"kvp": [70, 90], "detector": "paxscan4030cb"}),
+                        ("noisy", {"kvp": [70, 90], "detector": "paxscan4030cb", "photons": 1e5})):
+        r = json.loads(json.dumps(raw))
+        r["physics"].update(extra)
+        specs[name] = tmp_path / f"{name}.json"
+        specs[name].write_text(json.dumps(r))
+    pm, pr = (D.sample_params(D.load_spec(specs[n]), 0) for n in ("mono", "real"))
+    assert pm["pose"] == pr["pose"] and pm["view"] == pr["view"]
+    assert 70 <= pr["physics"]["kvp"] <= 90 and pr["physics"]["detector"] == "paxscan4030cb"
+    out = tmp_path / "ds"  # one folder: the twin is built once
+    img = {}
+    for name in ("mono", "real", "noisy"):
+        tif = D.render_only(specs[name], out, 0)
+        img[name] = tifffile.imread(tif)
+        if name == "real":
+            rec = json.loads(tif.with_suffix(".json").read_text())["xray"][0]
+            assert rec["kvp"] == pr["physics"]["kvp"] and rec["detector"] == "paxscan4030cb"
+            assert len(rec["spectrum_kev"]) == len(rec["spectrum_fluence"]) > 10
+        if name == "noisy":
+            noisy = tif.read_bytes()
+            assert D.render_only(specs[name], out, 0).read_bytes() == noisy
+    # the same anatomy seen with another spectrum: a different image of the same picture
+    body = img["mono"] > 0.5
+    assert not np.array_equal(img["real"], img["mono"])
+    assert np.corrcoef(img["real"][body], img["mono"][body])[0, 1] > 0.99
+    assert not np.array_equal(img["noisy"], img["real"])
