@@ -1,0 +1,178 @@
+"""The documentation: docs/REFERENCE.md's CLI section matches the argparse parsers, and no file of
+the repository names a document (or links a file or a section) that the repository does not have."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import cli_reference  # noqa: E402
+
+# Folders that are not part of the repository's own text (environments, build outputs).
+_SKIP_DIRS = {".git", ".venv", ".venv313", "build", "dist", "out", "__pycache__", ".pytest_cache"}
+
+
+def repo_files() -> list[Path]:
+    """The repository's files (tracked, and new ones git does not ignore), or, outside a git checkout, every file but build outputs."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True, timeout=60)
+        files = [ROOT / p for p in out.stdout.decode().split("\0") if p]
+    except (OSError, subprocess.SubprocessError):
+        files = [p for p in ROOT.rglob("*") if p.is_file()
+                 and not any(part in _SKIP_DIRS for part in p.relative_to(ROOT).parts)]
+    return [p for p in files if p.is_file()]
+
+
+# --- the CLI section ---------------------------------------------------------------------------
+def test_cli_reference_is_current():
+    assert cli_reference.main(["--check"]) == 0, "docs/REFERENCE.md is out of date: run tools/cli_reference.py"
+
+
+def test_cli_reference_lists_every_command_and_option():
+    """Independent of the generator: every option string of every command's parser is in the page."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from ctwin import cli
+
+    parser, mods = cli.build_parser("ctwin")
+    page = (ROOT / "docs" / "REFERENCE.md").read_text(encoding="utf-8")
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name in cli.COMMAND_NAMES:
+        if name not in mods:
+            continue
+        assert f"### ctwin {name}" in page, name
+        section = page.split(f"### ctwin {name}", 1)[1].split("\n### ", 1)[0]
+        for action in sub.choices[name]._actions:
+            for opt in action.option_strings:
+                if opt in ("-h", "--help"):
+                    continue
+                assert f"`{opt}`" in section, (name, opt)
+
+
+def test_cli_reference_check_fails_on_a_stale_page(tmp_path, monkeypatch, capsys):
+    page = (ROOT / "docs" / "REFERENCE.md").read_text(encoding="utf-8")
+    head, generated = page.split(cli_reference.BEGIN, 1)
+    stale = head + cli_reference.BEGIN + generated.replace("| `--out` |", "| `--output` |", 1)
+    assert stale != page
+    p = tmp_path / "REFERENCE.md"
+    p.write_text(stale, encoding="utf-8")
+    monkeypatch.setattr(cli_reference, "PAGE", p)
+    monkeypatch.setattr(cli_reference, "ROOT", tmp_path)
+    assert cli_reference.main(["--check"]) == 1
+    assert "out of date" in capsys.readouterr().err
+    assert cli_reference.main([]) == 0  # rewriting makes it current
+    assert p.read_text(encoding="utf-8") == page
+    assert cli_reference.main(["--check"]) == 0
+
+
+# --- links and document names ------------------------------------------------------------------
+_LINK = re.compile(r"(?<!\\)\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_MD_NAME = re.compile(r"(?<![\w./-])((?:[\w.-]+/)*[\w.-]+\.md)\b")
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+
+
+def _strip_code_blocks(text: str) -> str:
+    """Markdown without its fenced code blocks (their brackets are code, not links)."""
+    return re.sub(r"^(```|~~~).*?^\1", "", text, flags=re.S | re.M)
+
+
+def _strip_code(text: str) -> str:
+    """Markdown without code blocks and inline code spans (``G(pA)`` is maths, not a link)."""
+    return re.sub(r"`[^`\n]*`", "", _strip_code_blocks(text))
+
+
+def github_anchors(md: str) -> set:
+    """The heading anchors GitHub makes for a markdown page (lowercase, punctuation dropped, spaces
+    to hyphens, repeats numbered) plus explicit <a name/id> anchors."""
+    seen, out = {}, set()
+    for line in _strip_code_blocks(md).splitlines():
+        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        text = re.sub(r"`([^`]*)`", r"\1", m.group(1))
+        text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)
+        slug = re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    out.update(re.findall(r"<a\s+(?:name|id)=\"([^\"]+)\"", md))
+    return out
+
+
+def _link_problems(files) -> list[str]:
+    bad = []
+    anchors = {}
+    for f in files:
+        if f.suffix != ".md":
+            continue
+        text = _strip_code(f.read_text(encoding="utf-8"))
+        for target in _LINK.findall(text):
+            if _SCHEME.match(target) or target.startswith("//"):
+                continue  # a URL: not checked here
+            path, _, frag = target.partition("#")
+            dest = f if not path else (f.parent / path).resolve()
+            rel = f.relative_to(ROOT)
+            if path and not dest.exists():
+                bad.append(f"{rel}: link to {target}: no such file")
+                continue
+            try:
+                dest.relative_to(ROOT)
+            except ValueError:
+                bad.append(f"{rel}: link to {target} leaves the repository")
+                continue
+            if frag and dest.suffix == ".md":
+                if dest not in anchors:
+                    anchors[dest] = github_anchors(dest.read_text(encoding="utf-8"))
+                if frag not in anchors[dest]:
+                    bad.append(f"{rel}: link to {target}: no section #{frag} in {dest.relative_to(ROOT)}")
+    return bad
+
+
+def _mention_problems(files) -> list[str]:
+    bad = []
+    for f in files:
+        if f.suffix not in (".py", ".md") or f == Path(__file__).resolve():
+            continue  # (this file's own names are test fixtures)
+        text = f.read_text(encoding="utf-8")
+        for name in set(_MD_NAME.findall(text)):
+            if _SCHEME.match(name):
+                continue
+            where = (ROOT / name, f.parent / name, ROOT / "docs" / name)
+            if not any(p.is_file() for p in where):
+                bad.append(f"{f.relative_to(ROOT)} names {name}, which the repository does not have")
+    return bad
+
+
+def test_no_link_to_a_missing_file_or_section():
+    files = repo_files()
+    assert any(f.name == "REFERENCE.md" for f in files)
+    assert _link_problems(files) == []
+
+
+def test_no_mention_of_a_missing_document():
+    assert _mention_problems(repo_files()) == []
+
+
+def test_the_checks_catch_what_they_should(tmp_path, monkeypatch):
+    """The checkers report a missing file, a missing section and a missing named document."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "A.md").write_text("# Title\n\n## Some `code` section\n", encoding="utf-8")
+    good = tmp_path / "good.md"
+    good.write_text("[a](docs/A.md) [`b`](docs/A.md#some-code-section) [u](https://x.org/y.md) [s](#top)\n"
+                    "# top\nsee docs/A.md and A.md; `G[j](pA)`\n```\n[not](a/link.png)\n```\n", encoding="utf-8")
+    bad = tmp_path / "bad.md"
+    bad.write_text("[a](docs/B.md) [b](docs/A.md#nope)\n", encoding="utf-8")
+    code = tmp_path / "mod.py"
+    code.write_text('"""See docs/SPEC.md section 3 and docs/A.md."""\n', encoding="utf-8")
+    assert _link_problems([good]) == []
+    assert _mention_problems([good]) == []
+    assert len(_link_problems([bad])) == 2
+    assert _mention_problems([code]) == ["mod.py names docs/SPEC.md, which the repository does not have"]
+
+
+def test_readme_and_architecture_cite_the_reference():
+    assert "](docs/REFERENCE.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "](REFERENCE.md)" in (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
