@@ -176,3 +176,46 @@ def test_the_checks_catch_what_they_should(tmp_path, monkeypatch):
 def test_readme_and_architecture_cite_the_reference():
     assert "](docs/REFERENCE.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
     assert "](REFERENCE.md)" in (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+
+
+# --- the reference covers what the code writes -------------------------------------------------
+def _section(start: str, end: str) -> str:
+    page = (ROOT / "docs" / "REFERENCE.md").read_text(encoding="utf-8")
+    return page.split(start, 1)[1].split(end, 1)[0]
+
+
+def test_every_sidecar_key_is_documented():
+    """The sidecar keys the core produces (geometry, named view, request, realistic physics with
+    scatter and grid, noise) are each named in section 5 of docs/REFERENCE.md."""
+    import numpy as np
+
+    from ctwin.core.carm import named_view
+    from ctwin.core.safety import request_keys
+    from ctwin.core.xray import XraySetup, form_image
+
+    g = named_view("ap", (np.full(3, -100.0), np.full(3, 100.0)), size=8)
+    x = XraySetup(kvp=80, scatter=True, grid_ratio=10, mas=1.0, detector="paxscan4030cb")
+    physics = form_image({"water": np.full((8, 8), 10.0)}, x, g)["sidecar"]
+    keys = (set(g.to_sidecar()) | set(request_keys(None, 1e5, 1.0, 0, x)) | set(physics)
+            | set(physics["scatter_model"]) | set(physics["hu_table"]))
+    text = _section("## 5. Rendered frames", "## 6. Metrics")
+    missing = sorted(k for k in keys if f"`{k}`" not in text)
+    assert missing == [], f"sidecar keys not in docs/REFERENCE.md section 5: {missing}"
+
+
+def test_every_dicom_tag_is_documented(tmp_path):
+    import pydicom
+    import numpy as np
+
+    from ctwin.core.dicom_dx import write_dx
+
+    side = {"value": "line_integral", "source": "ct.nii.gz", "frame": 0, "view": "ap", "kvp": 80.0, "mas": 1.0,
+            "pixel_spacing_mm": [1.0, 1.0], "sid_mm": 1500.0, "sad_mm": 1000.0,
+            "source_mm": [0.0, -1000.0, 0.0], "detector_center_mm": [0.0, 500.0, 0.0]}
+    write_dx(tmp_path / "f.dcm", np.arange(12.0).reshape(3, 4), side)
+    ds = pydicom.dcmread(tmp_path / "f.dcm")
+    tags = {e.keyword for e in ds if e.keyword}
+    assert {"KVP", "ExposureInmAs", "PositionerPrimaryAngle"} <= tags
+    text = _section("### 5.3 DICOM DX tags", "### 5.4")
+    missing = sorted(t for t in tags if f"`{t}`" not in text)
+    assert missing == [], f"DICOM tags not in docs/REFERENCE.md section 5.3: {missing}"
