@@ -219,3 +219,53 @@ def test_every_dicom_tag_is_documented(tmp_path):
     text = _section("### 5.3 DICOM DX tags", "### 5.4")
     missing = sorted(t for t in tags if f"`{t}`" not in text)
     assert missing == [], f"DICOM tags not in docs/REFERENCE.md section 5.3: {missing}"
+
+
+def _named(text: str, names) -> list:
+    return sorted(n for n in names if f"`{n}`" not in text)
+
+
+def test_every_file_and_key_of_a_twin_and_a_phantom_is_documented(twin_dir, coarse_phantoms):
+    """Every file of a built twin directory and of a phantom folder, every key of their JSON files
+    and every array of their .npz files is named in section 3 of docs/REFERENCE.md (the fixtures
+    are the session's shared coarse phantom and twin)."""
+    import json
+
+    import numpy as np
+
+    twin_text = _section("### 3.2 Twin directory", "### 3.3")
+    meta = json.loads((twin_dir / "twin.json").read_text())
+    files = []
+    for p in sorted(twin_dir.rglob("*")):
+        rel = p.relative_to(twin_dir).as_posix()
+        if p.is_file() and not (rel.startswith("meshes/") and p.stem in [*meta["structures"], "skin_label"]):
+            files.append(rel)
+    assert _named(twin_text, files) == []
+    assert "`meshes/<label>.ply`" in twin_text
+
+    def keys(obj, nested=()):
+        out = set(obj)
+        for k in nested:
+            out |= set(obj.get(k) or {})
+        return out
+
+    assert _named(twin_text, keys(meta, ("inputs", "ct", "body_model", "fit", "plausibility", "software"))
+                  - {"numpy", "numba", "scipy", "scikit-image", "nibabel", "SimpleITK", "trimesh", "bpy",
+                     "blender", "python", "ctwin_format"}) == []
+    fit = json.loads((twin_dir / "fit.json").read_text())
+    assert _named(twin_text, keys(fit, ("losses", "detected", "metrics"))) == []
+    art = json.loads((twin_dir / "volumes" / "articulated" / "articulated.json").read_text())
+    assert _named(twin_text, keys(art, ("params",)) | set(art["parts"][0])) == []
+
+    def arrays(path):
+        with np.load(path) as z:
+            return {re.sub(r"_\d+$", "_<i>", k) for k in z.files}
+
+    for npz in ("fit.npz", "binding.npz", "volumes/articulated/articulated.npz"):
+        assert _named(twin_text, arrays(twin_dir / npz)) == [], npz
+
+    ph_text = _section("### 3.1 Phantom folder", "### 3.2")
+    ph = coarse_phantoms["supine_arms_down"]
+    assert _named(ph_text, [p.name for p in ph.iterdir()]) == []
+    truth = json.loads((ph / "truth.json").read_text())
+    assert _named(ph_text, set(truth)) == []
