@@ -26,6 +26,11 @@ def _cell(text) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+def _prose(text) -> str:
+    """Help text as markdown prose: one line, pipes escaped, ``<name>`` kept visible (not HTML)."""
+    return _cell(text).replace("<", "&lt;")
+
+
 def _default(action: argparse.Action) -> str:
     if action.required:
         return "required"
@@ -70,7 +75,7 @@ def _table(parser: argparse.ArgumentParser) -> list[str]:
         if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
             continue
         opt = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest}`"
-        meaning = _help(parser, action)
+        meaning = _prose(_help(parser, action))
         default = _default(action)
         if action.option_strings and action.option_strings[0] in excl:
             others, required = excl[action.option_strings[0]]
@@ -78,7 +83,7 @@ def _table(parser: argparse.ArgumentParser) -> list[str]:
             meaning = f"{meaning} ({word} {', '.join(f'`{o}`' for o in others)})".strip()
             if required:
                 default = "required (one of)"
-        rows.append(f"| {opt} | {_cell(_value(action))} | {_cell(default)} | {_cell(meaning)} |")
+        rows.append(f"| {opt} | {_cell(_value(action))} | {_cell(default)} | {meaning} |")
     return rows
 
 
@@ -92,15 +97,15 @@ def generate() -> str:
     parser, mods = cli.build_parser("ctwin")
     lines = [BEGIN, "",
              "`ctwin [--quiet] <command> [options]`: `--quiet` silences the progress messages on stderr; "
-             "`--version` prints the version. " + _cell(cli.EXIT_CODES), ""]
+             "`--version` prints the version. " + _prose(cli.EXIT_CODES[0].upper() + cli.EXIT_CODES[1:]), ""]
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     lines += ["| command | does |", "|---|---|"]
     for name, mod in mods.items():
-        lines.append(f"| [`{name}`](#ctwin-{name}) | {_cell(mod.HELP)} |")
+        lines.append(f"| [`{name}`](#ctwin-{name}) | {_prose(mod.HELP)} |")
     lines.append("")
     for name in mods:
         p = sub.choices[name]
-        lines += [f"### ctwin {name}", "", _cell(p.description), ""]
+        lines += [f"### ctwin {name}", "", _prose(p.description), ""]
         lines += _table(p)
         lines.append("")
     lines.append(END)
