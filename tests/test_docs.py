@@ -269,3 +269,20 @@ def test_every_file_and_key_of_a_twin_and_a_phantom_is_documented(twin_dir, coar
     assert _named(ph_text, [p.name for p in ph.iterdir()]) == []
     truth = json.loads((ph / "truth.json").read_text())
     assert _named(ph_text, set(truth)) == []
+
+
+def test_reference_tables_are_well_formed():
+    """Every row of every table in docs/REFERENCE.md has its header's number of cells (an unescaped
+    pipe, even inside a code span, splits a GitHub table cell)."""
+    bad, cells = [], None
+    text = _strip_code_blocks((ROOT / "docs" / "REFERENCE.md").read_text(encoding="utf-8"))
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.lstrip().startswith("|"):
+            cells = None
+            continue
+        count = len(re.findall(r"(?<!\\)\|", line.strip()))
+        if cells is None:
+            cells = count
+        elif count != cells:
+            bad.append(f"line {n}: {count - 1} cells, header {cells - 1}: {line[:80]}")
+    assert bad == []
