@@ -176,6 +176,12 @@ def retarget_pose(pose, source_rest, target_rest, acquisition=None, located=None
         c = acquisition_alignment(acquisition[1], acquisition[2])
     else:
         c = rest_alignment(source_rest, target_rest, located=located)
+    return apply_alignment(pose, c)
+
+
+def apply_alignment(pose, c) -> np.ndarray:
+    """The pose (72,) whose world bone rotations are the source pose's followed by the alignment
+    ``c`` (24, 3, 3): ``G_t[j] = G_s[j] C_j``, i.e. ``r_t[j] = C_parent^T r_s[j] C_j``."""
     rs = rodrigues(as_pose(pose))
     rt = np.empty_like(rs)
     for j in range(N_JOINTS):

@@ -352,3 +352,16 @@ def test_twin_reads_its_acquisition_source_and_located_joints(tmp_path, variant)
     assert twin.located_joints() == [JOINT_INDEX["left_hip"], JOINT_INDEX["neck"]]
     bare = Twin(tmp_path / "twin2", {"inputs": {}})
     assert bare.source_acquisition() is None and bare.located_joints() is None
+
+
+def test_apply_alignment_turns_every_world_bone_by_its_alignment():
+    from ctwin.core.retarget import acquisition_alignment, apply_alignment, global_rotations
+
+    pa, pb, t0 = _random_pose(1), _random_pose(2), _random_pose(3, 0.2)
+    c = acquisition_alignment(pa, t0)
+    gt = global_rotations(apply_alignment(pb, c))
+    # each twin bone turns in the world by its source bone's rotation change from the acquisition
+    want = np.einsum("jab,jcb->jac", global_rotations(pb), global_rotations(pa))
+    got = np.einsum("jab,jcb->jac", gt, global_rotations(t0))
+    assert np.abs(got - want).max() < 1e-9
+    assert np.abs(apply_alignment(pb, np.tile(np.eye(3), (24, 1, 1))) - pb).max() < 1e-9
