@@ -98,9 +98,11 @@ def geometry(size):
 def gvxr_setup(g: Geometry, kvp=80.0):
     """A gVirtualXray context with the point source and detector of ``g`` (its image rows run along
     "up" = -v, so ``gvxr_image`` flips them back) and a beam spectrum. The spectrum must be set
-    before meshes are added: with the outer surface added under gVirtualXray's default beam, later
-    spectra gave the remainder around the inner surfaces the wrong attenuation (up to e^1 too
-    bright in the phantom's abdomen; an issue of gVirtualXray 2.1.0 found here, not reported)."""
+    before meshes are added: with the phantom's meshes (inner surfaces and the skin as the outer
+    one) added under gVirtualXray's default beam, the images for later spectra came out too bright
+    by up to a factor e in the abdomen, where the skin's remainder is thickest; with a spectrum set
+    first they agree with the per-mesh chords (seen with gVirtualXray 2.1.0; its cause inside
+    gVirtualXray was not investigated)."""
     from gvxrPython3 import gvxr
 
     if not getattr(gvxr, "_bench_context", False):  # one context per process (a second one breaks it)
