@@ -24,7 +24,8 @@ half voxel with trilinear interpolation, which spreads an edge over about a voxe
    centre), which tells which side is off where they differ.
    gVirtualXray interpolates each triangle's depth linearly in screen space; under a cone beam the
    true depth along a face seen nearly edge-on is not linear there, so a box given as 12 long
-   triangles has chords off by up to ~20 % across its side faces' penumbra (printed for the record).
+   triangles has chords off by up to ~1 cm (intensities by up to 20 %) across its side faces'
+   penumbra (printed for the record).
    The meshes handed to it are therefore split to edges <= ``MAX_EDGE_MM`` (same surface).
 2. The built-in phantom's meshes (``core.mesh.import_anatomy`` on the phantom CT and labels, 105
    structures and the skin; the table left out), pelvis AP, ``--phantom-size`` pixels of ``--phantom-pitch`` mm: ctwin's
@@ -127,7 +128,8 @@ def gvxr_add_mesh(gvxr, label, vertices, faces, partial: dict, outer=False, max_
     ``max_edge_mm`` (the surface is unchanged): gVirtualXray interpolates the depth of a triangle
     linearly across the screen, which is exact for an orthographic view but not under a cone beam
     where a long triangle is seen nearly edge-on (a 200 mm box side, 12 triangles per box: chords
-    off by up to 20 % in the penumbra of the step phantom); short triangles make that error vanish."""
+    off by up to ~1 cm, intensities by up to 20 %, in the penumbra of the step phantom); short
+    triangles make that error vanish."""
     import trimesh
 
     v, f = np.asarray(vertices, np.float64), np.asarray(faces, np.int64)
