@@ -1,7 +1,7 @@
 """Primary polychromatic images of core.xray against gVirtualXray (the validated peer) in one run.
 
     .venv/bin/python benchmarks/bench_gvxr.py [--size 256] [--voxel 1.0] [--skip-phantom]
-        [--phantom-size 192] [--phantom-pitch 1.6] [--cache /tmp/bench_gvxr]
+        [--phantom-size 192] [--phantom-pitch 1.6] [--regions pelvis chest] [--cache /tmp/bench_gvxr]
 
 Install the peer (optional; not needed by ctwin):
     pip install gvxr==2.1.0
@@ -28,9 +28,10 @@ half voxel with trilinear interpolation, which spreads an edge over about a voxe
    penumbra (printed for the record).
    The meshes handed to it are therefore split to edges <= ``MAX_EDGE_MM`` (same surface).
 2. The built-in phantom's meshes (``core.mesh.import_anatomy`` on the phantom CT and labels, 105
-   structures and the skin; the table left out), pelvis AP, ``--phantom-size`` pixels of ``--phantom-pitch`` mm: ctwin's
-   mesh mode (``core.mesh_volume.voxelise_meshes`` at ``--voxel`` mm, default per-structure HU,
-   default stoichiometric HU calibration) on a crop that holds every ray of the field through the
+   structures and the skin; the table left out), AP views centred on the pelvis and on the chest,
+   ``--phantom-size`` pixels of ``--phantom-pitch`` mm: ctwin's mesh mode
+   (``core.mesh_volume.voxelise_meshes`` at ``--voxel`` mm, default per-structure HU, default
+   stoichiometric HU calibration) on a crop that holds every ray of the field through the
    body; gVirtualXray with each structure as an inner surface of the material mix the calibration
    gives its HU, and the skin as the outer surface (its chord minus the inner surfaces': the
    remainder around them, as ctwin's nesting). Differences come from the voxelisation (partial
@@ -258,10 +259,15 @@ def phantom_meshes(cache: Path, spacing: float):
     return read_mesh_folder(md)
 
 
-def phantom_case(a, kvps):
-    """Pelvis AP of the phantom's meshes: ctwin's mesh mode (voxelised at ``--voxel`` mm, default
-    HU table) against gVirtualXray on the same meshes, each mesh of the material that ctwin's HU
-    calibration gives its HU."""
+REGIONS = {"pelvis": ("hip_left", "hip_right"),  # the isocentre: the mean of these meshes' centroids
+           "chest": ("lung_upper_lobe_left", "lung_upper_lobe_right", "lung_lower_lobe_left",
+                     "lung_lower_lobe_right")}
+
+
+def phantom_case(a, kvps, region="pelvis"):
+    """AP view of the phantom's meshes centred on ``region``: ctwin's mesh mode (voxelised at
+    ``--voxel`` mm, default HU table) against gVirtualXray on the same meshes, each mesh of the
+    material that ctwin's HU calibration gives its HU."""
     from ctwin.core.carm import named_view
     from ctwin.core.mesh_volume import SKIN, hu_table, voxelise_meshes
 
@@ -270,7 +276,7 @@ def phantom_case(a, kvps):
     # minus every inner surface) cannot hold a second body beside it, so both renderers leave it out
     meshes.pop("table", None)
     table = hu_table(meshes)
-    centre = np.mean([meshes[n].vertices.mean(0) for n in ("hip_left", "hip_right")], axis=0)
+    centre = np.mean([meshes[n].vertices.mean(0) for n in REGIONS[region]], axis=0)
     lo_all = np.min([m.vertices.min(0) for m in meshes.values()], axis=0)
     hi_all = np.max([m.vertices.max(0) for m in meshes.values()], axis=0)
     g = named_view("ap", (lo_all, hi_all), size=a.phantom_size, pixel_spacing_mm=a.phantom_pitch, isocenter=centre)
@@ -294,7 +300,7 @@ def phantom_case(a, kvps):
         # triangles of a few mm: the screen-space depth error (second order in the triangle's size)
         # is negligible, so they go as they are
         ntri += gvxr_add_mesh(gv, n, m.vertices, m.faces, part, outer=(n == SKIN), max_edge_mm=None)
-    print(f"phantom meshes (pelvis AP, {a.phantom_size}^2 at {a.phantom_pitch:g} mm, isocentre {np.round(centre)}): "
+    print(f"phantom meshes ({region} AP, {a.phantom_size}^2 at {a.phantom_pitch:g} mm, isocentre {np.round(centre)}): "
           f"{len(meshes)} meshes ({ntri} triangles to gVirtualXray), ctwin voxelised at {a.voxel:g} mm onto "
           f"{'x'.join(map(str, shape))} in {r.seconds:.0f} s")
     peer = {kvp: gvxr_image(gv, kvp) for kvp in kvps}
@@ -304,8 +310,8 @@ def phantom_case(a, kvps):
             ours = xray.form_image(mi, xray.XraySetup(kvp=kvp), g)["intensity"]
             if a.save:
                 Path(a.save).mkdir(parents=True, exist_ok=True)
-                np.save(Path(a.save) / f"phantom_{kvp}_{meth}_ctwin.npy", ours)
-                np.save(Path(a.save) / f"phantom_{kvp}_gvxr.npy", peer[kvp])
+                np.save(Path(a.save) / f"phantom_{region}_{kvp}_{meth}_ctwin.npy", ours)
+                np.save(Path(a.save) / f"phantom_{region}_{kvp}_gvxr.npy", peer[kvp])
             res = compare(ours, peer[kvp])
             inner = compare(ours, peer[kvp], interior=True)
             print(f"  {kvp} kVp, ctwin {meth:9s} vs gVirtualXray: MAPE {res[0]:.3f} % over {res[2]} body pixels, "
@@ -322,6 +328,7 @@ def main():
     ap.add_argument("--cache", default="/tmp/bench_gvxr", help="where the phantom and its meshes are kept")
     ap.add_argument("--skip-phantom", action="store_true")
     ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--regions", nargs="+", default=["pelvis", "chest"], choices=sorted(REGIONS))
     ap.add_argument("--save", help="folder for the phantom images (.npy), to inspect")
     a = ap.parse_args()
     try:
@@ -333,7 +340,8 @@ def main():
     if not a.skip_steps:
         step_case(a, kvps)
     if not a.skip_phantom:
-        phantom_case(a, kvps)
+        for region in a.regions:
+            phantom_case(a, kvps, region)
 
 
 if __name__ == "__main__":
