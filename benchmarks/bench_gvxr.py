@@ -1,6 +1,7 @@
 """Primary polychromatic images of core.xray against gVirtualXray (the validated peer) in one run.
 
-    .venv/bin/python benchmarks/bench_gvxr.py [--size 256] [--voxel 1.0]
+    .venv/bin/python benchmarks/bench_gvxr.py [--size 256] [--voxel 1.0] [--skip-phantom]
+        [--phantom-size 192] [--phantom-pitch 1.6] [--regions pelvis chest] [--cache /tmp/bench_gvxr]
 
 Install the peer (optional; not needed by ctwin):
     pip install gvxr==2.1.0
@@ -8,15 +9,33 @@ Install the peer (optional; not needed by ctwin):
         libxcb-keysyms1 libxcb-icccm4 libxcb-res0
 gVirtualXray runs headless with Mesa's EGL (llvmpipe, no GPU needed).
 
-Scene: a water/bone step phantom of axis-aligned boxes (faces on whole millimetres, so the
-voxelised copy at ``--voxel`` mm has no partial volume): water steps 20-200 mm thick, cortical
-bone (ICRP, 1.85 g/cm3) steps 5-40 mm, and bone on 100 mm of water. Both renderers get the same
-boxes (gVirtualXray as triangle meshes, ctwin voxelised through a HU table that maps each HU code
-to one material), the same SpekPy spectrum (1 keV bins, energy-integrating ideal detector), the
-same cone-beam geometry (source 1000 mm from the isocentre, SID 1500 mm). Prints MAPE over the
-pixels the body attenuates (I < 99 % of the open field) and ZNCC, at 70 and 120 kVp, between the
-two, and of each against the exact image: the same spectrum and materials applied to the exact
-ray-box chord lengths (slab intersection per pixel), which tells which one is off where they differ.
+Both renderers get the same meshes, the same material per mesh, the same SpekPy spectrum (1 keV
+bins, energy-integrating ideal detector) and the same cone-beam geometry (source 1000 mm from the
+isocentre, SID 1500 mm). MAPE is over the pixels the body attenuates (I < 99 % of the open field);
+ZNCC over the whole image. ctwin is run with both of its projectors on the voxelised meshes:
+``siddon`` (exact path lengths through the voxels) and ``trilinear`` (the default; samples every
+half voxel with trilinear interpolation, which spreads an edge over about a voxel).
+
+1. Water/bone step phantom: axis-aligned boxes (faces on whole millimetres, so the voxelised copy
+   at ``--voxel`` mm has no partial volume): water steps 20-200 mm thick, cortical bone (ICRP, 1.85
+   g/cm3) steps 5-40 mm, and bone on 100 mm of water; ctwin voxelises them through a HU table that
+   maps each HU code to one material. Each image is also compared with the exact image: the same
+   spectrum and materials applied to the exact ray-box chord lengths (slab intersection per pixel
+   centre), which tells which side is off where they differ.
+   gVirtualXray interpolates each triangle's depth linearly in screen space; under a cone beam the
+   true depth along a face seen nearly edge-on is not linear there, so a box given as 12 long
+   triangles has chords off by up to ~1 cm (intensities by up to 20 %) across its side faces'
+   penumbra (printed for the record).
+   The meshes handed to it are therefore split to edges <= ``MAX_EDGE_MM`` (same surface).
+2. The built-in phantom's meshes (``core.mesh.import_anatomy`` on the phantom CT and labels, 105
+   structures and the skin; the table left out), AP views centred on the pelvis and on the chest,
+   ``--phantom-size`` pixels of ``--phantom-pitch`` mm: ctwin's mesh mode
+   (``core.mesh_volume.voxelise_meshes`` at ``--voxel`` mm, default per-structure HU, default
+   stoichiometric HU calibration) on a crop that holds every ray of the field through the
+   body; gVirtualXray with each structure as an inner surface of the material mix the calibration
+   gives its HU, and the skin as the outer surface (its chord minus the inner surfaces': the
+   remainder around them, as ctwin's nesting). Differences come from the voxelisation (partial
+   volume at 1 mm, mixed voxels going through the calibration at their mean HU).
 Only measured numbers are printed.
 """
 from __future__ import annotations
@@ -40,6 +59,7 @@ from ctwin.core.projector import material_integrals  # noqa: E402
 from ctwin.core.volume import Volume  # noqa: E402
 
 HU_CODE = {"water": 0, "cortical_bone": 1500}
+MAX_EDGE_MM = 2.0  # longest triangle edge handed to gVirtualXray (see gvxr_add_mesh)
 TABLE = {"segments": [{"hu": [-1000, -500], "materials": ["air"]},
                       {"hu": [-500, 1000], "materials": ["water"]},
                       {"hu": [1000, 3000], "materials": ["cortical_bone"], "density": "material"}]}
@@ -77,39 +97,86 @@ def geometry(size):
                     extra={"sad_mm": 1000.0})
 
 
-def gvxr_images(boxes, g: Geometry, kvps):
-    import trimesh
+def gvxr_setup(g: Geometry, kvp=80.0):
+    """A gVirtualXray context with the point source and detector of ``g`` (its image rows run along
+    "up" = -v, so ``gvxr_image`` flips them back) and a beam spectrum. The spectrum must be set
+    before meshes are added: with the phantom's meshes (inner surfaces and the skin as the outer
+    one) added under gVirtualXray's default beam, the images for later spectra came out too bright
+    by up to a factor e in the abdomen, where the skin's remainder is thickest; with a spectrum set
+    first they agree with the per-mesh chords (seen with gVirtualXray 2.1.0; its cause inside
+    gVirtualXray was not investigated)."""
     from gvxrPython3 import gvxr
 
-    gvxr.createOpenGLContext()
+    if not getattr(gvxr, "_bench_context", False):  # one context per process (a second one breaks it)
+        gvxr.createOpenGLContext()
+        gvxr._bench_context = True
+    gvxr.removePolygonMeshesFromSceneGraph()
     gvxr.setSourcePosition(*g.source_mm.tolist(), "mm")
     gvxr.usePointSource()
     gvxr.setDetectorPosition(*g.detector_center_mm.tolist(), "mm")
-    gvxr.setDetectorUpVector(*(-g.detector_v).tolist())  # its rows run along "up": flipped below
+    gvxr.setDetectorUpVector(*(-g.detector_v).tolist())
     gvxr.setDetectorRightVector(*g.detector_u.tolist())
     gvxr.setDetectorNumberOfPixels(g.width, g.height)
     gvxr.setDetectorPixelSize(g.pixel_spacing_mm[0], g.pixel_spacing_mm[1], "mm")
-    tmp = Path(tempfile.mkdtemp())
+    set_spectrum(gvxr, kvp)
+    return gvxr
+
+
+def gvxr_add_mesh(gvxr, label, vertices, faces, partial: dict, outer=False, max_edge_mm=MAX_EDGE_MM):
+    """Add a closed mesh (mm) of the material mix ``partial`` ({material: partial density g/cm3})
+    as an inner surface (its attenuation adds) or as the outer surface (its chord minus the inner
+    surfaces' chords: the remainder around them). Triangles are split to edges of at most
+    ``max_edge_mm`` (the surface is unchanged): gVirtualXray interpolates the depth of a triangle
+    linearly across the screen, which is exact for an orthographic view but not under a cone beam
+    where a long triangle is seen nearly edge-on (a 200 mm box side, 12 triangles per box: chords
+    off by up to ~1 cm, intensities by up to 20 %, in the penumbra of the step phantom); short
+    triangles make that error vanish."""
+    import trimesh
+
+    v, f = np.asarray(vertices, np.float64), np.asarray(faces, np.int64)
+    if max_edge_mm:
+        v, f = trimesh.remesh.subdivide_to_size(v, f, max_edge_mm, max_iter=20)
+    p = Path(tempfile.mkdtemp()) / f"{label}.stl"
+    trimesh.Trimesh(v, f, process=False).export(p)
+    gvxr.loadMeshFile(label, str(p), "mm", not outer)
+    if outer:
+        gvxr.addPolygonMeshAsOuterSurface(label)
+    rho = float(sum(partial.values()))
+    mass = {}
+    for m, r in partial.items():
+        zs, ws, _, _ = xray.composition(m)
+        for z, w in zip(zs, ws):
+            mass[int(z)] = mass.get(int(z), 0.0) + float(w) * r / rho
+    gvxr.setMixture(label, list(mass), list(mass.values()))
+    gvxr.setDensity(label, rho, "g/cm3")
+    p.unlink()
+    return len(f)
+
+
+def set_spectrum(gvxr, kvp):
+    """The SpekPy spectrum of ``kvp`` (1 keV bins) as gVirtualXray's beam; returns the open field
+    (the spectrum's total energy per pixel in MeV, the image unit; no inverse square)."""
+    e, f = xray.spectrum(kvp)
+    gvxr.resetBeamSpectrum()
+    for ek, fk in zip(e, f):
+        gvxr.addEnergyBinToSpectrum(float(ek), "keV", float(fk / f.sum() * 1e6))
+    return float(sum(fk / f.sum() * 1e6 * ek / 1000.0 for ek, fk in zip(e, f)))
+
+
+def gvxr_image(gvxr, kvp):
+    """gVirtualXray's image for the SpekPy spectrum of ``kvp``, over the open field."""
+    i0 = set_spectrum(gvxr, kvp)
+    return np.array(gvxr.computeXRayImage(), dtype=np.float64)[::-1] / i0
+
+
+def gvxr_boxes(boxes, g: Geometry, kvps, max_edge_mm=MAX_EDGE_MM):
+    import trimesh
+
+    gvxr = gvxr_setup(g)
     for i, (m, a, b) in enumerate(boxes):
         box = trimesh.creation.box(bounds=[a, b])
-        p = tmp / f"box{i}.stl"
-        box.export(p)
-        gvxr.loadMeshFile(f"box{i}", str(p), "mm", True)  # True: add to the X-ray renderer (inner surface)
-        zs, ws, rho, _ = xray.composition(m)
-        gvxr.setMixture(f"box{i}", [int(z) for z in zs], [float(w) for w in ws])
-        gvxr.setDensity(f"box{i}", float(rho), "g/cm3")
-    out = {}
-    for kvp in kvps:
-        e, f = xray.spectrum(kvp)
-        gvxr.resetBeamSpectrum()
-        for ek, fk in zip(e, f):
-            gvxr.addEnergyBinToSpectrum(float(ek), "keV", float(fk / f.sum() * 1e6))
-        img = np.array(gvxr.computeXRayImage(), dtype=np.float64)[::-1]
-        # open field: the spectrum's total energy per pixel in MeV (the image unit; no inverse square)
-        i0 = float(sum(fk / f.sum() * 1e6 * ek / 1000.0 for ek, fk in zip(e, f)))
-        print(f"  gVirtualXray {kvp} kVp: corner pixel / open field = {img[0, 0] / i0:.6f}")
-        out[kvp] = img / i0
-    return out
+        gvxr_add_mesh(gvxr, f"box{i}", box.vertices, box.faces, {m: xray.density(m)}, max_edge_mm=max_edge_mm)
+    return {kvp: gvxr_image(gvxr, kvp) for kvp in kvps}
 
 
 def analytic_integrals(boxes, g: Geometry) -> dict:
@@ -145,37 +212,136 @@ def compare(ours, peer, interior=False):
     return mape, zncc, int(body.sum())
 
 
+def step_case(a, kvps):
+    boxes = step_phantom()
+    g = geometry(a.size)
+    peer = gvxr_boxes(boxes, g, kvps)
+    coarse = gvxr_boxes(boxes, g, kvps, max_edge_mm=None)  # 12 triangles per box, for the record
+    vol = voxelise(boxes, a.voxel)
+    table = xray.HuTable.from_dict(TABLE)
+    ints = {meth: material_integrals(vol, g, table, method=meth, device="auto") for meth in ("siddon", "trilinear")}
+    truth_ints = analytic_integrals(boxes, g)
+    print(f"water/bone step phantom, {a.size}^2, voxels {a.voxel:g} mm, ideal energy-integrating detector; "
+          f"gVirtualXray meshes split to edges <= {MAX_EDGE_MM:g} mm")
+    for kvp in kvps:
+        setup = xray.XraySetup(kvp=kvp)
+        truth = xray.form_image(truth_ints, setup, g)["intensity"]  # exact chords, same spectrum/materials
+        for meth, mi in ints.items():
+            ours = xray.form_image(mi, setup, g)["intensity"]
+            res = compare(ours, peer[kvp])
+            inner = compare(ours, peer[kvp], interior=True)
+            ex = compare(ours, truth)
+            print(f"  {kvp} kVp, ctwin {meth:9s} vs gVirtualXray: MAPE {res[0]:.4f} % over {res[2]} body pixels, "
+                  f"ZNCC {res[1]:.6f} (away from edges MAPE {inner[0]:.4f} %); vs exact chords MAPE {ex[0]:.4f} %")
+        r = compare(peer[kvp], truth)
+        rc = compare(coarse[kvp], truth)
+        print(f"  {kvp} kVp, gVirtualXray vs exact chords: MAPE {r[0]:.4f} %, ZNCC {r[1]:.6f}; with the boxes "
+              f"as 12 triangles each: MAPE {rc[0]:.3f} %, ZNCC {rc[1]:.6f}")
+
+
+def phantom_meshes(cache: Path, spacing: float):
+    """The built-in phantom's anatomy as closed meshes (``core.mesh.import_anatomy`` on the phantom
+    CT and labels, as ``ctwin build`` does), cached in ``cache``."""
+    from ctwin.core.mesh import import_anatomy, write_ply
+    from ctwin.core.mesh_volume import read_mesh_folder
+    from ctwin.core.phantom import write_phantom
+
+    md = cache / "meshes"
+    if not (md / "skin.ply").is_file():
+        d = cache / "phantom"
+        if not (d / "seg.nii.gz").is_file():
+            write_phantom(d, pose="supine_arms_down", spacing=spacing, seed=0)
+        _, _, _, meshes, skin = import_anatomy(d / "ct.nii.gz", d / "seg.nii.gz")
+        md.mkdir(parents=True, exist_ok=True)
+        for n, m in meshes.items():
+            write_ply(m, md / f"{n}.ply")
+        write_ply(skin, md / "skin.ply")
+    return read_mesh_folder(md)
+
+
+REGIONS = {"pelvis": ("hip_left", "hip_right"),  # the isocentre: the mean of these meshes' centroids
+           "chest": ("lung_upper_lobe_left", "lung_upper_lobe_right", "lung_lower_lobe_left",
+                     "lung_lower_lobe_right")}
+
+
+def phantom_case(a, kvps, region="pelvis"):
+    """AP view of the phantom's meshes centred on ``region``: ctwin's mesh mode (voxelised at
+    ``--voxel`` mm, default HU table) against gVirtualXray on the same meshes, each mesh of the
+    material that ctwin's HU calibration gives its HU."""
+    from ctwin.core.carm import named_view
+    from ctwin.core.mesh_volume import SKIN, hu_table, voxelise_meshes
+
+    meshes = phantom_meshes(Path(a.cache), a.phantom_spacing)
+    # the table is not anatomy and lies outside the skin: gVirtualXray's one outer surface (the skin,
+    # minus every inner surface) cannot hold a second body beside it, so both renderers leave it out
+    meshes.pop("table", None)
+    table = hu_table(meshes)
+    centre = np.mean([meshes[n].vertices.mean(0) for n in REGIONS[region]], axis=0)
+    lo_all = np.min([m.vertices.min(0) for m in meshes.values()], axis=0)
+    hi_all = np.max([m.vertices.max(0) for m in meshes.values()], axis=0)
+    g = named_view("ap", (lo_all, hi_all), size=a.phantom_size, pixel_spacing_mm=a.phantom_pitch, isocenter=centre)
+    # the crop holds every ray of the field through the body: the field's half-width at the
+    # isocentre times the largest magnification inside the body, plus a margin
+    half = 0.5 * a.phantom_size * a.phantom_pitch * 1000.0 / 1500.0  # named_view: SAD 1000, SID 1500
+    grow = (1000.0 + (hi_all[1] - lo_all[1])) / 1000.0
+    lo = np.array([centre[0] - half * grow - 10, lo_all[1] - 2, centre[2] - half * grow - 10])
+    hi = np.array([centre[0] + half * grow + 10, hi_all[1] + 2, centre[2] + half * grow + 10])
+    shape = tuple(int(n) for n in np.ceil((hi - lo) / a.voxel))
+    r = voxelise_meshes(meshes, table, spacing=a.voxel, box=(lo, shape))
+    cal = xray.HuTable.default()
+    gv = gvxr_setup(g)
+    ntri = 0
+    for n, m in meshes.items():
+        part = {k: float(np.asarray(v).ravel()[0]) for k, v in cal.partial_densities(np.array([table[n]["hu"]])).items()
+                if np.asarray(v).ravel()[0] > 0}
+        # gas (-1000 HU: no material in the calibration) is still a mesh, so that the skin's
+        # remainder leaves it out: air at its own density (1.2 mg/cm3; ctwin takes it as empty)
+        part = part or {"air": xray.density("air")}
+        # triangles of a few mm: the screen-space depth error (second order in the triangle's size)
+        # is negligible, so they go as they are
+        ntri += gvxr_add_mesh(gv, n, m.vertices, m.faces, part, outer=(n == SKIN), max_edge_mm=None)
+    print(f"phantom meshes ({region} AP, {a.phantom_size}^2 at {a.phantom_pitch:g} mm, isocentre {np.round(centre)}): "
+          f"{len(meshes)} meshes ({ntri} triangles to gVirtualXray), ctwin voxelised at {a.voxel:g} mm onto "
+          f"{'x'.join(map(str, shape))} in {r.seconds:.0f} s")
+    peer = {kvp: gvxr_image(gv, kvp) for kvp in kvps}
+    for meth in ("siddon", "trilinear"):
+        mi = material_integrals(r.ct, g, cal, method=meth, device="auto")
+        for kvp in kvps:
+            ours = xray.form_image(mi, xray.XraySetup(kvp=kvp), g)["intensity"]
+            if a.save:
+                Path(a.save).mkdir(parents=True, exist_ok=True)
+                np.save(Path(a.save) / f"phantom_{region}_{kvp}_{meth}_ctwin.npy", ours)
+                np.save(Path(a.save) / f"phantom_{region}_{kvp}_gvxr.npy", peer[kvp])
+            res = compare(ours, peer[kvp])
+            inner = compare(ours, peer[kvp], interior=True)
+            print(f"  {kvp} kVp, ctwin {meth:9s} vs gVirtualXray: MAPE {res[0]:.3f} % over {res[2]} body pixels, "
+                  f"ZNCC {res[1]:.6f} (away from edges MAPE {inner[0]:.3f} % over {inner[2]} pixels)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--voxel", type=float, default=1.0)
+    ap.add_argument("--phantom-size", type=int, default=192)
+    ap.add_argument("--phantom-pitch", type=float, default=1.6, help="detector pixel pitch of the phantom view, mm")
+    ap.add_argument("--phantom-spacing", type=float, default=3.0, help="phantom CT voxel size the meshes come from")
+    ap.add_argument("--cache", default="/tmp/bench_gvxr", help="where the phantom and its meshes are kept")
+    ap.add_argument("--skip-phantom", action="store_true")
+    ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--regions", nargs="+", default=["pelvis", "chest"], choices=sorted(REGIONS))
+    ap.add_argument("--save", help="folder for the phantom images (.npy), to inspect")
     a = ap.parse_args()
     try:
         import gvxrPython3  # noqa: F401
     except ImportError:
         print("gVirtualXray is not installed: see this file's docstring")
         return
-    boxes = step_phantom()
-    g = geometry(a.size)
     kvps = (70, 120)
-    peer = gvxr_images(boxes, g, kvps)
-    vol = voxelise(boxes, a.voxel)
-    ints = material_integrals(vol, g, xray.HuTable.from_dict(TABLE), device="auto")
-    truth_ints = analytic_integrals(boxes, g)
-    print(f"water/bone step phantom, {a.size}^2, voxels {a.voxel:g} mm, ideal energy-integrating detector")
-    for kvp in kvps:
-        setup = xray.XraySetup(kvp=kvp)
-        ours = xray.form_image(ints, setup, g)["intensity"]
-        truth = xray.form_image(truth_ints, setup, g)["intensity"]  # exact chords, same spectrum/materials
-        flip = compare(ours[::-1], peer[kvp])
-        res = compare(ours, peer[kvp])
-        inner = compare(ours, peer[kvp], interior=True)
-        print(f"  {kvp} kVp: ctwin vs gVirtualXray: MAPE {res[0]:.3f} % over {res[2]} body pixels, ZNCC {res[1]:.5f}; "
-              f"away from edges MAPE {inner[0]:.3f} % over {inner[2]} pixels"
-              f"  (same image flipped vertically: MAPE {flip[0]:.1f} %, ZNCC {flip[1]:.3f})")
-        for name, img in (("ctwin", ours), ("gVirtualXray", peer[kvp])):
-            r = compare(img, truth)
-            print(f"    {name:12s} vs exact ray-box chords: MAPE {r[0]:.3f} %, ZNCC {r[1]:.6f}")
+    if not a.skip_steps:
+        step_case(a, kvps)
+    if not a.skip_phantom:
+        for region in a.regions:
+            phantom_case(a, kvps, region)
 
 
 if __name__ == "__main__":

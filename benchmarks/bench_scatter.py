@@ -14,12 +14,20 @@ Water slabs 5-30 cm thick, 30 x 30 cm field, the slab lying on the table 50 mm a
   8 scatter depths, thickness groups, one energy per group, the water-equivalent thickness read
   from the polychromatic primary); it is the same first-order physics, not a Monte Carlo;
 - the time of one scatter image (loaded shared machine).
-No published Monte Carlo SPR table for water slabs could be obtained on this machine (only the
-qualitative statements that SPR grows with thickness, field and kVp, and exceeds 1 for a pelvis
-in cone-beam CT: Siewerdsen & Jaffray, Med Phys 28:220, 2001, abstract), so this prints no
-reference column and claims no validation against Monte Carlo. The model has no multiple scatter:
-for thick slabs the true SPR is larger (multiple scatter dominates beyond ~10 cm of water).
-Only measured numbers are printed.
+No published Monte Carlo SPR table for water slabs could be read on this machine (Chan & Doi, Med
+Phys 12:152, 1985; Boone & Seibert, Med Phys 15:713, 1988; Persliden & Carlsson 1997 and Sandborg
+et al. 1993 were searched: only their abstracts are reachable, without the tables), so the table
+has no Monte Carlo column and claims no validation against Monte Carlo. After it, the only
+published SPR figures that could be read are printed beside the model's value for the nearest
+set-up, for scale only (their set-ups differ or are not fully known):
+- Johns & Yaffe, "Coherent scatter in diagnostic radiology", Med Phys 10(1), 1983 (abstract):
+  radiography of the abdomen, coherent first scatter = 26 % of the primary and 10 % of all scatter
+  before a grid (so SPR ~ 2.6), 7.5 % and 22 % behind a grid (SPR ~ 0.34);
+- Altunbas et al., AAPM 2016 abstract WE-AB-207A-10 (Med Phys 43(6), 2016; full paper
+  Med Phys 44:3952, 2017), measured with a beam stop on a linac-mounted CBCT: 30 cm of acrylic,
+  SPR 4.51 without a grid and 1.28 with a 10:1 grid.
+Both are several times the first-order model's values: the model has no multiple scatter, which
+dominates in thick bodies, so its SPR is a lower bound. Only measured numbers are printed.
 """
 from __future__ import annotations
 
@@ -82,6 +90,20 @@ def main() -> int:
                 print(f"{kvp:4.0f} {grid or 0:5.0f} {cm:4d} {rec['effective_kev']:6.1f} {rec['spr_centre']:8.3f} "
                       f"{ref:8.3f} {diff:7.1f} {dt:6.2f}")
     print(f"max |model - single-scatter integral| = {worst:.1f} %")
+    print("published figures (set-ups differ; for scale, not a validation):")
+    for kvp, cm, grid, ref, src in ((70.0, 20, None, 2.6, "Johns & Yaffe 1983, abdomen, no grid (~2.6)"),
+                                    (70.0, 20, 10.0, 0.34, "Johns & Yaffe 1983, abdomen, grid (~0.34)"),
+                                    (120.0, 30, None, 4.51, "Altunbas et al. 2016, 30 cm acrylic CBCT, no grid"),
+                                    (120.0, 30, 10.0, 1.28, "Altunbas et al. 2016, same, 10:1 grid")):
+        t = cm * 10.0
+        d = GAP + t / 2.0
+        g = Geometry(source_mm=[0, 0, -(SID - d)], detector_center_mm=[0, 0, d], detector_u=[1, 0, 0],
+                     detector_v=[0, 1, 0], pixel_spacing_mm=(FIELD / N, FIELD / N), size_px=(N, N),
+                     extra={"sad_mm": SID - d})
+        rec = xray.form_image({"water": np.full((N, N), t)}, xray.XraySetup(kvp=kvp, scatter=True, grid_ratio=grid),
+                              g)["sidecar"]["scatter_model"]
+        print(f"  {src}: published {ref:.2f}; model ({cm} cm water, {kvp:.0f} kVp, "
+              f"{'10:1 grid' if grid else 'no grid'}) {rec['spr_centre']:.2f} (ratio {ref / rec['spr_centre']:.1f})")
     return 0
 
 

@@ -656,9 +656,11 @@ def form_image(material_integrals: dict, setup: XraySetup, geometry) -> dict:
 #   oblique exit path at its lower (Compton) energy, exp(-(mu'/cos(theta) - mu) h) relative to the
 #   primary, and deposits E' eta(E') instead of E eta(E) in the energy-integrating detector.
 # Multiple scatter is not modelled: in thick bodies (> ~10 cm water) it is a large part of the total,
-# so the SPR here is a first-order value (a lower bound). No published Monte Carlo SPR table could be
-# obtained to validate the kernels; they are checked against a direct volume integration of single
-# scatter in a water slab (tests, benchmarks/bench_scatter.py), which tests the kernel
+# so the SPR here is a first-order value (a lower bound): the published SPR figures that could be read
+# (Johns & Yaffe, Med Phys 10(1), 1983, abdomen; Altunbas et al., AAPM 2016 WE-AB-207A-10, 30 cm
+# acrylic; printed by benchmarks/bench_scatter.py) are 3-10x these values. No published Monte Carlo
+# SPR table could be read to validate the kernels; they are checked against a direct volume
+# integration of single scatter in a water slab (tests, benchmarks/bench_scatter.py), which tests the kernel
 # approximations (mid-plane scattering, laterally uniform slab), not the physics of multiple scatter.
 SCATTER_TAU_MM = (0.0, 25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0)  # kernel groups, interpolated
 # Anti-scatter grid: a linear focused grid of lead lamellae with aluminium interspacers (the common

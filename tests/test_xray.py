@@ -364,32 +364,39 @@ def _bench_gvxr():
 
 def test_primary_matches_exact_chords():
     """Water/bone boxes voxelised at 1 mm against the exact ray-box chord lengths (same spectrum
-    and materials): the projector and calibration chain reproduce the exact primary image."""
+    and materials): with Siddon's exact voxel path lengths the projector and calibration chain
+    reproduce the exact primary image; the trilinear projector spreads each edge over about a
+    voxel (the interior still agrees)."""
     B = _bench_gvxr()
     boxes, g = B.step_phantom(), B.geometry(96)
-    ints = material_integrals(B.voxelise(boxes, 1.0), g, xray.HuTable.from_dict(B.TABLE), device="cpu")
+    vol, table = B.voxelise(boxes, 1.0), xray.HuTable.from_dict(B.TABLE)
+    ints = {m: material_integrals(vol, g, table, method=m, device="cpu") for m in ("siddon", "trilinear")}
+    truth_ints = B.analytic_integrals(boxes, g)
     for kvp in (70, 120):
         setup = xray.XraySetup(kvp=kvp)
-        ours = xray.form_image(ints, setup, g)["intensity"]
-        truth = xray.form_image(B.analytic_integrals(boxes, g), setup, g)["intensity"]
+        truth = xray.form_image(truth_ints, setup, g)["intensity"]
+        ours = xray.form_image(ints["siddon"], setup, g)["intensity"]
         mape, zncc, n = B.compare(ours, truth)
-        assert n > 1000 and mape < 1.0 and zncc > 0.995
-        assert B.compare(ours, truth, interior=True)[0] < 0.05
+        assert n > 1000 and mape < 0.01 and zncc > 0.99999
+        tri = xray.form_image(ints["trilinear"], setup, g)["intensity"]
+        assert B.compare(tri, truth)[0] < 5.0 and B.compare(tri, truth, interior=True)[0] < 0.05
 
 
 def test_primary_matches_gvirtualxray():
-    """Same boxes, spectrum and geometry through gVirtualXray (optional peer, meshes) and ctwin
-    (voxelised at 1 mm): away from the box edges the images agree to well under 1 %."""
+    """Same boxes, spectrum and geometry through gVirtualXray (optional peer, meshes split into
+    short triangles) and ctwin (voxelised at 1 mm, Siddon): MAPE over every attenuated pixel
+    <= 1 % and ZNCC >= 0.999 (the issue's criteria; both in fact agree to ~0.001 %)."""
     pytest.importorskip("gvxrPython3", reason="gVirtualXray is not installed (optional peer: pip install gvxr, "
                                               "plus Mesa EGL; see benchmarks/bench_gvxr.py)")
     B = _bench_gvxr()
-    boxes, g = B.step_phantom(), B.geometry(128)
-    peer = B.gvxr_images(boxes, g, (70,))[70]
-    if not np.any(peer < 0.99):
+    boxes, g = B.step_phantom(), B.geometry(96)
+    peer = B.gvxr_boxes(boxes, g, (70, 120))
+    if not np.any(peer[70] < 0.99):
         pytest.skip("gVirtualXray produced an empty image here (no usable OpenGL/EGL context)")
-    ints = material_integrals(B.voxelise(boxes, 1.0), g, xray.HuTable.from_dict(B.TABLE), device="cpu")
-    ours = xray.form_image(ints, xray.XraySetup(kvp=70), g)["intensity"]
-    mape_in, _, n_in = B.compare(ours, peer, interior=True)
-    mape, zncc, _ = B.compare(ours, peer)
-    assert n_in > 1000 and mape_in < 0.5
-    assert zncc > 0.999
+    ints = material_integrals(B.voxelise(boxes, 1.0), g, xray.HuTable.from_dict(B.TABLE), method="siddon",
+                              device="cpu")
+    for kvp in (70, 120):
+        ours = xray.form_image(ints, xray.XraySetup(kvp=kvp), g)["intensity"]
+        mape, zncc, n = B.compare(ours, peer[kvp])
+        assert n > 1000 and mape <= 1.0 and zncc >= 0.999
+        assert mape < 0.05  # measured ~0.0004 %: any real disagreement shows
