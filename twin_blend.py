@@ -120,7 +120,6 @@ def twin_provider(scene, frame):
 
     import bpy
 
-    from .core.articulated import to_projector_scene
     from .core.twin import load_twin
     from .render import scene_volumes
     from .rig.armature import armature_pose
@@ -140,7 +139,7 @@ def twin_provider(scene, frame):
         pose, transl = armature_pose(scene_volumes.evaluated(arm))
     else:
         pose, transl = twin.pose0, None
-    return to_projector_scene(twin.posed_scene(pose, transl))
+    return twin.posed_scene(pose, transl)
 
 
 def register():
@@ -209,7 +208,7 @@ def session_provider(scene, frame):
     the evaluated armature."""
     import os
 
-    from .core.articulated import posed_scene, prepare_articulated, to_projector_scene
+    from .core.articulated import posed_scene, prepare_articulated
     from .core.ct import load_ct
     from .core.segmentation import load_segmentation
     from .core.skeleton import JOINT_NAMES
@@ -264,4 +263,4 @@ def session_provider(scene, frame):
     joint_deltas = np.stack([deltas[n] for n in JOINT_NAMES])
     from .core.twin import WARP_SPACING_MM
 
-    return to_projector_scene(posed_scene(art, bone_deltas, joint_deltas, warp_spacing_mm=WARP_SPACING_MM))
+    return posed_scene(art, bone_deltas, joint_deltas, warp_spacing_mm=WARP_SPACING_MM)

@@ -38,7 +38,7 @@ load_package("ctwin")
 
 from ctwin.core import progress  # noqa: E402
 from ctwin.core.carm import named_view  # noqa: E402
-from ctwin.core.projector import (Scene, SubVolume, prepare_volume, render_drr,  # noqa: E402
+from ctwin.core.projector import (Scene, PlacedVolume, prepare_volume, render_drr,  # noqa: E402
                                   render_drr_batch, render_scene)
 from ctwin.core.volume import Volume, affine_from  # noqa: E402
 
@@ -123,7 +123,7 @@ def agreement(vol: Volume, name: str, size: int, jp):
     lo, hi = pv.bbox_world()
     disp = np.full((6, 6, 6, 3), 2.5, np.float32)
     waff = affine_from(tuple((hi - lo) / 5.0), tuple(lo))
-    sc = Scene(base=vol, subs=[SubVolume(sub, mask, aff)], warp=(disp, waff))
+    sc = Scene(base=vol, parts=[PlacedVolume(sub, mask, aff)], warp=(disp, waff))
     g = named_view("ap", pv.bbox_world(), size=size)
     a = render_scene(sc, g, device="cpu")
     b = render_scene(sc, g, device="cuda")

@@ -131,15 +131,14 @@ def main(argv=None):
                 bd, jd = new_pose()
                 s = time.perf_counter()
                 sc = A.posed_scene(art, bd, jd, warp_spacing_mm=WARP_MM)
-                ps = A.to_projector_scene(sc)
-                saved = dict(ps._buffer_state)
-                ps._buffer_state.clear()  # this frame is composed without buffer reuse
+                saved = dict(sc._buffer_state)
+                sc._buffer_state.clear()  # this frame is composed without buffer reuse
                 A.render_posed(sc, g, device=dev)
                 t["full"].append(time.perf_counter() - s)
-                used = id(next(reversed(ps._composed.values()))[2])
+                used = id(next(reversed(sc._composed.values()))[2])
                 for key, st in saved.items():  # the other buffers keep their state
                     if key != used:
-                        ps._buffer_state.setdefault(key, st)
+                        sc._buffer_state.setdefault(key, st)
                 bd, jd = new_pose()
                 s = time.perf_counter()
                 sc = A.posed_scene(art, bd, jd, warp_spacing_mm=WARP_MM)

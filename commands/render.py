@@ -123,12 +123,13 @@ def options(args) -> dict:
 def run(args) -> int:
     from ..core import progress
     from ..core.carm import named_view
+    from ..core.ct import load_ct
     from ..core.errors import CtwinError
     from ..core.fileio import read_json
-    from ..core.projector import prepare_volume, render_value, resolve_device
-    from .xray_args import setup_from_args, write_output
-
-    from ..core.safety import check_out_dir, clean_stale_partials, frame_to_skip, request_keys
+    from ..core.frames import FrameView, render_frames
+    from ..core.projector import prepare_volume, render_drr, resolve_device, xray_line_integral
+    from ..core.safety import check_out_dir, request_keys
+    from .xray_args import setup_from_args
 
     validate(args)
     size = parse_size(args.size)
@@ -148,11 +149,8 @@ def run(args) -> int:
         if size is not None:
             geometry = geometry.with_size(*size)
     if args.twin:
-        try:
-            from ..core.twin import render_twin
-        except ImportError:
-            raise CtwinError("rendering a twin needs core.twin.render_twin, which this build does not "
-                             "have yet; use --ct to render a plain CT") from None
+        from ..core.twin import render_twin
+
         if args.seg or args.label_material:
             raise CtwinError("--seg/--label-material work with --ct; a twin's labels are not overridden yet")
         if args.motion and not args.source_model:
@@ -175,10 +173,6 @@ def run(args) -> int:
     ctp = Path(args.ct)
     if not ctp.exists():
         raise CtwinError(f"CT not found: {ctp}")
-    try:
-        from ..core.ct import load_ct
-    except ImportError:
-        from ..core.volume import load_nifti as load_ct
     vol = load_ct(ctp)
     if xray is not None:
         from .xray_args import apply_label_overrides
@@ -192,9 +186,8 @@ def run(args) -> int:
         names = [args.view] if args.view else ["ap", "lateral"]
         views = {n: named_view(n, vol, sad_mm=args.sad, sid_mm=args.sid, size=size or 512,
                                parallel=args.parallel) for n in names}
-    clean_stale_partials(out)
+    todo = []
     for i, (name, g) in enumerate(views.items()):
-        stem = out / f"{name}_{frame:04d}"
         if xray is not None:
             xray.seed = args.seed + frame
             xray.stream = i
@@ -203,15 +196,17 @@ def run(args) -> int:
                                **{"kvp": args.kvp,
                                   **request_keys(args.step, args.photons, args.electronic_noise,
                                                  args.seed + frame, xray)})
-        if frame_to_skip(stem, sidecar, args.overwrite, fmt=args.format):
-            progress.report(f"{stem.name}: already written, skipped", (i + 1) / len(views))
-            continue
-        rec = {}
-        img = render_value(pv, g, device=device, **{**options(args), "seed": args.seed + frame},
-                           xray=xray, record=rec)
-        write_output(stem, img, {**sidecar, **rec}, args.format)
-        ext = "dcm" if args.format == "dicom" else "tif"
-        progress.report(f"{stem.name}.{ext} written ({g.width}x{g.height})", (i + 1) / len(views))
+        todo.append(FrameView(name, out / f"{name}_{frame:04d}", g, sidecar))
+
+    def render(f, v, state, record):
+        if xray is not None:
+            return xray_line_integral(pv, v.geometry, xray, method=args.method, step_mm=args.step,
+                                      device=device, record=record)
+        return render_drr(pv, v.geometry, method=args.method, step_mm=args.step, device=device)
+
+    render_frames([(frame, todo)], render, value=args.value, photons=args.photons,
+                  electronic_sigma=args.electronic_noise or 0.0, seed=args.seed, xray=xray,
+                  overwrite=args.overwrite, fmt=args.format)
     return 0
 
 

@@ -76,15 +76,3 @@ def apply_label_overrides(args, vol, xray):
     out, mats, applied = apply_label_materials(vol, labelmap, names, mapping)
     xray.overrides, xray.label_materials = mats, applied
     return out
-
-
-def write_output(stem, image, sidecar: dict, fmt: str) -> None:
-    """``stem.tif`` or ``stem.dcm``, and ``stem.json`` beside it (written last)."""
-    if fmt == "dicom":
-        from ..core.dicom_dx import write_frame_dicom
-
-        write_frame_dicom(stem, image, sidecar)
-        return
-    from ..core.projector import write_frame
-
-    write_frame(stem, image, sidecar)

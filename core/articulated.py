@@ -1,4 +1,4 @@
-"""Volumetric articulated CT: render the posed twin from its own voxels (issue 8).
+"""Volumetric articulated CT: render the posed twin from its own voxels.
 
 The CT is decomposed once (``prepare_articulated``) into
 
@@ -13,7 +13,8 @@ The CT is decomposed once (``prepare_articulated``) into
   nearest bone, ``exp(-(d_j - d_min) / (tau + slope d_min))`` (normalised, below 2 % dropped).
 
 ``posed_scene`` turns a pose (per-structure 4x4 rest->posed transforms and per-joint deltas D_j)
-into a ``PosedScene``: each rigid part gets ``affine' = D @ affine``; the soft tissue gets an
+into a posed ``core.projector.Scene``: each rigid part (a ``core.projector.PlacedVolume``) gets
+``affine' = D @ affine``; the soft tissue (the scene's base) gets an
 inverse-warp displacement grid (posed point y -> rest point x with y = sum_j w_j(x) D_j x) that a
 renderer interpolates trilinearly.
 
@@ -33,25 +34,26 @@ soft tissue pulled through the warp where it moved, parts written by the rule ab
 frame) and renders it with the static kernels; ``backend="projector"`` evaluates the rule at every
 ray sample instead, ``backend="reference"`` is a slow numpy ray marcher.
 
-Deviations from the planned API (documented for the lead):
-- The table and other static objects are a rigid part with the identity transform (kind
-  ``"static"``) rather than a "world" weight channel: they stay exactly in place whatever the warp
-  does, and the soft tissue outside the body is air.
+The table and other static objects are a rigid part with the identity transform (kind ``"static"``)
+rather than a "world" weight channel: they stay exactly in place whatever the warp does, and the
+soft tissue outside the body is air.
 """
 from __future__ import annotations
 
 import json
 import math
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .errors import CtwinError
 from .fileio import atomic_path, write_json
+from .kernels import claims, lerp3
 from .labels import is_skeletal
 from .progress import report
+from .projector import PlacedVolume, Scene, _grid_from_bounds, compose_scene, render_scene
 from .skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, forward_kinematics, rodrigues
 from .volume import Volume, resample_onto
 
@@ -66,9 +68,6 @@ AIR_MISS_NODES = 2.5
 # Default label -> SMPL joint (the joint whose transform moves that bone, as in SMPL's skinning:
 # joint j moves the segment from j to its child).
 # --------------------------------------------------------------------------------------------
-
-_SIDE = {"left": "left", "right": "right"}
-
 
 def default_joint_for_label(name: str) -> str | None:
     """The SMPL joint that moves a skeletal structure, by its TotalSegmentator-style name."""
@@ -124,29 +123,18 @@ def resolve_joint(bone, label_name: str | None = None) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RigidPart:
-    """A rigid sub-volume of the CT: ``hu``/``mask`` on the CT grid starting at voxel ``offset``."""
-
-    name: str  # label name, or "static"
-    kind: str  # "bone" or "static"
-    bone: str | None  # the rig bone it is bound to (binding value), None for static
-    joint: int  # SMPL joint index that moves it by default (-1: none / static)
-    offset: np.ndarray  # (3,) int, first voxel of the crop in the CT grid
-    hu: np.ndarray  # int16 crop of the CT (real values one voxel beyond the mask)
-    mask: np.ndarray  # uint8 crop, 1 where this part counts
-
-    def affine(self, ct_affine: np.ndarray) -> np.ndarray:
-        t = np.eye(4)
-        t[:3, 3] = self.offset
-        return ct_affine @ t
+def _crop_affine(ct_affine: np.ndarray, offset) -> np.ndarray:
+    """index -> world of a crop of the CT grid that starts at voxel ``offset``."""
+    t = np.eye(4)
+    t[:3, 3] = offset
+    return ct_affine @ t
 
 
 @dataclass
 class ArticulatedCT:
     affine: np.ndarray  # CT index -> LPS mm
     soft: np.ndarray  # int16 HU, CT grid: the CT with the parts' interiors filled
-    parts: list  # [RigidPart], in priority order (first counts first)
+    parts: list  # [PlacedVolume] crops of the CT grid at the acquisition pose, in priority order
     weights: np.ndarray  # float32 (a, b, c, C) skinning weights on a coarse grid (sum 1)
     weight_affine: np.ndarray  # coarse index -> LPS mm
     weight_joints: np.ndarray  # (C,) int joint index of each channel
@@ -159,7 +147,7 @@ class ArticulatedCT:
     def shape(self) -> tuple:
         return tuple(self.soft.shape)
 
-    def part(self, name: str) -> RigidPart:
+    def part(self, name: str) -> PlacedVolume:
         for p in self.parts:
             if p.name == name:
                 return p
@@ -173,10 +161,11 @@ class ArticulatedCT:
         arrays = {"soft": self.soft.astype(np.int16), "weights": self.weights.astype(np.float16)}
         meta_parts = []
         for i, p in enumerate(self.parts):
-            arrays[f"hu_{i}"] = p.hu.astype(np.int16)
+            arrays[f"hu_{i}"] = p.data.astype(np.int16)
             arrays[f"mask_{i}"] = p.mask.astype(np.uint8)
             meta_parts.append({"name": p.name, "kind": p.kind, "bone": p.bone, "joint": int(p.joint),
-                               "offset": [int(v) for v in p.offset], "shape": list(p.hu.shape)})
+                               "offset": [int(v) for v in p.offset_on(self.affine)],
+                               "shape": list(p.data.shape)})
         with atomic_path(d / "articulated.npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, **arrays)
@@ -199,16 +188,17 @@ class ArticulatedCT:
             meta = json.load(f)
         if meta.get("format") != "ctwin-articulated" or int(meta.get("version", 0)) > FORMAT_VERSION:
             raise CtwinError(f"{jp.name}: not a ctwin articulated CT of a supported version")
+        affine = np.asarray(meta["affine"], dtype=np.float64)
         with np.load(npz) as z:
             parts = []
             for i, pm in enumerate(meta["parts"]):
-                parts.append(RigidPart(pm["name"], pm["kind"], pm["bone"], int(pm["joint"]),
-                                       np.asarray(pm["offset"], dtype=np.int64), z[f"hu_{i}"],
-                                       z[f"mask_{i}"]))
+                parts.append(PlacedVolume(z[f"hu_{i}"], z[f"mask_{i}"],
+                                          _crop_affine(affine, np.asarray(pm["offset"], dtype=np.int64)),
+                                          pm["name"], pm["kind"], pm["bone"], int(pm["joint"])))
             soft = z["soft"]
             weights = z["weights"].astype(np.float32)
         jr = meta.get("joints_rest_mm")
-        return cls(np.asarray(meta["affine"], dtype=np.float64), soft, parts, weights,
+        return cls(affine, soft, parts, weights,
                    np.asarray(meta["weight_affine"], dtype=np.float64),
                    np.asarray(meta["weight_joints"], dtype=np.int64),
                    None if jr is None else np.asarray(jr, dtype=np.float64),
@@ -306,16 +296,16 @@ def prepare_articulated(ct: Volume, labelmap: Volume, names: dict, binding: dict
         bone = binding.get(name)
         if bone is None:
             bone = default_joint_for_label(name)
-        parts.append(RigidPart(name, "bone", None if bone is None else str(bone) if not isinstance(bone, (int, np.integer)) else JOINT_NAMES[int(bone)],
-                               resolve_joint(bone, name),
-                               np.array([s.start for s in sl], dtype=np.int64),
-                               hu[sl].astype(np.int16), (owner[sl] == lid).astype(np.uint8)))
+        parts.append(PlacedVolume(hu[sl].astype(np.int16), (owner[sl] == lid).astype(np.uint8),
+                                  _crop_affine(ct.affine, np.array([s.start for s in sl], dtype=np.int64)),
+                                  name, "bone", None if bone is None else str(bone) if not isinstance(bone, (int, np.integer)) else JOINT_NAMES[int(bone)],
+                                  resolve_joint(bone, name)))
     if static_mask.any():
         sl = ndimage.find_objects(static_mask.astype(np.uint8))[0]
         sl = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(sl, lab.shape))
-        parts.append(RigidPart("static", "static", None, -1,
-                               np.array([s.start for s in sl], dtype=np.int64),
-                               hu[sl].astype(np.int16), static_mask[sl].astype(np.uint8)))
+        parts.append(PlacedVolume(hu[sl].astype(np.int16), static_mask[sl].astype(np.uint8),
+                                  _crop_affine(ct.affine, np.array([s.start for s in sl], dtype=np.int64)),
+                                  "static", "static", None, -1))
 
     # -- soft tissue: real CT in a one-voxel shell inside the masks, interiors filled -------------
     union = (owner > 0) | static_mask
@@ -466,13 +456,8 @@ def _tri_flat(buf, off, ni, nj, nk, ci, cj, ck):
     v101 = float(buf[off + i1 * s + j0 * nk + k1])
     v110 = float(buf[off + i1 * s + j1 * nk + k0])
     v111 = float(buf[off + i1 * s + j1 * nk + k1])
-    c00 = v000 + (v100 - v000) * fi
-    c01 = v001 + (v101 - v001) * fi
-    c10 = v010 + (v110 - v010) * fi
-    c11 = v011 + (v111 - v011) * fi
-    c0 = c00 + (c10 - c00) * fj
-    c1 = c01 + (c11 - c01) * fj
-    return c0 + (c1 - c0) * fk
+    # along i first, then j, then k: lerp3 with the axes reversed
+    return lerp3(v000, v100, v010, v110, v001, v101, v011, v111, fk, fj, fi)
 
 
 def _tri3(vol, ci, cj, ck):
@@ -483,13 +468,8 @@ def _tri3(vol, ci, cj, ck):
     i1 = i0 + 1 if ni > 1 else i0
     j1 = j0 + 1 if nj > 1 else j0
     k1 = k0 + 1 if nk > 1 else k0
-    c00 = vol[i0, j0, k0] + (vol[i1, j0, k0] - vol[i0, j0, k0]) * fi
-    c01 = vol[i0, j0, k1] + (vol[i1, j0, k1] - vol[i0, j0, k1]) * fi
-    c10 = vol[i0, j1, k0] + (vol[i1, j1, k0] - vol[i0, j1, k0]) * fi
-    c11 = vol[i0, j1, k1] + (vol[i1, j1, k1] - vol[i0, j1, k1]) * fi
-    c0 = c00 + (c10 - c00) * fj
-    c1 = c01 + (c11 - c01) * fj
-    return c0 + (c1 - c0) * fk
+    return lerp3(vol[i0, j0, k0], vol[i1, j0, k0], vol[i0, j1, k0], vol[i1, j1, k0],
+                 vol[i0, j0, k1], vol[i1, j0, k1], vol[i0, j1, k1], vol[i1, j1, k1], fk, fj, fi)
 
 
 def sample_points(pts, base, base_inv, warp, warp_inv, has_warp, hu_flat, mask_flat,
@@ -508,18 +488,9 @@ def sample_points(pts, base, base_inv, warp, warp_inv, has_warp, hu_flat, mask_f
             nj = p_shape[p, 1]
             nk = p_shape[p, 2]
             ci = p_inv[p, 0, 0] * x + p_inv[p, 0, 1] * y + p_inv[p, 0, 2] * z + p_inv[p, 0, 3]
-            if ci < -0.5 or ci > ni - 0.5:
-                continue
             cj = p_inv[p, 1, 0] * x + p_inv[p, 1, 1] * y + p_inv[p, 1, 2] * z + p_inv[p, 1, 3]
-            if cj < -0.5 or cj > nj - 0.5:
-                continue
             ck = p_inv[p, 2, 0] * x + p_inv[p, 2, 1] * y + p_inv[p, 2, 2] * z + p_inv[p, 2, 3]
-            if ck < -0.5 or ck > nk - 0.5:
-                continue
-            ri = min(max(int(math.floor(ci + 0.5)), 0), ni - 1)
-            rj = min(max(int(math.floor(cj + 0.5)), 0), nj - 1)
-            rk = min(max(int(math.floor(ck + 0.5)), 0), nk - 1)
-            if mask_flat[p_off[p] + (ri * nj + rj) * nk + rk] == 0:
+            if not claims(mask_flat, p_off[p], ni, nj, nk, ci, cj, ck):
                 continue
             out[n] = _tri_flat(hu_flat, p_off[p], ni, nj, nk, ci, cj, ck)
             done = True
@@ -852,6 +823,8 @@ def air_border(wn, status, disp, thr):
 
 # (function, numba.njit options besides cache=True), compiled by _kernels()
 _KERNEL_DEFS = (
+    ("claims", {"inline": "always"}),
+    ("lerp3", {"inline": "always"}),
     ("_clampf", {"inline": "always"}),
     ("_tri_flat", {}),
     ("_tri3", {}),
@@ -898,110 +871,42 @@ def _kernels():
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ScenePart:
-    name: str
-    kind: str
-    hu: np.ndarray  # int16
-    mask: np.ndarray  # uint8
-    affine: np.ndarray  # index -> world mm in this frame
-
-
-@dataclass
-class PosedScene:
-    """A posed articulated CT. Values are HU; mu = 0.02/mm (1 + HU/1000) clipped at 0 (SPEC §5).
-
-    ``warp`` (a, b, c, 3) float32 is the displacement x_rest - y_posed (mm) on the grid
-    ``warp_affine``; the soft tissue at posed point y is ``soft(y + warp(y))`` (zero displacement
-    outside the warp grid). ``parts`` are in priority order.
-    """
-
-    soft: np.ndarray  # int16 HU on the rest CT grid
-    soft_affine: np.ndarray
-    parts: list  # [ScenePart]
-    warp: np.ndarray | None = None
-    warp_affine: np.ndarray | None = None
-    info: dict = field(default_factory=dict)
-    grid: tuple | None = None  # (first voxel, shape) on the soft grid's lattice holding the frame
-    _packed: tuple | None = field(default=None, repr=False, compare=False)
-    source: object = field(default=None, repr=False, compare=False)  # the ArticulatedCT
-
-    def bbox_world(self) -> tuple[np.ndarray, np.ndarray]:
-        """World box that holds everything non-air in this frame (CT box, parts, warp grid)."""
-        boxes = [_box_corners(self.soft_affine, self.soft.shape)]
-        for p in self.parts:
-            boxes.append(_box_corners(p.affine, p.hu.shape))
-        if self.warp is not None:
-            boxes.append(_box_corners(self.warp_affine, self.warp.shape[:3]))
-        c = np.concatenate(boxes)
-        return c.min(axis=0), c.max(axis=0)
-
-    def content_bbox(self) -> tuple[np.ndarray, np.ndarray]:
-        """World box of the CT box, the parts' posed boxes and the warp nodes that carry non-air
-        soft tissue (a tighter box than ``bbox_world``)."""
-        boxes = [_box_corners(self.soft_affine, self.soft.shape)]
-        for p in self.parts:  # the posed non-air voxels of each part
-            idx = np.argwhere((p.mask > 0) & (p.hu > -900))
-            if len(idx):
-                c = idx @ p.affine[:3, :3].T + p.affine[:3, 3]
-                half = 0.5 * np.abs(p.affine[:3, :3]).sum(axis=1)
-                boxes.append(np.stack([c.min(axis=0) - half, c.max(axis=0) + half]))
-        if self.warp is not None:
-            n = self.warp.shape[:3]
-            nodes = np.indices(n).reshape(3, -1).T @ self.warp_affine[:3, :3].T + self.warp_affine[:3, 3]
-            rest = nodes + self.warp.reshape(-1, 3)
-            inv = np.linalg.inv(self.soft_affine)
-            idx = np.rint(rest @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
-            shp = np.asarray(self.soft.shape)
-            ok = np.all((idx >= 0) & (idx < shp), axis=1) & np.isfinite(rest).all(axis=1)
-            occ = np.zeros(len(nodes), bool)
-            occ[ok] = self.soft[tuple(idx[ok].T)] > -900
-            occ &= np.abs(self.warp.reshape(-1, 3)).max(axis=1) > 0.01  # moved content only
-            if occ.any():
-                sp = 0.5 * np.abs(self.warp_affine[:3, :3]).sum(axis=1)
-                boxes.append(np.stack([nodes[occ].min(axis=0) - sp, nodes[occ].max(axis=0) + sp]))
-        c = np.concatenate(boxes)
-        return c.min(axis=0), c.max(axis=0)
-
-    def sample(self, points) -> np.ndarray:
-        """HU (float32) at world points (N, 3) by the composition rule."""
-        pts = np.ascontiguousarray(np.asarray(points, dtype=np.float64).reshape(-1, 3))
-        k = _kernels()
-        if self._packed is None:
-            if self.warp is not None:
-                warp = np.ascontiguousarray(self.warp, dtype=np.float32)
-                winv, has = np.ascontiguousarray(np.linalg.inv(self.warp_affine)[:3]), True
-            else:
-                warp, winv, has = np.zeros((1, 1, 1, 3), np.float32), np.eye(4)[:3].copy(), False
-            soft = np.asarray(self.soft)
-            if not (soft.dtype == np.int16 or soft.dtype == np.float32):
-                soft = soft.astype(np.int16 if np.issubdtype(soft.dtype, np.integer)
-                                   and soft.min() >= -32768 and soft.max() <= 32767 else np.float32)
-            self._packed = (np.ascontiguousarray(soft),
-                            np.ascontiguousarray(np.linalg.inv(self.soft_affine)[:3]),
-                            warp, winv, has) + _pack_parts(self.parts)
-        out = np.empty(len(pts), np.float64)
-        k["sample_points"](pts, *self._packed, out)
-        return out.astype(np.float32)
-
-
-def _box_corners(affine, shape) -> np.ndarray:
-    n = np.asarray(shape[:3], dtype=np.float64)
-    c = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64) * n - 0.5
-    return c @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+def sample_scene(scene: Scene, points) -> np.ndarray:
+    """HU (float32) of a scene at world points (N, 3) by the composition rule (float64 trilinear
+    inside each volume; the warp displacement trilinear, zero outside its grid)."""
+    pts = np.ascontiguousarray(np.asarray(points, dtype=np.float64).reshape(-1, 3))
+    res = scene.resident
+    if "sample_base" not in res:
+        soft = scene.base_data()
+        if not (soft.dtype == np.int16 or soft.dtype == np.float32):
+            soft = soft.astype(np.int16 if np.issubdtype(soft.dtype, np.integer)
+                               and soft.min() >= -32768 and soft.max() <= 32767 else np.float32)
+        res["sample_base"] = np.ascontiguousarray(soft)
+        res["sample_parts"] = _pack_parts(scene.parts)
+    if scene.warp is not None:
+        warp = np.ascontiguousarray(scene.warp[0], dtype=np.float32)
+        winv, has = np.ascontiguousarray(np.linalg.inv(scene.warp[1])[:3]), True
+    else:
+        warp, winv, has = np.zeros((1, 1, 1, 3), np.float32), np.eye(4)[:3].copy(), False
+    inv = (np.ascontiguousarray(np.stack([np.linalg.inv(p.affine)[:3] for p in scene.parts]))
+           if scene.parts else np.zeros((0, 3, 4)))
+    out = np.empty(len(pts), np.float64)
+    _kernels()["sample_points"](pts, res["sample_base"], np.ascontiguousarray(np.linalg.inv(scene.base.affine)[:3]),
+                                warp, winv, has, *res["sample_parts"], inv, out)
+    return out.astype(np.float32)
 
 
 def _pack_parts(parts):
+    """The parts' voxels and masks concatenated, with each one's offset and shape."""
     if not parts:
         return (np.zeros(1, np.int16), np.zeros(1, np.uint8), np.zeros(0, np.int64),
-                np.zeros((0, 3), np.int64), np.zeros((0, 3, 4)))
-    hu = np.concatenate([p.hu.ravel() for p in parts]).astype(np.int16)
+                np.zeros((0, 3), np.int64))
+    hu = np.concatenate([p.data.ravel() for p in parts]).astype(np.int16)
     mask = np.concatenate([p.mask.ravel() for p in parts]).astype(np.uint8)
-    sizes = np.array([p.hu.size for p in parts], dtype=np.int64)
+    sizes = np.array([p.data.size for p in parts], dtype=np.int64)
     off = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    shp = np.array([p.hu.shape for p in parts], dtype=np.int64)
-    inv = np.stack([np.linalg.inv(p.affine)[:3] for p in parts])
-    return hu, mask, off, shp, np.ascontiguousarray(inv)
+    shp = np.array([p.data.shape for p in parts], dtype=np.int64)
+    return hu, mask, off, shp
 
 
 def _is_identity(m, tol=1e-9) -> bool:
@@ -1010,8 +915,10 @@ def _is_identity(m, tol=1e-9) -> bool:
 
 def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_deltas=None, *,
                 warp_spacing_mm: float = 6.0, iterations: int = 12, tol_mm: float = 0.05,
-                air_miss_mm: float | None = None) -> PosedScene:
-    """Pose an articulated CT.
+                air_miss_mm: float | None = None) -> Scene:
+    """Pose an articulated CT: a ``core.projector.Scene`` (base = the soft tissue, parts = the rigid
+    parts placed for this pose, compose=True) that shares the resident arrays of every other frame
+    posed from ``art``.
 
     ``bone_deltas``: {label name or rig bone name: 4x4 world transform rest -> posed}.
     ``joint_deltas``: (24, 4, 4) D_j for the soft tissue (and for bones missing from
@@ -1038,28 +945,45 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
                 d = np.asarray(bone_deltas[p.bone], dtype=np.float64)
             elif jd is not None and p.joint >= 0:
                 d = jd[p.joint]
-        aff = p.affine(art.affine)
         moved = not _is_identity(d)
-        parts.append(ScenePart(p.name, p.kind, p.hu, p.mask, d @ aff if moved else aff))
+        parts.append(p.moved(d) if moved else replace(p))  # a frame's own objects (set_frame)
         if moved:
             cb = _part_content_box(art, p)
             if cb is not None:
-                a, b = _cell_box_bounds(ct_inv @ d @ aff, *cb)
+                a, b = _cell_box_bounds(ct_inv @ d @ p.affine, *cb)
                 lo, hi = np.minimum(lo, a), np.maximum(hi, b)
-    scene = PosedScene(art.soft, art.affine.copy(), parts, info={"warp": "none"}, source=art)
+    res = art._cache.setdefault("scene_resident", {})
+    if "base" not in res:
+        res["base"] = Volume(np.ascontiguousarray(art.soft), art.affine.copy())
+        res["warp_base"] = _warp_base(art)
+    scene = Scene(res["base"], parts, compose=True, warp_base=res["warp_base"], info={"warp": "none"},
+                  source=art, resident=res)
     D = None if jd is None or art.weights.shape[-1] == 0 else jd[art.weight_joints]
     if D is None or all(_is_identity(d) for d in D):
         scene.grid = _grid(art, lo, hi)
         return scene
     warp, waff, grid, info = _inverse_warp_grid(art, D, warp_spacing_mm, iterations, tol_mm, lo, hi, air_miss_mm)
-    scene.warp, scene.warp_affine, scene.grid = warp, waff, grid
+    scene.warp, scene.grid = (warp, waff), grid
     scene.info = info
     return scene
 
 
-def _grid(art, lo, hi):
-    from .projector import _grid_from_bounds
+def _warp_base(art: ArticulatedCT):
+    """What the warp pulls: the soft tissue without the static parts' edge voxels (kept in the soft
+    tissue for exactness at rest), so that a table's edge does not travel with the tissue on it;
+    None when there is no static part."""
+    wb = None
+    for p in art.parts:
+        if p.kind == "static":
+            if wb is None:
+                wb = np.array(art.soft, dtype=np.int16, copy=True)
+            t = p.offset_on(art.affine)
+            sl = tuple(slice(int(a), int(a) + n) for a, n in zip(t, p.mask.shape))
+            wb[sl][p.mask > 0] = AIR_HU
+    return wb
 
+
+def _grid(art, lo, hi):
     return _grid_from_bounds(lo, hi, np.asarray(art.shape, np.int64))
 
 
@@ -1075,7 +999,7 @@ def _part_content_box(art, p):
     """Index box (lo, hi) of a part's masked non-air voxels (cached per ArticulatedCT)."""
     boxes = art._cache.setdefault("part_boxes", {})
     if p.name not in boxes:
-        m = (p.mask > 0) & (p.hu > -900)
+        m = (p.mask > 0) & (p.data > -900)
         if m.any():
             idx = [np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
             boxes[p.name] = (np.array([v[0] for v in idx], np.float64), np.array([v[-1] for v in idx], np.float64))
@@ -1217,18 +1141,19 @@ def forward_lbs(art: ArticulatedCT, points, joint_deltas) -> np.ndarray:
     return out
 
 
-def sample_warp(scene: PosedScene, points) -> np.ndarray:
+def sample_warp(scene: Scene, points) -> np.ndarray:
     """Rest points for posed world points through the scene's warp grid (trilinear)."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     if scene.warp is None:
         return pts.copy()
     from scipy import ndimage
 
-    idx = (pts - scene.warp_affine[:3, 3]) @ np.linalg.inv(scene.warp_affine[:3, :3]).T
-    inside = np.all((idx >= -0.5) & (idx <= np.asarray(scene.warp.shape[:3]) - 0.5), axis=1)
+    warp, waff = scene.warp
+    idx = (pts - waff[:3, 3]) @ np.linalg.inv(waff[:3, :3]).T
+    inside = np.all((idx >= -0.5) & (idx <= np.asarray(warp.shape[:3]) - 0.5), axis=1)
     disp = np.zeros_like(pts)
     for c in range(3):
-        disp[:, c] = ndimage.map_coordinates(scene.warp[..., c].astype(np.float64), idx.T, order=1,
+        disp[:, c] = ndimage.map_coordinates(warp[..., c].astype(np.float64), idx.T, order=1,
                                              mode="nearest")
     disp[~inside] = 0
     return pts + disp
@@ -1239,19 +1164,17 @@ def sample_warp(scene: PosedScene, points) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def compose_volume(scene: PosedScene, affine=None, shape=None) -> Volume:
+def compose_volume(scene: Scene, affine=None, shape=None) -> Volume:
     """The posed scene on a grid (HU, float32).
 
     Default grid: the scene's own (``scene.grid``: the CT's axes and spacing, extended in whole
     8-voxel blocks where the posed content leaves the CT box), written by
     ``core.projector.compose_scene`` (what ``render_posed`` renders); at the acquisition pose it is
     the CT voxel for voxel. With ``affine`` and ``shape``: the composition rule sampled at that
-    grid's voxel centres (``PosedScene.sample``).
+    grid's voxel centres (``sample_scene``).
     """
     if affine is None:
-        from . import projector
-
-        pv = projector.compose_scene(to_projector_scene(scene))
+        pv = compose_scene(scene)
         return Volume(pv.flat.reshape(pv.shape).astype(np.float32), pv.affine.copy(), {"articulated": True})
     affine = np.asarray(affine, dtype=np.float64)
     out = np.empty(int(np.prod(shape)), np.float32)
@@ -1264,7 +1187,7 @@ def compose_volume(scene: PosedScene, affine=None, shape=None) -> Volume:
         ii = np.arange(i, min(i + step, ni), dtype=np.float64)
         idx = np.concatenate([np.repeat(ii, plane)[:, None], np.tile(jk, (len(ii), 1))], axis=1)
         pts = idx @ affine[:3, :3].T + affine[:3, 3]
-        out[i * plane: i * plane + len(pts)] = scene.sample(pts)
+        out[i * plane: i * plane + len(pts)] = sample_scene(scene, pts)
     return Volume(out.reshape(shape), affine, {"articulated": True})
 
 
@@ -1296,7 +1219,7 @@ def geometry_rays(geometry):
     return o, d, (h, w)
 
 
-def render_scene_reference(scene: PosedScene, geometry, step_mm: float = 0.5) -> np.ndarray:
+def render_scene_reference(scene: Scene, geometry, step_mm: float = 0.5) -> np.ndarray:
     """Slow, simple ray marcher for scenes (tests/reference): line integrals of mu, (H, W) float32.
 
     Samples every ``step_mm`` (midpoint rule) inside the scene's world box.
@@ -1321,48 +1244,17 @@ def render_scene_reference(scene: PosedScene, geometry, step_mm: float = 0.5) ->
     for s in range(0, len(rays), chunk):
         rr = rays[s: s + chunk]
         pts = o[rr, None, :] + ts[None, :, None] * d[rr, None, :]
-        vals = hu_to_mu(scene.sample(pts.reshape(-1, 3))).reshape(len(rr), n_steps)
+        vals = hu_to_mu(sample_scene(scene, pts.reshape(-1, 3))).reshape(len(rr), n_steps)
         out[rr] = vals.sum(axis=1) * step_mm
     return out.reshape(h, w).astype(np.float32)
 
 
-def static_scene(ct: Volume) -> PosedScene:
+def static_scene(ct: Volume) -> Scene:
     """A plain CT as a scene (no parts, no warp): the reference for the articulated renders."""
-    return PosedScene(np.asarray(ct.data), ct.affine.copy(), [], info={"warp": "none"})
+    return Scene(ct, [], info={"warp": "none"})
 
 
-def to_projector_scene(scene: PosedScene):
-    """The posed scene as a ``core.projector.Scene`` (base = soft tissue, subs = rigid parts).
-
-    The projector keeps its arrays resident: the Scene is built once per ``ArticulatedCT`` and only
-    the sub-volume affines and the warp are updated per frame (``Scene.set_frame``).
-    """
-    from . import projector
-
-    art = scene.source
-    ps = None if art is None else art._cache.get("projector_scene")
-    if ps is None or len(ps.subs) != len(scene.parts):
-        base = Volume(np.ascontiguousarray(scene.soft), scene.soft_affine.copy())
-        subs = [projector.SubVolume(p.hu, p.mask, p.affine.copy()) for p in scene.parts]
-        # the warp pulls soft tissue without the static parts' edge voxels (kept in the soft
-        # tissue for exactness at rest): a table's edge must not travel with the tissue on it
-        wb = None
-        for p in scene.parts:
-            if p.kind == "static":
-                if wb is None:
-                    wb = np.array(scene.soft, dtype=np.int16, copy=True)
-                t = np.rint(np.linalg.solve(scene.soft_affine, p.affine)[:3, 3]).astype(int)
-                sl = tuple(slice(int(a), int(a) + n) for a, n in zip(t, p.mask.shape))
-                wb[sl][p.mask > 0] = AIR_HU
-        ps = projector.Scene(base=base, subs=subs, compose=True, warp_base=wb)
-        if art is not None:
-            art._cache["projector_scene"] = ps
-    ps.set_frame([p.affine for p in scene.parts],
-                 None if scene.warp is None else (scene.warp, scene.warp_affine), scene.grid)
-    return ps
-
-
-def render_posed(scene: PosedScene, geometry, *, step_mm: float | None = None,
+def render_posed(scene: Scene, geometry, *, step_mm: float | None = None,
                  device: str = "auto", backend: str = "auto") -> np.ndarray:
     """Line integrals of mu through a posed scene, float32 (H, W).
 
@@ -1372,10 +1264,7 @@ def render_posed(scene: PosedScene, geometry, *, step_mm: float | None = None,
     or "reference" (``render_scene_reference``, slow).
     """
     if backend in ("auto", "compose", "projector"):
-        from . import projector
-
-        return projector.render_scene(to_projector_scene(scene), geometry, step_mm=step_mm, device=device,
-                                      compose=backend != "projector")
+        return render_scene(scene, geometry, step_mm=step_mm, device=device, compose=backend != "projector")
     if backend == "reference":
         return render_scene_reference(scene, geometry, step_mm=step_mm or 0.5)
     raise CtwinError(f"unknown render backend {backend!r}")

@@ -500,14 +500,15 @@ def render_sample(twin, spec: dict, params: dict, device: str = "cpu") -> dict:
     records = []
     for k, g in enumerate(geos):
         if ph.get("kvp") is not None:
-            from .twin import realistic_line_integral
+            from .projector import frame_volume, xray_line_integral
             from .xray import XraySetup
 
             xray = XraySetup(kvp=ph["kvp"], detector=ph["detector"], photons=ph["photons"],
                              electronic_sigma=ph["electronic_noise"] if ph["photons"] is not None else None)
+            xray.seed, xray.stream = ph["noise_seed"] or 0, k
             rec = {}
-            li = realistic_line_integral(scene, g, xray, ph["noise_seed"] or 0, k, spec["render"]["step_mm"],
-                                         device, rec)
+            li = xray_line_integral(frame_volume(scene), g, xray, step_mm=spec["render"]["step_mm"],
+                                    device=device, record=rec)
             records.append(rec)
         else:
             li = render_posed(scene, g, step_mm=spec["render"]["step_mm"], device=device)

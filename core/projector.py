@@ -8,7 +8,7 @@ Public API
   again and again (animations) to avoid re-preparing. GPU copies are kept inside it.
 - ``render_scene(scene, geometry, *, step_mm=None, device="auto") -> float32 (H, W)`` for posed
   scenes (``Scene``: a base volume with an optional inverse-warp displacement grid + rigid
-  sub-volumes with masks, whose affines change per frame); ``compose_scene(scene)`` writes a frame
+  placed volumes with masks, whose affines change per frame); ``compose_scene(scene)`` writes a frame
   onto one grid (cached per frame) that ``render_drr`` renders (``Scene.compose``).
 - ``render_biplanar(volume, size=512, ...) -> {"ap": (image, Geometry), "lateral": ...}``.
 - ``render_drr_batch(volume, geometries, ...) -> float32 (B, H, W)``: many views, one launch.
@@ -361,15 +361,33 @@ def render_value(volume, geometry, *, value: str = "line_integral", kvp: float |
         if photons is not None:
             li = physics.add_noise(li, photons, electronic_sigma, seed)
         return physics.to_value(li, value)
-    ints = material_integrals(pv, geometry, xray.table(), method=method, step_mm=step_mm, device=device,
-                              overrides=xray.overrides)
+    return physics.to_value(xray_line_integral(pv, geometry, xray, method=method, step_mm=step_mm,
+                                               device=device, record=record), value)
+
+
+def xray_line_integral(volume, geometry, xray, *, method="trilinear", step_mm=None, device="auto",
+                       record: dict | None = None) -> np.ndarray:
+    """-ln(I/I0) (float64) through ``core.xray``: one projection per calibration material of the HU
+    volume, then spectrum, detector and noise (``xray``: a ``core.xray.XraySetup`` with its seed and
+    stream set). The physics record goes into ``record`` when given."""
     from .xray import form_image
 
+    ints = material_integrals(volume, geometry, xray.table(), method=method, step_mm=step_mm, device=device,
+                              overrides=xray.overrides)
     res = form_image(ints, xray, geometry)
     if record is not None:
         record.update(res["sidecar"])
-    li = -np.log(np.maximum(res["intensity"], 1e-30))
-    return physics.to_value(li, value)
+    return -np.log(np.maximum(res["intensity"], 1e-30))
+
+
+def frame_volume(scene):
+    """What a frame of ``scene`` renders through the static kernels: the base (a ``Scene`` with no
+    parts and no warp), else the frame composed onto one grid (``compose_scene``); a volume stays."""
+    if not isinstance(scene, Scene):
+        return prepare_volume(scene)
+    if not scene.parts and scene.warp is None:
+        return scene._pack()["base"]
+    return compose_scene(scene)
 
 
 def material_integrals(volume, geometry, hu_table, *, method="trilinear", step_mm=None, device="auto",
@@ -393,25 +411,53 @@ def material_integrals(volume, geometry, hu_table, *, method="trilinear", step_m
 
 # --- posed scenes ------------------------------------------------------------------------------
 @dataclass
-class SubVolume:
-    """A rigid piece: 16-bit data (int16 HU or float16 mu), a mask (voxels that belong to it) and
-    its index -> world affine for the current frame."""
+class PlacedVolume:
+    """A volume with its own world placement (like DeepDRR's volumes): 16-bit ``data`` (int16 HU or
+    float16 mu), a ``mask`` (uint8, the voxels that belong to it) and ``affine`` (index -> world mm,
+    for the current frame). ``name``, ``kind`` ("bone" or "static"), ``bone`` (the rig bone it is
+    bound to) and ``joint`` (the SMPL joint that moves it by default, -1: none) say what it is in
+    an articulated CT (``core.articulated``); a plain rigid piece leaves them at their defaults."""
 
     data: np.ndarray
     mask: np.ndarray
     affine: np.ndarray
+    name: str = ""
+    kind: str = "bone"
+    bone: str | None = None
+    joint: int = -1
+
+    def moved(self, transform) -> "PlacedVolume":
+        """The same voxels (shared arrays) placed by ``transform @ affine``."""
+        return PlacedVolume(self.data, self.mask, np.asarray(transform, np.float64) @ self.affine,
+                            self.name, self.kind, self.bone, self.joint)
+
+    def offset_on(self, affine) -> np.ndarray:
+        """(3,) int: the first voxel's index on the grid ``affine`` (a crop of that grid)."""
+        return np.rint(np.linalg.solve(np.asarray(affine, np.float64), self.affine)[:3, 3]).astype(np.int64)
+
+    def box_corners(self) -> np.ndarray:
+        return _box_corners(self.affine, np.asarray(self.data).shape)
+
+
+def _box_corners(affine, shape) -> np.ndarray:
+    """(8, 3) world corners of the cell box [-0.5, n - 0.5] of a grid."""
+    n = np.asarray(shape[:3], dtype=np.float64)
+    c = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64) * n - 0.5
+    return c @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
 
 
 @dataclass
 class Scene:
-    """A base (soft-tissue) volume, an optional inverse warp, and rigid sub-volumes.
+    """A posed scene: a base (soft-tissue) volume, an optional inverse warp, and placed volumes.
 
-    ``warp`` = (displacement (X, Y, Z, 3) float mm, affine index -> world): the displacement at a
-    posed world point x (trilinear, clamped inside the grid's cell box, zero outside it) gives the
-    rest point x + d(x) at which the base is sampled; a NaN displacement marks a node in posed air
-    (a cell with such a node is air). At a sample inside a sub-volume's mask (nearest voxel), the
-    first such sub-volume counts and the base does not. Only the affines and the warp change
-    between frames: call ``set_frame``; the arrays stay resident.
+    ``base``: a ``Volume`` or ``PreparedVolume`` (HU int16, or float16 mu). ``warp`` =
+    (displacement (X, Y, Z, 3) float mm, affine index -> world): the displacement at a posed world
+    point x (trilinear, clamped inside the grid's cell box, zero outside it) gives the rest point
+    x + d(x) at which the base is sampled; a NaN displacement marks a node in posed air (a cell with
+    such a node is air). ``parts`` (``PlacedVolume``) are in priority order: at a point inside the
+    mask of a part (nearest voxel), the first such part counts and the base does not (SPEC 5
+    sampling inside each). Every value is HU (mu = 0.02/mm (1 + HU/1000) clipped at 0, SPEC 5)
+    unless the volumes hold float16 mu.
 
     ``compose``: how ``render_scene`` renders the scene by default: False, the per-sample scene
     kernel (the composition rule at every sample); True, the frame composed onto one grid
@@ -419,29 +465,91 @@ class Scene:
     moved content once (trilinear), which smooths its edges by about a voxel; a frame costs one
     composition plus static renders. ``warp_base`` (optional, the base's shape): what the warp
     pulls where the displacement is not zero (composition only; e.g. the base without the voxels
-    of static sub-volumes, so that a table's edge kept in the base does not travel with the
-    tissue). ``grid`` (optional, per frame) = (first voxel (3,), shape
-    (3,)) in the base's index space: the grid on which ``compose_scene`` writes the frame (the
-    base lattice, extended to hold the posed content). Without it the grid is derived from the
-    sub-volumes and the warp.
+    of static parts, so that a table's edge kept in the base does not travel with the tissue).
+    ``grid`` (optional, per frame) = (first voxel (3,), shape (3,)) in the base's index space: the
+    grid on which ``compose_scene`` writes the frame (the base lattice, extended to hold the posed
+    content). Without it the grid is derived from the parts and the warp. ``info``: how the frame
+    was posed (``core.articulated.posed_scene``); ``source``: the object it was posed from.
+
+    Frames of one source share the resident state (``resident``: prepared base, packed parts, composed
+    frames and their buffers): pass one scene's ``resident`` to the next frame's ``Scene``, or
+    change the affines and the warp in place (``set_frame``); the arrays stay resident.
     """
 
     base: object
-    subs: list = field(default_factory=list)
+    parts: list = field(default_factory=list)
     warp: tuple | None = None
     grid: tuple | None = None
     compose: bool = False
     warp_base: np.ndarray | None = None
-    _packed: dict = field(default_factory=dict, repr=False)
-    _composed: dict = field(default_factory=dict, repr=False)
-    _buffers: list = field(default_factory=list, repr=False)
-    _buffer_state: dict = field(default_factory=dict, repr=False)
+    info: dict = field(default_factory=dict)
+    source: object = field(default=None, repr=False, compare=False)
+    resident: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def set_frame(self, sub_affines=None, warp=None, grid=None) -> None:
-        if sub_affines is not None:
-            if len(sub_affines) != len(self.subs):
-                raise CtwinError(f"{len(sub_affines)} affines for {len(self.subs)} sub-volumes")
-            for s, a in zip(self.subs, sub_affines):
+    @property
+    def _packed(self) -> dict:
+        return self.resident.setdefault("packed", {})
+
+    @property
+    def _composed(self) -> dict:
+        return self.resident.setdefault("composed", {})
+
+    @property
+    def _buffers(self) -> list:
+        return self.resident.setdefault("buffers", [])
+
+    @property
+    def _buffer_state(self) -> dict:
+        return self.resident.setdefault("buffer_state", {})
+
+    def base_data(self) -> np.ndarray:
+        """The base's voxels as an array of its shape."""
+        b = self.base
+        return b.flat.reshape(b.shape) if isinstance(b, PreparedVolume) else np.asarray(b.data)
+
+    def bbox_world(self) -> tuple[np.ndarray, np.ndarray]:
+        """World box that holds everything non-air in this frame (base box, parts, warp grid)."""
+        boxes = [_box_corners(self.base.affine, self.base.shape)]
+        boxes += [p.box_corners() for p in self.parts]
+        if self.warp is not None:
+            boxes.append(_box_corners(self.warp[1], self.warp[0].shape[:3]))
+        c = np.concatenate(boxes)
+        return c.min(axis=0), c.max(axis=0)
+
+    def content_bbox(self) -> tuple[np.ndarray, np.ndarray]:
+        """World box of the base box, the parts' posed boxes and the warp nodes that carry non-air
+        tissue (a tighter box than ``bbox_world``)."""
+        boxes = [_box_corners(self.base.affine, self.base.shape)]
+        for p in self.parts:  # the posed non-air voxels of each part
+            idx = np.argwhere((p.mask > 0) & (p.data > -900))
+            if len(idx):
+                c = idx @ p.affine[:3, :3].T + p.affine[:3, 3]
+                half = 0.5 * np.abs(p.affine[:3, :3]).sum(axis=1)
+                boxes.append(np.stack([c.min(axis=0) - half, c.max(axis=0) + half]))
+        if self.warp is not None:
+            disp, waff = self.warp
+            n = disp.shape[:3]
+            nodes = np.indices(n).reshape(3, -1).T @ waff[:3, :3].T + waff[:3, 3]
+            rest = nodes + disp.reshape(-1, 3)
+            base = self.base_data()
+            inv = np.linalg.inv(self.base.affine)
+            idx = np.rint(rest @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
+            shp = np.asarray(base.shape)
+            ok = np.all((idx >= 0) & (idx < shp), axis=1) & np.isfinite(rest).all(axis=1)
+            occ = np.zeros(len(nodes), bool)
+            occ[ok] = base[tuple(idx[ok].T)] > -900
+            occ &= np.abs(disp.reshape(-1, 3)).max(axis=1) > 0.01  # moved content only
+            if occ.any():
+                sp = 0.5 * np.abs(waff[:3, :3]).sum(axis=1)
+                boxes.append(np.stack([nodes[occ].min(axis=0) - sp, nodes[occ].max(axis=0) + sp]))
+        c = np.concatenate(boxes)
+        return c.min(axis=0), c.max(axis=0)
+
+    def set_frame(self, part_affines=None, warp=None, grid=None) -> None:
+        if part_affines is not None:
+            if len(part_affines) != len(self.parts):
+                raise CtwinError(f"{len(part_affines)} affines for {len(self.parts)} parts")
+            for s, a in zip(self.parts, part_affines):
                 s.affine = np.asarray(a, dtype=np.float64)
         self.warp = warp
         self.grid = grid
@@ -449,18 +557,18 @@ class Scene:
     def _pack(self):
         if "base" not in self._packed:
             self._packed["base"] = prepare_volume(self.base)
-            if self.subs:
+            if self.parts:
                 pats, masks, offs = [], [], []
                 q = None
                 lut = None
                 off = 0
-                for s in self.subs:
+                for s in self.parts:
                     d = np.asarray(s.data)
                     if np.asarray(s.mask).shape != d.shape:
-                        raise CtwinError("a sub-volume's mask must have the shape of its data")
+                        raise CtwinError("a part's mask must have the shape of its data")
                     p, lut_s, q_s = _as_patterns(d, "auto")
                     if q is not None and q_s != q:
-                        raise CtwinError("all sub-volumes must hold the same quantity (HU or mu)")
+                        raise CtwinError("all parts must hold the same quantity (HU or mu)")
                     q, lut = q_s, lut_s
                     pats.append(np.ascontiguousarray(p).reshape(-1))
                     masks.append(np.ascontiguousarray(np.asarray(s.mask) != 0, np.uint8).reshape(-1))
@@ -481,8 +589,8 @@ class Scene:
 
     def sub_params(self) -> np.ndarray:
         pk = self._pack()
-        sp = np.zeros((max(len(self.subs), 1), 16), np.float64)
-        for i, (s, off) in enumerate(zip(self.subs, pk["offs"])):
+        sp = np.zeros((max(len(self.parts), 1), 16), np.float64)
+        for i, (s, off) in enumerate(zip(self.parts, pk["offs"])):
             sp[i, 0] = off
             sp[i, 1:4] = np.asarray(s.data).shape
             sp[i, 4:16] = _world_to_index12(s.affine)
@@ -501,12 +609,12 @@ def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
     base: PreparedVolume = pk["base"]
     dev = resolve_device(device)
     spacings = [base.spacing.min()] + [np.linalg.norm(np.asarray(s.affine)[:3, :3], axis=0).min()
-                                       for s in scene.subs]
+                                       for s in scene.parts]
     step = default_step([min(spacings)]) if step_mm is None else float(step_mm)
-    if not scene.subs and scene.warp is None:
+    if not scene.parts and scene.warp is None:
         return render_drr(base, geometry, step_mm=step, device=dev)
     if compose is None:
-        compose = scene.compose and base.quantity == "hu" and (not scene.subs or pk["slin"][0] != 0.0)
+        compose = scene.compose and base.quantity == "hu" and (not scene.parts or pk["slin"][0] != 0.0)
     if compose:
         return render_drr(compose_scene(scene), geometry, step_mm=step, device=dev)
     if scene.warp is not None:
@@ -518,7 +626,7 @@ def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
     else:
         disp, WM, wn, use_warp = np.zeros((1, 1, 1, 3), np.float32), np.zeros(12), np.ones(3, np.int64), False
     sp = scene.sub_params()
-    nsub = len(scene.subs)
+    nsub = len(scene.parts)
     W, H = geometry.size_px
     geo = geometry.packed()
     bshape = np.array(base.shape, np.int64)
@@ -553,7 +661,7 @@ _COMPOSED_KEEP = 2  # composed frames kept per Scene (e.g. the acquisition pose 
 
 
 def _frame_key(scene: Scene):
-    aff = np.stack([np.asarray(s.affine, np.float64) for s in scene.subs]).tobytes() if scene.subs else b""
+    aff = np.stack([np.asarray(s.affine, np.float64) for s in scene.parts]).tobytes() if scene.parts else b""
     w = None if scene.warp is None else (id(scene.warp[0]), np.asarray(scene.warp[1], np.float64).tobytes())
     g = None if scene.grid is None else tuple(int(v) for v in np.concatenate([np.ravel(scene.grid[0]),
                                                                             np.ravel(scene.grid[1])]))
@@ -561,11 +669,11 @@ def _frame_key(scene: Scene):
 
 
 def _sub_content_box(scene: Scene, i: int, pk: dict, content: bool = False):
-    """Index box (lo, hi) of sub-volume i's mask voxels (``content``: its masked non-air voxels),
+    """Index box (lo, hi) of part i's mask voxels (``content``: its masked non-air voxels),
     cached; None when empty."""
     boxes = pk.setdefault("mask_boxes", {})
     if (i, content) not in boxes:
-        s = scene.subs[i]
+        s = scene.parts[i]
         m = np.asarray(s.mask) != 0
         if content:
             m = m & (np.asarray(s.data) > _AIR_HU)
@@ -607,7 +715,7 @@ def scene_grid(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(scene.grid[0], np.int64).reshape(3), np.asarray(scene.grid[1], np.int64).reshape(3)
     binv = np.linalg.inv(base.affine)
     lo, hi = np.zeros(3), n - 1.0
-    for i, s in enumerate(scene.subs):
+    for i, s in enumerate(scene.parts):
         cb = _sub_content_box(scene, i, pk, content=True)
         if cb is None:
             continue
@@ -643,19 +751,19 @@ def _grid_from_bounds(lo, hi, n) -> tuple[np.ndarray, np.ndarray]:
 
 def compose_scene(scene: Scene) -> PreparedVolume:
     """The scene's current frame written onto one grid (``scene_grid``), HU int16, prepared for
-    ``render_drr`` (occupancy included). Cached per frame (the sub-volume affines, the warp array
+    ``render_drr`` (occupancy included). Cached per frame (the parts' affines, the warp array
     object and the grid): several views of one frame compose once.
 
-    Per voxel centre: the first sub-volume (in order) whose nearest voxel is in its mask gives its
+    Per voxel centre: the first part (in order) whose nearest voxel is in its mask gives its
     trilinear HU; otherwise the base, pulled through the warp (trilinear displacement, trilinear
-    HU). Where nothing moved (sub-volumes at integer offsets on the base lattice, zero
+    HU). Where nothing moved (parts at integer offsets on the base lattice, zero
     displacement) the stored voxels are copied, so an unmoved scene gives back its CT voxel for
     voxel."""
     from .kernels import compose_kernels
 
     pk = scene._pack()
     base: PreparedVolume = pk["base"]
-    if base.quantity != "hu" or (scene.subs and pk["slin"][0] == 0.0):
+    if base.quantity != "hu" or (scene.parts and pk["slin"][0] == 0.0):
         raise CtwinError("compose_scene needs HU volumes (int16); render float16 mu scenes with compose=False")
     key = _frame_key(scene)
     hit = scene._composed.get(key)
@@ -699,13 +807,13 @@ def compose_scene(scene: Scene) -> PreparedVolume:
                 focc, fcum = _fine_air(wbase, pk)
                 k["warp"](out, occ, on, shift, wbase.flat, bn, focc, fcum, G, Ginv, wn, d32,
                           np.ascontiguousarray(binv[:3, :3]), cells, float(_AIR_HU), dirty)
-    n = len(scene.subs)
+    n = len(scene.parts)
     if n:
         S = np.empty((n, 3, 4))
         aligned = np.zeros((n, 4), np.int64)
         boxes = np.zeros((n, 6), np.int64)
         boxes[:, 1] = -1  # empty
-        for i, sv in enumerate(scene.subs):
+        for i, sv in enumerate(scene.parts):
             Si = np.linalg.inv(np.asarray(sv.affine)) @ base.affine
             S[i] = Si[:3]
             t = _aligned_offset(Si)
@@ -724,10 +832,10 @@ def compose_scene(scene: Scene) -> PreparedVolume:
             if np.all(hi >= lo):
                 boxes[i] = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]]
         if "sns" not in pk:
-            pk["sns"] = np.array([np.asarray(sv.data).shape for sv in scene.subs], np.int64)
+            pk["sns"] = np.array([np.asarray(sv.data).shape for sv in scene.parts], np.int64)
             pk["offs_arr"] = np.asarray(pk["offs"], np.int64)
             spans, soffs = [], [0]
-            for sv in scene.subs:  # per row of each mask: first and last masked voxel
+            for sv in scene.parts:  # per row of each mask: first and last masked voxel
                 m = np.asarray(sv.mask) != 0
                 anyr = m.any(axis=2)
                 first = np.where(anyr, m.argmax(axis=2), m.shape[2])
@@ -792,7 +900,9 @@ def _buffer(scene: Scene, n: int) -> np.ndarray:
         if id(b) not in used and b.size >= n:
             return b
     pool[:] = [b for b in pool if id(b) in used]  # drop free buffers that are too small
-    scene._buffer_state = {i: st for i, st in scene._buffer_state.items() if i in used}
+    state = scene._buffer_state
+    for i in [i for i in state if i not in used]:
+        del state[i]
     b = np.empty(n, np.int16)
     pool.append(b)
     return b
@@ -890,14 +1000,6 @@ def reference_drr(volume, geometry, step_mm: float = 0.05, chunk: int = 256) -> 
 
 
 # --- frame files -------------------------------------------------------------------------------
-def frame_written(stem) -> bool:
-    """True when ``stem.tif`` and ``stem.json`` both exist (the JSON is written last)."""
-    from pathlib import Path
-
-    stem = Path(stem)
-    return stem.with_name(stem.name + ".tif").is_file() and stem.with_name(stem.name + ".json").is_file()
-
-
 def write_frame(stem, image: np.ndarray, sidecar: dict) -> None:
     """Write ``stem.tif`` (32-bit float, one channel, rows = detector rows) then ``stem.json``,
     each atomically (temporary file + rename), so an interrupted render never leaves a half frame."""

@@ -258,7 +258,7 @@ def bone_cloud(twin, bone_hu: float = BONE_HU, spacing_mm: float = CLOUD_SPACING
     for p in art.parts:
         if p.kind != "bone" or p.name not in rigid:
             continue
-        hu = p.hu.astype(np.float32)
+        hu = p.data.astype(np.float32)
         sel = (p.mask > 0) & (hu > bone_hu)
         if not sel.any():
             continue
@@ -271,7 +271,7 @@ def bone_cloud(twin, bone_hu: float = BONE_HU, spacing_mm: float = CLOUD_SPACING
             ws = np.bincount(inv, weights=w)
             ijk = np.stack([np.bincount(inv, weights=w * ijk[:, a]) / ws for a in range(3)], axis=1)
             w = ws
-        A = p.affine(art.affine)
+        A = p.affine
         world = ijk @ A[:3, :3].T + A[:3, 3]
         own.append(np.full(len(w), len(names), np.int32))
         names.append(p.name)
@@ -332,8 +332,8 @@ def _soft_sources(art):
     yield "soft", art.soft, np.zeros(3)
     for p in art.parts:
         if p.kind == "static":
-            hu = np.where(p.mask > 0, p.hu, -1000).astype(np.int16)
-            yield "static", hu, np.asarray(p.offset, dtype=np.float64)
+            hu = np.where(p.mask > 0, p.data, -1000).astype(np.int16)
+            yield "static", hu, p.offset_on(art.affine).astype(np.float64)
 
 
 def _pool_blocks(hu: np.ndarray, f: int, vox: float):
@@ -592,7 +592,11 @@ def _rotvec(R: np.ndarray) -> np.ndarray:
 
 
 def _vertebra_transform(deltas: np.ndarray, vb) -> np.ndarray:
-    """``core.pose.vertebra_transform`` with a fast slerp (the same formula)."""
+    """``core.pose.vertebra_transform`` with a fast slerp (the same formula, equal to 5e-14).
+
+    Kept in the registration's inner loop: measured over 200 vertebra bones (loaded 2-core machine,
+    best of 5), 0.46 ms per call here against 1.48 ms for the shared one (its ``_slerp_matrices``
+    goes through ``skeleton.rotation_to_rotvec``)."""
     da, db = deltas[vb.lower], deltas[vb.upper]
     if vb.lower == vb.upper or vb.w <= 0.0:
         return da.copy()

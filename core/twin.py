@@ -458,7 +458,7 @@ class Twin:
         return Mesh(dqs_points(d, v, idx, ww), np.asarray(bm.faces, dtype=np.int64), "body_model")
 
     def posed_scene(self, pose=None, transl_mm=None):
-        """The articulated CT posed for rendering (``core.articulated.PosedScene``)."""
+        """The articulated CT posed for rendering (a ``core.projector.Scene``)."""
         from .articulated import posed_scene
 
         if pose is None:
@@ -561,23 +561,6 @@ def frame_poses(twin: Twin, pose=None, motion=None, frames=None, fps: float = 24
     return [(f, p, t) for f in range(a, b)]
 
 
-def realistic_line_integral(scene, geometry, xray, seed, stream, step_mm, device, record) -> np.ndarray:
-    """-ln(I/I0) of a posed frame through core.xray: the frame composed onto one HU grid, one
-    projection per calibration material, then spectrum, detector and noise."""
-    from .articulated import to_projector_scene
-    from .projector import compose_scene, material_integrals
-    from .xray import form_image
-
-    ps = to_projector_scene(scene)
-    base = ps._pack()["base"]
-    vol = base if (not ps.subs and ps.warp is None) else compose_scene(ps)
-    xray.seed, xray.stream = seed, stream
-    ints = material_integrals(vol, geometry, xray.table(), step_mm=step_mm, device=device)
-    res = form_image(ints, xray, geometry)
-    record.update(res["sidecar"])
-    return -np.log(np.maximum(res["intensity"], 1e-30))
-
-
 def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=None, geometry=None,
                 size=None, device="auto", sad_mm=1000.0, sid_mm=1500.0, parallel=False,
                 method="trilinear", step_mm=None, value="line_integral", kvp=None, photons=None,
@@ -594,19 +577,14 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
     A frame already in ``out_dir`` is kept only when it reads back whole and its sidecar matches
     this request (``core.safety``); one written for another request is refused unless ``overwrite``.
     """
-    from . import physics
     from .articulated import render_posed
     from .carm import named_view
-    from .projector import resolve_device, write_frame as write_tif
-    from .safety import clean_stale_partials, frame_to_skip, request_keys
+    from .frames import FORMATS, FrameView, render_frames
+    from .projector import frame_volume, resolve_device, xray_line_integral
+    from .safety import request_keys
 
-    if fmt not in ("tiff", "dicom"):
+    if fmt not in FORMATS:
         raise CtwinError(f"unknown frame format {fmt!r}; use tiff or dicom")
-    if fmt == "dicom":
-        from .dicom_dx import write_frame_dicom as write_frame
-    else:
-        write_frame = write_tif
-
     if xray is None and kvp is not None:
         from .xray import XraySetup
 
@@ -617,18 +595,14 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
     twin = load_twin(twin_dir)
     dev = resolve_device(device)
     out = Path(out_dir)
-    if views is not None:
-        pass
-    elif geometry is not None:
+    if views is None and geometry is not None:
         views = {"view": geometry}
-    else:
+    elif views is None:
         names = [view] if view else ["ap", "lateral"]
         views = {n: named_view(n, twin.ct_bbox_mm, sad_mm=sad_mm, sid_mm=sid_mm, size=size or 512,
                                parallel=parallel) for n in names}
     todo = frame_poses(twin, pose, motion, frames, fps, source_model=source_model)
-    total = len(todo) * len(views)
-    done = 0
-    clean_stale_partials(out)
+    poses = {f: (p, t) for f, p, t in todo}
 
     def expected(i, g, f, p, t):
         if xray is not None:
@@ -638,42 +612,35 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
                             method=method, pose=np.asarray(p).tolist(),
                             transl_mm=None if t is None else np.asarray(t).tolist(), **keys)
 
-    for f, p, t in todo:
-        stems = {n: out / f"{n}_{f:04d}" for n in views}
-        geos = {n: (g(f) if callable(g) else g) for n, g in views.items()}
-        sidecars = {n: expected(i, geos[n], f, p, t) for i, n in enumerate(views)}
-        skip = {n: frame_to_skip(stems[n], sidecars[n], overwrite, fmt=fmt) for n in views}
-        if all(skip.values()):
-            done += len(views)
-            report(f"frame {f}: already written, skipped", done / total)
-            continue
-        scene = twin.posed_scene(p, t)
-        posed = joints = marks = None
+    def frame_views(f, p, t):
+        out_views = []
+        for i, (n, g) in enumerate(views.items()):
+            g = g(f) if callable(g) else g
+            out_views.append(FrameView(n, out / f"{n}_{f:04d}", g, expected(i, g, f, p, t)))
+        return out_views
+
+    def prepare(f):
+        p, t = poses[f]
+        state = {"scene": twin.posed_scene(p, t)}
         if annotate:
             from .annotations import twin_landmarks
 
             posed = twin.posed_meshes(p, t)
             posed.pop("skin", None)
-            joints = twin.binding.armature.posed_joints(p, t)
-            marks = twin_landmarks(twin, p, t)
-        for n in views:
-            done += 1
-            g = geos[n]
-            if skip[n]:
-                continue
-            if annotate:
-                from .annotations import write_annotations
+            state["annotations"] = (posed, twin.binding.armature.posed_joints(p, t), twin_landmarks(twin, p, t))
+        return state
 
-                write_annotations(stems[n], g, posed, joints, marks)
-            rec = {}
-            if xray is not None:
-                li = realistic_line_integral(scene, g, xray, seed + f, list(views).index(n), step_mm, dev, rec)
-            else:
-                li = render_posed(scene, g, step_mm=step_mm, device=dev)
-                if photons is not None:
-                    li = physics.add_noise(li, photons, electronic_sigma, seed + f)
-            img = physics.to_value(li, value)
-            write_frame(stems[n], img, {**sidecars[n], **rec})
-            report(f"{stems[n].name}.{'dcm' if fmt == 'dicom' else 'tif'} written", done / total)
+    def render(f, v, state, record):
+        if annotate:
+            from .annotations import write_annotations
+
+            write_annotations(v.stem, v.geometry, *state["annotations"])
+        if xray is not None:
+            return xray_line_integral(frame_volume(state["scene"]), v.geometry, xray, step_mm=step_mm,
+                                      device=dev, record=record)
+        return render_posed(state["scene"], v.geometry, step_mm=step_mm, device=dev)
+
+    render_frames([(f, frame_views(f, p, t)) for f, p, t in todo], render, value=value, photons=photons,
+                  electronic_sigma=electronic_sigma, seed=seed, xray=xray, overwrite=overwrite, fmt=fmt,
+                  prepare=prepare)
     return 0
-

@@ -197,15 +197,12 @@ class CTWIN_OT_render_drr(bpy.types.Operator):
     bl_label = "Render DRR"
 
     def execute(self, context):
-        from ..core.projector import write_frame
-        from ..render.engine import frame_stem, render_frame
+        from ..render.engine import render_frame
 
         scene = context.scene
         try:
-            img, g, info = render_frame(scene, depsgraph=context.evaluated_depsgraph_get())
-            if scene.ctwin_drr.write_frames:
-                write_frame(frame_stem(scene, scene.frame_current), img,
-                            g.to_sidecar(**info, blend=bpy.data.filepath))
+            img, _, _ = render_frame(scene, depsgraph=context.evaluated_depsgraph_get(),
+                                     write=scene.ctwin_drr.write_frames)
         except CtwinError as exc:
             self.report({"ERROR"}, " ".join(str(exc).split()))
             return {"CANCELLED"}

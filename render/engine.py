@@ -31,16 +31,39 @@ def frame_stem(scene, frame: int) -> Path:
     return p.with_name(name)
 
 
-def render_frame(scene, frame: int | None = None, depsgraph=None):
+def render_frame(scene, frame: int | None = None, depsgraph=None, *, resume: bool = False,
+                 write: bool = False):
     """Render the scene's DRR at ``frame`` (default: current). Returns (image float32, Geometry, info).
 
-    ``depsgraph``: the evaluated depsgraph whose animated objects the volume providers read; it is
-    only held during this call (a depsgraph outlives neither its render nor a file load)."""
-    scene_volumes.set_depsgraph(depsgraph)
-    try:
-        return _render_frame(scene, frame)
-    finally:
-        scene_volumes.set_depsgraph(None)
+    Through the shared frame loop (``core.frames.render_frames``): ``resume`` keeps a frame on disk
+    that holds this request (an animation render), ``write`` writes the frame files. ``info``: the
+    request's sidecar keys and the physics record. ``depsgraph``: the evaluated depsgraph whose
+    animated objects the volume providers read; it is only held during this call (a depsgraph
+    outlives neither its render nor a file load)."""
+    from ..core.frames import FrameView, render_frames
+
+    frame = scene.frame_current if frame is None else frame
+    s = scene.ctwin_drr
+    g, info = frame_request(scene, frame)
+    view = FrameView("drr", frame_stem(scene, frame), g, g.to_sidecar(**info, blend=bpy.data.filepath))
+    rec = {}
+
+    def render(f, v, state, record):
+        scene_volumes.set_depsgraph(depsgraph)
+        try:
+            li = _line_integral(scene, f, v.geometry, info["device"], xray, record)
+        finally:
+            scene_volumes.set_depsgraph(None)
+        rec.update(record)
+        return li
+
+    xray = _xray_setup(s, frame) if s.kvp > 0 else None
+    images = render_frames([(frame, [view])], render, value=s.value, photons=s.photons or None,
+                           electronic_sigma=s.electronic_noise, seed=s.seed, xray=xray,
+                           overwrite=s.overwrite_frames, resume=resume, write=write, keep_images=True,
+                           remedy="set another output path or turn on Overwrite frames")
+    info.update(rec)
+    return images["drr"], g, info
 
 
 def _xray_setup(s, frame):
@@ -75,36 +98,24 @@ def frame_request(scene, frame: int) -> tuple:
     return g, info
 
 
-def _render_frame(scene, frame):
-    from ..core.projector import PreparedVolume, Scene, render_drr, render_scene
-    from ..core import physics
+def _line_integral(scene, frame, g, device, xray, record):
+    """The frame's line integral: the volume provider's volume or posed scene (SPEC 5 mu, or
+    -ln(I/I0) through ``xray``: posed scenes are composed onto one HU grid first)."""
+    from ..core.projector import (PreparedVolume, Scene, frame_volume, render_drr, render_scene,
+                                  xray_line_integral)
 
-    frame = scene.frame_current if frame is None else frame
     s = scene.ctwin_drr
-    g, info = frame_request(scene, frame)
-    obj = scene_volumes.volumes_for_frame(scene, frame)
-    device = info["device"]
     step = s.step_mm if s.step_mm > 0 else None
+    obj = scene_volumes.volumes_for_frame(scene, frame)
     if not isinstance(obj, (Scene, PreparedVolume)):
         raise CtwinError(f"the volume provider returned {type(obj).__name__}, not a volume or scene")
-    if s.kvp > 0:  # realistic physics (core.xray): posed scenes are composed onto one HU grid first
-        from ..core.projector import compose_scene, render_value
-
-        xr = _xray_setup(s, frame)
-        vol = obj
-        if isinstance(obj, Scene):
-            vol = obj._pack()["base"] if not obj.subs and obj.warp is None else compose_scene(obj)
-        img = render_value(vol, g, value=s.value, method=s.method if vol is obj else "trilinear",
-                           step_mm=step, device=device, xray=xr, record=info)
-        return img, g, info
+    if xray is not None:
+        vol = frame_volume(obj)
+        return xray_line_integral(vol, g, xray, method=s.method if vol is obj else "trilinear",
+                                  step_mm=step, device=device, record=record)
     if isinstance(obj, Scene):
-        li = render_scene(obj, g, step_mm=step, device=device)
-    else:
-        li = render_drr(obj, g, method=s.method, step_mm=step, device=device)
-    if s.photons > 0:
-        li = physics.add_noise(li, s.photons, s.electronic_noise, s.seed + frame)
-    img = physics.to_value(li, s.value)
-    return img, g, info
+        return render_scene(obj, g, step_mm=step, device=device)
+    return render_drr(obj, g, method=s.method, step_mm=step, device=device)
 
 
 class CTWIN_DRR_RenderEngine(bpy.types.RenderEngine):
@@ -116,30 +127,14 @@ class CTWIN_DRR_RenderEngine(bpy.types.RenderEngine):
     bl_use_eevee_viewport = True
 
     def render(self, depsgraph):
-        from ..core.projector import read_frame, write_frame
-        from ..core.safety import clean_stale_partials, frame_to_skip
-
         scene = depsgraph.scene_eval  # evaluated: the camera's animated matrix at this frame
         frame = scene.frame_current
         W = max(1, int(scene.render.resolution_x * scene.render.resolution_percentage / 100))
         H = max(1, int(scene.render.resolution_y * scene.render.resolution_percentage / 100))
-        stem = frame_stem(scene, frame)
         try:
-            skip = False
-            if self.is_animation:
-                clean_stale_partials(stem.parent)
-                g, info = frame_request(scene, frame)
-                expected = g.to_sidecar(**info, blend=bpy.data.filepath)
-                skip = frame_to_skip(stem, expected, scene.ctwin_drr.overwrite_frames,
-                                     remedy="set another output path or turn on Overwrite frames")
-            if skip:
-                img, _ = read_frame(stem)
-                self.report({"INFO"}, f"frame {frame}: {stem.name}.tif already written, skipped")
-            else:
-                self.update_stats("ctwin DRR", f"frame {frame}: projecting")
-                img, g, info = render_frame(scene, frame, depsgraph)  # evaluated (animated) objects
-                if scene.ctwin_drr.write_frames or self.is_animation:
-                    write_frame(stem, img, g.to_sidecar(**info, blend=bpy.data.filepath))
+            self.update_stats("ctwin DRR", f"frame {frame}: projecting")
+            img, _, _ = render_frame(scene, frame, depsgraph, resume=self.is_animation,
+                                     write=scene.ctwin_drr.write_frames or self.is_animation)
         except CtwinError as exc:
             self.report({"ERROR"}, str(exc))
             img = np.zeros((H, W), np.float32)

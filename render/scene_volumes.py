@@ -65,10 +65,8 @@ def load_ct_cached(path: str):
     key = ("ct", os.path.realpath(path), os.stat(path).st_mtime_ns)
 
     def build():
-        try:
-            from ..core.ct import load_ct
-        except ImportError:
-            from ..core.volume import load_nifti as load_ct
+        from ..core.ct import load_ct
+
         for k in [k for k in _CACHE if k[:2] == key[:2]]:
             del _CACHE[k]  # an older version of the same file
         return prepare_volume(load_ct(path))

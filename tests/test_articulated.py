@@ -107,8 +107,8 @@ def test_decomposition_partitions_the_ct(synth):
     assert kinds == {"femur_left": "bone", "tibia_left": "bone", "hip_left": "bone", "static": "static"}
     owner = np.zeros(ct.shape, np.int32)
     for i, p in enumerate(art.parts):
-        sl = tuple(slice(o, o + n) for o, n in zip(p.offset, p.hu.shape))
-        np.testing.assert_array_equal(p.hu, ct.data[sl])  # crops carry the real CT
+        sl = tuple(slice(o, o + n) for o, n in zip(p.offset_on(art.affine), p.data.shape))
+        np.testing.assert_array_equal(p.data, ct.data[sl])  # crops carry the real CT
         assert not np.any((owner[sl] > 0) & (p.mask > 0)), "part masks overlap"
         owner[sl][p.mask > 0] = i + 1
     lid = name_to_id()
@@ -149,7 +149,7 @@ def test_identity_pose_reproduces_the_ct_exactly(synth, tmp_path):
     rng = np.random.default_rng(3)
     lo, hi = ct.bbox_world()
     pts = lo - 2 + rng.random((100_000, 3)) * (hi - lo + 4)
-    np.testing.assert_allclose(scene.sample(pts), A.static_scene(ct).sample(pts), atol=1e-3)
+    np.testing.assert_allclose(A.sample_scene(scene, pts), A.sample_scene(A.static_scene(ct), pts), atol=1e-3)
     # and through the renderers: the projector's scene kernel vs its static kernel, the reference
     g = _geom(parallel=False, axis="lat")
     from ctwin.core.projector import render_drr
@@ -221,9 +221,10 @@ def test_inverse_warp_inverts_the_forward_skinning(synth):
     scene = A.posed_scene(art, {}, jd, warp_spacing_mm=4.0)
     assert scene.info["residual_mm_max"] < 0.5 and scene.info["unconverged_fraction"] == 0
     # at the grid nodes: forward LBS of the recovered rest point returns the posed point
-    n = scene.warp.shape[:3]
-    nodes = np.indices(n).reshape(3, -1).T @ scene.warp_affine[:3, :3].T + scene.warp_affine[:3, 3]
-    rest = nodes + scene.warp.reshape(-1, 3)
+    warp, waff = scene.warp
+    n = warp.shape[:3]
+    nodes = np.indices(n).reshape(3, -1).T @ waff[:3, :3].T + waff[:3, 3]
+    rest = nodes + warp.reshape(-1, 3)
     idx = np.rint(ct.world_to_index(rest)).astype(int)
     ok = np.all((idx >= 0) & (idx < ct.shape), axis=1)
     body = np.zeros(len(rest), bool)
@@ -261,10 +262,10 @@ def test_posed_knee_renders_bones_rigid_and_table_static(synth):
     tib = ndimage.binary_erosion(seg.data == name_to_id()["tibia_left"], iterations=1)
     pts = ct.voxel_centers_world(tib)
     T = bd["tibia_left"]
-    np.testing.assert_allclose(scene.sample(pts @ T[:3, :3].T + T[:3, 3]), ct.data[tib], atol=1e-2)
+    np.testing.assert_allclose(A.sample_scene(scene, pts @ T[:3, :3].T + T[:3, 3]), ct.data[tib], atol=1e-2)
     # the femur did not move
     fem = seg.data == name_to_id()["femur_left"]
-    np.testing.assert_allclose(scene.sample(ct.voxel_centers_world(fem)), ct.data[fem], atol=1e-3)
+    np.testing.assert_allclose(A.sample_scene(scene, ct.voxel_centers_world(fem)), ct.data[fem], atol=1e-3)
     # the per-sample scene kernel and the reference ray marcher agree on the posed scene
     g = _geom(parallel=True, axis="lat")
     ref = A.render_posed(scene, g, backend="reference", step_mm=0.5)
@@ -360,18 +361,17 @@ def test_composed_frame_follows_the_rule_and_is_reused(synth):
     ct, seg, names, art = synth
     jd = _knee_flexion(-25.0)
     scene = A.posed_scene(art, {"tibia_left": jd[JOINT_INDEX["left_knee"]]}, jd)
-    ps = A.to_projector_scene(scene)
-    pv = projector.compose_scene(ps)
+    pv = projector.compose_scene(scene)
     i0, shape = scene.grid
     assert pv.shape == tuple(shape) and np.all(i0 % 8 == 0) and np.all(np.asarray(shape) >= ct.shape)
     vol = pv.flat.reshape(pv.shape).astype(np.float64)
     pts = Volume(vol, pv.affine).voxel_centers_world()
     # (the kernels interpolate mu: HU clamped at -1000 before interpolation, as here)
-    # and the warp pulls the soft tissue without the static table's edge: ps.warp_base)
-    clamped = A.PosedScene(np.maximum(ps.warp_base, -1000), scene.soft_affine,
-                           [A.ScenePart(p.name, p.kind, np.maximum(p.hu, -1000), p.mask, p.affine)
-                            for p in scene.parts], scene.warp, scene.warp_affine)
-    want = clamped.sample(pts).reshape(pv.shape)
+    # and the warp pulls the soft tissue without the static table's edge: scene.warp_base)
+    clamped = projector.Scene(Volume(np.maximum(scene.warp_base, -1000), scene.base.affine),
+                              [projector.PlacedVolume(np.maximum(p.data, -1000), p.mask, p.affine)
+                               for p in scene.parts], scene.warp)
+    want = A.sample_scene(clamped, pts).reshape(pv.shape)
     diff = np.abs(np.maximum(vol, -1000) - np.maximum(want, -1000))  # mu is 0 at and below -1000
     # equal up to rounding to whole HU, but for voxels exactly on a warp-node plane next to an air
     # (NaN) node, which either rule may assign to the air cell
@@ -381,10 +381,10 @@ def test_composed_frame_follows_the_rule_and_is_reused(synth):
     exact = projector.occupancy_grid(pv.flat, pv.lut, pv.shape)
     assert np.all(pv.occ >= exact) and pv.occ.sum() <= 1.5 * exact.sum()
     # AP and lateral of one frame compose once
-    assert projector.compose_scene(ps) is pv
+    assert projector.compose_scene(scene) is pv
     for axis in ("ap", "lat"):
         A.render_posed(scene, _geom(axis=axis), device="cpu")
-        assert projector.compose_scene(A.to_projector_scene(scene)) is pv
+        assert projector.compose_scene(scene) is pv
 
 
 def test_soft_tissue_that_moved_away_leaves_air(synth):
@@ -395,8 +395,8 @@ def test_soft_tissue_that_moved_away_leaves_air(synth):
     jd = _knee_flexion(-90.0)
     T = jd[JOINT_INDEX["left_knee"]]
     scene = A.posed_scene(art, {"tibia_left": T}, jd)
-    assert scene.info["air_nodes"] > 0 and np.isnan(scene.warp).any()
-    pv = projector.compose_scene(A.to_projector_scene(scene))
+    assert scene.info["air_nodes"] > 0 and np.isnan(scene.warp[0]).any()
+    pv = projector.compose_scene(scene)
     vol = Volume(pv.flat.reshape(pv.shape), pv.affine)
 
     def hu(points):

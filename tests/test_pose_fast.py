@@ -2,7 +2,7 @@
 and stay identical to a fresh composition."""
 import numpy as np
 
-from ctwin.core.projector import Scene, SubVolume, compose_scene
+from ctwin.core.projector import Scene, PlacedVolume, compose_scene
 from ctwin.core.volume import Volume, affine_from
 
 
@@ -52,7 +52,7 @@ def test_composed_frames_reuse_buffers_and_equal_fresh_compositions():
     base, aff, subs, waff = _scene_parts(rng)
 
     def new_scene():
-        return Scene(base=Volume(base, aff), subs=[SubVolume(d, m, a.copy()) for d, m, a in subs], compose=True)
+        return Scene(base=Volume(base, aff), parts=[PlacedVolume(d, m, a.copy()) for d, m, a in subs], compose=True)
 
     scene = new_scene()
     restored = 0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ctwin.core.carm import Geometry, named_view
-from ctwin.core.projector import (Scene, SubVolume, prepare_volume, reference_drr, render_biplanar,
+from ctwin.core.projector import (Scene, PlacedVolume, prepare_volume, reference_drr, render_biplanar,
                                   render_drr, render_drr_batch, render_scene, render_value)
 from ctwin.core.volume import Volume, affine_from
 
@@ -185,7 +185,7 @@ def test_scene_rigid_subvolume_identity_and_motion():
     sub_aff[:3, 3] += off
     soft = vol.data.copy()
     soft[6:10, 7:11, 5:9] = 0
-    scene = Scene(base=Volume(soft, vol.affine), subs=[SubVolume(sub_data, mask, sub_aff)])
+    scene = Scene(base=Volume(soft, vol.affine), parts=[PlacedVolume(sub_data, mask, sub_aff)])
     # identity: exactly the DRR of the original CT
     assert _rel_err(render_scene(scene, g, device="cpu"), render_drr(vol, g, device="cpu")) <= 1e-5
     # move the piece by 3 voxels along the volume's i axis: equals the CT with the cube moved
@@ -222,7 +222,7 @@ CUDASIM_SCRIPT = textwrap.dedent("""
     load_package("ctwin")
     import numpy as np
     from ctwin.core.carm import named_view
-    from ctwin.core.projector import Scene, SubVolume, render_drr, render_drr_batch, render_scene
+    from ctwin.core.projector import Scene, PlacedVolume, render_drr, render_drr_batch, render_scene
     from ctwin.core.volume import Volume, affine_from
     rng = np.random.default_rng(0)
     d = rng.normal(200, 400, (16, 16, 16)).astype(np.int16)
@@ -243,7 +243,7 @@ CUDASIM_SCRIPT = textwrap.dedent("""
     mask = np.zeros((6, 6, 6), np.uint8); mask[1:5, 1:5, 1:5] = 1
     aff = vol.affine.copy(); aff[:3, 3] += [3.0, 1.0, -2.0]
     disp = np.full((4, 4, 4, 3), 1.5, np.float32)
-    sc = Scene(base=vol, subs=[SubVolume(d[5:11, 5:11, 5:11].copy(), mask, aff)],
+    sc = Scene(base=vol, parts=[PlacedVolume(d[5:11, 5:11, 5:11].copy(), mask, aff)],
                warp=(disp, affine_from((12.0, 12.0, 12.0), (-20, -20, -25))))
     a = render_scene(sc, g, device="cpu")
     b = render_scene(sc, g, device="cuda")
@@ -359,7 +359,7 @@ def test_composed_frame_buffers_are_reused_and_freed():
     scene = Scene(base=Volume(np.zeros((4, 4, 4), np.int16), affine_from((1.0, 1.0, 1.0), (0, 0, 0))))
     used = np.zeros(6, np.int16)  # same size as a free one: arrays must be told apart by identity
     small1, small2 = np.zeros(5, np.int16), np.zeros(6, np.int16)
-    scene._composed = {"frame": (None, None, used)}
+    scene._composed["frame"] = (None, None, used)
     scene._buffers[:] = [small1, used, small2]
     b = _buffer(scene, 50)
     assert b.size >= 50 and b is not used
