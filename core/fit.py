@@ -47,7 +47,8 @@ import numpy as np
 from . import landmarks as lmk
 from .errors import CtwinError
 from .progress import report
-from .skeleton import JOINT_INDEX, N_JOINTS, PARENTS, forward_kinematics, pose_feature, rodrigues, rotation_to_rotvec
+from .body_model import lbs, load_body_model
+from .skeleton import JOINT_INDEX, N_JOINTS, PARENTS, forward_kinematics, rotation_to_rotvec
 
 CAP_MARGIN_MM = 6.0      # skin within this distance of the volume faces is a truncation cap
 HUBER_MM = 10.0
@@ -195,29 +196,21 @@ class FitResult:
 
 
 # --------------------------------------------------------------------------------------------
-# fast LBS on vertex subsets (same maths as smplx / BodyModel.forward)
+# the body model's LBS (``body_model.lbs``) with arrays precomputed for the fit's repeated calls
 # --------------------------------------------------------------------------------------------
-def _dense(a):
-    if hasattr(a, "toarray"):
-        return np.asarray(a.toarray(), dtype=np.float64)
-    return np.asarray(a, dtype=np.float64)
-
-
 class _Lbs:
+    """A ``BodyModel`` truncated to ``n_betas`` shape components, with the shaped rest joints
+    precomputed as ``Jt + Jsd @ betas`` and sparse weights for vertex subsets (``subset``)."""
+
     def __init__(self, bm, n_betas: int):
-        self.vt = np.asarray(bm.v_template, dtype=np.float64)
-        sd = np.asarray(bm.shapedirs, dtype=np.float64)
-        self.nb = int(min(n_betas, sd.shape[2]))
-        self.sd = sd[:, :, : self.nb]
-        pd = np.asarray(bm.posedirs, dtype=np.float64)
-        if pd.ndim == 2:  # smplx layout (207, V*3)
-            pd = pd.reshape(207, -1, 3).transpose(1, 2, 0)
-        self.pd = pd
-        self.W = _dense(bm.weights)
-        jr = _dense(bm.J_regressor)
-        self.Jt = jr @ self.vt
-        self.Jsd = np.einsum("jv,vcb->jcb", jr, self.sd)
-        self.faces = np.asarray(bm.faces, dtype=np.int64)
+        self.vt = bm.v_template
+        self.nb = int(min(n_betas, bm.num_betas))
+        self.sd = bm.shapedirs[:, :, : self.nb]
+        self.pd = bm.posedirs
+        self.W = bm.weights
+        self.Jt = bm.J_regressor @ self.vt
+        self.Jsd = np.einsum("jv,vcb->jcb", bm.J_regressor, self.sd)
+        self.faces = bm.faces
         self.V = len(self.vt)
 
     def subset(self, idx):
@@ -238,29 +231,17 @@ class _Lbs:
     def verts_sub(self, sub, pose, betas, transl):
         n = len(sub["idx"])
         v = sub["vt"] + (sub["sd"] @ betas).reshape(n, 3)
-        if sub["pd"] is not None:
-            v = v + (sub["pd"] @ pose_feature(pose)).reshape(n, 3)
-        a, jp = self.transforms(pose, betas)
-        T = (sub["W"] @ a[:, :3, :].reshape(24, 12)).reshape(n, 3, 4)
-        out = np.einsum("vab,vb->va", T[:, :, :3], v) + T[:, :, 3]
+        out, jp, _, _ = lbs(pose, v, self.joints_rest(betas), sub["pd"], sub["W"])
         return 1000.0 * out + transl, 1000.0 * jp + transl
 
     def joints_rest(self, betas):
         return self.Jt + self.Jsd @ betas
 
-    def transforms(self, pose, betas):
-        a, jp = forward_kinematics(pose, self.joints_rest(betas))
-        return a, jp
-
     def verts(self, pose, betas, transl, idx=None, residual_m=None, return_T=False):
         sl = slice(None) if idx is None else idx
         v = self.vt[sl] + self.sd[sl] @ betas
-        v = v + self.pd[sl] @ pose_feature(pose)
-        if residual_m is not None:
-            v = v + residual_m[sl]
-        a, jp = self.transforms(pose, betas)
-        T = np.einsum("vj,jab->vab", self.W[sl], a)
-        out = np.einsum("vab,vb->va", T[:, :3, :3], v) + T[:, :3, 3]
+        out, jp, _, T = lbs(pose, v, self.joints_rest(betas), self.pd[sl], self.W[sl],
+                            residual=None if residual_m is None else residual_m[sl])
         world = 1000.0 * out + transl
         jw = 1000.0 * jp + transl
         if return_T:
@@ -678,8 +659,6 @@ def fit_body_model(body_model=None, skin=None, labelmap=None, names=None, *, fov
     ``fov_box``: (lo, hi) world box of the CT (default: the labelmap's bounding box).
     ``arms``: force "up"/"down" instead of detecting it. ``residual``: fit the non-rigid residual.
     """
-    from .body_model import load_body_model
-
     t0 = time.perf_counter()
     if body_model is None or isinstance(body_model, (str, bytes)) or hasattr(body_model, "__fspath__"):
         body_model = load_body_model(body_model)
