@@ -211,6 +211,7 @@ def session_provider(scene, frame):
 
     from .core.articulated import posed_scene, prepare_articulated, to_projector_scene
     from .core.ct import load_ct
+    from .core.labels import joint_for_label
     from .core.segmentation import load_segmentation
     from .core.skeleton import JOINT_NAMES
     from .render import scene_volumes
@@ -246,16 +247,8 @@ def session_provider(scene, frame):
 
     def build():
         ct, labelmap, names = volumes()
-        bones = arm.data.bones
-        joint_of = {}
-        for label, bone in table.items():
-            if bone == "smooth" or bone not in bones:
-                continue
-            b = bones[bone]
-            while b is not None and b.name not in JOINT_NAMES:
-                b = b.parent
-            if b is not None:
-                joint_of[label] = b.name
+        joint_of = {label: bone if bone in JOINT_NAMES else joint_for_label(label)
+                    for label, bone in table.items() if bone != "smooth"}
         return prepare_articulated(ct, labelmap, names, joint_of, joints)
 
     art = scene_volumes.cached(key, build)

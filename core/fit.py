@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.optimize import least_squares
 
 from . import landmarks as lmk
 from .errors import CtwinError
@@ -94,8 +95,6 @@ def scaffold_pose(rest_joints_mm, joints_mm, pose, evidence, prior=None, sigma_m
     whole rotation of a joint with no located child (the head's nod, the hands, the feet), and
     weakly every local rotation. Returns (72,).
     """
-    from scipy.optimize import least_squares
-
     rb = np.asarray(rest_joints_mm, dtype=np.float64).reshape(N_JOINTS, 3)
     jm = np.asarray(joints_mm, dtype=np.float64).reshape(N_JOINTS, 3)
     p0 = np.asarray(pose, dtype=np.float64).reshape(N_JOINTS, 3)
@@ -500,8 +499,6 @@ class _Problem:
         x = x0.copy()
         nfev = 0
         mask = np.ones(len(x), bool) if mask is None else mask
-        nb = self.lbs.nb
-        steps = np.concatenate([[1e-5] * 3, [1e-3] * 3, [1e-5] * nb, [1e-5] * (len(x) - 6 - nb)])
         cost = np.inf
         for it in range(outer):
             gate = gates[min(it, len(gates) - 1)] if gates else 60.0
@@ -512,52 +509,18 @@ class _Problem:
                 z[mask] = y
                 return self.residuals(z, pose_template, c, prior_pose)
 
-            y, cost, nf = _levenberg_marquardt(fun, x[mask], steps[mask], inner)
-            nfev += nf
-            x[mask] = y
+            # MINPACK's Levenberg-Marquardt: at most ``inner`` iterations of n + 1 evaluations (the
+            # forward-difference Jacobian and one step), stopping at a 1e-5 relative cost decrease;
+            # ``nfev`` counts iterations
+            n = int(mask.sum()) + 1
+            sol = least_squares(fun, x[mask], method="lm", x_scale="jac", ftol=1e-5, max_nfev=inner * n)
+            nfev += -(-sol.nfev // n)
+            cost = float(sol.cost)
+            x[mask] = sol.x
             report(f"fit {tag}: iteration {it + 1}/{outer}, cost {cost:.2f}")
         c = self.correspondences(x, pose_template, gates[-1] if gates else 60.0)
         cost = 0.5 * float((self.residuals(x, pose_template, c, prior_pose) ** 2).sum())
         return x, cost, nfev, c
-
-
-def _levenberg_marquardt(fun, x0, steps, iterations, tol=1e-5):
-    """Minimise 0.5 |fun(x)|^2: forward-difference Jacobian, damped normal equations (n is small).
-    Returns (x, cost, iterations)."""
-    x = x0.copy()
-    r = fun(x)
-    cost = 0.5 * float(r @ r)
-    lam = 1e-3
-    nit = 0
-    for _ in range(iterations):
-        nit += 1
-        J = np.empty((len(r), len(x)))
-        for k in range(len(x)):
-            xk = x.copy()
-            xk[k] += steps[k]
-            J[:, k] = (fun(xk) - r) / steps[k]
-        A = J.T @ J
-        g = J.T @ r
-        d = np.maximum(np.diag(A), 1e-9)
-        improved = False
-        while lam < 1e10:
-            try:
-                dx = -np.linalg.solve(A + lam * np.diag(d), g)
-            except np.linalg.LinAlgError:
-                lam *= 10.0
-                continue
-            rn = fun(x + dx)
-            cn = 0.5 * float(rn @ rn)
-            if cn < cost:
-                rel = (cost - cn) / max(cost, 1e-12)
-                x, r, cost = x + dx, rn, cn
-                lam = max(lam / 3.0, 1e-9)
-                improved = True
-                break
-            lam *= 4.0
-        if not improved or rel < tol:
-            break
-    return x, cost, nit
 
 
 # --------------------------------------------------------------------------------------------

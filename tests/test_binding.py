@@ -4,7 +4,8 @@ import warnings
 import numpy as np
 import pytest
 
-from ctwin.core.binding import (SMOOTH, bind_structures, load_binding, rigid_bone_for, save_binding,
+from ctwin.core.labels import joint_for_label
+from ctwin.core.binding import (SMOOTH, bind_structures, load_binding, save_binding,
                                 spine_blend)
 from ctwin.core.pose import bone_deltas, check_joint_limits, joint_limit_violations, pose_meshes
 from ctwin.core.skeleton import JOINT_INDEX, JOINT_NAMES, forward_kinematics, rotation_to_rotvec
@@ -53,15 +54,18 @@ def twin():
     return dict(pa=pa, ja=ja, meshes=meshes, binding=binding, fit=fit)
 
 
-def test_rigid_rules():
-    assert rigid_bone_for("femur_left") == "left_hip"
-    assert rigid_bone_for("patella_right") == "right_knee"
-    assert rigid_bone_for("phalanges_feet_left") == "left_foot"
-    assert rigid_bone_for("metacarpal_right") == "right_wrist"
-    assert rigid_bone_for("scapula_left") == "left_collar"
-    assert rigid_bone_for("rib_right_7") == "spine2" and rigid_bone_for("rib_left_6") == "spine3"
-    assert rigid_bone_for("sacrum") == "pelvis"
-    assert rigid_bone_for("costal_cartilages") is None
+def test_joint_rules():
+    assert joint_for_label("femur_left") == "left_hip"
+    assert joint_for_label("patella_right") == "right_knee"
+    assert joint_for_label("phalanges_feet_left") == "left_foot"
+    assert joint_for_label("metacarpal_right") == "right_wrist"
+    assert joint_for_label("scapula_left") == "left_collar"
+    assert joint_for_label("rib_right_7") == "spine2" and joint_for_label("rib_left_6") == "spine3"
+    assert joint_for_label("sacrum") == "pelvis"
+    assert joint_for_label("metatarsal_left") == "left_ankle" and joint_for_label("costal_cartilages") == "spine3"
+    assert joint_for_label("vertebrae_C3") == "neck" and joint_for_label("vertebrae_T9") == "spine2"
+    assert joint_for_label("vertebrae_L2") == "spine1" and joint_for_label("vertebrae_S1") == "pelvis"
+    assert joint_for_label("liver") is None and joint_for_label("femur") is None
 
 
 def test_binding_table(twin):
