@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-MM = 0.001  # Blender units (metres) per mm
+from .core.skeleton import MM_TO_M
 
 
 def ensure_registered() -> None:
@@ -168,7 +168,7 @@ def _evaluated_bone_deltas(arm_obj) -> dict:
         posed = mw @ np.array(pb.matrix, dtype=np.float64)
         rest = mw @ np.array(pb.bone.matrix_local, dtype=np.float64)
         d = posed @ np.linalg.inv(rest)
-        d[:3, 3] /= MM
+        d[:3, 3] /= MM_TO_M
         out[pb.name] = d
     return out
 

@@ -48,6 +48,7 @@ import numpy as np
 
 from .errors import CtwinError
 from .progress import report
+from .skeleton import apply_transform
 from .volume import Volume
 
 
@@ -602,7 +603,7 @@ def _vertex_min_t(tris, sides, t_lab, nv):
 
 
 def _world(pos_idx: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    return pos_idx @ affine[:3, :3].T + affine[:3, 3]
+    return apply_transform(affine, pos_idx)
 
 
 def surface_nets(labels: np.ndarray, affine: np.ndarray, *, smooth_iterations: int = 10,

@@ -22,6 +22,9 @@ PARENTS = np.array([-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16
 N_JOINTS = 24
 JOINT_INDEX = {n: i for i, n in enumerate(JOINT_NAMES)}
 
+# metres per millimetre: SMPL files and Blender's units are metres, the world is millimetres
+MM_TO_M = 1e-3
+
 # Global orientation of the standard acquisition: supine, head first. Canonical up (+y) -> superior
 # (+z), canonical front (+z) -> anterior (-y): a +90 degree rotation about x.
 SUPINE_GLOBAL_ORIENT = np.array([np.pi / 2, 0.0, 0.0])
