@@ -1,4 +1,4 @@
-"""Benchmark of the body-model fit (issue 6): prints measured figures, asserts nothing.
+"""Benchmark of the body-model fit: prints measured figures, asserts nothing.
 
 Cases:
 - phantoms: seeds (= body shapes) x acquisition presets (supine_arms_down / supine_arms_up), 3 mm;
@@ -6,7 +6,7 @@ Cases:
   (mean over all 24 joints, and over the 22 without the hands), fit time;
 - real CT abdomen_pelvis (partial FOV, 3 mm): chamfer_mm, enclosure_pct, fit time;
 - with --extra: prone feet-first phantoms and an abdomen-pelvis crop of a phantom (partial FOV).
-Targets (issue 6): phantom chamfer <= 5 mm, enclosure >= 99.5 %, mean joint error <= 15 mm;
+Targets: phantom chamfer <= 5 mm, enclosure >= 99.5 %, mean joint error <= 15 mm;
 real CT enclosure >= 99 %; <= 60 s per fit on 2 cores.
 
     .venv/bin/python benchmarks/bench_fit.py [--seeds 0 1 2 3 4] [--presets ...] [--cache DIR]

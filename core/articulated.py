@@ -1,4 +1,4 @@
-"""Volumetric articulated CT: render the posed twin from its own voxels (issue 8).
+"""Volumetric articulated CT: render the posed twin from its own voxels.
 
 The CT is decomposed once (``prepare_articulated``) into
 
@@ -33,10 +33,9 @@ soft tissue pulled through the warp where it moved, parts written by the rule ab
 frame) and renders it with the static kernels; ``backend="projector"`` evaluates the rule at every
 ray sample instead, ``backend="reference"`` is a slow numpy ray marcher.
 
-Deviations from the planned API (documented for the lead):
-- The table and other static objects are a rigid part with the identity transform (kind
-  ``"static"``) rather than a "world" weight channel: they stay exactly in place whatever the warp
-  does, and the soft tissue outside the body is air.
+Static objects: the table and other static objects are a rigid part with the identity transform
+(kind ``"static"``) rather than a "world" weight channel: they stay exactly in place whatever the
+warp does, and the soft tissue outside the body is air.
 """
 from __future__ import annotations
 
@@ -384,10 +383,10 @@ def joint_deltas_between(pose_a, joints_a_mm, pose_b, joints_b_mm=None, transl_d
 
 # The kernels are plain module-level functions (no closures), compiled lazily by _kernels() over
 # a namespace dict in which their callees are globals: numba's on-disk cache key of a closure
-# hashes its pickled cells (other dispatchers here), which differ in every process, so the
-# kernels used to be recompiled (and a new cache entry written) in every process.
+# hashes its pickled cells (other dispatchers here), which differ in every process, so as
+# closures the kernels would be recompiled (and a new cache entry written) in every process.
 # Measured, test_articulated.py -k test_posed_knee_renders_bones_rigid in a second process (loaded
-# 2-core machine): 28.3 s before (these kernels recompiled every time), 1.0 s after (all loaded).
+# 2-core machine): 28.3 s as closures (recompiled every time), 1.0 s as module functions (all loaded).
 
 
 def _clampf(c, n):

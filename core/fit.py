@@ -1,4 +1,4 @@
-"""Fit the body model to a CT: the kinematic scaffold of the twin (issue 6).
+"""Fit the body model to a CT: the kinematic scaffold of the twin.
 
 ``fit_body_model(body_model, skin, labelmap, names, ...) -> FitResult``
 
@@ -25,7 +25,7 @@ Deterministic: fixed sample seeds, deterministic solvers.
 The same code runs for the built-in model and a user SMPL file: only the ``BodyModel`` arrays
 (``v_template, faces, J_regressor, weights, posedirs, shapedirs``) and ``forward`` are used.
 
-Joints (a documented extension of the planned API): ``FitResult.joints_mm`` are the scaffold's
+Joints: ``FitResult.joints_mm`` are the scaffold's
 joints, i.e. anatomical joint centres from the labels where the labels give them
 (``core.landmarks.anatomical_joints``: the conventions of the project's anatomy), elsewhere the
 model's joint moved with its parent's correction; ``FitResult.model_joints_mm`` are the body

@@ -35,7 +35,7 @@ outward normals whatever the sign of the affine's determinant.
 Skin: ``body_mask`` (HU > -500, table and blankets cut off, holes filled per axial slice) and
 ``skin_mesh``; see ``body_mask`` for how the table is found and what is not handled.
 
-Deviation from the planned API: none; ``import_anatomy`` also lives here (it needs the mesher);
+``import_anatomy`` also lives here (it needs the mesher);
 a segmentation label named ``skin`` is returned by it under the key ``skin_label``.
 """
 from __future__ import annotations

@@ -72,7 +72,7 @@ GROUPS = (
     ("left_ankle", ("left_ankle", "left_foot")), ("right_ankle", ("right_ankle", "right_foot")),
     ("left_wrist", ("left_wrist", "left_hand")), ("right_wrist", ("right_wrist", "right_hand")),
 )
-# the root's search range around the start (the starts are within 50 mm and 10 degrees)
+# the root's search range around the start (registration is specified for starts within 50 mm and 10 degrees)
 ROOT_RANGE_DEG, ROOT_RANGE_MM = 20.0, 100.0
 # single-axis offsets tried before a limb group's first optimisation (its optimum is narrow:
 # about +-10 degrees at 64 px)
