@@ -40,9 +40,10 @@ def twin():
     for n, y in (("rib_left_8", 330.0), ("rib_right_9", 300.0)):
         v, f = box((60 if "left" in n else -60, y, -20), (40, 6, 10))
         meshes[n] = Mesh(place(v, 6), f, n)
-    # costal cartilage beside the sternum-less chest: nearest rigid neighbour (clavicula_left)
+    # a 13th rib (an anatomical variant no rule knows) beside the chest: nearest rigid neighbour
+    # (clavicula_left)
     v, f = box((80, 400, 40), (10, 10, 10))
-    meshes["costal_cartilages"] = Mesh(place(v, 9), f, "costal_cartilages")
+    meshes["rib_left_13"] = Mesh(place(v, 9), f, "rib_left_13")
     # soft structures: a liver-like box in the trunk, a blob in the left forearm
     v, f = box((-60, 200, 30), (50, 40, 40), n=5)
     meshes["liver"] = Mesh(place(v, 6), f, "liver")
@@ -66,6 +67,7 @@ def test_joint_rules():
     assert joint_for_label("vertebrae_C3") == "neck" and joint_for_label("vertebrae_T9") == "spine2"
     assert joint_for_label("vertebrae_L2") == "spine1" and joint_for_label("vertebrae_S1") == "pelvis"
     assert joint_for_label("liver") is None and joint_for_label("femur") is None
+    assert joint_for_label("rib_left_13") is None
 
 
 def test_binding_table(twin):
@@ -73,7 +75,7 @@ def test_binding_table(twin):
     table = b.table()
     assert table["femur_left"] == "left_hip" and table["tibia_left"] == "left_knee"
     assert table["skull"] == "head" and table["hip_left"] == "pelvis"
-    assert table["costal_cartilages"] == "left_collar"  # its nearest rigid neighbour, the clavicle
+    assert table["rib_left_13"] == "left_collar"  # its nearest rigid neighbour, the clavicle
     assert table["vertebrae_L3"] == "vertebrae_L3" and "vertebrae_L3" in b.bone_names()
     assert table["liver"] == SMOOTH and table["muscle"] == SMOOTH
     assert table["rib_left_8"] == "vertebrae_T8" and table["rib_right_9"] == "spine2"
