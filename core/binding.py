@@ -3,8 +3,9 @@
 - Every skeletal structure (``core.labels.is_skeletal``) is bound to exactly ONE bone with weight 1,
   by anatomy (``core.labels.JOINT_RULES``: femur -> hip, tibia/fibula/patella -> knee, ...). Rib k
   follows its own thoracic vertebra's bone (``vertebrae_T<k>``) where that vertebra is segmented,
-  else the spine segment at its height (spine2 for ribs 7-12, spine3 for 1-6). Skeletal names that
-  no rule knows follow their nearest rigidly bound neighbour.
+  else the spine segment at its height (spine2 for ribs 7-12, spine3 for 1-6). The costal
+  cartilages (one label spanning ribs 1-10 and the sternum) and skeletal names that no rule knows
+  follow their nearest rigidly bound neighbour.
 - Vertebrae (C1..L5) get one bone each, named after the structure (e.g. ``vertebrae_L3``). Its
   transform blends the two spine segments around it (pelvis, spine1, spine2, spine3, neck, head):
   the vertebra's centroid ``c`` is placed on the spine curve at arc length ``s``; the blend weight is
@@ -259,7 +260,7 @@ def bind_structures(meshes: dict, body_model=None, fit=None, *, armature: Armatu
                                                    tail_mm=c + 20.0 * direction)
             binding.rigid[name] = name
         else:
-            bone = joint_for_label(name)
+            bone = None if name == "costal_cartilages" else joint_for_label(name)
             if bone is None:
                 unknown.append(name)
                 continue

@@ -71,8 +71,9 @@ def tissue_class(name: str) -> str:
 
 # Anatomy name -> the SMPL joint whose transform moves the structure (as in SMPL's skinning: joint j
 # moves the segment from j to its child). "{s}" stands for the structure's side (left/right).
-# The binding (``core.binding``) ties vertebrae to their own blended bones and ribs to their
-# vertebra; these rules are what every other structure, and every consumer without a binding, uses.
+# The binding (``core.binding``) ties vertebrae to their own blended bones, ribs to their vertebra
+# and the costal cartilages (one label joining ribs 1-10 to the sternum) to their nearest bound
+# neighbour; these rules are what every other structure, and every consumer without a binding, uses.
 JOINT_RULES = (
     (r"^femur_(left|right)$", "{s}_hip"),
     (r"^(tibia|fibula|patella)_(left|right)$", "{s}_knee"),
@@ -83,8 +84,8 @@ JOINT_RULES = (
     (r"^(carpal|metacarpal)_(left|right)$", "{s}_wrist"),
     (r"^phalanges_hand_(left|right)$", "{s}_hand"),
     (r"^(clavicula|scapula)_(left|right)$", "{s}_collar"),
-    (r"^(rib_(left|right)_([7-9]|1[0-2])|vertebrae_T([7-9]|1[0-2]))$", "spine2"),
-    (r"^(rib_(left|right)_[1-6]|vertebrae_T[1-6]|sternum|costal_cartilages)$", "spine3"),
+    (r"^(rib_(left|right)_([7-9]|1[0-2])|vertebrae_T([7-9]|1[0-2])|costal_cartilages)$", "spine2"),
+    (r"^(rib_(left|right)_[1-6]|vertebrae_T[1-6]|sternum)$", "spine3"),
     (r"^vertebrae_C\d+$", "neck"),
     (r"^vertebrae_L\d+$", "spine1"),
     (r"^skull$", "head"),

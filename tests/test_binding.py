@@ -44,6 +44,9 @@ def twin():
     # (clavicula_left)
     v, f = box((80, 400, 40), (10, 10, 10))
     meshes["rib_left_13"] = Mesh(place(v, 9), f, "rib_left_13")
+    # the costal cartilages, beside it: their nearest bound neighbour's bone too (not the rule's spine2)
+    v, f = box((80, 420, 45), (10, 8, 10))
+    meshes["costal_cartilages"] = Mesh(place(v, 9), f, "costal_cartilages")
     # soft structures: a liver-like box in the trunk, a blob in the left forearm
     v, f = box((-60, 200, 30), (50, 40, 40), n=5)
     meshes["liver"] = Mesh(place(v, 6), f, "liver")
@@ -63,7 +66,7 @@ def test_joint_rules():
     assert joint_for_label("scapula_left") == "left_collar"
     assert joint_for_label("rib_right_7") == "spine2" and joint_for_label("rib_left_6") == "spine3"
     assert joint_for_label("sacrum") == "pelvis"
-    assert joint_for_label("metatarsal_left") == "left_ankle" and joint_for_label("costal_cartilages") == "spine3"
+    assert joint_for_label("metatarsal_left") == "left_ankle" and joint_for_label("costal_cartilages") == "spine2"
     assert joint_for_label("vertebrae_C3") == "neck" and joint_for_label("vertebrae_T9") == "spine2"
     assert joint_for_label("vertebrae_L2") == "spine1" and joint_for_label("vertebrae_S1") == "pelvis"
     assert joint_for_label("liver") is None and joint_for_label("femur") is None
@@ -76,6 +79,7 @@ def test_binding_table(twin):
     assert table["femur_left"] == "left_hip" and table["tibia_left"] == "left_knee"
     assert table["skull"] == "head" and table["hip_left"] == "pelvis"
     assert table["rib_left_13"] == "left_collar"  # its nearest rigid neighbour, the clavicle
+    assert table["costal_cartilages"] == "left_collar"
     assert table["vertebrae_L3"] == "vertebrae_L3" and "vertebrae_L3" in b.bone_names()
     assert table["liver"] == SMOOTH and table["muscle"] == SMOOTH
     assert table["rib_left_8"] == "vertebrae_T8" and table["rib_right_9"] == "spine2"
