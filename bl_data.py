@@ -20,8 +20,9 @@ from __future__ import annotations
 import bpy
 import numpy as np
 
-MM_TO_M = 1e-3
-M_TO_MM = 1e3
+from .core.skeleton import MM_TO_M
+
+M_TO_MM = 1.0 / MM_TO_M
 
 
 def _mesh(obj_or_mesh):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-MM = 0.001  # Blender units (metres) per mm
+from .core.skeleton import MM_TO_M
 
 
 def ensure_registered() -> None:
@@ -167,7 +167,7 @@ def _evaluated_bone_deltas(arm_obj) -> dict:
         posed = mw @ np.array(pb.matrix, dtype=np.float64)
         rest = mw @ np.array(pb.bone.matrix_local, dtype=np.float64)
         d = posed @ np.linalg.inv(rest)
-        d[:3, 3] /= MM
+        d[:3, 3] /= MM_TO_M
         out[pb.name] = d
     return out
 
@@ -210,6 +210,7 @@ def session_provider(scene, frame):
 
     from .core.articulated import posed_scene, prepare_articulated
     from .core.ct import load_ct
+    from .core.labels import joint_for_label
     from .core.segmentation import load_segmentation
     from .core.skeleton import JOINT_NAMES
     from .render import scene_volumes
@@ -245,16 +246,8 @@ def session_provider(scene, frame):
 
     def build():
         ct, labelmap, names = volumes()
-        bones = arm.data.bones
-        joint_of = {}
-        for label, bone in table.items():
-            if bone == "smooth" or bone not in bones:
-                continue
-            b = bones[bone]
-            while b is not None and b.name not in JOINT_NAMES:
-                b = b.parent
-            if b is not None:
-                joint_of[label] = b.name
+        joint_of = {label: bone if bone in JOINT_NAMES else joint_for_label(label)
+                    for label, bone in table.items() if bone != "smooth"}
         return prepare_articulated(ct, labelmap, names, joint_of, joints)
 
     art = scene_volumes.cached(key, build)

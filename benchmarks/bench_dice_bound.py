@@ -1,4 +1,4 @@
-"""The best Dice a perfectly rigid thin bone can reach at a given voxel size (issue 3's rigidity check).
+"""The best Dice a perfectly rigid thin bone can reach at a given voxel size (the phantom's rigidity check).
 
     .venv/bin/python benchmarks/bench_dice_bound.py [--spacing 3] [--trials 6]
 

@@ -1,4 +1,4 @@
-"""Benchmark of the body-model fit (issue 6): prints measured figures, asserts nothing.
+"""Benchmark of the body-model fit: prints measured figures, asserts nothing.
 
 Cases:
 - phantoms: seeds (= body shapes) x acquisition presets (supine_arms_down / supine_arms_up), 3 mm;
@@ -6,10 +6,15 @@ Cases:
   (mean over all 24 joints, and over the 22 without the hands), fit time;
 - real CT abdomen_pelvis (partial FOV, 3 mm): chamfer_mm, enclosure_pct, fit time;
 - with --extra: prone feet-first phantoms and an abdomen-pelvis crop of a phantom (partial FOV).
-Targets (issue 6): phantom chamfer <= 5 mm, enclosure >= 99.5 %, mean joint error <= 15 mm;
+Targets: phantom chamfer <= 5 mm, enclosure >= 99.5 %, mean joint error <= 15 mm;
 real CT enclosure >= 99 %; <= 60 s per fit on 2 cores.
 
     .venv/bin/python benchmarks/bench_fit.py [--seeds 0 1 2 3 4] [--presets ...] [--cache DIR]
+    .venv/bin/python benchmarks/bench_fit.py --old-tree DIR [--repeat 5]   # before vs after
+
+``--old-tree`` (a ``git archive`` of an earlier commit) times the fit of the first phantom case
+with that tree and with this one, interleaved, best of ``--repeat``, on the same inputs, and
+prints both times, their ratio and the differences of the results (chamfer, fitted joints).
 
 Phantoms are generated into --cache (default /tmp/ctwin_bench_fit) once and reused.
 """
@@ -103,6 +108,38 @@ def extra_cases(bm):
     return rows
 
 
+def compare_trees(old_tree: Path, case_dir: Path, repeat: int) -> None:
+    import importlib.util
+
+    ct = load_ct(case_dir / "ct.nii.gz")
+    labelmap, names = load_segmentation(case_dir / "seg.nii.gz", ct)
+    skin = skin_mesh(ct)
+    spec = importlib.util.spec_from_file_location("ctwin_old", old_tree / "__init__.py",
+                                                  submodule_search_locations=[str(old_tree)])
+    old = importlib.util.module_from_spec(spec)
+    sys.modules["ctwin_old"] = old
+    spec.loader.exec_module(old)
+    from ctwin_old.core import progress as old_progress
+    from ctwin_old.core.body_model import load_body_model as old_load
+    from ctwin_old.core.fit import fit_body_model as old_fit
+
+    old_progress.set_quiet(True)
+    fits = {"old": (old_fit, old_load()), "new": (fit_body_model, load_body_model())}
+    times, results = {"old": [], "new": []}, {}
+    for i in range(repeat):
+        for tag, (fit, bm) in fits.items():
+            t0 = time.perf_counter()
+            results[tag] = fit(bm, skin, labelmap, names)
+            times[tag].append(time.perf_counter() - t0)
+            print(f"  run {i + 1} {tag}: {times[tag][-1]:.1f} s", flush=True)
+    o, n = results["old"], results["new"]
+    dj = np.linalg.norm(np.asarray(o.joints_mm) - np.asarray(n.joints_mm), axis=1)
+    print(f"fit of {case_dir.name}, best of {repeat}: old {min(times['old']):.1f} s, new {min(times['new']):.1f} s "
+          f"(new/old {min(times['new']) / min(times['old']):.3f}); chamfer old {o.metrics['chamfer_mm']:.4f} "
+          f"new {n.metrics['chamfer_mm']:.4f} mm; fitted joints differ by max {dj.max():.3f} mm, "
+          f"mean {dj.mean():.4f} mm")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
@@ -111,8 +148,18 @@ def main(argv=None):
     ap.add_argument("--no-real", action="store_true")
     ap.add_argument("--extra", action="store_true", help="also prone feet-first phantoms and an abdomen crop")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--old-tree", type=Path, help="time this tree's fit against the tree at DIR instead")
+    ap.add_argument("--repeat", type=int, default=5)
     a = ap.parse_args(argv)
     progress.set_quiet(True)
+    if a.old_tree:
+        d = Path(a.cache) / f"{a.presets[0]}_seed{a.seeds[0]}"
+        if not (d / "truth.json").exists():
+            from ctwin.core.phantom import write_phantom
+
+            write_phantom(d, pose=a.presets[0], spacing=3.0, seed=a.seeds[0])
+        compare_trees(a.old_tree, d, a.repeat)
+        return
     bm = load_body_model()
     rows = []
     hdr = f"{'case':34s} {'chamfer':>8s} {'encl%':>8s} {'jerr':>6s} {'jerr22':>6s} {'jmax':>6s} {'sec':>6s}  detected"

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_pose.py [--spacing MM] [--skip-phantom] [--skip-blender]
 
-1. Rig maths against phantom truth (issue 7's bone_err_mm, with the TRUE joints and poses, i.e.
+1. Rig maths against phantom truth (bone_err_mm, with the TRUE joints and poses, i.e.
    the rig alone, without the fit's error): the phantom at the acquisition pose A
    (supine_arms_down) and at every other preset B; the armature is built from truth A's joints,
    pose and translation; each skeletal label's voxel centres at A are bound (core.binding) and

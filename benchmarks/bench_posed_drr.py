@@ -1,4 +1,4 @@
-"""Posed DRRs from the patient's own CT (issue 8): fidelity and cost. Prints measured numbers.
+"""Posed DRRs from the patient's own CT: fidelity and cost. Prints measured numbers.
 
     .venv/bin/python benchmarks/bench_posed_drr.py [--spacing 3] [--size 256] [--presets a,b,...]
         [--skip-real] [--device auto]
@@ -12,7 +12,7 @@
   also against the render of an already prepared CT, and for AP + lateral of one pose (composed
   once) against two static renders. ``--cost-only`` skips the fidelity part.
 The inverse warp uses the twins' 12 mm grid (``core.twin.WARP_SPACING_MM``).
-Targets (issue 8): acquisition SSIM >= 0.995 & PSNR >= 45 dB; targets SSIM >= 0.95 & PSNR >= 30;
+Targets: acquisition SSIM >= 0.995 & PSNR >= 45 dB; targets SSIM >= 0.95 & PSNR >= 30;
 cost ratio <= 1.5.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ time a posed DRR against a static DRR of the same CT.
     .venv/bin/python benchmarks/bench_twin.py [--spacing 3] [--size 512] [--out /tmp/bench_twin]
 
 Prints one row per preset (bone_err mean/max, enclosure at the target pose, SSIM/PSNR AP and
-lateral) and the cost ratio. Targets (issues 7 and 8): bone_err mean <= 3 mm and max <= 8 mm,
+lateral) and the cost ratio. Targets: bone_err mean <= 3 mm and max <= 8 mm,
 enclosure >= 99 %, SSIM >= 0.95, PSNR >= 30 dB, posed/static time <= 1.5.
 """
 from __future__ import annotations

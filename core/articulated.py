@@ -34,9 +34,9 @@ soft tissue pulled through the warp where it moved, parts written by the rule ab
 frame) and renders it with the static kernels; ``backend="projector"`` evaluates the rule at every
 ray sample instead, ``backend="reference"`` is a slow numpy ray marcher.
 
-The table and other static objects are a rigid part with the identity transform (kind ``"static"``)
-rather than a "world" weight channel: they stay exactly in place whatever the warp does, and the
-soft tissue outside the body is air.
+Static objects: the table and other static objects are a rigid part with the identity transform
+(kind ``"static"``) rather than a "world" weight channel: they stay exactly in place whatever the
+warp does, and the soft tissue outside the body is air.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ import numpy as np
 from .errors import CtwinError
 from .fileio import atomic_path, write_json
 from .kernels import claims, lerp3
-from .labels import is_skeletal
+from .labels import is_skeletal, joint_for_label
 from .progress import report
 from .projector import PlacedVolume, Scene, _grid_from_bounds, compose_scene, render_scene
 from .skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, forward_kinematics, rodrigues
@@ -64,47 +64,6 @@ AIR_HU = -1000
 # compared over the phantom presets of two phantoms (README, Posed DRRs)
 AIR_MISS_NODES = 2.5
 
-# --------------------------------------------------------------------------------------------
-# Default label -> SMPL joint (the joint whose transform moves that bone, as in SMPL's skinning:
-# joint j moves the segment from j to its child).
-# --------------------------------------------------------------------------------------------
-
-def default_joint_for_label(name: str) -> str | None:
-    """The SMPL joint that moves a skeletal structure, by its TotalSegmentator-style name."""
-    side = "left" if name.endswith("_left") else "right" if name.endswith("_right") else None
-    base = name
-    if side:
-        base = name[: -len(side) - 1]
-    if base.startswith("rib_left_") or base.startswith("rib_right_"):
-        n = int(base.rsplit("_", 1)[1])
-        return "spine3" if n <= 6 else "spine2"
-    if base.startswith("vertebrae_"):
-        v = base[len("vertebrae_"):]
-        if v.startswith("C"):
-            return "neck"
-        if v.startswith("T"):
-            return "spine3" if int(v[1:]) <= 6 else "spine2"
-        if v.startswith("L"):
-            return "spine1"
-        return "pelvis"  # S1, sacrum-like
-    table = {
-        "sacrum": "pelvis", "hip": "pelvis", "skull": "head", "sternum": "spine3",
-        "costal_cartilages": "spine2", "clavicula": "collar", "scapula": "collar",
-        "humerus": "shoulder", "radius": "elbow", "ulna": "elbow", "carpal": "wrist",
-        "metacarpal": "wrist", "phalanges_hand": "hand", "femur": "hip_joint", "tibia": "knee",
-        "fibula": "knee", "patella": "knee", "tarsal": "ankle", "metatarsal": "foot",
-        "phalanges_feet": "foot",
-    }
-    j = table.get(base)
-    if j is None:
-        return None
-    if j == "hip_joint":
-        return f"{side}_hip" if side else None
-    if j in ("collar", "shoulder", "elbow", "wrist", "hand", "knee", "ankle", "foot"):
-        return f"{side}_{j}" if side else None
-    return j
-
-
 def resolve_joint(bone, label_name: str | None = None) -> int:
     """Joint index of a binding value (SMPL joint name or index); -1 when unknown."""
     if isinstance(bone, (int, np.integer)) and 0 <= int(bone) < N_JOINTS:
@@ -112,7 +71,7 @@ def resolve_joint(bone, label_name: str | None = None) -> int:
     if isinstance(bone, str) and bone in JOINT_INDEX:
         return JOINT_INDEX[bone]
     if label_name is not None:
-        j = default_joint_for_label(label_name)
+        j = joint_for_label(label_name)
         if j is not None:
             return JOINT_INDEX[j]
     return -1
@@ -240,7 +199,7 @@ def prepare_articulated(ct: Volume, labelmap: Volume, names: dict, binding: dict
 
     ``labelmap`` is resolved onto the CT grid by world coordinates when the grids differ.
     ``names``: label id -> name. ``binding``: label name -> rig bone (an SMPL joint name or index);
-    skeletal labels missing from it use ``default_joint_for_label``.
+    skeletal labels missing from it use ``joint_for_label``.
     """
     from scipy import ndimage
 
@@ -295,7 +254,7 @@ def prepare_articulated(ct: Volume, labelmap: Volume, names: dict, binding: dict
         sl = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(objs[lid - 1], lab.shape))
         bone = binding.get(name)
         if bone is None:
-            bone = default_joint_for_label(name)
+            bone = joint_for_label(name)
         parts.append(PlacedVolume(hu[sl].astype(np.int16), (owner[sl] == lid).astype(np.uint8),
                                   _crop_affine(ct.affine, np.array([s.start for s in sl], dtype=np.int64)),
                                   name, "bone", None if bone is None else str(bone) if not isinstance(bone, (int, np.integer)) else JOINT_NAMES[int(bone)],
@@ -339,7 +298,7 @@ def prepare_articulated(ct: Volume, labelmap: Volume, names: dict, binding: dict
     joints_of_parts = sorted(set(p.joint for p in parts if p.kind == "bone" and p.joint >= 0))
     dists = []
     for j in joints_of_parts:
-        ids = [lid for lid in bone_ids if resolve_joint(binding.get(names[lid], default_joint_for_label(names[lid])), names[lid]) == j]
+        ids = [lid for lid in bone_ids if resolve_joint(binding.get(names[lid], joint_for_label(names[lid])), names[lid]) == j]
         m = _pool_any(np.isin(lab, ids), fac)
         dists.append(ndimage.distance_transform_edt(~m, sampling=[f * s for f, s in zip(fac, sp)]))
     if dists:
@@ -418,10 +377,10 @@ def joint_deltas_between(pose_a, joints_a_mm, pose_b, joints_b_mm=None, transl_d
 
 # The kernels are plain module-level functions (no closures), compiled lazily by _kernels() over
 # a namespace dict in which their callees are globals: numba's on-disk cache key of a closure
-# hashes its pickled cells (other dispatchers here), which differ in every process, so the
-# kernels used to be recompiled (and a new cache entry written) in every process.
+# hashes its pickled cells (other dispatchers here), which differ in every process, so as
+# closures the kernels would be recompiled (and a new cache entry written) in every process.
 # Measured, test_articulated.py -k test_posed_knee_renders_bones_rigid in a second process (loaded
-# 2-core machine): 28.3 s before (these kernels recompiled every time), 1.0 s after (all loaded).
+# 2-core machine): 28.3 s as closures (recompiled every time), 1.0 s as module functions (all loaded).
 
 
 def _clampf(c, n):

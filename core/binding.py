@@ -1,10 +1,11 @@
 """Binding the twin's structures to its armature (no ``bpy``).
 
 - Every skeletal structure (``core.labels.is_skeletal``) is bound to exactly ONE bone with weight 1,
-  by anatomy (``RIGID_RULES``: femur -> hip, tibia/fibula/patella -> knee, ...). Rib k follows
-  its own thoracic vertebra's bone (``vertebrae_T<k>``) where that vertebra is segmented, else the
-  spine segment at its height (spine2 for ribs 7-12, spine3 for 1-6). Skeletal names that no
-  rule knows (costal cartilages, ...) follow their nearest rigidly bound neighbour.
+  by anatomy (``core.labels.JOINT_RULES``: femur -> hip, tibia/fibula/patella -> knee, ...). Rib k
+  follows its own thoracic vertebra's bone (``vertebrae_T<k>``) where that vertebra is segmented,
+  else the spine segment at its height (spine2 for ribs 7-12, spine3 for 1-6). The costal
+  cartilages (one label spanning ribs 1-10 and the sternum) and skeletal names that no rule knows
+  follow their nearest rigidly bound neighbour.
 - Vertebrae (C1..L5) get one bone each, named after the structure (e.g. ``vertebrae_L3``). Its
   transform blends the two spine segments around it (pelvis, spine1, spine2, spine3, neck, head):
   the vertebra's centroid ``c`` is placed on the spine curve at arc length ``s``; the blend weight is
@@ -31,28 +32,13 @@ import numpy as np
 
 from .armature import SPINE_CHAIN, Armature, armature_from_fit, build_armature
 from .errors import CtwinError
-from .labels import is_skeletal
+from .labels import is_skeletal, joint_for_label
+from .metrics import closest_points_on_triangles
 from .skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS
 
 SMOOTH = "smooth"
 TOP_K = 4
 
-# (pattern, bone): "{s}" is replaced by the structure's side (left/right).
-RIGID_RULES = (
-    (r"^femur_(left|right)$", "{s}_hip"),
-    (r"^(tibia|fibula|patella)_(left|right)$", "{s}_knee"),
-    (r"^(tarsal|metatarsal)_(left|right)$", "{s}_ankle"),
-    (r"^phalanges_feet_(left|right)$", "{s}_foot"),
-    (r"^humerus_(left|right)$", "{s}_shoulder"),
-    (r"^(radius|ulna)_(left|right)$", "{s}_elbow"),
-    (r"^(carpal|metacarpal)_(left|right)$", "{s}_wrist"),
-    (r"^phalanges_hand_(left|right)$", "{s}_hand"),
-    (r"^(clavicula|scapula)_(left|right)$", "{s}_collar"),
-    (r"^rib_(left|right)_([7-9]|1[0-2])$", "spine2"),  # only where vertebra T<k> is not bound
-    (r"^(rib_(left|right)_[1-6]|sternum)$", "spine3"),
-    (r"^skull$", "head"),
-    (r"^(hip_(left|right)|sacrum|vertebrae_S1)$", "pelvis"),
-)
 _VERTEBRA = re.compile(r"^vertebrae_(C|T|L)\d+$")
 _RIB = re.compile(r"^rib_(left|right)_(\d+)$")
 
@@ -64,15 +50,6 @@ for _side, _leg, _arm in (("left", 1, 3), ("right", 2, 4)):
         _PART_OF_JOINT[JOINT_INDEX[f"{_side}_{_n}"]] = _leg
     for _n in ("shoulder", "elbow", "wrist", "hand"):
         _PART_OF_JOINT[JOINT_INDEX[f"{_side}_{_n}"]] = _arm
-
-
-def rigid_bone_for(name: str) -> str | None:
-    """The SMPL bone an anatomy name binds to, or None where no rule knows it."""
-    for pat, bone in RIGID_RULES:
-        if re.match(pat, name):
-            side = "left" if "left" in name else "right"
-            return bone.format(s=side)
-    return None
 
 
 def is_vertebra(name: str) -> bool:
@@ -133,48 +110,6 @@ def _point_segment_dist(p, a, b):
     return np.linalg.norm(p[:, None, :] - closest, axis=-1)
 
 
-def closest_point_on_triangles(p, a, b, c):
-    """Closest points on triangles (a, b, c) to points p, all (N, 3); returns (points, bary (N, 3))."""
-    ab, ac, ap = b - a, c - a, p - a
-    d1 = np.einsum("nk,nk->n", ab, ap)
-    d2 = np.einsum("nk,nk->n", ac, ap)
-    bp = p - b
-    d3 = np.einsum("nk,nk->n", ab, bp)
-    d4 = np.einsum("nk,nk->n", ac, bp)
-    cp = p - c
-    d5 = np.einsum("nk,nk->n", ab, cp)
-    d6 = np.einsum("nk,nk->n", ac, cp)
-    va = d3 * d6 - d5 * d4
-    vb = d5 * d2 - d1 * d6
-    vc = d1 * d4 - d3 * d2
-    denom = va + vb + vc
-    denom = np.where(np.abs(denom) < 1e-30, 1e-30, denom)
-    v = vb / denom
-    w = vc / denom
-    bary = np.stack([1 - v - w, v, w], axis=1)
-    eps = 1e-30
-
-    def setb(mask, b0, b1, b2):
-        bary[mask] = np.stack([b0[mask], b1[mask], b2[mask]], axis=1)
-
-    one, zero = np.ones_like(d1), np.zeros_like(d1)
-    # edge regions first, vertex regions last (they take precedence)
-    m = (va <= 0) & ((d4 - d3) >= 0) & ((d5 - d6) >= 0)
-    wbc = (d4 - d3) / np.maximum((d4 - d3) + (d5 - d6), eps)
-    setb(m, zero, 1 - wbc, wbc)
-    m = (vb <= 0) & (d2 >= 0) & (d6 <= 0)
-    wac = d2 / np.where(np.abs(d2 - d6) < eps, eps, d2 - d6)
-    setb(m, 1 - wac, zero, wac)
-    m = (vc <= 0) & (d1 >= 0) & (d3 <= 0)
-    wab = d1 / np.where(np.abs(d1 - d3) < eps, eps, d1 - d3)
-    setb(m, 1 - wab, wab, zero)
-    setb((d6 >= 0) & (d5 <= d6), zero, zero, one)
-    setb((d3 >= 0) & (d4 <= d3), zero, one, zero)
-    setb((d1 <= 0) & (d2 <= 0), one, zero, zero)
-    pts = bary[:, :1] * a + bary[:, 1:2] * b + bary[:, 2:3] * c
-    return pts, bary
-
-
 def _top_k(dense: np.ndarray, k: int = TOP_K) -> SoftWeights:
     idx = np.argsort(-dense, axis=1)[:, :k]
     w = np.take_along_axis(dense, idx, axis=1)
@@ -206,7 +141,7 @@ def _closest_weights(pts, bv, bf, bw, centroids, faces_idx, k_candidates):
     for c in range(k):
         fi = cand[:, c]
         f = bf[fi]
-        cp, bary = closest_point_on_triangles(pts, bv[f[:, 0]], bv[f[:, 1]], bv[f[:, 2]])
+        cp, bary = closest_points_on_triangles(pts, bv[f[:, 0]], bv[f[:, 1]], bv[f[:, 2]])
         d = np.einsum("nk,nk->n", cp - pts, cp - pts)
         better = d < best_d
         best_d[better] = d[better]
@@ -325,7 +260,7 @@ def bind_structures(meshes: dict, body_model=None, fit=None, *, armature: Armatu
                                                    tail_mm=c + 20.0 * direction)
             binding.rigid[name] = name
         else:
-            bone = rigid_bone_for(name)
+            bone = None if name == "costal_cartilages" else joint_for_label(name)
             if bone is None:
                 unknown.append(name)
                 continue
@@ -406,5 +341,5 @@ def load_binding(path) -> Binding:
     return b
 
 
-__all__ = ["Binding", "VertebraBone", "SoftWeights", "bind_structures", "rigid_bone_for", "is_vertebra",
+__all__ = ["Binding", "VertebraBone", "SoftWeights", "bind_structures", "is_vertebra",
            "transfer_weights", "save_binding", "load_binding", "spine_blend"]

@@ -59,8 +59,8 @@ import numpy as np
 from .errors import CtwinError
 from .fileio import atomic_path
 from .progress import report
-from .skeleton import (JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, canonical_joints_mm, kintree_table,
-                       rigid_transforms, rodrigues)
+from .skeleton import (JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, as_pose, canonical_joints_mm,
+                       kintree_table, rigid_transforms, rodrigues)
 
 GENERATOR_VERSION = 2
 NUM_BETAS = 10
@@ -873,18 +873,14 @@ class BodyModel:
         return v, self.J_regressor @ v
 
     def _lbs(self, pose, betas, residual_mm):
-        rots = rodrigues(_pose24(pose))
         v_shaped, joints = self.rest(betas)
-        feat = (rots[1:] - np.eye(3)).reshape(-1)
-        v_posed = v_shaped + self.posedirs @ feat
+        r = None
         if residual_mm is not None:
             r = np.asarray(residual_mm, dtype=np.float64)
-            if r.shape != v_posed.shape:
-                raise CtwinError(f"residual has shape {r.shape}, expected {v_posed.shape}")
-            v_posed = v_posed + r / 1000.0
-        a, joints_posed = rigid_transforms(rots, joints, self.parents)
-        t = np.einsum("vj,jab->vab", self.weights, a)
-        verts = np.einsum("vab,vb->va", t[:, :3, :3], v_posed) + t[:, :3, 3]
+            if r.shape != v_shaped.shape:
+                raise CtwinError(f"residual has shape {r.shape}, expected {v_shaped.shape}")
+            r = r / 1000.0
+        verts, joints_posed, a, _ = lbs(pose, v_shaped, joints, self.posedirs, self.weights, self.parents, r)
         return verts, joints_posed, a
 
     def forward(self, pose=None, betas=None, transl_mm=None, residual_mm=None):
@@ -924,12 +920,32 @@ class BodyModel:
 
 
 def _pose24(pose) -> np.ndarray:
-    if pose is None:
-        return np.zeros((N_JOINTS, 3))
-    p = np.asarray(pose, dtype=np.float64)
-    if p.size != 3 * N_JOINTS:
-        raise CtwinError(f"a pose has 72 values (24 joints x 3), got {p.size}")
-    return p.reshape(N_JOINTS, 3)
+    return np.zeros((N_JOINTS, 3)) if pose is None else as_pose(pose)
+
+
+def lbs(pose, v_shaped, joints_rest, posedirs, weights, parents=PARENTS, residual=None):
+    """SMPL's linear blend skinning, as ``smplx.lbs`` computes it, for any subset of vertices.
+
+    ``pose``: 72 values or None (rest); ``v_shaped`` (N, 3): rest vertices with the shape blend
+    shapes applied; ``joints_rest`` (24, 3): the shaped rest joints; ``posedirs``: the pose
+    correctives of those vertices, (N, 3, 207) or (3 N, 207), or None for none; ``weights``: (N, 24)
+    dense or a ``scipy.sparse`` matrix; ``residual`` (N, 3): an offset added before skinning.
+    Units are those of the inputs. Returns ``(verts (N, 3), joints_posed (24, 3), A (24, 4, 4),
+    T)`` with ``T`` the per-vertex blended transforms ((N, 4, 4) dense, (N, 3, 4) sparse).
+    """
+    rots = rodrigues(_pose24(pose))
+    v = v_shaped
+    if posedirs is not None:
+        v = v + (posedirs @ (rots[1:] - np.eye(3)).reshape(-1)).reshape(v.shape)
+    if residual is not None:
+        v = v + residual
+    a, joints_posed = rigid_transforms(rots, joints_rest, parents)
+    if hasattr(weights, "tocsr"):
+        t = (weights @ a[:, :3, :].reshape(len(a), 12)).reshape(-1, 3, 4)
+    else:
+        t = np.einsum("vj,jab->vab", weights, a)
+    verts = np.einsum("vab,vb->va", t[:, :3, :3], v) + t[:, :3, 3]
+    return verts, joints_posed, a, t
 
 
 def load_body_model(path=None) -> BodyModel:

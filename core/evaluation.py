@@ -16,6 +16,7 @@ import numpy as np
 from .errors import CtwinError
 from .fileio import read_json
 from .progress import report
+from .skeleton import apply_transform
 
 
 def _finite(x):
@@ -96,8 +97,8 @@ def bone_error(twin, pose, transl_mm, truth_a: dict, truth_b: dict) -> dict:
         ta = np.asarray(truth_a["bones"][name], dtype=np.float64)
         tb = np.asarray(truth_b["bones"][name], dtype=np.float64)
         exact = tb @ np.linalg.inv(ta)
-        pv = v @ T[:3, :3].T + T[:3, 3]
-        tv = v @ exact[:3, :3].T + exact[:3, 3]
+        pv = apply_transform(T, v)
+        tv = apply_transform(exact, v)
         per[name] = float(np.linalg.norm(pv - tv, axis=1).mean())
     if not per:
         raise CtwinError("no bone of the twin is in the truth's bone table")

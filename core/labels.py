@@ -69,9 +69,36 @@ def tissue_class(name: str) -> str:
     return "organ"
 
 
-def write_labels_json(path, ids) -> None:
-    """Write ``labels.json`` (id -> name) for the given label ids."""
-    from .fileio import write_json
+# Anatomy name -> the SMPL joint whose transform moves the structure (as in SMPL's skinning: joint j
+# moves the segment from j to its child). "{s}" stands for the structure's side (left/right).
+# The binding (``core.binding``) ties vertebrae to their own blended bones, ribs to their vertebra
+# and the costal cartilages (one label joining ribs 1-10 to the sternum) to their nearest bound
+# neighbour; these rules are what every other structure, and every consumer without a binding, uses.
+JOINT_RULES = (
+    (r"^femur_(left|right)$", "{s}_hip"),
+    (r"^(tibia|fibula|patella)_(left|right)$", "{s}_knee"),
+    (r"^(tarsal|metatarsal)_(left|right)$", "{s}_ankle"),
+    (r"^phalanges_feet_(left|right)$", "{s}_foot"),
+    (r"^humerus_(left|right)$", "{s}_shoulder"),
+    (r"^(radius|ulna)_(left|right)$", "{s}_elbow"),
+    (r"^(carpal|metacarpal)_(left|right)$", "{s}_wrist"),
+    (r"^phalanges_hand_(left|right)$", "{s}_hand"),
+    (r"^(clavicula|scapula)_(left|right)$", "{s}_collar"),
+    (r"^(rib_(left|right)_([7-9]|1[0-2])|vertebrae_T([7-9]|1[0-2])|costal_cartilages)$", "spine2"),
+    (r"^(rib_(left|right)_[1-6]|vertebrae_T[1-6]|sternum)$", "spine3"),
+    (r"^vertebrae_C\d+$", "neck"),
+    (r"^vertebrae_L\d+$", "spine1"),
+    (r"^skull$", "head"),
+    (r"^(hip_(left|right)|sacrum|vertebrae_S1)$", "pelvis"),
+)
+_JOINT_RULES = tuple((re.compile(p), j) for p, j in JOINT_RULES)
 
-    names = all_names()
-    write_json(path, {str(int(i)): names[int(i)] for i in sorted(int(i) for i in ids) if int(i) in names})
+
+def joint_for_label(name: str) -> str | None:
+    """The SMPL joint that moves a structure, by its TotalSegmentator name (``JOINT_RULES``);
+    None where no rule knows it."""
+    for pat, joint in _JOINT_RULES:
+        m = pat.match(name)
+        if m:
+            return joint.format(s="left" if "left" in name else "right")
+    return None

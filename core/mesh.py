@@ -35,7 +35,7 @@ outward normals whatever the sign of the affine's determinant.
 Skin: ``body_mask`` (HU > -500, table and blankets cut off, holes filled per axial slice) and
 ``skin_mesh``; see ``body_mask`` for how the table is found and what is not handled.
 
-Deviation from the planned API: none; ``import_anatomy`` also lives here (it needs the mesher);
+``import_anatomy`` also lives here (it needs the mesher);
 a segmentation label named ``skin`` is returned by it under the key ``skin_label``.
 """
 from __future__ import annotations
@@ -48,6 +48,7 @@ import numpy as np
 
 from .errors import CtwinError
 from .progress import report
+from .skeleton import apply_transform
 from .volume import Volume
 
 
@@ -602,7 +603,7 @@ def _vertex_min_t(tris, sides, t_lab, nv):
 
 
 def _world(pos_idx: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    return pos_idx @ affine[:3, :3].T + affine[:3, 3]
+    return apply_transform(affine, pos_idx)
 
 
 def surface_nets(labels: np.ndarray, affine: np.ndarray, *, smooth_iterations: int = 10,

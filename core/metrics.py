@@ -69,40 +69,41 @@ def sample_surface(V, F, n: int, seed: int = 0, return_faces: bool = False):
 # --------------------------------------------------------------------------------------------
 @nb.njit(cache=True, inline="always")
 def _closest_xyz(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz):
-    """Closest point on triangle abc to p (Ericson, Real-Time Collision Detection 5.1.5), scalars."""
+    """Closest point on triangle abc to p (Ericson, Real-Time Collision Detection 5.1.5), scalars:
+    ``(qx, qy, qz, u, v, w)`` with ``(u, v, w)`` its barycentric coordinates (q = u a + v b + w c)."""
     abx, aby, abz = bx - ax, by - ay, bz - az
     acx, acy, acz = cx - ax, cy - ay, cz - az
     apx, apy, apz = px - ax, py - ay, pz - az
     d1 = abx * apx + aby * apy + abz * apz
     d2 = acx * apx + acy * apy + acz * apz
     if d1 <= 0.0 and d2 <= 0.0:
-        return ax, ay, az
+        return ax, ay, az, 1.0, 0.0, 0.0
     bpx, bpy, bpz = px - bx, py - by, pz - bz
     d3 = abx * bpx + aby * bpy + abz * bpz
     d4 = acx * bpx + acy * bpy + acz * bpz
     if d3 >= 0.0 and d4 <= d3:
-        return bx, by, bz
+        return bx, by, bz, 0.0, 1.0, 0.0
     vc = d1 * d4 - d3 * d2
     if vc <= 0.0 and d1 >= 0.0 and d3 <= 0.0:
         v = d1 / (d1 - d3)
-        return ax + v * abx, ay + v * aby, az + v * abz
+        return ax + v * abx, ay + v * aby, az + v * abz, 1.0 - v, v, 0.0
     cpx, cpy, cpz = px - cx, py - cy, pz - cz
     d5 = abx * cpx + aby * cpy + abz * cpz
     d6 = acx * cpx + acy * cpy + acz * cpz
     if d6 >= 0.0 and d5 <= d6:
-        return cx, cy, cz
+        return cx, cy, cz, 0.0, 0.0, 1.0
     vb = d5 * d2 - d1 * d6
     if vb <= 0.0 and d2 >= 0.0 and d6 <= 0.0:
         w = d2 / (d2 - d6)
-        return ax + w * acx, ay + w * acy, az + w * acz
+        return ax + w * acx, ay + w * acy, az + w * acz, 1.0 - w, 0.0, w
     va = d3 * d6 - d5 * d4
     if va <= 0.0 and (d4 - d3) >= 0.0 and (d5 - d6) >= 0.0:
         w = (d4 - d3) / ((d4 - d3) + (d5 - d6))
-        return bx + w * (cx - bx), by + w * (cy - by), bz + w * (cz - bz)
+        return bx + w * (cx - bx), by + w * (cy - by), bz + w * (cz - bz), 0.0, 1.0 - w, w
     denom = 1.0 / (va + vb + vc)
     v = vb * denom
     w = vc * denom
-    return ax + abx * v + acx * w, ay + aby * v + acy * w, az + abz * v + acz * w
+    return ax + abx * v + acx * w, ay + aby * v + acy * w, az + abz * v + acz * w, 1.0 - v - w, v, w
 
 
 @nb.njit(cache=True)
@@ -110,6 +111,25 @@ def _closest_on_triangle(p, a, b, c):
     """Closest point on triangle abc to p, as an array (3,)."""
     q = _closest_xyz(p[0], p[1], p[2], a[0], a[1], a[2], b[0], b[1], b[2], c[0], c[1], c[2])
     return np.array([q[0], q[1], q[2]])
+
+
+@nb.njit(cache=True, parallel=True)
+def _closest_rows(p, a, b, c, out, bary):
+    for i in nb.prange(len(p)):
+        q = _closest_xyz(p[i, 0], p[i, 1], p[i, 2], a[i, 0], a[i, 1], a[i, 2], b[i, 0], b[i, 1], b[i, 2],
+                         c[i, 0], c[i, 1], c[i, 2])
+        out[i, 0], out[i, 1], out[i, 2] = q[0], q[1], q[2]
+        bary[i, 0], bary[i, 1], bary[i, 2] = q[3], q[4], q[5]
+
+
+def closest_points_on_triangles(p, a, b, c):
+    """Closest points on the triangles (a[i], b[i], c[i]) to the points p[i], all (N, 3).
+    Returns ``(points (N, 3), barycentric coordinates (N, 3))``."""
+    p, a, b, c = (np.ascontiguousarray(x, dtype=np.float64) for x in (p, a, b, c))
+    out = np.empty_like(p)
+    bary = np.empty_like(p)
+    _closest_rows(p, a, b, c, out, bary)
+    return out, bary
 
 
 @nb.njit(cache=True, parallel=True)
@@ -124,7 +144,7 @@ def _best_of_candidates(points, V, F, cand, dist, closest, tri):
             if t < 0:
                 continue
             a, b, c = F[t, 0], F[t, 1], F[t, 2]
-            qx, qy, qz = _closest_xyz(px, py, pz, V[a, 0], V[a, 1], V[a, 2], V[b, 0], V[b, 1], V[b, 2],
+            qx, qy, qz, _, _, _ = _closest_xyz(px, py, pz, V[a, 0], V[a, 1], V[a, 2], V[b, 0], V[b, 1], V[b, 2],
                                       V[c, 0], V[c, 1], V[c, 2])
             d = (qx - px) ** 2 + (qy - py) ** 2 + (qz - pz) ** 2
             if d < best:

@@ -6,8 +6,8 @@ An AMASS-style file holds ``poses`` (T, 72 SMPL / 156 SMPL-H / 165 SMPL-X axis-a
 - Joints: SMPL's 72 values are taken as is; longer vectors (SMPL-H, SMPL-X) give their 22 body
   joints (the first 66 values) and SMPL's two hand joints (22, 23) are set to zero (no rotation),
   since SMPL-H/X have finger chains instead.
-- Resampling to ``fps``: rotations by quaternion slerp per joint, translations linearly, on the
-  times ``k / fps`` that lie within the clip.
+- Resampling to ``fps``: rotations by slerp per joint (``scipy.spatial.transform.Slerp``),
+  translations linearly, on the times ``k / fps`` that lie within the clip.
 - Root: AMASS is z-up with its own heading. The twin keeps its acquisition global orientation
   ``R_0`` and applies only the motion's root rotation relative to the first frame:
   ``R_twin(t) = M R_m(t)`` with ``M = R_0 R_m(0)^T``, which maps the motion's world into the twin's
@@ -27,6 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy.spatial.transform import Rotation, Slerp
 
 from .errors import CtwinError
 from .skeleton import SUPINE_GLOBAL_ORIENT, rodrigues, rotation_to_rotvec
@@ -52,39 +53,6 @@ def smpl72(poses) -> np.ndarray:
     return out
 
 
-def _quats(rotvecs):
-    """Axis-angle (..., 3) -> unit quaternions (..., 4) (w, x, y, z)."""
-    r = np.asarray(rotvecs, dtype=np.float64)
-    th = np.linalg.norm(r, axis=-1, keepdims=True)
-    half = 0.5 * th
-    k = np.where(th > 1e-12, np.sin(half) / np.where(th > 1e-12, th, 1.0), 0.5)
-    return np.concatenate([np.cos(half), r * k], axis=-1)
-
-
-def _rotvecs(q):
-    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
-    q = np.where(q[..., :1] < 0, -q, q)
-    w = np.clip(q[..., :1], -1.0, 1.0)
-    s = np.linalg.norm(q[..., 1:], axis=-1, keepdims=True)
-    ang = 2.0 * np.arctan2(s, w)
-    k = np.where(s > 1e-12, ang / np.where(s > 1e-12, s, 1.0), 2.0)
-    return q[..., 1:] * k
-
-
-def slerp_quats(q0, q1, t):
-    """Slerp between unit quaternions (..., 4) with weights t broadcast as (..., 1)."""
-    d = np.sum(q0 * q1, axis=-1, keepdims=True)
-    q1 = np.where(d < 0, -q1, q1)
-    d = np.abs(d)
-    theta = np.arccos(np.clip(d, -1.0, 1.0))
-    sin = np.sin(theta)
-    small = sin < 1e-6
-    a = np.where(small, 1.0 - t, np.sin((1.0 - t) * theta) / np.where(small, 1.0, sin))
-    b = np.where(small, t, np.sin(t * theta) / np.where(small, 1.0, sin))
-    q = a * q0 + b * q1
-    return q / np.linalg.norm(q, axis=-1, keepdims=True)
-
-
 def resample(poses, trans, src_fps: float, fps: float | None):
     """Resample (T, 72) poses (slerp per joint) and (T, 3) translations (linear) from src_fps to fps."""
     poses = np.asarray(poses, dtype=np.float64)
@@ -98,9 +66,11 @@ def resample(poses, trans, src_fps: float, fps: float | None):
     u = np.arange(n) / fps * src_fps  # fractional source frame of each output frame
     i0 = np.clip(np.floor(u).astype(np.int64), 0, len(poses) - 2)
     f = (u - i0)[:, None]
-    q = _quats(poses.reshape(len(poses), 24, 3))
-    qi = slerp_quats(q[i0], q[i0 + 1], f[:, :, None])
-    out_p = _rotvecs(qi).reshape(n, 72)
+    rot = poses.reshape(len(poses), 24, 3)
+    times = np.arange(len(poses), dtype=np.float64)
+    u = np.clip(u, 0.0, times[-1])
+    out_p = np.stack([Slerp(times, Rotation.from_rotvec(rot[:, j]))(u).as_rotvec() for j in range(24)],
+                     axis=1).reshape(n, 72)
     out_t = (1.0 - f) * trans[i0] + f * trans[i0 + 1]
     return out_p, out_t
 

@@ -1,4 +1,4 @@
-"""The full-body CT phantom with ground truth at any pose (issue 3).
+"""The full-body CT phantom with ground truth at any pose.
 
 ``generate_phantom(pose, spacing, seed, noise_hu)`` voxelises the anatomy of ``core.anatomy`` posed by
 a 72-float SMPL pose (``core.poses``) onto an axis-aligned LPS grid:

@@ -20,7 +20,7 @@ import numpy as np
 
 from .binding import Binding, VertebraBone
 from .errors import CtwinError
-from .skeleton import JOINT_INDEX, JOINT_NAMES, as_pose
+from .skeleton import JOINT_INDEX, JOINT_NAMES, apply_transform, as_pose
 
 
 def _slerp_matrices(ra: np.ndarray, rb: np.ndarray, w: float) -> np.ndarray:
@@ -125,7 +125,7 @@ def pose_meshes(binding: Binding, meshes: dict, pose, transl_mm=None, *, check_l
         v = np.asarray(mesh.vertices, dtype=np.float64)
         if name in binding.rigid:
             t = bd[binding.rigid[name]]
-            nv = v @ t[:3, :3].T + t[:3, 3]
+            nv = apply_transform(t, v)
         elif name in binding.soft:
             sw = binding.soft[name]
             if len(sw.index) != len(v):

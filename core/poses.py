@@ -95,10 +95,6 @@ def _presets() -> dict:
 PRESETS: dict[str, np.ndarray] = _presets()
 
 
-def preset_names() -> tuple:
-    return tuple(PRESETS)
-
-
 def _floats(d, key, n, source, unit=""):
     try:
         a = np.asarray(d[key], dtype=np.float64).reshape(-1)

@@ -54,7 +54,7 @@ import numpy as np
 from .carm import Geometry
 from .errors import CtwinError
 from .progress import report
-from .skeleton import JOINT_INDEX, JOINT_NAMES, PARENTS, rodrigues, rotation_to_rotvec
+from .skeleton import JOINT_INDEX, JOINT_NAMES, PARENTS, apply_transform, rodrigues, rotation_to_rotvec
 
 MU_WATER_PER_MM = 0.02  # SPEC 5 monoenergetic model
 BONE_HU = 150.0  # voxels above this count as bone in the clouds (cancellous bone is ~200-400 HU)
@@ -72,7 +72,7 @@ GROUPS = (
     ("left_ankle", ("left_ankle", "left_foot")), ("right_ankle", ("right_ankle", "right_foot")),
     ("left_wrist", ("left_wrist", "left_hand")), ("right_wrist", ("right_wrist", "right_hand")),
 )
-# the root's search range around the start (the starts are within 50 mm and 10 degrees)
+# the root's search range around the start (registration is specified for starts within 50 mm and 10 degrees)
 ROOT_RANGE_DEG, ROOT_RANGE_MM = 20.0, 100.0
 # single-axis offsets tried before a limb group's first optimisation (its optimum is narrow:
 # about +-10 degrees at 64 px)
@@ -272,7 +272,7 @@ def bone_cloud(twin, bone_hu: float = BONE_HU, spacing_mm: float = CLOUD_SPACING
             ijk = np.stack([np.bincount(inv, weights=w * ijk[:, a]) / ws for a in range(3)], axis=1)
             w = ws
         A = p.affine
-        world = ijk @ A[:3, :3].T + A[:3, 3]
+        world = apply_transform(A, ijk)
         own.append(np.full(len(w), len(names), np.int32))
         names.append(p.name)
         pts.append(world)
@@ -287,12 +287,12 @@ def bone_cloud(twin, bone_hu: float = BONE_HU, spacing_mm: float = CLOUD_SPACING
                 continue
             A = art.affine.copy()
             A[:3, 3] = art.affine[:3, :3] @ offset + art.affine[:3, 3]
-            world = ijk @ A[:3, :3].T + A[:3, 3]
+            world = apply_transform(A, ijk)
             if src == "static":
                 groups = {"_static": np.ones(len(w), bool)}
             else:  # rigid per joint: the joint of the largest skinning weight at the point
                 wi = np.linalg.inv(art.weight_affine)
-                idx = np.rint(world @ wi[:3, :3].T + wi[:3, 3]).astype(np.int64)
+                idx = np.rint(apply_transform(wi, world)).astype(np.int64)
                 shp = np.array(art.weights.shape[:3])
                 idx = np.clip(idx, 0, shp - 1)
                 ch = np.argmax(art.weights[idx[:, 0], idx[:, 1], idx[:, 2]], axis=1)

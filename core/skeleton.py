@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import CtwinError
+
 JOINT_NAMES = (
     "pelvis", "left_hip", "right_hip", "spine1", "left_knee", "right_knee", "spine2",
     "left_ankle", "right_ankle", "spine3", "left_foot", "right_foot", "neck", "left_collar",
@@ -19,6 +21,9 @@ JOINT_NAMES = (
 PARENTS = np.array([-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19, 20, 21])
 N_JOINTS = 24
 JOINT_INDEX = {n: i for i, n in enumerate(JOINT_NAMES)}
+
+# metres per millimetre: SMPL files and Blender's units are metres, the world is millimetres
+MM_TO_M = 1e-3
 
 # Global orientation of the standard acquisition: supine, head first. Canonical up (+y) -> superior
 # (+z), canonical front (+z) -> anterior (-y): a +90 degree rotation about x.
@@ -103,8 +108,6 @@ def as_pose(pose) -> np.ndarray:
     """Validate a pose (72 floats or 24x3) and return it as (24, 3) float64."""
     p = np.asarray(pose, dtype=np.float64)
     if p.size != 72:
-        from .errors import CtwinError
-
         raise CtwinError(f"a pose has 72 values (24 joints x 3), got {p.size}")
     return p.reshape(N_JOINTS, 3)
 
@@ -135,12 +138,6 @@ def rigid_transforms(rots, joints_rest, parents=PARENTS):
     a = g.copy()
     a[:, :3, 3] -= np.einsum("nij,nj->ni", g[:, :3, :3], j)
     return a, joints_posed
-
-
-def pose_feature(pose) -> np.ndarray:
-    """SMPL's pose-corrective feature: (R_j - I) for joints 1..23, flattened (207,)."""
-    rots = rodrigues(as_pose(pose))
-    return (rots[1:] - np.eye(3)).reshape(-1)
 
 
 def model_to_world_mm(points_m, transl_mm) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import CtwinError
 from .fileio import atomic_path
+from .skeleton import apply_transform
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -53,13 +54,11 @@ class Volume:
         return self.affine[:3, 3].copy()
 
     def index_to_world(self, ijk) -> np.ndarray:
-        ijk = np.asarray(ijk, dtype=np.float64)
-        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+        return apply_transform(self.affine, ijk)
 
     def world_to_index(self, xyz) -> np.ndarray:
         inv = np.linalg.inv(self.affine)
-        xyz = np.asarray(xyz, dtype=np.float64)
-        return xyz @ inv[:3, :3].T + inv[:3, 3]
+        return apply_transform(inv, xyz)
 
     def corners_world(self) -> np.ndarray:
         """The 8 corners of the volume's cell box [-0.5, n - 0.5]^3, in world mm."""

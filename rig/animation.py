@@ -13,7 +13,7 @@ import bpy
 import numpy as np
 
 from ..core.skeleton import JOINT_NAMES, N_JOINTS
-from .armature import MM, _matrix3_to_quat, twin_armature
+from .armature import MM_TO_M, _matrix3_to_quat, twin_armature
 
 
 def _channelbag(arm_obj, action_name: str):
@@ -41,7 +41,7 @@ def pose_sequence_values(arm, poses, transl_mm=None):
     for k in range(1, t):  # continuous signs so that the F-curves interpolate the short way
         flip = np.einsum("jq,jq->j", quats[k], quats[k - 1]) < 0
         quats[k, flip] *= -1
-    return quats, locs * MM
+    return quats, locs * MM_TO_M
 
 
 def _write_fcurve(bag, data_path: str, index: int, group: str, frames, values):

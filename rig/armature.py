@@ -26,9 +26,7 @@ from .. import bl_data
 from ..core.armature import Armature, build_armature
 from ..core.binding import Binding
 from ..core.errors import CtwinError
-from ..core.skeleton import JOINT_NAMES, N_JOINTS, PARENTS
-
-MM = 1e-3
+from ..core.skeleton import JOINT_NAMES, MM_TO_M, N_JOINTS, PARENTS
 
 
 def _matrix3_to_quat(m: np.ndarray) -> np.ndarray:
@@ -97,8 +95,8 @@ def create_armature(binding: Binding, name: str = "ctwin_rig", collection=None):
         ebs = {}
         for i, n in enumerate(JOINT_NAMES):
             eb = data.edit_bones.new(n)
-            eb.head = Vector(arm.heads[i] * MM)
-            eb.tail = Vector(arm.tails[i] * MM)
+            eb.head = Vector(arm.heads[i] * MM_TO_M)
+            eb.tail = Vector(arm.tails[i] * MM_TO_M)
             eb.align_roll(Vector(arm.frames[i][:, 2]))
             eb.use_connect = False
             eb.use_deform = True
@@ -109,8 +107,8 @@ def create_armature(binding: Binding, name: str = "ctwin_rig", collection=None):
         for vb in binding.vertebrae.values():
             roll_z = Vector(arm.frames[vb.lower][:, 2])
             eb = data.edit_bones.new(vb.name)
-            eb.head = Vector(vb.anchor_mm * MM)
-            eb.tail = Vector(vb.tail_mm * MM)
+            eb.head = Vector(vb.anchor_mm * MM_TO_M)
+            eb.tail = Vector(vb.tail_mm * MM_TO_M)
             eb.align_roll(roll_z)
             eb.parent = ebs[JOINT_NAMES[vb.lower]]
             eb.use_connect = False
@@ -174,7 +172,7 @@ def bind_meshes(arm_obj, objects: dict, binding: Binding) -> None:
 def pose_bone_values(arm: Armature, pose, transl_mm=None):
     """(quaternions (24, 4) w-first, root location (3,) metres) for a pose."""
     q, loc = arm.local_rotations(pose, transl_mm)
-    return _matrix3_to_quat(q), loc * MM
+    return _matrix3_to_quat(q), loc * MM_TO_M
 
 
 def set_pose(arm_obj, pose, transl_mm=None) -> None:
@@ -196,7 +194,7 @@ def armature_pose(arm_obj, arm: Armature | None = None):
     for i, n in enumerate(JOINT_NAMES):
         m = arm_obj.pose.bones[n].matrix_basis
         q[i] = np.array(m.to_3x3().normalized())
-    loc = np.array(arm_obj.pose.bones[JOINT_NAMES[0]].matrix_basis.translation) / MM
+    loc = np.array(arm_obj.pose.bones[JOINT_NAMES[0]].matrix_basis.translation) / MM_TO_M
     return arm.pose_from_local_rotations(q, loc)
 
 
@@ -212,7 +210,7 @@ def bone_world_matrices_mm(arm_obj) -> dict:
     out = {}
     for pb in ev.pose.bones:
         m = np.array(arm_obj.matrix_world @ pb.matrix)
-        m[:3, 3] /= MM
+        m[:3, 3] /= MM_TO_M
         out[pb.name] = m
     return out
 

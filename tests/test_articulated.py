@@ -1,4 +1,4 @@
-"""Volumetric articulated CT (issue 8): decomposition, posing, inverse warp, rendering."""
+"""Volumetric articulated CT: decomposition, posing, inverse warp, rendering."""
 from __future__ import annotations
 
 import numpy as np

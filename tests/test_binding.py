@@ -4,7 +4,8 @@ import warnings
 import numpy as np
 import pytest
 
-from ctwin.core.binding import (SMOOTH, bind_structures, load_binding, rigid_bone_for, save_binding,
+from ctwin.core.labels import joint_for_label
+from ctwin.core.binding import (SMOOTH, bind_structures, load_binding, save_binding,
                                 spine_blend)
 from ctwin.core.pose import bone_deltas, check_joint_limits, joint_limit_violations, pose_meshes
 from ctwin.core.skeleton import JOINT_INDEX, JOINT_NAMES, forward_kinematics, rotation_to_rotvec
@@ -39,8 +40,12 @@ def twin():
     for n, y in (("rib_left_8", 330.0), ("rib_right_9", 300.0)):
         v, f = box((60 if "left" in n else -60, y, -20), (40, 6, 10))
         meshes[n] = Mesh(place(v, 6), f, n)
-    # costal cartilage beside the sternum-less chest: nearest rigid neighbour (clavicula_left)
+    # a 13th rib (an anatomical variant no rule knows) beside the chest: nearest rigid neighbour
+    # (clavicula_left)
     v, f = box((80, 400, 40), (10, 10, 10))
+    meshes["rib_left_13"] = Mesh(place(v, 9), f, "rib_left_13")
+    # the costal cartilages, beside it: their nearest bound neighbour's bone too (not the rule's spine2)
+    v, f = box((80, 420, 45), (10, 8, 10))
     meshes["costal_cartilages"] = Mesh(place(v, 9), f, "costal_cartilages")
     # soft structures: a liver-like box in the trunk, a blob in the left forearm
     v, f = box((-60, 200, 30), (50, 40, 40), n=5)
@@ -53,15 +58,19 @@ def twin():
     return dict(pa=pa, ja=ja, meshes=meshes, binding=binding, fit=fit)
 
 
-def test_rigid_rules():
-    assert rigid_bone_for("femur_left") == "left_hip"
-    assert rigid_bone_for("patella_right") == "right_knee"
-    assert rigid_bone_for("phalanges_feet_left") == "left_foot"
-    assert rigid_bone_for("metacarpal_right") == "right_wrist"
-    assert rigid_bone_for("scapula_left") == "left_collar"
-    assert rigid_bone_for("rib_right_7") == "spine2" and rigid_bone_for("rib_left_6") == "spine3"
-    assert rigid_bone_for("sacrum") == "pelvis"
-    assert rigid_bone_for("costal_cartilages") is None
+def test_joint_rules():
+    assert joint_for_label("femur_left") == "left_hip"
+    assert joint_for_label("patella_right") == "right_knee"
+    assert joint_for_label("phalanges_feet_left") == "left_foot"
+    assert joint_for_label("metacarpal_right") == "right_wrist"
+    assert joint_for_label("scapula_left") == "left_collar"
+    assert joint_for_label("rib_right_7") == "spine2" and joint_for_label("rib_left_6") == "spine3"
+    assert joint_for_label("sacrum") == "pelvis"
+    assert joint_for_label("metatarsal_left") == "left_ankle" and joint_for_label("costal_cartilages") == "spine2"
+    assert joint_for_label("vertebrae_C3") == "neck" and joint_for_label("vertebrae_T9") == "spine2"
+    assert joint_for_label("vertebrae_L2") == "spine1" and joint_for_label("vertebrae_S1") == "pelvis"
+    assert joint_for_label("liver") is None and joint_for_label("femur") is None
+    assert joint_for_label("rib_left_13") is None
 
 
 def test_binding_table(twin):
@@ -69,7 +78,8 @@ def test_binding_table(twin):
     table = b.table()
     assert table["femur_left"] == "left_hip" and table["tibia_left"] == "left_knee"
     assert table["skull"] == "head" and table["hip_left"] == "pelvis"
-    assert table["costal_cartilages"] == "left_collar"  # its nearest rigid neighbour, the clavicle
+    assert table["rib_left_13"] == "left_collar"  # its nearest rigid neighbour, the clavicle
+    assert table["costal_cartilages"] == "left_collar"
     assert table["vertebrae_L3"] == "vertebrae_L3" and "vertebrae_L3" in b.bone_names()
     assert table["liver"] == SMOOTH and table["muscle"] == SMOOTH
     assert table["rib_left_8"] == "vertebrae_T8" and table["rib_right_9"] == "spine2"

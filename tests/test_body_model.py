@@ -331,3 +331,20 @@ def test_rest_skeleton_shared_with_the_phantom(model):
     for joint, disc in (("spine1", ("L4", "L3")), ("spine2", ("L1", "T12")), ("spine3", ("T7", "T6")),
                         ("neck", ("T1", "C7"))):
         np.testing.assert_allclose(ja[JOINT_INDEX[joint]] - ja[0], discs[disc] - canonical_joints_mm()[0], atol=1e-6)
+
+
+def test_lbs_on_a_vertex_subset_with_sparse_weights_matches_forward(model):
+    """``lbs`` on a vertex subset with sparse weights (the fit's fast path) gives the vertices of
+    ``BodyModel.forward``."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(5)
+    pose = rng.normal(0.0, 0.3, 72)
+    betas = rng.normal(0.0, 1.0, model.num_betas)
+    full, joints = model.forward(pose, betas)
+    idx = np.sort(rng.choice(len(model.v_template), 500, replace=False))
+    v_shaped, joints_rest = model.rest(betas)
+    verts, jp, _, _ = bm.lbs(pose, v_shaped[idx], joints_rest, model.posedirs[idx].reshape(-1, 207),
+                             sp.csr_matrix(model.weights[idx]), model.parents)
+    np.testing.assert_allclose(1000.0 * verts, full[idx], atol=1e-9)
+    np.testing.assert_allclose(1000.0 * jp, joints, atol=1e-9)

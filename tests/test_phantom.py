@@ -1,4 +1,4 @@
-"""The full-body CT phantom (core.phantom, core.anatomy, commands/phantom.py): issue 3."""
+"""The full-body CT phantom (core.phantom, core.anatomy, commands/phantom.py)."""
 from __future__ import annotations
 
 import json

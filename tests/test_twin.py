@@ -141,7 +141,7 @@ def test_evaluate_against_truth(twin_dir, coarse_phantoms, tmp_path):
     m = json.loads(out.read_text())
     assert m["acquisition"]["ssim"] >= 0.995
     t = m["target"]
-    # looser bounds than the targets (mean 3, max 8 mm, enclosure 99 %; met at 3 mm by
+    # looser bounds than the targets (mean 3, max 8 mm, enclosure 99 %; met at 3 mm by
     # benchmarks/bench_twin.py): this phantom is at 8 mm, where the bone landmarks are coarser
     # (measured here: bone mean 5.4, max 18.4 mm, enclosure 97.7 %, SSIM 0.996-0.997)
     assert t["enclosure_pct"] >= 96.0, t["enclosure_pct"]
