@@ -22,13 +22,13 @@ import bpy
 import numpy as np
 from mathutils import Vector
 
-from .. import bl_data
+from ..blender import data as bl_data
 from ..core.armature import Armature, build_armature
 from ..core.binding import Binding
 from ..core.errors import CtwinError
 from ..core.skeleton import JOINT_NAMES, N_JOINTS, PARENTS
 
-MM = 1e-3
+MM = bl_data.MM_TO_M  # Blender units (metres) per mm
 
 
 def _matrix3_to_quat(m: np.ndarray) -> np.ndarray:

@@ -6,20 +6,24 @@ import pytest
 
 bpy = pytest.importorskip("bpy")
 
-from ctwin import bl_data, operators  # noqa: E402
+from ctwin import blender, operators  # noqa: E402
+from ctwin.blender import data as bl_data  # noqa: E402
 from ctwin.core.mesh import Mesh, import_anatomy, write_ply  # noqa: E402
 from ctwin.core.volume import Volume, save_nifti  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def registered():
-    """Register the operators unless the session already did (then leave them registered)."""
+    """Register the scene state and the operators unless the session already did (then leave them
+    registered)."""
     mine = not operators.CTWIN_OT_import_ct_anatomy.is_registered
     if mine:
+        blender.register()
         operators.register()
     yield
     if mine:
         operators.unregister()
+        blender.unregister()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 
 bpy = pytest.importorskip("bpy")
 
-from ctwin import bl_data  # noqa: E402
+from ctwin.blender import data as bl_data  # noqa: E402
 from ctwin.core.armature import build_armature  # noqa: E402
 from ctwin.core.binding import bind_structures  # noqa: E402
 from ctwin.core.motion import write_motion_file  # noqa: E402
@@ -110,12 +110,15 @@ def test_blender_pose_matches_core(twin):
 
 
 def test_motion_keyframes_fast_and_exact(twin, tmp_path):
+    from ctwin import blender
     from ctwin.rig import register, unregister
     from ctwin.rig.armature import armature_pose_vector
     from ctwin.rig.animation import load_motion_keyframes
     from ctwin.rig.operators import CTWIN_OT_load_motion
 
     mine = not CTWIN_OT_load_motion.is_registered  # leave a session-wide registration as it is
+    if mine:
+        blender.register()  # the scene state (scene.ctwin) Load Motion reads
     register()
     try:
         arm_obj, objs = _scene(twin)
@@ -168,3 +171,4 @@ def test_motion_keyframes_fast_and_exact(twin, tmp_path):
     finally:
         if mine:
             unregister()
+            blender.unregister()
