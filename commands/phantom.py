@@ -1,4 +1,4 @@
-"""``phantom``: the full-body CT phantom with ground truth (SPEC 3, issue 3).
+"""``phantom``: the full-body CT phantom with ground truth (SPEC 3).
 
 Writes ``ct.nii.gz`` (int16 HU), ``seg.nii.gz`` (label ids) with ``labels.json``, and ``truth.json``
 (pose, transl, anatomical joints, per-bone 4x4 world transforms) into ``--out``.

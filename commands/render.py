@@ -148,11 +148,8 @@ def run(args) -> int:
         if size is not None:
             geometry = geometry.with_size(*size)
     if args.twin:
-        try:
-            from ..core.twin import render_twin
-        except ImportError:
-            raise CtwinError("rendering a twin needs core.twin.render_twin, which this build does not "
-                             "have yet; use --ct to render a plain CT") from None
+        from ..core.twin import render_twin
+
         if args.seg or args.label_material:
             raise CtwinError("--seg/--label-material work with --ct; a twin's labels are not overridden yet")
         if args.motion and not args.source_model:
@@ -175,10 +172,8 @@ def run(args) -> int:
     ctp = Path(args.ct)
     if not ctp.exists():
         raise CtwinError(f"CT not found: {ctp}")
-    try:
-        from ..core.ct import load_ct
-    except ImportError:
-        from ..core.volume import load_nifti as load_ct
+    from ..core.ct import load_ct
+
     vol = load_ct(ctp)
     if xray is not None:
         from .xray_args import apply_label_overrides

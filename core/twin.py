@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -47,12 +48,9 @@ def software_versions() -> dict:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    try:
-        import bpy  # noqa: F401  (only when already inside Blender or the bpy module)
-
+    bpy = sys.modules.get("bpy")  # Blender's version when the Blender layer is loaded; never imported here
+    if bpy is not None:
         out["blender"] = bpy.app.version_string
-    except ImportError:
-        pass
     return out
 
 
