@@ -70,6 +70,50 @@ class CtwinSceneSettings(bpy.types.PropertyGroup):
 
 CLASSES = (CtwinSceneSettings,)
 
+# State that earlier versions kept as loose scene custom properties -> its field in scene.ctwin.
+_LOOSE = {"ctwin_ct_path": "ct_path", "ctwin_seg_path": "seg_path", "ctwin_fit": "fit_json",
+          "ctwin_body_model_path": "body_model_path", "ctwin_twin_dir": "twin_dir"}
+# ... and fields earlier versions had in the engine's settings (scene.ctwin_drr).
+_ENGINE_FIELDS = ("ct_path", "device")
+
+
+def migrate_scene(scene) -> list:
+    """Move the ctwin state of a .blend written by an earlier version into ``scene.ctwin``:
+    the loose custom properties (``scene["ctwin_fit"]``, ...) and the CT and device of the engine's
+    settings. Returns the keys moved. A value already set in ``scene.ctwin`` wins, except the
+    twin directory, where the loose one was the more specific (a copy of a twin's scene saved
+    elsewhere)."""
+    state = scene.ctwin
+    moved = []
+    for key, attr in _LOOSE.items():
+        if key not in scene.keys():
+            continue
+        value = scene[key]
+        if isinstance(value, str) and value and (attr == "twin_dir" or not getattr(state, attr)):
+            setattr(state, attr, value)
+        del scene[key]
+        moved.append(key)
+    engine = getattr(scene, "ctwin_drr", None)
+    if engine is not None:
+        for key in _ENGINE_FIELDS:
+            if key not in engine.keys():
+                continue
+            value = engine[key]
+            if key == "ct_path" and isinstance(value, str) and value and not state.ct_path:
+                state.ct_path = value
+            elif key == "device" and isinstance(value, int) and 0 < value < len(DEVICE_ITEMS) \
+                    and state.device == "auto":
+                state.device = DEVICE_ITEMS[value][0]  # stored as the enum's index, same order
+            del engine[key]
+            moved.append(f"ctwin_drr.{key}")
+    return moved
+
+
+@bpy.app.handlers.persistent
+def _migrate_on_load(_filepath):
+    for scene in bpy.data.scenes:
+        migrate_scene(scene)
+
 
 def abspath(path: str) -> str:
     """A stored path as an absolute one ('' stays ''): blend-relative paths resolved."""
@@ -81,9 +125,13 @@ def register():
         if not getattr(cls, "is_registered", False):
             bpy.utils.register_class(cls)
     bpy.types.Scene.ctwin = bpy.props.PointerProperty(type=CtwinSceneSettings)
+    if _migrate_on_load not in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.append(_migrate_on_load)
 
 
 def unregister():
+    if _migrate_on_load in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.remove(_migrate_on_load)
     if hasattr(bpy.types.Scene, "ctwin"):
         del bpy.types.Scene.ctwin
     for cls in reversed(CLASSES):
