@@ -16,7 +16,7 @@ def _imports(path: Path):
     """(line, target) for each import in ``path``: target as a tuple of names from the package root
     for relative imports (prefixed by "."), the top-level module name for absolute ones."""
     rel = path.relative_to(ROOT).with_suffix("").parts
-    package = rel[:-1] if path.name != "__init__.py" else rel[:-1]
+    package = rel[:-1]  # the file's package (for an __init__.py, the package itself)
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             for a in node.names:
