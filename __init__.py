@@ -6,8 +6,9 @@ engine, panels) and the ``ctwin`` command for ``blender -c ctwin``; ``unregister
 of it again, so the extension can be enabled and disabled repeatedly in one session.
 """
 
-# Blender-layer modules; each has register() and unregister(). Registered in this order.
-_BLENDER_MODULES = ("properties", "operators", "rig", "render", "twin_blend", "ui")
+# Blender-layer packages; each has register() and unregister(). Registered in this order: the shared
+# part (scene state) first, the panel that draws everything last.
+_BLENDER_MODULES = ("blender", "operators", "rig", "render", "ui")
 _cli_handle = None
 _registered = []
 

@@ -2,8 +2,8 @@
 
 One handler serves ``./ctwin <command>`` from a clone and ``blender -b -c ctwin <command>`` inside
 an installed Blender. Each command lives in ``commands/<name>.py`` and defines ``HELP``,
-``add_arguments(parser)`` and ``run(args) -> int`` (optionally ``DESCRIPTION``); only commands
-whose module exists are listed. ``main()`` never raises SystemExit: it returns the exit status,
+``add_arguments(parser)`` and ``run(args) -> int`` (optionally ``DESCRIPTION``) and is listed in
+``COMMAND_NAMES``. ``main()`` never raises SystemExit: it returns the exit status,
 so Blender's command handler gets a plain int. Bad input (an unknown command, a bad argument, a
 ``CtwinError``) returns 2 with one line on stderr; so does a file-system refusal (permission denied,
 a read-only or full disk, a folder where a file is meant: ``OSError``). An interrupt (Ctrl-C) returns
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -53,13 +52,7 @@ def version() -> str:
 
 
 def _command_modules() -> dict:
-    mods = {}
-    for name in COMMAND_NAMES:
-        full = f"{__package__}.commands.{name}"
-        if importlib.util.find_spec(full) is None:
-            continue
-        mods[name] = importlib.import_module(full)
-    return mods
+    return {name: importlib.import_module(f"{__package__}.commands.{name}") for name in COMMAND_NAMES}
 
 
 def build_parser(prog: str = "ctwin") -> tuple[argparse.ArgumentParser, dict]:
@@ -75,7 +68,7 @@ def build_parser(prog: str = "ctwin") -> tuple[argparse.ArgumentParser, dict]:
         dest="command",
         metavar="<command>",
         parser_class=_Parser,
-        title="commands" if mods else "commands (none implemented yet)",
+        title="commands",
     )
     for name, mod in mods.items():
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
@@ -86,7 +79,7 @@ def build_parser(prog: str = "ctwin") -> tuple[argparse.ArgumentParser, dict]:
 def main(argv=None, prog: str = "ctwin") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, mods = build_parser(prog)
-    known = ", ".join(mods) or "none implemented yet"
+    known = ", ".join(mods)
     no_command = f"{prog}: error: no command given (commands: {known}); see '{prog} --help'"
     i = 0
     while i < len(argv) and argv[i] == "--quiet":  # the only option that takes no exit

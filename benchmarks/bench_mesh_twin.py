@@ -97,7 +97,7 @@ def main() -> int:
 
     twin_dir = out / f"mesh_twin_{args.mesh_spacing:g}"
     t = time.perf_counter()
-    build_twin_from_meshes(mesh_dir, twin_dir, spacing=args.mesh_spacing, write_blend=False)
+    build_twin_from_meshes(mesh_dir, twin_dir, spacing=args.mesh_spacing)
     print(f"mesh twin build (default table, no twin.blend): {time.perf_counter() - t:.1f} s")
     twin = load_twin(twin_dir)
     for n, g in views.items():

@@ -115,7 +115,7 @@ def main() -> int:
             write_phantom(src, pose="supine_arms_down", spacing=args.spacing, seed=0)
         twin_dir = out / f"twin_{args.spacing:g}"
         if not (twin_dir / "twin.json").is_file():
-            build_twin(src / "ct.nii.gz", src / "seg.nii.gz", twin_dir, write_blend=False)
+            build_twin(src / "ct.nii.gz", src / "seg.nii.gz", twin_dir)
     twin = load_twin(twin_dir)
     truth_a = _source_truth(twin)
     spacing = float(truth_a["spacing_mm"])

@@ -41,7 +41,7 @@ def run_body(label, out, variant, args):
     twin_dir = out / "twin"
     if not (twin_dir / "twin.json").is_file():
         t0 = time.perf_counter()
-        build_twin(acq / "ct.nii.gz", acq / "seg.nii.gz", twin_dir, write_blend=False)
+        build_twin(acq / "ct.nii.gz", acq / "seg.nii.gz", twin_dir)
         print(f"[{label}] build: {time.perf_counter() - t0:.1f} s", flush=True)
     twin = load_twin(twin_dir)
     fit = twin.meta["fit"]

@@ -45,7 +45,7 @@ def main() -> int:
     twin_dir = out / "twin"
     t0 = time.perf_counter()
     if not (twin_dir / "twin.json").is_file():
-        build_twin(acq / "ct.nii.gz", acq / "seg.nii.gz", twin_dir, write_blend=False)
+        build_twin(acq / "ct.nii.gz", acq / "seg.nii.gz", twin_dir)
         print(f"build: {time.perf_counter() - t0:.1f} s")
     twin = load_twin(twin_dir)
     fit = twin.meta["fit"]

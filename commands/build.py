@@ -27,6 +27,15 @@ def add_arguments(p) -> None:
                         "the problems are recorded in twin.json")
 
 
+def _finish(args):
+    """The build's finishing step: twin.blend (Blender), unless --no-blend."""
+    if args.no_blend:
+        return None
+    from ..operators.twin_blend import finish_build
+
+    return finish_build
+
+
 def run(args) -> int:
     from ..core.errors import CtwinError
 
@@ -36,7 +45,7 @@ def run(args) -> int:
         from ..core.twin import build_twin_from_meshes
 
         build_twin_from_meshes(args.meshes, args.out, body_model_path=args.body_model, hu=args.hu,
-                               spacing=args.spacing or 3.0, write_blend=not args.no_blend)
+                               spacing=args.spacing or 3.0, finish=_finish(args))
         return 0
     if not (args.ct and args.seg):
         raise CtwinError("build needs --ct and --seg (or --meshes DIR for a twin from meshes)")
@@ -44,6 +53,6 @@ def run(args) -> int:
         raise CtwinError("--hu and --spacing apply to mesh mode (--meshes); a CT gives its own")
     from ..core.twin import build_twin
 
-    build_twin(args.ct, args.seg, args.out, body_model_path=args.body_model, write_blend=not args.no_blend,
+    build_twin(args.ct, args.seg, args.out, body_model_path=args.body_model, finish=_finish(args),
                force=args.force)
     return 0

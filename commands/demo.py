@@ -103,7 +103,7 @@ def run(args) -> int:
     twin_dir = out / "twin"
     step("build", "2/6 build the twin")
     if not (twin_dir / "twin.json").is_file():
-        build_twin(acq / "ct.nii.gz", acq / "seg.nii.gz", twin_dir, write_blend=not args.no_blend)
+        build_twin(acq / "ct.nii.gz", acq / "seg.nii.gz", twin_dir, finish=_finish_build(args))
     done("build")
     twin = load_twin(twin_dir)
 
@@ -202,12 +202,21 @@ def run(args) -> int:
     return 0
 
 
+def _finish_build(args):
+    """The twin build's finishing step: twin.blend, unless --no-blend."""
+    if args.no_blend:
+        return None
+    from ..operators.twin_blend import finish_build
+
+    return finish_build
+
+
 def _key_motion_blend(blend, motion, out_blend, n_frames) -> None:
     """Open twin.blend, key the motion onto the armature and save it as ``out_blend``."""
     import bpy
 
     from ..rig.animation import load_motion_keyframes
-    from ..twin_blend import ensure_registered
+    from ..blender.scene import ensure_registered
 
     bpy.ops.wm.open_mainfile(filepath=str(blend))
     ensure_registered()
@@ -215,5 +224,5 @@ def _key_motion_blend(blend, motion, out_blend, n_frames) -> None:
     scene = bpy.context.scene
     load_motion_keyframes(arm, str(motion), scene=scene, frame_start=0)
     scene.frame_start, scene.frame_end = 0, n_frames - 1
-    scene["ctwin_twin_dir"] = "//" + Path(blend).parent.name + "/"
+    scene.ctwin.twin_dir = "//" + Path(blend).parent.name + "/"
     bpy.ops.wm.save_as_mainfile(filepath=str(out_blend), check_existing=False, compress=True)

@@ -447,7 +447,7 @@ def build_one_twin(out, entry: dict) -> str:
     else:
         ct, seg = entry["ct"], entry["seg"]
     td.parent.mkdir(parents=True, exist_ok=True)
-    build_twin(ct, seg, td, write_blend=False)
+    build_twin(ct, seg, td)
     return str(td)
 
 

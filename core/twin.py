@@ -9,7 +9,8 @@ Layout::
     binding.npz      the rig (armature, rigid table, vertebra bones, soft weights)
     meshes/          <label>.ply, skin.ply, body_model.ply (world mm, acquisition pose)
     volumes/         ct.nii.gz, labelmap.nii.gz + labels.json, articulated/ (the renderer's arrays)
-    twin.blend       meshes, armature, X-ray camera, DRR engine selected (written by the Blender layer)
+    twin.blend       meshes, armature, X-ray camera, DRR engine selected (written by the Blender
+                     layer's finishing step, ``operators/twin_blend.py``; see ``finish`` below)
 
 The twin's rest is its acquisition pose: the fitted pose ``p0`` and translation ``t0``. A pose file
 gives a new pose ``p`` (and optionally a translation); a translation that is absent keeps ``t0``.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -46,19 +48,16 @@ def software_versions() -> dict:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    try:
-        import bpy  # noqa: F401  (only when already inside Blender or the bpy module)
-
+    bpy = sys.modules.get("bpy")  # Blender's version when the Blender layer is loaded; never imported here
+    if bpy is not None:
         out["blender"] = bpy.app.version_string
-    except ImportError:
-        pass
     return out
 
 
 # --------------------------------------------------------------------------------------------
 # build
 # --------------------------------------------------------------------------------------------
-def build_twin(ct_path, seg_path, out_dir, body_model_path=None, *, write_blend: bool = True,
+def build_twin(ct_path, seg_path, out_dir, body_model_path=None, *, finish=None,
                smooth_iterations: int = 10, force: bool = False) -> Path:
     """Build a twin directory from a CT and its segmentation. Returns the directory.
 
@@ -68,6 +67,11 @@ def build_twin(ct_path, seg_path, out_dir, body_model_path=None, *, write_blend:
 
     Everything is written into a temporary sibling folder that replaces ``out_dir`` only when the
     build has succeeded, so an interrupted build leaves no half-written twin.
+
+    ``finish``: an optional last step, ``finish(build_dir)``, called with that temporary folder
+    once twin.json and every core file are written and before it replaces ``out_dir``; what it
+    writes there is part of the twin, and an error in it abandons the build like any other. The
+    CLI passes ``operators.twin_blend.finish_build`` (twin.blend), so the core needs no Blender.
     """
     from .mesh import import_anatomy
 
@@ -88,18 +92,18 @@ def build_twin(ct_path, seg_path, out_dir, body_model_path=None, *, write_blend:
         inputs = {"ct": str(Path(ct_path).resolve()), "seg": str(Path(seg_path).resolve())}
         return ct, labelmap, names, meshes, skin, ct.bbox_world(), inputs, checked
 
-    return _build(source, out_dir, body_model_path, write_blend)
+    return _build(source, out_dir, body_model_path, finish)
 
 
 def build_twin_from_meshes(mesh_dir, out_dir, body_model_path=None, *, hu=None, spacing: float = 3.0,
-                           write_blend: bool = True, subsamples: int = 4) -> Path:
+                           finish=None, subsamples: int = 4) -> Path:
     """Build a twin directory from a folder of closed per-structure meshes, with no CT (mesh mode).
 
     The meshes are voxelised into a synthetic CT and labelmap (``core.mesh_volume``: each
     structure's HU from the default table by kind, or ``hu``: a dict or a JSON file name -> HU or
     material), then the twin is built by the same pipeline as from a CT: fit, binding, articulated
-    decomposition, meshes (the input meshes, unchanged), ``twin.blend``. ``twin.json`` records
-    ``"mode": "mesh"`` and the HU table used.
+    decomposition, meshes (the input meshes, unchanged) and ``finish`` as in ``build_twin``.
+    ``twin.json`` records ``"mode": "mesh"`` and the HU table used.
     """
     from .mesh_volume import SKIN, hu_table, load_hu_overrides, read_mesh_folder, voxelise_meshes
 
@@ -124,10 +128,10 @@ def build_twin_from_meshes(mesh_dir, out_dir, body_model_path=None, *, hu=None, 
                               for n, e in sorted(table.items())}}
         return mv.ct, mv.labelmap, mv.names, meshes, skin, fov, inputs, extra
 
-    return _build(source, out_dir, body_model_path, write_blend)
+    return _build(source, out_dir, body_model_path, finish)
 
 
-def _build(source, out_dir, body_model_path, write_blend: bool) -> Path:
+def _build(source, out_dir, body_model_path, finish) -> Path:
     """The build pipeline shared by both modes. ``source()`` returns (ct, labelmap, names,
     meshes, skin, fov_box, inputs, extra twin.json keys)."""
     from .articulated import prepare_articulated
@@ -210,11 +214,8 @@ def _build(source, out_dir, body_model_path, write_blend: bool) -> Path:
         meta["warnings"] = warnings
         write_json(tmp / "twin.json", meta)
 
-        if write_blend:
-            report("build 6/6: write twin.blend", 0.9)
-            from ..twin_blend import write_twin_blend
-
-            write_twin_blend(tmp, tmp / "twin.blend")
+        if finish is not None:
+            finish(tmp)
         meta["build_seconds"] = round(time.perf_counter() - t0, 1)
         write_json(tmp / "twin.json", meta)
         if out.exists():

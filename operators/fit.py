@@ -1,14 +1,14 @@
 """Operator "Fit Body Model" (thin layer over ``core.fit.fit_body_model``).
 
 Inputs, in this order of preference:
-- the CT and segmentation paths stored by the import operator (scene custom properties
-  ``ctwin_ct_path`` / ``ctwin_seg_path``): the labelmap is read from them;
+- the CT and segmentation paths stored by the import operator (``scene.ctwin.ct_path`` /
+  ``seg_path``): the labelmap is read from them;
 - otherwise the bone meshes of the Skeleton collection, rasterised into a labelmap
   (``core.landmarks.labelmap_from_meshes``).
 The skin is the Skin collection's ``skin`` object (or, with a CT path, ``core.mesh.skin_mesh``).
 The fitted body appears as the mesh object ``body_model`` (collection "Body Model", LPS metres)
-with the fit summary as custom properties, and the full fit JSON in the scene property
-``ctwin_fit``.
+with the fit summary as custom properties. The fit (its JSON) and the body model file are kept in
+``scene.ctwin`` (``fit_json``, ``body_model_path``), where Build Rig reads them.
 """
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from pathlib import Path
 import bpy
 from bpy.props import BoolProperty, StringProperty
 
-from .. import bl_data
+from ..blender import data as bl_data
+from ..blender.properties import abspath
+from ..blender.scene import anatomy_meshes, anatomy_objects
 from ..core import progress
 from ..core.errors import CtwinError
 
@@ -27,28 +29,16 @@ BODY_COLLECTION = "Body Model"
 
 
 def _skin_from_scene():
-    from ..core.mesh import Mesh
-
     obj = bpy.data.objects.get("skin")
     if obj is None or obj.type != "MESH":
         return None
-    v, f = bl_data.mesh_arrays(obj, world=True)
-    return Mesh(v, f, "skin")
+    return anatomy_meshes([obj])["skin"]
 
 
 def _skeleton_meshes():
     from ..core.labels import is_skeletal
-    from ..core.mesh import Mesh
 
-    col = bpy.data.collections.get("Skeleton")
-    out = {}
-    if col is None:
-        return out
-    for obj in col.all_objects:
-        if obj.type == "MESH" and is_skeletal(obj.name):
-            v, f = bl_data.mesh_arrays(obj, world=True)
-            out[obj.name] = Mesh(v, f, obj.name)
-    return out
+    return anatomy_meshes(o for o in anatomy_objects(("Skeleton",)) if is_skeletal(o.name))
 
 
 def gather_inputs(context):
@@ -56,7 +46,7 @@ def gather_inputs(context):
     from ..core.landmarks import labelmap_from_meshes
 
     scene = context.scene
-    ct_path, seg_path = scene.get("ctwin_ct_path"), scene.get("ctwin_seg_path")
+    ct_path, seg_path = abspath(scene.ctwin.ct_path), abspath(scene.ctwin.seg_path)
     skin = _skin_from_scene()
     if ct_path and seg_path and Path(ct_path).exists() and Path(seg_path).exists():
         from ..core.ct import load_ct
@@ -105,7 +95,8 @@ class CTWIN_OT_fit_body_model(bpy.types.Operator):
     bl_options = {"REGISTER", "UNDO"}
 
     body_model_path: StringProperty(name="Body Model", subtype="FILE_PATH",
-                                    description="SMPL .npz/.pkl file (empty: the built-in model)")
+                                    description="SMPL .npz/.pkl file (empty: the built-in model); "
+                                                "kept in the scene for Build Rig")
     residual: BoolProperty(name="Non-rigid Residual", default=True,
                            description="Fit per-vertex offsets so that the surface follows the skin")
 
@@ -117,13 +108,16 @@ class CTWIN_OT_fit_body_model(bpy.types.Operator):
         try:
             with _Progress(context):
                 skin, labelmap, names, box = gather_inputs(context)
-                bm = load_body_model(bpy.path.abspath(self.body_model_path) if self.body_model_path else None)
+                bm_path = bpy.path.abspath(self.body_model_path) if self.body_model_path else ""
+                bm = load_body_model(bm_path or None)
                 result = fit_body_model(bm, skin, labelmap, names, fov_box=box, residual=self.residual)
         except CtwinError as exc:
             self.report({"ERROR"}, " ".join(str(exc).split()))
             return {"CANCELLED"}
         show_body(result)
-        context.scene["ctwin_fit"] = json.dumps(result.to_json())
+        state = context.scene.ctwin
+        state.fit_json = json.dumps(result.to_json())
+        state.body_model_path = bm_path  # Build Rig binds with the model the fit used
         m = result.metrics
         msg = f"fitted in {result.seconds:.1f} s: chamfer {m.get('chamfer_mm', float('nan')):.2f} mm"
         if "enclosure_pct" in m:

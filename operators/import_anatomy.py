@@ -8,7 +8,9 @@ leaves the scene untouched (and the whole operator is one undo step).
 Skin, one object per structure named by label (LPS mm -> Blender metres, no axis swap), materials
 coloured by tissue class and custom properties ``label_id``, ``label_name``, ``tissue``,
 ``hu_mean``, ``hu_std``, ``hu_p5``, ``hu_p95``, ``volume_cm3``. The CT skin surface is the object
-``skin``; a segmentation label also named ``skin`` becomes the object ``skin_label``. ``ctwin build`` can call it to fill ``twin.blend``.
+``skin``; a segmentation label also named ``skin`` becomes the object ``skin_label``. The twin.blend
+writer (``operators/twin_blend.py``) builds a twin's scene with it too.
+The CT and segmentation paths are kept in ``scene.ctwin`` (``ct_path``, ``seg_path``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import bpy
 from bpy.props import CollectionProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
-from .. import bl_data
+from ..blender import data as bl_data
 from ..core import labels as _labels
 from ..core import progress
 from ..core.errors import CtwinError
@@ -146,8 +148,8 @@ class CTWIN_OT_import_ct_anatomy(bpy.types.Operator, ImportHelper):
             self.report({"ERROR"}, " ".join(str(exc).split()))
             return {"CANCELLED"}
         objs = create_anatomy(meshes, skin, stats)
-        context.scene["ctwin_ct_path"] = str(resolve_ct_path(self.filepath))
-        context.scene["ctwin_seg_path"] = str(bpy.path.abspath(self.seg_path))
+        context.scene.ctwin.ct_path = str(resolve_ct_path(self.filepath))
+        context.scene.ctwin.seg_path = str(bpy.path.abspath(self.seg_path))
         self.report({"INFO"}, f"imported {len(objs)} objects ({len(meshes)} structures and the skin)")
         return {"FINISHED"}
 

@@ -4,13 +4,13 @@ Thin: they collect Blender data, call the core, and write the results back into 
 """
 from __future__ import annotations
 
-import json
-
 import bpy
 import numpy as np
 from bpy.props import EnumProperty, FloatProperty, IntProperty
 
-from .. import bl_data
+from ..blender import data as bl_data
+from ..blender.properties import abspath
+from ..blender.scene import anatomy_meshes, anatomy_objects
 from ..core import progress
 from ..core.errors import CtwinError
 
@@ -26,27 +26,10 @@ VIEW_ITEMS = [
 ]
 
 
-def _anatomy_meshes():
-    """{name: Mesh (world mm)} of the imported anatomy (Skeleton, Organs and Skin collections)."""
-    from ..core.mesh import Mesh
-
-    out = {}
-    for cname in ("Skeleton", "Organs", "Skin"):
-        col = bpy.data.collections.get(cname)
-        if col is None:
-            continue
-        for obj in col.all_objects:
-            if obj.type == "MESH":
-                v, f = bl_data.mesh_arrays(obj, world=True)
-                out[obj.name] = (obj, Mesh(v, f, obj.name))
-    return out
-
-
 def _fit_from_scene(context) -> dict:
-    raw = context.scene.get("ctwin_fit")
-    if not raw:
+    fit = context.scene.ctwin.fit()
+    if fit is None:
         raise CtwinError("no fit in the scene: run Fit Body Model first")
-    fit = json.loads(raw)
     return {k: np.asarray(fit[k], dtype=np.float64) for k in ("pose", "betas", "transl_mm", "joints_mm")}
 
 
@@ -55,7 +38,7 @@ def anatomy_bbox_mm():
     bounding box), or of the meshes in the scene when there is no CT."""
     import os
 
-    ct_path = bpy.context.scene.get("ctwin_ct_path")
+    ct_path = abspath(bpy.context.scene.ctwin.ct_path)
     if ct_path and os.path.exists(ct_path):
         from ..core.ct import read_volume
 
@@ -86,19 +69,19 @@ class CTWIN_OT_build_rig(bpy.types.Operator):
 
         try:
             fit = _fit_from_scene(context)
-            items = _anatomy_meshes()
-            if not items:
+            objects = {o.name: o for o in anatomy_objects()}
+            if not objects:
                 raise CtwinError("no anatomy in the scene: import CT anatomy or meshes first")
-            bm = load_body_model(context.scene.get("ctwin_body_model_path") or None)
+            bm = load_body_model(abspath(context.scene.ctwin.body_model_path) or None)  # the fit's model
             fit["residual_mm"] = None  # weights come from the parametric fit; the residual is small
-            meshes = {n: m for n, (_, m) in items.items()}
+            meshes = anatomy_meshes(objects.values())
             progress.report(f"binding {len(meshes)} structures")
             binding = bind_structures(meshes, bm, fit)
             old = bpy.data.objects.get("ctwin_rig")
             if old is not None:
                 bpy.data.objects.remove(old)
             arm = create_armature(binding, collection=bl_data.ensure_collection(RIG_COLLECTION))
-            bind_meshes(arm, {n: o for n, (o, _) in items.items()}, binding)
+            bind_meshes(arm, objects, binding)
         except CtwinError as exc:
             self.report({"ERROR"}, " ".join(str(exc).split()))
             return {"CANCELLED"}
@@ -149,7 +132,7 @@ class CTWIN_OT_xray_camera(bpy.types.Operator):
 
     def execute(self, context):
         from ..core.carm import named_view
-        from ..twin_blend import set_xray_camera
+        from ..render.camera import set_xray_camera
 
         try:
             g = named_view(self.view, anatomy_bbox_mm(), sad_mm=self.sad_mm, sid_mm=self.sid_mm,

@@ -1,5 +1,6 @@
 """Blender layer: render. The "ctwin DRR" render engine (engine.py), camera <-> X-ray geometry
-(camera.py) and the per-frame volume providers with their resident cache (scene_volumes.py)."""
+(camera.py), the per-frame volume lookup with its resident cache (scene_volumes.py) and the
+providers of twins and of the panel workflow (providers.py)."""
 
 
 def _classes():
@@ -22,16 +23,22 @@ def register():
             bpy.utils.register_class(cls)
     if not hasattr(bpy.types.Scene, "ctwin_drr"):
         bpy.types.Scene.ctwin_drr = bpy.props.PointerProperty(type=CLASSES[0])
+    from . import providers, scene_volumes
     from .engine import register_compat
 
     register_compat()
+    for fn in providers.PROVIDERS:
+        scene_volumes.register_provider(fn)
 
 
 def unregister():
     import bpy
 
+    from . import providers, scene_volumes
     from .engine import unregister_compat
 
+    for fn in reversed(providers.PROVIDERS):
+        scene_volumes.unregister_provider(fn)
     unregister_compat()
     if hasattr(bpy.types.Scene, "ctwin_drr"):
         del bpy.types.Scene.ctwin_drr

@@ -113,3 +113,17 @@ def setup_xray_camera(cam_obj, geometry: Geometry, scene=None) -> None:
         r.pixel_aspect_x, r.pixel_aspect_y = 1.0, float(dv / du)
         if r.pixel_aspect_y < 1.0:
             r.pixel_aspect_x, r.pixel_aspect_y = float(du / dv), 1.0
+
+
+def set_xray_camera(scene, geometry, name: str = "xray_source"):
+    """Create or update the camera ``name`` as the X-ray source of ``geometry`` and make it the
+    scene camera."""
+    import bpy
+
+    cam_data = bpy.data.cameras.get(name) or bpy.data.cameras.new(name)
+    cam = bpy.data.objects.get(name) or bpy.data.objects.new(name, cam_data)
+    if cam.name not in scene.collection.objects:
+        scene.collection.objects.link(cam)
+    setup_xray_camera(cam, geometry, scene)
+    scene.camera = cam
+    return cam

@@ -83,13 +83,13 @@ def frame_request(scene, frame: int) -> tuple:
     from ..core.projector import resolve_device
     from ..core.safety import request_keys
 
-    s = scene.ctwin_drr
+    s, state = scene.ctwin_drr, scene.ctwin
     g = geometry_from_camera(scene)
     step = s.step_mm if s.step_mm > 0 else None
     photons = s.photons or None
-    info = {"frame": int(frame), "value": s.value, "device": resolve_device(s.device), "method": s.method,
+    info = {"frame": int(frame), "value": s.value, "device": resolve_device(state.device), "method": s.method,
             "kvp": s.kvp or None, "photons": photons,
-            "ct_path": bpy.path.abspath(s.ct_path) if s.ct_path else None}
+            "ct_path": bpy.path.abspath(state.ct_path) if state.ct_path else None}
     xr = _xray_setup(s, frame) if s.kvp > 0 else None
     if xr is None:
         info.update(request_keys(step, photons, s.electronic_noise, s.seed + frame))
@@ -150,8 +150,8 @@ class CTWIN_DRR_RenderEngine(bpy.types.RenderEngine):
 
 
 class CTWIN_DRR_Settings(bpy.types.PropertyGroup):
-    ct_path: bpy.props.StringProperty(name="CT", subtype="FILE_PATH",
-                                      description="CT to render when no twin provides volumes")
+    """The engine's render options; the CT and the device are the scene's ctwin state (``scene.ctwin``)."""
+
     method: bpy.props.EnumProperty(name="Method", items=[
         ("trilinear", "Trilinear", "ray marching through the trilinear mu field"),
         ("siddon", "Siddon", "exact integral of the nearest-voxel mu field"),
@@ -162,8 +162,6 @@ class CTWIN_DRR_Settings(bpy.types.PropertyGroup):
         ("display", "Display", "log display in [0, 1]"),
         ("radiograph", "Radiograph", "for presentation: log signal, per-image window, bone bright")],
         default="line_integral")
-    device: bpy.props.EnumProperty(name="Device", items=[
-        ("auto", "Auto", "CUDA when available"), ("cpu", "CPU", ""), ("cuda", "CUDA", "")], default="auto")
     step_mm: bpy.props.FloatProperty(name="Step (mm)", default=0.0, min=0.0,
                                      description="trilinear step; 0 = half the smallest voxel")
     kvp: bpy.props.FloatProperty(name="kVp", default=0.0, min=0.0, max=150.0,
@@ -208,7 +206,9 @@ class CTWIN_DRR_PT_settings(bpy.types.Panel):
     def draw(self, context):
         s = context.scene.ctwin_drr
         col = self.layout.column()
-        for name in ("ct_path", "method", "value", "device", "step_mm", "kvp", "filter_al_mm", "filter_cu_mm",
+        col.prop(context.scene.ctwin, "ct_path")
+        col.prop(context.scene.ctwin, "device")
+        for name in ("method", "value", "step_mm", "kvp", "filter_al_mm", "filter_cu_mm",
                      "detector", "focal_spot_mm", "scatter", "grid_ratio", "grid_lines", "photons",
                      "electronic_noise", "seed", "write_frames", "overwrite_frames"):
             col.prop(s, name)

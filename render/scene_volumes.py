@@ -3,8 +3,8 @@
 A provider is ``fn(scene, frame) -> object | None`` returning what ``core.projector`` renders: a
 ``PreparedVolume`` (a static CT) or a ``core.projector.Scene`` (a posed twin: resident arrays, with
 the per-frame affines/warp already set). Providers are asked in order; the first non-None answer
-wins. The built-in provider renders ``scene.ctwin_drr.ct_path`` (a plain CT). A twin registers its
-own provider (``register_provider``) that poses its Scene for the frame.
+wins. The built-in provider renders the scene's CT (``scene.ctwin.ct_path``) as a plain CT; the
+providers of twins and of the panel workflow (``providers.py``) pose a Scene for the frame.
 
 Volumes stay resident across frames and renders in ``_CACHE`` (keyed by path and mtime), so an
 animation render loads the CT once and streams only the poses.
@@ -61,7 +61,7 @@ def load_ct_cached(path: str):
     from ..core.projector import prepare_volume
 
     if not path or not os.path.exists(path):
-        raise CtwinError(f"CT not found: {path!r} (set the ctwin DRR CT path in the render settings)")
+        raise CtwinError(f"CT not found: {path!r} (set the CT in the ctwin DRR render settings)")
     key = ("ct", os.path.realpath(path), os.stat(path).st_mtime_ns)
 
     def build():
@@ -77,7 +77,7 @@ def load_ct_cached(path: str):
 def ct_provider(scene, frame):
     import bpy
 
-    settings = getattr(scene, "ctwin_drr", None)
+    settings = getattr(scene, "ctwin", None)
     if settings is None or not settings.ct_path:
         return None
     return load_ct_cached(bpy.path.abspath(settings.ct_path))
@@ -90,4 +90,4 @@ def volumes_for_frame(scene, frame):
         obj = fn(scene, frame)
         if obj is not None:
             return obj
-    raise CtwinError("nothing to render: set a CT path in the ctwin DRR render settings or open a twin")
+    raise CtwinError("nothing to render: set the CT in the ctwin DRR render settings or open a twin")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bpy
 import numpy as np
 
+from ..blender.properties import abspath
 from ..core.skeleton import JOINT_NAMES, N_JOINTS
 from .armature import MM_TO_M, _matrix3_to_quat, twin_armature
 
@@ -82,9 +83,8 @@ def keyframe_poses(arm_obj, poses, transl_mm=None, frame_start: int = 1, action_
 
 def _retarget_target(scene):
     """(rest skeleton (24, 3) mm, located joints or None) that poses are retargeted onto: the twin's
-    own when this file is a twin directory's twin.blend, else the built-in body model's skeleton and
-    the joints located by the fit stored in the scene (``ctwin_fit``), if any."""
-    import json
+    own when this file is a twin directory's twin.blend, else the fit's body model's skeleton and
+    the joints located by the fit stored in the scene (``scene.ctwin``), if any."""
     from pathlib import Path
 
     if bpy.data.filepath:
@@ -98,11 +98,11 @@ def _retarget_target(scene):
     from ..core.skeleton import JOINT_INDEX
 
     located = None
-    raw = scene.get("ctwin_fit")
-    if raw:
-        src = json.loads(raw).get("joint_sources") or {}
+    fit = scene.ctwin.fit()
+    if fit:
+        src = fit.get("joint_sources") or {}
         located = sorted(JOINT_INDEX[n] for n in src if n in JOINT_INDEX) or None
-    return load_body_model().rest()[1] * 1000.0, located
+    return load_body_model(abspath(scene.ctwin.body_model_path) or None).rest()[1] * 1000.0, located
 
 
 def load_motion_keyframes(arm_obj, path, scene=None, frame_start: int | None = None, source_model=None):

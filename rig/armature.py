@@ -22,7 +22,7 @@ import bpy
 import numpy as np
 from mathutils import Vector
 
-from .. import bl_data
+from ..blender import data as bl_data
 from ..core.armature import Armature, build_armature
 from ..core.binding import Binding
 from ..core.errors import CtwinError

@@ -70,8 +70,9 @@ def coarse_phantoms(tmp_path_factory) -> dict:
 def twin_dir(coarse_phantoms, tmp_path_factory) -> Path:
     """A twin built (with twin.blend) from the coarse acquisition phantom, once per session."""
     from ctwin.core.twin import build_twin
+    from ctwin.operators.twin_blend import finish_build
 
     src = coarse_phantoms["supine_arms_down"]
     out = tmp_path_factory.mktemp("twin") / "twin"
-    build_twin(src / "ct.nii.gz", src / "seg.nii.gz", out, write_blend=True)
+    build_twin(src / "ct.nii.gz", src / "seg.nii.gz", out, finish=finish_build)
     return out

@@ -68,7 +68,7 @@ def render_checks():
     import numpy as np
     ext = lambda name: __import__(PKG + "." + name, fromlist=["_"])
     vol_m, carm, proj = ext("core.volume"), ext("core.carm"), ext("core.projector")
-    camera, anim, tb = ext("render.camera"), ext("rig.animation"), ext("twin_blend")
+    camera, anim, tb = ext("render.camera"), ext("rig.animation"), ext("blender.scene")
     poses_m, motion_m = ext("core.poses"), ext("core.motion")
     res = {"device_line": proj.device_status()}
     # F12: a 20x18x16 CT with a bone block, AP view, compared with the core's CPU render.
@@ -86,8 +86,8 @@ def render_checks():
     scene.camera = cam
     camera.setup_xray_camera(cam, g, scene)
     scene.render.engine = "CTWIN_DRR"
-    scene.ctwin_drr.ct_path = ct
-    scene.ctwin_drr.device = "cpu"
+    scene.ctwin.ct_path = ct
+    scene.ctwin.device = "cpu"
     scene.render.filepath = os.path.join(work, "f12", "frame_")
     scene.frame_set(1)
     res["f12"] = sorted(bpy.ops.render.render())
@@ -110,7 +110,7 @@ def render_checks():
     scene.frame_start, scene.frame_end = 0, n - 1
     scene.render.resolution_x = scene.render.resolution_y = 24
     scene.render.filepath = os.path.join(work, "anim", "f_")
-    scene.ctwin_drr.device = "cpu"
+    scene.ctwin.device = "cpu"
     res["anim"] = sorted(bpy.ops.render.render(animation=True))
     frames = [proj.read_frame(os.path.join(work, "anim", "f_%04d" % f))[0] for f in range(n)]
     res["anim_shapes"] = [list(f.shape) for f in frames]
@@ -231,7 +231,7 @@ def test_zip_contents(extension_zip):
     assert manifest["blender_version_min"] == lo and manifest.get("blender_version_max") == hi
     assert manifest["platforms"] == ["linux-x64"]
     assert manifest["build"]["generated"]["platforms"] == ["linux-x64"]
-    assert {"__init__.py", "cli.py", "properties.py", "core/errors.py"} <= names
+    assert {"__init__.py", "cli.py", "blender/properties.py", "ui/panel.py", "core/errors.py"} <= names
     # Every declared wheel is inside, each a wheel for this CPython (or abi3/pure) on linux x86_64.
     cp = "cp" + PYLINE.replace(".", "")
     for w in manifest["wheels"]:

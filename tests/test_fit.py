@@ -163,29 +163,24 @@ def test_operator_fits_scene_anatomy(bm):
     bpy = pytest.importorskip("bpy")
     import trimesh
 
-    from ctwin import bl_data, operators
+    from ctwin.blender import data as bl_data
+    from ctwin.blender.scene import ensure_registered
 
     R = np.eye(3)[:, [0, 2, 1]] * np.array([1, 1, -1])
     pose = np.concatenate([rotation_to_rotvec(R), _presets()["supine_arms_down"][3:]])
     v, j = bm.forward(pose, np.zeros(10), np.array([0.0, 0.0, 900.0]))
-    mine = not operators.CTWIN_OT_fit_body_model.is_registered
-    if mine:
-        operators.register()
-    try:
-        bl_data.mesh_object("skin", v, bm.faces, bl_data.ensure_collection("Skin"))
-        s = trimesh.creation.icosphere(subdivisions=2, radius=25.0)
-        bl_data.mesh_object("sacrum", np.asarray(s.vertices) + j[0] + [0, 40, -30], s.faces,
-                            bl_data.ensure_collection("Skeleton"))
-        assert bpy.ops.ctwin.fit_body_model(residual=False) == {"FINISHED"}
-        obj = bpy.data.objects["body_model"]
-        assert len(obj.data.vertices) == len(bm.v_template)
-        assert obj["chamfer_mm"] < 2.0 and obj["enclosure_pct"] == 100.0
-        got = bl_data.vertex_coords(obj)
-        assert np.abs(got - v).mean() < 5.0
-        assert "joints_mm" in json.loads(bpy.context.scene["ctwin_fit"])
-    finally:
-        if mine:
-            operators.unregister()
+    ensure_registered()  # the operators and the scene state (scene.ctwin) they write
+    bl_data.mesh_object("skin", v, bm.faces, bl_data.ensure_collection("Skin"))
+    s = trimesh.creation.icosphere(subdivisions=2, radius=25.0)
+    bl_data.mesh_object("sacrum", np.asarray(s.vertices) + j[0] + [0, 40, -30], s.faces,
+                        bl_data.ensure_collection("Skeleton"))
+    assert bpy.ops.ctwin.fit_body_model(residual=False) == {"FINISHED"}
+    obj = bpy.data.objects["body_model"]
+    assert len(obj.data.vertices) == len(bm.v_template)
+    assert obj["chamfer_mm"] < 2.0 and obj["enclosure_pct"] == 100.0
+    got = bl_data.vertex_coords(obj)
+    assert np.abs(got - v).mean() < 5.0
+    assert "joints_mm" in bpy.context.scene.ctwin.fit()
 
 
 def test_scaffold_pose_recovers_the_skeleton_pose(bm):

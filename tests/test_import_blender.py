@@ -6,20 +6,24 @@ import pytest
 
 bpy = pytest.importorskip("bpy")
 
-from ctwin import bl_data, operators  # noqa: E402
+from ctwin import blender, operators  # noqa: E402
+from ctwin.blender import data as bl_data  # noqa: E402
 from ctwin.core.mesh import Mesh, import_anatomy, write_ply  # noqa: E402
 from ctwin.core.volume import Volume, save_nifti  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def registered():
-    """Register the operators unless the session already did (then leave them registered)."""
+    """Register the scene state and the operators unless the session already did (then leave them
+    registered)."""
     mine = not operators.CTWIN_OT_import_ct_anatomy.is_registered
     if mine:
+        blender.register()
         operators.register()
     yield
     if mine:
         operators.unregister()
+        blender.unregister()
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +170,22 @@ def test_skin_label_and_skin_surface_coexist(tmp_path):
     lab_obj = bpy.data.objects["skin_label"]
     assert lab_obj["label_name"] == "skin" and lab_obj["label_id"] == 140
     assert bpy.data.objects["skin"]["volume_cm3"] > lab_obj["volume_cm3"]
+
+
+def test_state_of_an_older_blend_moves_into_scene_ctwin(tmp_path):
+    """A .blend that kept the workflow's state as loose scene custom properties opens with that
+    state in ``scene.ctwin`` (the load handler) and the loose properties gone."""
+    scene = bpy.context.scene
+    fit = '{"pose": [0.0], "betas": [1.0]}'
+    scene["ctwin_ct_path"], scene["ctwin_seg_path"], scene["ctwin_fit"] = "/d/ct.nii.gz", "/d/seg.nii.gz", fit
+    scene["ctwin_twin_dir"] = "//twin/"
+    scene.ctwin.twin_dir = "//"
+    path = tmp_path / "old.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(path))
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    bpy.ops.wm.open_mainfile(filepath=str(path))
+    scene = bpy.context.scene
+    s = scene.ctwin
+    assert (s.ct_path, s.seg_path, s.twin_dir) == ("/d/ct.nii.gz", "/d/seg.nii.gz", "//twin/")
+    assert s.fit() == {"pose": [0.0], "betas": [1.0]}
+    assert not [k for k in scene.keys() if k.startswith("ctwin_")]

@@ -131,7 +131,7 @@ def mesh_twin(twin_dir, tmp_path_factory):
     from ctwin.core.twin import build_twin_from_meshes
 
     out = tmp_path_factory.mktemp("mesh_twin") / "twin"
-    build_twin_from_meshes(twin_dir / "meshes", out, spacing=8.0, write_blend=False)
+    build_twin_from_meshes(twin_dir / "meshes", out, spacing=8.0)
     return out
 
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def extension():
     """The whole extension registered (or left as the session registered it)."""
     import ctwin
-    from ctwin.twin_blend import ensure_registered
+    from ctwin.blender.scene import ensure_registered
 
     ensure_registered()
     yield ctwin
@@ -31,13 +31,14 @@ def test_panel_lists_every_step(extension):
 def test_workflow_through_operators(extension, coarse_phantoms, tmp_path):
     import bpy
 
+    from ctwin.blender.scene import ensure_registered
     from ctwin.core.motion import write_motion_file
     from ctwin.core.poses import PRESETS
     from ctwin.core.projector import read_frame
 
     src = coarse_phantoms["supine_arms_down"]
     bpy.ops.wm.read_factory_settings(use_empty=True)
-    extension.twin_blend.ensure_registered()
+    ensure_registered()
     scene = bpy.context.scene
 
     # 1. import
@@ -51,7 +52,7 @@ def test_workflow_through_operators(extension, coarse_phantoms, tmp_path):
     # 2. fit
     assert bpy.ops.ctwin.fit_body_model() == {"FINISHED"}
     body = bpy.data.objects["body_model"]
-    assert len(body.data.vertices) > 1000 and "ctwin_fit" in scene
+    assert len(body.data.vertices) > 1000 and scene.ctwin.fit() is not None
 
     # 3. rig
     assert bpy.ops.ctwin.build_rig() == {"FINISHED"}
@@ -78,7 +79,7 @@ def test_workflow_through_operators(extension, coarse_phantoms, tmp_path):
 
     # 6. render DRR of the current frame -> image datablock and frame files
     scene.render.filepath = str(tmp_path / "frames" / "f_")
-    scene.ctwin_drr.device = "cpu"
+    scene.ctwin.device = "cpu"
     scene.frame_set(scene.frame_start)
     assert bpy.ops.ctwin.render_drr() == {"FINISHED"}
     im = bpy.data.images["ctwin DRR"]
@@ -101,26 +102,27 @@ def test_mesh_workflow_renders_the_voxelised_anatomy(extension, twin_dir, tmp_pa
     a bent knee moves the image."""
     import bpy
 
+    from ctwin.blender.scene import anatomy_objects, ensure_registered
     from ctwin.core.carm import Geometry
     from ctwin.core.projector import read_frame, render_drr
-    from ctwin.twin_blend import _anatomy_objects, scene_mesh_volume
+    from ctwin.render.providers import scene_mesh_volume
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
-    extension.twin_blend.ensure_registered()
+    ensure_registered()
     scene = bpy.context.scene
     mesh_dir = twin_dir / "meshes"
     files = [{"name": p.name} for p in sorted(mesh_dir.glob("*.ply")) if p.stem != "body_model"]
     assert bpy.ops.ctwin.import_anatomy_meshes(directory=str(mesh_dir), files=files) == {"FINISHED"}
-    assert "ctwin_ct_path" not in scene
+    assert not scene.ctwin.ct_path
     assert bpy.ops.ctwin.fit_body_model() == {"FINISHED"}
     assert bpy.ops.ctwin.build_rig() == {"FINISHED"}
     assert bpy.ops.ctwin.xray_camera(view="ap", pixels=24) == {"FINISHED"}
-    scene.ctwin_drr.device = "cpu"
+    scene.ctwin.device = "cpu"
     scene.render.filepath = str(tmp_path / "m_")
     scene.frame_set(scene.frame_start)
     assert bpy.ops.ctwin.render_drr() == {"FINISHED"}
     img, sc = read_frame(tmp_path / f"m_{scene.frame_start:04d}")
-    ref = render_drr(scene_mesh_volume(_anatomy_objects()).ct, Geometry.from_sidecar(sc), device="cpu")
+    ref = render_drr(scene_mesh_volume(anatomy_objects()).ct, Geometry.from_sidecar(sc), device="cpu")
     assert img.max() > 0.5
     assert np.abs(img - ref).max() <= 1e-3 * ref.max() + 1e-4
 

@@ -237,7 +237,7 @@ def test_blender_operator_keys_the_armature_and_shows_the_images(twin_dir, targe
     from ctwin.rig.armature import armature_pose
     from ctwin.rig.operators import _rig_object
     from ctwin.rig.xray_pose import _series, _show_as_background, key_poses
-    from ctwin.twin_blend import ensure_registered
+    from ctwin.blender.scene import ensure_registered
 
     ensure_registered()
     bpy.ops.wm.open_mainfile(filepath=str(twin_dir / "twin.blend"))

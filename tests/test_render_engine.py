@@ -11,16 +11,19 @@ from ctwin.core.volume import Volume, affine_from, save_nifti  # noqa: E402
 
 @pytest.fixture(scope="module")
 def registered():
-    """Register the render layer unless the session already did (then leave it registered)."""
-    from ctwin import render
+    """Register the scene state and the render layer unless the session already did (then leave
+    them registered)."""
+    from ctwin import blender, render
     from ctwin.render.engine import CTWIN_DRR_RenderEngine
 
     mine = not CTWIN_DRR_RenderEngine.is_registered
     if mine:
+        blender.register()
         render.register()
     yield
     if mine:
         render.unregister()
+        blender.unregister()
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,7 @@ def test_f12_and_animation_render_with_resume(registered, ct_file, tmp_path):
     g = named_view("ap", vol, size=(24, 20))
     scene, cam = _scene_with_camera(g)
     scene.render.engine = "CTWIN_DRR"
-    scene.ctwin_drr.ct_path = str(path)
+    scene.ctwin.ct_path = str(path)
     scene.render.filepath = str(tmp_path / "drr" / "frame_")
     scene_volumes.clear_cache()
 
@@ -131,7 +134,8 @@ def test_render_engine_realistic_physics(registered, ct_file, tmp_path):
     scene, cam = _scene_with_camera(g)
     scene.render.engine = "CTWIN_DRR"
     s = scene.ctwin_drr
-    s.ct_path, s.kvp, s.detector, s.filter_cu_mm, s.value = str(path), 90.0, "paxscan4030cb", 0.1, "intensity"
+    scene.ctwin.ct_path = str(path)
+    s.kvp, s.detector, s.filter_cu_mm, s.value = 90.0, "paxscan4030cb", 0.1, "intensity"
     s.scatter, s.grid_ratio = True, 10.0
     scene.render.filepath = str(tmp_path / "drr" / "frame_")
     scene_volumes.clear_cache()
@@ -166,7 +170,7 @@ def test_animation_resume_matches_the_request(registered, ct_file, tmp_path):
     g = named_view("ap", vol, size=(12, 10))
     scene, cam = _scene_with_camera(g)
     scene.render.engine = "CTWIN_DRR"
-    scene.ctwin_drr.ct_path = str(path)
+    scene.ctwin.ct_path = str(path)
     out = tmp_path / "drr"
     scene.render.filepath = str(out / "frame_")
     scene.frame_start, scene.frame_end = 1, 2

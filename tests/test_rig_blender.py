@@ -6,7 +6,7 @@ import pytest
 
 bpy = pytest.importorskip("bpy")
 
-from ctwin import bl_data  # noqa: E402
+from ctwin.blender import data as bl_data  # noqa: E402
 from ctwin.core.armature import build_armature  # noqa: E402
 from ctwin.core.binding import bind_structures  # noqa: E402
 from ctwin.core.motion import write_motion_file  # noqa: E402
@@ -110,12 +110,15 @@ def test_blender_pose_matches_core(twin):
 
 
 def test_motion_keyframes_fast_and_exact(twin, tmp_path):
+    from ctwin import blender
     from ctwin.rig import register, unregister
     from ctwin.rig.armature import armature_pose_vector
     from ctwin.rig.animation import load_motion_keyframes
     from ctwin.rig.operators import CTWIN_OT_load_motion
 
     mine = not CTWIN_OT_load_motion.is_registered  # leave a session-wide registration as it is
+    if mine:
+        blender.register()  # the scene state (scene.ctwin) Load Motion reads
     register()
     try:
         arm_obj, objs = _scene(twin)
@@ -168,3 +171,48 @@ def test_motion_keyframes_fast_and_exact(twin, tmp_path):
     finally:
         if mine:
             unregister()
+            blender.unregister()
+
+
+def test_build_rig_binds_with_the_fitted_body_model(tmp_path):
+    """Fit Body Model with the user's own SMPL file, then Build Rig: the soft structures get their
+    weights from that same model (the core's binding with the user's model), not from the built-in
+    one. The user's model here is the built-in one 10 % larger, and the skin is that model's
+    surface, so the two bindings differ measurably."""
+    from ctwin.blender.scene import ensure_registered
+    from ctwin.core.body_model import default_body_model_path, load_body_model
+    from ctwin.core.mesh import Mesh as CoreMesh
+    from ctwin.core.poses import PRESETS
+    from ctwin.core.skeleton import SUPINE_GLOBAL_ORIENT
+
+    builtin = load_body_model()
+    with np.load(default_body_model_path()) as z:
+        arrays = {k: z[k] for k in z.files if k != "ctwin_generator"}
+    arrays["v_template"] = arrays["v_template"] * 1.1
+    user_path = tmp_path / "my_smpl.npz"
+    np.savez(user_path, **arrays)
+    user = load_body_model(user_path)
+    pose = np.concatenate([SUPINE_GLOBAL_ORIENT, np.asarray(PRESETS["supine_arms_down"])[3:]])
+    v, j = user.forward(pose, np.zeros(user.num_betas), np.array([0.0, 0.0, 900.0]))
+
+    ensure_registered()
+    skin = bl_data.mesh_object("skin", v, user.faces, bl_data.ensure_collection("Skin"))
+    s = box(j[0] + [0, 40, -30], (20, 20, 20))
+    bl_data.mesh_object("sacrum", s[0], s[1], bl_data.ensure_collection("Skeleton"))
+    assert bpy.ops.ctwin.fit_body_model(body_model_path=str(user_path), residual=False) == {"FINISHED"}
+    assert bpy.ops.ctwin.build_rig() == {"FINISHED"}
+
+    # the core's bindings of the same scene with each model, from the fit stored by Fit Body Model
+    stored = bpy.context.scene.ctwin.fit()
+    fit = {k: np.asarray(stored[k], dtype=np.float64) for k in ("pose", "betas", "transl_mm", "joints_mm")}
+    fit["residual_mm"] = None
+    meshes = {"skin": CoreMesh(*bl_data.mesh_arrays(skin, world=True), "skin"),
+              "sacrum": CoreMesh(s[0], s[1], "sacrum")}
+
+    want = bind_structures(meshes, user, fit).soft["skin"].dense()
+    other = bind_structures(meshes, builtin, fit).soft["skin"].dense()
+    cols = np.argsort(-np.abs(want - other).sum(axis=0))[:2]  # the groups the two models disagree on most
+    assert np.abs(want - other)[:, cols].max() > 0.2  # the models give measurably different weights
+    for c in cols:
+        got = bl_data.vertex_group_weights(skin, JOINT_NAMES[c])
+        assert np.abs(got - want[:, c]).max() < 2e-3, JOINT_NAMES[c]

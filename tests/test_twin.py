@@ -95,7 +95,7 @@ def test_blender_animation_matches_cli(twin_dir, tmp_path):
     from ctwin.core.projector import read_frame
     from ctwin.core.twin import render_twin
     from ctwin.rig.animation import load_motion_keyframes
-    from ctwin.twin_blend import ensure_registered, twin_armature_object
+    from ctwin.blender.scene import ensure_registered, twin_armature_object
 
     n = 3
     start, end = np.asarray(PRESETS["supine_arms_down"]), np.asarray(PRESETS["knee_flexion"])
@@ -115,7 +115,7 @@ def test_blender_animation_matches_cli(twin_dir, tmp_path):
     scene.frame_start, scene.frame_end = 0, n - 1
     scene.render.resolution_x = scene.render.resolution_y = 24
     scene.render.filepath = str(tmp_path / "blender" / "f_")
-    scene.ctwin_drr.device = "cpu"
+    scene.ctwin.device = "cpu"
     bpy.ops.render.render(animation=True)
 
     cli = tmp_path / "cli"

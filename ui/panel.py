@@ -26,14 +26,16 @@ class CTWIN_PT_workflow(bpy.types.Panel):
         row = col.row(align=True)
         for view, text in (("ap", "AP"), ("lat_left", "Lateral"), ("lao30", "LAO 30"), ("rao30", "RAO 30")):
             row.operator("ctwin.xray_camera", text=text).view = view
-        from .core.projector import device_status
+        from ..core.projector import device_status  # numba and the kernels: loaded on first draw, not on register
 
         line = device_status()  # asked once per session
         col.label(text=line, icon="INFO" if line.startswith("GPU path unavailable") else "CHECKMARK")
         col.operator("ctwin.render_drr", text="Render DRR", icon="RENDER_STILL")
         col.operator("ctwin.render_animation", text="Render Animation", icon="RENDER_ANIMATION")
-        if getattr(scene, "ctwin", None) is not None:
-            layout.prop(scene.ctwin, "twin_dir")
+        settings = getattr(scene, "ctwin", None)
+        if settings is not None:
+            col.prop(settings, "device")
+            layout.prop(settings, "twin_dir")
 
 
 CLASSES = (CTWIN_PT_workflow,)
