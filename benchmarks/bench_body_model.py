@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from launch import load_package  # noqa: E402
 
 load_package("ctwin")
-from ctwin.core import body_model as bm  # noqa: E402
-from ctwin.core import progress  # noqa: E402
-from ctwin.core.skeleton import JOINT_INDEX  # noqa: E402
+from ctwin.core.body import body_model as bm
+from ctwin.core import progress
+from ctwin.core.body.skeleton import JOINT_INDEX  # noqa: E402
 
 
 def main():

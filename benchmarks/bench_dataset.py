@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 from launch import load_package  # noqa: E402
 
 load_package("ctwin")
-from ctwin.core import dataset as D  # noqa: E402
-from ctwin.core import progress  # noqa: E402
+from ctwin.core.dataset import dataset as D
+from ctwin.core import progress
 
 
 def spec_for(work: Path, twin: Path, samples: int, size: int) -> Path:
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         # the loop renders the same image as the dataset (annotations aside)
         import tifffile
 
-        from ctwin.core.shards import iter_samples
+        from ctwin.core.dataset.shards import iter_samples
 
         ref = next(x for x in iter_samples(work / f"run_{a.configs.split(',')[0]}") if x["key"] == p["key"])
         same = (tifffile.imread(out / f"{view}_0000.tif") == ref["image"]).all()

@@ -1,10 +1,10 @@
-"""DRR benchmark: speed, accuracy and memory of core.projector against plastimatch and DiffDRR.
+"""DRR benchmark: speed, accuracy and memory of core.drr.projector against plastimatch and DiffDRR.
 
     .venv/bin/python benchmarks/bench_drr.py [--sizes 256 512] [--repeat 5] [--skip-phantom]
                                              [--skip-rss] [--device cpu|cuda|auto]
 
 1. real_ct/abdomen_pelvis (122x101x112, 3 mm) and the built-in phantom at 1.5 mm (if
-   core.phantom exists): AP DRRs (SPEC 5 default geometry) at each size, trilinear (default step =
+   core.phantom.phantom exists): AP DRRs (SPEC 5 default geometry) at each size, trilinear (default step =
    half a voxel), exact (exact integral of the trilinear field) and Siddon. Median wall time of ``--repeat`` runs after a warm-up (JIT compile
    excluded and reported separately), rays/s, samples/s (trilinear samples actually taken along the
    clipped rays, i.e. chord / step summed over rays), accuracy: max |error| / image max against the
@@ -38,10 +38,11 @@ from launch import load_package  # noqa: E402
 
 load_package("ctwin")
 
-from ctwin.core import physics, progress  # noqa: E402
-from ctwin.core.carm import named_view  # noqa: E402
-from ctwin.core.projector import prepare_volume, reference_drr, render_drr  # noqa: E402
-from ctwin.core.volume import Volume, affine_from  # noqa: E402
+from ctwin.core.drr import physics
+from ctwin.core import progress
+from ctwin.core.drr.carm import named_view  # noqa: E402
+from ctwin.core.drr.projector import prepare_volume, reference_drr, render_drr  # noqa: E402
+from ctwin.core.volumes.volume import Volume, affine_from  # noqa: E402
 
 DIFFDRR_MAX_GB = float(os.environ.get("CTWIN_BENCH_DIFFDRR_MAX_GB", "10"))
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct" / "abdomen_pelvis" / "ct.nii.gz"
@@ -117,7 +118,7 @@ def _diffdrr_render(vol, mu, g, repeat, renderer="siddon"):
     from diffdrr.data import read
     from diffdrr.drr import DRR
 
-    from ctwin.core.volume import save_nifti
+    from ctwin.core.volumes.volume import save_nifti
 
     tmp = Path(tempfile.mkdtemp())
     save_nifti(vol.with_data(mu.astype(np.float32)), tmp / "mu.nii.gz")
@@ -155,7 +156,7 @@ def bench_volume(name, vol, sizes, repeat, device, peers, tmpdir):
     mu = physics.mu_from_hu(vol.data).astype(np.float32)
     mu_path = None
     if peers.get("plastimatch"):
-        from ctwin.core.ct import save_itk
+        from ctwin.core.volumes.ct import save_itk
 
         mu_path = tmpdir / f"{name}_mu.mha"
         save_itk(identity_direction(vol.with_data(mu)), mu_path)
@@ -225,8 +226,8 @@ RSS_CHILD = r"""
 import resource, sys, time
 sys.path.insert(0, sys.argv[1] + "/benchmarks")
 from bench_drr import clinical_ct
-from ctwin.core.carm import named_view
-from ctwin.core.projector import prepare_volume, render_drr
+from ctwin.core.drr.carm import named_view
+from ctwin.core.drr.projector import prepare_volume, render_drr
 vol = clinical_ct()
 t = time.perf_counter()
 pv = prepare_volume(vol)
@@ -260,7 +261,7 @@ def check_ptx(cc=(9, 0)):
     from numba import cuda
     from numba.core import types as nt
 
-    from ctwin.core import kernels
+    from ctwin.core.drr import kernels
 
     class _Device:  # device functions ask the current device for its compute capability
         compute_capability = cc
@@ -314,16 +315,16 @@ def main():
     print("peers:", {k: ("installed" if v else "not installed (see benchmarks/README.md)") for k, v in peers.items()})
     tmpdir = Path(tempfile.mkdtemp(prefix="bench_drr_"))
     if REAL_CT.exists():
-        from ctwin.core.ct import load_ct
+        from ctwin.core.volumes.ct import load_ct
 
         bench_volume("abdomen_pelvis", load_ct(REAL_CT), args.sizes, args.repeat, args.device, peers, tmpdir)
     else:
         print(f"real CT not found at {REAL_CT}: skipped")
     if not args.skip_phantom:
         try:
-            from ctwin.core.phantom import generate_phantom
+            from ctwin.core.phantom.phantom import generate_phantom
         except ImportError:
-            print("core.phantom.generate_phantom is not available: phantom part skipped")
+            print("core.phantom.phantom.generate_phantom is not available: phantom part skipped")
         else:
             t = time.perf_counter()
             ph = generate_phantom(spacing=1.5)

@@ -34,12 +34,12 @@ load_package("ctwin")
 
 import numpy as np  # noqa: E402
 
-from ctwin.core import progress  # noqa: E402
-from ctwin.core.body_model import load_body_model  # noqa: E402
-from ctwin.core.ct import load_ct  # noqa: E402
-from ctwin.core.fit import fit_body_model  # noqa: E402
-from ctwin.core.mesh import skin_mesh  # noqa: E402
-from ctwin.core.segmentation import load_segmentation  # noqa: E402
+from ctwin.core import progress
+from ctwin.core.body.body_model import load_body_model  # noqa: E402
+from ctwin.core.volumes.ct import load_ct  # noqa: E402
+from ctwin.core.body.fit import fit_body_model  # noqa: E402
+from ctwin.core.meshes.mesh import skin_mesh  # noqa: E402
+from ctwin.core.volumes.segmentation import load_segmentation  # noqa: E402
 
 
 def run_case(bm, ct_path, seg_path, truth=None):
@@ -61,7 +61,7 @@ def run_case(bm, ct_path, seg_path, truth=None):
 
 
 def run_volumes(bm, ct, labelmap, names, truth):
-    from ctwin.core.mesh import skin_mesh as _skin
+    from ctwin.core.meshes.mesh import skin_mesh as _skin
 
     r = fit_body_model(bm, _skin(ct), labelmap, names)
     tj = np.asarray(truth["joints"], dtype=np.float64)
@@ -78,10 +78,10 @@ def run_volumes(bm, ct, labelmap, names, truth):
 def extra_cases(bm):
     """Prone feet-first phantoms (orientation detection) and an abdomen-pelvis crop of the default
     phantom (partial FOV; joint error also over the joints inside the FOV)."""
-    from ctwin.core.phantom import generate_phantom
-    from ctwin.core.poses import PRESETS
-    from ctwin.core.skeleton import rotation_to_rotvec
-    from ctwin.core.volume import Volume
+    from ctwin.core.phantom.phantom import generate_phantom
+    from ctwin.core.rig.poses import PRESETS
+    from ctwin.core.body.skeleton import rotation_to_rotvec
+    from ctwin.core.volumes.volume import Volume
 
     rows = []
     R = np.stack([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]], axis=1)  # left +x, head -z, front +y
@@ -120,8 +120,8 @@ def compare_trees(old_tree: Path, case_dir: Path, repeat: int) -> None:
     sys.modules["ctwin_old"] = old
     spec.loader.exec_module(old)
     from ctwin_old.core import progress as old_progress
-    from ctwin_old.core.body_model import load_body_model as old_load
-    from ctwin_old.core.fit import fit_body_model as old_fit
+    from ctwin_old.core.body.body_model import load_body_model as old_load
+    from ctwin_old.core.body.fit import fit_body_model as old_fit
 
     old_progress.set_quiet(True)
     fits = {"old": (old_fit, old_load()), "new": (fit_body_model, load_body_model())}
@@ -155,7 +155,7 @@ def main(argv=None):
     if a.old_tree:
         d = Path(a.cache) / f"{a.presets[0]}_seed{a.seeds[0]}"
         if not (d / "truth.json").exists():
-            from ctwin.core.phantom import write_phantom
+            from ctwin.core.phantom.phantom import write_phantom
 
             write_phantom(d, pose=a.presets[0], spacing=3.0, seed=a.seeds[0])
         compare_trees(a.old_tree, d, a.repeat)
@@ -168,7 +168,7 @@ def main(argv=None):
         for preset in a.presets:
             d = Path(a.cache) / f"{preset}_seed{seed}"
             if not (d / "truth.json").exists():
-                from ctwin.core.phantom import write_phantom
+                from ctwin.core.phantom.phantom import write_phantom
 
                 t0 = time.perf_counter()
                 write_phantom(d, pose=preset, spacing=3.0, seed=seed)

@@ -93,15 +93,15 @@ def stretch_air(warp, waff, smin=STRETCH_MIN):
 
 def main() -> int:
     from ctwin.core import progress
-    from ctwin.core.articulated import render_posed
-    from ctwin.core.carm import default_views
-    from ctwin.core.ct import load_ct
-    from ctwin.core.evaluation import _source_truth
+    from ctwin.core.twin.articulated import render_posed
+    from ctwin.core.drr.carm import default_views
+    from ctwin.core.volumes.ct import load_ct
+    from ctwin.core.twin.evaluation import _source_truth
     from ctwin.core.fileio import read_json
-    from ctwin.core.metrics import drr_similarity
-    from ctwin.core.projector import render_drr
-    from ctwin.core.retarget import retarget_pose
-    from ctwin.core.twin import load_twin
+    from ctwin.core.meshes.metrics import drr_similarity
+    from ctwin.core.drr.projector import render_drr
+    from ctwin.core.rig.retarget import retarget_pose
+    from ctwin.core.twin.twin import load_twin
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--spacing", type=float, default=3.0)

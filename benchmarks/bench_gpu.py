@@ -36,11 +36,11 @@ from launch import load_package  # noqa: E402
 
 load_package("ctwin")
 
-from ctwin.core import progress  # noqa: E402
-from ctwin.core.carm import named_view  # noqa: E402
-from ctwin.core.projector import (Scene, PlacedVolume, prepare_volume, render_drr,  # noqa: E402
+from ctwin.core import progress
+from ctwin.core.drr.carm import named_view  # noqa: E402
+from ctwin.core.drr.projector import (Scene, PlacedVolume, prepare_volume, render_drr,  # noqa: E402
                                   render_drr_batch, render_scene)
-from ctwin.core.volume import Volume, affine_from  # noqa: E402
+from ctwin.core.volumes.volume import Volume, affine_from  # noqa: E402
 
 from bench_drr import clinical_ct  # noqa: E402  (this script's folder is on sys.path)
 
@@ -81,13 +81,13 @@ def volumes(args):
     if npz is not None and (npz / "abdomen_pelvis.npz").exists():
         out["abdomen_pelvis"] = load_npz(npz / "abdomen_pelvis.npz")
     elif REAL_CT.exists():
-        from ctwin.core.ct import load_ct
+        from ctwin.core.volumes.ct import load_ct
 
         out["abdomen_pelvis"] = load_ct(REAL_CT)
     if npz is not None and (npz / "phantom_1.5mm.npz").exists():
         out["phantom_1.5mm"] = load_npz(npz / "phantom_1.5mm.npz")
     elif not args.skip_phantom:
-        from ctwin.core.phantom import generate_phantom
+        from ctwin.core.phantom.phantom import generate_phantom
 
         out["phantom_1.5mm"] = generate_phantom(spacing=1.5).ct
     if not args.skip_clinical:

@@ -1,4 +1,4 @@
-"""Primary polychromatic images of core.xray against gVirtualXray (the validated peer) in one run.
+"""Primary polychromatic images of core.drr.xray against gVirtualXray (the validated peer) in one run.
 
     .venv/bin/python benchmarks/bench_gvxr.py [--size 256] [--voxel 1.0] [--skip-phantom]
         [--phantom-size 192] [--phantom-pitch 1.6] [--regions pelvis chest] [--cache /tmp/bench_gvxr]
@@ -27,10 +27,10 @@ half voxel with trilinear interpolation, which spreads an edge over about a voxe
    triangles has chords off by up to ~1 cm (intensities by up to 20 %) across its side faces'
    penumbra (printed for the record).
    The meshes handed to it are therefore split to edges <= ``MAX_EDGE_MM`` (same surface).
-2. The built-in phantom's meshes (``core.mesh.import_anatomy`` on the phantom CT and labels, 105
+2. The built-in phantom's meshes (``core.meshes.mesh.import_anatomy`` on the phantom CT and labels, 105
    structures and the skin; the table left out), AP views centred on the pelvis and on the chest,
    ``--phantom-size`` pixels of ``--phantom-pitch`` mm: ctwin's mesh mode
-   (``core.mesh_volume.voxelise_meshes`` at ``--voxel`` mm, default per-structure HU, default
+   (``core.meshes.mesh_volume.voxelise_meshes`` at ``--voxel`` mm, default per-structure HU, default
    stoichiometric HU calibration) on a crop that holds every ray of the field through the
    body; gVirtualXray with each structure as an inner surface of the material mix the calibration
    gives its HU, and the skin as the outer surface (its chord minus the inner surfaces': the
@@ -53,10 +53,10 @@ from launch import load_package  # noqa: E402
 
 load_package("ctwin")
 
-from ctwin.core import xray  # noqa: E402
-from ctwin.core.carm import Geometry  # noqa: E402
-from ctwin.core.projector import material_integrals  # noqa: E402
-from ctwin.core.volume import Volume  # noqa: E402
+from ctwin.core.drr import xray
+from ctwin.core.drr.carm import Geometry  # noqa: E402
+from ctwin.core.drr.projector import material_integrals  # noqa: E402
+from ctwin.core.volumes.volume import Volume  # noqa: E402
 
 HU_CODE = {"water": 0, "cortical_bone": 1500}
 MAX_EDGE_MM = 2.0  # longest triangle edge handed to gVirtualXray (see gvxr_add_mesh)
@@ -240,11 +240,11 @@ def step_case(a, kvps):
 
 
 def phantom_meshes(cache: Path, spacing: float):
-    """The built-in phantom's anatomy as closed meshes (``core.mesh.import_anatomy`` on the phantom
+    """The built-in phantom's anatomy as closed meshes (``core.meshes.mesh.import_anatomy`` on the phantom
     CT and labels, as ``ctwin build`` does), cached in ``cache``."""
-    from ctwin.core.mesh import import_anatomy, write_ply
-    from ctwin.core.mesh_volume import read_mesh_folder
-    from ctwin.core.phantom import write_phantom
+    from ctwin.core.meshes.mesh import import_anatomy, write_ply
+    from ctwin.core.meshes.mesh_volume import read_mesh_folder
+    from ctwin.core.phantom.phantom import write_phantom
 
     md = cache / "meshes"
     if not (md / "skin.ply").is_file():
@@ -268,8 +268,8 @@ def phantom_case(a, kvps, region="pelvis"):
     """AP view of the phantom's meshes centred on ``region``: ctwin's mesh mode (voxelised at
     ``--voxel`` mm, default HU table) against gVirtualXray on the same meshes, each mesh of the
     material that ctwin's HU calibration gives its HU."""
-    from ctwin.core.carm import named_view
-    from ctwin.core.mesh_volume import SKIN, hu_table, voxelise_meshes
+    from ctwin.core.drr.carm import named_view
+    from ctwin.core.meshes.mesh_volume import SKIN, hu_table, voxelise_meshes
 
     meshes = phantom_meshes(Path(a.cache), a.phantom_spacing)
     # the table is not anatomy and lies outside the skin: gVirtualXray's one outer surface (the skin,

@@ -1,11 +1,11 @@
-"""Import benchmark: time to read, resolve and mesh a CT + segmentation (core.mesh.import_anatomy).
+"""Import benchmark: time to read, resolve and mesh a CT + segmentation (core.meshes.mesh.import_anatomy).
 
     .venv/bin/python benchmarks/bench_import.py [--phantom-spacing 3] [--real [--budget N]] [--out DIR]
 
 Prints measured numbers: per-step and total seconds, structures, triangles, the worst mesh volume
 error against the voxel volume, non-manifold edges. Parts:
-  - the 3 mm phantom (core.phantom.write_phantom), target < 30 s on 2 cores; skipped with a
-    message when core.phantom does not exist yet;
+  - the 3 mm phantom (core.phantom.phantom.write_phantom), target < 30 s on 2 cores; skipped with a
+    message when core.phantom.phantom does not exist yet;
   - with --real, the real CTs in ../shared/data/real_ct (abdomen_pelvis, chest_dicom).
 The numba kernels are compiled (or loaded from cache) before timing.
 """
@@ -25,11 +25,11 @@ load_package("ctwin")
 
 import numpy as np  # noqa: E402
 
-from ctwin.core import progress  # noqa: E402
-from ctwin.core.ct import load_ct  # noqa: E402
-from ctwin.core.mesh import label_meshes, skin_mesh  # noqa: E402
-from ctwin.core.segmentation import load_segmentation  # noqa: E402
-from ctwin.core.volume import Volume  # noqa: E402
+from ctwin.core import progress
+from ctwin.core.volumes.ct import load_ct  # noqa: E402
+from ctwin.core.meshes.mesh import label_meshes, skin_mesh  # noqa: E402
+from ctwin.core.volumes.segmentation import load_segmentation  # noqa: E402
+from ctwin.core.volumes.volume import Volume  # noqa: E402
 
 
 def warm_up():
@@ -103,9 +103,9 @@ def main():
     warm_up()
     print(f"numba warm-up (compile or cache load): {time.perf_counter() - t0:.2f} s")
     try:
-        from ctwin.core.phantom import write_phantom
+        from ctwin.core.phantom.phantom import write_phantom
     except ImportError as exc:
-        print(f"phantom: skipped (core.phantom not available: {exc})")
+        print(f"phantom: skipped (core.phantom.phantom not available: {exc})")
     else:
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(args.out or tmp) / "phantom"

@@ -4,7 +4,7 @@
         [--presets hip_flexion knee_flexion walking_stride] [--out /tmp/bench_mesh_twin] [--real]
 
 1. The phantom at the acquisition pose is generated, and its anatomy imported as meshes
-   (``core.mesh.import_anatomy``: one closed mesh per label and the skin), written as PLY files:
+   (``core.meshes.mesh.import_anatomy``: one closed mesh per label and the skin), written as PLY files:
    the mesh folder. The CT is not used again except as the reference.
 2. Voxelisation of the whole set (time, triangles, grid), and the static DRR of the synthetic CT
    (default HU table) against the phantom CT's DRR.
@@ -40,16 +40,16 @@ def _fmt(s):
 
 def main() -> int:
     from ctwin.core import progress
-    from ctwin.core.articulated import render_posed
-    from ctwin.core.carm import default_views
-    from ctwin.core.ct import load_ct
+    from ctwin.core.twin.articulated import render_posed
+    from ctwin.core.drr.carm import default_views
+    from ctwin.core.volumes.ct import load_ct
     from ctwin.core.fileio import read_json
-    from ctwin.core.mesh import import_anatomy, write_ply
-    from ctwin.core.mesh_volume import hu_table, read_mesh_folder, voxelise_meshes
-    from ctwin.core.metrics import drr_similarity
-    from ctwin.core.phantom import write_phantom
-    from ctwin.core.projector import render_drr
-    from ctwin.core.twin import build_twin_from_meshes, load_twin
+    from ctwin.core.meshes.mesh import import_anatomy, write_ply
+    from ctwin.core.meshes.mesh_volume import hu_table, read_mesh_folder, voxelise_meshes
+    from ctwin.core.meshes.metrics import drr_similarity
+    from ctwin.core.phantom.phantom import write_phantom
+    from ctwin.core.drr.projector import render_drr
+    from ctwin.core.twin.twin import build_twin_from_meshes, load_twin
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--spacing", type=float, default=3.0, help="phantom voxel size, mm")
@@ -146,11 +146,11 @@ def real_ct(args) -> None:
     table, against the CT's DRR with everything outside the body (the table) set to air."""
     import numpy as np
 
-    from ctwin.core.carm import default_views
-    from ctwin.core.mesh import body_mask, import_anatomy
-    from ctwin.core.mesh_volume import hu_table, prepare_mesh, voxelise_meshes
-    from ctwin.core.metrics import drr_similarity
-    from ctwin.core.projector import render_drr
+    from ctwin.core.drr.carm import default_views
+    from ctwin.core.meshes.mesh import body_mask, import_anatomy
+    from ctwin.core.meshes.mesh_volume import hu_table, prepare_mesh, voxelise_meshes
+    from ctwin.core.meshes.metrics import drr_similarity
+    from ctwin.core.drr.projector import render_drr
 
     d = ROOT.parent / "shared" / "data" / "real_ct" / "abdomen_pelvis"
     if not d.is_dir():

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 from launch import load_package  # noqa: E402
 
 load_package("ctwin")
-from ctwin.core import progress  # noqa: E402
-from ctwin.core.phantom import generate_phantom  # noqa: E402
+from ctwin.core import progress
+from ctwin.core.phantom.phantom import generate_phantom  # noqa: E402
 
 
 def peak_rss_mb() -> float:

@@ -1,4 +1,4 @@
-"""Measure the build's CT/segmentation plausibility check (core.plausibility) on aligned and
+"""Measure the build's CT/segmentation plausibility check (core.volumes.plausibility) on aligned and
 misregistered pairs: the real CTs of ../shared/data/real_ct and a 10 mm phantom, with the CT's origin
 shifted by 0-113 mm. Prints, per case, the bone labels' median HU, the fraction above 150 HU, the
 verdict and the estimated offset. Run: .venv/bin/python benchmarks/bench_plausibility.py
@@ -15,11 +15,11 @@ sys.path.insert(0, str(ROOT / "tools"))
 from launch import load_package  # noqa: E402
 
 load_package()
-from ctwin.core import progress  # noqa: E402
-from ctwin.core.ct import load_ct  # noqa: E402
-from ctwin.core.plausibility import ct_segmentation_findings  # noqa: E402
-from ctwin.core.segmentation import load_segmentation  # noqa: E402
-from ctwin.core.volume import Volume  # noqa: E402
+from ctwin.core import progress
+from ctwin.core.volumes.ct import load_ct  # noqa: E402
+from ctwin.core.volumes.plausibility import ct_segmentation_findings  # noqa: E402
+from ctwin.core.volumes.segmentation import load_segmentation  # noqa: E402
+from ctwin.core.volumes.volume import Volume  # noqa: E402
 
 progress.set_quiet(True)
 REAL = ROOT.parent / "shared" / "data" / "real_ct"
@@ -29,7 +29,7 @@ def cases():
     if REAL.exists():
         yield "abdomen_pelvis", REAL / "abdomen_pelvis" / "ct.nii.gz", REAL / "abdomen_pelvis" / "seg.nii.gz"
         yield "chest_dicom", REAL / "chest_dicom" / "dicom", REAL / "chest_dicom" / "seg.nii.gz"
-    from ctwin.core.phantom import write_phantom
+    from ctwin.core.phantom.phantom import write_phantom
 
     d = Path(tempfile.mkdtemp())
     write_phantom(d, spacing=10.0, seed=0)

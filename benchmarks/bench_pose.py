@@ -5,7 +5,7 @@
 1. Rig maths against phantom truth (bone_err_mm, with the TRUE joints and poses, i.e.
    the rig alone, without the fit's error): the phantom at the acquisition pose A
    (supine_arms_down) and at every other preset B; the armature is built from truth A's joints,
-   pose and translation; each skeletal label's voxel centres at A are bound (core.binding) and
+   pose and translation; each skeletal label's voxel centres at A are bound (core.rig.binding) and
    posed with ``bone_transforms`` to B; bone_err_mm = mean over the label's voxel centres v of
    |posed(v) - T_B inv(T_A) v| (SPEC section 6), reported as mean and max over bones. A spine-bending
    pose is added: there the phantom moves each vertebra with one SMPL segment while the twin
@@ -30,11 +30,11 @@ from launch import load_package  # noqa: E402
 
 load_package("ctwin")
 
-from ctwin.core import progress  # noqa: E402
-from ctwin.core.armature import build_armature  # noqa: E402
-from ctwin.core.binding import bind_structures  # noqa: E402
-from ctwin.core.labels import is_skeletal  # noqa: E402
-from ctwin.core.pose import bone_transforms, pose_meshes  # noqa: E402
+from ctwin.core import progress
+from ctwin.core.rig.armature import build_armature  # noqa: E402
+from ctwin.core.rig.binding import bind_structures  # noqa: E402
+from ctwin.core.volumes.labels import is_skeletal  # noqa: E402
+from ctwin.core.rig.pose import bone_transforms, pose_meshes  # noqa: E402
 
 
 class _Cloud:
@@ -51,8 +51,8 @@ def _spine_bend_pose(base):
 
 
 def bench_phantom(spacing: float) -> None:
-    from ctwin.core.phantom import generate_phantom
-    from ctwin.core.poses import PRESETS
+    from ctwin.core.phantom.phantom import generate_phantom
+    from ctwin.core.rig.poses import PRESETS
 
     t0 = time.perf_counter()
     pa = generate_phantom("supine_arms_down", spacing=spacing)
@@ -84,9 +84,9 @@ def bench_phantom(spacing: float) -> None:
 
 
 def bench_pose_speed() -> None:
-    from ctwin.core.body_model import load_body_model
-    from ctwin.core.mesh import Mesh
-    from ctwin.core.poses import PRESETS
+    from ctwin.core.body.body_model import load_body_model
+    from ctwin.core.meshes.mesh import Mesh
+    from ctwin.core.rig.poses import PRESETS
 
     bm = load_body_model()
     pose = PRESETS["supine_arms_down"]
@@ -114,10 +114,10 @@ def bench_pose_speed() -> None:
 def bench_motion_import() -> None:
     import bpy  # noqa: F401
 
-    from ctwin.core.motion import write_motion_file
-    from ctwin.core.skeleton import SUPINE_GLOBAL_ORIENT
-    from ctwin.core.body_model import load_body_model
-    from ctwin.core.poses import PRESETS
+    from ctwin.core.rig.motion import write_motion_file
+    from ctwin.core.body.skeleton import SUPINE_GLOBAL_ORIENT
+    from ctwin.core.body.body_model import load_body_model
+    from ctwin.core.rig.poses import PRESETS
     from ctwin.rig.animation import load_motion_keyframes
     from ctwin.rig.armature import armature_pose_vector, create_armature
 

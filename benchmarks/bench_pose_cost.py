@@ -8,7 +8,7 @@ The phantom (``--seed``) is generated at supine_arms_down and decomposed (``prep
 ``--cache DIR`` keeps the CT and the decomposition between runs). Repetition r of a preset poses it
 at the preset with a seeded ``--jitter-deg`` rotation about a random axis on every joint (body
 joints 1-23), so that no per-pose cache counts; the bone transforms and joint deltas come from the
-phantom's own kinematics at that jittered pose (``core.phantom`` segment transforms, no
+phantom's own kinematics at that jittered pose (``core.phantom.phantom`` segment transforms, no
 voxelisation). Interleaved per repetition, best of ``--reps``:
 
 - static: ``render_drr(ct, g)`` on the loaded CT (whatever it caches by itself counts);
@@ -34,14 +34,14 @@ sys.path.insert(0, str(ROOT / "tools"))
 from launch import load_package  # noqa: E402
 
 load_package("ctwin")
-from ctwin.core import articulated as A  # noqa: E402
-from ctwin.core import phantom as PH  # noqa: E402
-from ctwin.core.carm import default_views  # noqa: E402
-from ctwin.core.labels import is_skeletal  # noqa: E402
-from ctwin.core.projector import render_drr  # noqa: E402
-from ctwin.core.skeleton import forward_kinematics, rodrigues  # noqa: E402
+from ctwin.core.twin import articulated as A
+from ctwin.core.phantom import phantom as PH
+from ctwin.core.drr.carm import default_views  # noqa: E402
+from ctwin.core.volumes.labels import is_skeletal  # noqa: E402
+from ctwin.core.drr.projector import render_drr  # noqa: E402
+from ctwin.core.body.skeleton import forward_kinematics, rodrigues  # noqa: E402
 
-WARP_MM = 12.0  # core.twin.WARP_SPACING_MM: what twins render with
+WARP_MM = 12.0  # core.twin.twin.WARP_SPACING_MM: what twins render with
 
 
 def pose_truth(pose, seed):
@@ -72,7 +72,7 @@ def deltas(ta, tb):
 
 
 def load_or_build(spacing, seed, cache):
-    from ctwin.core.volume import load_nifti, save_nifti
+    from ctwin.core.volumes.volume import load_nifti, save_nifti
 
     d = Path(cache) / f"phantom_s{seed}_{spacing:g}mm" if cache else None
     if d is not None and (d / "articulated.json").exists():
@@ -98,7 +98,7 @@ def main(argv=None):
     ap.add_argument("--cache", default="")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
-    from ctwin.core.poses import PRESETS
+    from ctwin.core.rig.poses import PRESETS
 
     ct, art = load_or_build(a.spacing, a.seed, a.cache)
     ta = pose_truth("supine_arms_down", a.seed)

@@ -11,7 +11,7 @@
   + render) against a static ``render_drr`` of the same CT and view, in one run (best of 5 each);
   also against the render of an already prepared CT, and for AP + lateral of one pose (composed
   once) against two static renders. ``--cost-only`` skips the fidelity part.
-The inverse warp uses the twins' 12 mm grid (``core.twin.WARP_SPACING_MM``).
+The inverse warp uses the twins' 12 mm grid (``core.twin.twin.WARP_SPACING_MM``).
 Targets: acquisition SSIM >= 0.995 & PSNR >= 45 dB; targets SSIM >= 0.95 & PSNR >= 30;
 cost ratio <= 1.5.
 """
@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 from launch import load_package  # noqa: E402
 
 load_package("ctwin")
-from ctwin.core import articulated as A  # noqa: E402
-from ctwin.core.carm import default_views  # noqa: E402
-from ctwin.core.metrics import drr_similarity  # noqa: E402
-from ctwin.core.projector import render_drr  # noqa: E402
+from ctwin.core.twin import articulated as A
+from ctwin.core.drr.carm import default_views  # noqa: E402
+from ctwin.core.meshes.metrics import drr_similarity  # noqa: E402
+from ctwin.core.drr.projector import render_drr  # noqa: E402
 
 
 def _views(ct, size):
@@ -68,8 +68,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     _SPACING[0] = a.spacing
 
-    from ctwin.core.phantom import generate_phantom
-    from ctwin.core.poses import PRESETS
+    from ctwin.core.phantom.phantom import generate_phantom
+    from ctwin.core.rig.poses import PRESETS
 
     ph = generate_phantom("supine_arms_down", spacing=a.spacing)
     presets = [p for p in (a.presets.split(",") if a.presets else PRESETS) if p != "supine_arms_down"]
@@ -84,7 +84,7 @@ def main(argv=None):
         if real.exists():
             import json
 
-            from ctwin.core.volume import load_nifti
+            from ctwin.core.volumes.volume import load_nifti
 
             ct = load_nifti(real / "ct.nii.gz")
             ct = ct.with_data(np.clip(ct.data, -32768, 32767).astype(np.int16))
@@ -124,8 +124,8 @@ def cost(art, ct, ta, presets, device, sizes, reps=5):
     - posed, AP + lateral: one ``posed_scene`` and both views (the frame is composed once),
       against two static renders.
     """
-    from ctwin.core.carm import default_views
-    from ctwin.core.projector import prepare_volume
+    from ctwin.core.drr.carm import default_views
+    from ctwin.core.drr.projector import prepare_volume
 
     pv = prepare_volume(ct)
     pv.occupancy()
@@ -174,14 +174,14 @@ _TRUTHS = {}
 
 def _truth(pname):
     if pname not in _TRUTHS:
-        from ctwin.core.phantom import generate_phantom
+        from ctwin.core.phantom.phantom import generate_phantom
 
         _TRUTHS[pname] = generate_phantom(pname, spacing=_SPACING[0]).truth
     return _TRUTHS[pname]
 
 
 _SPACING = [3.0]
-WARP_MM = 12.0  # core.twin.WARP_SPACING_MM: what twins render with
+WARP_MM = 12.0  # core.twin.twin.WARP_SPACING_MM: what twins render with
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Articulated 2D/3D registration on the phantom (``core.registration``, ``ctwin register``).
+"""Articulated 2D/3D registration on the phantom (``core.twin.registration``, ``ctwin register``).
 
     .venv/bin/python benchmarks/bench_register.py [--twin DIR] [--spacing 3] [--size 256]
         [--random 10] [--presets all|none|NAME ...] [--conditions mono poly] [--views aplat ap]
@@ -33,7 +33,7 @@ from launch import load_package  # noqa: E402
 load_package("ctwin")
 
 # per joint: (axis, lo, hi) degree ranges of the random change added to the acquisition pose,
-# inside core.pose.JOINT_LIMITS_DEG (knees flex only, axis x)
+# inside core.rig.pose.JOINT_LIMITS_DEG (knees flex only, axis x)
 RANDOM_RANGES = {
     "left_hip": ((0, -60, 15), (1, -15, 15), (2, -20, 20)), "right_hip": ((0, -60, 15), (1, -15, 15), (2, -20, 20)),
     "left_knee": ((0, 0, 70),), "right_knee": ((0, 0, 70),),
@@ -47,8 +47,8 @@ RANDOM_RANGES = {
 
 
 def random_pose(base, rng):
-    from ctwin.core.pose import joint_limit_violations
-    from ctwin.core.skeleton import JOINT_INDEX
+    from ctwin.core.rig.pose import joint_limit_violations
+    from ctwin.core.body.skeleton import JOINT_INDEX
 
     for _ in range(100):
         p = np.asarray(base, dtype=np.float64).copy()
@@ -62,7 +62,7 @@ def random_pose(base, rng):
 
 
 def displaced_start(twin, rng, max_mm=50.0, max_deg=10.0):
-    from ctwin.core.skeleton import rodrigues, rotation_to_rotvec
+    from ctwin.core.body.skeleton import rodrigues, rotation_to_rotvec
 
     d = rng.normal(size=3)
     d *= max_mm * rng.uniform() ** (1 / 3) / np.linalg.norm(d)
@@ -76,15 +76,15 @@ def displaced_start(twin, rng, max_mm=50.0, max_deg=10.0):
 
 def main() -> int:
     from ctwin.core import progress
-    from ctwin.core.carm import default_views
-    from ctwin.core.evaluation import _source_truth
+    from ctwin.core.drr.carm import default_views
+    from ctwin.core.twin.evaluation import _source_truth
     from ctwin.core.fileio import write_json
-    from ctwin.core.phantom import generate_phantom, write_phantom
-    from ctwin.core.poses import PRESETS
-    from ctwin.core.projector import prepare_volume, render_value
-    from ctwin.core.evaluation import bone_error
-    from ctwin.core.registration import XRay, bone_cloud, register, to_line_integral
-    from ctwin.core.twin import build_twin, load_twin
+    from ctwin.core.phantom.phantom import generate_phantom, write_phantom
+    from ctwin.core.rig.poses import PRESETS
+    from ctwin.core.drr.projector import prepare_volume, render_value
+    from ctwin.core.twin.evaluation import bone_error
+    from ctwin.core.twin.registration import XRay, bone_cloud, register, to_line_integral
+    from ctwin.core.twin.twin import build_twin, load_twin
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--twin", default=None)

@@ -30,10 +30,10 @@ load_package("ctwin")
 
 
 def run_body(label, out, variant, args):
-    from ctwin.core.evaluation import target_fidelity
-    from ctwin.core.phantom import write_phantom
-    from ctwin.core.poses import PRESETS
-    from ctwin.core.twin import build_twin, load_twin
+    from ctwin.core.twin.evaluation import target_fidelity
+    from ctwin.core.phantom.phantom import write_phantom
+    from ctwin.core.rig.poses import PRESETS
+    from ctwin.core.twin.twin import build_twin, load_twin
 
     acq = out / "phantom_supine_arms_down"
     if not (acq / "truth.json").is_file():
@@ -73,12 +73,12 @@ def run_body(label, out, variant, args):
 
 def same_rule_bone_error(twin, acq_dir, truth_dir):
     """SPEC bone_err_mm with every bone turned by its truth bone's world rotation change from the
-    acquisition (``core.retarget.acquisition_alignment``), whatever the skeletons."""
+    acquisition (``core.rig.retarget.acquisition_alignment``), whatever the skeletons."""
     import numpy as np
 
-    from ctwin.core.evaluation import bone_error
+    from ctwin.core.twin.evaluation import bone_error
     from ctwin.core.fileio import read_json
-    from ctwin.core.retarget import acquisition_alignment, apply_alignment
+    from ctwin.core.rig.retarget import acquisition_alignment, apply_alignment
 
     ta, tb = read_json(acq_dir / "truth.json"), read_json(truth_dir / "truth.json")
     c = acquisition_alignment(np.asarray(ta["pose"], dtype=np.float64), twin.pose0)

@@ -1,4 +1,4 @@
-"""Scatter model (core.xray): scatter-to-primary ratios of water slabs, with and without a grid.
+"""Scatter model (core.drr.xray): scatter-to-primary ratios of water slabs, with and without a grid.
 
     .venv/bin/python benchmarks/bench_scatter.py
 
@@ -43,8 +43,8 @@ from launch import load_package  # noqa: E402
 
 load_package("ctwin")
 
-from ctwin.core import xray  # noqa: E402
-from ctwin.core.carm import Geometry  # noqa: E402
+from ctwin.core.drr import xray
+from ctwin.core.drr.carm import Geometry  # noqa: E402
 
 SID, GAP, FIELD, N = 1000.0, 50.0, 300.0, 128
 

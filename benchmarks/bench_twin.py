@@ -24,11 +24,11 @@ load_package("ctwin")
 
 def main() -> int:
     from ctwin.core import progress
-    from ctwin.core.evaluation import acquisition_fidelity, target_fidelity
-    from ctwin.core.phantom import write_phantom
-    from ctwin.core.poses import PRESETS
-    from ctwin.core.projector import render_drr
-    from ctwin.core.twin import build_twin, load_twin
+    from ctwin.core.twin.evaluation import acquisition_fidelity, target_fidelity
+    from ctwin.core.phantom.phantom import write_phantom
+    from ctwin.core.rig.poses import PRESETS
+    from ctwin.core.drr.projector import render_drr
+    from ctwin.core.twin.twin import build_twin, load_twin
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--spacing", type=float, default=3.0)
@@ -70,7 +70,7 @@ def main() -> int:
 
     # cost: a new pose (inverse warp + composition + render) against a static DRR of the same CT,
     # same view, in one run (best of 5); and AP + lateral of one pose (composed once) against two
-    from ctwin.core.projector import prepare_volume
+    from ctwin.core.drr.projector import prepare_volume
 
     views = twin.default_views(size=args.size)
     g, g2 = views["ap"], views["lateral"]
@@ -94,7 +94,7 @@ def main() -> int:
 
     def two():
         scene = twin.posed_scene(pose)
-        from ctwin.core.articulated import render_posed
+        from ctwin.core.twin.articulated import render_posed
 
         render_posed(scene, g)
         render_posed(scene, g2)

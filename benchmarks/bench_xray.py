@@ -1,4 +1,4 @@
-"""Realistic X-ray physics (core.xray): validation figures, cost, and the README pictures.
+"""Realistic X-ray physics (core.drr.xray): validation figures, cost, and the README pictures.
 
     .venv/bin/python benchmarks/bench_xray.py [--phantom DIR] [--images DIR] [--skip-noise]
 
@@ -33,10 +33,10 @@ from launch import load_package  # noqa: E402
 
 load_package("ctwin")
 
-from ctwin.core import physics, xray  # noqa: E402
-from ctwin.core.carm import Geometry, named_view  # noqa: E402
-from ctwin.core.projector import material_integrals, prepare_volume, render_value  # noqa: E402
-from ctwin.core.volume import Volume  # noqa: E402
+from ctwin.core.drr import physics, xray
+from ctwin.core.drr.carm import Geometry, named_view  # noqa: E402
+from ctwin.core.drr.projector import material_integrals, prepare_volume, render_value  # noqa: E402
+from ctwin.core.volumes.volume import Volume  # noqa: E402
 
 REAL_PELVIS = ROOT.parent / "shared" / "data" / "real_ct" / "abdomen_pelvis" / "ct.nii.gz"
 
@@ -121,7 +121,7 @@ def noise(m=32):
 
 
 def cost():
-    from ctwin.core.ct import load_ct
+    from ctwin.core.volumes.ct import load_ct
 
     if not REAL_PELVIS.exists():
         print("\n3. cost: real CT not found, skipped")
@@ -172,7 +172,7 @@ def side_by_side(vol: Volume, kvp: float, mas: float, path: Path, title: str):
 
 
 def pictures(out: Path, phantom: Path | None):
-    from ctwin.core.ct import load_ct
+    from ctwin.core.volumes.ct import load_ct
     from ctwin.core.fileio import read_json
 
     print("\n4. pictures")

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from launch import load_package  # noqa: E402
 
 load_package("ctwin")
-from ctwin.core.phantom import generate_phantom  # noqa: E402
+from ctwin.core.phantom.phantom import generate_phantom  # noqa: E402
 
 DEFAULT_POSES = ("supine_arms_down", "supine_arms_up", "sitting", "walking_stride", "arm_raised_forward")
 

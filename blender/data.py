@@ -20,7 +20,7 @@ from __future__ import annotations
 import bpy
 import numpy as np
 
-from ..core.skeleton import MM_TO_M
+from ..core.body.skeleton import MM_TO_M
 
 M_TO_MM = 1.0 / MM_TO_M
 

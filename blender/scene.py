@@ -5,7 +5,7 @@ from __future__ import annotations
 import bpy
 
 from .. import register as _register_extension  # the root's register(): it imports no module here
-from ..core.mesh import Mesh
+from ..core.meshes.mesh import Mesh
 from . import data as bl_data
 
 # The collections "Import CT Anatomy" and "Import Anatomy Meshes" put the structures in.

@@ -42,7 +42,7 @@ def run(args) -> int:
     if args.meshes:
         if args.ct or args.seg:
             raise CtwinError("give either --meshes or --ct with --seg, not both")
-        from ..core.twin import build_twin_from_meshes
+        from ..core.twin.twin import build_twin_from_meshes
 
         build_twin_from_meshes(args.meshes, args.out, body_model_path=args.body_model, hu=args.hu,
                                spacing=args.spacing or 3.0, finish=_finish(args))
@@ -51,7 +51,7 @@ def run(args) -> int:
         raise CtwinError("build needs --ct and --seg (or --meshes DIR for a twin from meshes)")
     if args.hu or args.spacing:
         raise CtwinError("--hu and --spacing apply to mesh mode (--meshes); a CT gives its own")
-    from ..core.twin import build_twin
+    from ..core.twin.twin import build_twin
 
     build_twin(args.ct, args.seg, args.out, body_model_path=args.body_model, finish=_finish(args),
                force=args.force)

@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import sys
 
-    from ..core.dataset import render_only, run_dataset
+    from ..core.dataset.dataset import render_only, run_dataset
     from ..core.errors import CtwinError
 
     if args.workers is not None and args.workers < 0:

@@ -35,7 +35,7 @@ def mirrored_pose(pose):
     """The left-right mirror image of a pose (72,): sides swapped, rotations reflected in x."""
     import numpy as np
 
-    from ..core.skeleton import JOINT_INDEX, JOINT_NAMES
+    from ..core.body.skeleton import JOINT_INDEX, JOINT_NAMES
 
     p = np.asarray(pose, dtype=np.float64).reshape(24, 3)
     out = np.empty_like(p)
@@ -52,7 +52,7 @@ def gait_motion(n_frames: int, fps: float = 24.0):
     (root fixed; the twin keeps its acquisition orientation)."""
     import numpy as np
 
-    from ..core.poses import PRESETS
+    from ..core.rig.poses import PRESETS
 
     walk = np.asarray(PRESETS["walking_stride"], dtype=np.float64).copy()
     mirror = mirrored_pose(walk)
@@ -68,15 +68,15 @@ def run(args) -> int:
     import numpy as np
 
     from ..core import progress
-    from ..core.carm import named_view
+    from ..core.drr.carm import named_view
     from ..core.errors import CtwinError
-    from ..core.evaluation import evaluate_twin
+    from ..core.twin.evaluation import evaluate_twin
     from ..core.fileio import read_json, write_json
-    from ..core.motion import write_motion_file
-    from ..core.phantom import write_phantom
-    from ..core.projector import read_frame
-    from ..core.report import overlay, save_gif, save_png, strip, to_gray8, write_report
-    from ..core.twin import build_twin, load_twin, render_twin
+    from ..core.rig.motion import write_motion_file
+    from ..core.phantom.phantom import write_phantom
+    from ..core.drr.projector import read_frame
+    from ..core.twin.report import overlay, save_gif, save_png, strip, to_gray8, write_report
+    from ..core.twin.twin import build_twin, load_twin, render_twin
 
     if args.frames < 2:
         raise CtwinError("--frames must be at least 2")
@@ -155,7 +155,7 @@ def run(args) -> int:
     for v in views:
         with np.load(frames_dir / f"{v}_{0:04d}_labels.npz") as z:
             masks, names = z["masks"], [str(s) for s in z["names"]]
-        from ..core.labels import is_skeletal
+        from ..core.volumes.labels import is_skeletal
 
         ov.append(overlay(li[v][0], masks, names, vmax=vmax[v], only=is_skeletal))
     save_png(strip(ov), img_dir / "overlay_frame0.png")
@@ -168,10 +168,10 @@ def run(args) -> int:
                                 ("images/overlay_frame0.png", "projected bone labels on frame 0 (AP | lateral)")]})
     # acquisition and target comparisons at the metric views
     comp = []
-    from ..core.projector import render_drr
-    from ..core.articulated import render_posed
-    from ..core.carm import default_views
-    from ..core.ct import load_ct
+    from ..core.drr.projector import render_drr
+    from ..core.twin.articulated import render_posed
+    from ..core.drr.carm import default_views
+    from ..core.volumes.ct import load_ct
 
     g = twin.default_views(size=args.size)["ap"]
     ref = render_drr(twin.ct, g, device=args.device)

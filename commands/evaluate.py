@@ -15,7 +15,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..core.evaluation import evaluate_twin
+    from ..core.twin.evaluation import evaluate_twin
     from ..core.fileio import write_json
     from ..core.progress import report
     from ..core.safety import check_out_file, clean_stale_partials

@@ -23,11 +23,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..core.phantom import write_phantom
+    from ..core.phantom.phantom import write_phantom
     from ..core.progress import step
     from ..core.safety import check_number, check_out_dir, clean_stale_partials
 
-    from ..core.poses import resolve_pose
+    from ..core.rig.poses import resolve_pose
     from ..core.safety import check_pose_values
 
     check_out_dir(args.out)

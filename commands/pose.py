@@ -27,12 +27,12 @@ def add_arguments(parser):
 def pose_twin(twin, pose, transl_mm=None) -> tuple[dict, dict]:
     """Posed meshes {name: Mesh} (``body_model`` included) and the pose.json record.
 
-    ``twin`` is a ``core.twin.Twin`` (``load_twin``): structures and skin by the binding, the body
+    ``twin`` is a ``core.twin.twin.Twin`` (``load_twin``): structures and skin by the binding, the body
     model by its own LBS with the fitted betas and residual.
     """
     import warnings
 
-    from ..core.pose import check_joint_limits
+    from ..core.rig.pose import check_joint_limits
 
     bad = check_joint_limits(pose)
     with warnings.catch_warnings():
@@ -52,10 +52,10 @@ def pose_twin(twin, pose, transl_mm=None) -> tuple[dict, dict]:
 
 def run(args) -> int:
     from ..core.fileio import write_json
-    from ..core.mesh import write_ply
+    from ..core.meshes.mesh import write_ply
     from ..core.progress import report, step
     from ..core.safety import check_out_dir, clean_stale_partials
-    from ..core.twin import load_twin
+    from ..core.twin.twin import load_twin
 
     out = check_out_dir(args.out)
     clean_stale_partials(out)

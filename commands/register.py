@@ -1,4 +1,4 @@
-"""``register``: the twin's pose from X-ray images (``core.registration``).
+"""``register``: the twin's pose from X-ray images (``core.twin.registration``).
 
 ``ctwin register --twin DIR --xray IMAGE [--xray IMAGE ...] --out DIR`` writes ``registration.json``
 (``pose``, ``transl``, ``joints``, ``rest_joints``, ``kintree_parents``: a pose file that ``ctwin
@@ -33,10 +33,10 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..core.errors import CtwinError
-    from ..core.poses import resolve_pose
+    from ..core.rig.poses import resolve_pose
     from ..core.progress import report, step
-    from ..core.registration import bone_cloud, load_xray, register, write_outputs
-    from ..core.twin import load_twin
+    from ..core.twin.registration import bone_cloud, load_xray, register, write_outputs
+    from ..core.twin.twin import load_twin
 
     try:
         levels = tuple(int(v) for v in str(args.levels).split(","))

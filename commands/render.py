@@ -1,13 +1,13 @@
 """``render``: DRRs of a twin or of a plain CT (SPEC 3, 5).
 
-``--ct PATH`` renders a plain CT through core.projector (views "ap" and "lateral" by default, or
+``--ct PATH`` renders a plain CT through core.drr.projector (views "ap" and "lateral" by default, or
 ``--view NAME``, or ``--geometry FILE`` = the sidecar JSON of an earlier render, reused exactly).
 Frames are written as ``<view>_<frame:04d>.tif`` (32-bit float, one channel, rows = detector rows)
 with ``<view>_<frame:04d>.json`` beside them. A frame already written is skipped (resume) only when
 its image reads back whole and its sidecar matches the request; a frame written for another request
 is refused unless ``--overwrite`` (``core.safety.frame_status``). Every number is checked where it
 enters (``validate``).
-``--twin DIR`` hands over to ``core.twin.render_twin``.
+``--twin DIR`` hands over to ``core.twin.twin.render_twin``.
 """
 from __future__ import annotations
 
@@ -122,12 +122,12 @@ def options(args) -> dict:
 
 def run(args) -> int:
     from ..core import progress
-    from ..core.carm import named_view
-    from ..core.ct import load_ct
+    from ..core.drr.carm import named_view
+    from ..core.volumes.ct import load_ct
     from ..core.errors import CtwinError
     from ..core.fileio import read_json
-    from ..core.frames import FrameView, render_frames
-    from ..core.projector import prepare_volume, render_drr, resolve_device, xray_line_integral
+    from ..core.drr.frames import FrameView, render_frames
+    from ..core.drr.projector import prepare_volume, render_drr, resolve_device, xray_line_integral
     from ..core.safety import check_out_dir, request_keys
     from .xray_args import setup_from_args
 
@@ -149,7 +149,7 @@ def run(args) -> int:
         if size is not None:
             geometry = geometry.with_size(*size)
     if args.twin:
-        from ..core.twin import render_twin
+        from ..core.twin.twin import render_twin
 
         if args.seg or args.label_material:
             raise CtwinError("--seg/--label-material work with --ct; a twin's labels are not overridden yet")
@@ -214,7 +214,7 @@ def geometry_from_file(path, sc):
     """A ``Geometry`` from a render sidecar, with one-line errors for JSON of another shape."""
     import numpy as np
 
-    from ..core.carm import Geometry
+    from ..core.drr.carm import Geometry
     from ..core.errors import CtwinError
 
     if not isinstance(sc, dict):

@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
 
 
 def setup_from_args(args):
-    """A core.xray.XraySetup from the flags, or None for the monoenergetic default."""
+    """A core.drr.xray.XraySetup from the flags, or None for the monoenergetic default."""
     from ..core.errors import CtwinError
 
     if args.kvp is None:
@@ -44,7 +44,7 @@ def setup_from_args(args):
         if used:
             raise CtwinError(f"--{used[0].replace('_', '-')} needs --kvp (the monoenergetic default has no spectrum)")
         return None
-    from ..core.xray import ANODE_ANGLE_DEG, GRID_LINES_PER_CM, XraySetup
+    from ..core.drr.xray import ANODE_ANGLE_DEG, GRID_LINES_PER_CM, XraySetup
 
     if args.grid_lines is not None and args.grid is None:
         raise CtwinError("--grid-lines needs --grid RATIO")
@@ -68,8 +68,8 @@ def apply_label_overrides(args, vol, xray):
         return vol
     if not args.seg:
         raise CtwinError("--label-material needs --seg PATH (the segmentation of the CT)")
-    from ..core.segmentation import load_segmentation
-    from ..core.xray import apply_label_materials, parse_label_materials
+    from ..core.volumes.segmentation import load_segmentation
+    from ..core.drr.xray import apply_label_materials, parse_label_materials
 
     mapping = parse_label_materials(args.label_material)
     labelmap, names = load_segmentation(args.seg, vol)

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import CtwinError
 
-# The entries of a twin directory that belong to the twin (core.twin writes them).
+# The entries of a twin directory that belong to the twin (core.twin.twin writes them).
 TWIN_OWN = ("twin.json", "fit.json", "fit.npz", "binding.npz", "twin.blend", "meshes", "volumes")
 
 _PARTIAL = re.compile(r"^\..*\.pid(\d+)-")
@@ -276,8 +276,8 @@ def json_dumps(v) -> str:
 def request_keys(step_mm, photons, electronic_sigma, seed, xray=None) -> dict:
     """Sidecar keys that record the sampling and the noise of a render, so that a resumed render
     can tell whether a frame on disk was made with the same request. ``xray`` (a
-    ``core.xray.XraySetup``, seed and stream already set) adds its physics options as its render
-    records them (the HU table resolved, as ``core.xray.form_image`` writes it)."""
+    ``core.drr.xray.XraySetup``, seed and stream already set) adds its physics options as its render
+    records them (the HU table resolved, as ``core.drr.xray.form_image`` writes it)."""
     d = {"step_mm": None if step_mm is None else float(step_mm), "photons": photons}
     if photons is not None:
         d.update(electronic_noise=None if electronic_sigma is None else float(electronic_sigma),

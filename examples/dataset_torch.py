@@ -1,5 +1,5 @@
 """Feed a ctwin dataset to a PyTorch DataLoader. Needs torch (pip install torch; the project's
-environment has the CPU build). ctwin's own reader (core.shards) needs only numpy and tifffile.
+environment has the CPU build). ctwin's own reader (core.dataset.shards) needs only numpy and tifffile.
 
     .venv/bin/python examples/dataset_torch.py DATASET_DIR [--batch 8] [--workers 2]
 
@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 from launch import load_package  # noqa: E402
 
 load_package("ctwin")
-from ctwin.core.shards import iter_samples, shard_paths  # noqa: E402
-from ctwin.core.skeleton import JOINT_NAMES  # noqa: E402
+from ctwin.core.dataset.shards import iter_samples, shard_paths  # noqa: E402
+from ctwin.core.body.skeleton import JOINT_NAMES  # noqa: E402
 
 
 class CtwinShards(IterableDataset):

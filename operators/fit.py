@@ -1,11 +1,11 @@
-"""Operator "Fit Body Model" (thin layer over ``core.fit.fit_body_model``).
+"""Operator "Fit Body Model" (thin layer over ``core.body.fit.fit_body_model``).
 
 Inputs, in this order of preference:
 - the CT and segmentation paths stored by the import operator (``scene.ctwin.ct_path`` /
   ``seg_path``): the labelmap is read from them;
 - otherwise the bone meshes of the Skeleton collection, rasterised into a labelmap
-  (``core.landmarks.labelmap_from_meshes``).
-The skin is the Skin collection's ``skin`` object (or, with a CT path, ``core.mesh.skin_mesh``).
+  (``core.body.landmarks.labelmap_from_meshes``).
+The skin is the Skin collection's ``skin`` object (or, with a CT path, ``core.meshes.mesh.skin_mesh``).
 The fitted body appears as the mesh object ``body_model`` (collection "Body Model", LPS metres)
 with the fit summary as custom properties. The fit (its JSON) and the body model file are kept in
 ``scene.ctwin`` (``fit_json``, ``body_model_path``), where Build Rig reads them.
@@ -36,26 +36,26 @@ def _skin_from_scene():
 
 
 def _skeleton_meshes():
-    from ..core.labels import is_skeletal
+    from ..core.volumes.labels import is_skeletal
 
     return anatomy_meshes(o for o in anatomy_objects(("Skeleton",)) if is_skeletal(o.name))
 
 
 def gather_inputs(context):
     """(skin Mesh, labelmap Volume or None, names, fov_box) from the scene; raises CtwinError."""
-    from ..core.landmarks import labelmap_from_meshes
+    from ..core.body.landmarks import labelmap_from_meshes
 
     scene = context.scene
     ct_path, seg_path = abspath(scene.ctwin.ct_path), abspath(scene.ctwin.seg_path)
     skin = _skin_from_scene()
     if ct_path and seg_path and Path(ct_path).exists() and Path(seg_path).exists():
-        from ..core.ct import load_ct
-        from ..core.segmentation import load_segmentation
+        from ..core.volumes.ct import load_ct
+        from ..core.volumes.segmentation import load_segmentation
 
         ct = load_ct(ct_path)
         labelmap, names = load_segmentation(seg_path, ct)
         if skin is None:
-            from ..core.mesh import skin_mesh
+            from ..core.meshes.mesh import skin_mesh
 
             skin = skin_mesh(ct)
         return skin, labelmap, names, labelmap.bbox_world()
@@ -101,8 +101,8 @@ class CTWIN_OT_fit_body_model(bpy.types.Operator):
                            description="Fit per-vertex offsets so that the surface follows the skin")
 
     def execute(self, context):
-        from ..core.body_model import load_body_model
-        from ..core.fit import fit_body_model
+        from ..core.body.body_model import load_body_model
+        from ..core.body.fit import fit_body_model
         from .import_anatomy import _Progress
 
         try:

@@ -1,7 +1,7 @@
 """Operators "Import CT Anatomy" and "Import Anatomy Meshes" (thin layer over core).
 
-All reading, checking and meshing happens in the core first (``core.mesh.import_anatomy`` /
-``core.mesh.read_mesh``); Blender data is created only after that succeeded, so a bad input
+All reading, checking and meshing happens in the core first (``core.meshes.mesh.import_anatomy`` /
+``core.meshes.mesh.read_mesh``); Blender data is created only after that succeeded, so a bad input
 leaves the scene untouched (and the whole operator is one undo step).
 
 ``create_anatomy(meshes, skin=None, stats=None)`` builds the collections Skeleton, Organs and
@@ -21,7 +21,7 @@ from bpy.props import CollectionProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
 from ..blender import data as bl_data
-from ..core import labels as _labels
+from ..core.volumes import labels as _labels
 from ..core import progress
 from ..core.errors import CtwinError
 
@@ -53,7 +53,7 @@ def create_anatomy(meshes: dict, skin=None, stats: dict | None = None) -> dict:
     objs = {}
     # (object name, label name, mesh, stats key). The CT skin surface is the object "skin" (stats
     # key "skin_surface"); a segmentation label also called "skin" (a skin-tissue shell; the key
-    # "skin_label" from core.mesh.import_anatomy) becomes the object "skin_label".
+    # "skin_label" from core.meshes.mesh.import_anatomy) becomes the object "skin_label".
     items = []
     for key, m in meshes.items():
         label = m.meta.get("label_name", "skin" if key == "skin_label" else key)
@@ -128,8 +128,8 @@ class CTWIN_OT_import_ct_anatomy(bpy.types.Operator, ImportHelper):
                                description="Total triangle budget for the label meshes (0 = no limit)")
 
     def execute(self, context):
-        from ..core.mesh import body_mask, import_anatomy
-        from ..core.segmentation import label_hu_stats
+        from ..core.meshes.mesh import body_mask, import_anatomy
+        from ..core.volumes.segmentation import label_hu_stats
 
         if not self.seg_path:
             self.report({"ERROR"}, "no segmentation given (seg_path)")
@@ -171,7 +171,7 @@ class CTWIN_OT_import_anatomy_meshes(bpy.types.Operator, ImportHelper):
         return [Path(bpy.path.abspath(self.filepath))] if self.filepath else []
 
     def execute(self, context):
-        from ..core.mesh import read_mesh
+        from ..core.meshes.mesh import read_mesh
 
         paths = self._paths()
         if not paths:

@@ -6,7 +6,7 @@ binding (``rig.armature``), the fitted body model, an X-ray camera at the AP met
 (``scene.ctwin.twin_dir = "//"``), so the engine renders the twin's articulated CT at the
 armature's pose in each frame (``render.providers.twin_provider``).
 
-``finish_build`` is the twin build's finishing step (``core.twin.build_twin(..., finish=...)``):
+``finish_build`` is the twin build's finishing step (``core.twin.twin.build_twin(..., finish=...)``):
 the core calls it with the temporary build folder, so twin.blend is inside the twin directory
 when that appears.
 """
@@ -20,10 +20,10 @@ import numpy as np
 from ..blender import data as bl_data
 from ..blender.scene import ensure_registered
 from ..core.fileio import read_json
-from ..core.mesh import read_mesh
+from ..core.meshes.mesh import read_mesh
 from ..core.progress import report
-from ..core.skeleton import JOINT_NAMES
-from ..core.twin import Twin
+from ..core.body.skeleton import JOINT_NAMES
+from ..core.twin.twin import Twin
 from ..render.camera import set_xray_camera
 from ..rig.armature import bind_meshes, create_armature
 from .import_anatomy import create_anatomy

@@ -40,7 +40,7 @@ def anatomy_bbox_mm():
 
     ct_path = abspath(bpy.context.scene.ctwin.ct_path)
     if ct_path and os.path.exists(ct_path):
-        from ..core.ct import read_volume
+        from ..core.volumes.ct import read_volume
 
         return read_volume(ct_path).bbox_world()
     pts = []
@@ -63,8 +63,8 @@ class CTWIN_OT_build_rig(bpy.types.Operator):
     bl_options = {"REGISTER", "UNDO"}
 
     def execute(self, context):
-        from ..core.binding import bind_structures
-        from ..core.body_model import load_body_model
+        from ..core.rig.binding import bind_structures
+        from ..core.body.body_model import load_body_model
         from ..rig.armature import bind_meshes, create_armature
 
         try:
@@ -131,7 +131,7 @@ class CTWIN_OT_xray_camera(bpy.types.Operator):
     pixels: IntProperty(name="Detector pixels", default=512, min=8, max=8192)
 
     def execute(self, context):
-        from ..core.carm import named_view
+        from ..core.drr.carm import named_view
         from ..render.camera import set_xray_camera
 
         try:

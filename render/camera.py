@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.carm import Geometry
+from ..core.drr.carm import Geometry
 from ..core.errors import CtwinError
 
 SID_PROP = "ctwin_sid_mm"

@@ -35,12 +35,12 @@ def render_frame(scene, frame: int | None = None, depsgraph=None, *, resume: boo
                  write: bool = False):
     """Render the scene's DRR at ``frame`` (default: current). Returns (image float32, Geometry, info).
 
-    Through the shared frame loop (``core.frames.render_frames``): ``resume`` keeps a frame on disk
+    Through the shared frame loop (``core.drr.frames.render_frames``): ``resume`` keeps a frame on disk
     that holds this request (an animation render), ``write`` writes the frame files. ``info``: the
     request's sidecar keys and the physics record. ``depsgraph``: the evaluated depsgraph whose
     animated objects the volume providers read; it is only held during this call (a depsgraph
     outlives neither its render nor a file load)."""
-    from ..core.frames import FrameView, render_frames
+    from ..core.drr.frames import FrameView, render_frames
 
     frame = scene.frame_current if frame is None else frame
     s = scene.ctwin_drr
@@ -67,7 +67,7 @@ def render_frame(scene, frame: int | None = None, depsgraph=None, *, resume: boo
 
 
 def _xray_setup(s, frame):
-    from ..core.xray import XraySetup
+    from ..core.drr.xray import XraySetup
 
     return XraySetup(kvp=s.kvp, filter_al_mm=s.filter_al_mm, filter_cu_mm=s.filter_cu_mm,
                      detector=s.detector, focal_spot_mm=s.focal_spot_mm, photons=s.photons or None,
@@ -80,7 +80,7 @@ def frame_request(scene, frame: int) -> tuple:
     record: the camera geometry, the output value, method, device, sampling, noise and, with a kVp,
     every physics option. A resumed animation keeps a frame on disk only when its sidecar has these
     values (``core.safety.frame_to_skip``), as the CLI's ``render`` does."""
-    from ..core.projector import resolve_device
+    from ..core.drr.projector import resolve_device
     from ..core.safety import request_keys
 
     s, state = scene.ctwin_drr, scene.ctwin
@@ -101,7 +101,7 @@ def frame_request(scene, frame: int) -> tuple:
 def _line_integral(scene, frame, g, device, xray, record):
     """The frame's line integral: the volume provider's volume or posed scene (SPEC 5 mu, or
     -ln(I/I0) through ``xray``: posed scenes are composed onto one HU grid first)."""
-    from ..core.projector import (PreparedVolume, Scene, frame_volume, render_drr, render_scene,
+    from ..core.drr.projector import (PreparedVolume, Scene, frame_volume, render_drr, render_scene,
                                   xray_line_integral)
 
     s = scene.ctwin_drr

@@ -18,7 +18,7 @@ from ..blender.data import MM_TO_M
 from ..blender.properties import abspath
 from ..blender.scene import anatomy_meshes, anatomy_objects, twin_armature_object
 from ..core.errors import CtwinError
-from ..core.skeleton import JOINT_NAMES
+from ..core.body.skeleton import JOINT_NAMES
 from ..rig.armature import armature_pose
 from . import scene_volumes
 
@@ -28,7 +28,7 @@ from . import scene_volumes
 
 def twin_provider(scene, frame):
     """Posed projector scene of the twin at the armature's current pose, or None without a twin."""
-    from ..core.twin import load_twin
+    from ..core.twin.twin import load_twin
 
     settings = getattr(scene, "ctwin", None)
     if settings is None or not settings.twin_dir:
@@ -62,8 +62,8 @@ def _evaluated_bone_deltas(arm_obj) -> dict:
 
 def scene_mesh_volume(objects, spacing: float = 3.0):
     """Mesh mode in a scene: the anatomy objects (LPS mm) voxelised into a synthetic CT and
-    labelmap (``core.mesh_volume``, each structure's HU by its kind)."""
-    from ..core.mesh_volume import hu_table, prepare_mesh, voxelise_meshes
+    labelmap (``core.meshes.mesh_volume``, each structure's HU by its kind)."""
+    from ..core.meshes.mesh_volume import hu_table, prepare_mesh, voxelise_meshes
 
     meshes = {n: prepare_mesh(m) for n, m in anatomy_meshes(objects).items()}
     return voxelise_meshes(meshes, hu_table(meshes), spacing)
@@ -74,11 +74,11 @@ def session_provider(scene, frame):
     Anatomy" -- or, after "Import Anatomy Meshes" with no CT, the anatomy objects voxelised
     (mesh mode, ``scene_mesh_volume``) -- decomposed once for the rig made by "Build Rig", posed by
     the evaluated armature."""
-    from ..core.articulated import posed_scene, prepare_articulated
-    from ..core.ct import load_ct
-    from ..core.labels import joint_for_label
-    from ..core.segmentation import load_segmentation
-    from ..core.twin import WARP_SPACING_MM
+    from ..core.twin.articulated import posed_scene, prepare_articulated
+    from ..core.volumes.ct import load_ct
+    from ..core.volumes.labels import joint_for_label
+    from ..core.volumes.segmentation import load_segmentation
+    from ..core.twin.twin import WARP_SPACING_MM
 
     settings = getattr(scene, "ctwin", None)
     if settings is None or settings.twin_dir:

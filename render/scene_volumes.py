@@ -1,7 +1,7 @@
 """Where the DRR engine gets its volumes for a frame: providers + a resident module-level cache.
 
-A provider is ``fn(scene, frame) -> object | None`` returning what ``core.projector`` renders: a
-``PreparedVolume`` (a static CT) or a ``core.projector.Scene`` (a posed twin: resident arrays, with
+A provider is ``fn(scene, frame) -> object | None`` returning what ``core.drr.projector`` renders: a
+``PreparedVolume`` (a static CT) or a ``core.drr.projector.Scene`` (a posed twin: resident arrays, with
 the per-frame affines/warp already set). Providers are asked in order; the first non-None answer
 wins. The built-in provider renders the scene's CT (``scene.ctwin.ct_path``) as a plain CT; the
 providers of twins and of the panel workflow (``providers.py``) pose a Scene for the frame.
@@ -58,14 +58,14 @@ def cached(key, build):
 def load_ct_cached(path: str):
     """A PreparedVolume for a CT file or DICOM folder, resident while the file is unchanged."""
     from ..core.errors import CtwinError
-    from ..core.projector import prepare_volume
+    from ..core.drr.projector import prepare_volume
 
     if not path or not os.path.exists(path):
         raise CtwinError(f"CT not found: {path!r} (set the CT in the ctwin DRR render settings)")
     key = ("ct", os.path.realpath(path), os.stat(path).st_mtime_ns)
 
     def build():
-        from ..core.ct import load_ct
+        from ..core.volumes.ct import load_ct
 
         for k in [k for k in _CACHE if k[:2] == key[:2]]:
             del _CACHE[k]  # an older version of the same file

@@ -1,11 +1,11 @@
 """Keyframes on the twin's armature from pose sequences, written in bulk.
 
 ``keyframe_poses(arm_obj, poses (T, 72), transl_mm (T, 3) or None, frame_start=1)`` computes every
-frame's pose-bone values in numpy (``core.armature.Armature.local_rotations``), then writes one
+frame's pose-bone values in numpy (``core.rig.armature.Armature.local_rotations``), then writes one
 F-curve per channel with ``keyframe_points.add(T)`` + ``foreach_set("co", ...)`` (Blender 5's
 layered actions: the action's channelbag for the object's slot). Quaternion signs are made
 continuous over time; interpolation is linear. ``load_motion_keyframes`` imports an AMASS-style
-.npz (``core.motion.load_motion``) at the scene's frame rate, mapped into the twin's frame.
+.npz (``core.rig.motion.load_motion``) at the scene's frame rate, mapped into the twin's frame.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import bpy
 import numpy as np
 
 from ..blender.properties import abspath
-from ..core.skeleton import JOINT_NAMES, N_JOINTS
+from ..core.body.skeleton import JOINT_NAMES, N_JOINTS
 from .armature import MM_TO_M, _matrix3_to_quat, twin_armature
 
 
@@ -90,12 +90,12 @@ def _retarget_target(scene):
     if bpy.data.filepath:
         d = Path(bpy.data.filepath).parent
         if (d / "twin.json").is_file():
-            from ..core.twin import load_twin
+            from ..core.twin.twin import load_twin
 
             twin = load_twin(d)
             return twin.skeleton_rest_mm(), twin.located_joints()
-    from ..core.body_model import load_body_model
-    from ..core.skeleton import JOINT_INDEX
+    from ..core.body.body_model import load_body_model
+    from ..core.body.skeleton import JOINT_INDEX
 
     located = None
     fit = scene.ctwin.fit()
@@ -111,7 +111,7 @@ def load_motion_keyframes(arm_obj, path, scene=None, frame_start: int | None = N
     ``source_model``: the SMPL or SMPL+H file the motion was made on; its skeleton (shaped by the
     file's betas) is retargeted onto the twin's, as ``ctwin render --source-model`` does
     (``_retarget_target``)."""
-    from ..core.motion import load_motion
+    from ..core.rig.motion import load_motion
 
     scene = scene or bpy.context.scene
     fps = scene.render.fps / scene.render.fps_base

@@ -1,15 +1,15 @@
-"""Blender armature of the twin (thin layer over ``core.armature`` / ``core.binding``).
+"""Blender armature of the twin (thin layer over ``core.rig.armature`` / ``core.rig.binding``).
 
 - ``create_armature(binding)``: an armature object at the world origin (Blender world = LPS
   metres), rest = the acquisition pose. SMPL's 24 bones (heads at the fitted joints, rolls from
-  ``core.armature``: ``EditBone.align_roll`` to the core frame's Z), parented as SMPL's tree,
+  ``core.rig.armature``: ``EditBone.align_roll`` to the core frame's Z), parented as SMPL's tree,
   not connected; plus one bone per vertebra (e.g. ``vertebrae_L3``), parented to its lower
   joint's bone (so it follows ``D_lower``), with a hidden non-deforming helper bone of the same
   rest placement parented to the upper joint's bone (``ctwin_upper_<vertebra>``, following
   ``D_upper``) and a Copy Transforms constraint to that helper at influence w. Blender blends a
   constraint by decomposing both matrices, lerping the location (the bone head = the
   vertebra's anchor) and slerping the rotation, which is exactly
-  ``core.pose.vertebra_transform``, so user keyframes on the SMPL bones bend the spine too. The twin's p0, t0 and J0 are stored on the object (``ctwin_pose0``,
+  ``core.rig.pose.vertebra_transform``, so user keyframes on the SMPL bones bend the spine too. The twin's p0, t0 and J0 are stored on the object (``ctwin_pose0``,
   ``ctwin_transl0_mm``, ``ctwin_joints_mm``) and the binding table as ``ctwin_binding``.
 - ``bind_meshes(arm_obj, objects, binding)``: parents meshes to the armature with an Armature
   modifier and vertex groups set in bulk (rigid: one group, weight 1; soft: the top-4 weights).
@@ -23,10 +23,10 @@ import numpy as np
 from mathutils import Vector
 
 from ..blender import data as bl_data
-from ..core.armature import Armature, build_armature
-from ..core.binding import Binding
+from ..core.rig.armature import Armature, build_armature
+from ..core.rig.binding import Binding
 from ..core.errors import CtwinError
-from ..core.skeleton import JOINT_NAMES, MM_TO_M, N_JOINTS, PARENTS
+from ..core.body.skeleton import JOINT_NAMES, MM_TO_M, N_JOINTS, PARENTS
 
 
 def _matrix3_to_quat(m: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Rig UI: "Pose from X-ray": register the twin to one or two X-ray images and key the armature.
 
-The images (TIFF + sidecar JSON, or DICOM; see ``core.registration.load_xray``) are shown as
+The images (TIFF + sidecar JSON, or DICOM; see ``core.twin.registration.load_xray``) are shown as
 background images of cameras placed at their geometry (``render.camera.setup_xray_camera``). The
-registration runs in ``core.registration.register`` with progress in Blender's status bar; the
+registration runs in ``core.twin.registration.register`` with progress in Blender's status bar; the
 result is keyed on the armature at the current frame. With "Sequence", the images are the first
 frames of numbered series (``ap_0000.tif``, ``ap_0001.tif``, ...): each frame is registered
 starting from the previous one's pose and keyed at successive scene frames.
@@ -53,7 +53,7 @@ def _show_as_background(context, xray, name: str):
 
 def key_poses(arm_obj, poses, transls, frame_start: int) -> None:
     """Key the 24 bones' rotations and the root's location at successive frames (other keys stay)."""
-    from ..core.skeleton import JOINT_NAMES
+    from ..core.body.skeleton import JOINT_NAMES
     from .armature import set_pose
 
     for k, (p, t) in enumerate(zip(poses, transls)):
@@ -88,8 +88,8 @@ class CTWIN_OT_pose_from_xray(bpy.types.Operator):
         return context.window_manager.invoke_props_dialog(self)
 
     def execute(self, context):
-        from ..core.registration import bone_cloud, load_xray, register
-        from ..core.twin import load_twin
+        from ..core.twin.registration import bone_cloud, load_xray, register
+        from ..core.twin.twin import load_twin
         from .armature import armature_pose
         from .operators import _rig_object
 

@@ -43,7 +43,7 @@ def factory_fresh_blender():
 def phantom_dir(tmp_path_factory) -> Path:
     """The default phantom (supine_arms_down, 3 mm, seed 0) written once per session:
     ct.nii.gz, seg.nii.gz, labels.json, truth.json."""
-    from ctwin.core.phantom import write_phantom
+    from ctwin.core.phantom.phantom import write_phantom
 
     out = tmp_path_factory.mktemp("phantom")
     write_phantom(out, pose="supine_arms_down", spacing=3.0, seed=0)
@@ -56,7 +56,7 @@ COARSE_MM = 8.0  # phantom spacing for the end-to-end twin tests (speed; the cha
 @pytest.fixture(scope="session")
 def coarse_phantoms(tmp_path_factory) -> dict:
     """Coarse phantoms of one body at the acquisition pose and at a target pose."""
-    from ctwin.core.phantom import write_phantom
+    from ctwin.core.phantom.phantom import write_phantom
 
     out = {}
     for pose in ("supine_arms_down", "hip_flexion"):
@@ -69,7 +69,7 @@ def coarse_phantoms(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def twin_dir(coarse_phantoms, tmp_path_factory) -> Path:
     """A twin built (with twin.blend) from the coarse acquisition phantom, once per session."""
-    from ctwin.core.twin import build_twin
+    from ctwin.core.twin.twin import build_twin
     from ctwin.operators.twin_blend import finish_build
 
     src = coarse_phantoms["supine_arms_down"]

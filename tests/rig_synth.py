@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctwin.core.skeleton import N_JOINTS, PARENTS, SUPINE_GLOBAL_ORIENT, forward_kinematics
+from ctwin.core.body.skeleton import N_JOINTS, PARENTS, SUPINE_GLOBAL_ORIENT, forward_kinematics
 
 # Canonical rest joints (mm; x left, y up, z front), roughly an adult in SMPL's T-pose.
 REST_JOINTS_MM = np.array([

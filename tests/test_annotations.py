@@ -8,9 +8,9 @@ import pytest
 
 
 def test_mesh_mask_of_a_box_matches_its_projection():
-    from ctwin.core.annotations import mesh_mask
-    from ctwin.core.carm import named_view
-    from ctwin.core.mesh import Mesh
+    from ctwin.core.twin.annotations import mesh_mask
+    from ctwin.core.drr.carm import named_view
+    from ctwin.core.meshes.mesh import Mesh
 
     # a 100 mm cube at the isocentre, parallel beam AP: its silhouette is a 100 mm square
     v = np.array([[x, y, z] for x in (-50, 50) for y in (-50, 50) for z in (-50, 50)], float)
@@ -27,8 +27,8 @@ def test_mesh_mask_of_a_box_matches_its_projection():
 def test_femur_mask_is_brighter_than_the_tissue_around_it(twin_dir, tmp_path):
     from scipy import ndimage
 
-    from ctwin.core.projector import read_frame
-    from ctwin.core.twin import render_twin
+    from ctwin.core.drr.projector import read_frame
+    from ctwin.core.twin.twin import render_twin
 
     out = tmp_path / "frames"
     render_twin(twin_dir, out, size=192, device="cpu", annotate=True)

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from ctwin.core.armature import blender_roll0_matrix, build_armature, unpose_joints
-from ctwin.core.binding import bind_structures
+from ctwin.core.rig.armature import blender_roll0_matrix, build_armature, unpose_joints
+from ctwin.core.rig.binding import bind_structures
 from ctwin.core.errors import CtwinError
-from ctwin.core.pose import bone_transforms
-from ctwin.core.skeleton import JOINT_NAMES, PARENTS, forward_kinematics, rodrigues
+from ctwin.core.rig.pose import bone_transforms
+from ctwin.core.body.skeleton import JOINT_NAMES, PARENTS, forward_kinematics, rodrigues
 
 from rig_synth import REST_JOINTS_MM, acquisition_pose, target_pose, truth_scene
 
@@ -107,10 +107,10 @@ def test_local_rotations_roundtrip_and_compose_like_blender(scene):
         assert np.allclose(posed[j], d[j] @ rest[j], atol=1e-8), JOINT_NAMES[j]
 
 
-# --- against the phantom's ground truth (core.phantom) ------------------------------------------
+# --- against the phantom's ground truth (core.phantom.phantom) ------------------------------------------
 @pytest.fixture(scope="module")
 def phantom_pair():
-    from ctwin.core.phantom import generate_phantom
+    from ctwin.core.phantom.phantom import generate_phantom
 
     a = generate_phantom("supine_arms_down", spacing=10.0)
     b = generate_phantom("sitting", spacing=10.0)
@@ -119,7 +119,7 @@ def phantom_pair():
 
 def test_phantom_truth_recovered_exactly(phantom_pair):
     """Given the phantom's true joints and poses, the rig moves every bone exactly as the truth does."""
-    from ctwin.core.labels import is_skeletal
+    from ctwin.core.volumes.labels import is_skeletal
 
     a, b = phantom_pair
     ta, tb = a.truth, b.truth

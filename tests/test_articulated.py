@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ctwin.core import articulated as A
+from ctwin.core.twin import articulated as A
 from ctwin.core.errors import CtwinError
-from ctwin.core.labels import all_names, name_to_id
-from ctwin.core.skeleton import JOINT_INDEX, rodrigues
-from ctwin.core.volume import Volume, affine_from
+from ctwin.core.volumes.labels import all_names, name_to_id
+from ctwin.core.body.skeleton import JOINT_INDEX, rodrigues
+from ctwin.core.volumes.volume import Volume, affine_from
 
 
 def _similarity(test, ref):
     try:
-        from ctwin.core.metrics import drr_similarity
+        from ctwin.core.meshes.metrics import drr_similarity
     except ImportError:  # SPEC 6 formula
         from skimage.metrics import structural_similarity
 
@@ -87,7 +87,7 @@ def synthetic_ct(femur_T=None, spacing=2.0, seed=0):
 
 
 def _geom(parallel=True, size=(40, 64), axis="ap"):
-    from ctwin.core.carm import Geometry
+    from ctwin.core.drr.carm import Geometry
 
     if axis == "ap":
         return Geometry([0, -1000, 0], [0, 500, 0], [1, 0, 0], [0, 0, -1], (2.0, 2.0), size, parallel)
@@ -152,7 +152,7 @@ def test_identity_pose_reproduces_the_ct_exactly(synth, tmp_path):
     np.testing.assert_allclose(A.sample_scene(scene, pts), A.sample_scene(A.static_scene(ct), pts), atol=1e-3)
     # and through the renderers: the projector's scene kernel vs its static kernel, the reference
     g = _geom(parallel=False, axis="lat")
-    from ctwin.core.projector import render_drr
+    from ctwin.core.drr.projector import render_drr
 
     ref = render_drr(ct, g, device="cpu")
     img = A.render_posed(scene, g, device="cpu")  # composed: the CT itself, through the static kernel
@@ -186,7 +186,7 @@ def test_moved_bone_matches_a_ct_built_with_the_bone_moved(synth):
     for axis in ("ap", "lat"):
         g = _geom(parallel=False, axis=axis)
         img = A.render_posed(scene, g, device="cpu")
-        from ctwin.core.projector import render_drr
+        from ctwin.core.drr.projector import render_drr
 
         ref = render_drr(truth_ct, g, device="cpu")
         moved_nowhere = render_drr(ct, g, device="cpu")
@@ -279,7 +279,7 @@ def test_posed_knee_renders_bones_rigid_and_table_static(synth):
 
 
 def test_joint_deltas_between_two_poses_match_forward_kinematics():
-    from ctwin.core.skeleton import SUPINE_GLOBAL_ORIENT, forward_kinematics
+    from ctwin.core.body.skeleton import SUPINE_GLOBAL_ORIENT, forward_kinematics
 
     rng = np.random.default_rng(1)
     rest = rng.normal(0, 200, (24, 3))
@@ -298,7 +298,7 @@ def test_joint_deltas_between_two_poses_match_forward_kinematics():
 @pytest.fixture(scope="module")
 def phantom_6mm():
     """The phantom at supine_arms_down (6 mm) and its articulated CT."""
-    phantom = pytest.importorskip("ctwin.core.phantom")
+    phantom = pytest.importorskip("ctwin.core.phantom.phantom")
     pa = phantom.generate_phantom("supine_arms_down", spacing=6.0)
     return pa, A.prepare_articulated(pa.ct, pa.seg, pa.labels)
 
@@ -306,7 +306,7 @@ def phantom_6mm():
 def _posed_to(phantom_6mm, preset):
     """(the phantom generated at ``preset``, the articulated phantom posed there with the truth's
     bone transforms and joint deltas)."""
-    from ctwin.core import phantom
+    from ctwin.core.phantom import phantom
 
     pa, art = phantom_6mm
     pb = phantom.generate_phantom(preset, spacing=6.0)
@@ -318,8 +318,8 @@ def _posed_to(phantom_6mm, preset):
 
 
 def test_phantom_posed_to_another_preset_matches_the_phantom_at_that_pose(phantom_6mm):
-    from ctwin.core.carm import default_views
-    from ctwin.core.projector import render_drr
+    from ctwin.core.drr.carm import default_views
+    from ctwin.core.drr.projector import render_drr
 
     pa, art = phantom_6mm
     pb, scene = _posed_to(phantom_6mm, "knee_flexion")
@@ -340,8 +340,8 @@ def test_abducted_arm_leaves_no_web_of_stretched_tissue(phantom_6mm):
     by stretching the tissue between arm and hip across it (a bright web in the AP view: PSNR 31.2
     dB here before nodes whose best pre-image misses them by 2.5 node spacings became air). The
     phantom at that pose has air there."""
-    from ctwin.core.carm import default_views
-    from ctwin.core.projector import render_drr
+    from ctwin.core.drr.carm import default_views
+    from ctwin.core.drr.projector import render_drr
 
     pa, art = phantom_6mm
     pb, scene = _posed_to(phantom_6mm, "arm_abducted")
@@ -356,7 +356,7 @@ def test_abducted_arm_leaves_no_web_of_stretched_tissue(phantom_6mm):
 
 def test_composed_frame_follows_the_rule_and_is_reused(synth):
     """The composed grid holds the composition rule at its voxel centres; views of a frame share it."""
-    from ctwin.core import projector
+    from ctwin.core.drr import projector
 
     ct, seg, names, art = synth
     jd = _knee_flexion(-25.0)
@@ -389,7 +389,7 @@ def test_composed_frame_follows_the_rule_and_is_reused(synth):
 
 def test_soft_tissue_that_moved_away_leaves_air(synth):
     """A 90 degree knee flexion swings the shank forward: where it was is air, not a ghost."""
-    from ctwin.core import projector
+    from ctwin.core.drr import projector
 
     ct, seg, names, art = synth
     jd = _knee_flexion(-90.0)
@@ -420,10 +420,10 @@ sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
 from launch import load_package
 load_package("ctwin")
 import numpy as np
-from ctwin.core import articulated as A
+from ctwin.core.twin import articulated as A
 from ctwin.core.errors import CtwinError
-from ctwin.core.carm import Geometry
-from ctwin.core.skeleton import JOINT_INDEX
+from ctwin.core.drr.carm import Geometry
+from ctwin.core.body.skeleton import JOINT_INDEX
 from test_articulated import synthetic_ct, _knee_flexion
 ct, seg, names = synthetic_ct()
 art = A.prepare_articulated(ct, seg, names, weight_spacing_mm=4.0)

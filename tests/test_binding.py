@@ -4,11 +4,11 @@ import warnings
 import numpy as np
 import pytest
 
-from ctwin.core.labels import joint_for_label
-from ctwin.core.binding import (SMOOTH, bind_structures, load_binding, save_binding,
+from ctwin.core.volumes.labels import joint_for_label
+from ctwin.core.rig.binding import (SMOOTH, bind_structures, load_binding, save_binding,
                                 spine_blend)
-from ctwin.core.pose import bone_deltas, check_joint_limits, joint_limit_violations, pose_meshes
-from ctwin.core.skeleton import JOINT_INDEX, JOINT_NAMES, forward_kinematics, rotation_to_rotvec
+from ctwin.core.rig.pose import bone_deltas, check_joint_limits, joint_limit_violations, pose_meshes
+from ctwin.core.body.skeleton import JOINT_INDEX, JOINT_NAMES, forward_kinematics, rotation_to_rotvec
 
 from rig_synth import (REST_JOINTS_MM, FakeBodyModel, Mesh, acquisition_pose, best_rigid_deviation, box,
                        target_pose, truth_scene)
@@ -162,7 +162,7 @@ def test_save_load_roundtrip(twin, tmp_path):
 
 
 def test_joint_limits_warn():
-    from ctwin.core.poses import PRESETS
+    from ctwin.core.rig.poses import PRESETS
 
     for name, preset in PRESETS.items():  # the project's own presets are anatomically plausible
         assert joint_limit_violations(preset) == [], name
@@ -180,11 +180,11 @@ def test_joint_limits_warn():
 # --- the pose command on a small twin directory built from the real (built-in) body model ---------
 @pytest.fixture(scope="module")
 def twin_dir(tmp_path_factory):
-    from ctwin.core.body_model import load_body_model
+    from ctwin.core.body.body_model import load_body_model
     from ctwin.core.fileio import write_json
-    from ctwin.core.mesh import Mesh as CoreMesh
-    from ctwin.core.mesh import write_ply
-    from ctwin.core.poses import PRESETS
+    from ctwin.core.meshes.mesh import Mesh as CoreMesh
+    from ctwin.core.meshes.mesh import write_ply
+    from ctwin.core.rig.poses import PRESETS
 
     bm = load_body_model()
     pose = PRESETS["supine_arms_down"]
@@ -204,8 +204,8 @@ def twin_dir(tmp_path_factory):
     fit = dict(pose=pose, betas=np.zeros(bm.num_betas), transl_mm=transl, residual_mm=np.zeros_like(bm.v_template),
                joints_mm=joints)
     np.savez(d / "fit.npz", **fit)
-    from ctwin.core.mesh import read_mesh
-    from ctwin.core.twin import TWIN_FORMAT
+    from ctwin.core.meshes.mesh import read_mesh
+    from ctwin.core.twin.twin import TWIN_FORMAT
 
     meshes = {p.name[:-4]: read_mesh(p) for p in (d / "meshes").glob("*.ply") if p.name != "body_model.ply"}
     binding = bind_structures(meshes, bm, fit)
@@ -218,8 +218,8 @@ def twin_dir(tmp_path_factory):
 def test_pose_command_writes_posed_meshes(twin_dir, tmp_path):
     from ctwin.cli import main
     from ctwin.core.fileio import read_json
-    from ctwin.core.mesh import read_mesh
-    from ctwin.core.poses import PRESETS
+    from ctwin.core.meshes.mesh import read_mesh
+    from ctwin.core.rig.poses import PRESETS
 
     d, bm, transl = twin_dir
     out = tmp_path / "posed"

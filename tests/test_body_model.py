@@ -8,9 +8,9 @@ import types
 import numpy as np
 import pytest
 
-from ctwin.core import body_model as bm
+from ctwin.core.body import body_model as bm
 from ctwin.core.errors import CtwinError
-from ctwin.core.skeleton import JOINT_INDEX, JOINT_NAMES, PARENTS, kintree_table
+from ctwin.core.body.skeleton import JOINT_INDEX, JOINT_NAMES, PARENTS, kintree_table
 
 
 @pytest.fixture(scope="module")
@@ -316,8 +316,8 @@ def test_rest_skeleton_shared_with_the_phantom(model):
     """One canonical rest convention: the body model's rest bones point exactly as the phantom's
     (any seed: the phantom scales segments, never turns them), and the phantom's spine joints sit
     on its intervertebral discs."""
-    from ctwin.core import anatomy
-    from ctwin.core.skeleton import PARENTS, canonical_joints_mm
+    from ctwin.core.phantom import anatomy
+    from ctwin.core.body.skeleton import PARENTS, canonical_joints_mm
 
     _, j = model.rest()
     for seed in (0, 3):

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from ctwin.core.carm import SIDECAR_KEYS, Geometry, biplanar, default_views, named_view, parse_view
+from ctwin.core.drr.carm import SIDECAR_KEYS, Geometry, biplanar, default_views, named_view, parse_view
 from ctwin.core.errors import CtwinError
 
 BOX = (np.array([-150.0, -120.0, -300.0]), np.array([170.0, 110.0, 250.0]))

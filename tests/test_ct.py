@@ -9,9 +9,9 @@ import SimpleITK as sitk
 
 from conftest import real_ct_path
 from ctwin.core import progress
-from ctwin.core.ct import load_ct, save_itk
+from ctwin.core.volumes.ct import load_ct, save_itk
 from ctwin.core.errors import CtwinError
-from ctwin.core.volume import Volume, save_nifti
+from ctwin.core.volumes.volume import Volume, save_nifti
 
 
 def _ct_like(shape=(20, 16, 12), seed=0):

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from ctwin import cli
-from ctwin.core import dataset as D
-from ctwin.core import shards as S
+from ctwin.core.dataset import dataset as D
+from ctwin.core.dataset import shards as S
 from ctwin.core.errors import CtwinError
 
 # Ray is pinned only in the Python 3.11 environment (.venv, the CLI's; requirements.txt): the
@@ -120,8 +120,8 @@ def test_sample_params_depend_on_seed_and_index_only():
 
 
 def test_random_poses_stay_within_joint_limits_and_ranges():
-    from ctwin.core.pose import joint_limit_violations
-    from ctwin.core.poses import PRESETS
+    from ctwin.core.rig.pose import joint_limit_violations
+    from ctwin.core.rig.poses import PRESETS
 
     raw = tiny_raw()
     raw["poses"] = {"random": {"joints": {"left_knee": {"x": [0, 90]}, "right_hip": {"x": [-60, 0]}}}}
@@ -479,7 +479,7 @@ def test_failing_sample_is_reported_and_retried_once(tmp_path, ray_tmp, monkeypa
 
 @pytest.mark.slow
 def test_realistic_physics_sample_is_reproducible(tmp_path):
-    """physics.kvp renders a sample with the realistic chain (core.xray) and records its spectrum;
+    """physics.kvp renders a sample with the realistic chain (core.drr.xray) and records its spectrum;
     the pose and view are those of the same spec without kvp; rendering again gives the same bytes."""
     pytest.importorskip("spekpy")
     import tifffile

@@ -193,9 +193,9 @@ def test_every_sidecar_key_is_documented():
     scatter and grid, noise) are each named in section 5 of docs/REFERENCE.md."""
     import numpy as np
 
-    from ctwin.core.carm import named_view
+    from ctwin.core.drr.carm import named_view
     from ctwin.core.safety import request_keys
-    from ctwin.core.xray import XraySetup, form_image
+    from ctwin.core.drr.xray import XraySetup, form_image
 
     g = named_view("ap", (np.full(3, -100.0), np.full(3, 100.0)), size=8)
     x = XraySetup(kvp=80, scatter=True, grid_ratio=10, mas=1.0, detector="paxscan4030cb")
@@ -211,7 +211,7 @@ def test_every_dicom_tag_is_documented(tmp_path):
     import pydicom
     import numpy as np
 
-    from ctwin.core.dicom_dx import write_dx
+    from ctwin.core.drr.dicom_dx import write_dx
 
     side = {"value": "line_integral", "source": "ct.nii.gz", "frame": 0, "view": "ap", "kvp": 80.0, "mas": 1.0,
             "pixel_spacing_mm": [1.0, 1.0], "sid_mm": 1500.0, "sad_mm": 1000.0,

@@ -67,9 +67,9 @@ def render_checks():
     """F12 on a small CT and a 2-frame animation of a posed twin, all through the installed copy."""
     import numpy as np
     ext = lambda name: __import__(PKG + "." + name, fromlist=["_"])
-    vol_m, carm, proj = ext("core.volume"), ext("core.carm"), ext("core.projector")
+    vol_m, carm, proj = ext("core.volumes.volume"), ext("core.drr.carm"), ext("core.drr.projector")
     camera, anim, tb = ext("render.camera"), ext("rig.animation"), ext("blender.scene")
-    poses_m, motion_m = ext("core.poses"), ext("core.motion")
+    poses_m, motion_m = ext("core.rig.poses"), ext("core.rig.motion")
     res = {"device_line": proj.device_status()}
     # F12: a 20x18x16 CT with a bone block, AP view, compared with the core's CPU render.
     d = np.full((20, 18, 16), -1000, np.int16)
@@ -152,7 +152,7 @@ for rnd, how in enumerate(("operator", "operator", "command")):
     r["help_out"] = buf_out.getvalue()
     r["bad_err"] = buf_err.getvalue()
     # The installed package's own code imports (relative imports, core without bpy).
-    core = __import__(PKG + ".core.volume", fromlist=["Volume"])
+    core = __import__(PKG + ".core.volumes.volume", fromlist=["Volume"])
     r["core_file"] = core.__file__
     site = os.path.join(os.path.dirname(repo_dir), ".local", "lib",
                         "python%d.%d" % sys.version_info[:2], "site-packages")

@@ -105,7 +105,7 @@ def test_every_platform_zip(zips):
             assert CUDA_ONLY <= set(dists), name
         else:
             assert not CUDA_ONLY & set(dists), name
-        assert {"__init__.py", "cli.py", "core/projector.py", "render/engine.py", "render/providers.py",
+        assert {"__init__.py", "cli.py", "core/drr/projector.py", "render/engine.py", "render/providers.py",
                 "blender/__init__.py", "blender/data.py", "blender/properties.py", "blender/scene.py",
                 "operators/twin_blend.py", "ui/__init__.py", "ui/panel.py"} <= set(names)
         top = {n for n in names if "/" not in n and n.endswith(".py")}
@@ -133,9 +133,9 @@ NO_CUDA = textwrap.dedent(r'''
     ctwin = load_package("ctwin")
     import numpy as np
     import bpy
-    from ctwin.core.projector import device_status, render_drr, resolve_device
-    from ctwin.core.carm import named_view
-    from ctwin.core.volume import Volume, affine_from, save_nifti
+    from ctwin.core.drr.projector import device_status, render_drr, resolve_device
+    from ctwin.core.drr.carm import named_view
+    from ctwin.core.volumes.volume import Volume, affine_from, save_nifti
     ctwin.register()
     out = {"line": device_status(), "auto": resolve_device("auto")}
     d = np.full((12, 10, 8), -1000, np.int16)
@@ -144,7 +144,7 @@ NO_CUDA = textwrap.dedent(r'''
     g = named_view("ap", vol, size=(16, 12))
     out["max"] = float(render_drr(vol, g, device="auto").max())
     save_nifti(vol, sys.argv[2] + "/ct.nii.gz")
-    import ctwin.core.projector as projector
+    import ctwin.core.drr.projector as projector
     projector._cpu_fallback_reported = False  # said once per process; a CLI run is a new one
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 
 from conftest import real_ct_path
-from ctwin.core import fit, landmarks, progress
-from ctwin.core.labels import name_to_id
-from ctwin.core.mesh import Mesh
-from ctwin.core.skeleton import JOINT_INDEX, rotation_to_rotvec
-from ctwin.core.volume import Volume, affine_from
+from ctwin.core.body import fit, landmarks
+from ctwin.core import progress
+from ctwin.core.volumes.labels import name_to_id
+from ctwin.core.meshes.mesh import Mesh
+from ctwin.core.body.skeleton import JOINT_INDEX, rotation_to_rotvec
+from ctwin.core.volumes.volume import Volume, affine_from
 
 
 @pytest.fixture(scope="module")
 def bm():
-    from ctwin.core.body_model import load_body_model
+    from ctwin.core.body.body_model import load_body_model
 
     return load_body_model()
 
@@ -54,7 +55,7 @@ def _synthetic_case(bm, R, body_pose, betas, transl, spacing=4.0):
 
 
 def _presets():
-    from ctwin.core.poses import PRESETS
+    from ctwin.core.rig.poses import PRESETS
 
     return PRESETS
 
@@ -121,9 +122,9 @@ def test_labelmap_from_meshes_rasterises_solids():
 
 
 def test_fit_real_ct_abdomen_pelvis(bm):
-    from ctwin.core.ct import load_ct
-    from ctwin.core.mesh import skin_mesh
-    from ctwin.core.segmentation import load_segmentation
+    from ctwin.core.volumes.ct import load_ct
+    from ctwin.core.meshes.mesh import skin_mesh
+    from ctwin.core.volumes.segmentation import load_segmentation
 
     d = real_ct_path("abdomen_pelvis")
     ct = load_ct(d / "ct.nii.gz")
@@ -144,9 +145,9 @@ def test_fit_real_ct_abdomen_pelvis(bm):
 
 def test_fit_phantom_targets(bm, phantom_dir):
     """The default phantom (3 mm, supine arms down): the fit's targets (benchmarks/bench_fit.py), with a little slack."""
-    from ctwin.core.ct import load_ct
-    from ctwin.core.mesh import skin_mesh
-    from ctwin.core.segmentation import load_segmentation
+    from ctwin.core.volumes.ct import load_ct
+    from ctwin.core.meshes.mesh import skin_mesh
+    from ctwin.core.volumes.segmentation import load_segmentation
 
     ct = load_ct(phantom_dir / "ct.nii.gz")
     lm, names = load_segmentation(phantom_dir / "seg.nii.gz", ct)
@@ -189,8 +190,8 @@ def test_scaffold_pose_recovers_the_skeleton_pose(bm):
     have) on a skeleton with other bone lengths than the model's, then moved by up to 2 mm;
     starting from a surface-fit pose 8 degrees off everywhere, every joint's global rotation
     comes back to within 1 degree."""
-    from ctwin.core.armature import global_rotations
-    from ctwin.core.skeleton import PARENTS, SUPINE_GLOBAL_ORIENT, forward_kinematics
+    from ctwin.core.rig.armature import global_rotations
+    from ctwin.core.body.skeleton import PARENTS, SUPINE_GLOBAL_ORIENT, forward_kinematics
 
     rng = np.random.default_rng(3)
     _, rest_m = bm.rest()

@@ -1,4 +1,4 @@
-"""The shared frame loop (core.frames.render_frames): resume, refusal, noise and value, prepare once.
+"""The shared frame loop (core.drr.frames.render_frames): resume, refusal, noise and value, prepare once.
 
 No projector here: a render callback returns a known line integral, so every check is exact.
 """
@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctwin.core import physics
-from ctwin.core.carm import named_view
+from ctwin.core.drr import physics
+from ctwin.core.drr.carm import named_view
 from ctwin.core.errors import CtwinError
-from ctwin.core.frames import FrameView, render_frames
-from ctwin.core.projector import read_frame
+from ctwin.core.drr.frames import FrameView, render_frames
+from ctwin.core.drr.projector import read_frame
 
 BOX = (np.array([-50.0, -50.0, -50.0]), np.array([50.0, 50.0, 50.0]))
 

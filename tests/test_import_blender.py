@@ -8,8 +8,8 @@ bpy = pytest.importorskip("bpy")
 
 from ctwin import blender, operators  # noqa: E402
 from ctwin.blender import data as bl_data  # noqa: E402
-from ctwin.core.mesh import Mesh, import_anatomy, write_ply  # noqa: E402
-from ctwin.core.volume import Volume, save_nifti  # noqa: E402
+from ctwin.core.meshes.mesh import Mesh, import_anatomy, write_ply  # noqa: E402
+from ctwin.core.volumes.volume import Volume, save_nifti  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

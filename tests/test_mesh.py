@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import real_ct_path
-from ctwin.core import labels
+from ctwin.core.volumes import labels
 from ctwin.core.errors import CtwinError
-from ctwin.core.mesh import (Mesh, body_mask, import_anatomy, label_meshes, read_mesh, skin_mesh,
+from ctwin.core.meshes.mesh import (Mesh, body_mask, import_anatomy, label_meshes, read_mesh, skin_mesh,
                              surface_nets, write_ply)
-from ctwin.core.volume import Volume
+from ctwin.core.volumes.volume import Volume
 
 
 def _shared_faces(a: Mesh, b: Mesh, decimals=6):
@@ -200,10 +200,10 @@ def test_write_ply_nothing_half_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ctwin.core.phantom") is None,
-                    reason="core.phantom not written yet")
+@pytest.mark.skipif(importlib.util.find_spec("ctwin.core.phantom.phantom") is None,
+                    reason="core.phantom.phantom not written yet")
 def test_phantom_every_bone_imported(tmp_path):
-    from ctwin.core.phantom import write_phantom
+    from ctwin.core.phantom.phantom import write_phantom
 
     ph = write_phantom(tmp_path / "ph", spacing=6.0)
     ct, labelmap, names, meshes, skin = import_anatomy(tmp_path / "ph" / "ct.nii.gz",
@@ -228,8 +228,8 @@ def test_phantom_every_bone_imported(tmp_path):
 
 
 def test_chest_body_keeps_both_arms_drops_table():
-    from ctwin.core.ct import load_ct
-    from ctwin.core.segmentation import load_segmentation
+    from ctwin.core.volumes.ct import load_ct
+    from ctwin.core.volumes.segmentation import load_segmentation
 
     ct = load_ct(real_ct_path("chest_dicom", "dicom"))
     lab, names = load_segmentation(real_ct_path("chest_dicom", "seg.nii.gz"), ct)

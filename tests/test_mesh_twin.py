@@ -1,4 +1,4 @@
-"""Mesh mode: twins built from closed meshes with no CT (core.mesh_volume, build_twin_from_meshes)."""
+"""Mesh mode: twins built from closed meshes with no CT (core.meshes.mesh_volume, build_twin_from_meshes)."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import trimesh
 
-from ctwin.core import mesh_volume as mv
+from ctwin.core.meshes import mesh_volume as mv
 from ctwin.core.errors import CtwinError
-from ctwin.core.mesh import Mesh, write_ply
+from ctwin.core.meshes.mesh import Mesh, write_ply
 
 
 def _mesh(tm, name, shift=(0.0, 0.0, 0.0)):
@@ -128,7 +128,7 @@ def test_mesh_folder_inputs_and_errors(tmp_path):
 @pytest.fixture(scope="module")
 def mesh_twin(twin_dir, tmp_path_factory):
     """A mesh-mode twin built from the CT twin's meshes (the coarse phantom's), no CT."""
-    from ctwin.core.twin import build_twin_from_meshes
+    from ctwin.core.twin.twin import build_twin_from_meshes
 
     out = tmp_path_factory.mktemp("mesh_twin") / "twin"
     build_twin_from_meshes(twin_dir / "meshes", out, spacing=8.0)
@@ -139,13 +139,13 @@ def test_mesh_twin_renders_like_the_phantom_ct(mesh_twin, coarse_phantoms):
     """At the acquisition pose the mesh twin's DRR (articulated path, default HU table) is close
     to the phantom CT's; at a new pose its bones move rigidly and the DRR stays close to the
     phantom generated at that pose."""
-    from ctwin.core.carm import default_views
-    from ctwin.core.ct import load_ct
+    from ctwin.core.drr.carm import default_views
+    from ctwin.core.volumes.ct import load_ct
     from ctwin.core.fileio import read_json
-    from ctwin.core.labels import is_skeletal
-    from ctwin.core.metrics import drr_similarity
-    from ctwin.core.projector import render_drr
-    from ctwin.core.twin import load_twin
+    from ctwin.core.volumes.labels import is_skeletal
+    from ctwin.core.meshes.metrics import drr_similarity
+    from ctwin.core.drr.projector import render_drr
+    from ctwin.core.twin.twin import load_twin
 
     twin = load_twin(mesh_twin)
     assert twin.meta["mode"] == "mesh"
@@ -185,7 +185,7 @@ def test_mesh_twin_renders_like_the_phantom_ct(mesh_twin, coarse_phantoms):
     assert errs["femur_left"] < 10.0
     ct_b = load_ct(tgt / "ct.nii.gz")
     scene = twin.posed_scene(pose_b, transl)
-    from ctwin.core.articulated import render_posed
+    from ctwin.core.twin.articulated import render_posed
 
     for name, g in default_views(ct_b, size=128).items():
         s = drr_similarity(render_posed(scene, g), render_drr(ct_b, g))

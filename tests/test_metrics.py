@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctwin.core import metrics
+from ctwin.core.meshes import metrics
 from ctwin.core.errors import CtwinError
-from ctwin.core.volume import Volume, affine_from
+from ctwin.core.volumes.volume import Volume, affine_from
 
 
 def _icosphere(radius=50.0, subdiv=3, center=(0.0, 0.0, 0.0)):

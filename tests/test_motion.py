@@ -4,8 +4,8 @@ import pytest
 from scipy.spatial.transform import Rotation, Slerp
 
 from ctwin.core.errors import CtwinError
-from ctwin.core.motion import load_motion, resample, smpl72, write_motion_file
-from ctwin.core.skeleton import SUPINE_GLOBAL_ORIENT, rodrigues
+from ctwin.core.rig.motion import load_motion, resample, smpl72, write_motion_file
+from ctwin.core.body.skeleton import SUPINE_GLOBAL_ORIENT, rodrigues
 
 
 def amass_clip(n=100, width=72, seed=0):

@@ -32,9 +32,9 @@ def test_workflow_through_operators(extension, coarse_phantoms, tmp_path):
     import bpy
 
     from ctwin.blender.scene import ensure_registered
-    from ctwin.core.motion import write_motion_file
-    from ctwin.core.poses import PRESETS
-    from ctwin.core.projector import read_frame
+    from ctwin.core.rig.motion import write_motion_file
+    from ctwin.core.rig.poses import PRESETS
+    from ctwin.core.drr.projector import read_frame
 
     src = coarse_phantoms["supine_arms_down"]
     bpy.ops.wm.read_factory_settings(use_empty=True)
@@ -103,8 +103,8 @@ def test_mesh_workflow_renders_the_voxelised_anatomy(extension, twin_dir, tmp_pa
     import bpy
 
     from ctwin.blender.scene import anatomy_objects, ensure_registered
-    from ctwin.core.carm import Geometry
-    from ctwin.core.projector import read_frame, render_drr
+    from ctwin.core.drr.carm import Geometry
+    from ctwin.core.drr.projector import read_frame, render_drr
     from ctwin.render.providers import scene_mesh_volume
 
     bpy.ops.wm.read_factory_settings(use_empty=True)

@@ -1,4 +1,4 @@
-"""The full-body CT phantom (core.phantom, core.anatomy, commands/phantom.py)."""
+"""The full-body CT phantom (core.phantom.phantom, core.phantom.anatomy, commands/phantom.py)."""
 from __future__ import annotations
 
 import json
@@ -12,11 +12,11 @@ import pytest
 from scipy import ndimage
 
 from ctwin.core.errors import CtwinError
-from ctwin.core.labels import all_names, is_skeletal
-from ctwin.core.phantom import body_sdf, generate_phantom, write_phantom
-from ctwin.core.poses import PRESETS
-from ctwin.core.skeleton import JOINT_INDEX
-from ctwin.core.volume import load_nifti
+from ctwin.core.volumes.labels import all_names, is_skeletal
+from ctwin.core.phantom.phantom import body_sdf, generate_phantom, write_phantom
+from ctwin.core.rig.poses import PRESETS
+from ctwin.core.body.skeleton import JOINT_INDEX
+from ctwin.core.volumes.volume import load_nifti
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -333,7 +333,7 @@ def test_cli_phantom_sitting(tmp_path):
 
 def test_pose_file_reproduces_truth(phantom_dir, tmp_path):
     """A truth.json is a pose file: the phantom generated from it has the same pose, joints and bones."""
-    from ctwin.core.poses import write_pose_file
+    from ctwin.core.rig.poses import write_pose_file
 
     truth = json.loads((phantom_dir / "truth.json").read_text())
     ph = generate_phantom(str(phantom_dir / "truth.json"), spacing=8.0)

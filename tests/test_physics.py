@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ctwin.core import physics
+from ctwin.core.drr import physics
 from ctwin.core.errors import CtwinError
 
 

@@ -2,8 +2,8 @@
 and stay identical to a fresh composition."""
 import numpy as np
 
-from ctwin.core.projector import Scene, PlacedVolume, compose_scene
-from ctwin.core.volume import Volume, affine_from
+from ctwin.core.drr.projector import Scene, PlacedVolume, compose_scene
+from ctwin.core.volumes.volume import Volume, affine_from
 
 
 def _rot(a):
@@ -82,7 +82,7 @@ def test_forward_skinning_equals_a_numpy_blend_of_the_weight_field():
     from scipy import ndimage
     from scipy.spatial.transform import Rotation
 
-    from ctwin.core import articulated as A
+    from ctwin.core.twin import articulated as A
 
     rng = np.random.default_rng(7)
     W = rng.uniform(0, 1, (6, 5, 7, 24)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Pose presets and pose-file IO (core.poses)."""
+"""Pose presets and pose-file IO (core.rig.poses)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ctwin.core.errors import CtwinError
-from ctwin.core.poses import ACQUISITION_PRESETS, PRESETS, resolve_pose, write_pose_file
-from ctwin.core.skeleton import JOINT_INDEX, SUPINE_GLOBAL_ORIENT, forward_kinematics
+from ctwin.core.rig.poses import ACQUISITION_PRESETS, PRESETS, resolve_pose, write_pose_file
+from ctwin.core.body.skeleton import JOINT_INDEX, SUPINE_GLOBAL_ORIENT, forward_kinematics
 
 EXPECTED = ("supine_arms_down", "supine_arms_up", "hip_flexion", "knee_flexion", "sitting",
             "walking_stride", "arm_abducted", "arm_raised_forward")

@@ -9,10 +9,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from ctwin.core.carm import Geometry, named_view
-from ctwin.core.projector import (Scene, PlacedVolume, prepare_volume, reference_drr, render_biplanar,
+from ctwin.core.drr.carm import Geometry, named_view
+from ctwin.core.drr.projector import (Scene, PlacedVolume, prepare_volume, reference_drr, render_biplanar,
                                   render_drr, render_drr_batch, render_scene, render_value)
-from ctwin.core.volume import Volume, affine_from
+from ctwin.core.volumes.volume import Volume, affine_from
 
 from conftest import ROOT, real_ct_path
 
@@ -221,9 +221,9 @@ CUDASIM_SCRIPT = textwrap.dedent("""
     from launch import load_package
     load_package("ctwin")
     import numpy as np
-    from ctwin.core.carm import named_view
-    from ctwin.core.projector import Scene, PlacedVolume, render_drr, render_drr_batch, render_scene
-    from ctwin.core.volume import Volume, affine_from
+    from ctwin.core.drr.carm import named_view
+    from ctwin.core.drr.projector import Scene, PlacedVolume, render_drr, render_drr_batch, render_scene
+    from ctwin.core.volumes.volume import Volume, affine_from
     rng = np.random.default_rng(0)
     d = rng.normal(200, 400, (16, 16, 16)).astype(np.int16)
     d[:5] = -1000
@@ -288,7 +288,7 @@ def _identity_direction(vol: Volume) -> Volume:
 def test_matches_plastimatch_drr_on_real_ct(tmp_path):
     if shutil.which("plastimatch") is None:
         pytest.skip("plastimatch is not installed (apt-get install plastimatch)")
-    from ctwin.core.ct import load_ct, save_itk
+    from ctwin.core.volumes.ct import load_ct, save_itk
 
     vol = load_ct(real_ct_path("abdomen_pelvis", "ct.nii.gz"))
     mu = np.maximum(0.02 * (1 + vol.data / 1000.0), 0).astype(np.float32)
@@ -316,8 +316,8 @@ def test_matches_plastimatch_drr_on_real_ct(tmp_path):
 
 def test_render_command_ct_path(tmp_path, capsys):
     from ctwin import cli
-    from ctwin.core.projector import read_frame
-    from ctwin.core.volume import save_nifti
+    from ctwin.core.drr.projector import read_frame
+    from ctwin.core.volumes.volume import save_nifti
 
     vol = _cube_world()
     ct = tmp_path / "ct.nii.gz"
@@ -353,8 +353,8 @@ def test_render_command_ct_path(tmp_path, capsys):
 def test_composed_frame_buffers_are_reused_and_freed():
     """A posed scene's frame buffers: a free one big enough is reused, free ones too small are
     dropped, and buffers of cached frames are never handed out."""
-    from ctwin.core.projector import _buffer
-    from ctwin.core.volume import Volume, affine_from
+    from ctwin.core.drr.projector import _buffer
+    from ctwin.core.volumes.volume import Volume, affine_from
 
     scene = Scene(base=Volume(np.zeros((4, 4, 4), np.int16), affine_from((1.0, 1.0, 1.0), (0, 0, 0))))
     used = np.zeros(6, np.int16)  # same size as a free one: arrays must be told apart by identity

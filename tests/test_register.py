@@ -1,4 +1,4 @@
-"""Articulated 2D/3D registration (core.registration, ``ctwin register``).
+"""Articulated 2D/3D registration (core.twin.registration, ``ctwin register``).
 
 The end-to-end case uses the session's coarse twin (8 mm phantom at the acquisition pose) and the
 8 mm phantom generated at hip_flexion (left hip 70 degrees, right hip 25, left knee 10), rendered
@@ -31,10 +31,10 @@ def test_splatted_cloud_matches_the_ray_cast_drr():
     oblique rays), after the same blur: the density factor of the splat is right."""
     from scipy.ndimage import gaussian_filter
 
-    from ctwin.core.carm import named_view
-    from ctwin.core.projector import render_drr
-    from ctwin.core.registration import _View, splat_bones
-    from ctwin.core.volume import Volume
+    from ctwin.core.drr.carm import named_view
+    from ctwin.core.drr.projector import render_drr
+    from ctwin.core.twin.registration import _View, splat_bones
+    from ctwin.core.volumes.volume import Volume
 
     sp = 2.0
     mu = np.zeros((40, 30, 50), np.float32)
@@ -55,7 +55,7 @@ def test_splatted_cloud_matches_the_ray_cast_drr():
 
 
 def test_gradient_correlation_peaks_at_alignment():
-    from ctwin.core.registration import gradient_correlation
+    from ctwin.core.twin.registration import gradient_correlation
 
     rng = np.random.default_rng(0)
     img = np.zeros((64, 64))
@@ -70,8 +70,8 @@ def test_gradient_correlation_peaks_at_alignment():
 
 
 def test_value_inversion_round_trips():
-    from ctwin.core.physics import to_value
-    from ctwin.core.registration import to_line_integral
+    from ctwin.core.drr.physics import to_value
+    from ctwin.core.twin.registration import to_line_integral
 
     li = np.linspace(0.0, 6.0, 50).reshape(5, 10)
     for value in ("line_integral", "intensity", "display"):
@@ -82,7 +82,7 @@ def test_value_inversion_round_trips():
 def test_twin_without_bones_stops_with_one_line():
     from types import SimpleNamespace
 
-    from ctwin.core.registration import bone_cloud
+    from ctwin.core.twin.registration import bone_cloud
 
     art = SimpleNamespace(parts=[], affine=np.eye(4))
     twin = SimpleNamespace(articulated=art, binding=SimpleNamespace(rigid={}))
@@ -102,7 +102,7 @@ def target_views(coarse_phantoms, tmp_path_factory):
 
 
 def _start_pose(twin):
-    from ctwin.core.skeleton import rodrigues, rotation_to_rotvec
+    from ctwin.core.body.skeleton import rodrigues, rotation_to_rotvec
 
     p = twin.pose0.copy()
     p[0:3] = rotation_to_rotvec(rodrigues(np.radians([4.0, -3.0, 2.0])) @ rodrigues(p[0:3]))
@@ -110,10 +110,10 @@ def _start_pose(twin):
 
 
 def test_register_recovers_the_pose(twin_dir, coarse_phantoms, target_views, tmp_path, capsys):
-    from ctwin.core.evaluation import _source_truth, bone_error
+    from ctwin.core.twin.evaluation import _source_truth, bone_error
     from ctwin.core.fileio import read_json
-    from ctwin.core.poses import resolve_pose, write_pose_file
-    from ctwin.core.twin import load_twin
+    from ctwin.core.rig.poses import resolve_pose, write_pose_file
+    from ctwin.core.twin.twin import load_twin
 
     twin = load_twin(twin_dir)
     truth_a = _source_truth(twin)
@@ -158,10 +158,10 @@ def test_register_recovers_the_pose(twin_dir, coarse_phantoms, target_views, tmp
 
 def test_rigid_registration_cannot_bend_the_hip(twin_dir, coarse_phantoms, target_views, tmp_path, capsys):
     """The rigid baseline aligns the body but leaves the flexed femur where it was."""
-    from ctwin.core.evaluation import _source_truth, bone_error
+    from ctwin.core.twin.evaluation import _source_truth, bone_error
     from ctwin.core.fileio import read_json
-    from ctwin.core.registration import load_xray, register
-    from ctwin.core.twin import load_twin
+    from ctwin.core.twin.registration import load_xray, register
+    from ctwin.core.twin.twin import load_twin
 
     twin = load_twin(twin_dir)
     xr = [load_xray(target_views / "ap_0000.tif"), load_xray(target_views / "lateral_0000.tif")]
@@ -232,8 +232,8 @@ def test_blender_operator_keys_the_armature_and_shows_the_images(twin_dir, targe
     covers): the operator is registered, the images become camera backgrounds at their geometry,
     a pose is keyed at the given frame and read back, and a numbered series is found."""
     bpy = pytest.importorskip("bpy")
-    from ctwin.core.poses import PRESETS
-    from ctwin.core.registration import load_xray
+    from ctwin.core.rig.poses import PRESETS
+    from ctwin.core.twin.registration import load_xray
     from ctwin.rig.armature import armature_pose
     from ctwin.rig.operators import _rig_object
     from ctwin.rig.xray_pose import _series, _show_as_background, key_poses

@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT, real_ct_path
 from ctwin import cli
 from ctwin.core.errors import CtwinError
-from ctwin.core.volume import Volume, load_nifti, save_nifti
+from ctwin.core.volumes.volume import Volume, load_nifti, save_nifti
 
 SIZE = "8"
 
@@ -112,7 +112,7 @@ def _seg_variant(src: Path, dst: Path, edit) -> Path:
 
 
 def test_segmentation_without_bones_refused(capsys, coarse_phantoms, tmp_path):
-    from ctwin.core.labels import is_skeletal
+    from ctwin.core.volumes.labels import is_skeletal
 
     src = coarse_phantoms["supine_arms_down"]
 
@@ -150,9 +150,9 @@ def test_left_right_swapped_labels_refused(capsys, coarse_phantoms, tmp_path):
 def test_force_records_the_problem(coarse_phantoms, shifted_ct):
     # --force: the check returns its record (written into twin.json as "plausibility" and
     # "warnings" by the build) instead of refusing.
-    from ctwin.core.ct import load_ct
-    from ctwin.core.plausibility import check_ct_segmentation
-    from ctwin.core.segmentation import load_segmentation
+    from ctwin.core.volumes.ct import load_ct
+    from ctwin.core.volumes.plausibility import check_ct_segmentation
+    from ctwin.core.volumes.segmentation import load_segmentation
 
     ct = load_ct(shifted_ct)
     lab, names = load_segmentation(coarse_phantoms["supine_arms_down"] / "seg.nii.gz", ct)
@@ -183,7 +183,7 @@ def test_force_builds_a_misregistered_pair_and_records_it(capsys, coarse_phantom
 
 
 def test_implausible_fit_is_a_warning():
-    from ctwin.core.plausibility import check_fit
+    from ctwin.core.volumes.plausibility import check_fit
 
     assert check_fit({"chamfer_mm": 1.5, "enclosure_pct": 99.9}) == []
     w = check_fit({"chamfer_mm": 42.0, "enclosure_pct": 60.0})
@@ -191,7 +191,7 @@ def test_implausible_fit_is_a_warning():
     # the demo report shows the twin's warnings at the top
     import tempfile
 
-    from ctwin.core.report import write_report
+    from ctwin.core.twin.report import write_report
 
     with tempfile.TemporaryDirectory() as d:
         html = write_report(d, {"warnings": w}, []).read_text()
@@ -201,7 +201,7 @@ def test_implausible_fit_is_a_warning():
 def test_implausible_joint_geometry_is_a_warning(twin_dir):
     """The session twin's fitted joints pass; the same joints tampered (a collapsed femur, a
     stretched arm, mirrored hips, metres read as mm) each give a warning naming the part."""
-    from ctwin.core.plausibility import check_fit, joint_geometry_findings
+    from ctwin.core.volumes.plausibility import check_fit, joint_geometry_findings
 
     j = np.asarray(json.loads((twin_dir / "fit.json").read_text())["joints_mm"], dtype=np.float64)
     assert joint_geometry_findings(j) == []
@@ -315,7 +315,7 @@ def test_file_system_errors_are_one_line(capsys, monkeypatch):
 
 
 def test_rebuild_over_a_twin_keeps_foreign_files():
-    from ctwin.core.twin import _foreign_entries
+    from ctwin.core.twin.twin import _foreign_entries
 
     # the build's rule for what it replaces: only what a twin writes
     import tempfile
@@ -680,9 +680,9 @@ def test_fault_injection_build(coarse_phantoms, twin_dir, tmp_path):
 
 
 def test_render_warns_on_joint_ranges_like_pose(twin_dir, tmp_path, capsys):
-    from ctwin.core.pose import joint_limit_violations
-    from ctwin.core.skeleton import JOINT_INDEX
-    from ctwin.core.twin import frame_poses, load_twin
+    from ctwin.core.rig.pose import joint_limit_violations
+    from ctwin.core.body.skeleton import JOINT_INDEX
+    from ctwin.core.twin.twin import frame_poses, load_twin
 
     twin = load_twin(twin_dir)
     p = np.asarray(twin.pose0, dtype=np.float64).copy()

@@ -4,9 +4,9 @@ import pytest
 
 bpy = pytest.importorskip("bpy")
 
-from ctwin.core.carm import named_view  # noqa: E402
-from ctwin.core.projector import read_frame, render_drr  # noqa: E402
-from ctwin.core.volume import Volume, affine_from, save_nifti  # noqa: E402
+from ctwin.core.drr.carm import named_view  # noqa: E402
+from ctwin.core.drr.projector import read_frame, render_drr  # noqa: E402
+from ctwin.core.volumes.volume import Volume, affine_from, save_nifti  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +125,8 @@ def test_f12_and_animation_render_with_resume(registered, ct_file, tmp_path):
 
 def test_render_engine_realistic_physics(registered, ct_file, tmp_path):
     pytest.importorskip("spekpy", reason="SpekPy is not installed")
-    from ctwin.core.projector import render_value
-    from ctwin.core.xray import XraySetup
+    from ctwin.core.drr.projector import render_value
+    from ctwin.core.drr.xray import XraySetup
     from ctwin.render import scene_volumes
 
     vol, path = ct_file

@@ -7,7 +7,7 @@ import numpy as np
 def test_report_table_and_pictures(tmp_path):
     from PIL import Image
 
-    from ctwin.core.report import PUBLISHED, overlay, save_gif, save_png, strip, write_report
+    from ctwin.core.twin.report import PUBLISHED, overlay, save_gif, save_png, strip, write_report
 
     metrics = {"fit": {"chamfer_mm": 1.25, "enclosure_pct": 99.9},
                "acquisition": {"ssim": 1.0, "psnr_db": None, "identical": True},

@@ -5,16 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from ctwin.core.armature import build_armature
-from ctwin.core.body_model import default_body_model_path, load_body_model
+from ctwin.core.rig.armature import build_armature
+from ctwin.core.body.body_model import default_body_model_path, load_body_model
 from ctwin.core.errors import CtwinError
-from ctwin.core.motion import load_motion, write_motion_file
-from ctwin.core.phantom import generate_phantom, rest_skeleton
-from ctwin.core.anatomy import build_anatomy
-from ctwin.core.poses import PRESETS, resolve_pose
-from ctwin.core.retarget import (ik_pose, model_rest_joints_mm, pose_for_twin, relative_pose, rest_alignment,
+from ctwin.core.rig.motion import load_motion, write_motion_file
+from ctwin.core.phantom.phantom import generate_phantom, rest_skeleton
+from ctwin.core.phantom.anatomy import build_anatomy
+from ctwin.core.rig.poses import PRESETS, resolve_pose
+from ctwin.core.rig.retarget import (ik_pose, model_rest_joints_mm, pose_for_twin, relative_pose, rest_alignment,
                                  retarget_pose)
-from ctwin.core.skeleton import JOINT_INDEX, PARENTS, forward_kinematics, rodrigues, rotation_to_rotvec
+from ctwin.core.body.skeleton import JOINT_INDEX, PARENTS, forward_kinematics, rodrigues, rotation_to_rotvec
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_variant_truth_bones_follow_the_retargeted_armature():
     k = JOINT_INDEX["left_shoulder"]
     u = arm.joints_rest_mm[JOINT_INDEX["left_elbow"]] - arm.joints_rest_mm[k]
     p0t = np.asarray(p0, dtype=np.float64).reshape(24, 3).copy()
-    from ctwin.core.skeleton import rotation_to_rotvec as r2v
+    from ctwin.core.body.skeleton import rotation_to_rotvec as r2v
 
     p0t[k] = r2v(rodrigues(p0t[k]) @ rodrigues(np.deg2rad(10.0) * u / np.linalg.norm(u)))
     arm_t = build_armature(np.asarray(ta["joints"]), p0t.reshape(72), np.asarray(ta["transl"]))
@@ -308,7 +308,7 @@ def test_amass_motion_on_variant_skeleton_moves_the_twin_as_the_builtin_one(tmp_
 def test_variant_flesh_rule_blends_across_joints():
     """The variant's flesh near a joint follows a blend of the two segments: the same placement as
     the rigid rule at the rest pose, a partial turn (about the joint) when the joint bends."""
-    from ctwin.core.phantom import _packed, _posed_rows, _flesh_blend_table
+    from ctwin.core.phantom.phantom import _packed, _posed_rows, _flesh_blend_table
 
     anat, fprims = _packed(0)[:2]
     table = _flesh_blend_table(anat, fprims)
@@ -337,7 +337,7 @@ def test_cli_source_model_needs_a_motion(tmp_path, capsys):
 
 
 def test_twin_reads_its_acquisition_source_and_located_joints(tmp_path, variant):
-    from ctwin.core.twin import Twin
+    from ctwin.core.twin.twin import Twin
 
     j, jv, _ = variant
     (tmp_path / "ct").mkdir()
@@ -355,7 +355,7 @@ def test_twin_reads_its_acquisition_source_and_located_joints(tmp_path, variant)
 
 
 def test_apply_alignment_turns_every_world_bone_by_its_alignment():
-    from ctwin.core.retarget import acquisition_alignment, apply_alignment, global_rotations
+    from ctwin.core.rig.retarget import acquisition_alignment, apply_alignment, global_rotations
 
     pa, pb, t0 = _random_pose(1), _random_pose(2), _random_pose(3, 0.2)
     c = acquisition_alignment(pa, t0)

@@ -7,11 +7,11 @@ import pytest
 bpy = pytest.importorskip("bpy")
 
 from ctwin.blender import data as bl_data  # noqa: E402
-from ctwin.core.armature import build_armature  # noqa: E402
-from ctwin.core.binding import bind_structures  # noqa: E402
-from ctwin.core.motion import write_motion_file  # noqa: E402
-from ctwin.core.pose import bone_deltas, pose_meshes  # noqa: E402
-from ctwin.core.skeleton import JOINT_NAMES, PARENTS, forward_kinematics, rodrigues  # noqa: E402
+from ctwin.core.rig.armature import build_armature  # noqa: E402
+from ctwin.core.rig.binding import bind_structures  # noqa: E402
+from ctwin.core.rig.motion import write_motion_file  # noqa: E402
+from ctwin.core.rig.pose import bone_deltas, pose_meshes  # noqa: E402
+from ctwin.core.body.skeleton import JOINT_NAMES, PARENTS, forward_kinematics, rodrigues  # noqa: E402
 
 from rig_synth import (REST_JOINTS_MM, FakeBodyModel, Mesh, acquisition_pose, box, target_pose,  # noqa: E402
                        truth_scene)
@@ -98,7 +98,7 @@ def test_blender_pose_matches_core(twin):
         rest = np.array(arm_obj.data.bones[name].matrix_local)
         rest[:3, 3] *= 1000.0
         assert np.allclose(bw[name], d @ rest, atol=1e-3), name
-    # deformed meshes match core.pose.pose_meshes
+    # deformed meshes match core.rig.pose.pose_meshes
     core = pose_meshes(b, twin["meshes"], pb, tb)
     for name, obj in objs.items():
         err = np.abs(_evaluated_mm(obj) - core[name].vertices).max()
@@ -138,7 +138,7 @@ def test_motion_keyframes_fast_and_exact(twin, tmp_path):
         seconds = time.perf_counter() - t0
         assert count == n and seconds < 5.0, seconds
         assert (scene.frame_start, scene.frame_end) == (1, n)
-        from ctwin.core.motion import load_motion
+        from ctwin.core.rig.motion import load_motion
 
         arm = build_armature(np.asarray(arm_obj["ctwin_joints_mm"]).reshape(24, 3), arm_obj["ctwin_pose0"],
                              arm_obj["ctwin_transl0_mm"])
@@ -153,9 +153,9 @@ def test_motion_keyframes_fast_and_exact(twin, tmp_path):
         bpy.context.view_layer.objects.active = arm_obj
         assert bpy.ops.ctwin.load_motion(filepath=str(path)) == {"FINISHED"}
         # Load Motion's Source Model: the frames are retargeted from that model's skeleton
-        from ctwin.core.anatomy import build_anatomy
-        from ctwin.core.body_model import load_body_model
-        from ctwin.core.phantom import rest_skeleton
+        from ctwin.core.phantom.anatomy import build_anatomy
+        from ctwin.core.body.body_model import load_body_model
+        from ctwin.core.phantom.phantom import rest_skeleton
 
         model = tmp_path / "variant_model.npz"
         np.savez(model, v_template=np.asarray(rest_skeleton(build_anatomy(0), 3)[0]) / 1000.0,
@@ -180,10 +180,10 @@ def test_build_rig_binds_with_the_fitted_body_model(tmp_path):
     one. The user's model here is the built-in one 10 % larger, and the skin is that model's
     surface, so the two bindings differ measurably."""
     from ctwin.blender.scene import ensure_registered
-    from ctwin.core.body_model import default_body_model_path, load_body_model
-    from ctwin.core.mesh import Mesh as CoreMesh
-    from ctwin.core.poses import PRESETS
-    from ctwin.core.skeleton import SUPINE_GLOBAL_ORIENT
+    from ctwin.core.body.body_model import default_body_model_path, load_body_model
+    from ctwin.core.meshes.mesh import Mesh as CoreMesh
+    from ctwin.core.rig.poses import PRESETS
+    from ctwin.core.body.skeleton import SUPINE_GLOBAL_ORIENT
 
     builtin = load_body_model()
     with np.load(default_body_model_path()) as z:

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from conftest import real_ct_path
-from ctwin.core import labels, progress
-from ctwin.core.ct import load_ct
+from ctwin.core.volumes import labels
+from ctwin.core import progress
+from ctwin.core.volumes.ct import load_ct
 from ctwin.core.errors import CtwinError
-from ctwin.core.segmentation import label_hu_stats, load_segmentation
-from ctwin.core.volume import Volume, load_nifti, save_nifti
+from ctwin.core.volumes.segmentation import label_hu_stats, load_segmentation
+from ctwin.core.volumes.volume import Volume, load_nifti, save_nifti
 
 
 @pytest.fixture(scope="module")

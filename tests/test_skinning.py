@@ -1,8 +1,8 @@
-"""Dual-quaternion skinning of the twin's body surface (core.pose.dqs_points)."""
+"""Dual-quaternion skinning of the twin's body surface (core.rig.pose.dqs_points)."""
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from ctwin.core.pose import dqs_points, lbs_points
+from ctwin.core.rig.pose import dqs_points, lbs_points
 
 
 def _rigid(rotvec, t):

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_twin_directory_layout(twin_dir):
-    from ctwin.core.labels import is_skeletal
+    from ctwin.core.volumes.labels import is_skeletal
 
     meta = json.loads((twin_dir / "twin.json").read_text())
     for key in ("inputs", "body_model", "fit", "binding", "software", "structures"):
@@ -38,9 +38,9 @@ def test_twin_directory_layout(twin_dir):
 
 def test_acquisition_pose_renders_like_the_ct(twin_dir):
     """The articulated path at the identity pose reproduces the original CT's DRR (SPEC 6)."""
-    from ctwin.core.metrics import drr_similarity
-    from ctwin.core.projector import render_drr
-    from ctwin.core.twin import load_twin
+    from ctwin.core.meshes.metrics import drr_similarity
+    from ctwin.core.drr.projector import render_drr
+    from ctwin.core.twin.twin import load_twin
 
     twin = load_twin(twin_dir)
     for name, g in twin.default_views(size=64).items():
@@ -52,8 +52,8 @@ def test_acquisition_pose_renders_like_the_ct(twin_dir):
 
 
 def test_posed_bones_stay_rigid_and_move(twin_dir):
-    from ctwin.core.poses import PRESETS
-    from ctwin.core.twin import load_twin
+    from ctwin.core.rig.poses import PRESETS
+    from ctwin.core.twin.twin import load_twin
 
     twin = load_twin(twin_dir)
     posed = twin.posed_meshes(PRESETS["hip_flexion"])
@@ -89,11 +89,11 @@ def test_blender_animation_matches_cli(twin_dir, tmp_path):
     """A keyframed motion rendered by the Blender engine equals `ctwin render` for the same frames."""
     import bpy
 
-    from ctwin.core.carm import Geometry
-    from ctwin.core.motion import write_motion_file
-    from ctwin.core.poses import PRESETS
-    from ctwin.core.projector import read_frame
-    from ctwin.core.twin import render_twin
+    from ctwin.core.drr.carm import Geometry
+    from ctwin.core.rig.motion import write_motion_file
+    from ctwin.core.rig.poses import PRESETS
+    from ctwin.core.drr.projector import read_frame
+    from ctwin.core.twin.twin import render_twin
     from ctwin.rig.animation import load_motion_keyframes
     from ctwin.blender.scene import ensure_registered, twin_armature_object
 

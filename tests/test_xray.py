@@ -1,15 +1,15 @@
-"""Realistic X-ray physics (core.xray): SpekPy spectra, xraylib materials, stoichiometric CT
+"""Realistic X-ray physics (core.drr.xray): SpekPy spectra, xraylib materials, stoichiometric CT
 calibration, detector blur and noise, DICOM DX output, the render flags."""
 import json
 
 import numpy as np
 import pytest
 
-from ctwin.core import physics, xray
-from ctwin.core.carm import Geometry
+from ctwin.core.drr import physics, xray
+from ctwin.core.drr.carm import Geometry
 from ctwin.core.errors import CtwinError
-from ctwin.core.projector import material_integrals
-from ctwin.core.volume import Volume
+from ctwin.core.drr.projector import material_integrals
+from ctwin.core.volumes.volume import Volume
 
 spekpy = pytest.importorskip("spekpy", reason="SpekPy is not installed (pip install -r requirements.txt)")
 xraylib = pytest.importorskip("xraylib", reason="xraylib is not installed (pip install -r requirements.txt)")
@@ -180,7 +180,7 @@ def test_detector_absorption():
 
 def test_dicom_roundtrip(tmp_path):
     pydicom = pytest.importorskip("pydicom", reason="pydicom is not installed")
-    from ctwin.core.dicom_dx import read_dx, write_dx
+    from ctwin.core.drr.dicom_dx import read_dx, write_dx
 
     img = np.random.default_rng(0).random((20, 30)).astype(np.float32) * 3.0 + 0.5
     sc = {"pixel_spacing_mm": [0.2, 0.3], "sid_mm": 1500.0, "sad_mm": 1000.0, "source_mm": [0, -1000, 0],
@@ -206,9 +206,9 @@ def test_radiograph_value():
 def test_render_cli_realistic_dicom(tmp_path, capsys):
     pytest.importorskip("pydicom", reason="pydicom is not installed")
     from ctwin import cli
-    from ctwin.core.dicom_dx import read_dx
+    from ctwin.core.drr.dicom_dx import read_dx
     from ctwin.core.fileio import read_json
-    from ctwin.core.volume import save_nifti
+    from ctwin.core.volumes.volume import save_nifti
 
     d = np.full((20, 16, 18), -1000, np.int16)
     d[3:-3, 3:-3, 2:-2] = 20
@@ -286,8 +286,8 @@ def test_label_overrides_material(tmp_path, capsys):
     CLI reads the segmentation (a mask folder) and records the overrides."""
     from ctwin import cli
     from ctwin.core.fileio import read_json
-    from ctwin.core.projector import read_frame
-    from ctwin.core.volume import save_nifti
+    from ctwin.core.drr.projector import read_frame
+    from ctwin.core.volumes.volume import save_nifti
 
     d = np.full((20, 16, 18), -1000, np.int16)
     d[3:-3, 3:-3, 2:-2] = 40
@@ -326,8 +326,8 @@ def test_label_overrides_material(tmp_path, capsys):
 
 
 def test_twin_renders_with_realistic_physics(twin_dir, tmp_path):
-    from ctwin.core.projector import read_frame
-    from ctwin.core.twin import render_twin
+    from ctwin.core.drr.projector import read_frame
+    from ctwin.core.twin.twin import render_twin
 
     render_twin(twin_dir, tmp_path / "mono", size=32, device="cpu", view="ap")
     render_twin(twin_dir, tmp_path / "real", size=32, device="cpu", view="ap", kvp=80,
@@ -339,7 +339,7 @@ def test_twin_renders_with_realistic_physics(twin_dir, tmp_path):
     assert np.corrcoef(mono[m], real[m])[0, 1] > 0.95 and not np.allclose(mono, real)
     # DICOM frames for twins, with scatter and a grid
     pytest.importorskip("pydicom", reason="pydicom is not installed")
-    from ctwin.core.dicom_dx import read_dx
+    from ctwin.core.drr.dicom_dx import read_dx
     from ctwin.core.fileio import read_json
 
     render_twin(twin_dir, tmp_path / "dcm", size=32, device="cpu", view="ap", fmt="dicom",

@@ -21,10 +21,10 @@ from launch import load_package  # noqa: E402
 load_package("ctwin")
 try:
     from ctwin.core.drr.projector import render_drr  # noqa: E402
-    from ctwin.core.twin.twin import load_twin  # noqa: E402
+    from ctwin.core.twin.twin.twin import load_twin  # noqa: E402
 except ImportError:
-    from ctwin.core.projector import render_drr  # noqa: E402
-    from ctwin.core.twin import load_twin  # noqa: E402
+    from ctwin.core.drr.projector import render_drr  # noqa: E402
+    from ctwin.core.twin.twin import load_twin  # noqa: E402
 
 
 def jittered_walk(twin, seed: int, deg: float = 2.0) -> np.ndarray:

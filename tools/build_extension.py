@@ -74,7 +74,7 @@ BUNDLED: dict[str, tuple[str, ...]] = {
     "pyparsing": ALL, "python-dateutil": ALL, "tzdata": ALL,
 }
 # Data files left out of a bundled wheel, by package (fnmatch patterns of paths in the wheel).
-# SpekPy's wheel is 164 MB, nearly all physics tables; ctwin's spectra (core/xray.py: tungsten
+# SpekPy's wheel is 164 MB, nearly all physics tables; ctwin's spectra (core/drr/xray.py: tungsten
 # anode, SpekPy's default "casim" model) read only the Z74 (tungsten) tables and the shared
 # ones (traced file opens for 40, 80 and 150 kVp with Al and Cu filters, on and off axis). The
 # "kqp" model's table (KQP.npz, 91 MB) and the Cu, Mo and Rh anodes' tables (Z29/Z42/Z45, 33 MB)

@@ -8,7 +8,7 @@
 2. Loads the OLD twin with both trees' ``./ctwin render`` (views ap and lateral, at the acquisition
    pose and at ``--pose``) and reports whether the DRRs are bit-identical.
 3. Compares the two builds: fit chamfer (``fit.json``), the largest fitted-joint difference (mm),
-   and the SSIM/PSNR (``core.metrics.drr_similarity``) of each build's DRRs rendered by its own tree.
+   and the SSIM/PSNR (``core.meshes.metrics.drr_similarity``) of each build's DRRs rendered by its own tree.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ load_package("ctwin")
 
 import numpy as np  # noqa: E402
 
-from ctwin.core.metrics import drr_similarity  # noqa: E402
-from ctwin.core.projector import read_frame  # noqa: E402
+from ctwin.core.meshes.metrics import drr_similarity  # noqa: E402
+from ctwin.core.drr.projector import read_frame  # noqa: E402
 
 VIEWS = ("ap", "lateral")
 

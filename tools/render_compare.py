@@ -28,9 +28,9 @@ def render(root: Path, out: Path, twins: list, size: int, presets: list) -> None
     from launch import load_package
 
     load_package("ctwin")
-    from ctwin.core import articulated as A
-    from ctwin.core.projector import render_drr
-    from ctwin.core.twin import load_twin
+    from ctwin.core.twin import articulated as A
+    from ctwin.core.drr.projector import render_drr
+    from ctwin.core.twin.twin import load_twin
 
     images = {}
     for td in twins:

@@ -26,7 +26,7 @@ class CTWIN_PT_workflow(bpy.types.Panel):
         row = col.row(align=True)
         for view, text in (("ap", "AP"), ("lat_left", "Lateral"), ("lao30", "LAO 30"), ("rao30", "RAO 30")):
             row.operator("ctwin.xray_camera", text=text).view = view
-        from ..core.projector import device_status  # numba and the kernels: loaded on first draw, not on register
+        from ..core.drr.projector import device_status  # numba and the kernels: loaded on first draw, not on register
 
         line = device_status()  # asked once per session
         col.label(text=line, icon="INFO" if line.startswith("GPU path unavailable") else "CHECKMARK")

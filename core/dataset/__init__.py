@@ -1,0 +1,1 @@
+"""Training datasets of posed DRRs: specs, the sampler, Ray workers, tar shards."""

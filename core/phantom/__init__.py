@@ -1,0 +1,1 @@
+"""The full-body CT phantom with ground truth: its anatomy and its generator."""

@@ -1,0 +1,1063 @@
+"""Articulated 2D/3D registration: the twin's pose (72 values + translation) from X-ray images.
+
+Method (no GPU needed; numpy, scipy and numba):
+
+- **Bone clouds.** Every bone of the twin's articulated CT (``core.twin.articulated``: one rigid
+  sub-volume per skeletal label) becomes a cloud of points at its voxel centres, each weighted by
+  the bone's attenuation in excess of water, ``mu(HU) - mu(0) = 0.02/mm x HU/1000`` (SPEC 5
+  monoenergetic model) times the voxel volume. Voxels below ``BONE_HU`` are left out, so the
+  clouds hold bone and not the rim of soft tissue around it. Clouds of fine CTs are pooled to
+  about ``CLOUD_SPACING_MM``.
+- **Soft tissue and table.** The twin's soft tissue (the articulated CT's bone-filled soft volume)
+  pooled to ``SOFT_SPACING_MM`` blocks of full attenuation, each block moved rigidly with the joint
+  of its largest skinning weight, and the static part (table) in place: the moving image then has
+  the body outline and the table edges that the X-ray has (without them the rigid fit was drawn to
+  those edges).
+- **DRRs by splatting.** A pose gives each structure its rigid 4x4 (``core.rig.pose``); each
+  point is moved, projected with the view's 3x4 matrix and splatted bilinearly with the density
+  factor of a cone beam (``sid^2 |X - S| / (pixel area x depth^3)``), so the image is the line
+  integral of the bones' excess attenuation. No soft-tissue warp while optimising: a pose costs a
+  few milliseconds per view.
+- **Similarity.** Gradient correlation (Penney et al., IEEE TMI 17(4):586-595, 1998): the mean of
+  the normalised cross-correlations of the row and column gradients of the Gaussian-smoothed
+  images, summed over the views. It ignores the offset and scale of the intensities, so the soft
+  tissue, beam hardening and detector response of a real image matter little; the input is
+  turned into line integrals first (``-log`` of an intensity, the inverse of the log display).
+- **Optimisation.** Coarse to fine over the image size (64, 128, 256 px by default; the clouds
+  pooled to half a pixel at each level). At the coarsest level: the root (rotation + translation,
+  several starts), then each limb group from proximal to distal (hips, knees, ankles and feet;
+  collars and shoulders, elbows, wrists and hands; neck and head), each first searched over
+  single-axis offsets of +-15..90 degrees, then the root again, the limbs again, the root; at every
+  level the root with the spine, then the limb groups. While one group moves, the structures it
+  cannot move are splatted once and kept. Powell's method (scipy) with the anatomical joint
+  ranges of ``core.rig.pose.JOINT_LIMITS_DEG`` as bounds (by projection, with a quadratic penalty
+  outside), a weak Gaussian prior that pulls each joint toward the start pose, and the root kept
+  within ``ROOT_RANGE_DEG`` / ``ROOT_RANGE_MM`` of its start.
+- **Rigid baseline** (``articulated=False``): the whole twin as one rigid body (the root only).
+- **C-arm refinement** (``refine_geometry=True``): after the root, each view after the first gets
+  a rigid correction of its geometry relative to the patient (6 values) before the joints move.
+
+Input images: TIFF + geometry sidecar (SPEC 4, as ``ctwin render`` writes, ``value`` line_integral,
+intensity or display), or DICOM (pydicom) with a sidecar beside it or with the projection tags
+(source-detector and source-patient distances, imager pixel spacing, positioner angles); a DICOM
+radiograph does not tie the isocentre to the CT, so it is taken at the centre of the twin's CT box.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..drr.carm import Geometry
+from ..errors import CtwinError
+from ..progress import report
+from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, PARENTS, apply_transform, rodrigues, rotation_to_rotvec
+
+MU_WATER_PER_MM = 0.02  # SPEC 5 monoenergetic model
+BONE_HU = 150.0  # voxels above this count as bone in the clouds (cancellous bone is ~200-400 HU)
+CLOUD_SPACING_MM = 2.0  # clouds of finer CTs are pooled to about this spacing
+SOFT_SPACING_MM = 9.0  # soft tissue cloud: its outline only needs to match at the coarse levels
+LEVELS = (64, 128, 256)
+# joint groups in hierarchical order (after the root): each moves with everything above it fixed
+GROUPS = (
+    ("spine", ("spine1", "spine2", "spine3")),
+    ("neck", ("neck", "head")),
+    ("left_hip", ("left_hip",)), ("right_hip", ("right_hip",)),
+    ("left_shoulder", ("left_collar", "left_shoulder")), ("right_shoulder", ("right_collar", "right_shoulder")),
+    ("left_knee", ("left_knee",)), ("right_knee", ("right_knee",)),
+    ("left_elbow", ("left_elbow",)), ("right_elbow", ("right_elbow",)),
+    ("left_ankle", ("left_ankle", "left_foot")), ("right_ankle", ("right_ankle", "right_foot")),
+    ("left_wrist", ("left_wrist", "left_hand")), ("right_wrist", ("right_wrist", "right_hand")),
+)
+# the root's search range around the start (registration is specified for starts within 50 mm and 10 degrees)
+ROOT_RANGE_DEG, ROOT_RANGE_MM = 20.0, 100.0
+# single-axis offsets tried before a limb group's first optimisation (its optimum is narrow:
+# about +-10 degrees at 64 px)
+SEARCH_DEG = (-90, -75, -60, -45, -30, -15, 15, 30, 45, 60, 75, 90)
+_DEBUG = False
+ROT_UNIT = 0.1  # optimiser units: 0.1 rad (5.7 deg) ...
+TRANS_UNIT = 10.0  # ... and 10 mm
+PRIOR_SIGMA_DEG = 40.0  # weak Gaussian prior on each joint's change from the start pose
+PRIOR_WEIGHT = 0.02  # in units of the summed gradient correlation (one view: at most 1)
+
+
+# --------------------------------------------------------------------------------------------
+# input images
+# --------------------------------------------------------------------------------------------
+@dataclass
+class XRay:
+    """One input image as line integrals, with its geometry."""
+
+    name: str
+    image: np.ndarray  # float64 (H, W) line integrals
+    geometry: Geometry
+    value: str = "line_integral"
+    path: str = ""
+    sidecar: dict = field(default_factory=dict)
+
+
+def to_line_integral(image, value: str) -> np.ndarray:
+    """Invert the output value of a DRR or radiograph to line integrals (SPEC 5 values)."""
+    from ..drr.physics import DISPLAY_MAX
+
+    img = np.asarray(image, dtype=np.float64)
+    if value == "line_integral":
+        return img
+    if value == "intensity":
+        top = float(np.nanpercentile(img, 99.9))
+        scale = top if top > 1.0 else 1.0  # a raw radiograph: the unattenuated level is its brightest
+        return -np.log(np.clip(img / scale, 1e-6, None))
+    if value == "display":
+        return np.expm1(np.clip(img, 0.0, 1.0) * np.log1p(DISPLAY_MAX))
+    raise CtwinError(f"unknown image value {value!r}; the sidecar's value is line_integral, intensity or display")
+
+
+def _sidecar_for(path: Path) -> Path | None:
+    for cand in (path.with_suffix(".json"), path.with_name(path.name + ".json")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _read_sidecar(p: Path) -> dict:
+    from ..fileio import read_json
+
+    try:
+        d = read_json(p)
+    except ValueError as exc:
+        raise CtwinError(f"{p.name} is not valid JSON: {exc}") from None
+    if not isinstance(d, dict):
+        raise CtwinError(f"{p.name}: a geometry sidecar is a JSON object")
+    return d
+
+
+def _dicom_geometry(ds, name: str, twin_bbox) -> Geometry:
+    """A geometry from a projection radiograph's tags; the isocentre at the twin's CT box centre."""
+    from ..drr.carm import named_view
+
+    def tag(key):
+        v = getattr(ds, key, None)
+        if v is None or v == "":
+            raise CtwinError(f"{name}: DICOM without a geometry sidecar needs the tag {key}; "
+                             "give the image with a sidecar JSON (ctwin render's keys)")
+        return v
+
+    sdd = float(tag("DistanceSourceToDetector"))
+    spd = float(tag("DistanceSourceToPatient"))
+    sp = getattr(ds, "ImagerPixelSpacing", None) or tag("PixelSpacing")
+    primary = float(tag("PositionerPrimaryAngle"))
+    secondary = float(getattr(ds, "PositionerSecondaryAngle", 0.0) or 0.0)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if twin_bbox is None:
+        raise CtwinError(f"{name}: a DICOM geometry needs the twin (its isocentre is the CT box centre)")
+    # DICOM PS3.3 C.8.7.5: primary angle > 0 towards the patient's left (LAO), secondary > 0 cranial
+    g = named_view("pa", twin_bbox, sad_mm=spd, sid_mm=sdd, size=(cols, rows),
+                   lao=primary, cranial=secondary)
+    return Geometry(g.source_mm, g.detector_center_mm, g.detector_u, g.detector_v,
+                    (float(sp[1]), float(sp[0])), (cols, rows), False, g.extra)
+
+
+def load_xray(path, twin_bbox=None) -> XRay:
+    """Read an input image: TIFF + sidecar JSON, or DICOM (with a sidecar or projection tags)."""
+    path = Path(path)
+    if path.suffix == "" and path.with_suffix(".tif").is_file():
+        path = path.with_suffix(".tif")
+    if not path.is_file():
+        raise CtwinError(f"X-ray image not found: {path}")
+    suffix = path.suffix.lower()
+    sc_path = _sidecar_for(path)
+    sidecar = _read_sidecar(sc_path) if sc_path is not None else None
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        if sidecar is None:
+            raise CtwinError(f"{path.name}: no geometry sidecar ({path.stem}.json) beside the image")
+        try:
+            img = np.asarray(tifffile.imread(path), dtype=np.float64)
+        except Exception as exc:  # noqa: BLE001 - any reader failure is a bad input
+            raise CtwinError(f"cannot read {path.name}: {exc}") from None
+        geom = Geometry.from_sidecar(sidecar)
+        value = str(sidecar.get("value", "line_integral"))
+    elif suffix in (".dcm", ".dicom", "") or _is_dicom(path):
+        try:
+            import pydicom
+        except ImportError:
+            raise CtwinError(f"{path.name}: reading DICOM needs pydicom (pip install pydicom)") from None
+        try:
+            ds = pydicom.dcmread(path)
+            img = np.asarray(ds.pixel_array, dtype=np.float64)
+        except Exception as exc:  # noqa: BLE001
+            raise CtwinError(f"cannot read {path.name} as DICOM: {exc}") from None
+        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+        img = img * slope + float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        if sidecar is not None:
+            geom = Geometry.from_sidecar(sidecar)
+            value = str(sidecar.get("value", "display"))
+        else:
+            geom = _dicom_geometry(ds, path.name, twin_bbox)
+            value = "display"
+            sidecar = {}
+        if value == "display":
+            lo, hi = float(img.min()), float(img.max())
+            img = (img - lo) / (hi - lo) if hi > lo else img * 0.0
+            if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
+                img = 1.0 - img  # MONOCHROME1: bright = low attenuation
+    else:
+        raise CtwinError(f"{path.name}: X-ray images are TIFF with a sidecar JSON, or DICOM")
+    if img.ndim != 2:
+        raise CtwinError(f"{path.name}: expected a single-channel 2-D image, got shape {img.shape}")
+    if (img.shape[1], img.shape[0]) != tuple(geom.size_px):
+        raise CtwinError(f"{path.name}: image is {img.shape[1]}x{img.shape[0]} but its geometry says "
+                         f"{geom.size_px[0]}x{geom.size_px[1]}")
+    if not np.all(np.isfinite(img)):
+        raise CtwinError(f"{path.name}: the image holds NaN or infinite values")
+    return XRay(path.stem, to_line_integral(img, value), geom, value, str(path), dict(sidecar))
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+        return head[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# bone clouds and splatted bone DRRs
+# --------------------------------------------------------------------------------------------
+@dataclass
+class BoneCloud:
+    names: list  # structure names (bones), index = owner
+    points: np.ndarray  # (N, 3) world mm at the acquisition pose
+    weight: np.ndarray  # (N,) excess attenuation x volume (mm^2)
+    owner: np.ndarray  # (N,) int32
+    spacing_mm: float
+
+    @property
+    def bone(self) -> np.ndarray:
+        """(S,) bool: which structures are bones (not the soft tissue or the table)."""
+        return np.array([not n.startswith("_") for n in self.names])
+
+
+def bone_cloud(twin, bone_hu: float = BONE_HU, spacing_mm: float = CLOUD_SPACING_MM,
+               soft_spacing_mm: float | None = SOFT_SPACING_MM) -> BoneCloud:
+    """The twin's bones as weighted point clouds (see the module docstring), plus, unless
+    ``soft_spacing_mm`` is None, the soft tissue pooled coarsely and moved rigidly with the joint of
+    its largest skinning weight, and the static part (table): the moving image then has the body
+    outline that the X-ray has."""
+    art = twin.articulated
+    rigid = twin.binding.rigid
+    vox = np.abs(np.linalg.det(art.affine[:3, :3]))
+    sp = float(np.min(np.linalg.norm(art.affine[:3, :3], axis=0)))
+    f = max(1, int(round(spacing_mm / sp)))
+    names, pts, wts, own = [], [], [], []
+    for p in art.parts:
+        if p.kind != "bone" or p.name not in rigid:
+            continue
+        hu = p.data.astype(np.float32)
+        sel = (p.mask > 0) & (hu > bone_hu)
+        if not sel.any():
+            continue
+        ijk = np.argwhere(sel)
+        w = (hu[sel] / 1000.0 * MU_WATER_PER_MM * vox).astype(np.float64)
+        if f > 1:  # pool f^3 blocks: weight sums at weighted centroids
+            key = ijk // f
+            _, inv = np.unique(key, axis=0, return_inverse=True)
+            inv = inv.reshape(-1)
+            ws = np.bincount(inv, weights=w)
+            ijk = np.stack([np.bincount(inv, weights=w * ijk[:, a]) / ws for a in range(3)], axis=1)
+            w = ws
+        A = p.affine
+        world = apply_transform(A, ijk)
+        own.append(np.full(len(w), len(names), np.int32))
+        names.append(p.name)
+        pts.append(world)
+        wts.append(w)
+    if not names:
+        raise CtwinError("the twin has no bones to register (no skeletal structure in its articulated CT)")
+    if soft_spacing_mm:
+        fs = max(1, int(round(soft_spacing_mm / sp)))
+        for src, hu_vol, offset in _soft_sources(art):
+            ijk, w = _pool_blocks(hu_vol, fs, vox)
+            if not len(w):
+                continue
+            A = art.affine.copy()
+            A[:3, 3] = art.affine[:3, :3] @ offset + art.affine[:3, 3]
+            world = apply_transform(A, ijk)
+            if src == "static":
+                groups = {"_static": np.ones(len(w), bool)}
+            else:  # rigid per joint: the joint of the largest skinning weight at the point
+                wi = np.linalg.inv(art.weight_affine)
+                idx = np.rint(apply_transform(wi, world)).astype(np.int64)
+                shp = np.array(art.weights.shape[:3])
+                idx = np.clip(idx, 0, shp - 1)
+                ch = np.argmax(art.weights[idx[:, 0], idx[:, 1], idx[:, 2]], axis=1)
+                jt = art.weight_joints[ch]
+                groups = {f"_soft:{JOINT_NAMES[j]}": jt == j for j in np.unique(jt)}
+            for n, m in groups.items():
+                own.append(np.full(int(m.sum()), len(names), np.int32))
+                names.append(n)
+                pts.append(world[m])
+                wts.append(w[m])
+    return BoneCloud(names, np.concatenate(pts), np.concatenate(wts), np.concatenate(own),
+                     float(sp * f))
+
+
+def pool_cloud(cloud: BoneCloud, spacing_mm: float) -> BoneCloud:
+    """The cloud pooled per structure on a world grid of ``spacing_mm``: weights summed at their
+    weighted centroids (the same image at a resolution that does not resolve the grid)."""
+    if spacing_mm <= 1.5 * cloud.spacing_mm:
+        return cloud
+    cell = np.floor(cloud.points / spacing_mm).astype(np.int64)
+    cell -= cell.min(axis=0)
+    dims = cell.max(axis=0) + 1
+    key = ((cloud.owner.astype(np.int64) * dims[0] + cell[:, 0]) * dims[1] + cell[:, 1]) * dims[2] + cell[:, 2]
+    uk, inv = np.unique(key, return_inverse=True)
+    inv = inv.reshape(-1)
+    w = np.bincount(inv, weights=cloud.weight)
+    safe = np.where(w > 0, w, 1.0)
+    pts = np.stack([np.bincount(inv, weights=cloud.weight * cloud.points[:, a]) / safe for a in range(3)], axis=1)
+    own = np.zeros(len(uk), np.int32)
+    own[inv] = cloud.owner
+    keep = w > 0
+    return BoneCloud(cloud.names, np.ascontiguousarray(pts[keep]), w[keep], own[keep], float(spacing_mm))
+
+
+def _soft_sources(art):
+    """(kind, HU array, voxel offset) of the soft tissue and the static part (table)."""
+    yield "soft", art.soft, np.zeros(3)
+    for p in art.parts:
+        if p.kind == "static":
+            hu = np.where(p.mask > 0, p.data, -1000).astype(np.int16)
+            yield "static", hu, p.offset_on(art.affine).astype(np.float64)
+
+
+def _pool_blocks(hu: np.ndarray, f: int, vox: float):
+    """Full attenuation (SPEC 5) summed over f^3 blocks: (block centres in voxel index, weights)."""
+    n = np.array(hu.shape)
+    m = -(-n // f) * f
+    buf = np.full(tuple(m), -1000, np.int16)
+    buf[:n[0], :n[1], :n[2]] = hu
+    mu = np.maximum(0.0, MU_WATER_PER_MM * (1.0 + buf.astype(np.float32) / 1000.0)) * vox
+    b = mu.reshape(m[0] // f, f, m[1] // f, f, m[2] // f, f).sum(axis=(1, 3, 5))
+    keep = b > 0.05 * MU_WATER_PER_MM * vox * f ** 3  # blocks with at least 5 % of water
+    ijk = np.argwhere(keep).astype(np.float64) * f + (f - 1) / 2.0
+    return ijk, b[keep].astype(np.float64)
+
+
+def _kernel():
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def splat(pts, w, owner, T, P, src, parallel, area, out):
+        H, W = out.shape
+        for n in range(pts.shape[0]):
+            o = owner[n]
+            px, py, pz = pts[n, 0], pts[n, 1], pts[n, 2]
+            x = T[o, 0, 0] * px + T[o, 0, 1] * py + T[o, 0, 2] * pz + T[o, 0, 3]
+            y = T[o, 1, 0] * px + T[o, 1, 1] * py + T[o, 1, 2] * pz + T[o, 1, 3]
+            z = T[o, 2, 0] * px + T[o, 2, 1] * py + T[o, 2, 2] * pz + T[o, 2, 3]
+            hc = P[0, 0] * x + P[0, 1] * y + P[0, 2] * z + P[0, 3]
+            hr = P[1, 0] * x + P[1, 1] * y + P[1, 2] * z + P[1, 3]
+            hw = P[2, 0] * x + P[2, 1] * y + P[2, 2] * z + P[2, 3]
+            if hw <= 1e-9:
+                continue
+            c = hc / hw
+            r = hr / hw
+            if parallel:
+                val = w[n] / area
+            else:
+                # footprint of the pixel at depth hw, across the oblique ray: area (hw/sid)^2 cos
+                dx, dy, dz = x - src[0], y - src[1], z - src[2]
+                dist = math.sqrt(dx * dx + dy * dy + dz * dz)
+                val = w[n] * src[3] * src[3] * dist / (area * hw * hw * hw)
+            c0 = math.floor(c)
+            r0 = math.floor(r)
+            fc = c - c0
+            fr = r - r0
+            ic = int(c0)
+            ir = int(r0)
+            if ic >= 0 and ic < W - 1 and ir >= 0 and ir < H - 1:
+                out[ir, ic] += val * (1 - fc) * (1 - fr)
+                out[ir, ic + 1] += val * fc * (1 - fr)
+                out[ir + 1, ic] += val * (1 - fc) * fr
+                out[ir + 1, ic + 1] += val * fc * fr
+            elif ic >= -1 and ic < W and ir >= -1 and ir < H:
+                for dr in range(2):
+                    for dc in range(2):
+                        rr = ir + dr
+                        cc = ic + dc
+                        if rr >= 0 and rr < H and cc >= 0 and cc < W:
+                            ww = (fc if dc else 1 - fc) * (fr if dr else 1 - fr)
+                            out[rr, cc] += val * ww
+
+    return splat
+
+
+_SPLAT = None
+
+
+def _splat_fn():
+    global _SPLAT
+    if _SPLAT is None:
+        _SPLAT = _kernel()
+    return _SPLAT
+
+
+@dataclass
+class _View:
+    geometry: Geometry
+    P: np.ndarray
+    src: np.ndarray  # (source xyz, sid)
+    area: float
+
+    @classmethod
+    def of(cls, g: Geometry) -> "_View":
+        return cls(g, g.projection_matrix(), np.r_[g.source_mm, g.sid_mm],
+                   float(g.pixel_spacing_mm[0] * g.pixel_spacing_mm[1]))
+
+
+def splat_bones(cloud_pts, cloud_w, owner, transforms, view: _View, out=None) -> np.ndarray:
+    """Bone line-integral image (H, W) of points moved by ``transforms`` (S, 4, 4) per owner."""
+    g = view.geometry
+    if out is None:
+        out = np.zeros((g.height, g.width), np.float64)
+    T = np.ascontiguousarray(np.asarray(transforms, dtype=np.float64)[:, :3, :])
+    _splat_fn()(cloud_pts, cloud_w, owner, T, view.P, view.src, bool(g.parallel), view.area, out)
+    return out
+
+
+def bone_drr(twin, geometry: Geometry, pose=None, transl_mm=None, cloud: BoneCloud | None = None,
+             bones_only: bool = True) -> np.ndarray:
+    """The splatted DRR of the twin's bones at a pose (line integrals of excess attenuation), or
+    with ``bones_only=False`` of the whole cloud (bones + coarse soft tissue + table)."""
+    cloud = bone_cloud(twin) if cloud is None else cloud
+    pose = twin.pose0 if pose is None else pose
+    T = _Problem(twin, cloud, [], pose, twin.transl0_mm if transl_mm is None else transl_mm, True).transforms(
+        pose, twin.transl0_mm if transl_mm is None else transl_mm)
+    sel = cloud.bone[cloud.owner] if bones_only else np.ones(len(cloud.owner), bool)
+    return splat_bones(np.ascontiguousarray(cloud.points[sel]), np.ascontiguousarray(cloud.weight[sel]),
+                       np.ascontiguousarray(cloud.owner[sel]), T, _View.of(geometry))
+
+
+# --------------------------------------------------------------------------------------------
+# similarity
+# --------------------------------------------------------------------------------------------
+def _resample(img: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Area-average (or interpolate) an image onto a (h, w) grid covering the same detector."""
+    H, W = img.shape
+    if (H, W) == (h, w):
+        return img.copy()
+    if H % h == 0 and W % w == 0:
+        return img.reshape(h, H // h, w, W // w).mean(axis=(1, 3))
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    sm = gaussian_filter(img, (max(0.0, 0.5 * (H / h - 1)), max(0.0, 0.5 * (W / w - 1))))
+    rr = (np.arange(h) + 0.5) * H / h - 0.5
+    cc = (np.arange(w) + 0.5) * W / w - 0.5
+    R, C = np.meshgrid(rr, cc, indexing="ij")
+    return map_coordinates(sm, [R, C], order=1, mode="nearest")
+
+
+def _grad_pair(img: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.ndimage import gaussian_filter
+
+    s = gaussian_filter(img, sigma, mode="nearest")
+    gx = s[1:-1, 2:] - s[1:-1, :-2]
+    gy = s[2:, 1:-1] - s[:-2, 1:-1]
+    return gx, gy
+
+
+def _normalised(a: np.ndarray) -> np.ndarray | None:
+    a = a - a.mean()
+    n = float(np.sqrt((a * a).sum()))
+    return a / n if n > 0 else None
+
+
+def gradient_correlation(a: np.ndarray, b: np.ndarray, sigma: float = 1.0) -> float:
+    """Gradient correlation of two images (Penney et al. 1998): mean NCC of the two gradients."""
+    ga, gb = _grad_pair(a, sigma), _grad_pair(b, sigma)
+    out = 0.0
+    for x, y in zip(ga, gb):
+        nx, ny = _normalised(x), _normalised(y)
+        if nx is not None and ny is not None:
+            out += float((nx * ny).sum())
+    return 0.5 * out
+
+
+class _Level:
+    """One resolution level: the views at that size and the targets' normalised gradients."""
+
+    def __init__(self, xrays, size: int, cloud: BoneCloud):
+        self.views, self.targets, self.sigma = [], [], []
+        px_iso = []
+        for x in xrays:
+            g0 = x.geometry
+            scale = size / max(g0.width, g0.height)
+            g = g0.with_size(max(8, int(round(g0.width * scale))), max(8, int(round(g0.height * scale))))
+            mag = g.sid_mm / float(g.extra.get("sad_mm", 0.667 * g.sid_mm)) if not g.parallel else 1.0
+            px_iso.append(min(g.pixel_spacing_mm) / mag)
+        # points at half a pixel (at the isocentre) are as good as finer ones once blurred
+        self.cloud = pool_cloud(cloud, 0.5 * min(px_iso))
+        spacing_mm = self.cloud.spacing_mm
+        for x in xrays:
+            g0 = x.geometry
+            scale = size / max(g0.width, g0.height)
+            w = max(8, int(round(g0.width * scale)))
+            h = max(8, int(round(g0.height * scale)))
+            g = g0.with_size(w, h) if (w, h) != tuple(g0.size_px) else g0
+            v = _View.of(g)
+            # blur: at least one pixel, and the cloud's spacing as it projects at the isocentre
+            mag = g.sid_mm / float(g.extra.get("sad_mm", 0.667 * g.sid_mm)) if not g.parallel else 1.0
+            px_mm = min(g.pixel_spacing_mm) / mag
+            sigma = max(1.0, 0.6 * spacing_mm / px_mm)
+            t = _resample(x.image, w, h)
+            gx, gy = _grad_pair(t, sigma)
+            self.views.append(v)
+            self.targets.append((_normalised(gx), _normalised(gy)))
+            self.sigma.append(sigma)
+        self.size = size
+
+    def score(self, images) -> float:
+        s = 0.0
+        for img, (tx, ty), sig in zip(images, self.targets, self.sigma):
+            gx, gy = _grad_pair(img, sig)
+            for a, t in ((gx, tx), (gy, ty)):
+                if t is None:
+                    continue
+                a = a - a.mean()
+                n = float(np.sqrt((a * a).sum()))
+                if n > 0:
+                    s += 0.5 * float((a * t).sum()) / n
+        return s
+
+
+# --------------------------------------------------------------------------------------------
+# the registration
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Registration:
+    pose: np.ndarray  # (72,)
+    transl_mm: np.ndarray  # (3,)
+    joints_mm: np.ndarray  # (24, 3) posed world joints
+    similarity: float  # summed gradient correlation at the finest level
+    stages: list  # per stage: name, level, params, evals, before, after, seconds
+    seconds: float
+    geometries: list  # the (refined) geometry of each view
+    init_pose: np.ndarray
+    init_transl_mm: np.ndarray
+
+
+def _structure_joints(binding, names) -> list:
+    """For each structure, the set of joints whose rotation moves it (its joints and their ancestors)."""
+    out = []
+    for n in names:
+        if n == "_static":
+            out.append(set())
+            continue
+        if n.startswith("_soft:"):
+            j = JOINT_INDEX[n[6:]]
+            anc = set()
+            while j >= 0:
+                anc.add(int(j))
+                j = int(PARENTS[j])
+            out.append(anc)
+            continue
+        bone = binding.rigid[n]
+        vb = binding.vertebrae.get(bone)
+        js = {vb.lower, vb.upper} if vb is not None else {JOINT_INDEX[bone]}
+        anc = set()
+        for j in js:
+            while j >= 0:
+                anc.add(int(j))
+                j = int(PARENTS[j])
+        out.append(anc)
+    return out
+
+
+def _rotvec(R: np.ndarray) -> np.ndarray:
+    """Axis-angle of a rotation matrix away from 180 degrees (relative rotations of adjacent joints)."""
+    c = min(1.0, max(-1.0, 0.5 * (R[0, 0] + R[1, 1] + R[2, 2] - 1.0)))
+    th = math.acos(c)
+    v = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
+    if th < 1e-9:
+        return 0.5 * v
+    if th > math.pi - 1e-4:
+        return rotation_to_rotvec(R)
+    return v * (0.5 * th / math.sin(th))
+
+
+def _vertebra_transform(deltas: np.ndarray, vb) -> np.ndarray:
+    """``core.rig.pose.vertebra_transform`` with a fast slerp (the same formula, equal to 5e-14).
+
+    Kept in the registration's inner loop: measured over 200 vertebra bones (loaded 2-core machine,
+    best of 5), 0.46 ms per call here against 1.48 ms for the shared one (its ``_slerp_matrices``
+    goes through ``skeleton.rotation_to_rotvec``)."""
+    da, db = deltas[vb.lower], deltas[vb.upper]
+    if vb.lower == vb.upper or vb.w <= 0.0:
+        return da.copy()
+    if vb.w >= 1.0:
+        r = db[:3, :3]
+    else:
+        r = da[:3, :3] @ rodrigues(vb.w * _rotvec(da[:3, :3].T @ db[:3, :3]))
+    c = vb.anchor_mm
+    pa = da[:3, :3] @ c + da[:3, 3]
+    pb = db[:3, :3] @ c + db[:3, 3]
+    out = np.eye(4)
+    out[:3, :3] = r
+    out[:3, 3] = (1.0 - vb.w) * pa + vb.w * pb - r @ c
+    return out
+
+
+def _limits(joint: int) -> np.ndarray:
+    """(3, 2) radian bounds on a joint's axis-angle components (root: none)."""
+    from ..rig.pose import JOINT_LIMITS_DEG
+
+    name = JOINT_NAMES[joint]
+    lim = JOINT_LIMITS_DEG.get(name)
+    b = np.tile([-math.pi, math.pi], (3, 1)).astype(np.float64)
+    if lim is None:
+        return b
+    mx, axes = lim
+    b[:, 0], b[:, 1] = -math.radians(mx), math.radians(mx)
+    for ax, (lo, hi) in (axes or {}).items():
+        b[ax] = (math.radians(lo), math.radians(hi))
+    return b
+
+
+class _Problem:
+    def __init__(self, twin, cloud: BoneCloud, xrays, pose0, transl0, articulated: bool):
+        self.twin, self.cloud, self.xrays = twin, cloud, xrays
+        self.binding = twin.binding
+        self.pose = np.asarray(pose0, dtype=np.float64).reshape(72).copy()
+        self.transl = np.asarray(transl0, dtype=np.float64).reshape(3).copy()
+        self.start_pose = self.pose.copy()
+        self.sjoints = _structure_joints(self.binding, cloud.names)
+        self.articulated = articulated
+        self.evals = 0
+        self.root_range = (ROOT_RANGE_DEG, ROOT_RANGE_MM)
+        self.view_T = [np.eye(4) for _ in xrays]  # geometry corrections (refine_geometry)
+        arm = self.binding.armature
+        self.W0inv = np.linalg.inv(arm.world_transforms(arm.pose0, arm.transl0_mm))
+        self.src = []  # per structure: its joint index, or its VertebraBone
+        for n in cloud.names:
+            if n == "_static":
+                self.src.append(-1)
+                continue
+            if n.startswith("_soft:"):
+                self.src.append(JOINT_INDEX[n[6:]])
+                continue
+            bone = self.binding.rigid[n]
+            vb = self.binding.vertebrae.get(bone)
+            self.src.append(vb if vb is not None else JOINT_INDEX[bone])
+
+    def transforms(self, pose, transl, idx=None) -> np.ndarray:
+        """(S, 4, 4) acquisition -> posed transforms of the cloud's structures (or those in idx)."""
+        d = self.binding.armature.world_transforms(pose, transl) @ self.W0inv
+        idx = range(len(self.cloud.names)) if idx is None else idx
+        out = np.empty((len(idx), 4, 4))
+        vt = {}
+        for k, i in enumerate(idx):
+            src = self.src[i]
+            if isinstance(src, int):
+                out[k] = d[src] if src >= 0 else np.eye(4)
+            else:
+                key = id(src)
+                if key not in vt:
+                    vt[key] = _vertebra_transform(d, src)
+                out[k] = vt[key]
+        return out
+
+    def _apply(self, joints, x, base_pose, base_transl):
+        pose, transl = base_pose.copy(), base_transl.copy()
+        k = 0
+        for j in joints:
+            if j == 0:
+                R = rodrigues(x[k:k + 3] * ROT_UNIT) @ rodrigues(base_pose[0:3])
+                pose[0:3] = rotation_to_rotvec(R)
+                transl = base_transl + x[k + 3:k + 6] * TRANS_UNIT
+                k += 6
+            else:
+                pose[3 * j:3 * j + 3] = base_pose[3 * j:3 * j + 3] + x[k:k + 3] * ROT_UNIT
+                k += 3
+        return pose, transl
+
+    def _penalty(self, pose, joints) -> float:
+        p = 0.0
+        for j in joints:
+            if j == 0:
+                continue
+            d = pose[3 * j:3 * j + 3] - self.start_pose[3 * j:3 * j + 3]
+            p += PRIOR_WEIGHT * float(d @ d) / math.radians(PRIOR_SIGMA_DEG) ** 2
+            lim = _limits(j)
+            r = pose[3 * j:3 * j + 3]
+            ex = np.maximum(lim[:, 0] - r, 0) + np.maximum(r - lim[:, 1], 0)
+            p += 10.0 * float(ex @ ex)
+        return p
+
+    def level_views(self, level: _Level):
+        return [_View.of(v.geometry.transformed(T)) if not np.allclose(T, np.eye(4)) else v
+                for v, T in zip(level.views, self.view_T)]
+
+    def optimise(self, level: _Level, joints, name: str, maxfev: int, starts=None, include=None,
+                 search: bool = False) -> dict:
+        """Powell over the given joints (0 = root rotation + translation), others fixed.
+        ``include``: the structures rendered (default all); ``search``: try single-axis offsets of
+        each joint (+-30, +-60 degrees) first and start from the best few."""
+        from scipy.optimize import minimize
+
+        t0 = time.perf_counter()
+        joints = list(joints)
+        jset = set(joints)
+        inc = np.ones(len(self.sjoints), bool) if include is None else np.asarray(include, bool)
+        moving = np.array([bool(jset & s) for s in self.sjoints]) & inc
+        views = self.level_views(level)
+        T_now = self.transforms(self.pose, self.transl)
+        own = level.cloud.owner
+        mpts = moving[own]
+        spts = (inc & ~moving)[own]
+        pts_m = np.ascontiguousarray(level.cloud.points[mpts])
+        w_m = np.ascontiguousarray(level.cloud.weight[mpts])
+        # owners of the moving points re-indexed into the moving structures
+        midx = np.flatnonzero(moving)
+        remap = np.full(len(moving), -1, np.int32)
+        remap[midx] = np.arange(len(midx), dtype=np.int32)
+        own_m = np.ascontiguousarray(remap[own[mpts]])
+        static = []
+        for v in views:
+            img = np.zeros((v.geometry.height, v.geometry.width))
+            if spts.any():
+                splat_bones(np.ascontiguousarray(level.cloud.points[spts]), np.ascontiguousarray(level.cloud.weight[spts]),
+                            np.ascontiguousarray(own[spts]), T_now, v, img)
+            static.append(img)
+        base_pose, base_transl = self.pose.copy(), self.transl.copy()
+        nparam = sum(6 if j == 0 else 3 for j in joints)
+        bounds = []
+        for j in joints:
+            if j == 0:  # the root's capture range around this stage's start
+                r, t = math.radians(self.root_range[0]) / ROT_UNIT, self.root_range[1] / TRANS_UNIT
+                bounds += [(-r, r)] * 3 + [(-t, t)] * 3
+            else:
+                lim = _limits(j)
+                cur = base_pose[3 * j:3 * j + 3]
+                bounds += [((lo - c) / ROT_UNIT, (hi - c) / ROT_UNIT) for (lo, hi), c in zip(lim, cur)]
+        bounds = [(lo if lo is None else min(lo, 0.0), hi if hi is None else max(hi, 0.0)) for lo, hi in bounds]
+        n_ev = [0]
+
+        blo = np.array([-np.inf if lo is None else lo for lo, _ in bounds])
+        bhi = np.array([np.inf if hi is None else hi for _, hi in bounds])
+
+        def terms(x):
+            # bounds by projection (Powell's bounded line searches leave narrow optima)
+            xc = np.clip(x, blo, bhi)
+            pose, transl = self._apply(joints, xc, base_pose, base_transl)
+            T = self.transforms(pose, transl, midx)
+            imgs = [splat_bones(pts_m, w_m, own_m, T, v, s.copy()) for v, s in zip(views, static)]
+            return level.score(imgs), float(np.sum((x - xc) ** 2)) + self._penalty(pose, joints)
+
+        def cost(x):
+            n_ev[0] += 1
+            sim, pen = terms(x)
+            return pen - sim
+
+        x0 = np.zeros(nparam)
+        before = terms(x0)[0]
+        cost0 = cost(x0)
+        cands = [x0] if starts is None else [x0] + list(starts)
+        if search:
+            for k in range(nparam):
+                for off in np.radians(SEARCH_DEG):
+                    x = np.zeros(nparam)
+                    x[k] = off / ROT_UNIT
+                    lo, hi = bounds[k]
+                    if (lo is None or x[k] >= lo) and (hi is None or x[k] <= hi):
+                        cands.append(x)
+        if len(cands) > 1:  # several starts: keep the best few by their cost, optimise those
+            cs = [cost(c) for c in cands]
+            order = np.argsort(cs)[:3]
+            cands = [cands[i] for i in order]
+        best = None
+        for c in cands:
+            r = minimize(cost, c, method="Powell", options={"xtol": 0.02, "ftol": 1e-5, "maxfev": maxfev})
+            if best is None or r.fun < best.fun:
+                best = r
+        pose, transl = self._apply(joints, np.clip(best.x, blo, bhi), base_pose, base_transl)
+        after = before
+        if best.fun <= cost0:
+            self.pose, self.transl = pose, transl
+            after = terms(best.x)[0]
+        self.evals += n_ev[0]
+        return {"stage": name, "level": level.size, "params": nparam, "evals": n_ev[0],
+                "before": before, "after": after, "seconds": time.perf_counter() - t0}
+
+    def refine_view(self, level: _Level, k: int, maxfev: int) -> dict:
+        """A rigid correction of view k's geometry relative to the patient (rotation about the
+        view's isocentre or its central ray point nearest the bones, then translation)."""
+        from scipy.optimize import minimize
+
+        t0 = time.perf_counter()
+        T_now = self.transforms(self.pose, self.transl)
+        base = level.views[k]
+        Tp = T_now[level.cloud.owner]
+        posed = np.einsum("nij,nj->ni", Tp[:, :3, :3], level.cloud.points) + Tp[:, :3, 3]
+        centre = (posed * level.cloud.weight[:, None]).sum(0) / level.cloud.weight.sum()
+        T0 = self.view_T[k]
+
+        def corr(x):
+            R = rodrigues(x[:3] * ROT_UNIT * 0.5)
+            T = np.eye(4)
+            T[:3, :3] = R
+            T[:3, 3] = centre - R @ centre + x[3:] * TRANS_UNIT
+            return T @ T0
+
+        def cost(x):
+            g = base.geometry.transformed(corr(x))
+            img = splat_bones(level.cloud.points, level.cloud.weight, level.cloud.owner, T_now, _View.of(g))
+            lvl = _Sub(level, k)
+            return -lvl.score([img])
+
+        before = -cost(np.zeros(6))
+        r = minimize(cost, np.zeros(6), method="Powell", options={"xtol": 0.02, "ftol": 1e-5, "maxfev": maxfev})
+        if -r.fun > before:
+            self.view_T[k] = corr(r.x)
+        return {"stage": f"geometry_{k}", "level": level.size, "params": 6, "evals": int(r.nfev),
+                "before": before, "after": max(before, -r.fun), "seconds": time.perf_counter() - t0}
+
+    def score(self, level: _Level) -> float:
+        T = self.transforms(self.pose, self.transl)
+        imgs = [splat_bones(level.cloud.points, level.cloud.weight, level.cloud.owner, T, v)
+                for v in self.level_views(level)]
+        return level.score(imgs)
+
+
+class _Sub:
+    """One view of a level (for per-view scores)."""
+
+    def __init__(self, level: _Level, k: int):
+        self.targets, self.sigma = [level.targets[k]], [level.sigma[k]]
+
+    score = _Level.score
+
+
+def _root_starts(rng, n: int) -> list:
+    """Extra root starts: rotations within 10 deg and translations within 40 mm (optimiser units)."""
+    out = []
+    for _ in range(n):
+        x = np.zeros(6)
+        x[:3] = rng.uniform(-1, 1, 3) * math.radians(8.0) / ROT_UNIT
+        x[3:] = rng.uniform(-1, 1, 3) * 30.0 / TRANS_UNIT
+        out.append(x)
+    return out
+
+
+def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS, articulated: bool = True,
+             refine_geometry: bool = False, root_starts: int = 8, seed: int = 0, effort: float = 1.0,
+             cloud: BoneCloud | None = None) -> Registration:
+    """Estimate the twin's pose from X-ray images (``XRay`` list). See the module docstring."""
+    if not xrays:
+        raise CtwinError("registration needs at least one X-ray image")
+    t_start = time.perf_counter()
+    cloud = bone_cloud(twin) if cloud is None else cloud
+    pose0 = twin.pose0 if init_pose is None else np.asarray(init_pose, dtype=np.float64).reshape(72)
+    transl0 = twin.transl0_mm if init_transl_mm is None else np.asarray(init_transl_mm, dtype=np.float64).reshape(3)
+    check_in_view(twin, cloud, xrays, pose0, transl0)
+    prob = _Problem(twin, cloud, xrays, pose0, transl0, articulated)
+    rng = np.random.default_rng(seed)
+    present = set()
+    for s in prob.sjoints:
+        present |= s
+    groups = [(n, [JOINT_INDEX[j] for j in js if JOINT_INDEX[j] in present]) for n, js in GROUPS]
+    groups = [(n, js) for n, js in groups if js]
+    stages = []
+    spine = [(n, js) for n, js in groups if n == "spine"]
+    limbs = [(n, js) for n, js in groups if n != "spine"]
+    lv_objs = [_Level(xrays, int(size), cloud) for size in levels]
+
+    def level_plan(li, root_first=True):
+        """(name, joints, search) per stage; the root of the spine group is re-estimated with it."""
+        plan = [("root", [0], False)] if (root_first or li > 0 or not articulated) else []
+        if li == 0 and refine_geometry and len(xrays) > 1:
+            plan.append(("geometry", None, False))
+        if articulated:
+            if li == 0:  # the limbs searched, then the root again (the limbs no longer pull it),
+                # the limbs again, the root, then the spine
+                plan += [(n, js, True) for n, js in limbs]
+                plan.append(("root_all", [0], False))
+                plan += [(n, js, True) for n, js in limbs]
+                plan.append(("root_all", [0], False))
+            plan += [("spine", [0] + js, False) for n, js in spine]
+            plan += [(n, js, False) for n, js in limbs]
+            if li == len(levels) - 1:
+                plan.append(("root_final", [0], False))
+        return plan
+
+    n_total = sum(len(level_plan(li)) for li in range(len(levels))) + (len(level_plan(0, False)) if articulated else 0)
+    done = [0]
+
+    def run_stage(li, name, joints, search):
+        level = lv_objs[li]
+        prob.root_range = (ROOT_RANGE_DEG, ROOT_RANGE_MM) if li == 0 else (ROOT_RANGE_DEG / 2, ROOT_RANGE_MM / 2)
+        if name == "geometry":
+            for v in range(1, len(xrays)):
+                stages.append(prob.refine_view(level, v, int(effort * 300)))
+            return
+        if name in ("root", "root_all", "root_final"):
+            fev = int(effort * (400 if li == 0 else 200))
+            starts = _root_starts(rng, root_starts) if li == 0 and name == "root" and root_starts > 0 else None
+        else:
+            fev = int(effort * (300 if name == "spine" else 120))
+            starts = None
+        stages.append(prob.optimise(level, joints, name, fev, starts=starts, search=search))
+        done[0] += 1
+        if _DEBUG:
+            print(name, level.size, np.round(prob.pose[:6], 3), np.round(prob.transl, 1), round(stages[-1]["after"], 4))
+        report(f"register: {level.size} px, {name}: similarity {stages[-1]['after']:.4f}", min(1.0, done[0] / n_total))
+
+    for li in range(len(levels)):
+        if li == 0 and articulated:
+            # two orders at the coarsest level, the better kept: the rigid root first (right when
+            # the limbs are near the start), or the limbs first from the start's root (right when a
+            # strongly bent limb pulls the rigid fit away)
+            start = (prob.pose.copy(), prob.transl.copy(), [t.copy() for t in prob.view_T])
+            results = []
+            for order, root_first in (("root_first", True), ("limbs_first", False)):
+                prob.pose, prob.transl, prob.view_T = start[0].copy(), start[1].copy(), [t.copy() for t in start[2]]
+                n0 = len(stages)
+                for st in level_plan(0, root_first):
+                    run_stage(0, *st)
+                for st in stages[n0:]:
+                    st["order"] = order
+                results.append((prob.score(lv_objs[0]), prob.pose.copy(), prob.transl.copy(),
+                                [t.copy() for t in prob.view_T], order))
+            best = max(results, key=lambda r: r[0])
+            prob.pose, prob.transl, prob.view_T = best[1], best[2], best[3]
+            stages.append({"stage": "order", "level": lv_objs[0].size, "chosen": best[4],
+                           "scores": {r[4]: r[0] for r in results}})
+            continue
+        for st in level_plan(li):
+            run_stage(li, *st)
+    final = prob.score(lv_objs[-1])
+    geoms = [v.geometry.transformed(T) if not np.allclose(T, np.eye(4)) else x.geometry
+             for v, T, x in zip([_View.of(x.geometry) for x in xrays], prob.view_T, xrays)]
+    joints = twin.binding.armature.posed_joints(prob.pose, prob.transl)
+    return Registration(prob.pose, prob.transl, joints, final, stages, time.perf_counter() - t_start,
+                        geoms, np.asarray(pose0, dtype=np.float64), np.asarray(transl0, dtype=np.float64))
+
+
+def check_in_view(twin, cloud: BoneCloud, xrays, pose, transl, min_fraction: float = 0.05) -> None:
+    """One-line errors for a view that misses the body or sees no bone of the twin."""
+    T = _Problem(twin, cloud, [], pose, transl, True).transforms(pose, transl)
+    sel = cloud.bone[cloud.owner]
+    To = T[cloud.owner[sel]]
+    pts = np.einsum("nij,nj->ni", To[:, :3, :3], cloud.points[sel]) + To[:, :3, 3]
+    wb = cloud.weight[sel]
+    for x in xrays:
+        g = x.geometry
+        P = g.projection_matrix()
+        h = np.c_[pts, np.ones(len(pts))] @ P.T
+        front = h[:, 2] > 1e-6
+        cr = h[:, :2] / np.where(front, h[:, 2], 1.0)[:, None]
+        inside = front & (cr[:, 0] >= 0) & (cr[:, 0] <= g.width - 1) & (cr[:, 1] >= 0) & (cr[:, 1] <= g.height - 1)
+        frac = float((wb * inside).sum() / wb.sum())
+        if frac < min_fraction:
+            raise CtwinError(f"{x.name}: the geometry misses the twin's bones ({100 * frac:.1f} % of the bone "
+                             "projects onto the detector at the start pose); check the sidecar or --init")
+
+
+# --------------------------------------------------------------------------------------------
+# outputs
+# --------------------------------------------------------------------------------------------
+def registration_record(twin, reg: Registration, xrays) -> dict:
+    """registration.json: a pose file (SPEC 4) on the twin's own skeleton, plus the run's record."""
+    rest = np.asarray(twin.binding.armature.joints_rest_mm, dtype=np.float64)
+    return {
+        "pose": reg.pose.tolist(),
+        "transl": reg.transl_mm.tolist(),
+        "joints": np.asarray(reg.joints_mm).tolist(),
+        "rest_joints": (rest - rest[0]).tolist(),
+        "kintree_parents": [int(p) for p in PARENTS],
+        "similarity": reg.similarity,
+        "init_pose": reg.init_pose.tolist(),
+        "init_transl": reg.init_transl_mm.tolist(),
+        "images": [x.path for x in xrays],
+        "geometries": [g.to_sidecar(value=x.value) for g, x in zip(reg.geometries, xrays)],
+        "seconds": reg.seconds,
+    }
+
+
+def contour_overlay(xray: XRay, bone_img_before: np.ndarray, bone_img_after: np.ndarray) -> np.ndarray:
+    """RGB uint8, three panels side by side: the input image (log display), the projected bone
+    contours at the start (red) and after registration (green) on it."""
+    from scipy.ndimage import binary_erosion, gaussian_filter
+
+    li = np.maximum(xray.image, 0.0)
+    body = li > 0.05 * float(li.max()) if li.max() > 0 else np.ones(li.shape, bool)
+    lo, hi = np.percentile(li[body], [1, 99.8])
+    gray = np.clip((li - lo) / max(hi - lo, 1e-9), 0, 1) ** 0.7 * body
+    rgb = np.repeat((gray * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+    def edge(b):
+        s = gaussian_filter(b, 0.7)
+        pos = s[s > 0]
+        if pos.size == 0:
+            return np.zeros(b.shape, bool)
+        m = s > 0.3 * float(np.percentile(pos, 95))
+        return m & ~binary_erosion(m)
+
+    panels = [rgb]
+    for img, col in ((bone_img_before, (255, 40, 40)), (bone_img_after, (40, 255, 40))):
+        p = rgb.copy()
+        p[edge(img)] = col
+        panels.append(p)
+    # crop to the body (and the contours) with a margin
+    occ = body | edge(bone_img_before) | edge(bone_img_after)
+    if occ.any():
+        rr, cc = np.flatnonzero(occ.any(1)), np.flatnonzero(occ.any(0))
+        m = max(4, int(0.03 * max(gray.shape)))
+        r0, r1 = max(0, rr[0] - m), min(gray.shape[0], rr[-1] + m + 1)
+        c0, c1 = max(0, cc[0] - m), min(gray.shape[1], cc[-1] + m + 1)
+        panels = [p[r0:r1, c0:c1] for p in panels]
+    gap = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
+
+
+def write_png(path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    from ..fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG")
+
+
+def write_outputs(twin, reg: Registration, xrays, out_dir, cloud: BoneCloud | None = None) -> dict:
+    """registration.json, report.json and overlay_<image>.png (before/after) in ``out_dir``."""
+    from ..fileio import write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cloud = bone_cloud(twin) if cloud is None else cloud
+    rec = registration_record(twin, reg, xrays)
+    write_json(out / "registration.json", rec)
+    overlays = []
+    for x, g in zip(xrays, reg.geometries):
+        gx = x.geometry
+        if max(gx.size_px) > 1024:
+            gx = gx.with_size(*(int(round(s * 1024 / max(gx.size_px))) for s in gx.size_px))
+        img = x if gx is x.geometry else XRay(x.name, _resample(x.image, gx.width, gx.height), gx, x.value, x.path)
+        gafter = g if gx is x.geometry else g.with_size(gx.width, gx.height)
+        b = bone_drr(twin, gx, reg.init_pose, reg.init_transl_mm, cloud)
+        a = bone_drr(twin, gafter, reg.pose, reg.transl_mm, cloud)
+        name = f"overlay_{x.name}.png"
+        write_png(out / name, contour_overlay(img, b, a))
+        overlays.append(name)
+    rep = {"similarity": "gradient correlation, summed over views (Penney et al. 1998)",
+           "final_similarity": reg.similarity, "seconds": reg.seconds, "stages": reg.stages,
+           "overlays": overlays,
+           "legend": "panels: input; bone contours at the start pose (red); after registration (green)"}
+    write_json(out / "report.json", rep)
+    return rec

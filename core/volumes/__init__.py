@@ -1,0 +1,1 @@
+"""Volumes in LPS patient space: the Volume type, CT and segmentation readers, label names, input plausibility checks."""
