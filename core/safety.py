@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import json
 
 from .errors import CtwinError
 
@@ -218,8 +219,6 @@ def frame_status(stem, expected: dict, fmt: str = "tiff") -> tuple[str, str]:
     "ok": the image reads back whole with the requested size and every sidecar key of the request
     (except the device) has the requested value. A frame whose JSON (written last) is absent is an
     interrupted write, "missing"."""
-    import json
-
     stem = Path(stem)
     tif = stem.with_name(stem.name + (".dcm" if fmt == "dicom" else ".tif"))
     js = stem.with_name(stem.name + ".json")
@@ -268,8 +267,6 @@ def _short(v) -> str:
 
 
 def json_dumps(v) -> str:
-    import json
-
     return json.dumps(v, separators=(",", ":"), default=str)
 
 

@@ -55,12 +55,16 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+from scipy.sparse import coo_matrix
+import heapq
+import zipfile
 
 from ..errors import CtwinError
 from ..fileio import atomic_path
 from ..progress import report
 from .skeleton import (JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, as_pose, canonical_joints_mm,
                        kintree_table, rigid_transforms, rodrigues)
+# Imported where used, so that importing this module stays light: skimage, smplx, trimesh (heavy or optional third-party packages).
 
 GENERATOR_VERSION = 2
 NUM_BETAS = 10
@@ -336,8 +340,6 @@ def _decimate(v, f, target_nv, min_cos=0.3):
     face (normal turning by more than acos(min_cos)). Deterministic (ties broken by index).
     Plain Python on lists: the per-collapse work is on a dozen tiny triangles.
     """
-    import heapq
-
     nv = len(v)
     pos = [tuple(p) for p in np.asarray(v, dtype=np.float64).tolist()]
     tris = [list(t) for t in np.asarray(f).tolist()]
@@ -478,8 +480,6 @@ def _kinematic_distance() -> np.ndarray:
 
 
 def _vertex_adjacency(f, nv):
-    from scipy.sparse import coo_matrix
-
     e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
     e = np.concatenate([e, e[:, ::-1]])
     a = coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(nv, nv)).tocsr()
@@ -685,8 +685,6 @@ def write_body_model(path) -> Path:
 
 def _write_arrays(path: Path, data: dict) -> None:
     """Write SMPL arrays atomically and byte-reproducibly (.npz: fixed zip timestamps)."""
-    import zipfile
-
     with atomic_path(path) as tmp:
         if path.suffix == ".npz":
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:

@@ -44,12 +44,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import least_squares, leastsq
+from scipy.sparse.linalg import splu
+from scipy.spatial import cKDTree
+import scipy.sparse as sp
 
 from . import landmarks as lmk
 from ..errors import CtwinError
 from ..progress import report
 from .body_model import lbs, load_body_model
 from .skeleton import JOINT_INDEX, N_JOINTS, PARENTS, forward_kinematics, rotation_to_rotvec
+from ..fileio import atomic_path
+from ..meshes.mesh import Mesh
+from ..meshes.metrics import SurfaceIndex, chamfer_mm, enclosure_pct, sample_surface, winding_number
 
 CAP_MARGIN_MM = 6.0      # skin within this distance of the volume faces is a truncation cap
 HUBER_MM = 10.0
@@ -180,8 +186,6 @@ class FitResult:
         return out
 
     def save_npz(self, path) -> None:
-        from ..fileio import atomic_path
-
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 extra = {} if self.scaffold_pose is None else {"scaffold_pose": self.scaffold_pose}
@@ -189,8 +193,6 @@ class FitResult:
                          residual_mm=self.residual_mm, joints_mm=self.joints_mm, **extra)
 
     def body_mesh(self, name: str = "body_model"):
-        from ..meshes.mesh import Mesh
-
         return Mesh(self.vertices_mm.copy(), self.faces.copy(), name)
 
 
@@ -214,8 +216,6 @@ class _Lbs:
 
     def subset(self, idx):
         """Precomputed arrays for fast evaluation of the vertices ``idx`` (see ``verts_sub``)."""
-        import scipy.sparse as sp
-
         idx = np.asarray(idx, dtype=np.int64)
         n = len(idx)
         pd = self.pd[idx].reshape(n * 3, -1)
@@ -268,10 +268,6 @@ class _Data:
     """Skin samples, FOV box, bone points and landmarks, all world mm."""
 
     def __init__(self, skin, labelmap, names, fov_box, seed):
-        from scipy.spatial import cKDTree
-
-        from ..meshes.metrics import sample_surface
-
         sv = np.asarray(skin.vertices, dtype=np.float64)
         sf = np.asarray(skin.faces, dtype=np.int64)
         self.skin_v, self.skin_f = sv, sf
@@ -303,8 +299,6 @@ class _Data:
 
     @property
     def skin_index(self):
-        from ..meshes.metrics import SurfaceIndex
-
         if self._skin_index is None:
             self._skin_index = SurfaceIndex(self.skin_v, self.skin_f)
         return self._skin_index
@@ -413,7 +407,6 @@ class _Problem:
         r = np.einsum("ij,ij->i", vs[idx] - c["m2s_q"], c["m2s_n"])
         c["m2s_w"] = np.sqrt(_huber_w(r))
         # skin -> model: skin samples, nearest model vertex, point-to-plane with the model normal
-        from scipy.spatial import cKDTree
 
         mt = cKDTree(allv)
         dist2, k = mt.query(d.pts)
@@ -447,8 +440,6 @@ class _Problem:
     def mismatch_mm(self, x, pose_template, cap=100.0):
         """Symmetric mean surface distance (mm, capped, no gating) inside the FOV: what decides
         between initial presets (a limb where the CT has air costs here, not in the gated ICP)."""
-        from scipy.spatial import cKDTree
-
         pose, betas, transl = self.unpack(x, pose_template)
         allv, _ = self.lbs.verts(pose, betas, transl)
         vs = allv[self.sub]
@@ -530,8 +521,6 @@ class _Problem:
 # the non-rigid residual
 # --------------------------------------------------------------------------------------------
 def _laplacian(F, n):
-    import scipy.sparse as sp
-
     e = np.concatenate([F[:, [0, 1]], F[:, [1, 2]], F[:, [2, 0]]])
     e = np.concatenate([e, e[:, ::-1]])
     a = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n)).tocsr()
@@ -544,12 +533,6 @@ def _laplacian(F, n):
 def _fit_residual(lbs: _Lbs, data: _Data, pose, betas, transl, iterations=4, smooth=2.0, margin=2.5):
     """Per-vertex world offsets u (Laplacian-smoothed) toward the skin and around the bones,
     mapped back to the rest frame. Returns residual_mm (V, 3) in the rest frame."""
-    import scipy.sparse as sp
-    from scipy.sparse.linalg import splu
-    from scipy.spatial import cKDTree
-
-    from ..meshes.metrics import winding_number
-
     F = lbs.faces
     n = lbs.V
     L = _laplacian(F, n)
@@ -745,8 +728,6 @@ def _pad_betas(betas, bm):
 
 def fit_metrics(result: FitResult, skin, labelmap, names, fov_box=None, skin_index=None) -> dict:
     """chamfer_mm and enclosure_pct (SPEC section 6) of a fit."""
-    from ..meshes.metrics import chamfer_mm, enclosure_pct
-
     m = {}
     if fov_box is None:
         fov_box = labelmap.bbox_world() if labelmap is not None else (skin.vertices.min(0), skin.vertices.max(0))

@@ -17,10 +17,11 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from ..volumes.labels import is_skeletal
 from ..meshes.mesh_volume import prepare_mesh, voxelise_meshes
-from .skeleton import JOINT_INDEX
+from .skeleton import JOINT_INDEX, JOINT_NAMES, PARENTS
 
 _VERT = re.compile(r"^vertebrae_([CTLS])(\d+)$")
 _OFFSET = {"C": 0, "T": 7, "L": 19, "S": 24}
@@ -76,8 +77,6 @@ class Landmarks:
         return out
 
     def as_dict(self):
-        from .skeleton import JOINT_NAMES
-
         d = {JOINT_NAMES[j]: p for j, p in self.joints.items()}
         for lv, c in self.vertebrae:
             d[f"vertebra_level_{lv:g}"] = c
@@ -89,8 +88,6 @@ class Landmarks:
 
 
 def _boundary(mask):
-    from scipy import ndimage
-
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
@@ -105,8 +102,6 @@ def fit_sphere(p):
 
 
 def extract_landmarks(labelmap, names) -> Landmarks:
-    from scipy import ndimage
-
     data = np.asarray(labelmap.data)
     lm = Landmarks()
     present = {int(i): str(n) for i, n in names.items() if int(i) > 0}
@@ -423,8 +418,6 @@ def anatomical_joints(lm: Landmarks, model_joints):
     """The scaffold's joints: each model joint replaced by its anatomical estimate from the labels
     where the labels give one; a joint without evidence follows its parent's correction.
     Returns (joints (24, 3), {joint name: source})."""
-    from .skeleton import JOINT_NAMES, PARENTS
-
     mj = np.asarray(model_joints, dtype=np.float64)
     ev = {j: p for j, p in lm.joints.items()}
     src = {JOINT_NAMES[j]: lm.joint_names[j] for j in ev}

@@ -9,6 +9,7 @@ Conventions (SPEC section 4):
 from __future__ import annotations
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from ..errors import CtwinError
 
@@ -97,8 +98,6 @@ def rodrigues(rotvecs) -> np.ndarray:
 
 def rotation_to_rotvec(rot) -> np.ndarray:
     """Rotation matrices (..., 3, 3) to axis-angle vectors (..., 3)."""
-    from scipy.spatial.transform import Rotation
-
     rot = np.asarray(rot, dtype=np.float64)
     flat = rot.reshape(-1, 3, 3)
     return Rotation.from_matrix(flat).as_rotvec().reshape(rot.shape[:-2] + (3,))

@@ -32,10 +32,23 @@ import time
 from pathlib import Path
 
 import numpy as np
+import socket
 
 from ..errors import CtwinError
 from ..fileio import atomic_path, read_json, write_json
 from ..progress import report
+from ..body.skeleton import JOINT_INDEX
+from ..drr import physics
+from ..drr.carm import named_view, parse_view
+from ..drr.physics import VALUES
+from ..drr.projector import resolve_device
+from ..rig.motion import load_motion, read_motion_file, resample
+from ..rig.pose import joint_limit_violations
+from ..rig.poses import PRESETS
+from ..twin.articulated import render_posed
+from ..twin.twin import build_twin, load_twin
+from .shards import json_bytes, npz_bytes, tif_bytes, tar_bytes
+# Imported where used, so that importing this module stays light: numba, ray (heavy or optional third-party packages).
 
 SAMPLER_VERSION = 1  # bump when the draw order changes: old datasets then refuse to resume
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -171,7 +184,6 @@ def load_spec(path_or_dict, base_dir=None) -> dict:
              "spacing_mm": _num(ph.get("spacing_mm", 3.0), f + ".spacing_mm", 0.5, 20.0),
              "pose": str(ph.get("pose", "supine_arms_down")),
              "noise_hu": _num(ph.get("noise_hu", 0.0), f + ".noise_hu", 0.0)}
-        from ..rig.poses import PRESETS
 
         if d["pose"] not in PRESETS:
             _fail(f + ".pose", f"unknown preset {d['pose']!r} (presets: {', '.join(PRESETS)})")
@@ -203,7 +215,6 @@ def load_spec(path_or_dict, base_dir=None) -> dict:
     po = raw["poses"]
     _check_keys(po, _POSE_KEYS, "poses")
     cands = []
-    from ..rig.poses import PRESETS
 
     for i, name in enumerate(po.get("presets") or []):
         if name not in PRESETS:
@@ -220,7 +231,6 @@ def load_spec(path_or_dict, base_dir=None) -> dict:
         mp = _path(m["file"], f + ".file", base)
         stride = _int(m.get("stride", 1), f + ".stride", 1)
         fps = None if m.get("fps") is None else _num(m["fps"], f + ".fps", positive=True)
-        from ..rig.motion import read_motion_file, resample
 
         poses, trans, rate = read_motion_file(mp)
         n = len(resample(poses, trans, rate, fps)[0])
@@ -266,7 +276,6 @@ def load_spec(path_or_dict, base_dir=None) -> dict:
         named = [named]
     if not isinstance(named, list) or not named:
         _fail("views.named", "must be a non-empty list of view names")
-    from ..drr.carm import parse_view
 
     for i, n in enumerate(named):
         try:
@@ -293,7 +302,6 @@ def load_spec(path_or_dict, base_dir=None) -> dict:
     # physics
     ph = raw.get("physics", {}) or {}
     _check_keys(ph, _PHYSICS_KEYS, "physics")
-    from ..drr.physics import VALUES
 
     values = ph.get("value", "line_integral")
     values = [values] if isinstance(values, str) else values
@@ -363,10 +371,6 @@ def _random_pose(rng, r) -> tuple[list, int]:
     """A random pose: the base preset plus per-joint, per-axis offsets (degrees) drawn uniformly in
     the ranges (or normally: mean the range's centre, sigma a quarter of its width, clipped to it),
     redrawn while the pose leaves the anatomical limits."""
-    from ..rig.pose import joint_limit_violations
-    from ..rig.poses import PRESETS
-    from ..body.skeleton import JOINT_INDEX
-
     base = PRESETS[r["base"]].reshape(24, 3)
     for attempt in range(_MAX_REDRAWS):
         p = base.copy()
@@ -426,8 +430,6 @@ def twin_dir(out: Path, entry: dict) -> Path:
 
 def build_one_twin(out, entry: dict) -> str:
     """Build the twin of one spec input under ``out/twins`` unless it is there; returns its path."""
-    from ..twin.twin import build_twin
-
     out = Path(out)
     td = twin_dir(out, entry)
     if (td / "twin.json").is_file():
@@ -468,7 +470,6 @@ def _pose_of(twin, pose_p: dict):
 
         r = resolve_pose(pose_p["file"])
         return r["pose"], r["transl"]
-    from ..rig.motion import load_motion
 
     poses, transl = load_motion(pose_p["file"], fps=pose_p["fps"], twin_pose=twin.pose0,
                                 twin_transl_mm=twin.transl0_mm, check_limits=False)[:2]
@@ -476,8 +477,6 @@ def _pose_of(twin, pose_p: dict):
 
 
 def _geometries(twin, view: dict) -> list:
-    from ..drr.carm import named_view
-
     kw = dict(sad_mm=view["sad_mm"], sid_mm=view["sid_mm"], size=tuple(view["size"]),
               cranial=view["cranial_deg"])
     out = [named_view(view["name"], twin.ct_bbox_mm, lao=view["lao_deg"], **kw)]
@@ -488,10 +487,6 @@ def _geometries(twin, view: dict) -> list:
 
 def render_sample(twin, spec: dict, params: dict, device: str = "cpu") -> dict:
     """Render one sample: {ext: bytes} for ``tif``, ``masks.npz`` (when asked) and ``json``."""
-    from ..drr import physics
-    from ..twin.articulated import render_posed
-    from .shards import json_bytes, npz_bytes, tif_bytes
-
     pose, transl = _pose_of(twin, params["pose"])
     geos = _geometries(twin, params["view"])
     scene = twin.posed_scene(pose, transl)
@@ -547,8 +542,6 @@ class SampleRenderer:
     """Renders samples of one dataset, keeping the twins it has loaded (the worker's state)."""
 
     def __init__(self, out, spec: dict, device: str = "cpu", threads: int | None = None, keep_twins: int = 2):
-        from ..drr.projector import resolve_device
-
         self.out, self.spec, self.keep = Path(out), spec, keep_twins
         if threads:
             import numba
@@ -559,8 +552,6 @@ class SampleRenderer:
         self._entries = {e["name"]: e for e in spec["inputs"]}
 
     def twin(self, name: str):
-        from ..twin.twin import load_twin
-
         if name not in self._twins:
             while len(self._twins) >= self.keep:
                 self._twins.pop(next(iter(self._twins)))
@@ -576,8 +567,6 @@ class SampleRenderer:
 
     def render_shard(self, shard: int) -> bytes:
         """The shard's tar bytes. A failing sample raises ``SampleError`` naming its index."""
-        from .shards import tar_bytes
-
         samples = []
         for i in shard_indices(self.spec, shard):
             try:
@@ -804,8 +793,6 @@ class _Worker:
         self.r = SampleRenderer(out, spec, device, threads)
 
     def info(self) -> dict:
-        import socket
-
         import numba
 
         import ray

@@ -16,6 +16,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from ..fileio import _json_default
+# Imported where used, so that importing this module stays light: tifffile (heavy or optional third-party packages).
 
 # Member order inside a sample (the extensions after the key).
 MEMBER_ORDER = ("tif", "masks.npz", "json")
@@ -46,8 +48,6 @@ def npz_bytes(**arrays) -> bytes:
 
 
 def json_bytes(data) -> bytes:
-    from ..fileio import _json_default
-
     return (json.dumps(data, sort_keys=True, indent=1, default=_json_default) + "\n").encode()
 
 

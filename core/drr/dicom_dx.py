@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CtwinError
+from ..fileio import atomic_path, write_json
+# Imported where used, so that importing this module stays light: pydicom (heavy or optional third-party packages).
 
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
@@ -48,8 +50,6 @@ def write_dx(path, image, sidecar: dict) -> None:
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    from ..fileio import atomic_path
 
     path = Path(path)
     img = np.asarray(image)
@@ -131,8 +131,6 @@ def read_dx(path) -> tuple:
 
 def write_frame_dicom(stem, image, sidecar: dict) -> None:
     """``stem.dcm`` (DX) and ``stem.json`` beside it (written last, so it marks a finished frame)."""
-    from ..fileio import write_json
-
     stem = Path(stem)
     sidecar = {**sidecar, "format": "dicom"}
     write_dx(stem.with_name(stem.name + ".dcm"), image, sidecar)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CtwinError
+from . import xray
 
 MU_WATER_PER_MM = 0.02
 VALUES = ("line_integral", "intensity", "display", "radiograph")
@@ -26,8 +27,6 @@ METAL_HU = 3000.0  # CT numbers at and above this are metal (core.drr.xray.DEFAU
 
 def mass_attenuation(material: str, energy_kev) -> np.ndarray:
     """mu/rho (cm^2/g) of a named material at the given energies (xraylib, via core.drr.xray)."""
-    from . import xray
-
     return xray.mass_attenuation(material, energy_kev)
 
 
@@ -56,15 +55,11 @@ def float16_lut() -> np.ndarray:
 def material_luts(hu_table=None) -> dict:
     """{material: float32[65536]} int16 HU bit pattern -> partial density (g/cm3), from the
     stoichiometric calibration (``core.drr.xray.HuTable``; the default one when None)."""
-    from . import xray
-
     return (hu_table or xray.HuTable.default()).luts()
 
 
 def spectrum(kvp: float, filter_al_mm: float = 0.0, **kw):
     """(energies keV, photon-number weights summing to 1) of the SpekPy spectrum (core.drr.xray)."""
-    from . import xray
-
     e, f = xray.spectrum(kvp, filter_al_mm, **kw)
     return e, f / f.sum()
 

@@ -33,11 +33,19 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from pathlib import Path
+import importlib.util
 
 from . import physics
 from ..errors import CtwinError
 
 from .kernels import BLOCK  # noqa: E402  (kernels imports numba lazily)
+from ..fileio import atomic_path, write_json, read_json
+from .carm import default_views
+from .kernels import compose_kernels
+from .kernels import cuda_kernels
+from .xray import form_image
+# Imported where used, so that importing this module stays light: numba, tifffile (heavy or optional third-party packages).
 _TPB = 128
 METHODS = ("trilinear", "siddon", "exact")  # kernel method codes 0, 1, 2
 STEP_FACTOR = 0.5  # default trilinear step, in units of the smallest voxel spacing
@@ -59,8 +67,6 @@ def cuda_available() -> bool:
 def device_status() -> str:
     """One line saying which DRR path runs: the CUDA GPU, or why only the CPU path is available
     (numba-cuda is not bundled where NVIDIA ships no CUDA, e.g. macOS; or no GPU is present)."""
-    import importlib.util
-
     try:
         has_pkg = importlib.util.find_spec("numba_cuda") is not None
     except (ImportError, ValueError):
@@ -275,8 +281,6 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
         return out
     from numba import cuda
 
-    from .kernels import cuda_kernels
-
     k = cuda_kernels()["static"]
     d_out = cuda.device_array((H, W), np.float32)
     d_data = pv.gpu("flat", pv.flat)
@@ -317,8 +321,6 @@ def render_drr_batch(volume, geometries, *, method: str = "trilinear", step_mm: 
         return out
     from numba import cuda
 
-    from .kernels import cuda_kernels
-
     d_out = cuda.device_array((B, H, W), np.float32)
     d_occ = pv.gpu("occ", occ) if occ is pv.occ else cuda.to_device(occ)
     blocks = (B * H * W + _TPB - 1) // _TPB
@@ -331,8 +333,6 @@ def render_drr_batch(volume, geometries, *, method: str = "trilinear", step_mm: 
 def render_biplanar(volume, size=512, *, method="trilinear", step_mm=None, device="auto",
                     **view_kw) -> dict:
     """AP + lateral DRRs sharing one isocentre: {"ap": (image, Geometry), "lateral": (...)}."""
-    from .carm import default_views
-
     pv = prepare_volume(volume)
     views = default_views(pv.bbox_world(), size=size, **view_kw)
     return {name: (render_drr(pv, g, method=method, step_mm=step_mm, device=device), g)
@@ -370,8 +370,6 @@ def xray_line_integral(volume, geometry, xray, *, method="trilinear", step_mm=No
     """-ln(I/I0) (float64) through ``core.drr.xray``: one projection per calibration material of the HU
     volume, then spectrum, detector and noise (``xray``: a ``core.drr.xray.XraySetup`` with its seed and
     stream set). The physics record goes into ``record`` when given."""
-    from .xray import form_image
-
     ints = material_integrals(volume, geometry, xray.table(), method=method, step_mm=step_mm, device=device,
                               overrides=xray.overrides)
     res = form_image(ints, xray, geometry)
@@ -639,8 +637,6 @@ def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
         return out
     from numba import cuda
 
-    from .kernels import cuda_kernels
-
     if "d_sdata" not in pk:
         pk["d_sdata"] = cuda.to_device(pk["sdata"])
         pk["d_smask"] = cuda.to_device(pk["smask"])
@@ -759,8 +755,6 @@ def compose_scene(scene: Scene) -> PreparedVolume:
     HU). Where nothing moved (parts at integer offsets on the base lattice, zero
     displacement) the stored voxels are copied, so an unmoved scene gives back its CT voxel for
     voxel."""
-    from .kernels import compose_kernels
-
     pk = scene._pack()
     base: PreparedVolume = pk["base"]
     if base.quantity != "hu" or (scene.parts and pk["slin"][0] == 0.0):
@@ -957,8 +951,6 @@ def _fine_air(base: PreparedVolume, pk: dict) -> tuple[np.ndarray, np.ndarray]:
 def reference_drr(volume, geometry, step_mm: float = 0.05, chunk: int = 256) -> np.ndarray:
     """Slow float64 reference: fine-step midpoint integration of the SPEC 5 trilinear mu field,
     vectorised with numpy (no numba). For tests on small images."""
-    from ..volumes.volume import Volume  # noqa: F401  (documentation: takes a Volume)
-
     data = np.asarray(volume.data)
     mu = physics.mu_from_hu(data) if data.dtype != np.float16 else np.maximum(data.astype(np.float64), 0)
     n = np.array(mu.shape)
@@ -1003,11 +995,7 @@ def reference_drr(volume, geometry, step_mm: float = 0.05, chunk: int = 256) -> 
 def write_frame(stem, image: np.ndarray, sidecar: dict) -> None:
     """Write ``stem.tif`` (32-bit float, one channel, rows = detector rows) then ``stem.json``,
     each atomically (temporary file + rename), so an interrupted render never leaves a half frame."""
-    from pathlib import Path
-
     import tifffile
-
-    from ..fileio import atomic_path, write_json
 
     stem = Path(stem)
     img = np.ascontiguousarray(image, dtype=np.float32)
@@ -1017,11 +1005,7 @@ def write_frame(stem, image: np.ndarray, sidecar: dict) -> None:
 
 
 def read_frame(stem) -> tuple[np.ndarray, dict]:
-    from pathlib import Path
-
     import tifffile
-
-    from ..fileio import read_json
 
     stem = Path(stem)
     return (tifffile.imread(stem.with_name(stem.name + ".tif")),

@@ -39,8 +39,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.ndimage import gaussian_filter, zoom
+from scipy.signal import fftconvolve
+import fnmatch
 
 from ..errors import CtwinError
+from ..volumes.volume import Volume
+# Imported where used, so that importing this module stays light: spekpy, xraylib (heavy or optional third-party packages).
 
 KVP_RANGE = (40.0, 150.0)
 INHERENT_AL_MM = 2.5  # IEC 60601-1-3 minimum total filtration of a diagnostic tube above 70 kV
@@ -327,10 +332,6 @@ def apply_label_materials(ct, labelmap, names: dict, mapping: dict) -> tuple:
     """(a copy of the HU volume with the voxels of the mapped labels set to reserved codes, the list
     of override materials by code, {label: material} actually applied). Labels are matched by name,
     case-insensitive, fnmatch patterns allowed (``*artery*``); the first matching entry wins."""
-    import fnmatch
-
-    from ..volumes.volume import Volume
-
     if tuple(labelmap.shape) != tuple(ct.shape):
         raise CtwinError("the labelmap must be on the CT grid (core.volumes.segmentation.load_segmentation resolves it)")
     data = np.array(ct.data, dtype=np.int16, copy=True)
@@ -530,7 +531,6 @@ def blur_sigma_px(setup: XraySetup, geometry) -> tuple:
 def blur(img, sigma_px) -> np.ndarray:
     if max(sigma_px) <= 0:
         return np.asarray(img, dtype=np.float64)
-    from scipy.ndimage import gaussian_filter
 
     return gaussian_filter(np.asarray(img, dtype=np.float64), sigma=sigma_px, mode="nearest", truncate=4.0)
 
@@ -569,8 +569,6 @@ def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int
     """Grid and first-order scatter on the primary images of ``polychromatic``: (energy, quanta,
     sidecar record with the scatter-to-primary ratio). Scatter is smooth, so it is computed on a grid
     of at most ``max_px`` pixels a side and interpolated back."""
-    from scipy.ndimage import zoom
-
     H, W = energy.shape
     rel = energy / p["open_energy"]                          # I/I0 (energy weighted) per row's open field
     body = rel < 0.99
@@ -760,8 +758,6 @@ def scatter_image(primary, kev: float, spacing_mm, d_mm: float, csi_um=None, gri
     Monoenergetic at ``kev`` unless ``tau`` (the water-equivalent thickness per pixel, from the
     polychromatic transmission) and ``knot_kev`` (the beam's energy behind each of
     ``SCATTER_TAU_MM``) are given."""
-    from scipy.signal import fftconvolve
-
     p = np.clip(np.asarray(primary, np.float64), 1e-30, None)
     knots = np.asarray(SCATTER_TAU_MM)
     if tau is None:

@@ -45,11 +45,18 @@ from pathlib import Path
 
 import numba as nb
 import numpy as np
+from scipy import ndimage
+import time
 
 from ..errors import CtwinError
 from ..progress import report
 from ..body.skeleton import apply_transform
 from ..volumes.volume import Volume
+from ..fileio import atomic_path
+from ..volumes.ct import load_ct
+from ..volumes.labels import name_to_id
+from ..volumes.segmentation import load_segmentation
+# Imported where used, so that importing this module stays light: trimesh (heavy or optional third-party packages).
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,8 +335,6 @@ def make_manifold(vertices: np.ndarray, faces: np.ndarray):
 
 def write_ply(mesh: Mesh, path) -> None:
     """Write a binary little-endian PLY (float32 x y z in mm, uchar-count int32 faces), atomically."""
-    from ..fileio import atomic_path
-
     v = np.ascontiguousarray(mesh.vertices, dtype="<f4")
     f = np.asarray(mesh.faces)
     if f.size and (f.min() < 0 or f.max() >= len(v)):
@@ -773,8 +778,6 @@ def body_mask(ct: Volume, threshold_hu: float = -500.0, opening_mm: float = 6.0)
     or blanket lying against the body). Not handled: a thick table fused to the body over a wide
     contact with no lower-HU layer between them.
     """
-    from scipy import ndimage
-
     m = ct.data > threshold_hu
     if not m.any():
         raise CtwinError(f"CT has no voxel above {threshold_hu:.0f} HU: no body to mesh")
@@ -820,8 +823,6 @@ def _body_components(lab: np.ndarray, n: int, ct: Volume, ax: int,
     """The largest component, plus any other bulky one (an arm apart from the trunk): at least
     ``min_fraction`` of the largest's voxels and ``min_ap_mm`` thick front to back (table
     pieces are flat)."""
-    from scipy import ndimage
-
     sizes = np.bincount(lab.reshape(-1), minlength=n + 1)
     sizes[0] = 0
     big = int(np.argmax(sizes))
@@ -885,7 +886,6 @@ def skin_mesh(ct: Volume, threshold_hu: float = -500.0, *, smooth_iterations: in
     body = body_mask(ct, threshold_hu) if mask is None else mask
     cx = surface_nets(body.astype(np.uint8), ct.affine, smooth_iterations=smooth_iterations,
                       max_triangles=max_triangles)
-    from ..volumes.labels import name_to_id
 
     m = cx.mesh(1, "skin")
     m.meta["label_id"] = int(name_to_id().get("skin", 0))
@@ -911,11 +911,6 @@ def import_anatomy(ct_path, seg_path, *, smooth_iterations: int = 10,
     skin.ply); a segmentation label called ``skin`` (a skin-tissue shell, as in the phantom) is
     returned under the key ``skin_label`` (its ``meta['label_name']`` is ``skin``).
     """
-    import time
-
-    from ..volumes.ct import load_ct
-    from ..volumes.segmentation import load_segmentation
-
     t0 = time.perf_counter()
     report("reading CT", 0.0)
     ct = load_ct(ct_path)

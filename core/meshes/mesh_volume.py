@@ -50,12 +50,16 @@ from pathlib import Path
 
 import numba as nb
 import numpy as np
+import time
 
 from ..errors import CtwinError
 from ..volumes.labels import is_skeletal, name_to_id
 from .metrics import _build_grid, vertical_crossing
 from ..progress import report
 from ..volumes.volume import Volume, affine_from
+from ..drr.physics import MU_WATER_PER_MM, mass_attenuation
+from ..drr.xray import composition
+from .mesh import Mesh, read_mesh
 
 MESH_SUFFIXES = (".stl", ".obj", ".ply")
 SKIN = "skin"
@@ -149,8 +153,6 @@ MATERIAL_DENSITY = {"soft_tissue": 1.06, "bone": 1.92, "metal": 4.5, "water": 1.
 
 def _effective_kev() -> float:
     """The energy at which water's attenuation is SPEC 5's mu_water (0.02/mm)."""
-    from ..drr.physics import MU_WATER_PER_MM, mass_attenuation
-
     target = MU_WATER_PER_MM * 10.0  # 1/mm -> cm^2/g at 1 g/cm^3
     lo, hi = 10.0, 150.0
     for _ in range(60):  # water's mu/rho falls monotonically over 10-150 keV
@@ -168,9 +170,6 @@ EFFECTIVE_KEV = _effective_kev()
 def material_hu(material: str, density: float | None = None) -> float:
     """HU that gives ``material`` (at ``density`` g/cm3, default its own) the attenuation it has
     at ``EFFECTIVE_KEV`` under the SPEC 5 monoenergetic mapping."""
-    from ..drr.physics import MU_WATER_PER_MM, mass_attenuation
-    from ..drr.xray import composition
-
     if material == "air":
         return AIR_HU
     composition(material)  # unknown names raise with the list of known materials
@@ -241,8 +240,6 @@ def hu_table(names, overrides: dict | None = None) -> dict:
 def weld(mesh):
     """Merge exactly coincident vertices (STL repeats them per triangle); drop unused ones and
     degenerate faces."""
-    from .mesh import Mesh
-
     v = np.asarray(mesh.vertices, dtype=np.float64)
     uniq, inv = np.unique(v, axis=0, return_inverse=True)
     f = inv.reshape(-1)[mesh.faces]
@@ -269,8 +266,6 @@ def prepare_mesh(mesh):
 
 def read_mesh_folder(folder) -> dict:
     """{name: Mesh} from a folder of per-structure STL/OBJ/PLY files (see module doc)."""
-    from .mesh import read_mesh
-
     d = Path(folder)
     if not d.is_dir():
         raise CtwinError(f"mesh folder not found: {d}")
@@ -449,8 +444,6 @@ def voxelise_meshes(meshes: dict, table: dict | None = None, spacing: float = 3.
     of the grid (cell corner lo, mm; voxel counts), default ``grid_for(meshes, spacing,
     margin_mm)``. Voxels fill their cells: voxel (i, j, k) is centred at lo + (i + 0.5) spacing.
     """
-    import time
-
     t0 = time.perf_counter()
     spacing = float(spacing)
     if not spacing > 0:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 import numba as nb
+from scipy.spatial import cKDTree
 
 from ..errors import CtwinError
 from ..volumes.labels import is_skeletal
+# Imported where used, so that importing this module stays light: skimage (heavy or optional third-party packages).
 
 CHAMFER_SAMPLES = 50_000
 FOV_MARGIN_MM = 5.0
@@ -158,8 +160,6 @@ class SurfaceIndex:
     """A triangle mesh prepared for repeated exact point-to-surface queries (see ``point_to_surface``)."""
 
     def __init__(self, V, F):
-        from scipy.spatial import cKDTree
-
         self.V, self.F = _as_vf(V, F)
         tv = self.V[self.F]
         cent = tv.mean(axis=1)

@@ -30,10 +30,13 @@ import numpy as np
 
 from .anatomy import CONE, ELL, NPARAM, PLANE, TRI, UNION, build_anatomy
 from ..errors import CtwinError
-from ..volumes.labels import is_skeletal, name_to_id
+from ..volumes.labels import is_skeletal, name_to_id, all_names
 from ..progress import report
-from ..body.skeleton import JOINT_NAMES, PARENTS, forward_kinematics
-from ..volumes.volume import Volume, affine_from
+from ..body.skeleton import JOINT_NAMES, PARENTS, forward_kinematics, rodrigues
+from ..volumes.volume import Volume, affine_from, save_nifti
+from ..fileio import write_json
+from ..rig.pose import _slerp_matrices
+from ..rig.poses import ACQUISITION_PRESETS, PRESETS, resolve_pose
 
 try:  # numba is a hard dependency of the project; the fallback only keeps imports working
     from numba import njit
@@ -540,8 +543,6 @@ def skeleton_variant(joints_key: bytes, variant: int):
     ``VARIANT_MAX_LENGTH``; the variant joints are built down the tree so that segments stay joined,
     and ``V_j(x) = J'_j + s_j R_j (x - J_j)`` carries the segment's anatomy to the variant rest.
     Leaves (head, hands, feet) keep their frames. Seeded, deterministic."""
-    from ..body.skeleton import PARENTS, rodrigues
-
     j = np.frombuffer(joints_key, dtype=np.float64).reshape(24, 3)
     rng = np.random.default_rng([int(variant), 2113])
     kids = [[c for c in range(24) if PARENTS[c] == i] for i in range(24)]
@@ -613,7 +614,6 @@ def _posed_rows(anat, fprims, pose, transl, variant=None):
     T = _segment_transforms(anat, pose, transl, variant)
     if variant is None:
         return T, T, fprims
-    from ..rig.pose import _slerp_matrices
 
     rest, v = rest_skeleton(anat, variant)
     a, _ = forward_kinematics(pose, rest)
@@ -644,8 +644,6 @@ def _segment_transforms(anat, pose, transl, variant=None) -> np.ndarray:
 
 def _table_box(seed: int, variant=None) -> np.ndarray:
     """The table (world, static): under the back of the supine patient of this seed."""
-    from ..rig.poses import ACQUISITION_PRESETS, PRESETS
-
     anat, fprims = _packed(seed)[:2]
     trunk = {0, 3, 6, 9}
     zlo, zhi, top = np.inf, -np.inf, -np.inf
@@ -660,8 +658,6 @@ def _table_box(seed: int, variant=None) -> np.ndarray:
 
 
 def _as_pose(pose):
-    from ..rig.poses import PRESETS, resolve_pose
-
     if isinstance(pose, str) and pose not in PRESETS and not (pose.endswith((".json", ".npz")) or Path(pose).exists()):
         raise CtwinError(f"unknown pose '{pose}': give a pose file or one of {', '.join(PRESETS)}")
     r = resolve_pose(pose)
@@ -781,16 +777,11 @@ def body_sdf(points, pose="supine_arms_down", seed: int = 0, transl=None, skelet
 
 
 def _id_name(i) -> str:
-    from ..volumes.labels import all_names
-
     return all_names()[int(i)]
 
 
 def write_phantom(out_dir, **kwargs) -> Phantom:
     """Generate and write ct.nii.gz, seg.nii.gz, labels.json and truth.json into ``out_dir``."""
-    from ..fileio import write_json
-    from ..volumes.volume import save_nifti
-
     out = Path(out_dir)
     ph = generate_phantom(**kwargs)
     out.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import CtwinError
-from ..body.skeleton import JOINT_NAMES, N_JOINTS, PARENTS, as_pose, forward_kinematics, rodrigues
+from ..body.skeleton import (
+    JOINT_NAMES, N_JOINTS, PARENTS, as_pose, forward_kinematics, rodrigues, rotation_to_rotvec,
+)
 
 # Pelvis -> spine1 -> spine2 -> spine3 -> neck -> head.
 SPINE_CHAIN = (0, 3, 6, 9, 12, 15)
@@ -171,8 +173,6 @@ class Armature:
 
     def pose_from_local_rotations(self, q, loc_mm=None) -> tuple[np.ndarray, np.ndarray]:
         """Inverse of ``local_rotations``: ``(pose (72,), transl_mm (3,))`` from pose-bone values."""
-        from ..body.skeleton import rotation_to_rotvec
-
         q = np.asarray(q, dtype=np.float64).reshape(N_JOINTS, 3, 3)
         r0 = rodrigues(as_pose(self.pose0))
         rots = np.zeros((N_JOINTS, 3, 3))

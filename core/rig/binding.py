@@ -29,12 +29,14 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from .armature import SPINE_CHAIN, Armature, armature_from_fit, build_armature
 from ..errors import CtwinError
 from ..volumes.labels import is_skeletal, joint_for_label
 from ..meshes.metrics import closest_points_on_triangles
 from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS
+from ..fileio import atomic_path
 
 SMOOTH = "smooth"
 TOP_K = 4
@@ -129,8 +131,6 @@ def segment_weights_fallback(points, armature: Armature, sigma_mm: float = 40.0)
 
 def _closest_weights(pts, bv, bf, bw, centroids, faces_idx, k_candidates):
     """(distance (N,), interpolated weights (N, J)) of the closest point among faces ``faces_idx``."""
-    from scipy.spatial import cKDTree
-
     tree = cKDTree(centroids[faces_idx])
     k = min(k_candidates, len(faces_idx))
     _, cand = tree.query(pts, k=k)
@@ -310,8 +310,6 @@ def bind_structures(meshes: dict, body_model=None, fit=None, *, armature: Armatu
 # --- persistence -----------------------------------------------------------------------------
 def save_binding(binding: Binding, path) -> None:
     """Everything needed to pose the twin (armature, rigid table, vertebrae, soft weights) in one .npz."""
-    from ..fileio import atomic_path
-
     arm = binding.armature
     arrays = {
         "joints_mm": arm.joints_mm, "pose0": arm.pose0, "transl0_mm": arm.transl0_mm,

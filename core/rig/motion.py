@@ -31,6 +31,7 @@ from scipy.spatial.transform import Rotation, Slerp
 
 from ..errors import CtwinError
 from ..body.skeleton import SUPINE_GLOBAL_ORIENT, rodrigues, rotation_to_rotvec
+from ..fileio import atomic_path
 
 FRAMERATE_KEYS = ("mocap_framerate", "mocap_frame_rate", "frame_rate", "fps")
 # Values per frame of the body models' axis-angle vectors: SMPL-H/X body joints only (22 x 3),
@@ -154,8 +155,6 @@ def load_motion(path, fps=None, twin_pose=None, twin_transl_mm=None, *, check_li
 
 def write_motion_file(path, poses, trans_m, framerate: float) -> None:
     """Write an AMASS-style .npz (``poses``, ``trans`` metres, ``mocap_framerate``), atomically."""
-    from ..fileio import atomic_path
-
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, poses=np.asarray(poses, dtype=np.float64), trans=np.asarray(trans_m, dtype=np.float64),

@@ -17,15 +17,16 @@ import dataclasses
 import warnings
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from .binding import Binding, VertebraBone
 from ..errors import CtwinError
-from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, apply_transform, as_pose
+from ..body.skeleton import (
+    JOINT_INDEX, JOINT_NAMES, apply_transform, as_pose, rodrigues, rotation_to_rotvec,
+)
 
 
 def _slerp_matrices(ra: np.ndarray, rb: np.ndarray, w: float) -> np.ndarray:
-    from ..body.skeleton import rodrigues, rotation_to_rotvec
-
     if w <= 0.0:
         return ra
     if w >= 1.0:
@@ -79,8 +80,6 @@ def lbs_points(deltas: np.ndarray, points, index, weight) -> np.ndarray:
 
 def _dual_quaternions(deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rigid 4x4s (J, 4, 4) -> unit dual quaternions (real (J, 4), dual (J, 4)), (w, x, y, z)."""
-    from scipy.spatial.transform import Rotation
-
     xyzw = Rotation.from_matrix(deltas[:, :3, :3]).as_quat()
     qr = np.concatenate([xyzw[:, 3:], xyzw[:, :3]], axis=1)
     t = deltas[:, :3, 3]

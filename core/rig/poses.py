@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import CtwinError
 from ..body.skeleton import JOINT_INDEX, SUPINE_GLOBAL_ORIENT, as_pose, rotation_to_rotvec, rodrigues
+from ..fileio import atomic_path, write_json
 
 ACQUISITION_PRESETS = ("supine_arms_down", "supine_arms_up")
 
@@ -169,8 +170,6 @@ def resolve_pose(name_or_path) -> dict:
 
 def write_pose_file(path, pose, transl=None) -> None:
     """Write a pose file (.json or .npz) with ``pose`` (72) and ``transl`` (3, mm; zeros if None)."""
-    from ..fileio import atomic_path, write_json
-
     path = Path(path)
     pose = as_pose(pose).reshape(72)
     transl = np.zeros(3) if transl is None else np.asarray(transl, dtype=np.float64).reshape(3)

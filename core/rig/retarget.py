@@ -37,9 +37,12 @@ Also here: poses by inverse kinematics from world joints (``ik_pose``) and relat
 from __future__ import annotations
 
 import numpy as np
+from pathlib import Path
+from scipy.spatial.transform import Rotation
 
 from ..errors import CtwinError
 from ..body.skeleton import N_JOINTS, PARENTS, as_pose, rodrigues, rotation_to_rotvec
+from ..body.body_model import _read_model_file
 
 # Rest skeletons whose bone directions agree within this angle are the same source (radians).
 SAME_DIRECTION_RAD = 1e-9
@@ -75,7 +78,6 @@ def _align(dst, src) -> np.ndarray:
     pair, Kabsch for several."""
     if len(src) == 1:
         return _min_rotation(src[0], dst[0])
-    from scipy.spatial.transform import Rotation
 
     r, _ = Rotation.align_vectors(np.asarray(dst), np.asarray(src))
     return r.as_matrix()
@@ -283,10 +285,6 @@ def model_rest_joints_mm(model_path, betas=None, source: str = "--source-model")
 
     SMPL+H and SMPL-X share SMPL's 22 body joints; their finger chains replace SMPL's hand joints,
     which are taken as the mean of each wrist's finger roots."""
-    from pathlib import Path
-
-    from ..body.body_model import _read_model_file
-
     path = Path(model_path).expanduser()
     if not path.is_file():
         raise CtwinError(f"{source}: model file not found: {path}")

@@ -9,8 +9,10 @@ mask pixel is set exactly where the pixel's ray crosses the structure. Written n
 from __future__ import annotations
 
 import numpy as np
+from pathlib import Path
 
 from ..fileio import atomic_path, write_json
+from ..body.skeleton import JOINT_NAMES
 
 _RASTER = None
 
@@ -80,8 +82,6 @@ def label_masks(geometry, meshes: dict) -> tuple[np.ndarray, list]:
 
 def frame_points(geometry, joints_mm, landmarks_mm: dict) -> dict:
     """2D projections (col, row) of the joints and landmarks, with their world positions."""
-    from ..body.skeleton import JOINT_NAMES
-
     j2 = project_points(geometry, joints_mm)
     out = {"joints": {n: {"px": j2[i].tolist(), "world_mm": np.asarray(joints_mm[i]).tolist()}
                       for i, n in enumerate(JOINT_NAMES)}, "landmarks": {}}
@@ -93,8 +93,6 @@ def frame_points(geometry, joints_mm, landmarks_mm: dict) -> dict:
 
 def write_annotations(stem, geometry, posed_meshes: dict, joints_mm, landmarks_mm: dict) -> None:
     """Write ``<stem>_labels.npz`` and ``<stem>_points.json`` atomically."""
-    from pathlib import Path
-
     stem = Path(stem)
     masks, names = label_masks(geometry, posed_meshes)
     with atomic_path(stem.parent / f"{stem.name}_labels.npz") as tmp:

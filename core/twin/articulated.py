@@ -47,6 +47,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from ..errors import CtwinError
 from ..fileio import atomic_path, write_json
@@ -56,6 +57,7 @@ from ..progress import report
 from ..drr.projector import PlacedVolume, Scene, _grid_from_bounds, compose_scene, render_scene
 from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, forward_kinematics, rodrigues
 from ..volumes.volume import Volume, resample_onto
+# Imported where used, so that importing this module stays light: numba (heavy or optional third-party packages).
 
 FORMAT_VERSION = 1
 AIR_HU = -1000
@@ -170,8 +172,6 @@ class ArticulatedCT:
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
     lab, n = ndimage.label(mask)
     if n == 0:
         return mask
@@ -201,8 +201,6 @@ def prepare_articulated(ct: Volume, labelmap: Volume, names: dict, binding: dict
     ``names``: label id -> name. ``binding``: label name -> rig bone (an SMPL joint name or index);
     skeletal labels missing from it use ``joint_for_label``.
     """
-    from scipy import ndimage
-
     if ct.shape != labelmap.shape or not np.allclose(ct.affine, labelmap.affine, atol=1e-4):
         lab = resample_onto(labelmap, ct, order=0)
     else:
@@ -1001,8 +999,6 @@ def _warp_prep(art: ArticulatedCT) -> dict:
     their centres and channels, and the tissue cells dilated by one cell."""
     prep = art._cache.get("warp_prep")
     if prep is None:
-        from scipy import ndimage
-
         W = _sparse_weights(art)
         fac = np.maximum(np.rint(np.linalg.norm(art.weight_affine[:3, :3], axis=0)
                                  / np.linalg.norm(art.affine[:3, :3], axis=0)).astype(int), 1)
@@ -1105,7 +1101,6 @@ def sample_warp(scene: Scene, points) -> np.ndarray:
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     if scene.warp is None:
         return pts.copy()
-    from scipy import ndimage
 
     warp, waff = scene.warp
     idx = (pts - waff[:3, 3]) @ np.linalg.inv(waff[:3, :3]).T

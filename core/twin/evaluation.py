@@ -17,6 +17,14 @@ from ..errors import CtwinError
 from ..fileio import read_json
 from ..progress import report
 from ..body.skeleton import apply_transform
+from ..drr.carm import default_views
+from ..drr.projector import render_drr
+from ..meshes.mesh import read_mesh
+from ..meshes.metrics import chamfer_mm, enclosure_pct, drr_similarity
+from ..volumes.ct import load_ct
+from ..volumes.segmentation import load_segmentation
+from .articulated import render_posed
+from .twin import load_twin
 
 
 def _finite(x):
@@ -25,8 +33,6 @@ def _finite(x):
 
 
 def _similarity(test, ref) -> dict:
-    from ..meshes.metrics import drr_similarity
-
     s = drr_similarity(test, ref)
     out = {"ssim": float(s["ssim"]), "psnr_db": _finite(s["psnr_db"])}
     if out["psnr_db"] is None:
@@ -46,9 +52,6 @@ def _summary(per_view: dict) -> dict:
 
 def fit_scores(twin) -> dict:
     """chamfer_mm and enclosure_pct of the twin's fitted body surface (SPEC section 6)."""
-    from ..meshes.metrics import chamfer_mm, enclosure_pct
-    from ..meshes.mesh import read_mesh
-
     body = read_mesh(twin.path / "meshes" / "body_model.ply", name="body_model")
     skin = read_mesh(twin.path / "meshes" / "skin.ply", name="skin")
     lo, hi = twin.ct_bbox_mm
@@ -60,8 +63,6 @@ def fit_scores(twin) -> dict:
 def acquisition_fidelity(twin, size: int = 512, device: str = "auto", keep_images: dict | None = None) -> dict:
     """AP and lateral DRRs of the twin at its acquisition pose, rendered through the articulated path
     (posing machinery on, identity pose), against the DRRs of the original CT."""
-    from ..drr.projector import render_drr
-
     out = {}
     for name, g in twin.default_views(size=size).items():
         ref = render_drr(twin.ct, g, device=device)
@@ -113,12 +114,6 @@ def target_fidelity(twin, truth_dir, size: int = 512, device: str = "auto",
     pose is retargeted from its ``rest_joints`` onto the twin's skeleton (``core.rig.retarget``), relative
     to the acquisition truth when that names the same skeleton; ``retarget="rest"`` uses the rest
     alignment only, ``retarget=False`` the raw pose vector (both for comparison)."""
-    from ..volumes.ct import load_ct
-    from ..meshes.metrics import enclosure_pct
-    from ..drr.projector import render_drr
-    from ..volumes.segmentation import load_segmentation
-    from ..drr.carm import default_views
-
     truth_dir = Path(truth_dir)
     tb_path = truth_dir / "truth.json"
     if not tb_path.is_file():
@@ -161,7 +156,6 @@ def target_fidelity(twin, truth_dir, size: int = 512, device: str = "auto",
 
     report("evaluate: DRRs at the target pose")
     scene = twin.posed_scene(pose_b, transl)
-    from .articulated import render_posed
 
     drr = {}
     for name, g in default_views(ct_b, size=size).items():
@@ -177,8 +171,6 @@ def target_fidelity(twin, truth_dir, size: int = 512, device: str = "auto",
 
 def evaluate_twin(twin_dir, truth_dir=None, size: int = 512, device: str = "auto") -> dict:
     """Every SPEC section 6 metric of a twin, as a JSON-ready dict."""
-    from .twin import load_twin
-
     t0 = time.perf_counter()
     twin = load_twin(twin_dir)
     report("evaluate: fit scores")

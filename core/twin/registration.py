@@ -50,11 +50,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.ndimage import binary_erosion, gaussian_filter, map_coordinates
+from scipy.optimize import minimize
 
-from ..drr.carm import Geometry
+from ..drr.carm import Geometry, named_view
 from ..errors import CtwinError
 from ..progress import report
 from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, PARENTS, apply_transform, rodrigues, rotation_to_rotvec
+from ..drr.physics import DISPLAY_MAX
+from ..fileio import atomic_path, read_json, write_json
+from ..rig.pose import JOINT_LIMITS_DEG
+# Imported where used, so that importing this module stays light: PIL, numba (heavy or optional third-party packages).
 
 MU_WATER_PER_MM = 0.02  # SPEC 5 monoenergetic model
 BONE_HU = 150.0  # voxels above this count as bone in the clouds (cancellous bone is ~200-400 HU)
@@ -101,8 +107,6 @@ class XRay:
 
 def to_line_integral(image, value: str) -> np.ndarray:
     """Invert the output value of a DRR or radiograph to line integrals (SPEC 5 values)."""
-    from ..drr.physics import DISPLAY_MAX
-
     img = np.asarray(image, dtype=np.float64)
     if value == "line_integral":
         return img
@@ -123,8 +127,6 @@ def _sidecar_for(path: Path) -> Path | None:
 
 
 def _read_sidecar(p: Path) -> dict:
-    from ..fileio import read_json
-
     try:
         d = read_json(p)
     except ValueError as exc:
@@ -136,8 +138,6 @@ def _read_sidecar(p: Path) -> dict:
 
 def _dicom_geometry(ds, name: str, twin_bbox) -> Geometry:
     """A geometry from a projection radiograph's tags; the isocentre at the twin's CT box centre."""
-    from ..drr.carm import named_view
-
     def tag(key):
         v = getattr(ds, key, None)
         if v is None or v == "":
@@ -454,7 +454,6 @@ def _resample(img: np.ndarray, w: int, h: int) -> np.ndarray:
         return img.copy()
     if H % h == 0 and W % w == 0:
         return img.reshape(h, H // h, w, W // w).mean(axis=(1, 3))
-    from scipy.ndimage import gaussian_filter, map_coordinates
 
     sm = gaussian_filter(img, (max(0.0, 0.5 * (H / h - 1)), max(0.0, 0.5 * (W / w - 1))))
     rr = (np.arange(h) + 0.5) * H / h - 0.5
@@ -464,8 +463,6 @@ def _resample(img: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 def _grad_pair(img: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    from scipy.ndimage import gaussian_filter
-
     s = gaussian_filter(img, sigma, mode="nearest")
     gx = s[1:-1, 2:] - s[1:-1, :-2]
     gy = s[2:, 1:-1] - s[:-2, 1:-1]
@@ -615,8 +612,6 @@ def _vertebra_transform(deltas: np.ndarray, vb) -> np.ndarray:
 
 def _limits(joint: int) -> np.ndarray:
     """(3, 2) radian bounds on a joint's axis-angle components (root: none)."""
-    from ..rig.pose import JOINT_LIMITS_DEG
-
     name = JOINT_NAMES[joint]
     lim = JOINT_LIMITS_DEG.get(name)
     b = np.tile([-math.pi, math.pi], (3, 1)).astype(np.float64)
@@ -708,8 +703,6 @@ class _Problem:
         """Powell over the given joints (0 = root rotation + translation), others fixed.
         ``include``: the structures rendered (default all); ``search``: try single-axis offsets of
         each joint (+-30, +-60 degrees) first and start from the best few."""
-        from scipy.optimize import minimize
-
         t0 = time.perf_counter()
         joints = list(joints)
         jset = set(joints)
@@ -797,8 +790,6 @@ class _Problem:
     def refine_view(self, level: _Level, k: int, maxfev: int) -> dict:
         """A rigid correction of view k's geometry relative to the patient (rotation about the
         view's isocentre or its central ray point nearest the bones, then translation)."""
-        from scipy.optimize import minimize
-
         t0 = time.perf_counter()
         T_now = self.transforms(self.pose, self.transl)
         base = level.views[k]
@@ -992,8 +983,6 @@ def registration_record(twin, reg: Registration, xrays) -> dict:
 def contour_overlay(xray: XRay, bone_img_before: np.ndarray, bone_img_after: np.ndarray) -> np.ndarray:
     """RGB uint8, three panels side by side: the input image (log display), the projected bone
     contours at the start (red) and after registration (green) on it."""
-    from scipy.ndimage import binary_erosion, gaussian_filter
-
     li = np.maximum(xray.image, 0.0)
     body = li > 0.05 * float(li.max()) if li.max() > 0 else np.ones(li.shape, bool)
     lo, hi = np.percentile(li[body], [1, 99.8])
@@ -1028,16 +1017,12 @@ def contour_overlay(xray: XRay, bone_img_before: np.ndarray, bone_img_after: np.
 def write_png(path, rgb: np.ndarray) -> None:
     from PIL import Image
 
-    from ..fileio import atomic_path
-
     with atomic_path(path) as tmp:
         Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG")
 
 
 def write_outputs(twin, reg: Registration, xrays, out_dir, cloud: BoneCloud | None = None) -> dict:
     """registration.json, report.json and overlay_<image>.png (before/after) in ``out_dir``."""
-    from ..fileio import write_json
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cloud = bone_cloud(twin) if cloud is None else cloud

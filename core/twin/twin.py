@@ -26,10 +26,30 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import importlib.metadata as md
 
 from ..errors import CtwinError
 from ..fileio import read_json, write_json
 from ..progress import report
+from ..body.body_model import default_body_model_path, load_body_model
+from ..body.fit import fit_body_model
+from ..body.skeleton import JOINT_NAMES
+from ..drr.carm import default_views, named_view
+from ..drr.frames import FORMATS, FrameView, render_frames
+from ..drr.projector import frame_volume, resolve_device, xray_line_integral
+from ..meshes.mesh import Mesh, import_anatomy, read_mesh, write_ply
+from ..meshes.mesh_volume import SKIN, hu_table, load_hu_overrides, read_mesh_folder, voxelise_meshes
+from ..rig.binding import bind_structures, save_binding, load_binding
+from ..rig.pose import bone_deltas, bone_transforms, dqs_points, pose_meshes
+from ..rig.poses import resolve_pose
+from ..rig.retarget import pose_for_twin
+from ..safety import (
+    TWIN_OWN, twin_root_of, _PARTIAL, check_out_dir, clean_stale_partials, partial_tag,
+    check_pose_values, request_keys,
+)
+from ..volumes.plausibility import check_ct_segmentation, check_fit
+from ..volumes.volume import load_nifti, save_nifti
+from .articulated import ArticulatedCT, posed_scene, prepare_articulated, render_posed
 
 TWIN_FORMAT = 1
 # Spacing of the soft tissue's inverse-warp grid. Measured on the 3 mm phantom posed to the
@@ -40,8 +60,6 @@ WARP_SPACING_MM = 12.0
 
 
 def software_versions() -> dict:
-    import importlib.metadata as md
-
     out = {"python": platform.python_version(), "ctwin_format": TWIN_FORMAT}
     for pkg in ("numpy", "numba", "scipy", "scikit-image", "nibabel", "SimpleITK", "trimesh", "bpy"):
         try:
@@ -73,11 +91,7 @@ def build_twin(ct_path, seg_path, out_dir, body_model_path=None, *, finish=None,
     writes there is part of the twin, and an error in it abandons the build like any other. The
     CLI passes ``operators.twin_blend.finish_build`` (twin.blend), so the core needs no Blender.
     """
-    from ..meshes.mesh import import_anatomy
-
     def source():
-        from ..volumes.plausibility import check_ct_segmentation
-
         report("build 1/6: import CT and segmentation", 0.0)
         checked = {}
 
@@ -105,8 +119,6 @@ def build_twin_from_meshes(mesh_dir, out_dir, body_model_path=None, *, hu=None, 
     decomposition, meshes (the input meshes, unchanged) and ``finish`` as in ``build_twin``.
     ``twin.json`` records ``"mode": "mesh"`` and the HU table used.
     """
-    from ..meshes.mesh_volume import SKIN, hu_table, load_hu_overrides, read_mesh_folder, voxelise_meshes
-
     def source():
         report("build 1/6: read and voxelise the meshes", 0.0)
         meshes = read_mesh_folder(mesh_dir)
@@ -134,16 +146,6 @@ def build_twin_from_meshes(mesh_dir, out_dir, body_model_path=None, *, hu=None, 
 def _build(source, out_dir, body_model_path, finish) -> Path:
     """The build pipeline shared by both modes. ``source()`` returns (ct, labelmap, names,
     meshes, skin, fov_box, inputs, extra twin.json keys)."""
-    from .articulated import prepare_articulated
-    from ..rig.binding import bind_structures, save_binding
-    from ..body.body_model import default_body_model_path, load_body_model
-    from ..body.fit import fit_body_model
-    from ..meshes.mesh import write_ply
-    from ..volumes.volume import save_nifti
-
-    from ..volumes.plausibility import check_fit
-    from ..safety import check_out_dir, clean_stale_partials, partial_tag
-
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()
     check_out_dir(out, twin_ok=True)
@@ -240,8 +242,6 @@ def _build(source, out_dir, body_model_path, finish) -> Path:
 
 def _enclosing_twin(out: Path):
     """The twin directory whose own files (meshes/, volumes/ ...) contain ``out``, or None."""
-    from ..safety import TWIN_OWN, twin_root_of
-
     hit = twin_root_of(out.parent) if out.parent != out else None
     if hit is None:
         return None
@@ -253,18 +253,12 @@ def _enclosing_twin(out: Path):
 def _foreign_entries(out: Path, new: Path) -> list:
     """Entries of an existing twin directory that the build does not write (the user's own files,
     render folders): they are moved into the new twin instead of being deleted."""
-    from ..safety import TWIN_OWN
-
-    from ..safety import _PARTIAL
-
     own = set(TWIN_OWN) | {p.name for p in new.iterdir()}
     return [p for p in out.iterdir() if p.name not in own and not _PARTIAL.match(p.name)]
 
 
 def _joint_binding(binding) -> dict:
     """label -> SMPL joint for the soft-tissue weights: vertebrae take their nearer spine joint."""
-    from ..body.skeleton import JOINT_NAMES
-
     out = {}
     for name, bone in binding.rigid.items():
         vb = binding.vertebrae.get(bone)
@@ -300,14 +294,10 @@ class Twin:
 
     @cached_property
     def binding(self):
-        from ..rig.binding import load_binding
-
         return self._read("binding.npz", load_binding)
 
     @cached_property
     def body_model(self):
-        from ..body.body_model import default_body_model_path, load_body_model
-
         bm = self.meta.get("body_model", {})
         if bm.get("builtin", True):
             return load_body_model(default_body_model_path())
@@ -318,20 +308,14 @@ class Twin:
 
     @cached_property
     def articulated(self):
-        from .articulated import ArticulatedCT
-
         return self._read("volumes/articulated", ArticulatedCT.load)
 
     @cached_property
     def ct(self):
-        from ..volumes.volume import load_nifti
-
         return self._read("volumes/ct.nii.gz", load_nifti)
 
     @cached_property
     def labelmap(self):
-        from ..volumes.volume import load_nifti
-
         return self._read("volumes/labelmap.nii.gz", load_nifti)
 
     @cached_property
@@ -349,8 +333,6 @@ class Twin:
 
     def meshes(self, include_skin: bool = True) -> dict:
         """{name: Mesh} at the acquisition pose: label meshes (+ skin). Not the body model."""
-        from ..meshes.mesh import read_mesh
-
         if "meshes" not in self._cache:
             out = {}
             for name in [*self.meta.get("structures", []), "skin"]:
@@ -407,10 +389,6 @@ class Twin:
         """A preset, pose file or mapping as ``(pose (72,), transl_mm or None)`` on this twin: retargeted
         from the file's source skeleton, solved from world joints, or applied as a change from the
         acquisition pose (``core.rig.retarget.pose_for_twin``)."""
-        from ..rig.poses import resolve_pose
-        from ..rig.retarget import pose_for_twin
-        from ..safety import check_pose_values
-
         raw = resolve_pose(name_or_path)
         if raw["pose"] is not None:
             check_pose_values(raw["pose"], raw.get("transl"), what=f"pose {name_or_path}")
@@ -423,19 +401,13 @@ class Twin:
         return self.binding.armature.deltas(pose, transl_mm)
 
     def bone_deltas(self, pose, transl_mm=None) -> dict:
-        from ..rig.pose import bone_deltas
-
         return bone_deltas(self.binding, pose, transl_mm)
 
     def bone_transforms(self, pose, transl_mm=None) -> dict:
         """{skeletal structure: 4x4} acquisition -> posed (rigid)."""
-        from ..rig.pose import bone_transforms
-
         return bone_transforms(self.binding, pose, transl_mm)
 
     def posed_meshes(self, pose, transl_mm=None) -> dict:
-        from ..rig.pose import pose_meshes
-
         return pose_meshes(self.binding, self.meshes(), pose, transl_mm)
 
     def posed_body(self, pose, transl_mm=None):
@@ -443,9 +415,6 @@ class Twin:
         the armature's joint deltas with the body model's skinning weights (the same deltas that
         move the bones, so the skin and the skeleton stay together), blended as dual quaternions
         (no flesh collapsing into bent joints)."""
-        from ..meshes.mesh import Mesh
-        from ..rig.pose import dqs_points
-
         bm = self.body_model
         if "body_acq" not in self._cache:
             fit = self.fit
@@ -460,8 +429,6 @@ class Twin:
 
     def posed_scene(self, pose=None, transl_mm=None):
         """The articulated CT posed for rendering (a ``core.drr.projector.Scene``)."""
-        from .articulated import posed_scene
-
         if pose is None:
             pose = self.pose0
         return posed_scene(self.articulated, self.bone_deltas(pose, transl_mm),
@@ -469,8 +436,6 @@ class Twin:
 
     def render(self, geometry, pose=None, transl_mm=None, *, step_mm=None, device="auto") -> np.ndarray:
         """Line-integral DRR of the twin at a pose through the articulated path (identity = p0)."""
-        from .articulated import render_posed
-
         return render_posed(self.posed_scene(pose, transl_mm), geometry, step_mm=step_mm, device=device)
 
     @property
@@ -481,8 +446,6 @@ class Twin:
 
     def default_views(self, size=512, **kw) -> dict:
         """SPEC section 5 metric views (AP and lateral) for this twin's CT bounding box."""
-        from ..drr.carm import default_views
-
         return default_views(self.ct_bbox_mm, size=size, **kw)
 
 
@@ -535,8 +498,6 @@ def frame_poses(twin: Twin, pose=None, motion=None, frames=None, fps: float = 24
     """[(frame, pose (72,), transl_mm or None)] for a render: the acquisition pose, a pose file, or a
     motion file resampled to ``fps``. ``frames`` = (A, B) with B exclusive. ``source_model``: the SMPL
     or SMPL+H file a motion was made on (its betas shape it; ``core.rig.motion.load_motion``)."""
-    from ..safety import check_pose_values
-
     if motion is not None and pose is not None:
         raise CtwinError("give --pose or --motion, not both (a motion sets every frame's pose)")
     if motion is not None:
@@ -578,12 +539,6 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
     A frame already in ``out_dir`` is kept only when it reads back whole and its sidecar matches
     this request (``core.safety``); one written for another request is refused unless ``overwrite``.
     """
-    from .articulated import render_posed
-    from ..drr.carm import named_view
-    from ..drr.frames import FORMATS, FrameView, render_frames
-    from ..drr.projector import frame_volume, resolve_device, xray_line_integral
-    from ..safety import request_keys
-
     if fmt not in FORMATS:
         raise CtwinError(f"unknown frame format {fmt!r}; use tiff or dicom")
     if xray is None and kvp is not None:

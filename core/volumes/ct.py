@@ -19,6 +19,8 @@ import numpy as np
 from ..errors import CtwinError
 from ..progress import report
 from .volume import Volume, affine_from, load_nifti
+from ..fileio import atomic_path
+# Imported where used, so that importing this module stays light: SimpleITK (heavy or optional third-party packages).
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -85,8 +87,6 @@ def sitk_from_volume(vol: Volume):
 def save_itk(vol: Volume, path) -> None:
     """Write a Volume as NRRD/MHA (LPS physical space), atomically."""
     import SimpleITK as sitk
-
-    from ..fileio import atomic_path
 
     with atomic_path(path) as tmp:
         sitk.WriteImage(sitk_from_volume(vol), str(tmp), True)

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from ..errors import CtwinError
 from ..fileio import atomic_path
 from ..body.skeleton import apply_transform
+# Imported where used, so that importing this module stays light: nibabel (heavy or optional third-party packages).
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -129,8 +131,6 @@ def resample_onto(src: Volume, ref: Volume, order: int = 0, cval: float = 0.0) -
 
     ``order`` 0 is nearest neighbour (labels), 1 trilinear. Points outside ``src`` get ``cval``.
     """
-    from scipy import ndimage
-
     m = np.linalg.inv(src.affine) @ ref.affine  # ref index -> src index
     out = ndimage.affine_transform(
         src.data, m[:3, :3], offset=m[:3, 3], output_shape=ref.shape, order=order,
