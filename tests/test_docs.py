@@ -290,3 +290,18 @@ def test_reference_tables_are_well_formed():
         elif count != cells:
             bad.append(f"line {n}: {count - 1} cells, header {cells - 1}: {line[:80]}")
     assert bad == []
+
+
+def test_readme_python_imports_resolve():
+    """Every ``import`` line of the README's Python examples (and docs/) imports: the names it
+    shows exist where it says."""
+    lines = []
+    for md in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```python\n(.*?)```", md.read_text(), re.S):
+            lines += [ln.split("#")[0].strip() for ln in block.splitlines()
+                      if re.match(r"\s*(from ctwin[\w.]* import |import ctwin)", ln)]
+    assert len(lines) >= 8, lines
+    code = "\n".join(["import sys", f"sys.path.insert(0, {str(ROOT / 'tools')!r})",
+                      "from launch import load_package", "load_package('ctwin')", *lines])
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr.strip().splitlines()[-1]

@@ -143,8 +143,3 @@ def model_to_world_mm(points_m, transl_mm) -> np.ndarray:
     """Posed body-model coordinates (metres, global orientation applied) to LPS world mm."""
     return 1000.0 * np.asarray(points_m, dtype=np.float64) + np.asarray(transl_mm, dtype=np.float64)
 
-
-def apply_transform(t, points) -> np.ndarray:
-    """Apply a 4x4 transform to points (N, 3)."""
-    t = np.asarray(t, dtype=np.float64)
-    return np.asarray(points, dtype=np.float64) @ t[:3, :3].T + t[:3, 3]

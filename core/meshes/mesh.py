@@ -50,8 +50,7 @@ import time
 
 from ..errors import CtwinError
 from ..progress import report
-from ..body.skeleton import apply_transform
-from ..volumes.volume import Volume
+from ..volumes.volume import Volume, apply_transform
 from ..fileio import atomic_path
 from ..volumes.ct import load_ct
 from ..volumes.labels import name_to_id

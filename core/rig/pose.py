@@ -22,8 +22,9 @@ from scipy.spatial.transform import Rotation
 from .binding import Binding, VertebraBone
 from ..errors import CtwinError
 from ..body.skeleton import (
-    JOINT_INDEX, JOINT_NAMES, apply_transform, as_pose, rodrigues, rotation_to_rotvec,
+    JOINT_INDEX, JOINT_NAMES, as_pose, rodrigues, rotation_to_rotvec,
 )
+from ..volumes.volume import apply_transform
 
 
 def _slerp_matrices(ra: np.ndarray, rb: np.ndarray, w: float) -> np.ndarray:

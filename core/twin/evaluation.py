@@ -16,7 +16,6 @@ import numpy as np
 from ..errors import CtwinError
 from ..fileio import read_json
 from ..progress import report
-from ..body.skeleton import apply_transform
 from ..drr.carm import default_views
 from ..drr.projector import render_drr
 from ..meshes.mesh import read_mesh
@@ -25,6 +24,7 @@ from ..volumes.ct import load_ct
 from ..volumes.segmentation import load_segmentation
 from .articulated import render_posed
 from .twin import load_twin
+from ..volumes.volume import apply_transform
 
 
 def _finite(x):

@@ -56,10 +56,11 @@ from scipy.optimize import minimize
 from ..drr.carm import Geometry, named_view
 from ..errors import CtwinError
 from ..progress import report
-from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, PARENTS, apply_transform, rodrigues, rotation_to_rotvec
+from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, PARENTS, rodrigues, rotation_to_rotvec
 from ..drr.physics import DISPLAY_MAX
 from ..fileio import atomic_path, read_json, write_json
 from ..rig.pose import JOINT_LIMITS_DEG
+from ..volumes.volume import apply_transform
 # Imported where used, so that importing this module stays light: PIL, numba (heavy or optional third-party packages).
 
 MU_WATER_PER_MM = 0.02  # SPEC 5 monoenergetic model

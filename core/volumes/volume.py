@@ -15,10 +15,15 @@ from scipy import ndimage
 
 from ..errors import CtwinError
 from ..fileio import atomic_path
-from ..body.skeleton import apply_transform
 # Imported where used, so that importing this module stays light: nibabel (heavy or optional third-party packages).
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def apply_transform(t, points) -> np.ndarray:
+    """Apply a 4x4 transform to points (N, 3)."""
+    t = np.asarray(t, dtype=np.float64)
+    return np.asarray(points, dtype=np.float64) @ t[:3, :3].T + t[:3, 3]
 
 
 @dataclass
