@@ -21,6 +21,7 @@ import bpy
 import numpy as np
 
 from ..core.body.skeleton import MM_TO_M
+from ..core.volumes.volume import apply_transform
 
 M_TO_MM = 1.0 / MM_TO_M
 
@@ -86,7 +87,7 @@ def mesh_arrays(obj_or_mesh, scale: float = M_TO_MM, world: bool = False):
     v = vertex_coords(me, 1.0)
     if world and isinstance(obj_or_mesh, bpy.types.Object):
         mw = np.array(obj_or_mesh.matrix_world, dtype=np.float64)
-        v = v @ mw[:3, :3].T + mw[:3, 3]
+        v = apply_transform(mw, v)
     v = v * scale
     npoly = len(me.polygons)
     start = np.empty(npoly, dtype=np.int32)

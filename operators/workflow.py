@@ -12,7 +12,9 @@ from ..blender import data as bl_data
 from ..blender.properties import abspath
 from ..blender.scene import anatomy_meshes, anatomy_objects
 from ..core import progress
+from ..core.body.skeleton import MM_TO_M
 from ..core.errors import CtwinError
+from ..core.volumes.volume import apply_transform
 
 RIG_COLLECTION = "Rig"
 CONE_OBJECT = "xray_cone"
@@ -48,7 +50,7 @@ def anatomy_bbox_mm():
         if obj.type == "MESH" and obj.name != CONE_OBJECT:
             m = np.array(obj.matrix_world)
             c = np.array([list(v) for v in obj.bound_box], dtype=np.float64)
-            pts.append((c @ m[:3, :3].T + m[:3, 3]) * 1000.0)
+            pts.append(apply_transform(m, c) * bl_data.M_TO_MM)
     if not pts:
         raise CtwinError("nothing in the scene to aim the X-ray camera at: import anatomy first")
     p = np.concatenate(pts)
@@ -110,7 +112,7 @@ def _cone(scene, g):
         bpy.data.objects.remove(old)
         bpy.data.meshes.remove(me)
     me = bpy.data.meshes.new(CONE_OBJECT)
-    me.from_pydata((verts / 1000.0).tolist(), edges, [])
+    me.from_pydata((verts * MM_TO_M).tolist(), edges, [])
     obj = bpy.data.objects.new(CONE_OBJECT, me)
     scene.collection.objects.link(obj)
     obj.hide_render = True

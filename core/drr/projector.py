@@ -36,16 +36,16 @@ import numpy as np
 from pathlib import Path
 import importlib.util
 
-from . import physics
 from ..errors import CtwinError
-
-from .kernels import BLOCK  # noqa: E402  (kernels imports numba lazily)
-from ..fileio import atomic_path, write_json, read_json
+from ..fileio import atomic_path, read_json, write_json
+from ..volumes.volume import apply_transform
+from . import physics
 from .carm import default_views
-from .kernels import compose_kernels
-from .kernels import cuda_kernels
+from .kernels import BLOCK, compose_kernels, cuda_kernels
 from .xray import form_image
-# Imported where used, so that importing this module stays light: numba, tifffile (heavy or optional third-party packages).
+
+# Imported where used, so that importing this module stays light: numba, tifffile (heavy or optional
+# third-party packages); kernels.py compiles its kernels on first use.
 _TPB = 128
 METHODS = ("trilinear", "siddon", "exact")  # kernel method codes 0, 1, 2
 STEP_FACTOR = 0.5  # default trilinear step, in units of the smallest voxel spacing
@@ -223,7 +223,7 @@ class PreparedVolume:
     def bbox_world(self):
         n = np.asarray(self.shape, dtype=np.float64)
         c = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64)
-        pts = (c * n - 0.5) @ self.affine[:3, :3].T + self.affine[:3, 3]
+        pts = apply_transform(self.affine, c * n - 0.5)
         return pts.min(axis=0), pts.max(axis=0)
 
 
@@ -441,7 +441,7 @@ def _box_corners(affine, shape) -> np.ndarray:
     """(8, 3) world corners of the cell box [-0.5, n - 0.5] of a grid."""
     n = np.asarray(shape[:3], dtype=np.float64)
     c = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64) * n - 0.5
-    return c @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    return apply_transform(affine, c)
 
 
 @dataclass
@@ -521,17 +521,17 @@ class Scene:
         for p in self.parts:  # the posed non-air voxels of each part
             idx = np.argwhere((p.mask > 0) & (p.data > -900))
             if len(idx):
-                c = idx @ p.affine[:3, :3].T + p.affine[:3, 3]
+                c = apply_transform(p.affine, idx)
                 half = 0.5 * np.abs(p.affine[:3, :3]).sum(axis=1)
                 boxes.append(np.stack([c.min(axis=0) - half, c.max(axis=0) + half]))
         if self.warp is not None:
             disp, waff = self.warp
             n = disp.shape[:3]
-            nodes = np.indices(n).reshape(3, -1).T @ waff[:3, :3].T + waff[:3, 3]
+            nodes = apply_transform(waff, np.indices(n).reshape(3, -1).T)
             rest = nodes + disp.reshape(-1, 3)
             base = self.base_data()
             inv = np.linalg.inv(self.base.affine)
-            idx = np.rint(rest @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
+            idx = np.rint(apply_transform(inv, rest)).astype(np.int64)
             shp = np.asarray(base.shape)
             ok = np.all((idx >= 0) & (idx < shp), axis=1) & np.isfinite(rest).all(axis=1)
             occ = np.zeros(len(nodes), bool)
@@ -686,7 +686,7 @@ def _box_to(M, lo, hi) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned bounds of the cell box [lo - 0.5, hi + 0.5] mapped by the 3x4/4x4 matrix M."""
     c = np.array([[a, b, cc] for a in (lo[0] - 0.5, hi[0] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5)
                   for cc in (lo[2] - 0.5, hi[2] + 0.5)])
-    p = c @ np.asarray(M)[:3, :3].T + np.asarray(M)[:3, 3]
+    p = apply_transform(M, c)
     return p.min(axis=0), p.max(axis=0)
 
 
@@ -723,7 +723,7 @@ def scene_grid(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
         moved = np.isfinite(d).all(axis=1) & (np.abs(d).max(axis=1) > 0)
         if moved.any():
             idx = np.argwhere(moved.reshape(disp.shape[:3]))
-            nodes = idx @ (binv @ waff)[:3, :3].T + (binv @ waff)[:3, 3]
+            nodes = apply_transform(binv @ waff, idx)
             rest = np.rint(nodes + d[moved] @ binv[:3, :3].T).astype(np.int64)
             ok = np.all((rest >= 0) & (rest < n), axis=1)
             occ = base.occupancy().reshape(-(-n // BLOCK))
@@ -958,7 +958,7 @@ def reference_drr(volume, geometry, step_mm: float = 0.05, chunk: int = 256) -> 
     o, d, tl = geometry.rays()
     o, d, tl = o.reshape(-1, 3), d.reshape(-1, 3), tl.reshape(-1)
     out = np.zeros(len(o))
-    po = o @ inv[:3, :3].T + inv[:3, 3]
+    po = apply_transform(inv, o)
     pd = d @ inv[:3, :3].T
     for r in range(len(o)):
         t0, t1 = 0.0, tl[r]

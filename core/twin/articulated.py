@@ -56,7 +56,7 @@ from ..volumes.labels import is_skeletal, joint_for_label
 from ..progress import report
 from ..drr.projector import PlacedVolume, Scene, _grid_from_bounds, compose_scene, render_scene
 from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, forward_kinematics, rodrigues
-from ..volumes.volume import Volume, resample_onto
+from ..volumes.volume import Volume, apply_transform, resample_onto
 # Imported where used, so that importing this module stays light: numba (heavy or optional third-party packages).
 
 FORMAT_VERSION = 1
@@ -948,7 +948,7 @@ def _cell_box_bounds(M, lo, hi):
     """Index-space bounds of the cell box [lo - 0.5, hi + 0.5] mapped by the 4x4 M."""
     c = np.array([[a, b, cc] for a in (lo[0] - 0.5, hi[0] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5)
                   for cc in (lo[2] - 0.5, hi[2] + 0.5)])
-    q = c @ M[:3, :3].T + M[:3, 3]
+    q = apply_transform(M, c)
     return q.min(axis=0), q.max(axis=0)
 
 
@@ -1009,7 +1009,7 @@ def _warp_prep(art: ArticulatedCT) -> dict:
         idx = np.argwhere(occ)
         prep = {"W": W, "w_inv": np.ascontiguousarray(np.linalg.inv(art.weight_affine)[:3]),
                 "occ": occ,
-                "centres": np.ascontiguousarray(idx @ art.weight_affine[:3, :3].T + art.weight_affine[:3, 3]),
+                "centres": np.ascontiguousarray(apply_transform(art.weight_affine, idx)),
                 "chan": art.weights[tuple(idx.T)] > 0, "fac": fac}
         art._cache["warp_prep"] = prep
     return prep
@@ -1036,7 +1036,7 @@ def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, 
     ct_inv = np.linalg.inv(art.affine)
     wsp = np.linalg.norm(art.weight_affine[:3, :3], axis=0)
     if len(ys):
-        yi = ys @ ct_inv[:3, :3].T + ct_inv[:3, 3]
+        yi = apply_transform(ct_inv, ys)
         lo = np.minimum(lo, yi.min(axis=0) - prep["fac"])
         hi = np.maximum(hi, yi.max(axis=0) + prep["fac"])
     i0, shape = _grid(art, lo, hi)
@@ -1140,7 +1140,7 @@ def compose_volume(scene: Scene, affine=None, shape=None) -> Volume:
     for i in range(0, ni, step):
         ii = np.arange(i, min(i + step, ni), dtype=np.float64)
         idx = np.concatenate([np.repeat(ii, plane)[:, None], np.tile(jk, (len(ii), 1))], axis=1)
-        pts = idx @ affine[:3, :3].T + affine[:3, 3]
+        pts = apply_transform(affine, idx)
         out[i * plane: i * plane + len(pts)] = sample_scene(scene, pts)
     return Volume(out.reshape(shape), affine, {"articulated": True})
 
