@@ -94,6 +94,9 @@ CHAIN_GRIDS = {  # offsets from the start pose
              ("shoulder", 0, (-30, 0, 30)), ("elbow", 1, (-90, -45, 0))), ("collar", "shoulder", "elbow")),
 }
 CHAIN_KEEP = 4  # grid cells refined by the optimiser
+# limbs whose left and right poses are tried exchanged after the grids (a lateral view superimposes
+# the two sides)
+SWAP_GROUPS = (("hip", "knee", "ankle", "foot"), ("collar", "shoulder", "elbow", "wrist", "hand"))
 _DEBUG = False
 BOTH_ORDERS = False  # also try the limbs before the root at the coarsest level, keep the better
 JOINT_REFINE = True  # after the limb grids, the root and both legs refined together
@@ -879,6 +882,42 @@ class _Problem:
         return {"stage": f"geometry_{k}", "level": level.size, "params": 6, "evals": int(r.nfev),
                 "before": before, "after": max(before, -r.fun), "seconds": time.perf_counter() - t0}
 
+    def swap_sides(self, level: _Level, names, maxfev: int) -> dict:
+        """Try the left and right limbs' poses exchanged (each mirrored in the sagittal plane: the
+        rotation vector's y and z negated) and keep the better: a lateral view superimposes the
+        two sides, so a search can put each side's pose on the other."""
+        t0 = time.perf_counter()
+        joints = [JOINT_INDEX[f"left_{n}"] for n in names] + [JOINT_INDEX[f"right_{n}"] for n in names]
+
+        def cost(pose):
+            self.pose, keep = pose, self.pose
+            try:
+                return self._penalty(pose, joints) - self.score(level)
+            finally:
+                self.pose = keep
+
+        before = cost(self.pose)
+        cand = self.pose.copy()
+        mirror = np.array([1.0, -1.0, -1.0])
+        for n in names:
+            jl, jr = JOINT_INDEX[f"left_{n}"], JOINT_INDEX[f"right_{n}"]
+            cand[3 * jl:3 * jl + 3] = self.pose[3 * jr:3 * jr + 3] * mirror
+            cand[3 * jr:3 * jr + 3] = self.pose[3 * jl:3 * jl + 3] * mirror
+        keep = self.pose.copy(), self.transl.copy()
+        self.pose = cand
+        # the exchanged pose refined with the root before it is compared (each side's pose was
+        # fitted with the root and the other side where they were)
+        refine = [0] + [j for j in joints if j != JOINT_INDEX.get("left_foot") and j != JOINT_INDEX.get("right_foot")
+                        and JOINT_NAMES[j].split("_", 1)[1] in ("hip", "knee", "shoulder", "elbow")]
+        r = self.optimise(level, refine, "swap_refine", maxfev)
+        after = cost(self.pose)
+        swapped = after < before
+        if not swapped:
+            self.pose, self.transl = keep
+        return {"stage": "swap_" + names[0], "level": level.size, "params": len(refine), "evals": r["evals"],
+                "before": -before, "after": -min(before, after), "swapped": bool(swapped),
+                "seconds": time.perf_counter() - t0}
+
     def score(self, level: _Level) -> float:
         T = self.transforms(self.pose, self.transl)
         imgs = [splat_bones(level.cloud.points, level.cloud.weight, level.cloud.owner, T, v)
@@ -968,6 +1007,7 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
                 # start, and the other leg overlaps it in a lateral view
                 plan += [(n, js, False, g) for n, js, g in chains]
                 plan += [(n, js, False, None) for n, js in distal]
+                plan += [("swap", side, False, None) for side in SWAP_GROUPS]
                 plan.append(("root_all", [0], False, None))
             plan += [("spine", [0] + js, False, None) for n, js in spine]
             plan += [(n, js, False, None) for n, js in limbs]
@@ -981,6 +1021,14 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
     def run_stage(li, name, joints, search, grid=None):
         level = lv_objs[li]
         prob.root_range = (ROOT_RANGE_DEG, ROOT_RANGE_MM) if li == 0 else (ROOT_RANGE_DEG / 2, ROOT_RANGE_MM / 2)
+        if name == "swap":
+            present_names = [n for n in joints if JOINT_INDEX[f"left_{n}"] in present
+                             and JOINT_INDEX[f"right_{n}"] in present]
+            if present_names:
+                stages.append(prob.swap_sides(level, present_names, int(effort * 1000)))
+                if _DEBUG:
+                    print(stages[-1])
+            return
         if name == "geometry":
             for v in range(1, len(xrays)):
                 stages.append(prob.refine_view(level, v, int(effort * 300)))
