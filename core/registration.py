@@ -30,7 +30,9 @@ Method (no GPU needed; numpy, scipy and numba):
   one joint at a time misses), the best cells refined; the distal groups (ankles and feet, wrists
   and hands, neck and head) searched over single-axis offsets of +-15..90 degrees; the root with
   both legs refined together; the chain grids again (each limb now scored with the other limbs
-  placed); the root; then at every level the root with the spine, then the limb groups from
+  placed); the left and right limbs' poses tried exchanged (mirrored; a lateral view superimposes
+  the sides) and refined with the root, the better kept; the root; then at every level the root
+  with the spine, then the limb groups from
   proximal to distal. While one group moves, the structures it cannot move are splatted once and
   kept. Powell's method (scipy) with the anatomical joint ranges of ``core.pose.JOINT_LIMITS_DEG``
   as bounds (by projection, with a quadratic penalty outside), a Gaussian prior that pulls each
