@@ -25,14 +25,20 @@ Method (no GPU needed; numpy, scipy and numba):
   turned into line integrals first (``-log`` of an intensity, the inverse of the log display).
 - **Optimisation.** Coarse to fine over the image size (64, 128, 256 px by default; the clouds
   pooled to half a pixel at each level). At the coarsest level: the root (rotation + translation,
-  several starts), then each limb group from proximal to distal (hips, knees, ankles and feet;
-  collars and shoulders, elbows, wrists and hands; neck and head), each first searched over
-  single-axis offsets of +-15..90 degrees, then the root again, the limbs again, the root; at every
-  level the root with the spine, then the limb groups. While one group moves, the structures it
-  cannot move are splatted once and kept. Powell's method (scipy) with the anatomical joint
-  ranges of ``core.rig.pose.JOINT_LIMITS_DEG`` as bounds (by projection, with a quadratic penalty
-  outside), a weak Gaussian prior that pulls each joint toward the start pose, and the root kept
-  within ``ROOT_RANGE_DEG`` / ``ROOT_RANGE_MM`` of its start.
+  several starts); each limb chain (hip + knee; collar + shoulder + elbow) on a joint grid of its
+  big rotations (``CHAIN_GRIDS``: a proximal joint's best angle depends on the distal one's, which
+  one joint at a time misses), the best cells refined; the distal groups (ankles and feet, wrists
+  and hands, neck and head) searched over single-axis offsets of +-15..90 degrees; the root with
+  both legs refined together; the chain grids again (each limb now scored with the other limbs
+  placed); the left and right limbs' poses tried exchanged (mirrored; a lateral view superimposes
+  the sides) and refined with the root, the better kept; the root; then at every level the root
+  with the spine, then the limb groups from
+  proximal to distal. While one group moves, the structures it cannot move are splatted once and
+  kept. Powell's method (scipy) with the anatomical joint ranges of ``core.rig.pose.JOINT_LIMITS_DEG``
+  as bounds (by projection, with a quadratic penalty outside), a Gaussian prior that pulls each
+  joint toward the start pose (wide along the main flexions, tight on the off-axis rotations of the
+  knee and elbow hinges: ``PRIOR_AXIS_SIGMA_DEG``),
+  and the root kept within ``ROOT_RANGE_DEG`` / ``ROOT_RANGE_MM`` of its start.
 - **Rigid baseline** (``articulated=False``): the whole twin as one rigid body (the root only).
 - **C-arm refinement** (``refine_geometry=True``): after the root, each view after the first gets
   a rigid correction of its geometry relative to the patient (6 values) before the joints move.
@@ -84,11 +90,40 @@ ROOT_RANGE_DEG, ROOT_RANGE_MM = 20.0, 100.0
 # single-axis offsets tried before a limb group's first optimisation (its optimum is narrow:
 # about +-10 degrees at 64 px)
 SEARCH_DEG = (-90, -75, -60, -45, -30, -15, 15, 30, 45, 60, 75, 90)
+# limb chains searched jointly on a grid at the coarsest level: a proximal joint's best angle
+# depends on the distal one (a flexed knee moves the tibia away from where a straight leg puts it),
+# so one joint at a time is caught by the distal bone's overlap. Per chain: (joint, axis, offsets
+# in degrees from the stage's start; "side" offsets are mirrored for the right side). The grid
+# spans the anatomical ranges of the big movements (hip flexion to 105 deg, knee to 150 deg,
+# shoulder abduction to 165 deg and flexion to 90 deg); the optimiser refines from the best cells.
+CHAIN_GRIDS = {  # offsets from the start pose
+    "leg": ((("hip", 0, tuple(range(-105, 31, 15))), ("hip", 1, (-30, 0, 30)), ("hip", 2, (-20, 0, 20)),
+             ("knee", 0, tuple(range(0, 151, 15)))), ("hip", "knee")),
+    "arm": ((("shoulder", 2, tuple(range(-45, 166, 15))), ("shoulder", 1, (-90, -60, -30, 0, 30, 60)),
+             ("shoulder", 0, (-30, 0, 30)), ("elbow", 1, (-90, -45, 0))), ("collar", "shoulder", "elbow")),
+}
+CHAIN_KEEP = 4  # grid cells refined by the optimiser
+# limbs whose left and right poses are tried exchanged after the grids (a lateral view superimposes
+# the two sides)
+SWAP_GROUPS = (("hip", "knee", "ankle", "foot"), ("collar", "shoulder", "elbow", "wrist", "hand"))
 _DEBUG = False
+BOTH_ORDERS = False  # also try the limbs before the root at the coarsest level, keep the better
+JOINT_REFINE = True  # after the limb grids, the root and both legs refined together
 ROT_UNIT = 0.1  # optimiser units: 0.1 rad (5.7 deg) ...
 TRANS_UNIT = 10.0  # ... and 10 mm
-PRIOR_SIGMA_DEG = 40.0  # weak Gaussian prior on each joint's change from the start pose
-PRIOR_WEIGHT = 0.02  # in units of the summed gradient correlation (one view: at most 1)
+PRIOR_SIGMA_DEG = 40.0  # Gaussian prior on each joint's change from the start pose ...
+PRIOR_WEIGHT = 0.02  # ... in units of the summed gradient correlation (one view: at most 1)
+# per joint and axis (rotation vector x, y, z) where the prior differs: wide along the main
+# movements (hip and knee flexion, shoulder abduction and flexion: a 90 degree
+# flexion costs 0.011, less than a right limb gains; at 40 degrees a flexed limb stayed straight),
+# tight on the off-axis rotations of the knee and elbow hinges (knee varus-valgus laxity 2-5 deg:
+# Markolf et al., J Bone Joint Surg Am 58(5):583-594, 1976)
+PRIOR_AXIS_SIGMA_DEG = {
+    "left_hip": (120.0, None, None), "right_hip": (120.0, None, None),
+    "left_knee": (120.0, 8.0, 8.0), "right_knee": (120.0, 8.0, 8.0),
+    "left_shoulder": (None, 120.0, 120.0), "right_shoulder": (None, 120.0, 120.0),
+    "left_elbow": (8.0, None, 8.0), "right_elbow": (8.0, None, 8.0),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,7 +723,9 @@ class _Problem:
             if j == 0:
                 continue
             d = pose[3 * j:3 * j + 3] - self.start_pose[3 * j:3 * j + 3]
-            p += PRIOR_WEIGHT * float(d @ d) / math.radians(PRIOR_SIGMA_DEG) ** 2
+            sig = PRIOR_AXIS_SIGMA_DEG.get(JOINT_NAMES[j], (None, None, None))
+            sig = np.radians([PRIOR_SIGMA_DEG if v is None else v for v in sig])
+            p += PRIOR_WEIGHT * float(np.sum((d / sig) ** 2))
             lim = _limits(j)
             r = pose[3 * j:3 * j + 3]
             ex = np.maximum(lim[:, 0] - r, 0) + np.maximum(r - lim[:, 1], 0)
@@ -700,7 +737,7 @@ class _Problem:
                 for v, T in zip(level.views, self.view_T)]
 
     def optimise(self, level: _Level, joints, name: str, maxfev: int, starts=None, include=None,
-                 search: bool = False) -> dict:
+                 search: bool = False, grid=None) -> dict:
         """Powell over the given joints (0 = root rotation + translation), others fixed.
         ``include``: the structures rendered (default all); ``search``: try single-axis offsets of
         each joint (+-30, +-60 degrees) first and start from the best few."""
@@ -770,9 +807,33 @@ class _Problem:
                     lo, hi = bounds[k]
                     if (lo is None or x[k] >= lo) and (hi is None or x[k] <= hi):
                         cands.append(x)
+        keep = 3
+        if grid:  # a joint grid over (joint, axis, offsets in radians) cells
+            import itertools
+
+            slot = {}
+            k = 0
+            for j in joints:
+                slot[j] = k
+                k += 6 if j == 0 else 3
+            # offsets from the registration's start pose (not this stage's: a second pass
+            # searches the same cells)
+            axes = [(slot[j] + ax, (np.asarray(offs) + self.start_pose[3 * j + ax] - base_pose[3 * j + ax])
+                     / ROT_UNIT) for j, ax, offs in grid]
+            seen = set()
+            for combo in itertools.product(*[v for _, v in axes]):
+                x = np.zeros(nparam)
+                for (k, _), v in zip(axes, combo):
+                    x[k] = v
+                x = np.clip(x, blo, bhi)
+                key = tuple(np.round(x, 3))
+                if key not in seen:
+                    seen.add(key)
+                    cands.append(x)
+            keep = CHAIN_KEEP
         if len(cands) > 1:  # several starts: keep the best few by their cost, optimise those
             cs = [cost(c) for c in cands]
-            order = np.argsort(cs)[:3]
+            order = np.argsort(cs)[:keep]
             cands = [cands[i] for i in order]
         best = None
         for c in cands:
@@ -819,6 +880,42 @@ class _Problem:
         return {"stage": f"geometry_{k}", "level": level.size, "params": 6, "evals": int(r.nfev),
                 "before": before, "after": max(before, -r.fun), "seconds": time.perf_counter() - t0}
 
+    def swap_sides(self, level: _Level, names, maxfev: int) -> dict:
+        """Try the left and right limbs' poses exchanged (each mirrored in the sagittal plane: the
+        rotation vector's y and z negated) and keep the better: a lateral view superimposes the
+        two sides, so a search can put each side's pose on the other."""
+        t0 = time.perf_counter()
+        joints = [JOINT_INDEX[f"left_{n}"] for n in names] + [JOINT_INDEX[f"right_{n}"] for n in names]
+
+        def cost(pose):
+            self.pose, keep = pose, self.pose
+            try:
+                return self._penalty(pose, joints) - self.score(level)
+            finally:
+                self.pose = keep
+
+        before = cost(self.pose)
+        cand = self.pose.copy()
+        mirror = np.array([1.0, -1.0, -1.0])
+        for n in names:
+            jl, jr = JOINT_INDEX[f"left_{n}"], JOINT_INDEX[f"right_{n}"]
+            cand[3 * jl:3 * jl + 3] = self.pose[3 * jr:3 * jr + 3] * mirror
+            cand[3 * jr:3 * jr + 3] = self.pose[3 * jl:3 * jl + 3] * mirror
+        keep = self.pose.copy(), self.transl.copy()
+        self.pose = cand
+        # the exchanged pose refined with the root before it is compared (each side's pose was
+        # fitted with the root and the other side where they were)
+        refine = [0] + [j for j in joints if j != JOINT_INDEX.get("left_foot") and j != JOINT_INDEX.get("right_foot")
+                        and JOINT_NAMES[j].split("_", 1)[1] in ("hip", "knee", "shoulder", "elbow")]
+        r = self.optimise(level, refine, "swap_refine", maxfev)
+        after = cost(self.pose)
+        swapped = after < before
+        if not swapped:
+            self.pose, self.transl = keep
+        return {"stage": "swap_" + names[0], "level": level.size, "params": len(refine), "evals": r["evals"],
+                "before": -before, "after": -min(before, after), "swapped": bool(swapped),
+                "seconds": time.perf_counter() - t0}
+
     def score(self, level: _Level) -> float:
         T = self.transforms(self.pose, self.transl)
         imgs = [splat_bones(level.cloud.points, level.cloud.weight, level.cloud.owner, T, v)
@@ -846,6 +943,23 @@ def _root_starts(rng, n: int) -> list:
     return out
 
 
+def _chains(present) -> tuple[list, set]:
+    """(name, joints, grid) of the limb chains searched jointly (``CHAIN_GRIDS``), and the set of
+    their joints. The right side's grid is the left's mirrored in the sagittal plane (the rotation
+    vector's y and z negated)."""
+    out, used = [], set()
+    for side in ("left", "right"):
+        for kind, (grid, jnames) in CHAIN_GRIDS.items():
+            js = [JOINT_INDEX[f"{side}_{n}"] for n in jnames if JOINT_INDEX[f"{side}_{n}"] in present]
+            g = [(JOINT_INDEX[f"{side}_{n}"], ax,
+                  np.radians(offs) * (-1.0 if side == "right" and ax in (1, 2) else 1.0))
+                 for n, ax, offs in grid if JOINT_INDEX[f"{side}_{n}"] in js]
+            if g:
+                out.append((f"{side}_{kind}", js, g))
+                used |= set(js)
+    return out, used
+
+
 def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS, articulated: bool = True,
              refine_geometry: bool = False, root_starts: int = 8, seed: int = 0, effort: float = 1.0,
              cloud: BoneCloud | None = None) -> Registration:
@@ -867,43 +981,66 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
     stages = []
     spine = [(n, js) for n, js in groups if n == "spine"]
     limbs = [(n, js) for n, js in groups if n != "spine"]
+    chains, in_chain = _chains(present)
+    distal = [(n, js) for n, js in limbs if not set(js) <= in_chain]
+    legs = [j for n, js, g in chains if n.endswith("_leg") for j in js]
     lv_objs = [_Level(xrays, int(size), cloud) for size in levels]
 
     def level_plan(li, root_first=True):
-        """(name, joints, search) per stage; the root of the spine group is re-estimated with it."""
-        plan = [("root", [0], False)] if (root_first or li > 0 or not articulated) else []
+        """(name, joints, search, grid) per stage; the root of the spine group is re-estimated
+        with it."""
+        plan = [("root", [0], False, None)] if (root_first or li > 0 or not articulated) else []
         if li == 0 and refine_geometry and len(xrays) > 1:
-            plan.append(("geometry", None, False))
+            plan.append(("geometry", None, False, None))
         if articulated:
-            if li == 0:  # the limbs searched, then the root again (the limbs no longer pull it),
-                # the limbs again, the root, then the spine
-                plan += [(n, js, True) for n, js in limbs]
-                plan.append(("root_all", [0], False))
-                plan += [(n, js, True) for n, js in limbs]
-                plan.append(("root_all", [0], False))
-            plan += [("spine", [0] + js, False) for n, js in spine]
-            plan += [(n, js, False) for n, js in limbs]
+            if li == 0:  # the limb chains on their grids and the distal groups searched, the root
+                # again (the limbs no longer pull it), the limbs refined, the root, then the spine
+                plan += [(n, js, False, g) for n, js, g in chains]
+                plan += [(n, js, True, None) for n, js in distal]
+                if JOINT_REFINE:
+                    plan.append(("root_legs", [0] + legs, False, None))
+                else:
+                    plan.append(("root_all", [0], False, None))
+                # the grids again: a limb's grid was scored with the other limbs still at the
+                # start, and the other leg overlaps it in a lateral view
+                plan += [(n, js, False, g) for n, js, g in chains]
+                plan += [(n, js, False, None) for n, js in distal]
+                plan += [("swap", side, False, None) for side in SWAP_GROUPS]
+                plan.append(("root_all", [0], False, None))
+            plan += [("spine", [0] + js, False, None) for n, js in spine]
+            plan += [(n, js, False, None) for n, js in limbs]
             if li == len(levels) - 1:
-                plan.append(("root_final", [0], False))
+                plan.append(("root_final", [0], False, None))
         return plan
 
     n_total = sum(len(level_plan(li)) for li in range(len(levels))) + (len(level_plan(0, False)) if articulated else 0)
     done = [0]
 
-    def run_stage(li, name, joints, search):
+    def run_stage(li, name, joints, search, grid=None):
         level = lv_objs[li]
         prob.root_range = (ROOT_RANGE_DEG, ROOT_RANGE_MM) if li == 0 else (ROOT_RANGE_DEG / 2, ROOT_RANGE_MM / 2)
+        if name == "swap":
+            present_names = [n for n in joints if JOINT_INDEX[f"left_{n}"] in present
+                             and JOINT_INDEX[f"right_{n}"] in present]
+            if present_names:
+                stages.append(prob.swap_sides(level, present_names, int(effort * 1000)))
+                if _DEBUG:
+                    print(stages[-1])
+            return
         if name == "geometry":
             for v in range(1, len(xrays)):
                 stages.append(prob.refine_view(level, v, int(effort * 300)))
             return
-        if name in ("root", "root_all", "root_final"):
+        if name == "root_legs":
+            fev = int(effort * 1500)
+            starts = None
+        elif name in ("root", "root_all", "root_final"):
             fev = int(effort * (400 if li == 0 else 200))
             starts = _root_starts(rng, root_starts) if li == 0 and name == "root" and root_starts > 0 else None
         else:
-            fev = int(effort * (300 if name == "spine" else 120))
+            fev = int(effort * (300 if name == "spine" else 120 * max(1, len(joints) // 2)))
             starts = None
-        stages.append(prob.optimise(level, joints, name, fev, starts=starts, search=search))
+        stages.append(prob.optimise(level, joints, name, fev, starts=starts, search=search, grid=grid))
         done[0] += 1
         if _DEBUG:
             print(name, level.size, np.round(prob.pose[:6], 3), np.round(prob.transl, 1), round(stages[-1]["after"], 4))
@@ -916,7 +1053,8 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
             # strongly bent limb pulls the rigid fit away)
             start = (prob.pose.copy(), prob.transl.copy(), [t.copy() for t in prob.view_T])
             results = []
-            for order, root_first in (("root_first", True), ("limbs_first", False)):
+            orders = (("root_first", True), ("limbs_first", False)) if BOTH_ORDERS else (("root_first", True),)
+            for order, root_first in orders:
                 prob.pose, prob.transl, prob.view_T = start[0].copy(), start[1].copy(), [t.copy() for t in start[2]]
                 n0 = len(stages)
                 for st in level_plan(0, root_first):
