@@ -50,6 +50,7 @@ radiograph does not tie the isocentre to the CT, so it is taken at the centre of
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -809,8 +810,6 @@ class _Problem:
                         cands.append(x)
         keep = 3
         if grid:  # a joint grid over (joint, axis, offsets in radians) cells
-            import itertools
-
             slot = {}
             k = 0
             for j in joints:
