@@ -297,7 +297,7 @@ def test_readme_python_imports_resolve():
     shows exist where it says."""
     lines = []
     for md in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        for block in re.findall(r"```python\n(.*?)```", md.read_text(), re.S):
+        for block in re.findall(r"```python\n(.*?)```", md.read_text(encoding="utf-8"), re.S):
             lines += [ln.split("#")[0].strip() for ln in block.splitlines()
                       if re.match(r"\s*(from ctwin[\w.]* import |import ctwin)", ln)]
     assert len(lines) >= 8, lines

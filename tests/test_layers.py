@@ -17,7 +17,7 @@ def _imports(path: Path):
     for relative imports (prefixed by "."), the top-level module name for absolute ones."""
     rel = path.relative_to(ROOT).with_suffix("").parts
     package = rel[:-1]  # the file's package (for an __init__.py, the package itself)
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             for a in node.names:
                 yield node.lineno, a.name.split(".")[0]

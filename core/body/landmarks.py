@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from ..volumes.labels import is_skeletal
-from ..meshes.mesh_volume import prepare_mesh, voxelise_meshes
+from ..meshes.metrics import winding_number
+from ..volumes.labels import is_skeletal, name_to_id
+from ..volumes.volume import Volume, affine_from
 from .skeleton import JOINT_INDEX, JOINT_NAMES, PARENTS
 
 _VERT = re.compile(r"^vertebrae_([CTLS])(\d+)$")
@@ -392,19 +393,40 @@ def initial_translation(lm: Landmarks, joints, R):
 
 
 def labelmap_from_meshes(meshes: dict, spacing: float = 3.0, box=None):
-    """Label meshes ({name: Mesh}, world mm; closed) as a labelmap Volume, voxelised by
-    ``mesh_volume.voxelise_meshes``: for anatomy imported as meshes only (no segmentation file).
-    ``box``: (lo, hi) world mm of the grid, default the union of the meshes' bounds. Returns
-    ``(labelmap, names)``."""
-    meshes = {n: prepare_mesh(m) for n, m in meshes.items()}
+    """Rasterise label meshes ({name: Mesh}, world mm) into a labelmap Volume on an axis-aligned
+    grid (voxel centres inside a mesh by winding number >= 0.5), for anatomy imported as meshes
+    only (no segmentation file). The winding number tolerates the small holes that imported and
+    field-of-view-cut surfaces have, which mesh mode's exact voxeliser
+    (``core.meshes.mesh_volume.voxelise_meshes``, closed surfaces only) refuses. ``box``: (lo, hi)
+    world mm of the grid, default the union of the meshes' bounds. Returns ``(labelmap, names)``;
+    unknown names get ids from 1000 up."""
+    known = name_to_id()
     if box is None:
-        lo = np.min([m.vertices.min(0) for m in meshes.values()], axis=0)
-        hi = np.max([m.vertices.max(0) for m in meshes.values()], axis=0)
+        lo = np.min([np.asarray(m.vertices).min(0) for m in meshes.values()], axis=0)
+        hi = np.max([np.asarray(m.vertices).max(0) for m in meshes.values()], axis=0)
     else:
         lo, hi = (np.asarray(b, dtype=np.float64) for b in box)
     shape = np.maximum(np.ceil((hi - lo) / spacing).astype(int), 1)
-    mv = voxelise_meshes(meshes, spacing=spacing, box=(lo, shape))
-    return mv.labelmap, mv.names
+    aff = affine_from([spacing] * 3, lo + 0.5 * spacing)
+    data = np.zeros(tuple(shape), dtype=np.uint16)
+    names = {}
+    extra = 1000
+    for name, m in meshes.items():
+        if name in known:
+            lid = known[name]
+        else:
+            lid, extra = extra, extra + 1
+        v = np.asarray(m.vertices, dtype=np.float64)
+        i0 = np.clip(np.floor((v.min(0) - lo) / spacing).astype(int), 0, shape - 1)
+        i1 = np.clip(np.ceil((v.max(0) - lo) / spacing).astype(int), 0, shape - 1)
+        sub = np.indices(tuple(i1 - i0 + 1)).reshape(3, -1).T + i0
+        pts = sub * spacing + lo + 0.5 * spacing
+        inside = winding_number(pts, v, m.faces) >= 0.5
+        if inside.any():
+            s = sub[inside]
+            data[s[:, 0], s[:, 1], s[:, 2]] = lid
+            names[lid] = name
+    return Volume(data, aff), names
 
 
 # Anatomical joint conventions (those of the project's anatomy, ``core.phantom.anatomy``): the spine joints
