@@ -120,8 +120,12 @@ def compare_trees(old_tree: Path, case_dir: Path, repeat: int) -> None:
     sys.modules["ctwin_old"] = old
     spec.loader.exec_module(old)
     from ctwin_old.core import progress as old_progress
-    from ctwin_old.core.body.body_model import load_body_model as old_load
-    from ctwin_old.core.body.fit import fit_body_model as old_fit
+    try:  # core/ in concept subpackages
+        from ctwin_old.core.body.body_model import load_body_model as old_load
+        from ctwin_old.core.body.fit import fit_body_model as old_fit
+    except ImportError:  # the flat core/ of earlier commits
+        from ctwin_old.core.body_model import load_body_model as old_load
+        from ctwin_old.core.fit import fit_body_model as old_fit
 
     old_progress.set_quiet(True)
     fits = {"old": (old_fit, old_load()), "new": (fit_body_model, load_body_model())}

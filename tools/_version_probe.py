@@ -19,12 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from launch import load_package  # noqa: E402
 
 load_package("ctwin")
-try:
-    from ctwin.core.drr.projector import render_drr  # noqa: E402
-    from ctwin.core.twin.twin.twin import load_twin  # noqa: E402
-except ImportError:
+try:  # core/ in concept subpackages
     from ctwin.core.drr.projector import render_drr  # noqa: E402
     from ctwin.core.twin.twin import load_twin  # noqa: E402
+except ImportError:  # the flat core/ of earlier commits
+    from ctwin.core.projector import render_drr  # noqa: E402
+    from ctwin.core.twin import load_twin  # noqa: E402
 
 
 def jittered_walk(twin, seed: int, deg: float = 2.0) -> np.ndarray:
