@@ -262,8 +262,8 @@ def test_blender_operator_keys_the_armature_and_shows_the_images(twin_dir, targe
 def test_limb_chain_grids_mirror_the_right_side():
     """The chain grids cover both sides: the right side's grid is the left's mirrored in the
     sagittal plane (rotation vector y and z negated, x kept), and a missing joint drops out."""
-    from ctwin.core.registration import _chains
-    from ctwin.core.skeleton import JOINT_INDEX
+    from ctwin.core.twin.registration import _chains
+    from ctwin.core.body.skeleton import JOINT_INDEX
 
     present = set(range(24))
     chains, used = _chains(present)
