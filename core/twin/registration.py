@@ -110,6 +110,14 @@ SWAP_GROUPS = (("hip", "knee", "ankle", "foot"), ("collar", "shoulder", "elbow",
 _DEBUG = False
 BOTH_ORDERS = False  # also try the limbs before the root at the coarsest level, keep the better
 JOINT_REFINE = True  # after the limb grids, the root and both legs refined together
+# distinct root optima of the coarsest rigid fit each carried through the coarsest level's limb
+# search, the best kept (with the limbs at the start pose, a wrong root can outscore the right one)
+ROOT_HYPOTHESES = 3
+ROOT_DISTINCT = (5.0, 15.0)  # degrees, mm: root optima closer than both are one hypothesis
+TORSO_FIRST = False  # the coarsest root fit (then the spine) on the torso's structures alone
+# the joints whose structures make the torso (pelvis, vertebrae, ribs, sternum): the limbs, still at
+# the start pose, pull a rigid fit of the whole body off where the torso is
+TORSO_JOINTS = ("pelvis", "spine1", "spine2", "spine3")
 ROT_UNIT = 0.1  # optimiser units: 0.1 rad (5.7 deg) ...
 TRANS_UNIT = 10.0  # ... and 10 mm
 PRIOR_SIGMA_DEG = 40.0  # Gaussian prior on each joint's change from the start pose ...
@@ -123,7 +131,7 @@ PRIOR_AXIS_SIGMA_DEG = {
     "left_hip": (120.0, None, None), "right_hip": (120.0, None, None),
     "left_knee": (120.0, 8.0, 8.0), "right_knee": (120.0, 8.0, 8.0),
     "left_shoulder": (None, 120.0, 120.0), "right_shoulder": (None, 120.0, 120.0),
-    "left_elbow": (8.0, None, 8.0), "right_elbow": (8.0, None, 8.0),
+    "left_elbow": (8.0, 120.0, 8.0), "right_elbow": (8.0, 120.0, 8.0),
 }
 
 
@@ -835,8 +843,10 @@ class _Problem:
             order = np.argsort(cs)[:keep]
             cands = [cands[i] for i in order]
         best = None
+        self.local_optima = [(cost0, base_pose.copy(), base_transl.copy())]  # (cost, pose, transl) per start
         for c in cands:
             r = minimize(cost, c, method="Powell", options={"xtol": 0.02, "ftol": 1e-5, "maxfev": maxfev})
+            self.local_optima.append((float(r.fun),) + self._apply(joints, np.clip(r.x, blo, bhi), base_pose, base_transl))
             if best is None or r.fun < best.fun:
                 best = r
         pose, transl = self._apply(joints, np.clip(best.x, blo, bhi), base_pose, base_transl)
@@ -942,6 +952,23 @@ def _root_starts(rng, n: int) -> list:
     return out
 
 
+def _distinct_roots(optima, n: int) -> list:
+    """Up to n (pose, transl) of the best root optima that differ by more than ``ROOT_DISTINCT``."""
+    out = []
+    for c, pose, transl in sorted(optima, key=lambda o: o[0]):
+        far = True
+        for p, t in out:
+            ang = np.degrees(np.linalg.norm(_rotvec(rodrigues(pose[:3]) @ rodrigues(p[:3]).T)))
+            if ang < ROOT_DISTINCT[0] and np.linalg.norm(transl - t) < ROOT_DISTINCT[1]:
+                far = False
+                break
+        if far:
+            out.append((pose, transl))
+        if len(out) == n:
+            break
+    return out
+
+
 def _chains(present) -> tuple[list, set]:
     """(name, joints, grid) of the limb chains searched jointly (``CHAIN_GRIDS``), and the set of
     their joints. The right side's grid is the left's mirrored in the sagittal plane (the rotation
@@ -984,11 +1011,16 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
     distal = [(n, js) for n, js in limbs if not set(js) <= in_chain]
     legs = [j for n, js, g in chains if n.endswith("_leg") for j in js]
     lv_objs = [_Level(xrays, int(size), cloud) for size in levels]
+    torso_j = {JOINT_INDEX[n] for n in TORSO_JOINTS}
+    torso = np.array([bool(s) and s <= torso_j and not n.startswith("_soft:")
+                      for s, n in zip(prob.sjoints, cloud.names)])
 
     def level_plan(li, root_first=True):
         """(name, joints, search, grid) per stage; the root of the spine group is re-estimated
         with it."""
         plan = [("root", [0], False, None)] if (root_first or li > 0 or not articulated) else []
+        if li == 0 and articulated and TORSO_FIRST and root_first and spine:
+            plan += [("spine_torso", [0] + js, False, None) for n, js in spine]
         if li == 0 and refine_geometry and len(xrays) > 1:
             plan.append(("geometry", None, False, None))
         if articulated:
@@ -1012,7 +1044,9 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
                 plan.append(("root_final", [0], False, None))
         return plan
 
-    n_total = sum(len(level_plan(li)) for li in range(len(levels))) + (len(level_plan(0, False)) if articulated else 0)
+    n_total = (sum(len(level_plan(li)) for li in range(1, len(levels)))
+               + (ROOT_HYPOTHESES if articulated else 1) * len(level_plan(0))
+               + (len(level_plan(0, False)) if articulated and BOTH_ORDERS else 0))
     done = [0]
 
     def run_stage(li, name, joints, search, grid=None):
@@ -1037,9 +1071,13 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
             fev = int(effort * (400 if li == 0 else 200))
             starts = _root_starts(rng, root_starts) if li == 0 and name == "root" and root_starts > 0 else None
         else:
-            fev = int(effort * (300 if name == "spine" else 120 * max(1, len(joints) // 2)))
+            fev = int(effort * (300 if name.startswith("spine") else 120 * max(1, len(joints) // 2)))
             starts = None
-        stages.append(prob.optimise(level, joints, name, fev, starts=starts, search=search, grid=grid))
+        include = None
+        if li == 0 and articulated and TORSO_FIRST and name in ("root", "spine_torso"):
+            include = torso
+        stages.append(prob.optimise(level, joints, name, fev, starts=starts, search=search, grid=grid,
+                                    include=include))
         done[0] += 1
         if _DEBUG:
             print(name, level.size, np.round(prob.pose[:6], 3), np.round(prob.transl, 1), round(stages[-1]["after"], 4))
@@ -1056,12 +1094,22 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
             for order, root_first in orders:
                 prob.pose, prob.transl, prob.view_T = start[0].copy(), start[1].copy(), [t.copy() for t in start[2]]
                 n0 = len(stages)
-                for st in level_plan(0, root_first):
-                    run_stage(0, *st)
+                plan = level_plan(0, root_first)
+                hyps = [None]
+                if root_first and plan[0][0] == "root":
+                    run_stage(0, *plan[0])
+                    plan = plan[1:]
+                    hyps = _distinct_roots(prob.local_optima, ROOT_HYPOTHESES)
+                for hi, hyp in enumerate(hyps):
+                    if hyp is not None:
+                        prob.pose, prob.transl = hyp[0].copy(), hyp[1].copy()
+                    for st in plan:
+                        run_stage(0, *st)
+                    name = order if len(hyps) == 1 else f"{order}_{hi}"
+                    results.append((prob.score(lv_objs[0]), prob.pose.copy(), prob.transl.copy(),
+                                    [t.copy() for t in prob.view_T], name))
                 for st in stages[n0:]:
                     st["order"] = order
-                results.append((prob.score(lv_objs[0]), prob.pose.copy(), prob.transl.copy(),
-                                [t.copy() for t in prob.view_T], order))
             best = max(results, key=lambda r: r[0])
             prob.pose, prob.transl, prob.view_T = best[1], best[2], best[3]
             stages.append({"stage": "order", "level": lv_objs[0].size, "chosen": best[4],
