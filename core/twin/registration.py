@@ -114,16 +114,12 @@ JOINT_REFINE = True  # after the limb grids, the root and both legs refined toge
 # search, the best kept (with the limbs at the start pose, a wrong root can outscore the right one)
 ROOT_HYPOTHESES = 3
 ROOT_DISTINCT = (5.0, 15.0)  # degrees, mm: root optima closer than both are one hypothesis
-TORSO_FIRST = False  # the coarsest root fit (then the spine) on the torso's structures alone
-# the joints whose structures make the torso (pelvis, vertebrae, ribs, sternum): the limbs, still at
-# the start pose, pull a rigid fit of the whole body off where the torso is
-TORSO_JOINTS = ("pelvis", "spine1", "spine2", "spine3")
 ROT_UNIT = 0.1  # optimiser units: 0.1 rad (5.7 deg) ...
 TRANS_UNIT = 10.0  # ... and 10 mm
 PRIOR_SIGMA_DEG = 40.0  # Gaussian prior on each joint's change from the start pose ...
 PRIOR_WEIGHT = 0.02  # ... in units of the summed gradient correlation (one view: at most 1)
 # per joint and axis (rotation vector x, y, z) where the prior differs: wide along the main
-# movements (hip and knee flexion, shoulder abduction and flexion: a 90 degree
+# movements (hip, knee and elbow flexion, shoulder abduction and flexion: a 90 degree
 # flexion costs 0.011, less than a right limb gains; at 40 degrees a flexed limb stayed straight),
 # tight on the off-axis rotations of the knee and elbow hinges (knee varus-valgus laxity 2-5 deg:
 # Markolf et al., J Bone Joint Surg Am 58(5):583-594, 1976)
@@ -1011,16 +1007,11 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
     distal = [(n, js) for n, js in limbs if not set(js) <= in_chain]
     legs = [j for n, js, g in chains if n.endswith("_leg") for j in js]
     lv_objs = [_Level(xrays, int(size), cloud) for size in levels]
-    torso_j = {JOINT_INDEX[n] for n in TORSO_JOINTS}
-    torso = np.array([bool(s) and s <= torso_j and not n.startswith("_soft:")
-                      for s, n in zip(prob.sjoints, cloud.names)])
 
     def level_plan(li, root_first=True):
         """(name, joints, search, grid) per stage; the root of the spine group is re-estimated
         with it."""
         plan = [("root", [0], False, None)] if (root_first or li > 0 or not articulated) else []
-        if li == 0 and articulated and TORSO_FIRST and root_first and spine:
-            plan += [("spine_torso", [0] + js, False, None) for n, js in spine]
         if li == 0 and refine_geometry and len(xrays) > 1:
             plan.append(("geometry", None, False, None))
         if articulated:
@@ -1071,13 +1062,9 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
             fev = int(effort * (400 if li == 0 else 200))
             starts = _root_starts(rng, root_starts) if li == 0 and name == "root" and root_starts > 0 else None
         else:
-            fev = int(effort * (300 if name.startswith("spine") else 120 * max(1, len(joints) // 2)))
+            fev = int(effort * (300 if name == "spine" else 120 * max(1, len(joints) // 2)))
             starts = None
-        include = None
-        if li == 0 and articulated and TORSO_FIRST and name in ("root", "spine_torso"):
-            include = torso
-        stages.append(prob.optimise(level, joints, name, fev, starts=starts, search=search, grid=grid,
-                                    include=include))
+        stages.append(prob.optimise(level, joints, name, fev, starts=starts, search=search, grid=grid))
         done[0] += 1
         if _DEBUG:
             print(name, level.size, np.round(prob.pose[:6], 3), np.round(prob.transl, 1), round(stages[-1]["after"], 4))
@@ -1100,9 +1087,11 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
                     run_stage(0, *plan[0])
                     plan = plan[1:]
                     hyps = _distinct_roots(prob.local_optima, ROOT_HYPOTHESES)
+                view_T = [t.copy() for t in prob.view_T]
                 for hi, hyp in enumerate(hyps):
                     if hyp is not None:
                         prob.pose, prob.transl = hyp[0].copy(), hyp[1].copy()
+                        prob.view_T = [t.copy() for t in view_T]
                     for st in plan:
                         run_stage(0, *st)
                     name = order if len(hyps) == 1 else f"{order}_{hi}"
