@@ -25,7 +25,8 @@ Method (no GPU needed; numpy, scipy and numba):
   turned into line integrals first (``-log`` of an intensity, the inverse of the log display).
 - **Optimisation.** Coarse to fine over the image size (64, 128, 256 px by default; the clouds
   pooled to half a pixel at each level). At the coarsest level: the root (rotation + translation,
-  several starts); each limb chain (hip + knee; collar + shoulder + elbow) on a joint grid of its
+  several starts), whose ``ROOT_HYPOTHESES`` best distinct optima each go through the rest of the
+  coarsest level, the best-scoring result kept; each limb chain (hip + knee; collar + shoulder + elbow) on a joint grid of its
   big rotations (``CHAIN_GRIDS``: a proximal joint's best angle depends on the distal one's, which
   one joint at a time misses), the best cells refined; the distal groups (ankles and feet, wrists
   and hands, neck and head) searched over single-axis offsets of +-15..90 degrees; the root with
