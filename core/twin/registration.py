@@ -26,9 +26,9 @@ Method (no GPU needed; numpy, scipy and numba):
 - **Optimisation.** Coarse to fine over the image size (64, 128, 256 px by default; the clouds
   pooled to half a pixel at each level). At the coarsest level: the root (rotation + translation,
   several starts), whose ``ROOT_HYPOTHESES`` best distinct optima each go through the rest of the
-  coarsest level, the best-scoring result kept; each limb chain (hip + knee; collar + shoulder + elbow) on a joint grid of its
-  big rotations (``CHAIN_GRIDS``: a proximal joint's best angle depends on the distal one's, which
-  one joint at a time misses), the best cells refined; the distal groups (ankles and feet, wrists
+  coarsest level, the best-scoring result kept; each limb chain (hip + knee; collar + shoulder +
+  elbow) on a joint grid of its big rotations (``CHAIN_GRIDS``: a proximal joint's best angle
+  depends on the distal one's, which one joint at a time misses), the best cells refined; the distal groups (ankles and feet, wrists
   and hands, neck and head) searched over single-axis offsets of +-15..90 degrees; the root with
   both legs refined together; the chain grids again (each limb now scored with the other limbs
   placed); the left and right limbs' poses tried exchanged (mirrored; a lateral view superimposes
@@ -843,7 +843,8 @@ class _Problem:
         self.local_optima = [(cost0, base_pose.copy(), base_transl.copy())]  # (cost, pose, transl) per start
         for c in cands:
             r = minimize(cost, c, method="Powell", options={"xtol": 0.02, "ftol": 1e-5, "maxfev": maxfev})
-            self.local_optima.append((float(r.fun),) + self._apply(joints, np.clip(r.x, blo, bhi), base_pose, base_transl))
+            opt = self._apply(joints, np.clip(r.x, blo, bhi), base_pose, base_transl)
+            self.local_optima.append((float(r.fun),) + opt)
             if best is None or r.fun < best.fun:
                 best = r
         pose, transl = self._apply(joints, np.clip(best.x, blo, bhi), base_pose, base_transl)
