@@ -25,9 +25,10 @@ Method (no GPU needed; numpy, scipy and numba):
   turned into line integrals first (``-log`` of an intensity, the inverse of the log display).
 - **Optimisation.** Coarse to fine over the image size (64, 128, 256 px by default; the clouds
   pooled to half a pixel at each level). At the coarsest level: the root (rotation + translation,
-  several starts); each limb chain (hip + knee; collar + shoulder + elbow) on a joint grid of its
-  big rotations (``CHAIN_GRIDS``: a proximal joint's best angle depends on the distal one's, which
-  one joint at a time misses), the best cells refined; the distal groups (ankles and feet, wrists
+  several starts), whose ``ROOT_HYPOTHESES`` best distinct optima each go through the rest of the
+  coarsest level, the best-scoring result kept; each limb chain (hip + knee; collar + shoulder +
+  elbow) on a joint grid of its big rotations (``CHAIN_GRIDS``: a proximal joint's best angle
+  depends on the distal one's, which one joint at a time misses), the best cells refined; the distal groups (ankles and feet, wrists
   and hands, neck and head) searched over single-axis offsets of +-15..90 degrees; the root with
   both legs refined together; the chain grids again (each limb now scored with the other limbs
   placed); the left and right limbs' poses tried exchanged (mirrored; a lateral view superimposes
@@ -110,12 +111,16 @@ SWAP_GROUPS = (("hip", "knee", "ankle", "foot"), ("collar", "shoulder", "elbow",
 _DEBUG = False
 BOTH_ORDERS = False  # also try the limbs before the root at the coarsest level, keep the better
 JOINT_REFINE = True  # after the limb grids, the root and both legs refined together
+# distinct root optima of the coarsest rigid fit each carried through the coarsest level's limb
+# search, the best kept (with the limbs at the start pose, a wrong root can outscore the right one)
+ROOT_HYPOTHESES = 3
+ROOT_DISTINCT = (5.0, 15.0)  # degrees, mm: root optima closer than both are one hypothesis
 ROT_UNIT = 0.1  # optimiser units: 0.1 rad (5.7 deg) ...
 TRANS_UNIT = 10.0  # ... and 10 mm
 PRIOR_SIGMA_DEG = 40.0  # Gaussian prior on each joint's change from the start pose ...
 PRIOR_WEIGHT = 0.02  # ... in units of the summed gradient correlation (one view: at most 1)
 # per joint and axis (rotation vector x, y, z) where the prior differs: wide along the main
-# movements (hip and knee flexion, shoulder abduction and flexion: a 90 degree
+# movements (hip, knee and elbow flexion, shoulder abduction and flexion: a 90 degree
 # flexion costs 0.011, less than a right limb gains; at 40 degrees a flexed limb stayed straight),
 # tight on the off-axis rotations of the knee and elbow hinges (knee varus-valgus laxity 2-5 deg:
 # Markolf et al., J Bone Joint Surg Am 58(5):583-594, 1976)
@@ -123,7 +128,7 @@ PRIOR_AXIS_SIGMA_DEG = {
     "left_hip": (120.0, None, None), "right_hip": (120.0, None, None),
     "left_knee": (120.0, 8.0, 8.0), "right_knee": (120.0, 8.0, 8.0),
     "left_shoulder": (None, 120.0, 120.0), "right_shoulder": (None, 120.0, 120.0),
-    "left_elbow": (8.0, None, 8.0), "right_elbow": (8.0, None, 8.0),
+    "left_elbow": (8.0, 120.0, 8.0), "right_elbow": (8.0, 120.0, 8.0),
 }
 
 
@@ -835,8 +840,11 @@ class _Problem:
             order = np.argsort(cs)[:keep]
             cands = [cands[i] for i in order]
         best = None
+        self.local_optima = [(cost0, base_pose.copy(), base_transl.copy())]  # (cost, pose, transl) per start
         for c in cands:
             r = minimize(cost, c, method="Powell", options={"xtol": 0.02, "ftol": 1e-5, "maxfev": maxfev})
+            opt = self._apply(joints, np.clip(r.x, blo, bhi), base_pose, base_transl)
+            self.local_optima.append((float(r.fun),) + opt)
             if best is None or r.fun < best.fun:
                 best = r
         pose, transl = self._apply(joints, np.clip(best.x, blo, bhi), base_pose, base_transl)
@@ -942,6 +950,23 @@ def _root_starts(rng, n: int) -> list:
     return out
 
 
+def _distinct_roots(optima, n: int) -> list:
+    """Up to n (pose, transl) of the best root optima that differ by more than ``ROOT_DISTINCT``."""
+    out = []
+    for c, pose, transl in sorted(optima, key=lambda o: o[0]):
+        far = True
+        for p, t in out:
+            ang = np.degrees(np.linalg.norm(_rotvec(rodrigues(pose[:3]) @ rodrigues(p[:3]).T)))
+            if ang < ROOT_DISTINCT[0] and np.linalg.norm(transl - t) < ROOT_DISTINCT[1]:
+                far = False
+                break
+        if far:
+            out.append((pose, transl))
+        if len(out) == n:
+            break
+    return out
+
+
 def _chains(present) -> tuple[list, set]:
     """(name, joints, grid) of the limb chains searched jointly (``CHAIN_GRIDS``), and the set of
     their joints. The right side's grid is the left's mirrored in the sagittal plane (the rotation
@@ -1012,7 +1037,9 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
                 plan.append(("root_final", [0], False, None))
         return plan
 
-    n_total = sum(len(level_plan(li)) for li in range(len(levels))) + (len(level_plan(0, False)) if articulated else 0)
+    n_total = (sum(len(level_plan(li)) for li in range(1, len(levels)))
+               + (ROOT_HYPOTHESES if articulated else 1) * len(level_plan(0))
+               + (len(level_plan(0, False)) if articulated and BOTH_ORDERS else 0))
     done = [0]
 
     def run_stage(li, name, joints, search, grid=None):
@@ -1056,12 +1083,24 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
             for order, root_first in orders:
                 prob.pose, prob.transl, prob.view_T = start[0].copy(), start[1].copy(), [t.copy() for t in start[2]]
                 n0 = len(stages)
-                for st in level_plan(0, root_first):
-                    run_stage(0, *st)
+                plan = level_plan(0, root_first)
+                hyps = [None]
+                if root_first and plan[0][0] == "root":
+                    run_stage(0, *plan[0])
+                    plan = plan[1:]
+                    hyps = _distinct_roots(prob.local_optima, ROOT_HYPOTHESES)
+                view_T = [t.copy() for t in prob.view_T]
+                for hi, hyp in enumerate(hyps):
+                    if hyp is not None:
+                        prob.pose, prob.transl = hyp[0].copy(), hyp[1].copy()
+                        prob.view_T = [t.copy() for t in view_T]
+                    for st in plan:
+                        run_stage(0, *st)
+                    name = order if len(hyps) == 1 else f"{order}_{hi}"
+                    results.append((prob.score(lv_objs[0]), prob.pose.copy(), prob.transl.copy(),
+                                    [t.copy() for t in prob.view_T], name))
                 for st in stages[n0:]:
                     st["order"] = order
-                results.append((prob.score(lv_objs[0]), prob.pose.copy(), prob.transl.copy(),
-                                [t.copy() for t in prob.view_T], order))
             best = max(results, key=lambda r: r[0])
             prob.pose, prob.transl, prob.view_T = best[1], best[2], best[3]
             stages.append({"stage": "order", "level": lv_objs[0].size, "chosen": best[4],
