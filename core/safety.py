@@ -22,6 +22,7 @@ import numpy as np
 import json
 
 from .errors import CtwinError
+from .progress import report
 
 # The entries of a twin directory that belong to the twin (core.twin.twin writes them).
 TWIN_OWN = ("twin.json", "fit.json", "fit.npz", "binding.npz", "twin.blend", "meshes", "volumes")
@@ -78,8 +79,6 @@ def clean_stale_partials(folder) -> list[Path]:
         except OSError:
             pass
     if removed:
-        from .progress import report
-
         report(f"removed {len(removed)} partial file(s) left by an interrupted run in {Path(folder)}")
     return removed
 
@@ -296,7 +295,5 @@ def frame_to_skip(stem, expected: dict, overwrite: bool, fmt: str = "tiff",
     if status == "mismatch" and not overwrite:
         raise CtwinError(f"{Path(stem).name} was written for another request: {why}; {remedy}")
     if status == "damaged":
-        from .progress import report
-
         report(f"{Path(stem).name}: {why}, rendering it again")
     return False

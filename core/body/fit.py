@@ -345,22 +345,10 @@ def _orientation(data: _Data):
 
 
 def _preset_body_poses():
-    """Candidate acquisition body poses (69,), from core.rig.poses when it exists."""
-    out = {}
-    try:
-        from ..rig.poses import ACQUISITION_PRESETS, PRESETS
+    """Candidate acquisition body poses (69,): the acquisition presets of ``core.rig.poses``."""
+    from ..rig.poses import ACQUISITION_PRESETS, PRESETS  # deferred: the rig package builds on this one
 
-        for k in ACQUISITION_PRESETS:
-            out[k] = np.asarray(PRESETS[k], dtype=np.float64).reshape(-1)[3:].copy()
-    except Exception:  # noqa: BLE001 - module not there: built-in fallbacks
-        down = np.zeros(69)
-        down[3 * (16 - 1) + 2] = -1.2   # left shoulder about canonical z: arm down
-        down[3 * (17 - 1) + 2] = 1.2
-        up = np.zeros(69)
-        up[3 * (16 - 1) + 2] = 1.3
-        up[3 * (17 - 1) + 2] = -1.3
-        out = {"supine_arms_down": down, "supine_arms_up": up}
-    return out
+    return {k: np.asarray(PRESETS[k], dtype=np.float64).reshape(-1)[3:].copy() for k in ACQUISITION_PRESETS}
 
 
 # --------------------------------------------------------------------------------------------

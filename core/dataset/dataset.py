@@ -41,13 +41,17 @@ from ..body.skeleton import JOINT_INDEX
 from ..drr import physics
 from ..drr.carm import named_view, parse_view
 from ..drr.physics import VALUES
-from ..drr.projector import resolve_device
+from ..drr.projector import resolve_device, frame_volume, xray_line_integral
 from ..rig.motion import load_motion, read_motion_file, resample
 from ..rig.pose import joint_limit_violations
-from ..rig.poses import PRESETS
+from ..rig.poses import PRESETS, resolve_pose
 from ..twin.articulated import render_posed
 from ..twin.twin import build_twin, load_twin
 from .shards import json_bytes, npz_bytes, tif_bytes, tar_bytes
+from ..drr.xray import DETECTORS, KVP_RANGE, XraySetup
+from ..phantom.phantom import write_phantom
+from ..twin.annotations import frame_points, twin_landmarks, label_masks
+# Imported where used, so that importing this module stays light: numba, ray (heavy or optional third-party packages).
 # Imported where used, so that importing this module stays light: numba, ray (heavy or optional third-party packages).
 
 SAMPLER_VERSION = 1  # bump when the draw order changes: old datasets then refuse to resume
@@ -247,7 +251,6 @@ def load_spec(path_or_dict, base_dir=None) -> dict:
             _fail("poses.random.base", f"unknown preset {r['base']!r}")
         if r["distribution"] not in ("uniform", "normal"):
             _fail("poses.random.distribution", f"must be uniform or normal, got {r['distribution']!r}")
-        from ..body.skeleton import JOINT_INDEX
 
         joints = rnd.get("joints", DEFAULT_RANDOM_JOINTS)
         if not isinstance(joints, dict) or not joints:
@@ -315,7 +318,6 @@ def load_spec(path_or_dict, base_dir=None) -> dict:
         "photons": None if ph.get("photons") is None else _range(ph["photons"], "physics.photons", positive=True),
         "electronic_noise": _range(ph.get("electronic_noise", 0.0), "physics.electronic_noise", 0.0)}
     if ph.get("kvp") is not None:  # realistic physics (core.drr.xray), as ctwin render --kvp
-        from ..drr.xray import DETECTORS, KVP_RANGE
 
         spec["physics"]["kvp"] = _range(ph["kvp"], "physics.kvp", *KVP_RANGE)
         det = ph.get("detector", "ideal")
@@ -437,8 +439,6 @@ def build_one_twin(out, entry: dict) -> str:
     if entry["kind"] == "phantom":
         src = out / "inputs" / entry["name"]
         if not (src / "truth.json").is_file():
-            from ..phantom.phantom import write_phantom
-
             tmp = src.parent / f".{src.name}.partial-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             write_phantom(tmp, pose=entry["pose"], spacing=entry["spacing_mm"], seed=entry["seed"],
@@ -462,12 +462,8 @@ def _pose_of(twin, pose_p: dict):
     if src == "random":
         return np.asarray(pose_p["pose"], dtype=np.float64), None
     if src == "preset":
-        from ..rig.poses import PRESETS
-
         return PRESETS[pose_p["name"]].copy(), None
     if src == "file":
-        from ..rig.poses import resolve_pose
-
         r = resolve_pose(pose_p["file"])
         return r["pose"], r["transl"]
 
@@ -495,9 +491,6 @@ def render_sample(twin, spec: dict, params: dict, device: str = "cpu") -> dict:
     records = []
     for k, g in enumerate(geos):
         if ph.get("kvp") is not None:
-            from ..drr.projector import frame_volume, xray_line_integral
-            from ..drr.xray import XraySetup
-
             xray = XraySetup(kvp=ph["kvp"], detector=ph["detector"], photons=ph["photons"],
                              electronic_sigma=ph["electronic_noise"] if ph["photons"] is not None else None)
             xray.seed, xray.stream = ph["noise_seed"] or 0, k
@@ -518,16 +511,12 @@ def render_sample(twin, spec: dict, params: dict, device: str = "cpu") -> dict:
         meta["xray"] = records  # per view: every physics option and the spectrum used
     files = {"tif": tif_bytes(images[0] if len(images) == 1 else np.stack(images))}
     if an["masks"]:
-        from ..twin.annotations import label_masks
-
         posed = twin.posed_meshes(pose, transl)
         posed.pop("skin", None)
         stacks = [label_masks(g, posed) for g in geos]
         masks = stacks[0][0] if len(stacks) == 1 else np.stack([s[0] for s in stacks])
         files["masks.npz"] = npz_bytes(masks=masks, names=np.array(stacks[0][1]))
     if an["points"]:
-        from ..twin.annotations import frame_points, twin_landmarks
-
         joints = twin.binding.armature.posed_joints(pose, transl)
         marks = twin_landmarks(twin, pose, transl)
         meta["points"] = [frame_points(g, joints, marks) for g in geos]

@@ -17,6 +17,8 @@ from . import physics
 from ..errors import CtwinError
 from ..progress import report
 from ..safety import clean_stale_partials, frame_to_skip
+from .dicom_dx import write_frame_dicom
+from .projector import read_frame, write_frame
 
 FORMATS = ("tiff", "dicom")
 
@@ -35,12 +37,8 @@ class FrameView:
 def write_frame_file(stem, image: np.ndarray, sidecar: dict, fmt: str = "tiff") -> None:
     """``stem.tif`` (32-bit float) or ``stem.dcm`` (DICOM DX), then ``stem.json`` beside it."""
     if fmt == "dicom":
-        from .dicom_dx import write_frame_dicom
-
         write_frame_dicom(stem, image, sidecar)
     elif fmt == "tiff":
-        from .projector import write_frame
-
         write_frame(stem, image, sidecar)
     else:
         raise CtwinError(f"unknown frame format {fmt!r}; use tiff or dicom")
@@ -80,8 +78,6 @@ def render_frames(frames, render, *, value: str = "line_integral", photons=None,
             if kept:
                 report(f"{v.stem.name}: already written, skipped", done / total)
                 if keep_images:
-                    from .projector import read_frame
-
                     images[v.name] = read_frame(v.stem)[0]
                 continue
             if xray is not None:

@@ -31,6 +31,7 @@ import types
 
 import numpy as np
 # Imported where used, so that importing this module stays light: numba (heavy or optional third-party packages).
+# Imported where used, so that importing this module stays light: numba (heavy or optional third-party packages).
 
 MAX_CAND = 64  # rigid sub-volumes a single ray may cross (render_scene)
 BLOCK = 8  # edge of the empty-space blocks, in voxels (a compile-time constant)

@@ -41,8 +41,10 @@ from ..fileio import atomic_path, read_json, write_json
 from ..volumes.volume import apply_transform
 from . import physics
 from .carm import default_views
-from .kernels import BLOCK, compose_kernels, cuda_kernels
-from .xray import form_image
+from .kernels import BLOCK, compose_kernels, cuda_kernels, FINE, cpu_kernels
+from .xray import form_image, XraySetup
+from .. import progress
+# Imported where used, so that importing this module stays light: numba, tifffile (heavy or optional third-party packages).
 
 # Imported where used, so that importing this module stays light: numba, tifffile (heavy or optional
 # third-party packages); kernels.py compiles its kernels on first use.
@@ -99,7 +101,6 @@ def resolve_device(device: str = "auto") -> str:
             return "cuda"
         if not _cpu_fallback_reported:
             _cpu_fallback_reported = True
-            from .. import progress
 
             progress.report(device_status())
         return "cpu"
@@ -275,7 +276,6 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
     mcode = METHODS.index(method)
     if dev == "cpu":
         out = np.zeros((H, W), np.float32)  # the kernels sum in float64 and round once on writing
-        from .kernels import cpu_kernels
 
         cpu_kernels()["static"](out, geo, pv.flat, table, *lin, nx, ny, nz, pv.M, occ, step, mcode)
         return out
@@ -314,8 +314,6 @@ def render_drr_batch(volume, geometries, *, method: str = "trilinear", step_mm: 
     args = (pv.lut, *pv.lin, nx, ny, nz)
     mcode = METHODS.index(method)
     if dev == "cpu":
-        from .kernels import cpu_kernels
-
         out = np.zeros((B, H, W), np.float32)
         cpu_kernels()["batch"](out, geos, pv.flat, *args, pv.M, occ, step, mcode)
         return out
@@ -352,8 +350,6 @@ def render_value(volume, geometry, *, value: str = "line_integral", kvp: float |
     """
     pv = prepare_volume(volume)
     if xray is None and kvp is not None:
-        from .xray import XraySetup
-
         xray = XraySetup(kvp=kvp, photons=photons, seed=seed,
                          electronic_sigma=electronic_sigma if photons is not None else None)
     if xray is None:
@@ -629,8 +625,6 @@ def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
     geo = geometry.packed()
     bshape = np.array(base.shape, np.int64)
     if dev == "cpu":
-        from .kernels import cpu_kernels
-
         out = np.zeros((H, W), np.float32)
         cpu_kernels()["scene"](out, geo, base.flat, base.lut, *base.lin, bshape, base.M, use_warp, disp,
                                WM, wn, pk["sdata"], pk["smask"], pk["slut"], *pk["slin"], sp, nsub, step)
@@ -922,8 +916,6 @@ def _fine_air(base: PreparedVolume, pk: dict) -> tuple[np.ndarray, np.ndarray]:
     lies in the block can be non-zero, i.e. a voxel of the block or of the next layer has mu > 0)
     and its 3-D prefix sums, padded by one (cached): O(1) any-occupied queries over block boxes."""
     if "fine_air" not in pk:
-        from .kernels import FINE
-
         nz = (base.lut > 0)[base.flat.view(np.uint16)].reshape(base.shape)
         for ax in range(3):
             n = nz.shape[ax]

@@ -37,6 +37,7 @@ from ..volumes.volume import Volume, affine_from, save_nifti
 from ..fileio import write_json
 from ..rig.pose import _slerp_matrices
 from ..rig.poses import ACQUISITION_PRESETS, PRESETS, resolve_pose
+from ..rig.retarget import retarget_pose
 
 try:  # numba is a hard dependency of the project; the fallback only keeps imports working
     from numba import njit
@@ -694,8 +695,6 @@ def generate_phantom(pose="supine_arms_down", spacing: float = 3.0, seed: int = 
     anat, fprims, sprims, sinfo = _packed(seed)
     rest_j, _ = rest_skeleton(anat, skeleton_variant)
     if src_rest is not None:
-        from ..rig.retarget import retarget_pose
-
         pose_v = np.asarray(retarget_pose(pose_v, src_rest, rest_j), dtype=np.float64)
     T, t_all, fprims = _posed_rows(anat, fprims, pose_v, tr, skeleton_variant)
     seg_inv = np.ascontiguousarray(np.linalg.inv(t_all)[:, :3, :])
@@ -765,8 +764,6 @@ def body_sdf(points, pose="supine_arms_down", seed: int = 0, transl=None, skelet
         tr = transl_file
     anat, fprims = _packed(int(seed))[:2]
     if src_rest is not None:
-        from ..rig.retarget import retarget_pose
-
         pose_v = np.asarray(retarget_pose(pose_v, src_rest, rest_skeleton(anat, skeleton_variant)[0]))
     _, t_all, fprims = _posed_rows(anat, fprims, pose_v, tr, skeleton_variant)
     seg_inv = np.ascontiguousarray(np.linalg.inv(t_all)[:, :3, :])

@@ -32,6 +32,8 @@ from scipy.spatial.transform import Rotation, Slerp
 from ..errors import CtwinError
 from ..body.skeleton import SUPINE_GLOBAL_ORIENT, rodrigues, rotation_to_rotvec
 from ..fileio import atomic_path
+from .pose import joint_limit_violations, check_joint_limits
+from .retarget import model_rest_joints_mm, retarget_poses
 
 FRAMERATE_KEYS = ("mocap_framerate", "mocap_frame_rate", "frame_rate", "fps")
 # Values per frame of the body models' axis-angle vectors: SMPL-H/X body joints only (22 x 3),
@@ -136,8 +138,6 @@ def load_motion(path, fps=None, twin_pose=None, twin_transl_mm=None, *, check_li
     """
     poses, trans, rate = read_motion_file(path)
     if source is not None:
-        from .retarget import model_rest_joints_mm, retarget_poses
-
         model_path, target_rest = source[:2]
         rest = model_rest_joints_mm(model_path, read_betas(path))
         poses = retarget_poses(poses, rest, target_rest, located=source[2] if len(source) > 2 else None)
@@ -145,8 +145,6 @@ def load_motion(path, fps=None, twin_pose=None, twin_transl_mm=None, *, check_li
     go = None if twin_pose is None else np.asarray(twin_pose, dtype=np.float64).reshape(-1)[:3]
     poses, transl = retarget_root(poses, trans, go, twin_transl_mm)
     if check_limits:
-        from .pose import joint_limit_violations, check_joint_limits
-
         worst = max(range(len(poses)), key=lambda i: len(joint_limit_violations(poses[i])))
         if joint_limit_violations(poses[worst]):
             check_joint_limits(poses[worst], label=f"motion {Path(path).name} (frame {worst})")

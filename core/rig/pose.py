@@ -25,6 +25,7 @@ from ..body.skeleton import (
     JOINT_INDEX, JOINT_NAMES, as_pose, rodrigues, rotation_to_rotvec,
 )
 from ..volumes.volume import apply_transform
+from ..progress import report
 
 
 def _slerp_matrices(ra: np.ndarray, rb: np.ndarray, w: float) -> np.ndarray:
@@ -177,8 +178,6 @@ def check_joint_limits(pose, label: str = "pose") -> list[str]:
     """Warn (warnings.warn and a progress line) when a pose leaves the anatomical ranges."""
     bad = joint_limit_violations(pose)
     if bad:
-        from ..progress import report
-
         msg = f"{label} outside anatomical joint ranges: " + "; ".join(bad)
         report(msg)
         warnings.warn(msg, stacklevel=2)

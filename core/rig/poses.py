@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import CtwinError
 from ..body.skeleton import JOINT_INDEX, SUPINE_GLOBAL_ORIENT, as_pose, rotation_to_rotvec, rodrigues
 from ..fileio import atomic_path, write_json
+from .retarget import check_parents, check_rest_joints
 
 ACQUISITION_PRESETS = ("supine_arms_down", "supine_arms_up")
 
@@ -125,8 +126,6 @@ def _from_mapping(d, source: str) -> dict:
                              "drop 'rest_joints' or give an absolute pose")
         out["relative"] = True
     if has("rest_joints"):
-        from .retarget import check_parents, check_rest_joints
-
         out["rest_joints"] = check_rest_joints(get("rest_joints"), f"{source}: 'rest_joints'")
         if has("kintree_parents"):
             check_parents(get("kintree_parents"), f"{source}: 'kintree_parents'")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from pathlib import Path
 
-from ..fileio import atomic_path, write_json
+from ..fileio import atomic_path, write_json, read_json
 from ..body.skeleton import JOINT_NAMES
 
 _RASTER = None
@@ -110,8 +110,6 @@ def twin_landmarks(twin, pose, transl_mm=None) -> dict:
     fit_json = twin.path / "fit.json"
     lms = {}
     if fit_json.is_file():
-        from ..fileio import read_json
-
         lms = read_json(fit_json).get("landmarks_mm", {})
     for side in ("left", "right"):
         # the fit's hip landmark is the femoral head centre (sphere fit on the femur label)

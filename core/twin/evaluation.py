@@ -25,6 +25,7 @@ from ..volumes.segmentation import load_segmentation
 from .articulated import render_posed
 from .twin import load_twin
 from ..volumes.volume import apply_transform
+from ..rig.retarget import check_rest_joints, retarget_pose
 
 
 def _finite(x):
@@ -126,7 +127,6 @@ def target_fidelity(twin, truth_dir, size: int = 512, device: str = "auto",
     if retarget and truth_b.get("rest_joints") is not None:
         # the truth's pose is read on its own rest skeleton: retarget it onto the twin's, relative to
         # the acquisition truth where that names the same skeleton (core.rig.retarget)
-        from ..rig.retarget import check_rest_joints, retarget_pose
 
         rest_b = check_rest_joints(truth_b["rest_joints"], f"{tb_path.name}: 'rest_joints'")
         acq = None

@@ -33,14 +33,14 @@ from ..fileio import read_json, write_json
 from ..progress import report
 from ..body.body_model import default_body_model_path, load_body_model
 from ..body.fit import fit_body_model
-from ..body.skeleton import JOINT_NAMES
+from ..body.skeleton import JOINT_NAMES, JOINT_INDEX
 from ..drr.carm import default_views, named_view
 from ..drr.frames import FORMATS, FrameView, render_frames
 from ..drr.projector import frame_volume, resolve_device, xray_line_integral
 from ..meshes.mesh import Mesh, import_anatomy, read_mesh, write_ply
 from ..meshes.mesh_volume import SKIN, hu_table, load_hu_overrides, read_mesh_folder, voxelise_meshes
 from ..rig.binding import bind_structures, save_binding, load_binding
-from ..rig.pose import bone_deltas, bone_transforms, dqs_points, pose_meshes
+from ..rig.pose import bone_deltas, bone_transforms, dqs_points, pose_meshes, check_joint_limits
 from ..rig.poses import resolve_pose
 from ..rig.retarget import pose_for_twin
 from ..safety import (
@@ -50,6 +50,9 @@ from ..safety import (
 from ..volumes.plausibility import check_ct_segmentation, check_fit
 from ..volumes.volume import load_nifti, save_nifti
 from .articulated import ArticulatedCT, posed_scene, prepare_articulated, render_posed
+from ..drr.xray import XraySetup
+from ..rig.motion import load_motion
+from .annotations import twin_landmarks, write_annotations
 
 TWIN_FORMAT = 1
 # Spacing of the soft tissue's inverse-warp grid. Measured on the 3 mm phantom posed to the
@@ -354,8 +357,6 @@ class Twin:
         """Indices of the joints whose centres the fit located from the labels (``fit.json``'s
         ``joint_sources``), or None when the twin does not record them."""
         if "located" not in self._cache:
-            from ..body.skeleton import JOINT_INDEX
-
             loc = None
             fj = self.path / "fit.json"
             if fj.is_file():
@@ -370,8 +371,6 @@ class Twin:
         names one (``truth.json`` with ``rest_joints``, as a phantom writes): a resolved pose dict, or
         None. Poses on that skeleton are then mapped relative to the acquisition."""
         if "source_acq" not in self._cache:
-            from ..rig.poses import resolve_pose
-
             acq = None
             ct = self.meta.get("inputs", {}).get("ct")
             if ct:
@@ -501,8 +500,6 @@ def frame_poses(twin: Twin, pose=None, motion=None, frames=None, fps: float = 24
     if motion is not None and pose is not None:
         raise CtwinError("give --pose or --motion, not both (a motion sets every frame's pose)")
     if motion is not None:
-        from ..rig.motion import load_motion
-
         src = None if source_model is None else (source_model, twin.skeleton_rest_mm(), twin.located_joints())
         poses, transl = load_motion(motion, fps=fps, twin_pose=twin.pose0, twin_transl_mm=twin.transl0_mm,
                                     source=src)[:2]
@@ -514,7 +511,6 @@ def frame_poses(twin: Twin, pose=None, motion=None, frames=None, fps: float = 24
         return [(f, poses[f], transl[f]) for f in range(a, b)]
     if pose is not None:
         p, t = twin.resolve_pose(pose)
-        from ..rig.pose import check_joint_limits
 
         check_joint_limits(p, label=f"pose {pose}")
     else:
@@ -542,8 +538,6 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
     if fmt not in FORMATS:
         raise CtwinError(f"unknown frame format {fmt!r}; use tiff or dicom")
     if xray is None and kvp is not None:
-        from ..drr.xray import XraySetup
-
         xray = XraySetup(kvp=kvp, photons=photons, seed=seed,
                          electronic_sigma=electronic_sigma if photons is not None else None)
     if method != "trilinear":
@@ -579,8 +573,6 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
         p, t = poses[f]
         state = {"scene": twin.posed_scene(p, t)}
         if annotate:
-            from .annotations import twin_landmarks
-
             posed = twin.posed_meshes(p, t)
             posed.pop("skin", None)
             state["annotations"] = (posed, twin.binding.armature.posed_joints(p, t), twin_landmarks(twin, p, t))
@@ -588,8 +580,6 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
 
     def render(f, v, state, record):
         if annotate:
-            from .annotations import write_annotations
-
             write_annotations(v.stem, v.geometry, *state["annotations"])
         if xray is not None:
             return xray_line_integral(frame_volume(state["scene"]), v.geometry, xray, step_mm=step_mm,
