@@ -48,6 +48,10 @@ def run(cmd, **kw):
 
 def worktree(base: str, work: Path) -> Path:
     tree = work / "base"
+    known = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"],
+                           capture_output=True)
+    if known.returncode:
+        raise SystemExit(f"compare_versions: {base!r} is not a commit of this repository")
     if not tree.exists():
         run(["git", "-C", ROOT, "worktree", "add", "--detach", tree, base])
     shutil.copy(PROBE, tree / "tools" / PROBE.name)
@@ -55,7 +59,12 @@ def worktree(base: str, work: Path) -> Path:
 
 
 def probe(tree: Path, *args) -> dict:
-    out = run([sys.executable, tree / "tools" / PROBE.name, *args], capture_output=True)
+    cmd = [sys.executable, tree / "tools" / PROBE.name, *args]
+    print("  $", " ".join(str(c) for c in cmd), file=sys.stderr)
+    out = subprocess.run([str(c) for c in cmd], text=True, capture_output=True)
+    if out.returncode:
+        raise SystemExit(f"probe failed in {tree} (exit {out.returncode}): "
+                         + (out.stderr.strip().splitlines() or ["no output"])[-1])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -138,7 +147,8 @@ def main(argv=None) -> int:
             print(f"[timing] {k}: base {best['base'][k] * 1e3:.1f} ms, new {best['new'][k] * 1e3:.1f} ms, "
                   f"new/base {ratio:.3f} (best of {a.reps}, interleaved)")
             ok &= ratio <= 1 + TIME_TOL
-    print("RESULT:", "pass" if ok else "FAIL", f"(work folder {work})")
+    print("RESULT:", "pass" if ok else "FAIL", f"(work folder {work}; remove the earlier tree with "
+          f"`git worktree remove {base}`)")
     return 0 if ok else 1
 
 
