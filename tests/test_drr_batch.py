@@ -132,11 +132,16 @@ def test_float16_storage_keeps_every_pixel_within_0_1_percent(vol):
     assert 0 < err <= 1e-3  # float16 changes the values, within 0.1 % of the image maximum
 
 
-def test_float16_at_nanodrr_settings_on_real_ct():
-    """200x200 pixels, 500 samples per ray (nanodrr's benchmark settings), AP and lateral."""
+@pytest.mark.parametrize("which", ["real_ct", "phantom"])
+def test_float16_at_nanodrr_settings(which, request):
+    """200x200 pixels, 500 samples per ray (nanodrr's benchmark settings), AP and lateral, on the
+    real abdomen CT and the phantom (the test session's coarse one; benchmarks/bench_gpu.py
+    measures the 1.5 mm phantom)."""
     from ctwin.core.volumes.ct import load_ct
 
-    ct = prepare_volume(load_ct(real_ct_path("abdomen_pelvis", "ct.nii.gz")))
+    path = (real_ct_path("abdomen_pelvis", "ct.nii.gz") if which == "real_ct"
+            else request.getfixturevalue("coarse_phantoms")["supine_arms_down"] / "ct.nii.gz")
+    ct = prepare_volume(load_ct(path))
     views = [named_view(n, ct.bbox_world(), size=200) for n in ("ap", "lat_left")]
     a = render_drr_batch(ct, views, samples_per_ray=500, device="cpu")
     b = render_drr_batch(half_precision(ct), views, samples_per_ray=500, device="cpu")
