@@ -272,7 +272,7 @@ def run_nanodrr(vol: Volume, name: str, g, ours: np.ndarray, device: str, repeat
         emit({"volume": name, "nanodrr": f"skipped: cannot import nanodrr ({type(exc).__name__}: {exc})"}, jp)
         return
     try:
-        import nanodrr
+        from importlib.metadata import version
 
         tdev = torch.device("cuda" if device == "cuda" else "cpu")
         data = torch.from_numpy(np.asarray(vol.data, np.float32))
@@ -307,7 +307,7 @@ def run_nanodrr(vol: Volume, name: str, g, ours: np.ndarray, device: str, repeat
                 single = median_time(lambda: drr(sub, rt1, n_samples=NANO_SAMPLES), repeat, sync)
                 nb = max(3, repeat // 10)
                 tb = median_time(lambda: drr(sub, rtb, n_samples=NANO_SAMPLES), nb, sync)
-            emit({"volume": name, "nanodrr": getattr(nanodrr, "__version__", "installed"), "device": device,
+            emit({"volume": name, "nanodrr": version("nanodrr"), "device": device,
                   "dtype": label, "size": NANO_SIZE, "samples_per_ray": NANO_SAMPLES,
                   "single_drr_per_s": 1.0 / single, "batch": batch, "batch_poses_drr_per_s": batch / tb}, jp)
     except Exception as exc:  # reported; ctwin's figures above stand
