@@ -32,6 +32,7 @@ Only measured numbers are printed (one JSON object per line; ``--json`` collects
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -300,13 +301,18 @@ def run_nanodrr(vol: Volume, name: str, g, ours: np.ndarray, device: str, repeat
         emit({"volume": name, "nanodrr_image_max": float(img.max()), "ctwin_image_max": float(ours.max()),
               "nanodrr_nonzero_fraction": float((img > 0).mean()),
               "ncc_with_ctwin_best_flip": max(ncc(f, ours) for f in flips)}, jp)
-        dtypes = [("float32", torch.float32)] + ([("bfloat16", torch.bfloat16)] if device == "cuda" else [])
+        dtypes = [("float32", torch.float32), ("bfloat16", torch.bfloat16)]
         for label, dt in dtypes:
-            sub = subject if dt == torch.float32 else subject.to(dt)
+            # bfloat16 as nanodrr's own benchmark runs it: volume, camera and poses all in that dtype
+            sub, cam, r1, rb = subject, drr, rt1, rtb
+            if dt != torch.float32:
+                sub = copy.deepcopy(subject).to(dt)
+                cam = DRR.from_carm_intrinsics(sdd, du, dv, 0.0, 0.0, NANO_SIZE, NANO_SIZE, device=tdev, dtype=dt)
+                r1, rb = rt1.to(dt), rtb.to(dt)
             with torch.no_grad():
-                single = median_time(lambda: drr(sub, rt1, n_samples=NANO_SAMPLES), repeat, sync)
+                single = median_time(lambda: cam(sub, r1, n_samples=NANO_SAMPLES), repeat, sync)
                 nb = max(3, repeat // 10)
-                tb = median_time(lambda: drr(sub, rtb, n_samples=NANO_SAMPLES), nb, sync)
+                tb = median_time(lambda: cam(sub, rb, n_samples=NANO_SAMPLES), nb, sync)
             emit({"volume": name, "nanodrr": version("nanodrr"), "device": device,
                   "dtype": label, "size": NANO_SIZE, "samples_per_ray": NANO_SAMPLES,
                   "single_drr_per_s": 1.0 / single, "batch": batch, "batch_poses_drr_per_s": batch / tb}, jp)
