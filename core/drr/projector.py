@@ -257,8 +257,9 @@ def half_precision(volume) -> PreparedVolume:
     the SPEC 5 map (mu = 0.02/mm (1 + HU/1000), clipped at 0) and rounded once to float16; mu volumes
     are float16 already and come back as they are. The kernels read float16 mu through the exact
     65536-entry table and sum in float64. float16 keeps 11 significant bits (IEEE 754 binary16), so
-    each stored mu is within 2^-11 (0.049 %) of its float32 value and every line integral within
-    the same fraction of itself; the empty-space grid is the same (mu > 0 where it was)."""
+    each stored mu (normal numbers: mu above 6.1e-5/mm, HU above -997) is within 2^-11 (0.049 %) of
+    its exact value, and so is every line integral, up to the tiny absolute error of the smaller
+    (subnormal) values; the empty-space grid is the same (mu > 0 where it was)."""
     pv = prepare_volume(volume)
     if pv.quantity == "mu":
         return pv
