@@ -349,7 +349,10 @@ def main():
                     help="the path that --nanodrr-settings times (cpu: no GPU needed)")
     ap.add_argument("--nano-batch", type=int, default=100, help="views / poses per batch in part 3")
     ap.add_argument("--phantom-spacing", type=float, default=1.5, help="phantom voxel size (mm)")
+    ap.add_argument("--nano-size", type=int, default=200,
+                    help="detector size of part 3 (nanodrr's: 200; smaller only to smoke-test the script)")
     args = ap.parse_args()
+    globals()["NANO_SIZE"] = args.nano_size
     progress.set_quiet(True)
     import numba
     from numba import cuda
