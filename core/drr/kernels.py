@@ -669,6 +669,56 @@ def cuda_batch(out, geos, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, s
                                   dx, dy, dz, tlen, step)
 
 
+def samples_step(M, nx, ny, nz, ox, oy, oz, dx, dy, dz, tlen, nsamp, step):
+    """The step with which ``ray_trilinear`` takes exactly ``nsamp`` samples over the part of the ray
+    inside the volume's cell box (nsamp > 0; nanodrr's "samples per ray"), else ``step``.
+
+    ray_trilinear takes ceil((t1 - t0) / step) samples; (t1 - t0) / (nsamp - 0.5) puts that ratio
+    half a sample below nsamp, so rounding cannot add or drop a sample."""
+    if nsamp <= 0:
+        return step
+    t0, t1, px, py, pz, qx, qy, qz = ray_box(M, nx, ny, nz, ox, oy, oz, dx, dy, dz, 0.0, tlen)
+    if t1 <= t0:
+        return step
+    return (t1 - t0) / (nsamp - 0.5)
+
+
+def cpu_batch_posed(out, geos, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, Ms, occ, steps, nsamp, method):
+    """Item v of the batch: geometry geos[v], the volume placed by Ms[v] (world -> index, 12), step
+    steps[v] or ``nsamp`` samples per ray (trilinear; nsamp = 0: by step)."""
+    B = out.shape[0]
+    H = out.shape[1]
+    W = out.shape[2]
+    for p in prange(B * H * W):  # noqa: F821
+        v = p // (H * W)
+        q = p - v * H * W
+        r = q // W
+        c = q - r * W
+        ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geos[v], r, c)
+        st = samples_step(Ms[v], nx, ny, nz, ox, oy, oz, dx, dy, dz, tlen, nsamp, steps[v])
+        out[v, r, c] = ray_method(method, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, Ms[v], occ, ox, oy, oz,
+                                  dx, dy, dz, tlen, st)
+
+
+def cuda_batch_posed(out, geos, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, Ms, occ, steps, nsamp, method):
+    p = cuda.grid(1)  # noqa: F821
+    B = out.shape[0]
+    H = out.shape[1]
+    W = out.shape[2]
+    if p < B * H * W:
+        v = p // (H * W)
+        q = p - v * H * W
+        r = q // W
+        c = q - r * W
+        ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geos[v], r, c)
+        st = samples_step(Ms[v], nx, ny, nz, ox, oy, oz, dx, dy, dz, tlen, nsamp, steps[v])
+        out[v, r, c] = ray_method(method, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, Ms[v], occ, ox, oy, oz,
+                                  dx, dy, dz, tlen, st)
+
+
+_PER_RAY = _PER_RAY + ("samples_step",)
+
+
 def cpu_scene(out, geo, bdata, blut, blin_a, blin_b, blin_lo, bshape, BM, use_warp, disp, WM, wn, sdata,
               smask, slut, slin_a, slin_b, slin_lo, sparams, nsub, step):
     H = out.shape[0]
@@ -741,7 +791,7 @@ def cpu_kernels() -> dict:
                                          inline="always" if f.__name__ in ("lerp3", "claims") else "never"),
                     {"prange": numba.prange, "numba": numba})
         out = {}
-        for name in ("cpu_static", "cpu_scene", "cpu_batch"):
+        for name in ("cpu_static", "cpu_scene", "cpu_batch", "cpu_batch_posed"):
             f = globals()[name]
             fn = types.FunctionType(f.__code__, ns, name)
             out[name[4:]] = numba.njit(fn, parallel=True, cache=True, fastmath=True)
@@ -758,7 +808,7 @@ def cuda_kernels() -> dict:
 
         ns = _build(lambda f: cuda.jit(device=True)(f), {"cuda": cuda, "numba": numba})
         out = {}
-        for name in ("cuda_static", "cuda_scene", "cuda_batch"):
+        for name in ("cuda_static", "cuda_scene", "cuda_batch", "cuda_batch_posed"):
             f = globals()[name]
             out[name[5:]] = cuda.jit(types.FunctionType(f.__code__, ns, name))
         _CUDA = out

