@@ -39,8 +39,9 @@ half voxel with trilinear interpolation, which spreads an edge over about a voxe
    its CT body surface along the back, which gVirtualXray's outer-surface rule would subtract
    elsewhere on the ray (this was the chest's earlier 2.6 / 2.3 % MAPE). The inner meshes overlap
    one another by 5 cm3 in all (of 76,600 cm3; manifold3d: sum of volumes minus their union's), so
-   adding their attenuations, as gVirtualXray does, equals ctwin's nesting. Differences come from the voxelisation (partial
-   volume at ``--voxel``, mixed voxels going through the calibration at their mean HU).
+   adding their attenuations, as gVirtualXray does, equals ctwin's nesting. Differences come from
+   the voxelisation (partial volume at ``--voxel``, mixed voxels going through the calibration at
+   their mean HU).
 Only measured numbers are printed.
 """
 from __future__ import annotations
