@@ -16,8 +16,15 @@ Water slabs 5-30 cm thick, 30 x 30 cm field, the slab lying on the table 50 mm a
 - the time of one scatter image (loaded shared machine).
 No published Monte Carlo SPR table for water slabs could be read on this machine (Chan & Doi, Med
 Phys 12:152, 1985; Boone & Seibert, Med Phys 15:713, 1988; Persliden & Carlsson 1997 and Sandborg
-et al. 1993 were searched: only their abstracts are reachable, without the tables), so the table
-has no Monte Carlo column and claims no validation against Monte Carlo. After it, the only
+et al. 1993 were searched: only their abstracts are reachable, without the tables). A second
+search found no more: Siewerdsen & Jaffray, Med Phys 28:220, 2001 (full text, but SPR measured
+on a cone-beam bench for cylinders, given in figures), Sisniega et al., Med Phys 40:051915, 2013,
+and a Monte Carlo cone-beam study of water cylinders ("SPR around 5 for large phantoms, wide beams
+and 120 kV"), Kyriakou & Kalender 2007, Fetterly & Schueler and Court & Yamazaki 2004 (grids):
+abstracts or set-ups other than slabs; and no public repository publishes such a table (XCIST's
+kernel model states about 15 % SPR for a 35 cm water cylinder in a 40 mm CT beam, a different
+geometry). So the table has no Monte Carlo column and claims no validation against Monte Carlo,
+and no multiple-scatter term is fitted (nothing to fit it to or check it against). After it, the only
 published SPR figures that could be read are printed beside the model's value for the nearest
 set-up, for scale only (their set-ups differ or are not fully known):
 - Johns & Yaffe, "Coherent scatter in diagnostic radiology", Med Phys 10(1), 1983 (abstract):
