@@ -3,8 +3,9 @@
 - ``extract_landmarks(labelmap, names) -> Landmarks``: body axes detected from the labels
   (superior from the cranio-caudal order of vertebrae, ribs and limb bones; left from left/right
   label pairs), vertebral centroids with their level, joint-centre landmarks mapped to SMPL
-  joints (femoral head centres by sphere fit -> hips, humeral heads -> shoulders, distal femur and
-  proximal tibia -> knees, distal humerus -> elbows, distal tibia -> ankles), and the arms state.
+  joints (femoral head centres by sphere fit -> hips, humeral heads by a trimmed sphere fit ->
+  shoulders, the femur's shaft axis at the centre height of its condylar arc -> knees
+  (``knee_centre``), distal humerus -> elbows, distal tibia -> ankles), and the arms state.
   Ends of bones cut by the field of view are not used.
 - ``sample_bone_points(labelmap, names, n, seed)``: surface voxels of the skeletal labels.
 - ``landmark_residuals(lm, joints_mm)``: the landmark term of the fit (like with like: anatomical
@@ -104,10 +105,11 @@ def fit_sphere(p):
 
 # The humeral head's sphere fit keeps the surface points within this distance of the sphere (the
 # head is close to a sphere, radius 19-28 mm: Iannotti et al., J Bone Joint Surg Am 74:491, 1992);
-# the neck, the tuberosities and the shaft below it are not on it. Voxel centres on a boundary lie
-# up to about 0.9 voxel off the true surface, hence the tolerance's part in voxels.
-HEAD_FIT_TOL_MM = 3.0
-HEAD_FIT_TOL_VOXELS = 0.75
+# the neck, the tuberosities and the shaft below it are not on it. A label's boundary voxel centres
+# lie between 0 and about one voxel inside the true surface, i.e. within half a voxel of their mean
+# radius, hence the tolerance's part in voxels.
+HEAD_FIT_TOL_MM = 2.0
+HEAD_FIT_TOL_VOXELS = 0.5
 
 
 def fit_sphere_trimmed(p, tol, iterations=8):
