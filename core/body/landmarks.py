@@ -133,9 +133,10 @@ def fit_circle(x, y):
     return sol[0], sol[1], float(np.sqrt(max(sol[2] + sol[0] ** 2 + sol[1] ** 2, 0.0)))
 
 
-# The posterior condyles' arc spans about the distal tenth of the femur's length (an adult femur of
-# 430-480 mm; condyles 40-50 mm high from the distal end to the top of the posterior articular
-# surface: Elias et al. 1990, below).
+# The condylar arc's window along the shaft axis, as a fraction of the femur's length (a knee's size
+# scales with its femur's). A choice, not a literature value: the distal tenth (about 45 mm of an
+# adult femur) covers the posterior condyles' articular arc without reaching far into the
+# metaphysis; with a fixed 45 mm the phantom's larger body (seed 2) came out 2.9 mm low.
 KNEE_ARC_FRACTION = 0.10
 
 
@@ -144,10 +145,10 @@ def knee_centre(p, bnd, up, anterior, proximal_hint=None, arc_mm=None):
     point of the femur's shaft axis at the height of the knee's flexion axis, or None.
 
     - Shaft axis: the principal axis of the diaphysis (20-60 % of the femur's length from its distal
-      end), oriented proximally with ``up``; the distal shaft axis passes through the intercondylar
-      notch, the knee centre of the mechanical axis (Moreland et al., J Bone Joint Surg Am 69:745,
-      1987), and does not depend on the body's axes (a flexed or rotated thigh). The proximal end
-      is the one nearer ``proximal_hint`` (the spine's centroid) when given, else the one up.
+      end); the knee centre of the limb's axes lies at the intercondylar notch, into which the
+      distal shaft axis runs (Moreland et al., J Bone Joint Surg Am 69:745, 1987). Found from the
+      femur alone, so a flexed or rotated thigh does not bias it. The proximal end is the one
+      nearer ``proximal_hint`` (the spine's centroid) when given, else the one up.
     - Flexion axis: the posterior condyles are circular in the sagittal plane and the knee flexes
       about their common centre (Elias et al., Clin Orthop 260:98, 1990; Hollister et al., Clin
       Orthop 290:259, 1993): a circle fitted to the femur's surface points, projected on the
