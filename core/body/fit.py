@@ -11,8 +11,8 @@ What it is fitted to (numpy/scipy only, no torch, so that it runs inside Blender
   correspondences, Huber-weighted), restricted to the CT's field of view; the truncation caps
   (skin within a few mm of the volume's faces) are ignored;
 - skeletal landmarks from the bone labels (``core.body.landmarks``): femoral head centres by sphere
-  fit -> hip joints, humeral heads -> shoulders, distal femur / proximal tibia -> knees, distal
-  humerus -> elbows, and the spine line through vertebral centroids -> the model's spine chain
+  fit -> hip joints, humeral heads (sphere fit) -> shoulders, femoral shaft axis and condyles ->
+  knees, distal humerus -> elbows, and the spine line through vertebral centroids -> the model's spine chain
   (only along the body axis and left-right: vertebral bodies sit posterior to the model's spine
   joints, so the antero-posterior component is left to the surface);
 - an enclosure term: a hinge on the signed distance of bone points outside the body surface.

@@ -3,8 +3,9 @@
 - ``extract_landmarks(labelmap, names) -> Landmarks``: body axes detected from the labels
   (superior from the cranio-caudal order of vertebrae, ribs and limb bones; left from left/right
   label pairs), vertebral centroids with their level, joint-centre landmarks mapped to SMPL
-  joints (femoral head centres by sphere fit -> hips, humeral heads -> shoulders, distal femur and
-  proximal tibia -> knees, distal humerus -> elbows, distal tibia -> ankles), and the arms state.
+  joints (femoral head centres by sphere fit -> hips, humeral heads by a trimmed sphere fit ->
+  shoulders, the femur's shaft axis at the centre height of its condylar arc -> knees
+  (``knee_centre``), distal humerus -> elbows, distal tibia -> ankles), and the arms state.
   Ends of bones cut by the field of view are not used.
 - ``sample_bone_points(labelmap, names, n, seed)``: surface voxels of the skeletal labels.
 - ``landmark_residuals(lm, joints_mm)``: the landmark term of the fit (like with like: anatomical
@@ -100,6 +101,94 @@ def fit_sphere(p):
     c = sol[:3]
     r = float(np.sqrt(max(sol[3] + c @ c, 0.0)))
     return c, r
+
+
+# The humeral head's sphere fit keeps the surface points within this distance of the sphere (the
+# head is close to a sphere, radius 19-28 mm: Iannotti et al., J Bone Joint Surg Am 74:491, 1992);
+# the neck, the tuberosities and the shaft below it are not on it. A label's boundary voxel centres
+# lie between 0 and about one voxel inside the true surface, i.e. within half a voxel of their mean
+# radius, hence the tolerance's part in voxels.
+HEAD_FIT_TOL_MM = 2.0
+HEAD_FIT_TOL_VOXELS = 0.5
+
+
+def fit_sphere_trimmed(p, tol, iterations=8):
+    """Least-squares sphere (``fit_sphere``) refitted to the points within ``tol`` mm of the
+    previous sphere until the inliers no longer change: (centre, radius)."""
+    keep = np.ones(len(p), bool)
+    c, r = fit_sphere(p)
+    for _ in range(iterations):
+        new = np.abs(np.linalg.norm(p - c, axis=1) - r) < tol
+        if new.sum() < 10 or np.array_equal(new, keep):
+            break
+        keep = new
+        c, r = fit_sphere(p[keep])
+    return c, r
+
+
+def fit_circle(x, y):
+    """Algebraic least-squares circle through points (x, y): (cx, cy, radius)."""
+    a = np.column_stack([2 * x, 2 * y, np.ones(len(x))])
+    sol, *_ = np.linalg.lstsq(a, x ** 2 + y ** 2, rcond=None)
+    return sol[0], sol[1], float(np.sqrt(max(sol[2] + sol[0] ** 2 + sol[1] ** 2, 0.0)))
+
+
+# The condylar arc's window along the shaft axis, as a fraction of the femur's length (a knee's size
+# scales with its femur's). A choice, not a literature value: the distal tenth (about 45 mm of an
+# adult femur) covers the posterior condyles' articular arc without reaching far into the
+# metaphysis; with a fixed 45 mm the phantom's larger body (seed 2) came out 2.9 mm low.
+KNEE_ARC_FRACTION = 0.10
+
+
+def knee_centre(p, bnd, up, anterior, proximal_hint=None, arc_mm=None):
+    """Knee centre from a femur's voxel centres ``p`` (N, 3) and boundary flags ``bnd`` (N,): the
+    point of the femur's shaft axis at the height of the knee's flexion axis, or None.
+
+    - Shaft axis: the principal axis of the diaphysis (20-60 % of the femur's length from its distal
+      end); the knee centre of the limb's axes lies at the intercondylar notch, into which the
+      distal shaft axis runs (Moreland et al., J Bone Joint Surg Am 69:745, 1987). Found from the
+      femur alone, so a flexed or rotated thigh does not bias it. The proximal end is the one
+      nearer ``proximal_hint`` (the spine's centroid) when given, else the one up.
+    - Flexion axis: the posterior condyles are circular in the sagittal plane and the knee flexes
+      about their common centre (Elias et al., Clin Orthop 260:98, 1990; Hollister et al., Clin
+      Orthop 290:259, 1993): a circle fitted to the femur's surface points, projected on the
+      sagittal plane, on the distal and posterior arc of the condyles: within ``arc_mm`` of the
+      distal end (default ``KNEE_ARC_FRACTION`` of the femur's length, the condyles' size scaling
+      with the bone's) and posterior to the shaft axis or within a quarter of that of the end. Its
+      height along the shaft axis is the knee's; its antero-posterior position is not used (the
+      condyles lie behind the axis by a body's own amount).
+    """
+    # the femur's long axis, oriented toward its proximal end (nearer ``proximal_hint``, else up)
+    a = np.linalg.svd(p - p.mean(axis=0), full_matrices=False)[2][0]
+    h = p @ a
+    if proximal_hint is not None:
+        top, bot = p[h > np.percentile(h, 95)].mean(0), p[h < np.percentile(h, 5)].mean(0)
+        a = a if np.linalg.norm(top - proximal_hint) < np.linalg.norm(bot - proximal_hint) else -a
+    else:
+        a = a * np.sign(a @ up)
+    h = p @ a
+    end, length = float(h.min()), float(np.ptp(h))
+    shaft = (h > end + 0.2 * length) & (h < end + 0.6 * length)
+    if shaft.sum() < 20:
+        return None
+    c0 = p[shaft].mean(axis=0)
+    a2 = np.linalg.svd(p[shaft] - c0, full_matrices=False)[2][0]
+    a = a2 * np.sign(a2 @ a)
+    ant = anterior - (anterior @ a) * a
+    if np.linalg.norm(ant) < 0.5:
+        return None
+    ant /= np.linalg.norm(ant)
+    rel = p - c0
+    y, x = rel @ a, rel @ ant
+    y_end = float(y.min())
+    depth = KNEE_ARC_FRACTION * length if arc_mm is None else float(arc_mm)
+    arc = bnd & (y < y_end + depth) & ((x < 0.0) | (y < y_end + 0.25 * depth))
+    if arc.sum() < 12:
+        return None
+    _, cy, r = fit_circle(x[arc], y[arc])
+    if not (8.0 < r < 40.0) or not (y_end < cy < y_end + depth):
+        return None
+    return c0 + cy * a
 
 
 def extract_landmarks(labelmap, names) -> Landmarks:
@@ -234,6 +323,14 @@ def extract_landmarks(labelmap, names) -> Landmarks:
     if votes:
         lm.arms = max(set(votes), key=votes.count)
     arms = lm.arms
+    # body axes in the patient: anterior = left x superior
+    anterior = left = None
+    if lm.superior is not None and lm.left_hint is not None:
+        left = lm.left_hint - (lm.left_hint @ lm.superior) * lm.superior
+        if np.linalg.norm(left) > 0.5:
+            left /= np.linalg.norm(left)
+            anterior = np.cross(left, lm.superior)
+    h_vox = float(np.mean(np.abs(np.asarray(labelmap.affine)[:3, :3]).sum(axis=0)))
 
     for side in ("left", "right"):
         fem = f"femur_{side}"
@@ -244,8 +341,14 @@ def extract_landmarks(labelmap, names) -> Landmarks:
                 if head is not None:
                     put(f"{side}_hip", head, f"femoral head {side} (sphere fit)")
             if not bot_cut and (h.max() - h.min()) > 250.0:
-                # the flexion axis runs through the condyles, about 20 mm above the distal end
-                put(f"{side}_knee", p[h < h.min() + 45.0].mean(axis=0), f"femoral condyles {side}")
+                # the condyles' size from the femur's length when the whole femur is in the CT
+                arc = None if not top_cut else 45.0
+                knee = None if anterior is None else knee_centre(p, bnd, up, anterior, lm.spine_centroid, arc)
+                if knee is not None:
+                    put(f"{side}_knee", knee, f"femoral condyles {side} (shaft axis, condylar arc)")
+                else:
+                    # the flexion axis runs through the condyles, about 20 mm above the distal end
+                    put(f"{side}_knee", p[h < h.min() + 45.0].mean(axis=0), f"femoral condyles {side}")
         ank = distal_pair(f"tibia_{side}", f"fibula_{side}", up, 20.0)
         if ank is not None:
             put(f"{side}_ankle", ank, f"malleoli {side}")
@@ -259,9 +362,9 @@ def extract_landmarks(labelmap, names) -> Landmarks:
                 q = p[sel & bnd]
                 ok = False
                 if len(q) > 20:
-                    c, r = fit_sphere(q)
+                    c, r = fit_sphere_trimmed(q, max(HEAD_FIT_TOL_MM, HEAD_FIT_TOL_VOXELS * h_vox))
                     ok = 10.0 < r < 40.0 and np.linalg.norm(c - p[sel].mean(0)) < 30.0
-                put(f"{side}_shoulder", c if ok else p[sel].mean(axis=0), f"humeral head {side}")
+                put(f"{side}_shoulder", c if ok else p[sel].mean(axis=0), f"humeral head {side} (sphere fit)")
             if not bot_cut and (h.max() - h.min()) > 200.0:
                 put(f"{side}_elbow", p[h < h.min() + 20.0].mean(axis=0), f"distal humerus {side}")
             # the radiocarpal joint: on the distal articular surface of the radius and ulna
@@ -279,13 +382,6 @@ def extract_landmarks(labelmap, names) -> Landmarks:
                 lm.extra[f"{side}_collar"] = p[near].mean(axis=0)
     # vertebral body centres (the spine joints sit on the discs between the bodies); the label's
     # centroid lies 5-10 mm behind, pulled back by the arch and processes
-    anterior = None
-    if lm.superior is not None and lm.left_hint is not None:
-        left = lm.left_hint - (lm.left_hint @ lm.superior) * lm.superior
-        if np.linalg.norm(left) > 0.5:
-            left /= np.linalg.norm(left)
-            anterior = np.cross(left, lm.superior)
-    h_vox = float(np.mean(np.abs(np.asarray(labelmap.affine)[:3, :3]).sum(axis=0)))
     for n, c in cent.items():
         lv = vertebra_level(n)
         if lv is not None and n.startswith("vertebrae_"):
