@@ -38,7 +38,7 @@ import importlib.util
 
 from ..errors import CtwinError
 from ..fileio import atomic_path, read_json, write_json
-from ..volumes.volume import apply_transform
+from ..volumes.volume import apply_transform, invert_affine
 from . import physics
 from .carm import default_views
 from .kernels import BLOCK, compose_kernels, cuda_kernels, FINE, cpu_kernels
@@ -427,7 +427,7 @@ class PlacedVolume:
 
     def offset_on(self, affine) -> np.ndarray:
         """(3,) int: the first voxel's index on the grid ``affine`` (a crop of that grid)."""
-        return np.rint(np.linalg.solve(np.asarray(affine, np.float64), self.affine)[:3, 3]).astype(np.int64)
+        return np.rint((invert_affine(affine) @ self.affine)[:3, 3]).astype(np.int64)
 
     def box_corners(self) -> np.ndarray:
         return _box_corners(self.affine, np.asarray(self.data).shape)
@@ -648,6 +648,8 @@ def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
 # --- posed scenes composed onto a grid ---------------------------------------------------------
 _AIR_HU = -1000
 _COMPOSED_KEEP = 2  # composed frames kept per Scene (e.g. the acquisition pose + the current one)
+GRID_STEP = 4  # a composed grid grows past the base by multiples of this many BLOCKs per face
+_BUFFER_SLACK = 1.25  # a new composed-frame buffer holds this many times the voxels first asked for
 
 
 def _frame_key(scene: Scene):
@@ -703,7 +705,7 @@ def scene_grid(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     n = np.asarray(base.shape, np.int64)
     if scene.grid is not None:
         return np.asarray(scene.grid[0], np.int64).reshape(3), np.asarray(scene.grid[1], np.int64).reshape(3)
-    binv = np.linalg.inv(base.affine)
+    binv = invert_affine(base.affine)
     lo, hi = np.zeros(3), n - 1.0
     for i, s in enumerate(scene.parts):
         cb = _sub_content_box(scene, i, pk, content=True)
@@ -731,11 +733,14 @@ def scene_grid(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
 
 def _grid_from_bounds(lo, hi, n) -> tuple[np.ndarray, np.ndarray]:
     """(first voxel, shape): the base grid [0, n - 1] extended to hold index bounds [lo, hi], by whole
-    empty-space blocks (the extended grid keeps the base's block lattice)."""
+    steps of ``GRID_STEP`` empty-space blocks (the extended grid keeps the base's block lattice, and
+    frames of nearby poses share one grid, so that a composed frame's buffer is restored, not
+    rewritten: ``compose_scene``)."""
     lo = np.minimum(np.ceil(np.asarray(lo, np.float64) - 1e-6), 0)  # voxel centres inside the bounds
     hi = np.maximum(np.floor(np.asarray(hi, np.float64) + 1e-6), n - 1)
-    i0 = np.floor(lo / BLOCK) * BLOCK
-    ext = np.ceil((hi - (n - 1)) / BLOCK) * BLOCK
+    q = BLOCK * GRID_STEP
+    i0 = np.floor(lo / q) * q
+    ext = np.ceil((hi - (n - 1)) / q) * q
     return i0.astype(np.int64), (n - i0 + ext).astype(np.int64)
 
 
@@ -777,7 +782,7 @@ def compose_scene(scene: Scene) -> PreparedVolume:
         _fill_clean(out3, base, bn, on, sl)
     occ, bo = _base_occupancy(base, bn, on, shift)
     dirty = np.zeros(tuple(ob), np.uint8)
-    binv = np.linalg.inv(base.affine)
+    binv = invert_affine(base.affine)
     keep = None
     if scene.warp is not None:
         disp, waff = scene.warp
@@ -787,7 +792,7 @@ def compose_scene(scene: Scene) -> PreparedVolume:
             d32 = np.ascontiguousarray(disp, dtype=np.float32)
             cells = k["warp_cells"](d32)
             if len(cells):
-                G = (np.linalg.inv(waff) @ base.affine)[:3]
+                G = (invert_affine(waff) @ base.affine)[:3]
                 G[np.abs(G) < 1e-12 * np.abs(G).max()] = 0.0
                 G = np.ascontiguousarray(G)
                 Ginv = np.ascontiguousarray((binv @ waff)[:3])
@@ -801,8 +806,11 @@ def compose_scene(scene: Scene) -> PreparedVolume:
         aligned = np.zeros((n, 4), np.int64)
         boxes = np.zeros((n, 6), np.int64)
         boxes[:, 1] = -1  # empty
+        pa = np.stack([np.asarray(sv.affine, np.float64) for sv in scene.parts])
+        Sall = invert_affine(pa) @ base.affine  # base index -> part index, all parts at once
+        Sinv = binv @ pa  # part index -> base index
         for i, sv in enumerate(scene.parts):
-            Si = np.linalg.inv(np.asarray(sv.affine)) @ base.affine
+            Si = Sall[i]
             S[i] = Si[:3]
             t = _aligned_offset(Si)
             if t is not None:
@@ -814,7 +822,7 @@ def compose_scene(scene: Scene) -> PreparedVolume:
                 cb = _sub_content_box(scene, i, pk)
                 if cb is None:
                     continue
-                lo, hi = _box_to(np.linalg.inv(Si), *cb)
+                lo, hi = _box_to(Sinv[i], *cb)
                 lo = np.maximum(np.ceil(lo - 1e-9).astype(np.int64) + shift, 0)
                 hi = np.minimum(np.floor(hi + 1e-9).astype(np.int64) + shift, on - 1)
             if np.all(hi >= lo):
@@ -891,7 +899,7 @@ def _buffer(scene: Scene, n: int) -> np.ndarray:
     state = scene._buffer_state
     for i in [i for i in state if i not in used]:
         del state[i]
-    b = np.empty(n, np.int16)
+    b = np.empty(int(n * _BUFFER_SLACK), np.int16)  # room for the slightly larger grids of nearby poses
     pool.append(b)
     return b
 
