@@ -648,8 +648,8 @@ def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
 # --- posed scenes composed onto a grid ---------------------------------------------------------
 _AIR_HU = -1000
 _COMPOSED_KEEP = 2  # composed frames kept per Scene (e.g. the acquisition pose + the current one)
-GRID_STEP = 4  # a composed grid grows past the base by multiples of this many BLOCKs per face
-_BUFFER_SLACK = 1.25  # a new composed-frame buffer holds this many times the voxels first asked for
+_BUFFER_SLACK = 1.25  # a new composed-frame buffer holds this many times the voxels first asked for:
+# the grids of nearby poses differ by a few blocks, and fresh memory costs a page fault per 4 KiB
 
 
 def _frame_key(scene: Scene):
@@ -733,14 +733,11 @@ def scene_grid(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
 
 def _grid_from_bounds(lo, hi, n) -> tuple[np.ndarray, np.ndarray]:
     """(first voxel, shape): the base grid [0, n - 1] extended to hold index bounds [lo, hi], by whole
-    steps of ``GRID_STEP`` empty-space blocks (the extended grid keeps the base's block lattice, and
-    frames of nearby poses share one grid, so that a composed frame's buffer is restored, not
-    rewritten: ``compose_scene``)."""
+    empty-space blocks (the extended grid keeps the base's block lattice)."""
     lo = np.minimum(np.ceil(np.asarray(lo, np.float64) - 1e-6), 0)  # voxel centres inside the bounds
     hi = np.maximum(np.floor(np.asarray(hi, np.float64) + 1e-6), n - 1)
-    q = BLOCK * GRID_STEP
-    i0 = np.floor(lo / q) * q
-    ext = np.ceil((hi - (n - 1)) / q) * q
+    i0 = np.floor(lo / BLOCK) * BLOCK
+    ext = np.ceil((hi - (n - 1)) / BLOCK) * BLOCK
     return i0.astype(np.int64), (n - i0 + ext).astype(np.int64)
 
 
