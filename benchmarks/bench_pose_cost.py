@@ -3,7 +3,7 @@ before. Prints measured numbers.
 
     .venv/bin/python benchmarks/bench_pose_cost.py [--spacing 3] [--sizes 256,512] [--presets a,b]
         [--reps 5] [--jitter-deg 2] [--seed 0] [--cache DIR] [--device auto]
-        [--real-presets hip_flexion,sitting,walking_stride] [--no-real]
+        [--real-presets hip_flexion,sitting,walking_stride] [--no-real] [--no-phantom] [--profile]
 
 The phantom (``--seed``) is generated at supine_arms_down and decomposed (``prepare_articulated``;
 ``--cache DIR`` keeps the CT and the decomposition between runs). Repetition r of a preset poses it
@@ -23,7 +23,8 @@ built once by ``build_twin`` into ``--cache``, or a fresh temporary folder) is m
 at ``--real-presets`` (the twin's own preset pose plus the seeded jitter, posed by
 ``Twin.posed_scene``); it is skipped, with the reason, where the data is absent.
 
-Ratios are measured in the same run (the shared 2-core machine's load changes between runs).
+``--profile`` prints instead where the time of a new pose goes (each posing and composition
+kernel, the Python between them, the render). Ratios are measured in the same run (the shared 2-core machine's load changes between runs).
 """
 from __future__ import annotations
 
@@ -95,11 +96,14 @@ def load_or_build(spacing, seed, cache):
     return ph.ct, art
 
 
-def measure(label, size, ct, views, new_scene, reps, dev):
-    """Best-of-``reps`` cost of a new pose against ``render_drr(ct, g)``, interleaved; prints one line."""
+def measure(label, size, ct, views, poser, reps, dev):
+    """Best-of-``reps`` cost of a new pose against ``render_drr(ct, g)``, interleaved; prints one line.
+    ``poser`` = (new_pose, pose_scene): ``new_pose()`` draws the next jittered pose (not timed: for the
+    phantom it evaluates the phantom's own kinematics), ``pose_scene(p)`` poses the CT (timed)."""
+    new_pose, pose_scene = poser
     g, g2 = views["ap"], views["lateral"]
-    A.render_posed(new_scene(), g, device=dev)  # warm-up (compilation, resident arrays, buffers)
-    A.render_posed(new_scene(), g2, device=dev)
+    A.render_posed(pose_scene(new_pose()), g, device=dev)  # warm-up (compilation, resident arrays, buffers)
+    A.render_posed(pose_scene(new_pose()), g2, device=dev)
     render_drr(ct, g, device=dev)
     render_drr(ct, g2, device=dev)
     t = {"static": [], "static2": [], "one": [], "two": [], "warp": []}
@@ -111,14 +115,16 @@ def measure(label, size, ct, views, new_scene, reps, dev):
         s = time.perf_counter()
         render_drr(ct, g2, device=dev)
         t["static2"].append(time.perf_counter() - s)
+        p = new_pose()
         s = time.perf_counter()
-        sc = new_scene()
+        sc = pose_scene(p)
         t["warp"].append(time.perf_counter() - s)
         A.render_posed(sc, g, device=dev)
         t["one"].append(time.perf_counter() - s)
         grid.append(float(np.prod(sc.grid[1])) / float(np.prod(ct.shape)))
+        p = new_pose()
         s = time.perf_counter()
-        sc = new_scene()
+        sc = pose_scene(p)
         A.render_posed(sc, g, device=dev)
         A.render_posed(sc, g2, device=dev)
         t["two"].append(time.perf_counter() - s)
@@ -130,6 +136,63 @@ def measure(label, size, ct, views, new_scene, reps, dev):
           f"[{'met' if r1 <= 1.5 else 'NOT met'}: <= 1.5]; AP+lateral {r2:4.2f} "
           f"[{'met' if r2 <= 1.2 else 'NOT met'}: <= 1.2]", flush=True)
     return r1, r2
+
+
+def profile(label, size, ct, views, poser, reps, dev):
+    """Where the time of one new pose and view goes: each posing and composition kernel (numba,
+    timed around the call), the Python between them, and the render; medians over ``reps`` poses
+    after two warm-up poses. Prints one line."""
+    from collections import defaultdict
+
+    from ctwin.core.drr import projector as P
+
+    new_pose, pose_scene = poser
+    g = views["ap"]
+    times = defaultdict(list)
+    cur = defaultdict(float)
+    tables = (A._kernels(), P.compose_kernels())
+    saved = [dict(t) for t in tables]
+
+    def timed(name, f):
+        def w(*args):
+            s = time.perf_counter()
+            r = f(*args)
+            cur[name] += time.perf_counter() - s
+            return r
+        return w
+
+    for t in tables:
+        for name, f in list(t.items()):
+            t[name] = timed(name, f)
+    try:
+        for r in range(reps + 2):
+            cur.clear()
+            s0 = time.perf_counter()
+            render_drr(ct, g, device=dev)
+            p = new_pose()
+            s1 = time.perf_counter()
+            sc = pose_scene(p)
+            s2 = time.perf_counter()
+            pv = P.compose_scene(sc)
+            s3 = time.perf_counter()
+            render_drr(pv, g, device=dev)
+            s4 = time.perf_counter()
+            if r < 2:
+                continue
+            pose_k = sum(v for k, v in cur.items() if k in tables[0])
+            comp_k = sum(v for k, v in cur.items() if k in tables[1])
+            row = {"static": s1 - s0, "pose": s2 - s1, "compose": s3 - s2, "render": s4 - s3,
+                   "pose python": (s2 - s1) - pose_k, "compose python": (s3 - s2) - comp_k}
+            row.update(cur)
+            for k, v in row.items():
+                times[k].append(v)
+    finally:
+        for t, orig in zip(tables, saved):
+            t.update(orig)
+    med = {k: 1e3 * float(np.median(v + [0.0] * (reps - len(v)))) for k, v in times.items()}
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in med.items() if k not in ("static", "pose", "compose", "render"))
+    print(f"[profile] {size}^2 {label:28s} static {med['static']:.0f} ms | pose {med['pose']:.0f} + compose "
+          f"{med['compose']:.0f} + render {med['render']:.0f} ms | {parts} (ms, medians)", flush=True)
 
 
 def real_twin(cache):
@@ -160,7 +223,9 @@ def main(argv=None):
     ap.add_argument("--jitter-deg", type=float, default=2.0)
     ap.add_argument("--cache", default="")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--profile", action="store_true", help="where the time of a new pose goes, per kernel")
     a = ap.parse_args(argv)
+    run = profile if a.profile else measure
     from ctwin.core.rig.poses import PRESETS
 
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -177,11 +242,13 @@ def main(argv=None):
             for pname in presets:
                 rng = np.random.default_rng([a.seed, size, sum(map(ord, pname))])
 
-                def new_scene():
-                    bd, jd = deltas(ta, pose_truth(jittered(pname, a.jitter_deg, rng), a.seed))
-                    return A.posed_scene(art, bd, jd, warp_spacing_mm=WARP_MM)
+                def new_pose():
+                    return deltas(ta, pose_truth(jittered(pname, a.jitter_deg, rng), a.seed))
 
-                ratios.append(measure(f"phantom {pname}", size, ct, views, new_scene, a.reps, dev))
+                def pose_scene(p):
+                    return A.posed_scene(art, *p, warp_spacing_mm=WARP_MM)
+
+                ratios.append(run(f"phantom {pname}", size, ct, views, (new_pose, pose_scene), a.reps, dev))
     if not a.no_real:
         twin = real_twin(a.cache)
         if twin is not None:
@@ -194,11 +261,14 @@ def main(argv=None):
                     p0, t0 = twin.resolve_pose(pname)
                     rng = np.random.default_rng([7, size, sum(map(ord, pname))])
 
-                    def new_scene():
-                        return twin.posed_scene(jittered(p0, a.jitter_deg, rng), t0)
+                    def new_pose():
+                        return jittered(p0, a.jitter_deg, rng)
 
-                    ratios.append(measure(f"real CT {pname}", size, rct, views, new_scene, a.reps, dev))
-    if ratios:
+                    def pose_scene(p):
+                        return twin.posed_scene(p, t0)
+
+                    ratios.append(run(f"real CT {pname}", size, rct, views, (new_pose, pose_scene), a.reps, dev))
+    if ratios and not a.profile:
         r = np.array(ratios)
         print(f"[summary] one view: {r[:, 0].min():.2f}-{r[:, 0].max():.2f}x (target <= 1.5, met in "
               f"{int(np.sum(r[:, 0] <= 1.5))}/{len(r)}); AP+lateral: {r[:, 1].min():.2f}-{r[:, 1].max():.2f}x "
