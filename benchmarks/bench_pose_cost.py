@@ -1,5 +1,5 @@
-"""Cost of a new pose of the phantom twin against a static DRR, every repetition a pose not rendered
-before. Prints measured numbers.
+"""Cost of a new pose of the phantom twin and the real CT twin against a static DRR, every repetition
+a pose not rendered before. Prints measured numbers.
 
     .venv/bin/python benchmarks/bench_pose_cost.py [--spacing 3] [--sizes 256,512] [--presets a,b]
         [--reps 5] [--jitter-deg 2] [--seed 0] [--cache DIR] [--device auto]
@@ -13,18 +13,19 @@ phantom's own kinematics at that jittered pose (``core.phantom.phantom`` segment
 voxelisation). Interleaved per repetition, best of ``--reps``:
 
 - static: ``render_drr(ct, g)`` on the loaded CT (whatever it caches by itself counts);
-- posed, one view: ``posed_scene`` (inverse warp) + ``render_posed`` (composition + render), with the
-  composed frame's buffer reused (only the blocks the previous frame wrote are restored);
+- posed, one view: ``posed_scene`` (inverse warp) + ``render_posed`` (composition + render), the
+  drawing of the jittered pose itself not timed;
 - posed, AP + lateral of one new pose against the two static renders.
 
-The issue's targets are printed beside each ratio: one view <= 1.5x the static DRR, AP + lateral
+The targets are printed beside each ratio: one view <= 1.5x the static DRR, AP + lateral
 <= 1.2x the two static DRRs. The real abdomen CT twin (``shared/data/real_ct/abdomen_pelvis``,
 built once by ``build_twin`` into ``--cache``, or a fresh temporary folder) is measured the same way
 at ``--real-presets`` (the twin's own preset pose plus the seeded jitter, posed by
 ``Twin.posed_scene``); it is skipped, with the reason, where the data is absent.
 
 ``--profile`` prints instead where the time of a new pose goes (each posing and composition
-kernel, the Python between them, the render). Ratios are measured in the same run (the shared 2-core machine's load changes between runs).
+kernel, the Python between them, the render). Ratios are measured in the same run (the shared
+2-core machine's load changes between runs).
 """
 from __future__ import annotations
 

@@ -31,7 +31,6 @@ import bench_pose_cost as B  # noqa: E402  (loads this tree as ``ctwin``)
 from ctwin.core.drr.carm import default_views  # noqa: E402
 from ctwin.core.drr.projector import render_drr  # noqa: E402
 from ctwin.core.rig.poses import PRESETS  # noqa: E402
-from ctwin.core.twin import twin as TN  # noqa: E402
 
 A = B.A
 
