@@ -112,7 +112,7 @@ def main(argv=None):
                   f"{scene.info.get('unconverged_fraction', 0):.3%} unconverged)")
 
     # cost: a new pose (warp + composition + render) vs a static DRR of the same CT, same view, one run
-    if presets:
+    if presets and a.cost_sizes:
         cost(art, ph.ct, ta, presets, a.device, [int(v) for v in a.cost_sizes.split(",")])
 
 

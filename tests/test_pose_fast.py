@@ -108,3 +108,32 @@ def test_forward_skinning_equals_a_numpy_blend_of_the_weight_field():
     # a second pose reuses the blended field's arrays and gives that pose's result
     got2 = A.forward_lbs(art, pts, np.tile(np.eye(4), (24, 1, 1)))
     np.testing.assert_allclose(got2, pts, atol=1e-12)
+
+
+def test_closed_form_affine_inverse_equals_lapack_and_refuses_singular_transforms():
+    """``invert_affine`` (per-frame inverses without a LAPACK call) equals ``np.linalg.inv`` for single
+    transforms and stacks, and refuses a singular one with a one-line error."""
+    import pytest
+
+    from ctwin.core.errors import CtwinError
+    from ctwin.core.volumes.volume import invert_affine
+
+    rng = np.random.default_rng(11)
+    m = np.tile(np.eye(4), (50, 1, 1))
+    m[:, :3, :3] = rng.normal(0, 1, (50, 3, 3)) * rng.uniform(0.3, 3.0, (50, 1, 1))
+    m[:, :3, 3] = rng.normal(0, 300, (50, 3))
+    ref = np.linalg.inv(m)
+    got = invert_affine(m)
+    assert got.shape == m.shape
+    scale = np.abs(ref).max(axis=(1, 2), keepdims=True)
+    assert np.all(np.abs(got - ref) <= 1e-11 * scale)
+    np.testing.assert_allclose(invert_affine(m[3]), ref[3], rtol=0, atol=1e-11 * scale[3].item())
+    np.testing.assert_array_equal(got[:, 3], np.tile([0.0, 0.0, 0.0, 1.0], (50, 1)))
+    a = affine_from((0.8, 0.8, 2.5), (-200.0, -180.0, 40.0))
+    ia = invert_affine(a)  # an axis-aligned lattice: its inverse is axis-aligned exactly (the
+    np.testing.assert_allclose(ia @ a, np.eye(4), atol=1e-13)  # composition's diagonal fast path)
+    assert np.count_nonzero(ia[:3, :3] - np.diag(np.diag(ia[:3, :3]))) == 0
+    bad = np.eye(4)
+    bad[2, :3] = bad[1, :3]
+    with pytest.raises(CtwinError, match="singular"):
+        invert_affine(bad)

@@ -41,7 +41,7 @@ import importlib.util
 
 from ..errors import CtwinError
 from ..fileio import atomic_path, read_json, write_json
-from ..volumes.volume import apply_transform
+from ..volumes.volume import apply_transform, invert_affine
 from . import physics
 from .carm import default_views
 from .kernels import BLOCK, compose_kernels, cuda_kernels, FINE, cpu_kernels
@@ -538,7 +538,7 @@ class PlacedVolume:
 
     def offset_on(self, affine) -> np.ndarray:
         """(3,) int: the first voxel's index on the grid ``affine`` (a crop of that grid)."""
-        return np.rint(np.linalg.solve(np.asarray(affine, np.float64), self.affine)[:3, 3]).astype(np.int64)
+        return np.rint((invert_affine(affine) @ self.affine)[:3, 3]).astype(np.int64)
 
     def box_corners(self) -> np.ndarray:
         return _box_corners(self.affine, np.asarray(self.data).shape)
@@ -759,6 +759,8 @@ def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
 # --- posed scenes composed onto a grid ---------------------------------------------------------
 _AIR_HU = -1000
 _COMPOSED_KEEP = 2  # composed frames kept per Scene (e.g. the acquisition pose + the current one)
+_BUFFER_SLACK = 1.25  # a new composed-frame buffer holds this many times the voxels first asked for:
+# the grids of nearby poses differ by a few blocks, and fresh memory costs a page fault per 4 KiB
 
 
 def _frame_key(scene: Scene):
@@ -814,7 +816,7 @@ def scene_grid(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     n = np.asarray(base.shape, np.int64)
     if scene.grid is not None:
         return np.asarray(scene.grid[0], np.int64).reshape(3), np.asarray(scene.grid[1], np.int64).reshape(3)
-    binv = np.linalg.inv(base.affine)
+    binv = invert_affine(base.affine)
     lo, hi = np.zeros(3), n - 1.0
     for i, s in enumerate(scene.parts):
         cb = _sub_content_box(scene, i, pk, content=True)
@@ -888,7 +890,7 @@ def compose_scene(scene: Scene) -> PreparedVolume:
         _fill_clean(out3, base, bn, on, sl)
     occ, bo = _base_occupancy(base, bn, on, shift)
     dirty = np.zeros(tuple(ob), np.uint8)
-    binv = np.linalg.inv(base.affine)
+    binv = invert_affine(base.affine)
     keep = None
     if scene.warp is not None:
         disp, waff = scene.warp
@@ -898,7 +900,7 @@ def compose_scene(scene: Scene) -> PreparedVolume:
             d32 = np.ascontiguousarray(disp, dtype=np.float32)
             cells = k["warp_cells"](d32)
             if len(cells):
-                G = (np.linalg.inv(waff) @ base.affine)[:3]
+                G = (invert_affine(waff) @ base.affine)[:3]
                 G[np.abs(G) < 1e-12 * np.abs(G).max()] = 0.0
                 G = np.ascontiguousarray(G)
                 Ginv = np.ascontiguousarray((binv @ waff)[:3])
@@ -912,8 +914,11 @@ def compose_scene(scene: Scene) -> PreparedVolume:
         aligned = np.zeros((n, 4), np.int64)
         boxes = np.zeros((n, 6), np.int64)
         boxes[:, 1] = -1  # empty
+        pa = np.stack([np.asarray(sv.affine, np.float64) for sv in scene.parts])
+        Sall = invert_affine(pa) @ base.affine  # base index -> part index, all parts at once
+        Sinv = binv @ pa  # part index -> base index
         for i, sv in enumerate(scene.parts):
-            Si = np.linalg.inv(np.asarray(sv.affine)) @ base.affine
+            Si = Sall[i]
             S[i] = Si[:3]
             t = _aligned_offset(Si)
             if t is not None:
@@ -925,7 +930,7 @@ def compose_scene(scene: Scene) -> PreparedVolume:
                 cb = _sub_content_box(scene, i, pk)
                 if cb is None:
                     continue
-                lo, hi = _box_to(np.linalg.inv(Si), *cb)
+                lo, hi = _box_to(Sinv[i], *cb)
                 lo = np.maximum(np.ceil(lo - 1e-9).astype(np.int64) + shift, 0)
                 hi = np.minimum(np.floor(hi + 1e-9).astype(np.int64) + shift, on - 1)
             if np.all(hi >= lo):
@@ -1002,7 +1007,7 @@ def _buffer(scene: Scene, n: int) -> np.ndarray:
     state = scene._buffer_state
     for i in [i for i in state if i not in used]:
         del state[i]
-    b = np.empty(n, np.int16)
+    b = np.empty(int(n * _BUFFER_SLACK), np.int16)  # room for the slightly larger grids of nearby poses
     pool.append(b)
     return b
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import CtwinError
+from ..volumes.volume import invert_affine
 from ..body.skeleton import (
     JOINT_NAMES, N_JOINTS, PARENTS, as_pose, forward_kinematics, rodrigues, rotation_to_rotvec,
 )
@@ -144,7 +145,7 @@ class Armature:
         """``D_j = W_j(p, t) inv(W_j(p0, t0))`` (24, 4, 4): rest (acquisition) world -> posed world."""
         w = self.world_transforms(pose, transl_mm)
         w0 = self.world_transforms(self.pose0, self.transl0_mm)
-        return w @ np.linalg.inv(w0)
+        return w @ invert_affine(w0)
 
     def posed_joints(self, pose, transl_mm=None) -> np.ndarray:
         t = self.transl0_mm if transl_mm is None else np.asarray(transl_mm, dtype=np.float64).reshape(3)

@@ -1,0 +1,128 @@
+"""Cost of a new pose, this tree against an earlier version of it, in ONE process: both packages are
+loaded side by side and every repetition interleaves them, so that the shared machine's load changes
+both alike. Prints measured ratios.
+
+    git archive COMMIT | tar -x -C /tmp/base      # the earlier version, outside this repository
+    .venv/bin/python benchmarks/bench_pose_versions.py --base /tmp/base [--sizes 256,512] [--reps 5]
+        [--cache DIR] [--what all|phantom|real]
+
+Per row (the phantom presets of ``bench_pose_cost.py``, then the real abdomen CT twin at hip_flexion,
+sitting and walking_stride; each repetition the preset plus a seeded 2-degree jitter on every joint):
+static AP and lateral ``render_drr(ct, g)``, then through each version a new pose rendered AP, and a
+new pose rendered AP + lateral. Best of ``--reps``; ratios against the static render of the same run,
+"new/old" the ratio of the two versions' one-view times. The phantom's CT and decomposition come from
+``bench_pose_cost.load_or_build`` (``--cache``), the real twin from ``bench_pose_cost.real_twin``;
+both versions read the same files.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_pose_cost as B  # noqa: E402  (loads this tree as ``ctwin``)
+
+from ctwin.core.drr.carm import default_views  # noqa: E402
+from ctwin.core.drr.projector import render_drr  # noqa: E402
+from ctwin.core.rig.poses import PRESETS  # noqa: E402
+
+A = B.A
+
+
+def load_base(root: Path):
+    name = "ctwin_old"
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    m = importlib.util.module_from_spec(spec)
+    sys.modules[name] = m
+    spec.loader.exec_module(m)
+    from ctwin_old.core.twin import articulated as AO  # noqa: E402
+    from ctwin_old.core.twin import twin as TO  # noqa: E402
+
+    return AO, TO
+
+
+def row(label, size, ct, views, new_pose, versions, reps):
+    g, g2 = views["ap"], views["lateral"]
+    for pose, render in versions.values():  # warm-up: compilation, resident arrays, buffers
+        for gg in (g, g2):
+            render(pose(new_pose()), gg)
+    render_drr(ct, g)
+    render_drr(ct, g2)
+    t = {k: [] for k in ("s", "s2", "new", "old", "new2", "old2")}
+    for _ in range(reps):
+        s = time.perf_counter()
+        render_drr(ct, g)
+        t["s"].append(time.perf_counter() - s)
+        s = time.perf_counter()
+        render_drr(ct, g2)
+        t["s2"].append(time.perf_counter() - s)
+        for key, (pose, render) in versions.items():
+            p = new_pose()
+            s = time.perf_counter()
+            render(pose(p), g)
+            t[key].append(time.perf_counter() - s)
+            p = new_pose()
+            s = time.perf_counter()
+            sc = pose(p)
+            render(sc, g)
+            render(sc, g2)
+            t[key + "2"].append(time.perf_counter() - s)
+    b = {k: min(v) for k, v in t.items()}
+    s2 = b["s"] + b["s2"]
+    print(f"[versions] {size}^2 {label:26s} static {b['s'] * 1e3:5.0f} ms | one view: old {b['old'] / b['s']:4.2f}x "
+          f"new {b['new'] / b['s']:4.2f}x (new/old {b['new'] / b['old']:4.2f}) | AP+lat: old {b['old2'] / s2:4.2f}x "
+          f"new {b['new2'] / s2:4.2f}x", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", required=True, help="a tree of the earlier version (git archive COMMIT)")
+    ap.add_argument("--sizes", default="256,512")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--cache", default="")
+    ap.add_argument("--what", choices=("all", "phantom", "real"), default="all")
+    a = ap.parse_args(argv)
+    base = Path(a.base).resolve()
+    if not (base / "__init__.py").exists() or not (base / "core" / "twin" / "articulated.py").exists():
+        raise SystemExit(f"bench_pose_versions: {base} is not a ctwin tree")
+    AO, TO = load_base(base)
+    cache = a.cache
+    if not cache:
+        import tempfile
+
+        cache = tempfile.mkdtemp(prefix="bench_pose_versions_")
+    for size in (int(s) for s in a.sizes.split(",")):
+        if a.what in ("all", "phantom"):
+            ct, art = B.load_or_build(3.0, 0, cache)
+            art_old = AO.ArticulatedCT.load(Path(cache) / "phantom_s0_3mm")
+            ta = B.pose_truth("supine_arms_down", 0)
+            views = default_views(ct.bbox_world(), size=size)
+            for pname in (p for p in PRESETS if p != "supine_arms_down"):
+                rng = np.random.default_rng([0, size, sum(map(ord, pname))])
+                versions = {"new": (lambda p: A.posed_scene(art, *p, warp_spacing_mm=B.WARP_MM), A.render_posed),
+                            "old": (lambda p: AO.posed_scene(art_old, *p, warp_spacing_mm=B.WARP_MM), AO.render_posed)}
+                row("phantom " + pname, size, ct, views,
+                    lambda: B.deltas(ta, B.pose_truth(B.jittered(pname, 2.0, rng), 0)), versions, a.reps)
+        if a.what in ("all", "real"):
+            tn = B.real_twin(cache)
+            if tn is None:
+                continue
+            to = TO.load_twin(tn.path)
+            ct = tn.ct.with_data(np.asarray(tn.ct.data).astype(np.int16))
+            views = default_views(ct.bbox_world(), size=size)
+            for pname in ("hip_flexion", "sitting", "walking_stride"):
+                p0, t0 = tn.resolve_pose(pname)
+                rng = np.random.default_rng([7, size, sum(map(ord, pname))])
+                versions = {"new": (lambda p: tn.posed_scene(p, t0), A.render_posed),
+                            "old": (lambda p: to.posed_scene(p, t0), AO.render_posed)}
+                row("real CT " + pname, size, ct, views, lambda: B.jittered(p0, 2.0, rng), versions, a.reps)
+
+
+if __name__ == "__main__":
+    main()
