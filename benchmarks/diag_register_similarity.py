@@ -8,7 +8,8 @@ rendered monoenergetic with Poisson noise). Without ``--estimate`` the twin is r
 benchmark's displaced start first. Printed per level (64, 128, 256 px): the summed gradient
 correlation (``core.twin.registration``'s similarity) of the twin posed by the truth's pose vector,
 by the estimate, and by the estimate with one joint group taken from the truth (spine + neck, arms,
-legs), each with its SPEC 6 bone_err. When the estimate scores higher than the truth, no search
+legs), each with its SPEC 6 bone_err; ``--kvp`` renders the polyenergetic condition, ``--bone-gain``
+also scores with the bones weighted more or less against the soft tissue. When the estimate scores higher than the truth, no search
 finds the truth: the limit is the similarity (or the twin's model of the image), not the optimiser.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ def main() -> int:
     from ctwin.core.phantom.phantom import generate_phantom
     from ctwin.core.rig.poses import PRESETS
     from ctwin.core.twin.evaluation import _source_truth, bone_error
-    from ctwin.core.twin.registration import XRay, _Level, _Problem, bone_cloud, register
+    from ctwin.core.twin.registration import BoneCloud, XRay, _Level, _Problem, bone_cloud, register
     from ctwin.core.twin.twin import load_twin
 
     ap = argparse.ArgumentParser()
@@ -54,6 +55,10 @@ def main() -> int:
     ap.add_argument("--views", nargs="*", default=["ap", "lateral"])
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--photons", type=float, default=2e4)
+    ap.add_argument("--kvp", type=float, default=None, help="the polyenergetic condition (bench_register's poly)")
+    ap.add_argument("--bone-gain", type=float, nargs="*", default=[1.0],
+                    help="also score with the bones' cloud weights scaled by these factors (the bone "
+                         "contrast against soft tissue that the similarity sees)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--index", type=int, default=None,
                     help="the case's position in the benchmark run (its noise and start seeds); default: "
@@ -80,7 +85,9 @@ def main() -> int:
     truth_b = ph.truth
     pv = prepare_volume(ph.ct)
     views = default_views(ph.ct, size=args.size)
-    xr = [XRay(vn, render_value(pv, g, value="line_integral", photons=args.photons, seed=1000 * ci + vi), g)
+    kw = {} if args.kvp is None else {"kvp": args.kvp}
+    xr = [XRay(vn, render_value(pv, g, value="line_integral", photons=args.photons, seed=1000 * ci + vi, **kw), g,
+               photons=args.photons)
           for vi, (vn, g) in enumerate(views.items()) if vn in args.views]
     cloud = bone_cloud(twin)
     pt = np.asarray(truth_b["pose"], dtype=np.float64)
@@ -103,13 +110,22 @@ def main() -> int:
     cands = {"truth": (pt, tt), "estimate": (pe, te)}
     cands.update({f"estimate, {g} of truth": (mix(names), te) for g, names in GROUPS.items()})
     errs = {k: bone_error(twin, p, t, truth_a, truth_b)["mean"] for k, (p, t) in cands.items()}
-    print(f"case {args.case}, views {' + '.join(x.name for x in xr)}; similarity = summed gradient correlation")
+    cond = "monoenergetic" if args.kvp is None else f"{args.kvp:g} kVp"
+    print(f"case {args.case} ({cond}), views {' + '.join(x.name for x in xr)}; "
+          "similarity = summed gradient correlation")
     levels = [lv for lv in (64, 128, 256) if lv <= args.size]
-    print(f"{'pose':<34} {'bone_err':>8} " + " ".join(f"{lv:>4} px" for lv in levels))
-    lvs = [_Level(xr, lv, cloud) for lv in levels]
-    for k, (p, t) in cands.items():
-        prob = _Problem(twin, cloud, xr, p, t, True)
-        print(f"{k:<34} {errs[k]:8.2f} " + " ".join(f"{prob.score(L):7.4f}" for L in lvs))
+    for gain in args.bone_gain:
+        c = cloud
+        if gain != 1.0:
+            w = cloud.weight.copy()
+            w[cloud.bone[cloud.owner]] *= gain
+            c = BoneCloud(cloud.names, cloud.points, w, cloud.owner, cloud.spacing_mm)
+        print(f"bone weight x {gain:g}")
+        print(f"{'pose':<34} {'bone_err':>8} " + " ".join(f"{lv:>4} px" for lv in levels))
+        lvs = [_Level(xr, lv, c) for lv in levels]
+        for k, (p, t) in cands.items():
+            prob = _Problem(twin, c, xr, p, t, True)
+            print(f"{k:<34} {errs[k]:8.2f} " + " ".join(f"{prob.score(L):7.4f}" for L in lvs))
     return 0
 
 
