@@ -147,7 +147,7 @@ def main() -> int:
                 if cond == "poly":
                     kw["kvp"] = args.kvp
                 li = render_value(pv, g, value="line_integral", **kw)
-                imgs[vn] = XRay(vn, to_line_integral(li, "line_integral"), g)
+                imgs[vn] = XRay(vn, to_line_integral(li, "line_integral"), g, photons=args.photons)
             for vset in args.views:
                 xr = [imgs["ap"], imgs["lateral"]] if vset == "aplat" else [imgs["ap"]]
                 for method in args.methods:

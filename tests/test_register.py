@@ -79,6 +79,29 @@ def test_value_inversion_round_trips():
         assert np.allclose(back, li, atol=1e-3 * 6), value
 
 
+def test_line_integral_ceiling_is_the_noise_floor_and_caps_the_target():
+    """The ceiling equals what Poisson noise gives a pixel that counts nothing, and the target's
+    gradients ignore line integrals above it (a photon-starved pixel of a realistic chain)."""
+    from ctwin.core.drr.carm import Geometry
+    from ctwin.core.drr.physics import add_noise
+    from ctwin.core.twin.registration import BoneCloud, XRay, _Level, line_integral_ceiling
+
+    starved = add_noise(np.full((4, 4), 60.0), 2e4, seed=1)
+    assert np.allclose(starved, line_integral_ceiling(2e4), atol=1e-5)
+    g = Geometry((0.0, -1000.0, 0.0), (0.0, 500.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.0, -1.0),
+                 (2.0, 2.0), (32, 32), False, {"sad_mm": 1000.0})
+    yy, xx = np.mgrid[0:32, 0:32]
+    base = 2.0 + 3.0 * ((xx > 10) & (xx < 20) & (yy > 8) & (yy < 22))  # a block
+    spiky = base.copy()
+    spiky[5, 25] = spiky[26, 4] = 45.0  # what a realistic chain gives a pixel that counted nothing
+    cloud = BoneCloud(["b"], np.zeros((1, 3)), np.ones(1), np.zeros(1, np.int32), 2.0)
+    ref = _Level([XRay("v", base, g)], 32, cloud).targets[0]
+    raw = _Level([XRay("v", spiky, g)], 32, cloud).targets[0]
+    capped = _Level([XRay("v", spiky, g, photons=2e4)], 32, cloud).targets[0]
+    corr = lambda a, b: float((a[0] * b[0]).sum() + (a[1] * b[1]).sum()) / 2  # noqa: E731
+    assert corr(capped, ref) > 0.9 > corr(raw, ref)
+
+
 def test_twin_without_bones_stops_with_one_line():
     from types import SimpleNamespace
 

@@ -146,6 +146,15 @@ class XRay:
     value: str = "line_integral"
     path: str = ""
     sidecar: dict = field(default_factory=dict)
+    photons: float | None = None  # unattenuated photons per pixel of a noisy image, where known
+
+
+def line_integral_ceiling(photons: float) -> float:
+    """The largest line integral a noisy image of ``photons`` unattenuated photons per pixel can
+    measure: half a count (the floor of ``core.drr.physics.add_noise``). Beyond it a pixel counted
+    (almost) nothing; a realistic chain (energy-weighted counts, electronic noise) gives such pixels
+    line integrals far above it, whose gradients would dominate the correlation."""
+    return float(-math.log(0.5 / float(photons)))
 
 
 def to_line_integral(image, value: str) -> np.ndarray:
@@ -257,7 +266,9 @@ def load_xray(path, twin_bbox=None) -> XRay:
                          f"{geom.size_px[0]}x{geom.size_px[1]}")
     if not np.all(np.isfinite(img)):
         raise CtwinError(f"{path.name}: the image holds NaN or infinite values")
-    return XRay(path.stem, to_line_integral(img, value), geom, value, str(path), dict(sidecar))
+    photons = sidecar.get("photons") if isinstance(sidecar, dict) else None
+    photons = float(photons) if isinstance(photons, (int, float)) and photons > 0 else None
+    return XRay(path.stem, to_line_integral(img, value), geom, value, str(path), dict(sidecar), photons)
 
 
 def _is_dicom(path: Path) -> bool:
@@ -555,7 +566,8 @@ class _Level:
             mag = g.sid_mm / float(g.extra.get("sad_mm", 0.667 * g.sid_mm)) if not g.parallel else 1.0
             px_mm = min(g.pixel_spacing_mm) / mag
             sigma = max(1.0, 0.6 * spacing_mm / px_mm)
-            t = _resample(x.image, w, h)
+            img = x.image if not x.photons else np.minimum(x.image, line_integral_ceiling(x.photons))
+            t = _resample(img, w, h)
             gx, gy = _grad_pair(t, sigma)
             self.views.append(v)
             self.targets.append((_normalised(gx), _normalised(gy)))
