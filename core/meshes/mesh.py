@@ -893,14 +893,13 @@ def _cut_flat_table(body: np.ndarray, table: np.ndarray, ct: Volume, ax: int,
         above = band[0] - int(post_sign)
         bs = b[s]
         hu = h[s][:, band]
-        run = bs[:, band] & (hu >= SOFT_TISSUE_HU[0]) & (hu <= SOFT_TISSUE_HU[1])
-        run = np.logical_and.accumulate(run, axis=1)
+        run = np.logical_and.accumulate((hu >= SOFT_TISSUE_HU[0]) & (hu <= SOFT_TISSUE_HU[1]), axis=1)
         if 0 <= above < bs.shape[1]:
             run &= bs[:, above][:, None]  # it continues the body
         else:
             run[:] = False
         run &= ~run[:, -1:]  # the run stops inside the band
-        bs[:, band] = run
+        bs[:, band] &= run
 
 
 def skin_mesh(ct: Volume, threshold_hu: float = -500.0, *, smooth_iterations: int = 10,
