@@ -243,3 +243,53 @@ def test_chest_body_keeps_both_arms_drops_table():
     table = np.zeros_like(body)
     table[:, post:] = ct.data[:, post:] > -500
     assert table.sum() > 1000 and not (body & table).any()
+
+
+def _body_on_pad(sink_rows: int, flip_y: bool):
+    """A trunk-like ellipse (2 mm voxels; muscle, a fat ring, a one-voxel skin layer) lying on a
+    -200 HU pad on a table (450 HU shells, -850 HU foam core), its back sunk ``sink_rows`` into
+    the pad so that the pad rises beside its lowest rows. Rows run anterior -> posterior (LPS
+    y), or the other way with ``flip_y``."""
+    from scipy import ndimage
+
+    ni, nj, nk = 200, 64, 4
+    i, j = np.mgrid[:ni, :nj].astype(float)
+    bottom = 44  # the body's lowest row
+    body = (((i - 100) / 60) ** 2 + ((j - 26) / 22) ** 2 <= 1.0) & (j <= bottom)
+    inner = ndimage.binary_erosion(body)
+    hu = np.full((ni, nj), -1000.0)
+    hu[body] = 45.0
+    hu[inner & ~ndimage.binary_erosion(inner, iterations=3)] = -100.0
+    skin = body & ~inner
+    hu[skin] = 30.0
+    hu[(j > bottom - sink_rows) & (j <= bottom + 3) & (i >= 4) & (i < ni - 4) & ~body] = -200.0
+    hu[j == bottom + 4] = 450.0
+    hu[(j > bottom + 4) & (j < bottom + 9)] = -850.0
+    hu[j == bottom + 9] = 450.0
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    if flip_y:
+        hu, skin, body = hu[:, ::-1], skin[:, ::-1], body[:, ::-1]
+        aff[1, 1], aff[1, 3] = -2.0, 2.0 * (nj - 1)
+    rep = lambda a: np.repeat(np.ascontiguousarray(a)[:, :, None], nk, axis=2)  # noqa: E731
+    return Volume(rep(np.rint(hu)).astype(np.int16), aff), rep(skin), rep(body), rep(hu == -200)
+
+
+@pytest.mark.parametrize("flip_y", [False, True])
+def test_body_mask_keeps_skin_lying_on_the_pad(flip_y):
+    # The pad rises one row beside the body's lowest (skin) row, so the table's top rows include
+    # the skin's: the flat-table cut must spare the skin layer and still take the pad and table.
+    ct, skin, body, pad = _body_on_pad(1, flip_y)
+    got = body_mask(ct)
+    lowest = skin & ~np.roll(body, -1 if not flip_y else 1, axis=1)  # skin with pad below it
+    assert lowest.sum() > 100
+    assert got[skin].all() and got[body].all()
+    assert not (got & ~body).any()  # no pad, no table
+    assert pad.sum() > 1000 and not (got & pad).any()
+    # a table top of soft-tissue HU over the whole flat band (pad and top shell at 40 HU) is
+    # table: cut with the body's rows in it, as before
+    data = ct.data.copy()
+    top = pad | (ct.data == 450) & np.roll(pad, 1 if not flip_y else -1, axis=1)
+    data[top] = 40
+    fused = body_mask(Volume(data, ct.affine))
+    assert not (fused & top).any()
+    assert fused[body].mean() > 0.95

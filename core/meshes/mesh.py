@@ -768,6 +768,11 @@ def _axial_axis(vol: Volume) -> int:
     return int(np.argmax(np.abs(vol.direction[2, :])))
 
 
+# Soft tissue in HU: adipose tissue -190 to -30 HU and skeletal muscle -29 to 150 HU
+# (Mitsiopoulos et al., J Appl Physiol 1998;85:115-122).
+SOFT_TISSUE_HU = (-190.0, 150.0)
+
+
 def body_mask(ct: Volume, threshold_hu: float = -500.0, opening_mm: float = 6.0) -> np.ndarray:
     """Boolean body mask: HU > threshold, table and blankets removed, holes filled slice-wise.
 
@@ -775,8 +780,9 @@ def body_mask(ct: Volume, threshold_hu: float = -500.0, opening_mm: float = 6.0)
     in-plane opening with a disk of radius ``opening_mm`` cuts them off and the largest 3-D
     component is the body (with any other bulky component, e.g. an arm apart from the trunk). Pieces the opening shaved off are given back when they lie wholly
     within the opening radius of the body (skin details), not when they extend beyond it (a pad
-    or blanket lying against the body). Not handled: a thick table fused to the body over a wide
-    contact with no lower-HU layer between them.
+    or blanket lying against the body). A flat table top under the body is cut by its rows
+    (``_cut_flat_table``), sparing the body's own skin layer lying in them. Not handled: a thick
+    table fused to the body over a wide contact with no lower-HU layer between them.
     """
     m = ct.data > threshold_hu
     if not m.any():
@@ -849,8 +855,10 @@ def _cut_flat_table(body: np.ndarray, table: np.ndarray, ct: Volume, ax: int,
     Per axial slice: the anterior-most row in which the thin structures cut off beside the body
     (``table``) span at least ``min_width_mm``, and the rows within ``flat_mm`` posterior of it,
     are the table top when no body voxel lies posterior of them; body voxels in those rows are
-    table, not patient. A curved table (its top rows are its raised sides, with the body
-    reaching further posterior) is left to the opening.
+    table, not patient, except the body's own surface layer lying on the table: per column, a
+    run of soft-tissue voxels (``SOFT_TISSUE_HU``) continuing the body into those rows that ends
+    at another HU (a pad, the table shell, air) before the band does. A curved table (its top
+    rows are its raised sides, with the body reaching further posterior) is left to the opening.
     """
     inplane = [a for a in range(3) if a != ax]
     d = ct.direction
@@ -860,6 +868,7 @@ def _cut_flat_table(body: np.ndarray, table: np.ndarray, ct: Volume, ax: int,
     sp_y, sp_x = ct.spacing[yax], ct.spacing[xax]
     b = np.transpose(body, (ax, xax, yax))  # a view: writes go to ``body``
     t = np.transpose(table, (ax, xax, yax))
+    h = np.transpose(ct.data, (ax, xax, yax))
     nband = max(1, int(np.floor(flat_mm / sp_y)))
     for s in np.flatnonzero(t.any(axis=(1, 2))):
         # the table's top: its anterior-most row that spans min_width_mm, and the rows
@@ -877,7 +886,20 @@ def _cut_flat_table(body: np.ndarray, table: np.ndarray, ct: Volume, ax: int,
         beyond = brows > rows[-1] if post_sign > 0 else brows < rows[0]
         if beyond.any():  # body posterior of the "table": it is not a table under the body
             continue
-        b[s, :, rows[0]:rows[-1] + 1] = False
+        # The body's own surface layer in the band: per column, the run of soft-tissue voxels
+        # from the body's side of the band that ends at another HU (a pad, the table shell, air)
+        # within the band. A run that fills the band is the table itself.
+        band = rows if post_sign > 0 else rows[::-1]  # from the body's side outwards
+        above = band[0] - int(post_sign)
+        bs = b[s]
+        hu = h[s][:, band]
+        run = np.logical_and.accumulate((hu >= SOFT_TISSUE_HU[0]) & (hu <= SOFT_TISSUE_HU[1]), axis=1)
+        if 0 <= above < bs.shape[1]:
+            run &= bs[:, above][:, None]  # it continues the body
+        else:
+            run[:] = False
+        run &= ~run[:, -1:]  # the run stops inside the band
+        bs[:, band] &= run
 
 
 def skin_mesh(ct: Volume, threshold_hu: float = -500.0, *, smooth_iterations: int = 10,
