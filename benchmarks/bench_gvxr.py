@@ -272,10 +272,10 @@ def enclosing_skin(meshes: dict):
 
     gVirtualXray's outer surface attenuates over its chord minus the inner surfaces' chords, which
     is the remainder around them only when every inner surface lies inside it. The phantom's skin
-    (the CT body surface, ``core.meshes.mesh.skin_mesh``) leaves out the voxel layer of skin tissue
-    that lies on the table's pad (``body_mask`` removes it with the table), so the ``skin`` label's
-    mesh pokes one CT voxel (3 mm) out of it along the back of the lower chest: gVirtualXray
-    then takes that chord off the remainder elsewhere on the ray while ctwin's voxelisation counts
+    (the CT body surface, ``core.meshes.mesh.skin_mesh``) and its ``skin`` label's mesh are built
+    separately, and the label's mesh lies partly outside it (partial-volume skin voxels above the
+    body mask's soft-tissue range, a thin mismatch spread over the surface): gVirtualXray then
+    takes those chords off the remainder elsewhere on the ray while ctwin's voxelisation counts
     both. With the union as the skin both renderers describe the same body."""
     import manifold3d as mf
 
