@@ -108,7 +108,7 @@ def raw_val(pat, lut, lin_a, lin_lo):
     if lin_a != 0.0:
         v = float(pat)
         return v if v > lin_lo else lin_lo
-    return lut[pat & 0xFFFF]
+    return lut[int(pat) & 0xFFFF]   # int(): a NumPy 2 int16 scalar (CUDA simulator) refuses & 0xFFFF
 
 
 def finish(v, lin_a, lin_b):
