@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.integrate import trapezoid
 from scipy.ndimage import gaussian_filter, zoom
 from scipy.signal import fftconvolve
 import fnmatch
@@ -716,7 +717,7 @@ def _angle_weights_cached(kev: float, csi_um):
     th = np.linspace(1e-3, np.pi / 2 - 1e-3, 1500)
     dcs = _water_dcs(kev, th)
     full = np.linspace(1e-3, np.pi, 3000)
-    sig = np.trapz(_water_dcs(kev, full) * 2 * np.pi * np.sin(full), full)   # cm^2/g
+    sig = trapezoid(_water_dcs(kev, full) * 2 * np.pi * np.sin(full), full)   # cm^2/g
     e2 = _compton_kev(kev, th)
     eta = absorbed_fraction(np.r_[kev, e2], csi_um)
     wdet = e2 * eta[1:] / (kev * eta[0])
