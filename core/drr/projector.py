@@ -283,6 +283,19 @@ def default_step(spacing) -> float:
 
 
 # --- static volumes ----------------------------------------------------------------------------
+def _table_and_occupancy(pv: PreparedVolume, lut) -> tuple[np.ndarray, tuple, np.ndarray]:
+    """The value table, the linear-mode parameters and the empty-space grid a render uses: the
+    volume's own, or those of an override table ``lut`` (65536 float32 values by 16-bit pattern)."""
+    table = pv.lut if lut is None else np.ascontiguousarray(lut, dtype=np.float32)
+    lin = pv.lin if lut is None else (0.0, 0.0, 0.0)
+    if table.shape != (65536,):
+        raise CtwinError("a look-up table must have 65536 entries")
+    occ = pv.occupancy()
+    if lut is not None and np.any((table > 0) & ~(pv.lut > 0)):
+        occ = np.ones_like(occ)  # the override table is non-zero where the grid says empty
+    return table, lin, occ
+
+
 def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | None = None,
                device: str = "auto", lut: np.ndarray | None = None,
                samples_per_ray: int | None = None) -> np.ndarray:
@@ -301,13 +314,7 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
     step = default_step(pv.spacing) if step_mm is None else float(step_mm)
     if not step > 0:
         raise CtwinError(f"step must be positive, got {step}")
-    table = pv.lut if lut is None else np.ascontiguousarray(lut, dtype=np.float32)
-    lin = pv.lin if lut is None else (0.0, 0.0, 0.0)
-    if table.shape != (65536,):
-        raise CtwinError("a look-up table must have 65536 entries")
-    occ = pv.occupancy()
-    if lut is not None and np.any((table > 0) & ~(pv.lut > 0)):
-        occ = np.ones_like(occ)  # the override table is non-zero where the grid says empty
+    table, lin, occ = _table_and_occupancy(pv, lut)
     W, H = geometry.size_px
     geo = geometry.packed()
     nx, ny, nz = pv.shape
@@ -388,13 +395,7 @@ def render_drr_batch(volume, geometries, *, transforms=None, method: str = "tril
         steps = np.full(B, float(step_mm), np.float64)
     if not np.all(steps > 0):
         raise CtwinError(f"step must be positive, got {float(steps.min())}")
-    table = pv.lut if lut is None else np.ascontiguousarray(lut, dtype=np.float32)
-    lin = pv.lin if lut is None else (0.0, 0.0, 0.0)
-    if table.shape != (65536,):
-        raise CtwinError("a look-up table must have 65536 entries")
-    occ = pv.occupancy()
-    if lut is not None and np.any((table > 0) & ~(pv.lut > 0)):
-        occ = np.ones_like(occ)  # the override table is non-zero where the grid says empty
+    table, lin, occ = _table_and_occupancy(pv, lut)
     geos = np.ascontiguousarray(np.stack([g.packed() for g in geometries]))
     nx, ny, nz = pv.shape
     mcode = METHODS.index(method)
