@@ -274,7 +274,7 @@ def check_ptx(cc=(9, 0)):
         "cuda_static": (arr(nt.float32, 2), arr(f64), arr(nt.int16), arr(nt.float32), f64, f64, f64, i64, i64,
                         i64, arr(f64), arr(nt.uint8), f64, i64),
         "cuda_batch": (arr(nt.float32, 3), arr(f64, 2), arr(nt.int16), arr(nt.float32), f64, f64, f64, i64, i64,
-                       i64, arr(f64), arr(nt.uint8), f64, i64),
+                       i64, arr(f64, 2), arr(nt.uint8), arr(f64), i64, i64),
         "cuda_scene": (arr(nt.float32, 2), arr(f64), arr(nt.int16), arr(nt.float32), f64, f64, f64, arr(i64),
                        arr(f64), nt.boolean, arr(nt.float32, 4), arr(f64), arr(i64), arr(nt.int16),
                        arr(nt.uint8), arr(nt.float32), f64, f64, f64, arr(f64, 2), i64, f64),

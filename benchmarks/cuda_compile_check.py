@@ -36,8 +36,7 @@ def signatures(numba):
     geo, geos, occ = numba.float64[::1], numba.float64[:, ::1], numba.uint8[::1]
     return {
         "cuda_static": (out2, geo) + vol + (numba.float64[::1], occ, f64, i64),
-        "cuda_batch": (out3, geos) + vol + (numba.float64[::1], occ, f64, i64),
-        "cuda_batch_posed": (out3, geos) + vol + (numba.float64[:, ::1], occ, numba.float64[::1], i64, i64),
+        "cuda_batch": (out3, geos) + vol + (numba.float64[:, ::1], occ, numba.float64[::1], i64, i64),
     }
 
 

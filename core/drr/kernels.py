@@ -31,7 +31,6 @@ import types
 
 import numpy as np
 # Imported where used, so that importing this module stays light: numba (heavy or optional third-party packages).
-# Imported where used, so that importing this module stays light: numba (heavy or optional third-party packages).
 
 MAX_CAND = 64  # rigid sub-volumes a single ray may cross (render_scene)
 BLOCK = 8  # edge of the empty-space blocks, in voxels (a compile-time constant)
@@ -640,35 +639,6 @@ def cpu_static(out, geo, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, st
                                dx, dy, dz, tlen, step)
 
 
-def cpu_batch(out, geos, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, step, method):
-    B = out.shape[0]
-    H = out.shape[1]
-    W = out.shape[2]
-    for p in prange(B * H * W):  # noqa: F821
-        v = p // (H * W)
-        q = p - v * H * W
-        r = q // W
-        c = q - r * W
-        ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geos[v], r, c)
-        out[v, r, c] = ray_method(method, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz,
-                                  dx, dy, dz, tlen, step)
-
-
-def cuda_batch(out, geos, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, step, method):
-    p = cuda.grid(1)  # noqa: F821
-    B = out.shape[0]
-    H = out.shape[1]
-    W = out.shape[2]
-    if p < B * H * W:
-        v = p // (H * W)
-        q = p - v * H * W
-        r = q // W
-        c = q - r * W
-        ox, oy, oz, dx, dy, dz, tlen = pixel_ray(geos[v], r, c)
-        out[v, r, c] = ray_method(method, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, M, occ, ox, oy, oz,
-                                  dx, dy, dz, tlen, step)
-
-
 def samples_step(M, nx, ny, nz, ox, oy, oz, dx, dy, dz, tlen, nsamp, step):
     """The step with which ``ray_trilinear`` takes exactly ``nsamp`` samples over the part of the ray
     inside the volume's cell box (nsamp > 0; nanodrr's "samples per ray"), else ``step``.
@@ -683,7 +653,7 @@ def samples_step(M, nx, ny, nz, ox, oy, oz, dx, dy, dz, tlen, nsamp, step):
     return (t1 - t0) / (nsamp - 0.5)
 
 
-def cpu_batch_posed(out, geos, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, Ms, occ, steps, nsamp, method):
+def cpu_batch(out, geos, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, Ms, occ, steps, nsamp, method):
     """Item v of the batch: geometry geos[v], the volume placed by Ms[v] (world -> index, 12), step
     steps[v] or ``nsamp`` samples per ray (trilinear; nsamp = 0: by step)."""
     B = out.shape[0]
@@ -700,7 +670,7 @@ def cpu_batch_posed(out, geos, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, Ms, 
                                   dx, dy, dz, tlen, st)
 
 
-def cuda_batch_posed(out, geos, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, Ms, occ, steps, nsamp, method):
+def cuda_batch(out, geos, data, lut, lin_a, lin_b, lin_lo, nx, ny, nz, Ms, occ, steps, nsamp, method):
     p = cuda.grid(1)  # noqa: F821
     B = out.shape[0]
     H = out.shape[1]
@@ -791,7 +761,7 @@ def cpu_kernels() -> dict:
                                          inline="always" if f.__name__ in ("lerp3", "claims") else "never"),
                     {"prange": numba.prange, "numba": numba})
         out = {}
-        for name in ("cpu_static", "cpu_scene", "cpu_batch", "cpu_batch_posed"):
+        for name in ("cpu_static", "cpu_scene", "cpu_batch"):
             f = globals()[name]
             fn = types.FunctionType(f.__code__, ns, name)
             out[name[4:]] = numba.njit(fn, parallel=True, cache=True, fastmath=True)
@@ -808,7 +778,7 @@ def cuda_kernels() -> dict:
 
         ns = _build(lambda f: cuda.jit(device=True)(f), {"cuda": cuda, "numba": numba})
         out = {}
-        for name in ("cuda_static", "cuda_scene", "cuda_batch", "cuda_batch_posed"):
+        for name in ("cuda_static", "cuda_scene", "cuda_batch"):
             f = globals()[name]
             out[name[5:]] = cuda.jit(types.FunctionType(f.__code__, ns, name))
         _CUDA = out

@@ -47,8 +47,6 @@ from .carm import default_views
 from .kernels import BLOCK, compose_kernels, cuda_kernels, FINE, cpu_kernels
 from .xray import form_image, XraySetup
 from .. import progress
-# Imported where used, so that importing this module stays light: numba, tifffile (heavy or optional third-party packages).
-
 # Imported where used, so that importing this module stays light: numba, tifffile (heavy or optional
 # third-party packages); kernels.py compiles its kernels on first use.
 _TPB = 128
@@ -105,7 +103,6 @@ def resolve_device(device: str = "auto") -> str:
             return "cuda"
         if not _cpu_fallback_reported:
             _cpu_fallback_reported = True
-
             progress.report(device_status())
         return "cpu"
     if device == "cuda":
@@ -321,7 +318,6 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
     mcode = METHODS.index(method)
     if dev == "cpu":
         out = np.zeros((H, W), np.float32)  # the kernels sum in float64 and round once on writing
-
         cpu_kernels()["static"](out, geo, pv.flat, table, *lin, nx, ny, nz, pv.M, occ, step, mcode)
         return out
     from numba import cuda
@@ -360,8 +356,6 @@ def render_drr_batch(volume, geometries, *, transforms=None, method: str = "tril
     if method not in METHODS:
         raise CtwinError(f"unknown projector method {method!r}; use one of {', '.join(METHODS)}")
     dev = resolve_device(device)
-    if transforms is None and samples_per_ray is None and lut is None:
-        return _batch_views(pv, geometries, method, step_mm, dev)
     nsamp = 0
     if samples_per_ray is not None:
         if method != "trilinear":
@@ -401,7 +395,7 @@ def render_drr_batch(volume, geometries, *, transforms=None, method: str = "tril
     mcode = METHODS.index(method)
     if dev == "cpu":
         out = np.zeros((B, H, W), np.float32)
-        cpu_kernels()["batch_posed"](out, geos, pv.flat, table, *lin, nx, ny, nz, Ms, occ, steps, nsamp, mcode)
+        cpu_kernels()["batch"](out, geos, pv.flat, table, *lin, nx, ny, nz, Ms, occ, steps, nsamp, mcode)
         return out
     from numba import cuda
 
@@ -409,34 +403,9 @@ def render_drr_batch(volume, geometries, *, transforms=None, method: str = "tril
     d_lut = pv.gpu("lut", table) if lut is None else cuda.to_device(table)
     d_occ = pv.gpu("occ", occ) if occ is pv.occ else cuda.to_device(occ)
     blocks = (B * H * W + _TPB - 1) // _TPB
-    cuda_kernels()["batch_posed"][blocks, _TPB](d_out, cuda.to_device(geos), pv.gpu("flat", pv.flat), d_lut,
-                                                *lin, nx, ny, nz, cuda.to_device(Ms), d_occ,
-                                                cuda.to_device(steps), nsamp, mcode)
-    return d_out.copy_to_host()
-
-
-def _batch_views(pv: PreparedVolume, geometries, method: str, step_mm, dev: str) -> np.ndarray:
-    """Views of the volume where it lies, one launch (``render_drr_batch`` without poses)."""
-    W, H = geometries[0].size_px
-    step = default_step(pv.spacing) if step_mm is None else float(step_mm)
-    occ = pv.occupancy()
-    geos = np.ascontiguousarray(np.stack([g.packed() for g in geometries]))
-    B = len(geometries)
-    nx, ny, nz = pv.shape
-    args = (pv.lut, *pv.lin, nx, ny, nz)
-    mcode = METHODS.index(method)
-    if dev == "cpu":
-        out = np.zeros((B, H, W), np.float32)
-        cpu_kernels()["batch"](out, geos, pv.flat, *args, pv.M, occ, step, mcode)
-        return out
-    from numba import cuda
-
-    d_out = cuda.device_array((B, H, W), np.float32)
-    d_occ = pv.gpu("occ", occ) if occ is pv.occ else cuda.to_device(occ)
-    blocks = (B * H * W + _TPB - 1) // _TPB
-    cuda_kernels()["batch"][blocks, _TPB](d_out, cuda.to_device(geos), pv.gpu("flat", pv.flat),
-                                          pv.gpu("lut", pv.lut), *pv.lin, nx, ny, nz,
-                                          pv.gpu_M(), d_occ, step, mcode)
+    cuda_kernels()["batch"][blocks, _TPB](d_out, cuda.to_device(geos), pv.gpu("flat", pv.flat), d_lut,
+                                          *lin, nx, ny, nz, cuda.to_device(Ms), d_occ,
+                                          cuda.to_device(steps), nsamp, mcode)
     return d_out.copy_to_host()
 
 
