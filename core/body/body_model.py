@@ -65,7 +65,6 @@ from ..progress import report
 from .skeleton import (JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, as_pose, canonical_joints_mm,
                        kintree_table, rigid_transforms, rodrigues)
 # Imported where used, so that importing this module stays light: skimage, smplx, trimesh (heavy or optional third-party packages).
-# Imported where used, so that importing this module stays light: skimage, smplx, trimesh (heavy or optional third-party packages).
 
 GENERATOR_VERSION = 2
 NUM_BETAS = 10

@@ -52,7 +52,6 @@ from ..drr.xray import DETECTORS, KVP_RANGE, XraySetup
 from ..phantom.phantom import write_phantom
 from ..twin.annotations import frame_points, twin_landmarks, label_masks
 # Imported where used, so that importing this module stays light: numba, ray (heavy or optional third-party packages).
-# Imported where used, so that importing this module stays light: numba, ray (heavy or optional third-party packages).
 
 SAMPLER_VERSION = 1  # bump when the draw order changes: old datasets then refuse to resume
 SHARD_PATTERN = "shard-{:06d}.tar"

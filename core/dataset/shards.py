@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 from ..fileio import _json_default
 # Imported where used, so that importing this module stays light: tifffile (heavy or optional third-party packages).
-# Imported where used, so that importing this module stays light: tifffile (heavy or optional third-party packages).
 
 # Member order inside a sample (the extensions after the key).
 MEMBER_ORDER = ("tif", "masks.npz", "json")

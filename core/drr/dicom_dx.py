@@ -24,7 +24,6 @@ import numpy as np
 from ..errors import CtwinError
 from ..fileio import atomic_path, write_json
 # Imported where used, so that importing this module stays light: pydicom (heavy or optional third-party packages).
-# Imported where used, so that importing this module stays light: pydicom (heavy or optional third-party packages).
 
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"

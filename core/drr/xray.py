@@ -47,7 +47,6 @@ import fnmatch
 from ..errors import CtwinError
 from ..volumes.volume import Volume
 # Imported where used, so that importing this module stays light: spekpy, xraylib (heavy or optional third-party packages).
-# Imported where used, so that importing this module stays light: spekpy, xraylib (heavy or optional third-party packages).
 
 KVP_RANGE = (40.0, 150.0)
 INHERENT_AL_MM = 2.5  # IEC 60601-1-3 minimum total filtration of a diagnostic tube above 70 kV

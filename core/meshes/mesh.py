@@ -56,7 +56,6 @@ from ..volumes.ct import load_ct
 from ..volumes.labels import name_to_id
 from ..volumes.segmentation import load_segmentation
 # Imported where used, so that importing this module stays light: trimesh (heavy or optional third-party packages).
-# Imported where used, so that importing this module stays light: trimesh (heavy or optional third-party packages).
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from scipy.spatial import cKDTree
 from ..errors import CtwinError
 from ..volumes.labels import is_skeletal
 # Imported where used, so that importing this module stays light: skimage (heavy or optional third-party packages).
-# Imported where used, so that importing this module stays light: skimage (heavy or optional third-party packages).
 
 CHAMFER_SAMPLES = 50_000
 FOV_MARGIN_MM = 5.0

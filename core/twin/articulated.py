@@ -58,7 +58,6 @@ from ..drr.projector import PlacedVolume, Scene, _grid_from_bounds, compose_scen
 from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, forward_kinematics, rodrigues
 from ..volumes.volume import Volume, apply_transform, invert_affine, resample_onto
 # Imported where used, so that importing this module stays light: numba (heavy or optional third-party packages).
-# Imported where used, so that importing this module stays light: numba (heavy or optional third-party packages).
 
 FORMAT_VERSION = 1
 AIR_HU = -1000

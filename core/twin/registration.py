@@ -70,7 +70,6 @@ from ..fileio import atomic_path, read_json, write_json
 from ..rig.pose import JOINT_LIMITS_DEG
 from ..volumes.volume import apply_transform
 # Imported where used, so that importing this module stays light: PIL, numba (heavy or optional third-party packages).
-# Imported where used, so that importing this module stays light: PIL, numba (heavy or optional third-party packages).
 
 MU_WATER_PER_MM = 0.02  # SPEC 5 monoenergetic model
 BONE_HU = 150.0  # voxels above this count as bone in the clouds (cancellous bone is ~200-400 HU)

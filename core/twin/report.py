@@ -9,7 +9,6 @@ import numpy as np
 
 from ..fileio import atomic_path
 # Imported where used, so that importing this module stays light: PIL (heavy or optional third-party packages).
-# Imported where used, so that importing this module stays light: PIL (heavy or optional third-party packages).
 
 # The published method this project starts from (see README): chamfer, enclosure at the acquisition
 # pose and at unseen poses, DRR fidelity at the acquisition pose.

@@ -21,7 +21,6 @@ from ..progress import report
 from .volume import Volume, affine_from, load_nifti
 from ..fileio import atomic_path
 # Imported where used, so that importing this module stays light: SimpleITK (heavy or optional third-party packages).
-# Imported where used, so that importing this module stays light: SimpleITK (heavy or optional third-party packages).
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")

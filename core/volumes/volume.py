@@ -16,7 +16,6 @@ from scipy import ndimage
 from ..errors import CtwinError
 from ..fileio import atomic_path
 # Imported where used, so that importing this module stays light: nibabel (heavy or optional third-party packages).
-# Imported where used, so that importing this module stays light: nibabel (heavy or optional third-party packages).
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
