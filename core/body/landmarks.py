@@ -94,12 +94,14 @@ def _boundary(mask):
 
 
 def fit_sphere(p):
-    """Algebraic least-squares sphere through points (N,3): (centre, radius)."""
+    """Algebraic least-squares sphere through points (N, 3), or circle through points (N, 2):
+    (centre, radius)."""
     a = np.column_stack([2 * p, np.ones(len(p))])
     b = (p ** 2).sum(1)
     sol, *_ = np.linalg.lstsq(a, b, rcond=None)
-    c = sol[:3]
-    r = float(np.sqrt(max(sol[3] + c @ c, 0.0)))
+    d = p.shape[1]
+    c = sol[:d]
+    r = float(np.sqrt(max(sol[d] + c @ c, 0.0)))
     return c, r
 
 
@@ -124,13 +126,6 @@ def fit_sphere_trimmed(p, tol, iterations=8):
         keep = new
         c, r = fit_sphere(p[keep])
     return c, r
-
-
-def fit_circle(x, y):
-    """Algebraic least-squares circle through points (x, y): (cx, cy, radius)."""
-    a = np.column_stack([2 * x, 2 * y, np.ones(len(x))])
-    sol, *_ = np.linalg.lstsq(a, x ** 2 + y ** 2, rcond=None)
-    return sol[0], sol[1], float(np.sqrt(max(sol[2] + sol[0] ** 2 + sol[1] ** 2, 0.0)))
 
 
 # The condylar arc's window along the shaft axis, as a fraction of the femur's length (a knee's size
@@ -185,7 +180,7 @@ def knee_centre(p, bnd, up, anterior, proximal_hint=None, arc_mm=None):
     arc = bnd & (y < y_end + depth) & ((x < 0.0) | (y < y_end + 0.25 * depth))
     if arc.sum() < 12:
         return None
-    _, cy, r = fit_circle(x[arc], y[arc])
+    (_, cy), r = fit_sphere(np.column_stack([x[arc], y[arc]]))
     if not (8.0 < r < 40.0) or not (y_end < cy < y_end + depth):
         return None
     return c0 + cy * a
