@@ -74,6 +74,9 @@ def beer_lambert(line_integral) -> np.ndarray:
     return np.exp(-np.asarray(line_integral, dtype=np.float64))
 
 
+COUNT_FLOOR = 0.5  # counts: a pixel that counted nothing reads half a count (finite line integral)
+
+
 def add_noise(line_integral, photons: float, electronic_sigma: float = 0.0, seed: int = 0) -> np.ndarray:
     """Seeded Poisson quantum noise (N0 = ``photons`` per pixel unattenuated) plus Gaussian
     electronic noise (``electronic_sigma`` counts); returns the noisy line integral (float32)."""
@@ -84,7 +87,7 @@ def add_noise(line_integral, photons: float, electronic_sigma: float = 0.0, seed
     counts = rng.poisson(expected).astype(np.float64)
     if electronic_sigma > 0:
         counts += rng.normal(0.0, electronic_sigma, size=counts.shape)
-    return (-np.log(np.maximum(counts, 0.5) / photons)).astype(np.float32)
+    return (-np.log(np.maximum(counts, COUNT_FLOOR) / photons)).astype(np.float32)
 
 
 def to_value(line_integral, value: str = "line_integral") -> np.ndarray:

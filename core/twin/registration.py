@@ -65,7 +65,7 @@ from ..drr.carm import Geometry, named_view
 from ..errors import CtwinError
 from ..progress import report
 from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, PARENTS, rodrigues, rotation_to_rotvec
-from ..drr.physics import DISPLAY_MAX
+from ..drr.physics import COUNT_FLOOR, DISPLAY_MAX
 from ..fileio import atomic_path, read_json, write_json
 from ..rig.pose import JOINT_LIMITS_DEG
 from ..volumes.volume import apply_transform
@@ -150,10 +150,10 @@ class XRay:
 
 def line_integral_ceiling(photons: float) -> float:
     """The largest line integral a noisy image of ``photons`` unattenuated photons per pixel can
-    measure: half a count (the floor of ``core.drr.physics.add_noise``). Beyond it a pixel counted
+    measure: half a count (``COUNT_FLOOR``, the floor of ``core.drr.physics.add_noise``). Beyond it a pixel counted
     (almost) nothing; a realistic chain (energy-weighted counts, electronic noise) gives such pixels
     line integrals far above it, whose gradients would dominate the correlation."""
-    return float(-math.log(0.5 / float(photons)))
+    return float(-math.log(COUNT_FLOOR / float(photons)))
 
 
 def to_line_integral(image, value: str) -> np.ndarray:
