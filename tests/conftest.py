@@ -29,6 +29,26 @@ def real_ct_path(*parts) -> Path:
     return p
 
 
+def cuda_simulator_errors(script_source: str, tmp_path, entries: int) -> dict:
+    """Run a script under numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, a fresh process) and
+    return the ``RESULT`` JSON it prints: {name: [max |CUDA - CPU|, max CPU]}, checked to hold
+    ``entries`` items, each CUDA image within 1e-5 of the CPU image's maximum."""
+    import json
+    import subprocess
+
+    script = tmp_path / "cudasim.py"
+    script.write_text(script_source)
+    r = subprocess.run([sys.executable, str(script), str(ROOT)], env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.split("RESULT", 1)[1])
+    assert len(res) == entries
+    for key, (diff, vmax) in res.items():
+        assert vmax > 0, key
+        assert diff <= 1e-5 * vmax, (key, diff, vmax)
+    return res
+
+
 @pytest.fixture(autouse=True)
 def factory_fresh_blender():
     """Every test starts from a factory-fresh Blender state when bpy is in use."""

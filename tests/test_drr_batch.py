@@ -1,8 +1,4 @@
 """Batched DRRs of many views and rigid poses, fixed samples per ray, float16 storage; CUDA (simulator)."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -15,7 +11,7 @@ from ctwin.core.drr.projector import (half_precision, prepare_volume, render_drr
 from ctwin.core.errors import CtwinError
 from ctwin.core.volumes.volume import Volume, affine_from
 
-from conftest import ROOT, real_ct_path
+from conftest import cuda_simulator_errors, real_ct_path
 
 
 def _poses(n, seed=0, deg=12.0, mm=6.0):
@@ -181,14 +177,4 @@ CUDASIM_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.cudasim
 def test_batched_poses_cuda_matches_cpu_under_simulator(tmp_path):
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    script = tmp_path / "cudasim.py"
-    script.write_text(CUDASIM_SCRIPT)
-    r = subprocess.run([sys.executable, str(script), str(ROOT)], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(r.stdout.split("RESULT", 1)[1])
-    assert len(res) == 4
-    for key, (diff, vmax) in res.items():
-        assert vmax > 0, key
-        assert diff <= 1e-5 * vmax, (key, diff, vmax)
+    cuda_simulator_errors(CUDASIM_SCRIPT, tmp_path, entries=4)

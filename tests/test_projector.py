@@ -1,9 +1,6 @@
 """DRR projector: analytic phantoms, float64 reference, Siddon, scenes, CUDA (simulator), plastimatch, CLI."""
-import json
-import os
 import shutil
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -14,7 +11,7 @@ from ctwin.core.drr.projector import (Scene, PlacedVolume, prepare_volume, refer
                                   render_drr, render_drr_batch, render_scene, render_value)
 from ctwin.core.volumes.volume import Volume, affine_from
 
-from conftest import ROOT, real_ct_path
+from conftest import cuda_simulator_errors, real_ct_path
 
 
 def _rot(ax, ay, az):
@@ -254,17 +251,7 @@ CUDASIM_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.cudasim
 def test_cuda_kernels_match_cpu_under_simulator(tmp_path):
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    script = tmp_path / "cudasim.py"
-    script.write_text(CUDASIM_SCRIPT)
-    r = subprocess.run([sys.executable, str(script), str(ROOT)], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(r.stdout.split("RESULT", 1)[1])
-    assert len(res) == 8
-    for key, (diff, vmax) in res.items():
-        assert vmax > 0, key
-        assert diff <= 1e-5 * vmax, (key, diff, vmax)
+    cuda_simulator_errors(CUDASIM_SCRIPT, tmp_path, entries=8)
 
 
 def _ncc(a, b):
