@@ -24,15 +24,16 @@ interrupted run loses only the shards in flight, and a re-run renders only the m
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
 import numpy as np
-import socket
 
 from ..errors import CtwinError
 from ..fileio import atomic_path, read_json, write_json
@@ -821,10 +822,8 @@ def _ray_init(address, workers, threads):
 
 
 def _run_ray(spec, out, todo, workers, threads, address, device) -> dict:
-    try:
-        import ray
-    except ImportError:
-        raise CtwinError("ray is not installed: pip install -r requirements.txt (or use --workers 0)") from None
+    if importlib.util.find_spec("ray") is None:
+        raise CtwinError("ray is not installed: pip install -r requirements.txt (or use --workers 0)")
     t0 = time.perf_counter()
     if not todo:
         return {"samples": 0, "samples_per_s": 0.0, "steady_samples_per_s": None, "twin_seconds": 0.0,
