@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..drr.projector import PreparedVolume, Scene, frame_volume, prepare_volume
-from ..drr.xray import OVERRIDE_CODE0, label_codes, with_codes
+from ..drr.xray import OVERRIDE_CODE0, label_codes
 from ..errors import CtwinError
 from ..volumes.volume import Volume, resample_onto
 
@@ -63,14 +63,6 @@ class LabelOverrides:
             self._scenes.append({"base": Volume(soft, art.affine.copy()), "parts": parts,
                                  "names": [p.name for p in art.parts], "warp_base": warp_base,
                                  "resident": {}})
-        self._plain = None
-        self._codes = codes
-
-    def plain(self, ct) -> Volume:
-        """The acquisition CT with the override codes (what ``apply_label_materials`` gives a plain CT)."""
-        if self._plain is None:
-            self._plain = Volume(with_codes(ct, self._codes), ct.affine)
-        return self._plain
 
     def frame(self, scene) -> PreparedVolume:
         """The scene's frame (``core.drr.projector.frame_volume``: HU, composed where posed) with the
