@@ -105,7 +105,9 @@ def material_spec(text) -> str:
     t = str(text).strip()
     name, at, rho_s = t.partition("@")
     name, colon, par = name.strip().partition(":")
-    name = name.strip().lower()
+    name = name.strip()
+    if name.lower() in set(NIST_MATERIALS) | set(ALLOYS) | set(ELEMENTS) | set(ALIASES):
+        name = name.lower()  # short names in any case; xraylib's NIST names as spelt there
     out = name
     if colon:
         if ALIASES.get(name, name) != "iodine_blood":
