@@ -601,7 +601,12 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
         if annotate:
             write_annotations(v.stem, v.geometry, *state["annotations"])
         if xray is not None:
-            vol = frame_volume(state["scene"]) if overrides is None else overrides.frame(state["scene"])
+            if overrides is None:
+                vol = frame_volume(state["scene"])
+            elif "volume" in state:
+                vol = state["volume"]
+            else:  # the frame with the override codes, once per frame
+                vol = state["volume"] = overrides.frame(state["scene"])
             return xray_line_integral(vol, v.geometry, xray, step_mm=step_mm, device=dev, record=record,
                                       samples_per_ray=samples_per_ray)
         if samples_per_ray is not None or storage != "auto":
