@@ -145,6 +145,8 @@ def test_material_specs_numbers_and_defaults():
         xray.apply_label_materials(ct, lab, {1: "rod"}, xray.parse_label_materials(["7=titanium"]))
     with pytest.raises(CtwinError):
         xray.parse_label_materials(["rod=plutonium_x"])
+    with pytest.raises(CtwinError, match="HU Volume"):
+        xray.apply_label_materials(prepare_volume(ct), lab, {1: "rod"}, {"rod": "titanium"})
     with pytest.raises(CtwinError, match="kvp"):
         render_value(ct, g, labels=(lab, {1: "rod"}), label_materials=["rod=titanium"], device="cpu")
 

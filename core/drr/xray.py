@@ -471,7 +471,10 @@ def with_codes(ct, codes) -> np.ndarray:
     """int16 HU of ``ct`` with the voxels of override code k (1-based, ``label_codes``) set to the
     reserved value ``OVERRIDE_CODE0 + k - 1``; input values that collide with the reserved codes
     (padding far below air) become air."""
-    data = np.array(getattr(ct, "data", ct), dtype=np.int16, copy=True)
+    src = np.asarray(getattr(ct, "data", ct))
+    if src.dtype.kind == "f":
+        src = np.clip(np.rint(src), -32768, 32767)
+    data = np.array(src, dtype=np.int16, copy=True)
     data[(data >= OVERRIDE_CODE0) & (data < OVERRIDE_CODE0 + MAX_OVERRIDES)] = -1024
     sel = codes > 0
     data[sel] = (OVERRIDE_CODE0 - 1 + codes[sel]).astype(np.int16)
@@ -483,6 +486,9 @@ def apply_label_materials(ct, labelmap, names: dict, mapping: dict, defaults: bo
     of override materials by code, {label: material} actually applied). Labels are matched by name
     (case-insensitive, fnmatch patterns allowed: ``*artery*``) or number; the first matching entry
     wins; ``defaults`` adds ``default_label_material`` for the labels no entry names."""
+    if (not hasattr(ct, "data") or (getattr(ct, "meta", None) or {}).get("quantity") == "mu"
+            or np.asarray(ct.data).dtype == np.float16):
+        raise CtwinError("label materials need the CT as a HU Volume (not a prepared or mu volume)")
     if tuple(labelmap.shape) != tuple(ct.shape):
         raise CtwinError("the labelmap must be on the CT grid (core.volumes.segmentation.load_segmentation resolves it)")
     codes, mats, applied = label_codes(labelmap, names, mapping, defaults)
