@@ -27,10 +27,14 @@ def add_arguments(p) -> None:
     g.add_argument("--grid", type=float, default=None, metavar="RATIO", help="anti-scatter grid ratio (e.g. 10)")
     g.add_argument("--grid-lines", type=float, default=None, metavar="PER_CM", help="grid line density (default 40 per cm)")
     g.add_argument("--seg", default=None, metavar="PATH",
-                   help="segmentation of the CT (labelmap file or mask folder) for --label-material (--ct only)")
+                   help="segmentation of the --ct (labelmap file or mask folder): its labels take the materials "
+                        "of --label-material, and implant-named labels (implant, screw, titanium, stent ...) "
+                        "a default metal")
     g.add_argument("--label-material", action="append", default=None, metavar="LABEL=MATERIAL",
-                   help="voxels of LABEL (name or pattern, e.g. '*artery*') become MATERIAL "
-                        "(e.g. iodine_blood, titanium, stainless_steel, cocr); repeatable; needs --seg")
+                   help="voxels of LABEL (name, pattern such as '*artery*', or number) become MATERIAL "
+                        "(titanium, ti6al4v, stainless_steel, cocr, iodine_blood[:MG_PER_ML], any material "
+                        "name; '@G_CM3' sets its density; 'hu' keeps the HU calibration); repeatable; "
+                        "'auto': only the implant defaults. --ct: needs --seg; --twin: the twin's labels")
     p.add_argument("--format", default="tiff", choices=("tiff", "dicom"),
                    help="frame file: 32-bit float TIFF (default) or DICOM DX (16-bit with rescale)")
 
@@ -59,20 +63,23 @@ def setup_from_args(args):
 
 
 def apply_label_overrides(args, vol, xray):
-    """The CT with the --label-material overrides applied (and recorded in ``xray``), or as it is."""
+    """The CT with the --seg / --label-material overrides applied (and recorded in ``xray``), or as it is."""
+    from ..core import progress
     from ..core.errors import CtwinError
 
-    if not args.label_material:
-        if args.seg:
-            raise CtwinError("--seg is used by --label-material; give one or drop --seg")
-        return vol
     if not args.seg:
-        raise CtwinError("--label-material needs --seg PATH (the segmentation of the CT)")
+        if args.label_material:
+            raise CtwinError("--label-material with --ct needs --seg PATH (the segmentation of the CT)")
+        return vol
     from ..core.volumes.segmentation import load_segmentation
     from ..core.drr.xray import apply_label_materials, parse_label_materials
 
     mapping = parse_label_materials(args.label_material)
     labelmap, names = load_segmentation(args.seg, vol)
-    out, mats, applied = apply_label_materials(vol, labelmap, names, mapping)
+    out, mats, applied = apply_label_materials(vol, labelmap, names, mapping, defaults=True)
+    if not applied:
+        raise CtwinError("no label of --seg takes a material (no --label-material entry, and no label named as "
+                         "an implant); give --label-material LABEL=MATERIAL")
+    progress.report("label materials: " + ", ".join(f"{k}={v}" for k, v in applied.items()))
     xray.overrides, xray.label_materials = mats, applied
     return out

@@ -421,34 +421,58 @@ def render_biplanar(volume, size=512, *, method="trilinear", step_mm=None, devic
 def render_value(volume, geometry, *, value: str = "line_integral", kvp: float | None = None,
                  photons: float | None = None, electronic_sigma: float = 0.0, seed: int = 0,
                  method: str = "trilinear", step_mm=None, device: str = "auto",
-                 xray=None, record: dict | None = None) -> np.ndarray:
+                 xray=None, record: dict | None = None, samples_per_ray: int | None = None,
+                 storage: str = "auto", labels=None, label_materials=None) -> np.ndarray:
     """A DRR with the physics options, output value line_integral | intensity | display | radiograph.
 
     Default: the SPEC 5 monoenergetic line integral, with optional seeded Poisson noise
     (``photons``). ``xray`` (a ``core.drr.xray.XraySetup``, or ``kvp`` for one with default options)
     selects the realistic chain: stoichiometric materials from HU, SpekPy spectrum, detector, noise;
     HU volumes only. The physics record (spectrum used, options) is put into ``record`` when given.
+    ``labels`` = (labelmap on the volume's grid, {id: name}) with the realistic chain: labels take
+    the materials of ``label_materials`` ({label name, pattern or number: material} or "LABEL=MATERIAL"
+    strings, ``core.drr.xray.parse_label_materials``) and the defaults of implant-named labels
+    (``core.drr.xray.default_label_material``), recorded in ``xray``. ``samples_per_ray`` and
+    ``storage`` ("float16": half-precision attenuation, monoenergetic only) as in ``render_drr`` and
+    ``prepare_volume``.
     """
-    pv = prepare_volume(volume)
     if xray is None and kvp is not None:
         xray = XraySetup(kvp=kvp, photons=photons, seed=seed,
                          electronic_sigma=electronic_sigma if photons is not None else None)
+    if labels is not None or label_materials is not None:
+        if xray is None:
+            raise CtwinError("label materials need the realistic physics (kvp or xray)")
+        if labels is None:
+            raise CtwinError("label_materials needs labels=(labelmap, names)")
+        from .xray import apply_label_materials, parse_label_materials
+
+        mapping = label_materials or {}
+        if not isinstance(mapping, dict):
+            mapping = parse_label_materials([mapping] if isinstance(mapping, str) else mapping)
+        labelmap, names = labels
+        volume, xray.overrides, xray.label_materials = apply_label_materials(volume, labelmap, names, mapping,
+                                                                             defaults=True)
     if xray is None:
-        li = render_drr(pv, geometry, method=method, step_mm=step_mm, device=device)
+        pv = prepare_volume(volume, storage=storage)
+        li = render_drr(pv, geometry, method=method, step_mm=step_mm, device=device,
+                        samples_per_ray=samples_per_ray)
         if photons is not None:
             li = physics.add_noise(li, photons, electronic_sigma, seed)
         return physics.to_value(li, value)
-    return physics.to_value(xray_line_integral(pv, geometry, xray, method=method, step_mm=step_mm,
-                                               device=device, record=record), value)
+    if storage != "auto":
+        raise CtwinError("float16 storage holds SPEC 5 mu; the realistic physics needs the HU volume")
+    return physics.to_value(xray_line_integral(prepare_volume(volume), geometry, xray, method=method,
+                                               step_mm=step_mm, device=device, record=record,
+                                               samples_per_ray=samples_per_ray), value)
 
 
 def xray_line_integral(volume, geometry, xray, *, method="trilinear", step_mm=None, device="auto",
-                       record: dict | None = None) -> np.ndarray:
+                       record: dict | None = None, samples_per_ray: int | None = None) -> np.ndarray:
     """-ln(I/I0) (float64) through ``core.drr.xray``: one projection per calibration material of the HU
     volume, then spectrum, detector and noise (``xray``: a ``core.drr.xray.XraySetup`` with its seed and
     stream set). The physics record goes into ``record`` when given."""
     ints = material_integrals(volume, geometry, xray.table(), method=method, step_mm=step_mm, device=device,
-                              overrides=xray.overrides)
+                              overrides=xray.overrides, samples_per_ray=samples_per_ray)
     res = form_image(ints, xray, geometry)
     if record is not None:
         record.update(res["sidecar"])
@@ -466,7 +490,7 @@ def frame_volume(scene):
 
 
 def material_integrals(volume, geometry, hu_table, *, method="trilinear", step_mm=None, device="auto",
-                       overrides=()) -> dict:
+                       overrides=(), samples_per_ray: int | None = None) -> dict:
     """{material: integral of its partial density (g/cm3 x mm) along each ray} for a HU volume,
     one projection per material of the calibration that the volume's HU values use. ``overrides``:
     the materials of the reserved label codes (``core.drr.xray.apply_label_materials``)."""
@@ -478,7 +502,8 @@ def material_integrals(volume, geometry, hu_table, *, method="trilinear", step_m
     for m, t in hu_table.luts(overrides).items():
         if not np.any(t[present] > 0):
             continue
-        out[m] = render_drr(pv, geometry, method=method, step_mm=step_mm, device=device, lut=t)
+        out[m] = render_drr(pv, geometry, method=method, step_mm=step_mm, device=device, lut=t,
+                            samples_per_ray=samples_per_ray)
     if not out:
         out["air"] = np.zeros((geometry.height, geometry.width), np.float32)
     return out

@@ -43,6 +43,7 @@ from scipy.integrate import trapezoid
 from scipy.ndimage import gaussian_filter, zoom
 from scipy.signal import fftconvolve
 import fnmatch
+import re
 
 from ..errors import CtwinError
 from ..volumes.volume import Volume
@@ -78,18 +79,77 @@ ALLOYS = {
     "stainless_steel": ({26: 0.640, 24: 0.180, 28: 0.140, 42: 0.025, 25: 0.015}, 8.0),
     # ASTM F75 cast CoCrMo: Cr 27-30, Mo 5-7, Co balance; 8.3 g/cm3
     "cocr": ({27: 0.645, 24: 0.285, 42: 0.060, 14: 0.010}, 8.3),
+    # ASTM F136 wrought Ti-6Al-4V ELI: Al 5.5-6.5, V 3.5-4.5, Ti balance; 4.43 g/cm3 (ASM Handbook vol. 2)
+    "ti6al4v": ({22: 0.90, 13: 0.06, 23: 0.04}, 4.43),
 }
 ELEMENTS = {"titanium": 22, "aluminium": 13, "copper": 29, "iodine": 53, "tungsten": 74}
-IODINE_MG_PER_ML = 10.0  # contrast-filled vessel: iodine in blood, a typical arterial-phase CT concentration
+# Contrast-filled vessel: iodine in blood. 10 mg I/ml is a typical arterial-phase concentration: peak
+# aortic enhancement of CT angiography is about 250-350 HU (Bae, Radiology 256:32, 2010), and 1 mg I/ml
+# adds about 26 HU at the 70 keV CT energy (xraylib: 5.0 cm2/g x 1 mg/ml over water's 0.194 /cm).
+# ``iodine_blood:C`` takes another concentration C (mg I/ml) up to IODINE_MAX_MG_PER_ML, the strongest
+# marketed contrast agents (e.g. iomeprol 400 mg I/ml), i.e. undiluted contrast.
+IODINE_MG_PER_ML = 10.0
+IODINE_MAX_MG_PER_ML = 400.0
+MAX_DENSITY = 25.0  # g/cm3: above every element's density (osmium 22.6)
 ALIASES = {"bone": "cortical_bone", "metal": "titanium", "aluminum": "aluminium", "iodine_blood": "iodine_blood"}
+
+
+def _known_names() -> str:
+    return ", ".join(sorted(set(NIST_MATERIALS) | set(ALLOYS) | set(ELEMENTS) | {"iodine_blood", "bone", "metal"}))
+
+
+def material_spec(text) -> str:
+    """The canonical name of a material given as ``NAME``, ``iodine_blood:C`` (C mg iodine per ml of
+    blood) and optionally ``@RHO`` (its density in g/cm3 instead of the material's own), e.g.
+    ``titanium``, ``iodine_blood:20``, ``ti6al4v@4.2``. Checked (one-line error), not yet looked up."""
+    t = str(text).strip()
+    name, at, rho_s = t.partition("@")
+    name, colon, par = name.strip().partition(":")
+    name = name.strip()
+    if name.lower() in set(NIST_MATERIALS) | set(ALLOYS) | set(ELEMENTS) | set(ALIASES):
+        name = name.lower()  # short names in any case; xraylib's NIST names as spelt there
+    out = name
+    if colon:
+        if ALIASES.get(name, name) != "iodine_blood":
+            raise CtwinError(f"material {t!r}: only iodine_blood takes a parameter (iodine_blood:MG_PER_ML)")
+        try:
+            c = float(par)
+        except ValueError:
+            c = float("nan")
+        if not 0.0 < c <= IODINE_MAX_MG_PER_ML:
+            raise CtwinError(f"material {t!r}: the iodine concentration must be within 0-{IODINE_MAX_MG_PER_ML:g} mg/ml")
+        out = f"iodine_blood:{c:g}"
+    if at:
+        try:
+            rho = float(rho_s)
+        except ValueError:
+            rho = float("nan")
+        if not 0.0 < rho <= MAX_DENSITY:
+            raise CtwinError(f"material {t!r}: the density after '@' must be within 0-{MAX_DENSITY:g} g/cm3")
+        out += f"@{rho:g}"
+    composition(out)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
 def composition(name: str) -> tuple:
-    """(Z tuple, mass fraction tuple, density g/cm3, source text) of a named material."""
+    """(Z tuple, mass fraction tuple, density g/cm3, source text) of a named material
+    (``material_spec``'s forms: ``iodine_blood:C``, ``NAME@RHO``)."""
     import xraylib as xr
 
+    if "@" in name:
+        base, _, rho = name.partition("@")
+        zs, ws, _, src = composition(base)
+        return zs, ws, float(rho), f"{src} at {float(rho):g} g/cm3"
     key = ALIASES.get(name, name)
+    if key.startswith("iodine_blood:"):
+        zb, wb, rb, _ = composition("blood")
+        mg = float(key.partition(":")[2])
+        c = mg / 1000.0  # g/cm3 of iodine
+        rho = rb + c
+        fr = {z: w * rb / rho for z, w in zip(zb, wb)}
+        fr[53] = fr.get(53, 0.0) + c / rho
+        return tuple(fr), tuple(fr.values()), rho, f"xraylib NIST Blood (ICRP) + {mg:g} mg/ml iodine"
     if key in NIST_MATERIALS:
         d = xr.GetCompoundDataNISTByName(NIST_MATERIALS[key])
         return tuple(d["Elements"]), tuple(d["massFractions"]), float(d["density"]), f"xraylib NIST {d['name']}"
@@ -101,17 +161,11 @@ def composition(name: str) -> tuple:
         z = ELEMENTS[key]
         return (z,), (1.0,), float(xr.ElementDensity(z)), f"xraylib element Z={z}"
     if key == "iodine_blood":
-        zb, wb, rb, _ = composition("blood")
-        c = IODINE_MG_PER_ML / 1000.0  # g/cm3 of iodine
-        rho = rb + c
-        fr = {z: w * rb / rho for z, w in zip(zb, wb)}
-        fr[53] = fr.get(53, 0.0) + c / rho
-        return tuple(fr), tuple(fr.values()), rho, f"xraylib NIST Blood (ICRP) + {IODINE_MG_PER_ML:g} mg/ml iodine"
+        return composition(f"iodine_blood:{IODINE_MG_PER_ML:g}")
     if key in xr.GetCompoundDataNISTList():
         d = xr.GetCompoundDataNISTByName(key)
         return tuple(d["Elements"]), tuple(d["massFractions"]), float(d["density"]), f"xraylib NIST {key}"
-    raise CtwinError(f"unknown material {name!r}; use one of "
-                     f"{', '.join(sorted(set(NIST_MATERIALS) | set(ALLOYS) | set(ELEMENTS) | {'iodine_blood', 'bone', 'metal'}))} "
+    raise CtwinError(f"unknown material {name!r}; use one of {_known_names()} "
                      "or a name from xraylib's NIST compound list")
 
 
@@ -315,46 +369,130 @@ class HuTable:
 # (at its own density) replaces what the HU calibration would give them.
 OVERRIDE_CODE0 = -32700
 MAX_OVERRIDES = 16
+KEEP_HU = "hu"  # LABEL=hu: the label keeps the HU calibration (e.g. to turn a default off)
+# Default materials of labels whose names say what they are made of, applied where no --label-material
+# entry names the label. Matched on the words of the name (split at anything but letters and digits,
+# a plural "s" dropped), so "screw_left" or "Femoral Implant" match and "spinal_cord" does not match
+# "pin". Metal words give that metal; a generic implant word gives Ti-6Al-4V (a common orthopaedic
+# implant alloy: screws, stems, plates, nails) and a stent 316L steel (ASTM F138): both are assumptions
+# that an explicit --label-material replaces. No TotalSegmentator or ctwin label name matches.
+DEFAULT_LABEL_MATERIALS = (
+    (("titanium",), "titanium"),
+    (("ti6al4v", "tial6v4"), "ti6al4v"),
+    (("steel", "stainless", "316l"), "stainless_steel"),
+    (("cocr", "cocrmo", "cobalt", "chrome", "chromium"), "cocr"),
+    (("stent",), "stainless_steel"),
+    (("implant", "prosthesis", "prostheses", "screw", "nail", "rod", "plate", "stem", "endoprosthesis",
+      "arthroplasty", "hardware"), "ti6al4v"),
+)
 
 
-def parse_label_materials(items) -> dict:
-    """{label name or pattern: material} from "LABEL=MATERIAL" strings (fnmatch patterns allowed)."""
-    out = {}
-    for it in items or ():
-        name, sep, mat = str(it).partition("=")
-        if not sep or not name.strip() or not mat.strip():
-            raise CtwinError(f"--label-material takes LABEL=MATERIAL (e.g. aorta=iodine_blood), got {it!r}")
-        composition(mat.strip())
-        out[name.strip()] = mat.strip()
+def _words(name: str) -> set:
+    out = set()
+    for w in re.split(r"[^0-9a-z]+", str(name).lower()):
+        if w:
+            out.add(w)
+            if len(w) > 3 and w.endswith("s"):
+                out.add(w[:-1])
     return out
 
 
-def apply_label_materials(ct, labelmap, names: dict, mapping: dict) -> tuple:
+def default_label_material(name: str) -> str | None:
+    """The default material of a label by the words of its name (``DEFAULT_LABEL_MATERIALS``), or None."""
+    words = _words(name)
+    for keys, mat in DEFAULT_LABEL_MATERIALS:
+        if words & set(keys):
+            return mat
+    return None
+
+
+def parse_label_materials(items) -> dict:
+    """{label name, pattern or number: material spec} from "LABEL=MATERIAL" strings (fnmatch patterns
+    allowed; MATERIAL as in ``material_spec``, or ``hu`` to keep the HU calibration). The item
+    ``auto`` adds nothing: it asks for the defaults alone (``default_label_material``)."""
+    out = {}
+    for it in items or ():
+        if str(it).strip().lower() == "auto":
+            continue
+        name, sep, mat = str(it).partition("=")
+        if not sep or not name.strip() or not mat.strip():
+            raise CtwinError(f"--label-material takes LABEL=MATERIAL (e.g. aorta=iodine_blood:15, screw=titanium), got {it!r}")
+        m = mat.strip()
+        out[name.strip()] = KEEP_HU if m.lower() == KEEP_HU else material_spec(m)
+    return out
+
+
+def _label_matches(key: str, lid: int, name: str) -> bool:
+    k = key.strip()
+    if k.isdigit():
+        return int(k) == int(lid)
+    return fnmatch.fnmatch(str(name).lower(), k.lower())
+
+
+def label_codes(labelmap, names: dict, mapping: dict, defaults: bool = True) -> tuple:
+    """(int16 array of the labelmap's shape: 0, or 1 + the index of the label's override material;
+    the override materials in code order; {label name: material} applied). ``mapping``: {label name,
+    fnmatch pattern or number: material} (``parse_label_materials``), matched case-insensitively, the
+    first matching entry wins; ``defaults``: labels no entry names take ``default_label_material``.
+    An entry that matches no label is an error."""
+    lab = np.asarray(getattr(labelmap, "data", labelmap))
+    present = [int(i) for i in np.unique(lab) if i != 0]
+    names = {int(k): str(v) for k, v in (names or {}).items()}
+    out = np.zeros(lab.shape, np.int16)
+    mats, applied, used = [], {}, set()
+    for i in sorted(set(names) | set(present)):
+        nm = names.get(i, str(i))
+        mat = None
+        for key, m in mapping.items():
+            if _label_matches(key, i, nm):
+                used.add(key)
+                mat = m
+                break
+        else:
+            if defaults:
+                mat = default_label_material(nm)
+        if mat is None or mat == KEEP_HU or i not in present:
+            continue
+        if mat not in mats:
+            if len(mats) >= MAX_OVERRIDES:
+                raise CtwinError(f"at most {MAX_OVERRIDES} override materials")
+            mats.append(mat)
+        out[lab == i] = mats.index(mat) + 1
+        applied[nm] = mat
+    unused = [k for k in mapping if k not in used]
+    if unused:
+        shown = sorted(names.get(i, str(i)) for i in present)
+        raise CtwinError(f"no segmentation label matches {', '.join(unused)}; labels: "
+                         f"{', '.join(shown[:12])}{' ...' if len(shown) > 12 else ''}")
+    return out, mats, applied
+
+
+def with_codes(ct, codes) -> np.ndarray:
+    """int16 HU of ``ct`` with the voxels of override code k (1-based, ``label_codes``) set to the
+    reserved value ``OVERRIDE_CODE0 + k - 1``; input values that collide with the reserved codes
+    (padding far below air) become air."""
+    src = np.asarray(getattr(ct, "data", ct))
+    if src.dtype.kind == "f":
+        src = np.clip(np.rint(src), -32768, 32767)
+    data = np.array(src, dtype=np.int16, copy=True)
+    data[(data >= OVERRIDE_CODE0) & (data < OVERRIDE_CODE0 + MAX_OVERRIDES)] = -1024
+    sel = codes > 0
+    data[sel] = (OVERRIDE_CODE0 - 1 + codes[sel]).astype(np.int16)
+    return data
+
+
+def apply_label_materials(ct, labelmap, names: dict, mapping: dict, defaults: bool = False) -> tuple:
     """(a copy of the HU volume with the voxels of the mapped labels set to reserved codes, the list
-    of override materials by code, {label: material} actually applied). Labels are matched by name,
-    case-insensitive, fnmatch patterns allowed (``*artery*``); the first matching entry wins."""
+    of override materials by code, {label: material} actually applied). Labels are matched by name
+    (case-insensitive, fnmatch patterns allowed: ``*artery*``) or number; the first matching entry
+    wins; ``defaults`` adds ``default_label_material`` for the labels no entry names."""
+    if (not hasattr(ct, "data") or (getattr(ct, "meta", None) or {}).get("quantity") == "mu"
+            or np.asarray(ct.data).dtype == np.float16):
+        raise CtwinError("label materials need the CT as a HU Volume (not a prepared or mu volume)")
     if tuple(labelmap.shape) != tuple(ct.shape):
         raise CtwinError("the labelmap must be on the CT grid (core.volumes.segmentation.load_segmentation resolves it)")
-    data = np.array(ct.data, dtype=np.int16, copy=True)
-    codes = (data >= OVERRIDE_CODE0) & (data < OVERRIDE_CODE0 + MAX_OVERRIDES)
-    data[codes] = -1024  # input values that collide with the reserved codes are padding: air
-    mats, applied = [], {}
-    lab = np.asarray(labelmap.data)
-    for i, nm in sorted(names.items()):
-        for pat, mat in mapping.items():
-            if fnmatch.fnmatch(str(nm).lower(), pat.lower()):
-                if mat not in mats:
-                    if len(mats) >= MAX_OVERRIDES:
-                        raise CtwinError(f"at most {MAX_OVERRIDES} override materials")
-                    mats.append(mat)
-                data[lab == int(i)] = OVERRIDE_CODE0 + mats.index(mat)
-                applied[str(nm)] = mat
-                break
-    unused = [p for p in mapping if not any(fnmatch.fnmatch(str(n).lower(), p.lower()) for n in names.values())]
-    if unused:
-        raise CtwinError(f"no segmentation label matches {', '.join(unused)}; labels: "
-                         f"{', '.join(sorted(map(str, names.values()))[:12])}")
-    return Volume(data, ct.affine, dict(getattr(ct, "meta", {}) or {})), mats, applied
+    codes, mats, applied = label_codes(labelmap, names, mapping, defaults)
+    return Volume(with_codes(ct, codes), ct.affine, dict(getattr(ct, "meta", {}) or {})), mats, applied
 
 
 # --- detector ----------------------------------------------------------------------------------
@@ -456,6 +594,9 @@ class XraySetup:
         d = asdict(self)
         d["csi_um"] = self.csi
         d["detector_source"] = detector_preset(self.detector)["source"]
+        if self.overrides:
+            d["override_materials"] = [{"material": m, "density_g_cm3": density(m), "composition": composition(m)[3]}
+                                       for m in self.overrides]
         return d
 
 

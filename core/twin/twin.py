@@ -36,7 +36,7 @@ from ..body.fit import fit_body_model
 from ..body.skeleton import JOINT_NAMES, JOINT_INDEX
 from ..drr.carm import default_views, named_view
 from ..drr.frames import FORMATS, FrameView, render_frames
-from ..drr.projector import frame_volume, resolve_device, xray_line_integral
+from ..drr.projector import frame_volume, prepare_volume, render_drr, resolve_device, xray_line_integral
 from ..meshes.mesh import Mesh, import_anatomy, read_mesh, write_ply
 from ..meshes.mesh_volume import SKIN, hu_table, load_hu_overrides, read_mesh_folder, voxelise_meshes
 from ..rig.binding import bind_structures, save_binding, load_binding
@@ -50,7 +50,8 @@ from ..safety import (
 from ..volumes.plausibility import check_ct_segmentation, check_fit
 from ..volumes.volume import load_nifti, save_nifti
 from .articulated import ArticulatedCT, posed_scene, prepare_articulated, render_posed
-from ..drr.xray import XraySetup
+from ..drr.xray import XraySetup, parse_label_materials
+from .label_materials import LabelOverrides
 from ..rig.motion import load_motion
 from .annotations import twin_landmarks, write_annotations
 
@@ -524,7 +525,8 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
                 method="trilinear", step_mm=None, value="line_integral", kvp=None, photons=None,
                 electronic_sigma=0.0, seed=0, fps: float = 24.0, annotate: bool = False,
                 views: dict | None = None, xray=None, fmt: str = "tiff", source_model=None,
-                overwrite: bool = False) -> int:
+                overwrite: bool = False, label_materials=None, samples_per_ray: int | None = None,
+                storage: str = "auto") -> int:
     """Render a twin's frames (posed by a pose file or a motion) as <view>_<frame>.tif + .json.
 
     ``annotate`` also writes, per frame and view, the projected label masks and the 2D joints and
@@ -534,6 +536,10 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
     ``fmt`` "dicom" writes each frame as a DICOM DX file (``core.drr.dicom_dx``) instead of a TIFF.
     A frame already in ``out_dir`` is kept only when it reads back whole and its sidecar matches
     this request (``core.safety``); one written for another request is refused unless ``overwrite``.
+    ``label_materials`` (with ``xray``; "LABEL=MATERIAL" strings or a dict, ``auto`` for the defaults
+    alone): the twin's labels take these materials, moving with their bone or tissue
+    (``core.twin.label_materials``). ``samples_per_ray`` and ``storage`` ("float16") as in
+    ``core.drr.projector.render_drr`` and ``prepare_volume``, applied to each composed frame.
     """
     if fmt not in FORMATS:
         raise CtwinError(f"unknown frame format {fmt!r}; use tiff or dicom")
@@ -545,6 +551,18 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
     twin = load_twin(twin_dir)
     dev = resolve_device(device)
     out = Path(out_dir)
+    overrides = None
+    if label_materials is not None:
+        if xray is None:
+            raise CtwinError("label materials need the realistic physics (--kvp)")
+        mapping = label_materials if isinstance(label_materials, dict) else parse_label_materials(label_materials)
+        overrides = LabelOverrides(twin.articulated, twin.labelmap, twin.names, mapping)
+        if not overrides.applied:
+            raise CtwinError("no label of the twin takes a material (no --label-material entry, and no label "
+                             "named as an implant); give --label-material LABEL=MATERIAL")
+        xray.overrides, xray.label_materials = list(overrides.materials), dict(overrides.applied)
+    if storage != "auto" and xray is not None:
+        raise CtwinError("float16 storage holds SPEC 5 mu; the realistic physics (--kvp) needs the HU volume")
     if views is None and geometry is not None:
         views = {"view": geometry}
     elif views is None:
@@ -560,7 +578,8 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
         keys = request_keys(step_mm, photons, electronic_sigma, seed + f, xray)
         return g.to_sidecar(frame=f, value=value, device=dev, source=str(twin.path),
                             method=method, pose=np.asarray(p).tolist(),
-                            transl_mm=None if t is None else np.asarray(t).tolist(), **keys)
+                            transl_mm=None if t is None else np.asarray(t).tolist(),
+                            samples_per_ray=samples_per_ray, storage=storage, **keys)
 
     def frame_views(f, p, t):
         out_views = []
@@ -582,8 +601,19 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
         if annotate:
             write_annotations(v.stem, v.geometry, *state["annotations"])
         if xray is not None:
-            return xray_line_integral(frame_volume(state["scene"]), v.geometry, xray, step_mm=step_mm,
-                                      device=dev, record=record)
+            if overrides is None:
+                vol = frame_volume(state["scene"])
+            elif "volume" in state:
+                vol = state["volume"]
+            else:  # the frame with the override codes, once per frame
+                vol = state["volume"] = overrides.frame(state["scene"])
+            return xray_line_integral(vol, v.geometry, xray, step_mm=step_mm, device=dev, record=record,
+                                      samples_per_ray=samples_per_ray)
+        if samples_per_ray is not None or storage != "auto":
+            if "volume" not in state:
+                state["volume"] = prepare_volume(frame_volume(state["scene"]), storage=storage)
+            return render_drr(state["volume"], v.geometry, step_mm=step_mm, device=dev,
+                              samples_per_ray=samples_per_ray)
         return render_posed(state["scene"], v.geometry, step_mm=step_mm, device=dev)
 
     render_frames([(f, frame_views(f, p, t)) for f, p, t in todo], render, value=value, photons=photons,
