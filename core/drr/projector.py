@@ -173,7 +173,7 @@ def occupancy_grid(flat: np.ndarray, lut: np.ndarray, shape, bs: int = BLOCK) ->
 
 def _on_device(a) -> bool:
     """Whether ``a`` is a CUDA device array (not host memory)."""
-    return a is not None and not isinstance(a, np.ndarray) and hasattr(a, "__cuda_array_interface__")
+    return a is not None and not isinstance(a, np.ndarray) and hasattr(a, "copy_to_host")
 
 
 @dataclass
