@@ -919,6 +919,8 @@ def compose_scene(scene: Scene, device: str = "cpu") -> PreparedVolume:
     t = np.eye(4)
     t[:3, 3] = i0
     pv = PreparedVolume(out, shape, base.affine @ t, base.lut, "hu", occ, base.lin)
+    if dev == "cuda":  # the base's device copy of the value table serves every frame
+        pv._gpu[("lut", id(base.lut))] = base.gpu("lut", base.lut)
     while len(scene._composed) >= _COMPOSED_KEEP:
         scene._composed.pop(next(iter(scene._composed)))
     scene._composed[key] = (pv, keep, buf)
