@@ -1,6 +1,7 @@
 """Posed frames on the GPU: the composition kernels built for CUDA from the CPU kernels' bodies give
 the CPU's frames voxel for voxel (numba's CUDA simulator, tiny inputs), with the frame buffers kept
-on the device across frames, and a posed DRR rendered from the device-resident frame equals the CPU's."""
+on the device across frames, and posed DRRs rendered from the device-resident frame (single and
+batched views, and copied back for the CPU path) equal the CPU's."""
 import textwrap
 
 import pytest
@@ -14,7 +15,8 @@ CUDASIM_SCRIPT = textwrap.dedent("""
     load_package("ctwin")
     import numpy as np
     from ctwin.core.drr.carm import named_view
-    from ctwin.core.drr.projector import Scene, PlacedVolume, compose_scene, render_scene
+    from ctwin.core.drr.projector import (Scene, PlacedVolume, compose_scene, render_drr, render_drr_batch,
+                                          render_scene)
     from ctwin.core.volumes.volume import Volume, affine_from
 
     rng = np.random.default_rng(11)
@@ -88,13 +90,21 @@ CUDASIM_SCRIPT = textwrap.dedent("""
     a = render_scene(cpu, g, device="cpu")
     b = render_scene(gpu, g, device="cuda")
     res["drr"] = [float(np.abs(a - b).max()), float(a.max())]
+    # the device-resident frame through the batch path, and back on the host for the CPU path
+    g2 = named_view("lat_left", Volume(base, aff), size=8, margin=1.6)
+    fc, fg = compose_scene(cpu, "cpu"), compose_scene(gpu, "cuda")
+    a = render_drr_batch(fc, [g, g2], device="cpu")
+    b = render_drr_batch(fg, [g, g2], device="cuda")
+    res["batch"] = [float(np.abs(a - b).max()), float(a.max())]
+    a = render_drr(fc, g2, device="cpu")
+    res["host_copy"] = [float(np.abs(a - render_drr(fg, g2, device="cpu")).max()), float(a.max())]
     print("RESULT" + json.dumps(res))
 """)
 
 
 @pytest.mark.cudasim
 def test_composition_on_cuda_equals_cpu_under_simulator(tmp_path):
-    res = cuda_simulator_errors(CUDASIM_SCRIPT, tmp_path, entries=7)
+    res = cuda_simulator_errors(CUDASIM_SCRIPT, tmp_path, entries=9)
     for f in range(4):
         assert res[f"frame{f}"][0] == 0, f  # voxel for voxel (and the empty-space grid)
     assert res["restored"][1] >= 1  # a device buffer was reused on the same grid (restore path)
