@@ -1435,8 +1435,7 @@ def _compose_build():
         f = globals()[name]
         ns[name] = numba.njit(types.FunctionType(f.__code__, ns, name, f.__defaults__), cache=True, **opts)
     return {"warp": ns["compose_warp"], "subs": ns["compose_subs"], "occupancy": ns["occupancy_par"],
-            "warp_cells": ns["warp_cells"], "mark_boxes": ns["mark_boxes"], "restore_blocks": ns["restore_blocks"],
-            "subs_span": ns["subs_span"], "warp_diag": ns["warp_diag"]}
+            "warp_cells": ns["warp_cells"], "mark_boxes": ns["mark_boxes"], "restore_blocks": ns["restore_blocks"]}
 
 
 _COMPOSE = None
