@@ -1,4 +1,4 @@
-"""Compile the CUDA DRR kernels to PTX without a GPU, and count their registers.
+"""Compile the CUDA DRR and scene-composition kernels to PTX without a GPU, and count their registers.
 
     LD_LIBRARY_PATH=$T/nvidia/cuda_nvrtc/lib:$T/nvidia/cuda_nvcc/nvvm/lib64 CUDA_HOME=$T/nvidia/cuda_nvcc \\
         PYTHONPATH=$T .venv/bin/python benchmarks/cuda_compile_check.py [--cc 9.0] [--ptxas PATH]
@@ -40,6 +40,23 @@ def signatures(numba):
     }
 
 
+def compose_signatures(numba):
+    """The scene-composition kernels (``kernels.compose_cuda_kernels``) as ``projector._compose_cuda``
+    launches them."""
+    f64, i64 = numba.float64, numba.int64
+    i16, u8, idx = numba.int16[::1], numba.uint8[::1], numba.int64[::1]
+    grid3, m34, ib = numba.uint8[:, :, ::1], numba.float64[:, ::1], numba.int64[:, ::1]
+    return {
+        "cuda_compose_warp": (i16, grid3, idx, idx, i16, idx, grid3, numba.int32[:, :, ::1], m34, m34, idx,
+                              numba.float32[:, :, :, ::1], m34, f64, grid3, numba.boolean),
+        "cuda_compose_subs": (i16, grid3, idx, idx, i16, u8, idx, ib, numba.float64[:, :, ::1], ib, ib, idx, ib, idx,
+                              f64, i64, i64, i64, i64),
+        "cuda_mark_boxes": (grid3, ib),
+        "cuda_restore_blocks": (i16, idx, idx, i16, idx, grid3, i64, i64),
+        "cuda_fill_u8": (u8, u8, i64),
+    }
+
+
 def registers(ptxas: str, arch: str, ptx: str) -> str:
     """ptxas -v's registers per thread of the kernel in ``ptx``. NVVM may emit a newer PTX ISA
     version than this ptxas reads; the kernels use nothing newer, so the header is then lowered to
@@ -77,9 +94,13 @@ def main():
     dispatcher.get_current_device = lambda: _Device()  # device functions compile for --cc
     from ctwin.core.drr import kernels as K
 
-    ns = K._build(lambda f: cuda.jit(device=True)(f), {"cuda": cuda, "numba": numba})
+    extra = {"cuda": cuda, "numba": numba}
+    ns = K._build(lambda f: cuda.jit(device=True)(f), extra)
+    cns = K.compose_cuda_namespace(lambda f: cuda.jit(device=True)(f), extra)
     ptxas = args.ptxas or str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "ptxas")
-    for name, sig in signatures(numba).items():
+    jobs = [(n, sig, ns) for n, sig in signatures(numba).items()]
+    jobs += [(n, sig, cns) for n, sig in compose_signatures(numba).items()]
+    for name, sig, ns in jobs:
         f = getattr(K, name)
         ptx, _ = cuda.compile_ptx(types.FunctionType(f.__code__, ns, name), sig, cc=cc)
         rec = f"{name}: PTX {len(ptx)} chars for sm_{cc[0]}{cc[1]}"

@@ -878,6 +878,222 @@ def _any_occ(cum, b0, b1, c0, c1, d0, d1):
     return v > 0
 
 
+def warp_cell(out, occ, on, shift, base, bn, focc, fcum, G, Ginv, wn, disp, B, lo, dirty, diag, d, ca, cb, cc):
+    """One warp cell (ca, cb, cc) of ``compose_warp`` (see there); ``diag``: ``G`` is a positive
+    diagonal scaling (``warp_diag``); ``d`` (8, 3) float64 scratch."""
+    n1 = on[1]
+    n2 = on[2]
+    nb0 = bn[0]
+    nb1 = bn[1]
+    nb2 = bn[2]
+    air = False
+    dlo0 = 1e30
+    dlo1 = 1e30
+    dlo2 = 1e30
+    dhi0 = -1e30
+    dhi1 = -1e30
+    dhi2 = -1e30
+    for q in range(8):
+        a_ = ca + ((q >> 2) & 1)
+        b_ = cb + ((q >> 1) & 1)
+        c_ = cc + (q & 1)
+        x = disp[a_, b_, c_, 0]
+        y = disp[a_, b_, c_, 1]
+        z = disp[a_, b_, c_, 2]
+        if x != x or y != y or z != z:
+            air = True
+            x = 0.0
+            y = 0.0
+            z = 0.0
+        d0 = B[0, 0] * x + B[0, 1] * y + B[0, 2] * z
+        d1 = B[1, 0] * x + B[1, 1] * y + B[1, 2] * z
+        d2 = B[2, 0] * x + B[2, 1] * y + B[2, 2] * z
+        d[q, 0] = d0
+        d[q, 1] = d1
+        d[q, 2] = d2
+        dlo0 = min(dlo0, d0)
+        dhi0 = max(dhi0, d0)
+        dlo1 = min(dlo1, d1)
+        dhi1 = max(dhi1, d1)
+        dlo2 = min(dlo2, d2)
+        dhi2 = max(dhi2, d2)
+    # the voxel box of the cell (corners expanded by half a node at the grid's faces)
+    glo0 = ca - (0.5 if ca == 0 else 0.0)
+    glo1 = cb - (0.5 if cb == 0 else 0.0)
+    glo2 = cc - (0.5 if cc == 0 else 0.0)
+    ghi0 = ca + 1.0 + (0.5 if ca == wn[0] - 2 else 0.0)
+    ghi1 = cb + 1.0 + (0.5 if cb == wn[1] - 2 else 0.0)
+    ghi2 = cc + 1.0 + (0.5 if cc == wn[2] - 2 else 0.0)
+    blo0 = 1e30
+    blo1 = 1e30
+    blo2 = 1e30
+    bhi0 = -1e30
+    bhi1 = -1e30
+    bhi2 = -1e30
+    for q in range(8):
+        g0 = ghi0 if (q & 4) else glo0
+        g1 = ghi1 if (q & 2) else glo1
+        g2 = ghi2 if (q & 1) else glo2
+        x = Ginv[0, 0] * g0 + Ginv[0, 1] * g1 + Ginv[0, 2] * g2 + Ginv[0, 3]
+        y = Ginv[1, 0] * g0 + Ginv[1, 1] * g1 + Ginv[1, 2] * g2 + Ginv[1, 3]
+        z = Ginv[2, 0] * g0 + Ginv[2, 1] * g1 + Ginv[2, 2] * g2 + Ginv[2, 3]
+        blo0 = min(blo0, x)
+        blo1 = min(blo1, y)
+        blo2 = min(blo2, z)
+        bhi0 = max(bhi0, x)
+        bhi1 = max(bhi1, y)
+        bhi2 = max(bhi2, z)
+    i0 = max(int(math.ceil(blo0 - 1e-9)) + shift[0], 0)
+    i1 = min(int(math.floor(bhi0 + 1e-9)) + shift[0], on[0] - 1)
+    j0 = max(int(math.ceil(blo1 - 1e-9)) + shift[1], 0)
+    j1 = min(int(math.floor(bhi1 + 1e-9)) + shift[1], n1 - 1)
+    k0 = max(int(math.ceil(blo2 - 1e-9)) + shift[2], 0)
+    k1 = min(int(math.floor(bhi2 + 1e-9)) + shift[2], n2 - 1)
+    if not air:  # the rest-space box of the cell: any tissue there?
+        air = not _any_occ(fcum, int(math.floor((blo0 + dlo0 - 1.0) / FINE)),
+                           int(math.floor((bhi0 + dhi0 + 1.0) / FINE)),
+                           int(math.floor((blo1 + dlo1 - 1.0) / FINE)),
+                           int(math.floor((bhi1 + dhi1 + 1.0) / FINE)),
+                           int(math.floor((blo2 + dlo2 - 1.0) / FINE)),
+                           int(math.floor((bhi2 + dhi2 + 1.0) / FINE)))
+    if air and not _any_occ(fcum, int(math.floor((blo0 - 1.0) / FINE)),
+                            int(math.floor((bhi0 + 1.0) / FINE)),
+                            int(math.floor((blo1 - 1.0) / FINE)),
+                            int(math.floor((bhi1 + 1.0) / FINE)),
+                            int(math.floor((blo2 - 1.0) / FINE)),
+                            int(math.floor((bhi2 + 1.0) / FINE))):
+        return  # air over air: nothing to change
+    if i1 >= i0 and j1 >= j0 and k1 >= k0:
+        for a_ in range(i0 // BLOCK, i1 // BLOCK + 1):
+            for b_ in range(j0 // BLOCK, j1 // BLOCK + 1):
+                for c_ in range(k0 // BLOCK, k1 // BLOCK + 1):
+                    dirty[a_, b_, c_] = 1
+    if diag:
+        # G is a positive diagonal scaling: g0 depends on i only, g1 on j, g2 on k;
+        # the displacement is bilinear per (i, j) and linear along k
+        for i in range(i0, i1 + 1):
+            bx = float(i - shift[0])
+            g0 = G[0, 0] * bx + G[0, 3]
+            if g0 < -0.5 or g0 > wn[0] - 0.5:
+                continue
+            g0 = min(max(g0, 0.0), wn[0] - 1.0)
+            if min(int(g0), wn[0] - 2) != ca:
+                continue
+            fx = g0 - ca
+            for j in range(j0, j1 + 1):
+                by = float(j - shift[1])
+                g1 = G[1, 1] * by + G[1, 3]
+                if g1 < -0.5 or g1 > wn[1] - 0.5:
+                    continue
+                g1 = min(max(g1, 0.0), wn[1] - 1.0)
+                if min(int(g1), wn[1] - 2) != cb:
+                    continue
+                fy = g1 - cb
+                row = (i * n1 + j) * n2
+                w00 = (1.0 - fx) * (1.0 - fy)
+                w01 = (1.0 - fx) * fy
+                w10 = fx * (1.0 - fy)
+                w11 = fx * fy
+                l0 = w00 * d[0, 0] + w01 * d[2, 0] + w10 * d[4, 0] + w11 * d[6, 0]
+                l1 = w00 * d[0, 1] + w01 * d[2, 1] + w10 * d[4, 1] + w11 * d[6, 1]
+                l2 = w00 * d[0, 2] + w01 * d[2, 2] + w10 * d[4, 2] + w11 * d[6, 2]
+                h0 = w00 * d[1, 0] + w01 * d[3, 0] + w10 * d[5, 0] + w11 * d[7, 0]
+                h1 = w00 * d[1, 1] + w01 * d[3, 1] + w10 * d[5, 1] + w11 * d[7, 1]
+                h2 = w00 * d[1, 2] + w01 * d[3, 2] + w10 * d[5, 2] + w11 * d[7, 2]
+                for k in range(k0, k1 + 1):
+                    bz = float(k - shift[2])
+                    g2 = G[2, 2] * bz + G[2, 3]
+                    if g2 < -0.5 or g2 > wn[2] - 0.5:
+                        continue
+                    g2 = min(max(g2, 0.0), wn[2] - 1.0)
+                    if min(int(g2), wn[2] - 2) != cc:
+                        continue
+                    o = row + k
+                    if air:
+                        out[o] = np.int16(lo)
+                        continue
+                    fz = g2 - cc
+                    px = bx + l0 + (h0 - l0) * fz
+                    py = by + l1 + (h1 - l1) * fz
+                    pz = bz + l2 + (h2 - l2) * fz
+                    if (px < -0.5 or py < -0.5 or pz < -0.5 or px > nb0 - 0.5
+                            or py > nb1 - 0.5 or pz > nb2 - 0.5):
+                        out[o] = np.int16(lo)
+                        continue
+                    # the rest point's fine block: all samples there are air
+                    cx = min(max(px, 0.0), nb0 - 1.0)
+                    cy = min(max(py, 0.0), nb1 - 1.0)
+                    cz = min(max(pz, 0.0), nb2 - 1.0)
+                    if focc[int(cx) // FINE, int(cy) // FINE, int(cz) // FINE] == 0:
+                        out[o] = np.int16(lo)
+                        continue
+                    v16 = _to_i16(_hu_at(base, 0, nb0, nb1, nb2, px, py, pz, lo))
+                    out[o] = v16
+                    if v16 > lo:
+                        _mark(occ, i, j, k)
+        return
+    for i in range(i0, i1 + 1):
+        bx = float(i - shift[0])
+        for j in range(j0, j1 + 1):
+            by = float(j - shift[1])
+            for k in range(k0, k1 + 1):
+                bz = float(k - shift[2])
+                g0 = G[0, 0] * bx + G[0, 1] * by + G[0, 2] * bz + G[0, 3]
+                g1 = G[1, 0] * bx + G[1, 1] * by + G[1, 2] * bz + G[1, 3]
+                g2 = G[2, 0] * bx + G[2, 1] * by + G[2, 2] * bz + G[2, 3]
+                if (g0 < -0.5 or g1 < -0.5 or g2 < -0.5 or g0 > wn[0] - 0.5
+                        or g1 > wn[1] - 0.5 or g2 > wn[2] - 0.5):
+                    continue
+                g0 = min(max(g0, 0.0), wn[0] - 1.0)
+                g1 = min(max(g1, 0.0), wn[1] - 1.0)
+                g2 = min(max(g2, 0.0), wn[2] - 1.0)
+                if (min(int(g0), wn[0] - 2) != ca or min(int(g1), wn[1] - 2) != cb
+                        or min(int(g2), wn[2] - 2) != cc):
+                    continue
+                o = (i * n1 + j) * n2 + k
+                if air:
+                    out[o] = np.int16(lo)
+                    continue
+                fx = g0 - ca
+                fy = g1 - cb
+                fz = g2 - cc
+                px = bx
+                py = by
+                pz = bz
+                for q in range(8):
+                    w = ((fx if (q & 4) else 1.0 - fx) * (fy if (q & 2) else 1.0 - fy)
+                         * (fz if (q & 1) else 1.0 - fz))
+                    px += w * d[q, 0]
+                    py += w * d[q, 1]
+                    pz += w * d[q, 2]
+                if (px < -0.5 or py < -0.5 or pz < -0.5 or px > nb0 - 0.5
+                        or py > nb1 - 0.5 or pz > nb2 - 0.5):
+                    out[o] = np.int16(lo)
+                else:
+                    v16 = _to_i16(_hu_at(base, 0, nb0, nb1, nb2, px, py, pz, lo))
+                    out[o] = v16
+                    if v16 > lo:
+                        _mark(occ, i, j, k)
+
+
+def warp_diag(G):
+    """Whether the base index -> warp index map ``G`` (3x4) is a positive diagonal scaling."""
+    return (G[0, 1] == 0.0 and G[0, 2] == 0.0 and G[1, 0] == 0.0 and G[1, 2] == 0.0 and G[2, 0] == 0.0
+            and G[2, 1] == 0.0 and G[0, 0] > 0.0 and G[1, 1] > 0.0 and G[2, 2] > 0.0)
+
+
+def cell_moved(disp, ca, cb, cc):
+    """Whether a node of warp cell (ca, cb, cc) has a non-zero (or NaN) displacement."""
+    moved = False
+    for q in range(8):
+        a_ = ca + ((q >> 2) & 1)
+        b_ = cb + ((q >> 1) & 1)
+        c_ = cc + (q & 1)
+        if disp[a_, b_, c_, 0] != 0.0 or disp[a_, b_, c_, 1] != 0.0 or disp[a_, b_, c_, 2] != 0.0:
+            moved = True  # NaN != 0 too
+    return moved
+
+
 def compose_warp(out, occ, on, shift, base, bn, focc, fcum, G, Ginv, wn, disp, B, cells, lo, dirty):
     """Soft tissue pulled through the warp, in the listed warp cells only (elsewhere the
     displacement is 0 and the base value is already in place).
@@ -892,290 +1108,120 @@ def compose_warp(out, occ, on, shift, base, bn, focc, fcum, G, Ginv, wn, disp, B
     fine block is air, and so is a voxel whose rest point lies in an empty fine block. An air
     cell over air base voxels is left as it is. ``dirty`` (the output's BLOCK^3 grid) gets a 1
     on every block that a cell may have written."""
-    n1 = on[1]
-    n2 = on[2]
-    nb0 = bn[0]
-    nb1 = bn[1]
-    nb2 = bn[2]
-    diag = (G[0, 1] == 0.0 and G[0, 2] == 0.0 and G[1, 0] == 0.0 and G[1, 2] == 0.0 and G[2, 0] == 0.0
-            and G[2, 1] == 0.0 and G[0, 0] > 0.0 and G[1, 1] > 0.0 and G[2, 2] > 0.0)
+    diag = warp_diag(G)
     m = cells.shape[0]
     nch = min(m, 1024)
     for ch in prange(nch):  # noqa: F821 (prange: a global of the build namespace)
         d = np.empty((8, 3))
         for c in range(ch * m // nch, (ch + 1) * m // nch):
-            ca = cells[c, 0]
-            cb = cells[c, 1]
-            cc = cells[c, 2]
-            air = False
-            dlo0 = 1e30
-            dlo1 = 1e30
-            dlo2 = 1e30
-            dhi0 = -1e30
-            dhi1 = -1e30
-            dhi2 = -1e30
-            for q in range(8):
-                a_ = ca + ((q >> 2) & 1)
-                b_ = cb + ((q >> 1) & 1)
-                c_ = cc + (q & 1)
-                x = disp[a_, b_, c_, 0]
-                y = disp[a_, b_, c_, 1]
-                z = disp[a_, b_, c_, 2]
-                if x != x or y != y or z != z:
-                    air = True
-                    x = 0.0
-                    y = 0.0
-                    z = 0.0
-                d0 = B[0, 0] * x + B[0, 1] * y + B[0, 2] * z
-                d1 = B[1, 0] * x + B[1, 1] * y + B[1, 2] * z
-                d2 = B[2, 0] * x + B[2, 1] * y + B[2, 2] * z
-                d[q, 0] = d0
-                d[q, 1] = d1
-                d[q, 2] = d2
-                dlo0 = min(dlo0, d0)
-                dhi0 = max(dhi0, d0)
-                dlo1 = min(dlo1, d1)
-                dhi1 = max(dhi1, d1)
-                dlo2 = min(dlo2, d2)
-                dhi2 = max(dhi2, d2)
-            # the voxel box of the cell (corners expanded by half a node at the grid's faces)
-            glo0 = ca - (0.5 if ca == 0 else 0.0)
-            glo1 = cb - (0.5 if cb == 0 else 0.0)
-            glo2 = cc - (0.5 if cc == 0 else 0.0)
-            ghi0 = ca + 1.0 + (0.5 if ca == wn[0] - 2 else 0.0)
-            ghi1 = cb + 1.0 + (0.5 if cb == wn[1] - 2 else 0.0)
-            ghi2 = cc + 1.0 + (0.5 if cc == wn[2] - 2 else 0.0)
-            blo0 = 1e30
-            blo1 = 1e30
-            blo2 = 1e30
-            bhi0 = -1e30
-            bhi1 = -1e30
-            bhi2 = -1e30
-            for q in range(8):
-                g0 = ghi0 if (q & 4) else glo0
-                g1 = ghi1 if (q & 2) else glo1
-                g2 = ghi2 if (q & 1) else glo2
-                x = Ginv[0, 0] * g0 + Ginv[0, 1] * g1 + Ginv[0, 2] * g2 + Ginv[0, 3]
-                y = Ginv[1, 0] * g0 + Ginv[1, 1] * g1 + Ginv[1, 2] * g2 + Ginv[1, 3]
-                z = Ginv[2, 0] * g0 + Ginv[2, 1] * g1 + Ginv[2, 2] * g2 + Ginv[2, 3]
-                blo0 = min(blo0, x)
-                blo1 = min(blo1, y)
-                blo2 = min(blo2, z)
-                bhi0 = max(bhi0, x)
-                bhi1 = max(bhi1, y)
-                bhi2 = max(bhi2, z)
-            i0 = max(int(math.ceil(blo0 - 1e-9)) + shift[0], 0)
-            i1 = min(int(math.floor(bhi0 + 1e-9)) + shift[0], on[0] - 1)
-            j0 = max(int(math.ceil(blo1 - 1e-9)) + shift[1], 0)
-            j1 = min(int(math.floor(bhi1 + 1e-9)) + shift[1], n1 - 1)
-            k0 = max(int(math.ceil(blo2 - 1e-9)) + shift[2], 0)
-            k1 = min(int(math.floor(bhi2 + 1e-9)) + shift[2], n2 - 1)
-            if not air:  # the rest-space box of the cell: any tissue there?
-                air = not _any_occ(fcum, int(math.floor((blo0 + dlo0 - 1.0) / FINE)),
-                                   int(math.floor((bhi0 + dhi0 + 1.0) / FINE)),
-                                   int(math.floor((blo1 + dlo1 - 1.0) / FINE)),
-                                   int(math.floor((bhi1 + dhi1 + 1.0) / FINE)),
-                                   int(math.floor((blo2 + dlo2 - 1.0) / FINE)),
-                                   int(math.floor((bhi2 + dhi2 + 1.0) / FINE)))
-            if air and not _any_occ(fcum, int(math.floor((blo0 - 1.0) / FINE)),
-                                    int(math.floor((bhi0 + 1.0) / FINE)),
-                                    int(math.floor((blo1 - 1.0) / FINE)),
-                                    int(math.floor((bhi1 + 1.0) / FINE)),
-                                    int(math.floor((blo2 - 1.0) / FINE)),
-                                    int(math.floor((bhi2 + 1.0) / FINE))):
-                continue  # air over air: nothing to change
-            if i1 >= i0 and j1 >= j0 and k1 >= k0:
-                for a_ in range(i0 // BLOCK, i1 // BLOCK + 1):
-                    for b_ in range(j0 // BLOCK, j1 // BLOCK + 1):
-                        for c_ in range(k0 // BLOCK, k1 // BLOCK + 1):
-                            dirty[a_, b_, c_] = 1
-            if diag:
-                # G is a positive diagonal scaling: g0 depends on i only, g1 on j, g2 on k;
-                # the displacement is bilinear per (i, j) and linear along k
-                for i in range(i0, i1 + 1):
-                    bx = float(i - shift[0])
-                    g0 = G[0, 0] * bx + G[0, 3]
-                    if g0 < -0.5 or g0 > wn[0] - 0.5:
-                        continue
-                    g0 = min(max(g0, 0.0), wn[0] - 1.0)
-                    if min(int(g0), wn[0] - 2) != ca:
-                        continue
-                    fx = g0 - ca
-                    for j in range(j0, j1 + 1):
-                        by = float(j - shift[1])
-                        g1 = G[1, 1] * by + G[1, 3]
-                        if g1 < -0.5 or g1 > wn[1] - 0.5:
-                            continue
-                        g1 = min(max(g1, 0.0), wn[1] - 1.0)
-                        if min(int(g1), wn[1] - 2) != cb:
-                            continue
-                        fy = g1 - cb
-                        row = (i * n1 + j) * n2
-                        w00 = (1.0 - fx) * (1.0 - fy)
-                        w01 = (1.0 - fx) * fy
-                        w10 = fx * (1.0 - fy)
-                        w11 = fx * fy
-                        l0 = w00 * d[0, 0] + w01 * d[2, 0] + w10 * d[4, 0] + w11 * d[6, 0]
-                        l1 = w00 * d[0, 1] + w01 * d[2, 1] + w10 * d[4, 1] + w11 * d[6, 1]
-                        l2 = w00 * d[0, 2] + w01 * d[2, 2] + w10 * d[4, 2] + w11 * d[6, 2]
-                        h0 = w00 * d[1, 0] + w01 * d[3, 0] + w10 * d[5, 0] + w11 * d[7, 0]
-                        h1 = w00 * d[1, 1] + w01 * d[3, 1] + w10 * d[5, 1] + w11 * d[7, 1]
-                        h2 = w00 * d[1, 2] + w01 * d[3, 2] + w10 * d[5, 2] + w11 * d[7, 2]
-                        for k in range(k0, k1 + 1):
-                            bz = float(k - shift[2])
-                            g2 = G[2, 2] * bz + G[2, 3]
-                            if g2 < -0.5 or g2 > wn[2] - 0.5:
-                                continue
-                            g2 = min(max(g2, 0.0), wn[2] - 1.0)
-                            if min(int(g2), wn[2] - 2) != cc:
-                                continue
-                            o = row + k
-                            if air:
-                                out[o] = np.int16(lo)
-                                continue
-                            fz = g2 - cc
-                            px = bx + l0 + (h0 - l0) * fz
-                            py = by + l1 + (h1 - l1) * fz
-                            pz = bz + l2 + (h2 - l2) * fz
-                            if (px < -0.5 or py < -0.5 or pz < -0.5 or px > nb0 - 0.5
-                                    or py > nb1 - 0.5 or pz > nb2 - 0.5):
-                                out[o] = np.int16(lo)
-                                continue
-                            # the rest point's fine block: all samples there are air
-                            cx = min(max(px, 0.0), nb0 - 1.0)
-                            cy = min(max(py, 0.0), nb1 - 1.0)
-                            cz = min(max(pz, 0.0), nb2 - 1.0)
-                            if focc[int(cx) // FINE, int(cy) // FINE, int(cz) // FINE] == 0:
-                                out[o] = np.int16(lo)
-                                continue
-                            v16 = _to_i16(_hu_at(base, 0, nb0, nb1, nb2, px, py, pz, lo))
-                            out[o] = v16
-                            if v16 > lo:
-                                _mark(occ, i, j, k)
-                continue
-            for i in range(i0, i1 + 1):
-                bx = float(i - shift[0])
-                for j in range(j0, j1 + 1):
-                    by = float(j - shift[1])
-                    for k in range(k0, k1 + 1):
-                        bz = float(k - shift[2])
-                        g0 = G[0, 0] * bx + G[0, 1] * by + G[0, 2] * bz + G[0, 3]
-                        g1 = G[1, 0] * bx + G[1, 1] * by + G[1, 2] * bz + G[1, 3]
-                        g2 = G[2, 0] * bx + G[2, 1] * by + G[2, 2] * bz + G[2, 3]
-                        if (g0 < -0.5 or g1 < -0.5 or g2 < -0.5 or g0 > wn[0] - 0.5
-                                or g1 > wn[1] - 0.5 or g2 > wn[2] - 0.5):
-                            continue
-                        g0 = min(max(g0, 0.0), wn[0] - 1.0)
-                        g1 = min(max(g1, 0.0), wn[1] - 1.0)
-                        g2 = min(max(g2, 0.0), wn[2] - 1.0)
-                        if (min(int(g0), wn[0] - 2) != ca or min(int(g1), wn[1] - 2) != cb
-                                or min(int(g2), wn[2] - 2) != cc):
-                            continue
-                        o = (i * n1 + j) * n2 + k
-                        if air:
-                            out[o] = np.int16(lo)
-                            continue
-                        fx = g0 - ca
-                        fy = g1 - cb
-                        fz = g2 - cc
-                        px = bx
-                        py = by
-                        pz = bz
-                        for q in range(8):
-                            w = ((fx if (q & 4) else 1.0 - fx) * (fy if (q & 2) else 1.0 - fy)
-                                 * (fz if (q & 1) else 1.0 - fz))
-                            px += w * d[q, 0]
-                            py += w * d[q, 1]
-                            pz += w * d[q, 2]
-                        if (px < -0.5 or py < -0.5 or pz < -0.5 or px > nb0 - 0.5
-                                or py > nb1 - 0.5 or pz > nb2 - 0.5):
-                            out[o] = np.int16(lo)
-                        else:
-                            v16 = _to_i16(_hu_at(base, 0, nb0, nb1, nb2, px, py, pz, lo))
-                            out[o] = v16
-                            if v16 > lo:
-                                _mark(occ, i, j, k)
+            warp_cell(out, occ, on, shift, base, bn, focc, fcum, G, Ginv, wn, disp, B, lo, dirty, diag, d,
+                      cells[c, 0], cells[c, 1], cells[c, 2])
+
+
+def subs_part_row(out, occ, on, shift, sdata, smask, offs, sns, S, aligned, boxes, spans, soffs, lo, i, j, s):
+    """Sub-volume s written on output row (i, j), inside its box (see ``compose_subs``)."""
+    n1 = on[1]
+    n2 = on[2]
+    bx = float(i - shift[0])
+    by = float(j - shift[1])
+    orow = (i * n1 + j) * n2
+    off = offs[s]
+    s0 = sns[s, 0]
+    s1 = sns[s, 1]
+    s2 = sns[s, 2]
+    if aligned[s, 3] != 0:
+        a = i - shift[0] - aligned[s, 0]
+        dk = shift[2] + aligned[s, 2]
+        b = j - shift[1] - aligned[s, 1]
+        srow = off + (a * s1 + b) * s2
+        r = soffs[s] + a * s1 + b
+        for k in range(max(boxes[s, 4], spans[0, r] + dk), min(boxes[s, 5], spans[1, r] + dk) + 1):
+            c = k - dk
+            if smask[srow + c] != 0:
+                v = sdata[srow + c]
+                out[orow + k] = v
+                if v > lo:
+                    _mark(occ, i, j, k)
+        return
+    x0 = S[s, 0, 0] * bx + S[s, 0, 1] * by + S[s, 0, 3]
+    y0 = S[s, 1, 0] * bx + S[s, 1, 1] * by + S[s, 1, 3]
+    z0 = S[s, 2, 0] * bx + S[s, 2, 1] * by + S[s, 2, 3]
+    # clip the row to the sub-volume's cell box (sub index linear in bz = k - shift)
+    klo = float(boxes[s, 4])
+    khi = float(boxes[s, 5])
+    for ax in range(3):
+        p0 = x0 if ax == 0 else (y0 if ax == 1 else z0)
+        sl = S[s, ax, 2]
+        nax = float(sns[s, ax])
+        if abs(sl) < 1e-12:
+            if p0 < -0.5 or p0 > nax - 0.5:
+                khi = -1.0
+                klo = 0.0
+        else:
+            ta = (-0.5 - p0) / sl + shift[2]
+            tb = (nax - 0.5 - p0) / sl + shift[2]
+            if ta > tb:
+                tmp = ta
+                ta = tb
+                tb = tmp
+            klo = max(klo, math.ceil(min(max(ta, klo - 1.0), khi + 1.0) - 1e-9))
+            khi = min(khi, math.floor(min(max(tb, klo - 1.0), khi + 1.0) + 1e-9))
+    for k in range(int(klo), int(khi) + 1):
+        bz = float(k - shift[2])
+        x = x0 + S[s, 0, 2] * bz
+        y = y0 + S[s, 1, 2] * bz
+        z = z0 + S[s, 2, 2] * bz
+        if claims(smask, off, s0, s1, s2, x, y, z):
+            v16 = _to_i16(_hu_at(sdata, off, s0, s1, s2, x, y, z, lo))
+            out[orow + k] = v16
+            if v16 > lo:
+                _mark(occ, i, j, k)
+
+
+def subs_row(out, occ, on, shift, sdata, smask, offs, sns, S, aligned, boxes, order, spans, soffs, lo, i, j):
+    """Output row (i, j): the sub-volumes whose boxes hold it, in ``order`` (see ``compose_subs``)."""
+    for q in range(order.shape[0]):
+        s = order[q]
+        if i >= boxes[s, 0] and i <= boxes[s, 1] and j >= boxes[s, 2] and j <= boxes[s, 3]:
+            subs_part_row(out, occ, on, shift, sdata, smask, offs, sns, S, aligned, boxes, spans, soffs, lo, i, j, s)
+
+
+def subs_span(on, boxes, order):
+    """(first i, last i, first j, last j) of the output rows that some sub-volume's box covers
+    (first > last: none)."""
+    i_lo = on[0]
+    i_hi = -1
+    j_lo = on[1]
+    j_hi = -1
+    for q in range(order.shape[0]):
+        s = order[q]
+        if boxes[s, 1] >= boxes[s, 0] and boxes[s, 3] >= boxes[s, 2]:
+            i_lo = min(i_lo, boxes[s, 0])
+            i_hi = max(i_hi, boxes[s, 1])
+            j_lo = min(j_lo, boxes[s, 2])
+            j_hi = max(j_hi, boxes[s, 3])
+    return max(i_lo, 0), min(i_hi, on[0] - 1), max(j_lo, 0), min(j_hi, on[1] - 1)
 
 
 def compose_subs(out, occ, on, shift, sdata, smask, offs, sns, S, aligned, boxes, order, spans, soffs, lo):
     """The rigid sub-volumes written where their masks (nearest voxel) are set, in ``order``
     (the last written wins: pass the reverse of the priority order). Parallel over output
-    planes, each plane visiting the sub-volumes in order.
+    planes, each plane visiting the sub-volumes in order (``subs_part_row``; the CUDA kernel
+    runs a thread per row, ``subs_row``).
 
     ``S`` (n, 3, 4): base index -> sub index; ``aligned`` (n, 4): (t, 1) when S is the
     translation by -t (the sub's voxels are copied as stored: at its own place a sub-volume
     gives back the CT voxel for voxel), else (0, 0, 0, 0); ``boxes`` (n, 6): the inclusive
     output voxel ranges to visit. ``spans`` (2, sum of rows): per sub-volume row (a, b), the
     first and last masked c (first > last: none), from row ``soffs[s]`` on."""
-    n1 = on[1]
-    n2 = on[2]
-    i_lo = on[0]
-    i_hi = -1
-    for q in range(order.shape[0]):
-        s = order[q]
-        if boxes[s, 1] >= boxes[s, 0]:
-            i_lo = min(i_lo, boxes[s, 0])
-            i_hi = max(i_hi, boxes[s, 1])
-    for i in prange(max(i_lo, 0), min(i_hi, on[0] - 1) + 1):  # noqa: F821 (prange: a global of the build namespace)
-        bx = float(i - shift[0])
+    i_lo, i_hi, j_lo, j_hi = subs_span(on, boxes, order)
+    for i in prange(i_lo, i_hi + 1):  # noqa: F821 (prange: a global of the build namespace)
         for q in range(order.shape[0]):
             s = order[q]
-            if i < boxes[s, 0] or i > boxes[s, 1]:
-                continue
-            off = offs[s]
-            s0 = sns[s, 0]
-            s1 = sns[s, 1]
-            s2 = sns[s, 2]
-            if aligned[s, 3] != 0:
-                a = i - shift[0] - aligned[s, 0]
-                dk = shift[2] + aligned[s, 2]
+            if i >= boxes[s, 0] and i <= boxes[s, 1]:
                 for j in range(boxes[s, 2], boxes[s, 3] + 1):
-                    b = j - shift[1] - aligned[s, 1]
-                    srow = off + (a * s1 + b) * s2
-                    orow = (i * n1 + j) * n2
-                    r = soffs[s] + a * s1 + b
-                    for k in range(max(boxes[s, 4], spans[0, r] + dk), min(boxes[s, 5], spans[1, r] + dk) + 1):
-                        c = k - dk
-                        if smask[srow + c] != 0:
-                            v = sdata[srow + c]
-                            out[orow + k] = v
-                            if v > lo:
-                                _mark(occ, i, j, k)
-                continue
-            for j in range(boxes[s, 2], boxes[s, 3] + 1):
-                by = float(j - shift[1])
-                x0 = S[s, 0, 0] * bx + S[s, 0, 1] * by + S[s, 0, 3]
-                y0 = S[s, 1, 0] * bx + S[s, 1, 1] * by + S[s, 1, 3]
-                z0 = S[s, 2, 0] * bx + S[s, 2, 1] * by + S[s, 2, 3]
-                # clip the row to the sub-volume's cell box (sub index linear in bz = k - shift)
-                klo = float(boxes[s, 4])
-                khi = float(boxes[s, 5])
-                for ax in range(3):
-                    p0 = x0 if ax == 0 else (y0 if ax == 1 else z0)
-                    sl = S[s, ax, 2]
-                    nax = float(sns[s, ax])
-                    if abs(sl) < 1e-12:
-                        if p0 < -0.5 or p0 > nax - 0.5:
-                            khi = -1.0
-                            klo = 0.0
-                        continue
-                    ta = (-0.5 - p0) / sl + shift[2]
-                    tb = (nax - 0.5 - p0) / sl + shift[2]
-                    if ta > tb:
-                        ta, tb = tb, ta
-                    klo = max(klo, math.ceil(min(max(ta, klo - 1.0), khi + 1.0) - 1e-9))
-                    khi = min(khi, math.floor(min(max(tb, klo - 1.0), khi + 1.0) + 1e-9))
-                for k in range(int(klo), int(khi) + 1):
-                    bz = float(k - shift[2])
-                    x = x0 + S[s, 0, 2] * bz
-                    y = y0 + S[s, 1, 2] * bz
-                    z = z0 + S[s, 2, 2] * bz
-                    if not claims(smask, off, s0, s1, s2, x, y, z):
-                        continue
-                    v16 = _to_i16(_hu_at(sdata, off, s0, s1, s2, x, y, z, lo))
-                    out[(i * n1 + j) * n2 + k] = v16
-                    if v16 > lo:
-                        _mark(occ, i, j, k)
+                    subs_part_row(out, occ, on, shift, sdata, smask, offs, sns, S, aligned, boxes, spans, soffs,
+                                  lo, i, j, s)
 
 
 def occupancy_par(flat, nz_table, nx, ny, nz, bs):
@@ -1237,21 +1283,48 @@ def warp_cells(disp):
     return cells
 
 
-def mark_boxes(dirty, boxes):
-    """Set ``dirty`` (the output's BLOCK^3 grid) over the blocks that the inclusive output
-    voxel boxes (m, 6) = (i0, i1, j0, j1, k0, k1) touch (empty boxes, i1 < i0, are skipped)."""
-    for m in range(boxes.shape[0]):
-        if boxes[m, 1] < boxes[m, 0] or boxes[m, 3] < boxes[m, 2] or boxes[m, 5] < boxes[m, 4]:
-            continue
+def mark_box(dirty, boxes, m):
+    """Set ``dirty`` (the output's BLOCK^3 grid) over the blocks that the inclusive output voxel
+    box m of ``boxes`` (m, 6) = (i0, i1, j0, j1, k0, k1) touches (an empty box, i1 < i0, sets none)."""
+    if boxes[m, 1] >= boxes[m, 0] and boxes[m, 3] >= boxes[m, 2] and boxes[m, 5] >= boxes[m, 4]:
         for a in range(max(boxes[m, 0], 0) // BLOCK, min(boxes[m, 1] // BLOCK, dirty.shape[0] - 1) + 1):
             for b in range(max(boxes[m, 2], 0) // BLOCK, min(boxes[m, 3] // BLOCK, dirty.shape[1] - 1) + 1):
                 for c in range(max(boxes[m, 4], 0) // BLOCK, min(boxes[m, 5] // BLOCK, dirty.shape[2] - 1) + 1):
                     dirty[a, b, c] = 1
 
 
+def mark_boxes(dirty, boxes):
+    """``mark_box`` for every box of ``boxes``."""
+    for m in range(boxes.shape[0]):
+        mark_box(dirty, boxes, m)
+
+
+def restore_row(out, on, shift, base, bn, lo, i, j, k0, k1):
+    """Voxels k0 <= k < k1 of output row (i, j) back to their clean content: the base voxel where
+    the row lies on the base (at ``shift``), ``lo`` (air) elsewhere."""
+    n1 = on[1]
+    n2 = on[2]
+    bi = i - shift[0]
+    bj = j - shift[1]
+    row = (i * n1 + j) * n2
+    if bi >= 0 and bi < bn[0] and bj >= 0 and bj < bn[1]:
+        brow = (bi * bn[1] + bj) * bn[2] - shift[2]
+        m0 = min(max(shift[2], k0), k1)
+        m1 = max(min(shift[2] + bn[2], k1), m0)
+        for k in range(k0, m0):
+            out[row + k] = lo
+        for k in range(m0, m1):
+            out[row + k] = base[brow + k]
+        for k in range(m1, k1):
+            out[row + k] = lo
+    else:
+        for k in range(k0, k1):
+            out[row + k] = lo
+
+
 def restore_blocks(out, on, shift, base, bn, dirty, lo):
-    """Give the marked BLOCK^3 blocks of ``out`` (shape ``on``) back their clean content: the
-    base voxel where the block lies on the base (at ``shift``), ``lo`` (air) elsewhere."""
+    """Give the marked BLOCK^3 blocks of ``out`` (shape ``on``) back their clean content
+    (``restore_row``)."""
     n1 = on[1]
     n2 = on[2]
     for a in prange(dirty.shape[0]):  # noqa: F821 (prange: a global of the build namespace)
@@ -1260,26 +1333,67 @@ def restore_blocks(out, on, shift, base, bn, dirty, lo):
                 if dirty[a, b, c] == 0:
                     continue
                 for i in range(a * BLOCK, min(a * BLOCK + BLOCK, on[0])):
-                    bi = i - shift[0]
                     for j in range(b * BLOCK, min(b * BLOCK + BLOCK, n1)):
-                        bj = j - shift[1]
-                        row = (i * n1 + j) * n2
-                        k0 = c * BLOCK
-                        k1 = min(c * BLOCK + BLOCK, n2)
-                        if bi >= 0 and bi < bn[0] and bj >= 0 and bj < bn[1]:
-                            brow = (bi * bn[1] + bj) * bn[2] - shift[2]
-                            m0 = min(max(shift[2], k0), k1)
-                            m1 = max(min(shift[2] + bn[2], k1), m0)
-                            for k in range(k0, m0):
-                                out[row + k] = lo
-                            for k in range(m0, m1):
-                                out[row + k] = base[brow + k]
-                            for k in range(m1, k1):
-                                out[row + k] = lo
-                        else:
-                            for k in range(k0, k1):
-                                out[row + k] = lo
+                        restore_row(out, on, shift, base, bn, lo, i, j, c * BLOCK, min(c * BLOCK + BLOCK, n2))
 
+
+# CUDA drivers of the composition bodies above (one thread per warp cell, output row, block row or box).
+def cuda_compose_warp(out, occ, on, shift, base, bn, focc, fcum, G, Ginv, wn, disp, B, lo, dirty, diag):
+    """``compose_warp`` over every warp cell with a moved node (no cell list: a thread per cell)."""
+    p = cuda.grid(1)  # noqa: F821 (cuda: a global of the build namespace)
+    nb = wn[1] - 1
+    nc = wn[2] - 1
+    if p < (wn[0] - 1) * nb * nc:
+        ca = p // (nb * nc)
+        r = p - ca * nb * nc
+        cb = r // nc
+        cc = r - cb * nc
+        if cell_moved(disp, ca, cb, cc):
+            d = cuda.local.array((8, 3), numba.float64)  # noqa: F821
+            warp_cell(out, occ, on, shift, base, bn, focc, fcum, G, Ginv, wn, disp, B, lo, dirty, diag, d,
+                      ca, cb, cc)
+
+
+def cuda_compose_subs(out, occ, on, shift, sdata, smask, offs, sns, S, aligned, boxes, order, spans, soffs, lo,
+                      i_lo, j_lo, ni, nj):
+    """``compose_subs`` with a thread per output row (i, j) of the ni x nj rows from (i_lo, j_lo)."""
+    p = cuda.grid(1)  # noqa: F821
+    if p < ni * nj:
+        i = i_lo + p // nj
+        j = j_lo + p - (p // nj) * nj
+        subs_row(out, occ, on, shift, sdata, smask, offs, sns, S, aligned, boxes, order, spans, soffs, lo, i, j)
+
+
+def cuda_mark_boxes(dirty, boxes):
+    m = cuda.grid(1)  # noqa: F821
+    if m < boxes.shape[0]:
+        mark_box(dirty, boxes, m)
+
+
+def cuda_restore_blocks(out, on, shift, base, bn, dirty, lo, every):
+    """``restore_blocks`` with a thread per block row (block, i, j); ``every``: all blocks (the
+    clean frame from scratch), else the marked ones."""
+    p = cuda.grid(1)  # noqa: F821
+    d0 = dirty.shape[0]
+    d1 = dirty.shape[1]
+    d2 = dirty.shape[2]
+    if p < d0 * d1 * d2 * BLOCK * BLOCK:
+        blk = p // (BLOCK * BLOCK)
+        r = p - blk * (BLOCK * BLOCK)
+        a = blk // (d1 * d2)
+        b = (blk // d2) - a * d1
+        c = blk - (blk // d2) * d2
+        i = a * BLOCK + r // BLOCK
+        j = b * BLOCK + r - (r // BLOCK) * BLOCK
+        if (every != 0 or dirty[a, b, c] != 0) and i < on[0] and j < on[1]:
+            restore_row(out, on, shift, base, bn, lo, i, j, c * BLOCK, min(c * BLOCK + BLOCK, on[2]))
+
+
+def cuda_fill_u8(arr, src, copy):
+    """``arr`` (flat uint8) := ``src`` (``copy`` != 0) or 0, a thread per element."""
+    p = cuda.grid(1)  # noqa: F821
+    if p < arr.shape[0]:
+        arr[p] = src[p] if copy != 0 else 0
 
 
 # (function, numba.njit options besides cache=True), compiled by _compose_build()
@@ -1290,6 +1404,14 @@ _COMPOSE_DEFS = (
     ("_to_i16", {"inline": "always"}),
     ("_mark", {"inline": "always"}),
     ("_any_occ", {"inline": "always"}),
+    ("warp_diag", {"inline": "always"}),
+    ("cell_moved", {"inline": "always"}),
+    ("warp_cell", {"inline": "always"}),
+    ("subs_part_row", {"inline": "always"}),
+    ("subs_row", {"inline": "always"}),
+    ("subs_span", {"inline": "always"}),
+    ("mark_box", {"inline": "always"}),
+    ("restore_row", {"inline": "always"}),
     ("compose_warp", {"parallel": True}),
     ("compose_subs", {"parallel": True}),
     ("occupancy_par", {"parallel": True}),
@@ -1297,6 +1419,10 @@ _COMPOSE_DEFS = (
     ("mark_boxes", {}),
     ("restore_blocks", {"parallel": True}),
 )
+# the per-element bodies that the CUDA drivers share with the CPU ones (device functions there)
+_COMPOSE_SHARED = ("claims", "lerp3", "_hu_at", "_to_i16", "_mark", "_any_occ", "warp_diag", "cell_moved",
+                   "warp_cell", "subs_part_row", "subs_row", "subs_span", "mark_box", "restore_row")
+_COMPOSE_CUDA = ("cuda_compose_warp", "cuda_compose_subs", "cuda_mark_boxes", "cuda_restore_blocks", "cuda_fill_u8")
 
 
 def _compose_build():
@@ -1313,11 +1439,36 @@ def _compose_build():
 
 
 _COMPOSE = None
+_COMPOSE_GPU = None
 
 
 def compose_kernels() -> dict:
-    """{'warp', 'subs', 'occupancy'}: the CPU scene-composition kernels (compiled lazily)."""
+    """{'warp', 'subs', 'occupancy', ...}: the CPU scene-composition kernels (compiled lazily)."""
     global _COMPOSE
     if _COMPOSE is None:
         _COMPOSE = _compose_build()
     return _COMPOSE
+
+
+def compose_cuda_namespace(decorate, extra: dict) -> dict:
+    """The composition bodies compiled with ``decorate`` (CUDA device functions) in a fresh namespace."""
+    ns = dict(globals())
+    ns.update(extra)
+    for name in _COMPOSE_SHARED:
+        f = globals()[name]
+        ns[name] = decorate(types.FunctionType(f.__code__, ns, name, f.__defaults__))
+    return ns
+
+
+def compose_cuda_kernels() -> dict:
+    """{'warp', 'subs', 'mark_boxes', 'restore_blocks', 'fill_u8'}: the CUDA scene-composition
+    kernels, built from the same bodies as the CPU ones (compiled lazily)."""
+    global _COMPOSE_GPU
+    if _COMPOSE_GPU is None:
+        import numba
+        from numba import cuda
+
+        ns = compose_cuda_namespace(lambda f: cuda.jit(device=True)(f), {"cuda": cuda, "numba": numba})
+        _COMPOSE_GPU = {name[len("cuda_"):].replace("compose_", ""): cuda.jit(
+            types.FunctionType(globals()[name].__code__, ns, name)) for name in _COMPOSE_CUDA}
+    return _COMPOSE_GPU

@@ -44,7 +44,7 @@ from ..fileio import atomic_path, read_json, write_json
 from ..volumes.volume import apply_transform, invert_affine
 from . import physics
 from .carm import default_views
-from .kernels import BLOCK, compose_kernels, cuda_kernels, FINE, cpu_kernels
+from .kernels import BLOCK, compose_cuda_kernels, compose_kernels, cuda_kernels, FINE, cpu_kernels, subs_span, warp_diag
 from .xray import form_image, XraySetup
 from .. import progress
 # Imported where used, so that importing this module stays light: numba, tifffile (heavy or optional
@@ -171,6 +171,11 @@ def occupancy_grid(flat: np.ndarray, lut: np.ndarray, shape, bs: int = BLOCK) ->
     return np.ascontiguousarray(occ.reshape(-1))
 
 
+def _on_device(a) -> bool:
+    """Whether ``a`` is a CUDA device array (not host memory)."""
+    return a is not None and not isinstance(a, np.ndarray) and hasattr(a, "copy_to_host")
+
+
 @dataclass
 class PreparedVolume:
     """A volume in the kernels' compact resident form (see module docstring)."""
@@ -203,9 +208,12 @@ class PreparedVolume:
                               self.quantity, self.occ, self.lin, self._gpu)
 
     def gpu(self, name: str, host: np.ndarray):
-        """Device copy of one of this volume's persistent arrays (flat, lut, occ), made once."""
+        """Device copy of one of this volume's persistent arrays (flat, lut, occ), made once; a
+        device array (a frame composed on the GPU) is used as it is."""
         from numba import cuda
 
+        if _on_device(host):
+            return host
         key = (name, id(host))
         if key not in self._gpu:
             self._gpu[key] = cuda.to_device(host)
@@ -221,6 +229,15 @@ class PreparedVolume:
                 del self._gpu[k]
             self._gpu[key] = cuda.to_device(self.M)
         return self._gpu[key]
+
+    def host(self) -> "PreparedVolume":
+        """This volume with its voxels and occupancy grid in host memory (copied back from the GPU
+        when ``compose_scene(..., "cuda")`` left them there; else itself)."""
+        if not _on_device(self.flat):
+            return self
+        occ = self.occ.copy_to_host() if _on_device(self.occ) else self.occ
+        return PreparedVolume(self.flat.copy_to_host(), self.shape, self.affine, self.lut, self.quantity, occ,
+                              self.lin)
 
     def bbox_world(self):
         n = np.asarray(self.shape, dtype=np.float64)
@@ -289,7 +306,7 @@ def _table_and_occupancy(pv: PreparedVolume, lut) -> tuple[np.ndarray, tuple, np
         raise CtwinError("a look-up table must have 65536 entries")
     occ = pv.occupancy()
     if lut is not None and np.any((table > 0) & ~(pv.lut > 0)):
-        occ = np.ones_like(occ)  # the override table is non-zero where the grid says empty
+        occ = np.ones(occ.shape, np.uint8)  # the override table is non-zero where the grid says empty
     return table, lin, occ
 
 
@@ -308,6 +325,8 @@ def render_drr(volume, geometry, *, method: str = "trilinear", step_mm: float | 
         return render_drr_batch(pv, [geometry], method=method, step_mm=step_mm, device=device,
                                 samples_per_ray=samples_per_ray, lut=lut)[0]
     dev = resolve_device(device)
+    if dev == "cpu":
+        pv = pv.host()
     step = default_step(pv.spacing) if step_mm is None else float(step_mm)
     if not step > 0:
         raise CtwinError(f"step must be positive, got {step}")
@@ -356,6 +375,8 @@ def render_drr_batch(volume, geometries, *, transforms=None, method: str = "tril
     if method not in METHODS:
         raise CtwinError(f"unknown projector method {method!r}; use one of {', '.join(METHODS)}")
     dev = resolve_device(device)
+    if dev == "cpu":
+        pv = pv.host()
     nsamp = 0
     if samples_per_ray is not None:
         if method != "trilinear":
@@ -494,7 +515,7 @@ def material_integrals(volume, geometry, hu_table, *, method="trilinear", step_m
     """{material: integral of its partial density (g/cm3 x mm) along each ray} for a HU volume,
     one projection per material of the calibration that the volume's HU values use. ``overrides``:
     the materials of the reserved label codes (``core.drr.xray.apply_label_materials``)."""
-    pv = prepare_volume(volume)
+    pv = prepare_volume(volume).host()
     if pv.quantity != "hu":
         raise CtwinError("realistic physics (--kvp) needs a HU volume (int16), not mu")
     present = np.bincount(pv.flat.view(np.uint16).ravel(), minlength=65536) > 0
@@ -716,7 +737,7 @@ def render_scene(scene: Scene, geometry, *, step_mm: float | None = None,
     if compose is None:
         compose = scene.compose and base.quantity == "hu" and (not scene.parts or pk["slin"][0] != 0.0)
     if compose:
-        return render_drr(compose_scene(scene), geometry, step_mm=step, device=dev)
+        return render_drr(compose_scene(scene, dev), geometry, step_mm=step, device=dev)
     if scene.warp is not None:
         disp, waff = scene.warp
         disp = np.ascontiguousarray(disp, dtype=np.float32)
@@ -847,21 +868,27 @@ def _grid_from_bounds(lo, hi, n) -> tuple[np.ndarray, np.ndarray]:
     return i0.astype(np.int64), (n - i0 + ext).astype(np.int64)
 
 
-def compose_scene(scene: Scene) -> PreparedVolume:
+def compose_scene(scene: Scene, device: str = "cpu") -> PreparedVolume:
     """The scene's current frame written onto one grid (``scene_grid``), HU int16, prepared for
     ``render_drr`` (occupancy included). Cached per frame (the parts' affines, the warp array
-    object and the grid): several views of one frame compose once.
+    object, the grid and the device): several views of one frame compose once.
 
     Per voxel centre: the first part (in order) whose nearest voxel is in its mask gives its
     trilinear HU; otherwise the base, pulled through the warp (trilinear displacement, trilinear
     HU). Where nothing moved (parts at integer offsets on the base lattice, zero
     displacement) the stored voxels are copied, so an unmoved scene gives back its CT voxel for
-    voxel."""
+    voxel.
+
+    ``device``: "cpu" (numba parallel), "cuda" (the same per-cell / per-row bodies as CUDA
+    kernels: the base, the parts, the fine air grids and the frame buffers stay on the GPU; per
+    frame the displacement grid and the parts' placements go up, and the frame stays there: the
+    returned volume holds device arrays, which ``render_drr`` renders in place) or "auto"."""
     pk = scene._pack()
     base: PreparedVolume = pk["base"]
     if base.quantity != "hu" or (scene.parts and pk["slin"][0] == 0.0):
         raise CtwinError("compose_scene needs HU volumes (int16); render float16 mu scenes with compose=False")
-    key = _frame_key(scene)
+    dev = resolve_device(device)
+    key = _frame_key(scene) + (dev,)
     hit = scene._composed.get(key)
     if hit is not None:
         return hit[0]
@@ -869,23 +896,10 @@ def compose_scene(scene: Scene) -> PreparedVolume:
     bn = np.asarray(base.shape, np.int64)
     i0, on = scene_grid(scene)
     shift = -i0
-    # the base in place, air around it; its occupancy grid likewise (whole-block shift)
-    buf = _buffer(scene, int(np.prod(on)))
-    out = buf[: int(np.prod(on))]
-    out3 = out.reshape(tuple(on))
-    sl = tuple(slice(int(a), int(a + b)) for a, b in zip(shift, bn))
     ob = -(-on // BLOCK)
     layout = (tuple(int(v) for v in i0), tuple(int(v) for v in on))
-    state = scene._buffer_state.pop(id(buf), None)
-    if state is not None and state["buffer"] is buf and state["layout"] == layout:
-        # the buffer holds an earlier frame on this grid: only the blocks that frame wrote go back
-        # to the base in place / air (the rest already is)
-        k["restore_blocks"](out, on, shift, base.flat, bn, state["dirty"], int(_AIR_HU))
-    else:
-        _fill_clean(out3, base, bn, on, sl)
-    occ, bo = _base_occupancy(base, bn, on, shift)
-    dirty = np.zeros(tuple(ob), np.uint8)
     binv = invert_affine(base.affine)
+    warp = None  # (d32, G, Ginv, B, wbase) when the warp moves something
     keep = None
     if scene.warp is not None:
         disp, waff = scene.warp
@@ -893,68 +907,162 @@ def compose_scene(scene: Scene) -> PreparedVolume:
         wn = np.asarray(disp.shape[:3], np.int64)
         if np.all(wn >= 2):
             d32 = np.ascontiguousarray(disp, dtype=np.float32)
+            G = (invert_affine(waff) @ base.affine)[:3]
+            G[np.abs(G) < 1e-12 * np.abs(G).max()] = 0.0
+            warp = (d32, np.ascontiguousarray(G), np.ascontiguousarray((binv @ waff)[:3]),
+                    np.ascontiguousarray(binv[:3, :3]), wn, _warp_base(scene, pk))
+    subs = _subs_frame(scene, pk, base, binv, shift, on) if scene.parts else None
+    if dev == "cuda":
+        out, occ, buf, state = _compose_cuda(scene, pk, base, bn, on, shift, ob, layout, warp, subs)
+    else:
+        buf = _buffer(scene, int(np.prod(on)))
+        out = buf[: int(np.prod(on))]
+        state = scene._buffer_state.pop(id(buf), None)
+        if state is not None and state["buffer"] is buf and state["layout"] == layout:
+            # the buffer holds an earlier frame on this grid: only the blocks that frame wrote go back
+            # to the base in place / air (the rest already is)
+            k["restore_blocks"](out, on, shift, base.flat, bn, state["dirty"], int(_AIR_HU))
+        else:
+            _fill_clean(out.reshape(tuple(on)), base, bn, on, tuple(slice(int(a), int(a + b)) for a, b in zip(shift, bn)))
+        occ, bo = _base_occupancy(base, bn, on, shift)
+        dirty = np.zeros(tuple(ob), np.uint8)
+        if warp is not None:
+            d32, G, Ginv, B, wn, wbase = warp
             cells = k["warp_cells"](d32)
             if len(cells):
-                G = (invert_affine(waff) @ base.affine)[:3]
-                G[np.abs(G) < 1e-12 * np.abs(G).max()] = 0.0
-                G = np.ascontiguousarray(G)
-                Ginv = np.ascontiguousarray((binv @ waff)[:3])
-                wbase = _warp_base(scene, pk)
                 focc, fcum = _fine_air(wbase, pk)
-                k["warp"](out, occ, on, shift, wbase.flat, bn, focc, fcum, G, Ginv, wn, d32,
-                          np.ascontiguousarray(binv[:3, :3]), cells, float(_AIR_HU), dirty)
-    n = len(scene.parts)
-    if n:
-        S = np.empty((n, 3, 4))
-        aligned = np.zeros((n, 4), np.int64)
-        boxes = np.zeros((n, 6), np.int64)
-        boxes[:, 1] = -1  # empty
-        pa = np.stack([np.asarray(sv.affine, np.float64) for sv in scene.parts])
-        Sall = invert_affine(pa) @ base.affine  # base index -> part index, all parts at once
-        Sinv = binv @ pa  # part index -> base index
-        for i, sv in enumerate(scene.parts):
-            Si = Sall[i]
-            S[i] = Si[:3]
-            t = _aligned_offset(Si)
-            if t is not None:
-                sn = np.asarray(np.asarray(sv.data).shape, np.int64)
-                lo = np.maximum(t + shift, 0)
-                hi = np.minimum(t + shift + sn - 1, on - 1)
-                aligned[i, :3], aligned[i, 3] = t, 1
-            else:
-                cb = _sub_content_box(scene, i, pk)
-                if cb is None:
-                    continue
-                lo, hi = _box_to(Sinv[i], *cb)
-                lo = np.maximum(np.ceil(lo - 1e-9).astype(np.int64) + shift, 0)
-                hi = np.minimum(np.floor(hi + 1e-9).astype(np.int64) + shift, on - 1)
-            if np.all(hi >= lo):
-                boxes[i] = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]]
-        if "sns" not in pk:
-            pk["sns"] = np.array([np.asarray(sv.data).shape for sv in scene.parts], np.int64)
-            pk["offs_arr"] = np.asarray(pk["offs"], np.int64)
-            spans, soffs = [], [0]
-            for sv in scene.parts:  # per row of each mask: first and last masked voxel
-                m = np.asarray(sv.mask) != 0
-                anyr = m.any(axis=2)
-                first = np.where(anyr, m.argmax(axis=2), m.shape[2])
-                last = np.where(anyr, m.shape[2] - 1 - m[:, :, ::-1].argmax(axis=2), -1)
-                spans.append(np.stack([first.ravel(), last.ravel()]))
-                soffs.append(soffs[-1] + first.size)
-            pk["spans"] = np.ascontiguousarray(np.concatenate(spans, axis=1).astype(np.int64))
-            pk["soffs"] = np.asarray(soffs[:-1], np.int64)
-        k["subs"](out, occ, on, shift, pk["sdata"], pk["smask"], pk["offs_arr"], pk["sns"], S, aligned, boxes,
-                  np.arange(n - 1, -1, -1, dtype=np.int64), pk["spans"], pk["soffs"], float(_AIR_HU))
-        k["mark_boxes"](dirty, np.ascontiguousarray(boxes))
+                k["warp"](out, occ, on, shift, wbase.flat, bn, focc, fcum, G, Ginv, wn, d32, B, cells,
+                          float(_AIR_HU), dirty)
+        if subs is not None:
+            S, aligned, boxes, order = subs
+            k["subs"](out, occ, on, shift, pk["sdata"], pk["smask"], pk["offs_arr"], pk["sns"], S, aligned, boxes,
+                      order, pk["spans"], pk["soffs"], float(_AIR_HU))
+            k["mark_boxes"](dirty, boxes)
+        occ = occ.reshape(-1)
+        state = {"buffer": buf, "layout": layout, "dirty": dirty}
     shape = tuple(int(v) for v in on)
     t = np.eye(4)
     t[:3, 3] = i0
-    pv = PreparedVolume(out, shape, base.affine @ t, base.lut, "hu", occ.reshape(-1), base.lin)
+    pv = PreparedVolume(out, shape, base.affine @ t, base.lut, "hu", occ, base.lin)
+    if dev == "cuda":  # the base's device copy of the value table serves every frame
+        pv._gpu[("lut", id(base.lut))] = base.gpu("lut", base.lut)
     while len(scene._composed) >= _COMPOSED_KEEP:
         scene._composed.pop(next(iter(scene._composed)))
     scene._composed[key] = (pv, keep, buf)
-    scene._buffer_state[id(buf)] = {"buffer": buf, "layout": layout, "dirty": dirty}
+    scene._buffer_state[id(buf)] = state
     return pv
+
+
+def _subs_frame(scene: Scene, pk: dict, base: PreparedVolume, binv, shift, on) -> tuple:
+    """The parts' placement for one frame, as ``kernels.compose_subs`` takes it: (S, aligned, boxes,
+    order); fills the packed parts' per-scene arrays (shapes, offsets, mask row spans) once."""
+    n = len(scene.parts)
+    S = np.empty((n, 3, 4))
+    aligned = np.zeros((n, 4), np.int64)
+    boxes = np.zeros((n, 6), np.int64)
+    boxes[:, 1] = -1  # empty
+    pa = np.stack([np.asarray(sv.affine, np.float64) for sv in scene.parts])
+    Sall = invert_affine(pa) @ base.affine  # base index -> part index, all parts at once
+    Sinv = binv @ pa  # part index -> base index
+    for i, sv in enumerate(scene.parts):
+        Si = Sall[i]
+        S[i] = Si[:3]
+        t = _aligned_offset(Si)
+        if t is not None:
+            sn = np.asarray(np.asarray(sv.data).shape, np.int64)
+            lo = np.maximum(t + shift, 0)
+            hi = np.minimum(t + shift + sn - 1, on - 1)
+            aligned[i, :3], aligned[i, 3] = t, 1
+        else:
+            cb = _sub_content_box(scene, i, pk)
+            if cb is None:
+                continue
+            lo, hi = _box_to(Sinv[i], *cb)
+            lo = np.maximum(np.ceil(lo - 1e-9).astype(np.int64) + shift, 0)
+            hi = np.minimum(np.floor(hi + 1e-9).astype(np.int64) + shift, on - 1)
+        if np.all(hi >= lo):
+            boxes[i] = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]]
+    if "sns" not in pk:
+        pk["sns"] = np.array([np.asarray(sv.data).shape for sv in scene.parts], np.int64)
+        pk["offs_arr"] = np.asarray(pk["offs"], np.int64)
+        spans, soffs = [], [0]
+        for sv in scene.parts:  # per row of each mask: first and last masked voxel
+            m = np.asarray(sv.mask) != 0
+            anyr = m.any(axis=2)
+            first = np.where(anyr, m.argmax(axis=2), m.shape[2])
+            last = np.where(anyr, m.shape[2] - 1 - m[:, :, ::-1].argmax(axis=2), -1)
+            spans.append(np.stack([first.ravel(), last.ravel()]))
+            soffs.append(soffs[-1] + first.size)
+        pk["spans"] = np.ascontiguousarray(np.concatenate(spans, axis=1).astype(np.int64))
+        pk["soffs"] = np.asarray(soffs[:-1], np.int64)
+        pk["order"] = np.arange(n - 1, -1, -1, dtype=np.int64)
+    return S, aligned, boxes, pk["order"]
+
+
+def _launch(kernel, n: int, *args) -> None:
+    """``kernel`` over n threads (blocks of _TPB); nothing when n is 0."""
+    if n > 0:
+        kernel[(n + _TPB - 1) // _TPB, _TPB](*args)
+
+
+def _compose_cuda(scene: Scene, pk: dict, base: PreparedVolume, bn, on, shift, ob, layout, warp, subs):
+    """``compose_scene`` on the GPU (``kernels.compose_cuda_kernels``): returns (frame, occupancy,
+    buffer, buffer state), all device arrays. Resident across frames: the base, the warp base, its
+    fine air grids, the packed parts (in ``pk``), the frame buffers with their dirty-block grids, and
+    the clean occupancy grid of each grid layout."""
+    from numba import cuda
+
+    kc = compose_cuda_kernels()
+    nvox = int(np.prod(on))
+    buf = _buffer(scene, nvox, "cuda")
+    out = buf[:nvox]
+    d_base = base.gpu("flat", base.flat)
+    if "d_bn" not in pk:
+        pk["d_bn"] = cuda.to_device(np.asarray(bn, np.int64))
+    d_on = cuda.to_device(np.asarray(on, np.int64))
+    d_shift = cuda.to_device(np.asarray(shift, np.int64))
+    air = int(_AIR_HU)
+    state = scene._buffer_state.pop(id(buf), None)
+    nrows = int(np.prod(ob)) * BLOCK * BLOCK
+    if state is not None and state["buffer"] is buf and state["layout"] == layout:
+        dirty, occ = state["dirty"], state["occ"]  # restore the blocks the last frame wrote
+        _launch(kc["restore_blocks"], nrows, out, d_on, d_shift, d_base, pk["d_bn"], dirty, air, 0)
+    else:
+        dirty = cuda.device_array(tuple(int(v) for v in ob), np.uint8)
+        occ = cuda.device_array(tuple(int(v) for v in ob), np.uint8)
+        _launch(kc["restore_blocks"], nrows, out, d_on, d_shift, d_base, pk["d_bn"], dirty, air, 1)
+    clean = scene.resident.setdefault("d_clean_occ", {})
+    if layout not in clean:  # the clean grid's occupancy (the base's, shifted), once per layout
+        clean.clear()
+        clean[layout] = cuda.to_device(np.ascontiguousarray(_base_occupancy(base, bn, on, shift)[0]).reshape(-1))
+    flat_dirty = dirty.reshape(dirty.size)
+    flat_occ = occ.reshape(occ.size)
+    _launch(kc["fill_u8"], dirty.size, flat_dirty, flat_dirty, 0)
+    _launch(kc["fill_u8"], occ.size, flat_occ, clean[layout], 1)
+    if warp is not None:
+        d32, G, Ginv, B, wn, wbase = warp
+        if "d_fine_air" not in pk:
+            pk["d_fine_air"] = tuple(cuda.to_device(a) for a in _fine_air(wbase, pk))
+        focc, fcum = pk["d_fine_air"]
+        _launch(kc["warp"], int(np.prod(wn - 1)), out, occ, d_on, d_shift, wbase.gpu("flat", wbase.flat), pk["d_bn"],
+                focc, fcum, cuda.to_device(G), cuda.to_device(Ginv), cuda.to_device(wn), cuda.to_device(d32),
+                cuda.to_device(B), float(_AIR_HU), dirty, bool(warp_diag(G)))
+    if subs is not None:
+        S, aligned, boxes, order = subs
+        if "d_parts" not in pk:
+            if "d_sdata" not in pk:
+                pk["d_sdata"] = cuda.to_device(pk["sdata"])
+                pk["d_smask"] = cuda.to_device(pk["smask"])
+            pk["d_parts"] = tuple(cuda.to_device(pk[n]) for n in ("offs_arr", "sns", "order", "spans", "soffs"))
+        d_offs, d_sns, d_order, d_spans, d_soffs = pk["d_parts"]
+        i_lo, i_hi, j_lo, j_hi = subs_span(on, boxes, order)
+        ni, nj = max(i_hi - i_lo + 1, 0), max(j_hi - j_lo + 1, 0)
+        d_boxes = cuda.to_device(boxes)
+        _launch(kc["subs"], ni * nj, out, occ, d_on, d_shift, pk["d_sdata"], pk["d_smask"], d_offs, d_sns,
+                cuda.to_device(S), cuda.to_device(aligned), d_boxes, d_order, d_spans, d_soffs, float(_AIR_HU),
+                int(i_lo), int(j_lo), int(ni), int(nj))
+        _launch(kc["mark_boxes"], len(boxes), dirty, d_boxes)
+    return out, flat_occ, buf, {"buffer": buf, "layout": layout, "dirty": dirty, "occ": occ}
 
 
 def _fill_clean(out3, base: PreparedVolume, bn, on, sl) -> None:
@@ -989,20 +1097,27 @@ def _base_occupancy(base: PreparedVolume, bn, on, shift) -> tuple[np.ndarray, np
     return occ, bo
 
 
-def _buffer(scene: Scene, n: int) -> np.ndarray:
-    """An int16 array of at least n voxels for a composed frame: one of the scene's buffers that no cached
-    frame uses (fresh memory costs a page fault per 4 KiB on first touch, which for a whole CT
-    costs as much as composing it)."""
+def _buffer(scene: Scene, n: int, device: str = "cpu"):
+    """An int16 array of at least n voxels for a composed frame (a device array for "cuda"): one of
+    the scene's buffers that no cached frame uses (fresh memory costs a page fault per 4 KiB on
+    first touch, which for a whole CT costs as much as composing it)."""
     used = {id(v[2]) for v in scene._composed.values()}
-    pool = scene._buffers
+    pool = scene._buffers if device == "cpu" else scene.resident.setdefault("device_buffers", [])
     for b in pool:
         if id(b) not in used and b.size >= n:
             return b
-    pool[:] = [b for b in pool if id(b) in used]  # drop free buffers that are too small
+    dropped = {id(b) for b in pool if id(b) not in used}  # free buffers that are too small
+    pool[:] = [b for b in pool if id(b) in used]
     state = scene._buffer_state
-    for i in [i for i in state if i not in used]:
+    for i in [i for i in state if i in dropped]:
         del state[i]
-    b = np.empty(int(n * _BUFFER_SLACK), np.int16)  # room for the slightly larger grids of nearby poses
+    size = int(n * _BUFFER_SLACK)  # room for the slightly larger grids of nearby poses
+    if device == "cpu":
+        b = np.empty(size, np.int16)
+    else:
+        from numba import cuda
+
+        b = cuda.device_array(size, np.int16)
     pool.append(b)
     return b
 
