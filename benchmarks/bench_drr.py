@@ -250,41 +250,6 @@ def bench_rss():
           f"{float(t1):.2f} s, second render {float(t2):.2f} s; image max {float(vmax):.3f}")
 
 
-def check_ptx(cc=(9, 0)):
-    """Compile the CUDA kernels to PTX without a GPU (needs NVRTC/NVVM libraries, e.g. the
-    nvidia-cuda-nvrtc-cu12 and nvidia-cuda-nvcc-cu12 wheels on LD_LIBRARY_PATH): proves they type
-    and lower for a real device, which the CUDA simulator cannot."""
-    import types as pytypes
-
-    import numba
-    import numba.cuda.dispatcher as cuda_dispatcher
-    from numba import cuda
-    from numba.core import types as nt
-
-    from ctwin.core.drr import kernels
-
-    class _Device:  # device functions ask the current device for its compute capability
-        compute_capability = cc
-
-    cuda_dispatcher.get_current_device = lambda: _Device()
-    ns = kernels._build(lambda f: cuda.jit(device=True)(f), {"cuda": cuda, "numba": numba})
-    arr = lambda dt, nd=1: nt.Array(dt, nd, "C")  # noqa: E731
-    f64, i64 = nt.float64, nt.int64
-    sigs = {
-        "cuda_static": (arr(nt.float32, 2), arr(f64), arr(nt.int16), arr(nt.float32), f64, f64, f64, i64, i64,
-                        i64, arr(f64), arr(nt.uint8), f64, i64),
-        "cuda_batch": (arr(nt.float32, 3), arr(f64, 2), arr(nt.int16), arr(nt.float32), f64, f64, f64, i64, i64,
-                       i64, arr(f64, 2), arr(nt.uint8), arr(f64), i64, i64),
-        "cuda_scene": (arr(nt.float32, 2), arr(f64), arr(nt.int16), arr(nt.float32), f64, f64, f64, arr(i64),
-                       arr(f64), nt.boolean, arr(nt.float32, 4), arr(f64), arr(i64), arr(nt.int16),
-                       arr(nt.uint8), arr(nt.float32), f64, f64, f64, arr(f64, 2), i64, f64),
-    }
-    for name, sig in sigs.items():
-        f = getattr(kernels, name)
-        ptx, _ = cuda.compile_ptx(pytypes.FunctionType(f.__code__, ns, name), sig, device=False, cc=cc)
-        print(f"{name}: PTX for sm_{cc[0]}{cc[1]} compiled, {len(ptx)} characters")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -292,12 +257,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-phantom", action="store_true")
     ap.add_argument("--skip-rss", action="store_true")
-    ap.add_argument("--ptx-only", action="store_true", help="only compile the CUDA kernels to PTX")
     ap.add_argument("--rss-only", action="store_true", help="only the 512x512x1800 peak-RSS check")
     args = ap.parse_args()
-    if args.ptx_only:
-        check_ptx()
-        return
     if args.rss_only:
         bench_rss()
         return

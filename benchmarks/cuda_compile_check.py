@@ -1,4 +1,4 @@
-"""Compile the CUDA DRR and scene-composition kernels to PTX without a GPU, and count their registers.
+"""Compile the CUDA DRR, scene and scene-composition kernels to PTX without a GPU, and count their registers.
 
     LD_LIBRARY_PATH=$T/nvidia/cuda_nvrtc/lib:$T/nvidia/cuda_nvcc/nvvm/lib64 CUDA_HOME=$T/nvidia/cuda_nvcc \\
         PYTHONPATH=$T .venv/bin/python benchmarks/cuda_compile_check.py [--cc 9.0] [--ptxas PATH]
@@ -37,6 +37,10 @@ def signatures(numba):
     return {
         "cuda_static": (out2, geo) + vol + (numba.float64[::1], occ, f64, i64),
         "cuda_batch": (out3, geos) + vol + (numba.float64[:, ::1], occ, numba.float64[::1], i64, i64),
+        "cuda_scene": (out2, geo, numba.int16[::1], numba.float32[::1], f64, f64, f64, numba.int64[::1],
+                       numba.float64[::1], numba.boolean, numba.float32[:, :, :, ::1], numba.float64[::1],
+                       numba.int64[::1], numba.int16[::1], occ, numba.float32[::1], f64, f64, f64,
+                       numba.float64[:, ::1], i64, f64),
     }
 
 
