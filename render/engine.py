@@ -1,14 +1,25 @@
 """The "ctwin DRR" render engine: the scene camera is the X-ray source (SPEC 5).
 
 F12 renders the current frame; Render Animation and ``blender -b FILE -a`` render each frame.
-Each render puts the line-integral (or intensity/display) image into the render result (all of
-R, G, B = the value, A = 1) and writes ``<output path><frame>.tif`` (32-bit float, one channel,
-rows = detector rows) with its ``.json`` sidecar, atomically. Blender's own image saving is off
-for this engine, so those are the frame files. An animation render skips frames whose .tif and
-.json already hold this request (resume, ``core.safety.frame_to_skip``: the image reads back
-whole and the sidecar matches the camera, size, value, method, sampling, noise and physics); it
-reads them back into the render result instead. A damaged frame is rendered again; a frame written
-for another request is an error unless "Overwrite frames" is on.
+Each render puts the line-integral (or intensity/display/radiograph) image into the render result
+(all of R, G, B = the value, A = 1) and writes ``<output path><frame>.tif`` (32-bit float, one
+channel, rows = detector rows; or ``.dcm``, DICOM DX, with "Frame format") with its ``.json``
+sidecar, atomically. Blender's own image saving is off for this engine, so those are the frame
+files. An animation render skips frames whose image and .json already hold this request (resume,
+``core.safety.frame_to_skip``: the image reads back whole and the sidecar matches the camera, size,
+value, method, sampling, storage, noise and physics, label materials included); it reads them back
+into the render result instead. A damaged frame is rendered again; a frame written for another
+request is an error unless "Overwrite frames" is on.
+
+The settings (``scene.ctwin_drr``, the panel in Render Properties) are ``ctwin render``'s options
+with the same meaning, checks and sidecar keys: the camera gives the view, size, SID and beam
+shape, the scene's frame range the frames, the armature the pose; method, step, samples per ray,
+storage, output value and frame format; kVp with the tube (filters, anode angle, heel), detector
+(preset, CsI, focal spot), calibration (HU table), scatter and grid, noise (mAs or photons,
+electronic noise, seed); and label materials, a list of LABEL = MATERIAL entries (the UI list
+``CTWIN_UL_label_materials`` with the operators ``ctwin.label_material_add`` / ``_remove``) applied
+to the twin's labels, the panel workflow's segmentation, or the segmentation of the scene's CT
+(``render.scene_volumes``). Bad settings stop the render with one line in Blender's report.
 """
 from __future__ import annotations
 
