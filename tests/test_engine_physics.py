@@ -230,9 +230,6 @@ def test_label_material_list_and_bad_input_are_one_line_reports(registered, ct_s
     bpy.ops.ctwin.label_material_remove()
     assert len(s.label_materials) == 0
     assert not bpy.ops.ctwin.label_material_remove.poll()
-    # a panel with every option draws (the properties exist under their names)
-    from ctwin.render.engine import CTWIN_DRR_PT_settings  # noqa: F401
-
     def fails(msg):
         with pytest.raises(RuntimeError, match=msg) as e:
             bpy.ops.render.render(write_still=False)
