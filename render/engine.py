@@ -242,8 +242,8 @@ class CTWIN_DRR_RenderEngine(bpy.types.RenderEngine):
             self.update_stats("ctwin DRR", f"frame {frame}: projecting")
             img, _, _ = render_frame(scene, frame, depsgraph, resume=self.is_animation,
                                      write=scene.ctwin_drr.write_frames or self.is_animation)
-        except CtwinError as exc:
-            self.report({"ERROR"}, str(exc))
+        except (CtwinError, OSError) as exc:  # one line in the report, as the CLI prints them
+            self.report({"ERROR"}, " ".join(str(exc).split()))
             img = np.zeros((H, W), np.float32)
         if img.shape != (H, W):
             self.report({"ERROR"}, f"image {img.shape} does not match the resolution {W}x{H}")
