@@ -4,9 +4,12 @@ providers of twins and of the panel workflow (providers.py)."""
 
 
 def _classes():
-    from .engine import CTWIN_DRR_PT_settings, CTWIN_DRR_RenderEngine, CTWIN_DRR_Settings
+    from .engine import (CTWIN_DRR_LabelMaterial, CTWIN_DRR_PT_settings, CTWIN_DRR_RenderEngine,
+                         CTWIN_DRR_Settings, CTWIN_OT_label_material_add, CTWIN_OT_label_material_remove,
+                         CTWIN_UL_label_materials)
 
-    return (CTWIN_DRR_Settings, CTWIN_DRR_RenderEngine, CTWIN_DRR_PT_settings)
+    return (CTWIN_DRR_LabelMaterial, CTWIN_DRR_Settings, CTWIN_DRR_RenderEngine, CTWIN_UL_label_materials,
+            CTWIN_OT_label_material_add, CTWIN_OT_label_material_remove, CTWIN_DRR_PT_settings)
 
 
 CLASSES = ()  # filled on register (importing bpy types lazily keeps the package bpy-free)
@@ -22,7 +25,7 @@ def register():
         if not getattr(cls, "is_registered", False):
             bpy.utils.register_class(cls)
     if not hasattr(bpy.types.Scene, "ctwin_drr"):
-        bpy.types.Scene.ctwin_drr = bpy.props.PointerProperty(type=CLASSES[0])
+        bpy.types.Scene.ctwin_drr = bpy.props.PointerProperty(type=CLASSES[1])
     from . import providers, scene_volumes
     from .engine import register_compat
 

@@ -26,8 +26,8 @@ from . import scene_volumes
 # providers: Blender registers the extension at every start, and they load on the first render.
 
 
-def twin_provider(scene, frame):
-    """Posed projector scene of the twin at the armature's current pose, or None without a twin."""
+def _twin(scene):
+    """The scene's twin (resident while its twin.json is unchanged), or None without a twin directory."""
     from ..core.twin.twin import load_twin
 
     settings = getattr(scene, "ctwin", None)
@@ -37,13 +37,38 @@ def twin_provider(scene, frame):
     meta = os.path.join(d, "twin.json")
     if not os.path.isfile(meta):
         raise CtwinError(f"the scene's twin directory {d} has no twin.json")
-    twin = scene_volumes.cached(("twin", d, os.stat(meta).st_mtime_ns), lambda: load_twin(d))
+    return scene_volumes.cached(("twin", d, os.stat(meta).st_mtime_ns), lambda: load_twin(d))
+
+
+def twin_provider(scene, frame):
+    """Posed projector scene of the twin at the armature's current pose, or None without a twin."""
+    twin = _twin(scene)
+    if twin is None:
+        return None
     arm = twin_armature_object(scene)
     if arm is not None:
         pose, transl = armature_pose(scene_volumes.evaluated(arm))
     else:
         pose, transl = twin.pose0, None
     return twin.posed_scene(pose, transl)
+
+
+def twin_labels(scene, mapping: dict):
+    """Label materials of the twin's own labels (``core.twin.label_materials.LabelOverrides``, as
+    ``ctwin render --twin ... --label-material`` builds them), resident per twin and mapping."""
+    from ..core.twin.label_materials import LabelOverrides
+
+    twin = _twin(scene)
+    key = ("twin-labels", str(twin.path), scene_volumes.mapping_key(mapping))
+
+    def build():
+        scene_volumes.drop("twin-labels")  # one set of overrides stays resident
+        return LabelOverrides(twin.articulated, twin.labelmap, twin.names, mapping)
+
+    return scene_volumes.check_applied(scene_volumes.cached(key, build), "the twin")
+
+
+twin_provider.labels = twin_labels
 
 
 def _evaluated_bone_deltas(arm_obj) -> dict:
@@ -69,16 +94,13 @@ def scene_mesh_volume(objects, spacing: float = 3.0):
     return voxelise_meshes(meshes, hu_table(meshes), spacing)
 
 
-def session_provider(scene, frame):
-    """The panel workflow's twin (no twin directory): the CT and segmentation stored by "Import CT
-    Anatomy" -- or, after "Import Anatomy Meshes" with no CT, the anatomy objects voxelised
-    (mesh mode, ``scene_mesh_volume``) -- decomposed once for the rig made by "Build Rig", posed by
-    the evaluated armature."""
-    from ..core.twin.articulated import posed_scene, prepare_articulated
+def _session(scene):
+    """The panel workflow's decomposed CT, resident: {"art", "labelmap", "names", "table", "arm"},
+    or None when the scene has a twin directory, no rig or nothing to decompose."""
+    from ..core.twin.articulated import prepare_articulated
     from ..core.volumes.ct import load_ct
     from ..core.volumes.labels import joint_for_label
     from ..core.volumes.segmentation import load_segmentation
-    from ..core.twin.twin import WARP_SPACING_MM
 
     settings = getattr(scene, "ctwin", None)
     if settings is None or settings.twin_dir:
@@ -113,13 +135,45 @@ def session_provider(scene, frame):
         ct, labelmap, names = volumes()
         joint_of = {label: bone if bone in JOINT_NAMES else joint_for_label(label)
                     for label, bone in table.items() if bone != "smooth"}
-        return prepare_articulated(ct, labelmap, names, joint_of, joints)
+        return {"art": prepare_articulated(ct, labelmap, names, joint_of, joints), "labelmap": labelmap,
+                "names": names, "key": key}
 
-    art = scene_volumes.cached(key, build)
-    deltas = _evaluated_bone_deltas(arm)
-    bone_deltas = {label: deltas[bone] for label, bone in table.items() if bone in deltas}
+    return {**scene_volumes.cached(key, build), "table": table, "arm": arm}
+
+
+def session_provider(scene, frame):
+    """The panel workflow's twin (no twin directory): the CT and segmentation stored by "Import CT
+    Anatomy" -- or, after "Import Anatomy Meshes" with no CT, the anatomy objects voxelised
+    (mesh mode, ``scene_mesh_volume``) -- decomposed once for the rig made by "Build Rig", posed by
+    the evaluated armature."""
+    from ..core.twin.articulated import posed_scene
+    from ..core.twin.twin import WARP_SPACING_MM
+
+    sess = _session(scene)
+    if sess is None:
+        return None
+    deltas = _evaluated_bone_deltas(sess["arm"])
+    bone_deltas = {label: deltas[bone] for label, bone in sess["table"].items() if bone in deltas}
     joint_deltas = np.stack([deltas[n] for n in JOINT_NAMES])
-    return posed_scene(art, bone_deltas, joint_deltas, warp_spacing_mm=WARP_SPACING_MM)
+    return posed_scene(sess["art"], bone_deltas, joint_deltas, warp_spacing_mm=WARP_SPACING_MM)
+
+
+def session_labels(scene, mapping: dict):
+    """Label materials of the panel workflow's segmentation (or mesh mode's structures), carried
+    through the rig's poses like a twin's (``core.twin.label_materials.LabelOverrides``)."""
+    from ..core.twin.label_materials import LabelOverrides
+
+    sess = _session(scene)
+    key = ("session-labels", sess["key"], scene_volumes.mapping_key(mapping))
+
+    def build():
+        scene_volumes.drop("session-labels")  # one set of overrides stays resident
+        return LabelOverrides(sess["art"], sess["labelmap"], sess["names"], mapping)
+
+    return scene_volumes.check_applied(scene_volumes.cached(key, build), "the segmentation")
+
+
+session_provider.labels = session_labels
 
 
 PROVIDERS = (session_provider, twin_provider)  # registered in this order; the last one is asked first

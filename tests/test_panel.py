@@ -95,6 +95,21 @@ def test_workflow_through_operators(extension, coarse_phantoms, tmp_path):
     assert sc0["size_px"] == [24, 24]
     assert np.abs(first - last).max() > 0.05 * first.max()
 
+    # 8. realistic physics with a label material on the imported segmentation, posed by the rig
+    assert bpy.ops.ctwin.xray_camera(view="ap", pixels=64) == {"FINISHED"}  # pixels finer than the femur
+    s = scene.ctwin_drr
+    s.kvp, s.value = 80.0, "intensity"
+    scene.frame_set(scene.frame_end)
+    scene.render.filepath = str(tmp_path / "kv" / "f_")
+    assert bpy.ops.ctwin.render_drr() == {"FINISHED"}
+    plain, _ = read_frame(tmp_path / "kv" / f"f_{scene.frame_end:04d}")
+    assert bpy.ops.ctwin.label_material_add(label="femur_left", material="titanium") == {"FINISHED"}
+    scene.render.filepath = str(tmp_path / "ti" / "f_")
+    assert bpy.ops.ctwin.render_drr() == {"FINISHED"}
+    ti, sc = read_frame(tmp_path / "ti" / f"f_{scene.frame_end:04d}")
+    assert sc["label_materials"] == {"femur_left": "titanium"}
+    assert (ti < 0.8 * plain).any() and (ti <= plain + 1e-6).all()
+
 
 def test_mesh_workflow_renders_the_voxelised_anatomy(extension, twin_dir, tmp_path):
     """Mesh mode in Blender: anatomy meshes with no CT -> fit -> rig -> the render engine renders

@@ -17,7 +17,7 @@ from . import physics
 from ..errors import CtwinError
 from ..progress import report
 from ..safety import clean_stale_partials, frame_to_skip
-from .dicom_dx import write_frame_dicom
+from .dicom_dx import read_dx, write_frame_dicom
 from .projector import read_frame, write_frame
 
 FORMATS = ("tiff", "dicom")
@@ -42,6 +42,15 @@ def write_frame_file(stem, image: np.ndarray, sidecar: dict, fmt: str = "tiff") 
         write_frame(stem, image, sidecar)
     else:
         raise CtwinError(f"unknown frame format {fmt!r}; use tiff or dicom")
+
+
+def read_frame_image(stem, fmt: str = "tiff") -> np.ndarray:
+    """The image of the frame file ``stem.tif`` (float32) or ``stem.dcm`` (the DICOM pixels rescaled,
+    within half a rescale step of the values written)."""
+    if fmt == "dicom":
+        stem = Path(stem)
+        return read_dx(stem.with_name(stem.name + ".dcm"))[0].astype(np.float32)
+    return read_frame(stem)[0]
 
 
 def render_frames(frames, render, *, value: str = "line_integral", photons=None, electronic_sigma: float = 0.0,
@@ -78,7 +87,7 @@ def render_frames(frames, render, *, value: str = "line_integral", photons=None,
             if kept:
                 report(f"{v.stem.name}: already written, skipped", done / total)
                 if keep_images:
-                    images[v.name] = read_frame(v.stem)[0]
+                    images[v.name] = read_frame_image(v.stem, fmt)
                 continue
             if xray is not None:
                 xray.seed, xray.stream = seed + f, i
