@@ -91,22 +91,12 @@ def parse_frames(text):
     return a, b
 
 
-# The finest trilinear step: CT voxels are 0.2 mm or more, and a step below a quarter of the
-# smallest voxel changes a DRR by less than float32 rounding, while the cost grows as 1 / step
-# (a 16x16 image at 1e-6 mm took 5 minutes).
-MIN_STEP_MM = 0.05
-# More photons per pixel than this makes Poisson noise invisible in float32 (relative sigma 1e-6);
-# numpy's Poisson sampler also refuses rates near 1e19.
-MAX_PHOTONS = 1.0e12
-# A ray through a 512^3 CT at the finest step (MIN_STEP_MM on 0.2 mm voxels) takes about 8,000 samples;
-# ten times that bounds the option.
-MAX_SAMPLES_PER_RAY = 100000
 
 
 def validate(args) -> None:
     """Every number of the command line: finite and in range, one line otherwise."""
     from ..core.errors import CtwinError
-    from ..core.safety import check_number
+    from ..core.safety import MAX_PHOTONS, MAX_SAMPLES_PER_RAY, MIN_STEP_MM, check_number
 
     check_number("--photons", args.photons, 0.0, MAX_PHOTONS, lo_open=True,
                  why="unattenuated photons per pixel")

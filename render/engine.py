@@ -29,6 +29,7 @@ import bpy
 import numpy as np
 
 from ..core.errors import CtwinError
+from ..core.safety import MAX_SAMPLES_PER_RAY, MIN_STEP_MM
 from . import scene_volumes
 from .camera import geometry_from_camera
 
@@ -93,12 +94,6 @@ def options(scene):
             v = float(str(np.float32(v)))
         out[name] = v
     return SimpleNamespace(**out)
-
-
-# Bounds of the sampling options, as ``ctwin render`` checks them (``commands/render.py``: the
-# finest step and the samples per ray that bound the option there).
-MIN_STEP_MM = 0.05
-MAX_SAMPLES_PER_RAY = 100000
 
 
 def _check_options(s) -> None:
