@@ -87,6 +87,8 @@ def test_bad_input():
         scatter_mc.simulate_slab(100.0, kev=60.0, beam="fan")
     with pytest.raises(CtwinError):
         scatter_mc.simulate_slab(100.0)
+    with pytest.raises(CtwinError):
+        scatter_mc.simulate_slab(100.0, kev=60.0, sid_mm=120.0)
 
 
 def _model_region_spr(kvp, cm, grid, field=300.0, n=64, region=30.0, sid=1000.0, gap=50.0):

@@ -283,6 +283,12 @@ def simulate_slab(thickness_mm: float, kvp: float | None = None, kev: float | No
     modes = {"cone": 0, "parallel": 1, "pencil": 2}
     if beam not in modes:
         raise CtwinError(f"beam must be one of {', '.join(modes)}, got {beam!r}")
+    if not (gap_mm >= 0 and field_mm[0] > 0 and field_mm[1] > 0 and region_mm > 0 and slab_half_mm > 0):
+        raise CtwinError("gap must be >= 0 mm and the field, region and slab sizes positive")
+    if beam == "cone" and not sid_mm > gap_mm + thickness_mm:
+        raise CtwinError(f"the source ({sid_mm:g} mm) must lie above the slab's upper face ({gap_mm + thickness_mm:g} mm)")
+    if int(photons) < batches or batches < 1:
+        raise CtwinError(f"need at least one photon per batch ({photons} photons, {batches} batches)")
     if (kvp is None) == (kev is None) and spectrum is None:
         raise CtwinError("give kvp (a SpekPy spectrum) or kev (one energy)")
     if spectrum is not None:
