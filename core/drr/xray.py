@@ -801,27 +801,30 @@ def form_image(material_integrals: dict, setup: XraySetup, geometry) -> dict:
 #   at r = L tan(theta) on the detector L below (density cos^3(theta) / L^2 per unit area), pays the
 #   oblique exit path at its lower (Compton) energy, exp(-(mu'/cos(theta) - mu) h) relative to the
 #   primary, and deposits E' eta(E') instead of E eta(E) in the energy-integrating detector.
-# Multiple scatter (``multiple_scatter_kernel``): photons scattered more than once leave the pencil's
-# exit face spread laterally as a Gaussian of sigma MULTI_SIGMA_PER_TAU x tau, with the angular
-# distribution (n + 1) / (2 pi) cos^n(theta) per sr, n = MULTI_COS_POWER (higher orders as a broad source
-# in the phantom, as in Spies et al., Med Phys 27:462, 2000), at the energy of two 90-degree Compton
-# scatters (which sets the grid's interspacer attenuation and the detector's absorption), through the
-# grid's acceptance at their angle. Its amplitude A (multiply scattered energy reaching the detector plane
-# per unit detected primary, ideal detector) is ln A = c0 + c1 ln x + c2 x + c3 ln(E / 60 keV) (MULTI_FIT),
-# x = mu_s tau (water's scatter optical depth at the beam's energy E behind tau). All of it is fitted to
-# the reference Monte Carlo (``core.drr.scatter_mc``; ``benchmarks/fit_multiscatter.py``) of water slabs
-# 5, 10, 15, 20 and 30 cm at 70 and 120 kVp (30 x 30 cm field, 50 mm air gap, SID 1000 mm): the spread to
-# its pencil beams' radial profiles, A to what its total SPR without a grid leaves beyond the model's
-# first order (so A also takes up the first order's shortfall, below), n to its SPR behind the 10:1
-# grid. The 25 cm slabs are fitted in no step and check it (``benchmarks/bench_scatter.py``). Outside
-# water slabs 5-30 cm and 45-80 keV the fit extrapolates. The first-order part is not fitted: against the
-# same Monte Carlo's one-interaction tally it is 5-15 % low without a grid (up to 24 % behind it) in this
-# cone beam, where the pencils' tilt (ignored: pencils are taken normal to the detector) raises the
-# scatter at the field's centre; in a parallel beam it agrees (``tests/test_scatter_mc.py``).
+# Multiple scatter (``multiple_scatter_kernel``): photons scattered more than once spread from a
+# virtual point source on the pencil, MULTI_SOURCE_MM + MULTI_SOURCE_PER_TAU x tau above its exit face,
+# with the angular distribution (n + 1) / (2 pi) cos^n(theta) per sr about the normal, n =
+# MULTI_COS_POWER (higher orders as a broad source inside the phantom, as in Spies et al., Med Phys
+# 27:462, 2000), at the energy of two 90-degree Compton scatters (which sets the grid's interspacer
+# attenuation and the detector's absorption), through the grid's acceptance at their angle. Its amplitude
+# A (multiply scattered energy reaching the detector plane per unit detected primary, ideal detector) is
+# ln A = c0 + c1 ln x + c2 x + c3 ln(E / 60 keV) (MULTI_FIT), x = mu_s tau (water's scatter optical
+# depth at the beam's energy E behind tau). All of it is fitted to the reference Monte Carlo
+# (``core.drr.scatter_mc``; ``benchmarks/fit_multiscatter.py``) of water slabs 5, 10, 15, 20 and 30 cm
+# at 70 and 120 kVp (30 x 30 cm field, 50 mm air gap, SID 1000 mm): the source height to its pencil
+# beams' radial profiles, A to what its total SPR without a grid leaves beyond the model's first order
+# (so A also takes up the first order's shortfall, below), n to its SPR behind the 10:1 grid. The 25 cm
+# slabs, other air gaps and other kVps are fitted in no step and check it (``benchmarks/bench_scatter.py``).
+# Outside water slabs 5-30 cm and 45-80 keV the fit extrapolates. The first-order part is not fitted:
+# against the same Monte Carlo's one-interaction tally it is 5-15 % low without a grid (up to 24 %
+# behind it) in this cone beam, where the pencils' tilt (ignored: pencils are taken normal to the
+# detector) raises the scatter at the field's centre; in a parallel beam it agrees
+# (``tests/test_scatter_mc.py``).
 SCATTER_TAU_MM = (0.0, 25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0)  # kernel groups, interpolated
-MULTI_FIT = (-1.5963, 1.1407, 0.3265, 0.4084)  # c0..c3, benchmarks/fit_multiscatter.py (rms residual 2.1 %)
-MULTI_SIGMA_PER_TAU = 0.50  # exit-face spread / tau, the same fit
-MULTI_COS_POWER = 3.0       # angular distribution of the emission, cos^n, the same fit (1 would be Lambertian)
+MULTI_FIT = (-1.1840, 1.5597, 0.0731, 0.3187)  # c0..c3, benchmarks/fit_multiscatter.py (rms residual 0.4 %)
+MULTI_SOURCE_MM = 40.0      # height of the virtual source above the exit face: MULTI_SOURCE_MM + ...
+MULTI_SOURCE_PER_TAU = 0.3  # ... MULTI_SOURCE_PER_TAU x tau, the same fit
+MULTI_COS_POWER = 2.0       # angular distribution of the emission about the normal, cos^n, the same fit
 # Anti-scatter grid: a linear focused grid of lead lamellae with aluminium interspacers (the common
 # radiography grid, e.g. 40 lines/cm, ratio 10:1). The lamella thickness is not given by the ratio and
 # line density; 36 um is assumed (a typical value, not a datasheet figure). Primary transmission:
@@ -926,31 +929,34 @@ def multiple_scatter_amplitude(kev: float, tau_mm: float) -> float:
 def multiple_scatter_kernel(kev: float, tau_mm: float, d_mm: float, shape, spacing_mm, csi_um=None,
                             grid_ratio=None, grid_lines_per_cm: float = GRID_LINES_PER_CM) -> np.ndarray:
     """Detected multiple scatter per unit primary, on a (2H-1, 2W-1) grid of pixel offsets: the pencil's
-    multiply scattered energy (``multiple_scatter_amplitude``) leaves the slab's exit face spread as a
-    Gaussian of sigma ``MULTI_SIGMA_PER_TAU`` x tau, with the angular distribution (n + 1) / (2 pi)
-    cos^n(theta) per sr (n = ``MULTI_COS_POWER``), at the energy of two 90-degree Compton scatters,
-    through the grid's acceptance."""
+    multiply scattered energy (``multiple_scatter_amplitude``) spreads from a virtual point source on the
+    pencil, ``MULTI_SOURCE_MM`` + ``MULTI_SOURCE_PER_TAU`` x tau above the slab's exit face, with the angular distribution
+    (n + 1) / (2 pi) cos^n(theta) per sr (n = ``MULTI_COS_POWER``), at the energy of two 90-degree
+    Compton scatters, through the grid's acceptance."""
     H, W = shape
     du, dv = spacing_mm
     amp = multiple_scatter_amplitude(kev, tau_mm)
     if amp <= 0:
         return np.zeros((2 * H - 1, 2 * W - 1))
-    g = max(d_mm - tau_mm / 2.0, 1.0)                                # exit face above the detector
+    g = max(d_mm - tau_mm / 2.0, 0.0) + MULTI_SOURCE_MM + MULTI_SOURCE_PER_TAU * tau_mm   # virtual source above the detector
+    g = max(g, 1e-3)
     y = (np.arange(2 * H - 1) - (H - 1)) * dv
     x = (np.arange(2 * W - 1) - (W - 1)) * du
     r = np.hypot(y[:, None], x[None, :])
     th = np.arctan2(r, g)
     e_m = kev / (1.0 + 2.0 * kev / 510.99895)
     eta = absorbed_fraction(np.array([kev, e_m]), csi_um)
-    _, ts_tab = grid_transmission(e_m, th.ravel(), grid_ratio, grid_lines_per_cm)
+    n = MULTI_COS_POWER
+    land = (n + 1.0) / (2.0 * math.pi * g * g) * np.cos(th) ** (n + 3.0) * du * dv   # landing density x pixel area
+    # where the source is close to the detector beside a pixel, point sampling misses the density's
+    # integral: scale to the exact fraction landing within the grid's area (as a disc of that area)
+    r_eq = math.sqrt(land.size * du * dv / math.pi)
+    frac = 1.0 - (g / math.hypot(g, r_eq)) ** (n + 1.0)
+    land *= frac / max(float(land.sum()), 1e-300)
     # the Compton shift of the grid's table is small beside the multiple scatter's own spread: the
     # transmission is taken at e_m for every angle
-    n = MULTI_COS_POWER                                              # emission (n + 1) / (2 pi) cos^n per sr
-    land = (n + 1.0) / (2.0 * math.pi * g * g) * np.cos(th) ** (n + 3.0) * du * dv   # landing density x pixel area
+    _, ts_tab = grid_transmission(e_m, th.ravel(), grid_ratio, grid_lines_per_cm)
     k = land * ts_tab.reshape(th.shape) * (eta[1] / eta[0] if eta[0] > 0 else 1.0)
-    s = MULTI_SIGMA_PER_TAU * tau_mm
-    if s > 0:
-        k = gaussian_filter(k, sigma=(s / dv, s / du), mode="constant", truncate=4.0)
     return amp * k
 
 
