@@ -7,8 +7,9 @@ The set-up of ``bench_scatter.py``: point source 1000 mm above the detector, a 3
 at the detector, water slabs 5-30 cm lying 50 mm above it (laterally 2 x 2 m), 70 and 120 kVp
 (SpekPy, 2.5 mm Al), ideal energy-integrating detector, no grid and the model's 10:1, 40 lines/cm
 grid; SPR over the central 6 x 6 cm. Also pencil beams (radial profiles of single and multiple
-scatter at the detector). Writes ``benchmarks/results/scatter_mc_slabs.json`` and prints the table (``results/scatter_mc_slabs.txt``:
-the run of the stored JSON, with the seconds per case on the loaded shared 2-core machine).
+scatter at the detector). Writes ``benchmarks/results/scatter_mc_slabs.json`` and prints the table
+(``results/scatter_mc_slabs.txt``: the run of the stored JSON, with the seconds per case on the
+loaded shared 2-core machine).
 """
 from __future__ import annotations
 
