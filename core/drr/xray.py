@@ -27,8 +27,8 @@ Everything physical comes from the field's libraries, never from a hand-written 
   mean deposited energy (the Swank factor of the spectrum is ignored); Gaussian electronic noise is
   added after the blur, in units of detected photons at the open field's mean energy.
 - Scatter (optional): first-order scatter by thickness-dependent kernels derived from xraylib's
-  differential cross sections of water, and a linear anti-scatter grid (see the scatter section
-  below). Multiple scatter is not modelled, so the scatter-to-primary ratio is a lower bound.
+  differential cross sections of water, a multiple-scatter kernel fitted to a Monte Carlo of water
+  slabs (``core.drr.scatter_mc``), and a linear anti-scatter grid (see the scatter section below).
 """
 from __future__ import annotations
 
@@ -708,7 +708,7 @@ def _midplane_to_detector_mm(geometry) -> float:
 
 
 def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int = 128):
-    """Grid and first-order scatter on the primary images of ``polychromatic``: (energy, quanta,
+    """Grid and scatter (first order + multiple) on the primary images of ``polychromatic``: (energy, quanta,
     sidecar record with the scatter-to-primary ratio). Scatter is smooth, so it is computed on a grid
     of at most ``max_px`` pixels a side and interpolated back."""
     H, W = energy.shape
@@ -731,8 +731,9 @@ def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int
     deposit = p["spectrum_fluence"] * absorbed_fraction(e, setup.csi) * e
     tau_c, knot_kev = water_equivalent(coarse, e, deposit)
     du, dv = geometry.pixel_spacing_mm
-    sc, tau = scatter_image(coarse, kev, (du * f, dv * f), d, setup.csi, setup.grid_ratio, setup.grid_lines_per_cm,
-                            tau=tau_c, knot_kev=knot_kev)
+    s1, sm, tau = scatter_parts(coarse, kev, (du * f, dv * f), d, setup.csi, setup.grid_ratio,
+                                setup.grid_lines_per_cm, tau=tau_c, knot_kev=knot_kev)
+    sc = s1 + sm
     if f > 1:
         sc = zoom(sc, f, order=1, mode="nearest", grid_mode=True)[:H, :W]
     s_e = sc * p["open_energy"]                              # scatter in the energy units of ``energy``
@@ -742,8 +743,13 @@ def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int
     prim = energy * tp
     spr = s_e / np.maximum(prim, 1e-30)
     cy, cx = H // 2, W // 2
-    rec.update({"model": "first-order kernels from xraylib water cross sections (multiple scatter not modelled)",
+    cbody = coarse < 0.99
+    c_prim = float(coarse[cbody].sum())
+    rec.update({"model": "first-order kernels from xraylib water cross sections + multiple-scatter kernels fitted "
+                         "to a Monte Carlo of water slabs",
                 "spr_mean": float(s_e[body].sum() / max(prim[body].sum(), 1e-30)) if body.any() else 0.0,
+                "spr_single_mean": float(s1[cbody].sum() / max(c_prim * tp, 1e-30)) if cbody.any() else 0.0,
+                "spr_multiple_mean": float(sm[cbody].sum() / max(c_prim * tp, 1e-30)) if cbody.any() else 0.0,
                 "spr_median_body": float(np.median(spr[body])) if body.any() else 0.0,
                 "spr_centre": float(spr[cy, cx]), "spr_max_body": float(spr[body].max()) if body.any() else 0.0,
                 "midplane_to_detector_mm": d, "water_equivalent_mm_max": float(tau.max())})
@@ -795,14 +801,30 @@ def form_image(material_integrals: dict, setup: XraySetup, geometry) -> dict:
 #   at r = L tan(theta) on the detector L below (density cos^3(theta) / L^2 per unit area), pays the
 #   oblique exit path at its lower (Compton) energy, exp(-(mu'/cos(theta) - mu) h) relative to the
 #   primary, and deposits E' eta(E') instead of E eta(E) in the energy-integrating detector.
-# Multiple scatter is not modelled: in thick bodies (> ~10 cm water) it is a large part of the total,
-# so the SPR here is a first-order value (a lower bound): the published SPR figures that could be read
-# (Johns & Yaffe, Med Phys 10(1), 1983, abdomen; Altunbas et al., AAPM 2016 WE-AB-207A-10, 30 cm
-# acrylic; printed by benchmarks/bench_scatter.py) are 3-10x these values. No published Monte Carlo
-# SPR table could be read to validate the kernels; they are checked against a direct volume
-# integration of single scatter in a water slab (tests, benchmarks/bench_scatter.py), which tests the kernel
-# approximations (mid-plane scattering, laterally uniform slab), not the physics of multiple scatter.
+# Multiple scatter (``multiple_scatter_kernel``): photons scattered more than once spread from a
+# virtual point source on the pencil, MULTI_SOURCE_MM + MULTI_SOURCE_PER_TAU x tau above its exit face,
+# with the angular distribution (n + 1) / (2 pi) cos^n(theta) per sr about the normal, n =
+# MULTI_COS_POWER (higher orders as a broad source inside the phantom, as in Spies et al., Med Phys
+# 27:462, 2000), at the energy of two 90-degree Compton scatters (which sets the grid's interspacer
+# attenuation and the detector's absorption), through the grid's acceptance at their angle. Its amplitude
+# A (multiply scattered energy reaching the detector plane per unit detected primary, ideal detector) is
+# ln A = c0 + c1 ln x + c2 x + c3 ln(E / 60 keV) (MULTI_FIT), x = mu_s tau (water's scatter optical
+# depth at the beam's energy E behind tau). All of it is fitted to the reference Monte Carlo
+# (``core.drr.scatter_mc``; ``benchmarks/fit_multiscatter.py``) of water slabs 5, 10, 15, 20 and 30 cm
+# at 70 and 120 kVp (30 x 30 cm field, 50 mm air gap, SID 1000 mm): the source height to its pencil
+# beams' radial profiles, A to what its total SPR without a grid leaves beyond the model's first order
+# (so A also takes up the first order's shortfall, below), n to its SPR behind the 10:1 grid. The 25 cm
+# slabs, other air gaps and other kVps are fitted in no step and check it (``benchmarks/bench_scatter.py``).
+# Outside water slabs 5-30 cm and 45-80 keV the fit extrapolates. The first-order part is not fitted:
+# against the same Monte Carlo's one-interaction tally it is 5-15 % low without a grid (up to 24 %
+# behind it) in this cone beam, where the pencils' tilt (ignored: pencils are taken normal to the
+# detector) raises the scatter at the field's centre; in a parallel beam it agrees
+# (``tests/test_scatter_mc.py``).
 SCATTER_TAU_MM = (0.0, 25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0)  # kernel groups, interpolated
+MULTI_FIT = (-1.1840, 1.5597, 0.0731, 0.3187)  # c0..c3, benchmarks/fit_multiscatter.py (rms residual 0.4 %)
+MULTI_SOURCE_MM = 40.0      # height of the virtual source above the exit face: MULTI_SOURCE_MM + ...
+MULTI_SOURCE_PER_TAU = 0.3  # ... MULTI_SOURCE_PER_TAU x tau, the same fit
+MULTI_COS_POWER = 2.0       # angular distribution of the emission about the normal, cos^n, the same fit
 # Anti-scatter grid: a linear focused grid of lead lamellae with aluminium interspacers (the common
 # radiography grid, e.g. 40 lines/cm, ratio 10:1). The lamella thickness is not given by the ratio and
 # line density; 36 um is assumed (a typical value, not a datasheet figure). Primary transmission:
@@ -892,14 +914,60 @@ def scatter_kernel(kev: float, tau_mm: float, d_mm: float, shape, spacing_mm, cs
     return out / n * du * dv
 
 
-def scatter_image(primary, kev: float, spacing_mm, d_mm: float, csi_um=None, grid_ratio=None,
-                  grid_lines_per_cm: float = GRID_LINES_PER_CM, tau=None, knot_kev=None) -> tuple:
-    """First-order scatter (same units as ``primary``, which is I/I0 without the grid) and the
-    water-equivalent thickness map (mm). ``d_mm``: the body's mid-plane to the detector.
+def multiple_scatter_amplitude(kev: float, tau_mm: float) -> float:
+    """Multiply scattered energy reaching the detector plane per unit detected primary energy (ideal
+    detector, no grid) of a pencil through ``tau_mm`` of water at beam energy ``kev``: the fit
+    ``MULTI_FIT`` to the Monte Carlo (see the scatter section's comments)."""
+    if tau_mm <= 0:
+        return 0.0
+    *_, sig = _angle_weights(kev, None)
+    x = sig * density("water") * tau_mm / 10.0                       # scatter optical depth mu_s tau
+    c0, c1, c2, c3 = MULTI_FIT
+    return float(math.exp(c0 + c1 * math.log(x) + c2 * x + c3 * math.log(kev / 60.0)))
 
-    Monoenergetic at ``kev`` unless ``tau`` (the water-equivalent thickness per pixel, from the
-    polychromatic transmission) and ``knot_kev`` (the beam's energy behind each of
-    ``SCATTER_TAU_MM``) are given."""
+
+def multiple_scatter_kernel(kev: float, tau_mm: float, d_mm: float, shape, spacing_mm, csi_um=None,
+                            grid_ratio=None, grid_lines_per_cm: float = GRID_LINES_PER_CM) -> np.ndarray:
+    """Detected multiple scatter per unit primary, on a (2H-1, 2W-1) grid of pixel offsets: the pencil's
+    multiply scattered energy (``multiple_scatter_amplitude``) spreads from a virtual point source on the
+    pencil, ``MULTI_SOURCE_MM`` + ``MULTI_SOURCE_PER_TAU`` x tau above the slab's exit face, with the
+    angular distribution (n + 1) / (2 pi) cos^n(theta) per sr (n = ``MULTI_COS_POWER``), at the energy
+    of two 90-degree Compton scatters, through the grid's acceptance."""
+    H, W = shape
+    du, dv = spacing_mm
+    amp = multiple_scatter_amplitude(kev, tau_mm)
+    if amp <= 0:
+        return np.zeros((2 * H - 1, 2 * W - 1))
+    g = max(d_mm - tau_mm / 2.0, 0.0) + MULTI_SOURCE_MM + MULTI_SOURCE_PER_TAU * tau_mm   # source height, mm
+    y = (np.arange(2 * H - 1) - (H - 1)) * dv
+    x = (np.arange(2 * W - 1) - (W - 1)) * du
+    r = np.hypot(y[:, None], x[None, :])
+    th = np.arctan2(r, g)
+    e_m = kev / (1.0 + 2.0 * kev / 510.99895)
+    eta = absorbed_fraction(np.array([kev, e_m]), csi_um)
+    n = MULTI_COS_POWER
+    land = (n + 1.0) / (2.0 * math.pi * g * g) * np.cos(th) ** (n + 3.0) * du * dv   # landing density x pixel area
+    # point sampling misses the density's integral where the source is low beside a pixel: scale to the
+    # exact fraction landing within the grid's area taken as a disc (within 1.1 % of the sampled sum
+    # at heights of 100-500 mm and 1-10 mm pixels)
+    r_eq = math.sqrt(land.size * du * dv / math.pi)
+    frac = 1.0 - (g / math.hypot(g, r_eq)) ** (n + 1.0)
+    land *= frac / max(float(land.sum()), 1e-300)
+    # the Compton shift of the grid's table is small beside the multiple scatter's own spread: the
+    # transmission is taken at e_m for every angle
+    _, ts_tab = grid_transmission(e_m, th.ravel(), grid_ratio, grid_lines_per_cm)
+    k = land * ts_tab.reshape(th.shape) * (eta[1] / eta[0] if eta[0] > 0 else 1.0)
+    return amp * k
+
+
+def scatter_parts(primary, kev: float, spacing_mm, d_mm: float, csi_um=None, grid_ratio=None,
+                  grid_lines_per_cm: float = GRID_LINES_PER_CM, tau=None, knot_kev=None, multiple: bool = True) -> tuple:
+    """(single scatter, multiple scatter, water-equivalent thickness mm): ``scatter_image``'s parts.
+    The pencils are taken normal to the detector. In a cone beam each pencil is tilted, but its
+    scatter kernel stays centred on the pixel the pencil reaches (its forward axis is the pencil), so
+    the kernels are not moved towards the principal point; the tilt's second-order effects are left
+    out (the Monte Carlo's cone-beam slabs show about 5-10 % more single scatter at the centre than
+    its parallel-beam ones; ``benchmarks/bench_scatter.py``)."""
     p = np.clip(np.asarray(primary, np.float64), 1e-30, None)
     knots = np.asarray(SCATTER_TAU_MM)
     if tau is None:
@@ -907,7 +975,8 @@ def scatter_image(primary, kev: float, spacing_mm, d_mm: float, csi_um=None, gri
         tau = -np.log(np.minimum(p, 1.0)) / mu * 10.0
     tau = np.clip(np.asarray(tau, np.float64), 0.0, knots[-1])
     kevs = [float(kev)] * len(knots) if knot_kev is None else [float(k) for k in knot_kev]
-    out = np.zeros_like(p)
+    single = np.zeros_like(p)
+    multi = np.zeros_like(p)
     for k, t in enumerate(knots):
         lo = knots[k - 1] if k > 0 else t
         hi = knots[k + 1] if k + 1 < len(knots) else t
@@ -925,8 +994,25 @@ def scatter_image(primary, kev: float, spacing_mm, d_mm: float, csi_um=None, gri
         *_, sig = _angle_weights(kevs[k], csi_um)
         source = p * sig * density("water") * tau / 10.0 * w                  # P x mu_s x tau
         kern = scatter_kernel(kevs[k], t, d_mm, p.shape, spacing_mm, csi_um, grid_ratio, grid_lines_per_cm)
-        out += fftconvolve(source, kern, mode="valid")
-    return np.maximum(out, 0.0), tau
+        single += fftconvolve(source, kern, mode="valid")
+        if multiple and t > 0:
+            km = multiple_scatter_kernel(kevs[k], t, d_mm, p.shape, spacing_mm, csi_um, grid_ratio, grid_lines_per_cm)
+            multi += fftconvolve(p * w, km, mode="valid")
+    return np.maximum(single, 0.0), np.maximum(multi, 0.0), tau
+
+
+def scatter_image(primary, kev: float, spacing_mm, d_mm: float, csi_um=None, grid_ratio=None,
+                  grid_lines_per_cm: float = GRID_LINES_PER_CM, tau=None, knot_kev=None, multiple: bool = True) -> tuple:
+    """Scatter (same units as ``primary``, which is I/I0 without the grid) and the water-equivalent
+    thickness map (mm). ``d_mm``: the body's mid-plane to the detector. ``multiple=False``: first-order
+    scatter only.
+
+    Monoenergetic at ``kev`` unless ``tau`` (the water-equivalent thickness per pixel, from the
+    polychromatic transmission) and ``knot_kev`` (the beam's energy behind each of
+    ``SCATTER_TAU_MM``) are given."""
+    single, multi, tau = scatter_parts(primary, kev, spacing_mm, d_mm, csi_um, grid_ratio, grid_lines_per_cm,
+                                       tau, knot_kev, multiple)
+    return single + multi, tau
 
 
 def water_equivalent(rel, spectrum_kev, weights) -> tuple:
