@@ -23,7 +23,7 @@ def add_arguments(p) -> None:
     g.add_argument("--hu-table", default=None, metavar="FILE", help="JSON HU -> materials calibration (default: stoichiometric, Schneider 2000 ranges)")
     g.add_argument("--mas", type=float, default=None, metavar="MAS", help="tube current-time product: photon count from SpekPy's fluence (noise)")
     g.add_argument("--scatter", action="store_true",
-                   help="add first-order scatter (kernel model; the scatter-to-primary ratio goes into the sidecar)")
+                   help="add scatter (first-order and multiple-scatter kernels fitted to a water-slab Monte Carlo; the scatter-to-primary ratio goes into the sidecar)")
     g.add_argument("--grid", type=float, default=None, metavar="RATIO", help="anti-scatter grid ratio (e.g. 10)")
     g.add_argument("--grid-lines", type=float, default=None, metavar="PER_CM", help="grid line density (default 40 per cm)")
     g.add_argument("--seg", default=None, metavar="PATH",

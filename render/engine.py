@@ -310,7 +310,7 @@ class CTWIN_DRR_Settings(bpy.types.PropertyGroup):
         name="HU table", default="", subtype="FILE_PATH", options={"PATH_SUPPORTS_BLEND_RELATIVE"},
         description="JSON HU -> materials calibration; empty = stoichiometric (Schneider 2000 ranges)")
     scatter: bpy.props.BoolProperty(name="Scatter", default=False,
-                                    description="first-order scatter (kernel model; SPR in the frame's sidecar)")
+                                    description="scatter: first-order and multiple-scatter kernels (SPR in the frame's sidecar)")
     grid_ratio: bpy.props.FloatProperty(name="Grid ratio", default=0.0, min=0.0, max=40.0,
                                         description="anti-scatter grid ratio; 0 = no grid")
     grid_lines: bpy.props.FloatProperty(name="Grid lines/cm", default=40.0, min=5.0, max=200.0)
