@@ -1055,6 +1055,21 @@ def _node_buffers(art: ArticulatedCT, n: int) -> tuple:
     return tuple(b[:n] for b in buf)
 
 
+def _nearest_points(ys, waff, wn, R, best, src) -> None:
+    """For every node of the grid ``waff`` (index -> world, shape ``wn``) within R mm of a point
+    ys[s]: the nearest s (``src``) and its squared distance (``best``); nodes that no point reaches
+    keep their values (inf / -1 on entry). Of equally near points the one with the smallest first
+    node coordinate, then the smallest s (``splat_nearest``, parallel over node slabs)."""
+    ninv = np.ascontiguousarray(invert_affine(waff)[:3])
+    g0 = ys[:, 0] * ninv[0, 0] + ys[:, 1] * ninv[0, 1] + ys[:, 2] * ninv[0, 2] + ninv[0, 3]
+    slab = np.clip(np.floor(g0), 0, wn[0] - 1).astype(np.int64)
+    order = np.argsort(slab, kind="stable")
+    starts = np.zeros(int(wn[0]) + 1, np.int64)
+    np.cumsum(np.bincount(slab, minlength=int(wn[0])), out=starts[1:])
+    _kernels()["splat_nearest"](np.ascontiguousarray(ys, dtype=np.float64), order, starts, g0,
+                                np.ascontiguousarray(waff[:3]), ninv, np.asarray(wn, np.int64), float(R), best, src)
+
+
 def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, air_miss=None):
     """Displacement x - y (mm) on a CT-lattice grid covering the posed content.
 
@@ -1095,13 +1110,7 @@ def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, 
     air_tol = AIR_MISS_NODES * float(node_sp.max()) if air_miss is None else float(air_miss)
     R = float(np.sqrt(3.0) * (node_sp.max() + 0.5 * wsp.max()))
     if len(ys):
-        ninv = np.ascontiguousarray(invert_affine(waff)[:3])
-        g0 = ys[:, 0] * ninv[0, 0] + ys[:, 1] * ninv[0, 1] + ys[:, 2] * ninv[0, 2] + ninv[0, 3]
-        slab = np.clip(np.floor(g0), 0, wn[0] - 1).astype(np.int64)
-        order = np.argsort(slab, kind="stable")
-        starts = np.zeros(int(wn[0]) + 1, np.int64)
-        np.cumsum(np.bincount(slab, minlength=int(wn[0])), out=starts[1:])
-        k["splat_nearest"](ys, order, starts, g0, np.ascontiguousarray(waff[:3]), ninv, wn, R, best, src)
+        _nearest_points(ys, waff, wn, R, best, src)
     disp = np.empty((N, 3), np.float32)  # fresh: the scene keeps it (composed frames are keyed by it)
     # rest tissue within a node cell's diagonal of the node (in weight cells)
     kn = int(np.ceil(np.sqrt(3.0) * node_sp.max() / wsp.min()))
