@@ -4,13 +4,14 @@ both alike. Prints measured ratios.
 
     git archive COMMIT | tar -x -C /tmp/base      # the earlier version, outside this repository
     .venv/bin/python benchmarks/bench_pose_versions.py --base /tmp/base [--sizes 256,512] [--reps 5]
-        [--cache DIR] [--what all|phantom|real]
+        [--cache DIR] [--what all|phantom|real] [--pose-only]
 
 Per row (the phantom presets of ``bench_pose_cost.py``, then the real abdomen CT twin at hip_flexion,
 sitting and walking_stride; each repetition the preset plus a seeded 2-degree jitter on every joint):
 static AP and lateral ``render_drr(ct, g)``, then through each version a new pose rendered AP, and a
 new pose rendered AP + lateral. Best of ``--reps``; ratios against the static render of the same run,
-"new/old" the ratio of the two versions' one-view times. The phantom's CT and decomposition come from
+"new/old" the ratio of the two versions' one-view times. ``--pose-only`` times the pose alone
+(``posed_scene``) through each version instead, wall and process CPU time. The phantom's CT and decomposition come from
 ``bench_pose_cost.load_or_build`` (``--cache``), the real twin from ``bench_pose_cost.real_twin``;
 both versions read the same files.
 """
@@ -45,6 +46,25 @@ def load_base(root: Path):
     from ctwin_old.core.twin import twin as TO  # noqa: E402
 
     return AO, TO
+
+
+def pose_row(label, new_pose, versions, reps):
+    """The pose alone (``posed_scene``: warp and placed parts, no composition or render) through each
+    version, interleaved, best of ``reps``: wall time and process CPU time (both cores together; less
+    sensitive to the other processes of a shared machine than wall time)."""
+    for pose, _ in versions.values():  # warm-up: compilation, cached inputs
+        pose(new_pose())
+    t = {k: [] for k in versions}
+    for _ in range(reps):
+        for key, (pose, _) in versions.items():
+            p = new_pose()
+            w, c = time.perf_counter(), time.process_time()
+            pose(p)
+            t[key].append((time.perf_counter() - w, time.process_time() - c))
+    b = {k: (min(v[0] for v in t[k]), min(v[1] for v in t[k])) for k in t}
+    print(f"[pose] {label:26s} wall: old {b['old'][0] * 1e3:5.0f} ms new {b['new'][0] * 1e3:5.0f} ms "
+          f"(new/old {b['new'][0] / b['old'][0]:4.2f}) | CPU: old {b['old'][1] * 1e3:5.0f} ms new "
+          f"{b['new'][1] * 1e3:5.0f} ms (new/old {b['new'][1] / b['old'][1]:4.2f})", flush=True)
 
 
 def row(label, size, ct, views, new_pose, versions, reps):
@@ -87,6 +107,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--cache", default="")
     ap.add_argument("--what", choices=("all", "phantom", "real"), default="all")
+    ap.add_argument("--pose-only", action="store_true",
+                    help="time the pose alone (posed_scene), wall and CPU, instead of a new pose rendered")
     a = ap.parse_args(argv)
     base = Path(a.base).resolve()
     if not (base / "__init__.py").exists() or not (base / "core" / "twin" / "articulated.py").exists():
@@ -97,31 +119,37 @@ def main(argv=None):
         import tempfile
 
         cache = tempfile.mkdtemp(prefix="bench_pose_versions_")
-    for size in (int(s) for s in a.sizes.split(",")):
+    for size in ([0] if a.pose_only else (int(s) for s in a.sizes.split(","))):
         if a.what in ("all", "phantom"):
             ct, art = B.load_or_build(3.0, 0, cache)
             art_old = AO.ArticulatedCT.load(Path(cache) / "phantom_s0_3mm")
             ta = B.pose_truth("supine_arms_down", 0)
-            views = default_views(ct.bbox_world(), size=size)
+            views = default_views(ct.bbox_world(), size=size) if size else None
             for pname in (p for p in PRESETS if p != "supine_arms_down"):
                 rng = np.random.default_rng([0, size, sum(map(ord, pname))])
                 versions = {"new": (lambda p: A.posed_scene(art, *p, warp_spacing_mm=B.WARP_MM), A.render_posed),
                             "old": (lambda p: AO.posed_scene(art_old, *p, warp_spacing_mm=B.WARP_MM), AO.render_posed)}
-                row("phantom " + pname, size, ct, views,
-                    lambda: B.deltas(ta, B.pose_truth(B.jittered(pname, 2.0, rng), 0)), versions, a.reps)
+                draw = lambda: B.deltas(ta, B.pose_truth(B.jittered(pname, 2.0, rng), 0))  # noqa: E731
+                if a.pose_only:
+                    pose_row("phantom " + pname, draw, versions, a.reps)
+                else:
+                    row("phantom " + pname, size, ct, views, draw, versions, a.reps)
         if a.what in ("all", "real"):
             tn = B.real_twin(cache)
             if tn is None:
                 continue
             to = TO.load_twin(tn.path)
             ct = tn.ct.with_data(np.asarray(tn.ct.data).astype(np.int16))
-            views = default_views(ct.bbox_world(), size=size)
+            views = default_views(ct.bbox_world(), size=size) if size else None
             for pname in ("hip_flexion", "sitting", "walking_stride"):
                 p0, t0 = tn.resolve_pose(pname)
                 rng = np.random.default_rng([7, size, sum(map(ord, pname))])
                 versions = {"new": (lambda p: tn.posed_scene(p, t0), A.render_posed),
                             "old": (lambda p: to.posed_scene(p, t0), AO.render_posed)}
-                row("real CT " + pname, size, ct, views, lambda: B.jittered(p0, 2.0, rng), versions, a.reps)
+                if a.pose_only:
+                    pose_row("real CT " + pname, lambda: B.jittered(p0, 2.0, rng), versions, a.reps)
+                else:
+                    row("real CT " + pname, size, ct, views, lambda: B.jittered(p0, 2.0, rng), versions, a.reps)
 
 
 if __name__ == "__main__":

@@ -137,3 +137,44 @@ def test_closed_form_affine_inverse_equals_lapack_and_refuses_singular_transform
     bad[2, :3] = bad[1, :3]
     with pytest.raises(CtwinError, match="singular"):
         invert_affine(bad)
+
+
+def test_nearest_skinned_point_per_warp_node_equals_a_brute_force_search():
+    """The inverse warp's start: per warp node within R of a forward-skinned point, the nearest point
+    (ties: smallest first node coordinate, then smallest index), against a numpy search over all
+    pairs. Integer coordinates make exact ties, which the slab-parallel kernel must break the same way."""
+    from ctwin.core.twin import articulated as A
+
+    rng = np.random.default_rng(5)
+    waff = affine_from((6.0, 5.0, 7.0), (-12.0, 4.0, -21.0))
+    wn = np.array([9, 11, 8])
+    lo, hi = waff[:3, 3] - 10, waff[:3, 3] + (wn - 1) * np.array([6.0, 5.0, 7.0]) + 10
+    # pairs of points mirrored about a node: equally near (half of them with the same first node
+    # coordinate, which leaves the index to break the tie)
+    centre = np.indices(wn).reshape(3, -1).T[rng.choice(int(np.prod(wn)), 20, replace=False)] @ waff[:3, :3].T + waff[:3, 3]
+    off = rng.integers(-3, 4, (20, 3)).astype(float)
+    off[::2, 0] = 0.0
+    off[np.all(off == 0, axis=1)] = [0.0, 1.0, 2.0]
+    pts = np.concatenate([rng.uniform(lo, hi, (60, 3)),  # off the grid: far from some nodes
+                          rng.integers(lo.astype(int), hi.astype(int), (60, 3)).astype(float),
+                          centre + off, centre - off])
+    R = 9.0
+    N = int(np.prod(wn))
+    best, src = np.full(N, np.inf), np.full(N, -1, np.int64)
+    A._nearest_points(pts, waff, wn, R, best, src)
+
+    nodes = np.indices(wn).reshape(3, -1).T @ waff[:3, :3].T + waff[:3, 3]
+    d2 = ((nodes[:, None, :] - pts[None, :, :]) ** 2).sum(axis=2)
+    g0 = (pts[:, 0] - waff[0, 3]) / 6.0
+    want = np.full(N, -1)
+    for n in range(N):
+        ok = np.flatnonzero(d2[n] <= R * R)
+        if len(ok):
+            want[n] = ok[np.lexsort((ok, g0[ok], d2[n, ok]))[0]]
+    reached = want >= 0
+    assert reached.sum() > 100 and (~reached).sum() > 50  # both kinds of node occur
+    tied = [n for n in np.flatnonzero(reached) if np.sum(d2[n] == d2[n, want[n]]) > 1]
+    assert len(tied) > 10, len(tied)
+    np.testing.assert_array_equal(src, want)
+    np.testing.assert_allclose(best[reached], d2[np.flatnonzero(reached), want[reached]], rtol=1e-12)
+    assert np.all(np.isinf(best[~reached]))
