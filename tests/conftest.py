@@ -96,3 +96,20 @@ def twin_dir(coarse_phantoms, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("twin") / "twin"
     build_twin(src / "ct.nii.gz", src / "seg.nii.gz", out, finish=finish_build)
     return out
+
+
+@pytest.fixture(scope="module")
+def render_registered():
+    """Register the scene state and the render layer unless the session already did (then leave
+    them registered)."""
+    from ctwin import blender, render
+    from ctwin.render.engine import CTWIN_DRR_RenderEngine
+
+    mine = not CTWIN_DRR_RenderEngine.is_registered
+    if mine:
+        blender.register()
+        render.register()
+    yield
+    if mine:
+        render.unregister()
+        blender.unregister()

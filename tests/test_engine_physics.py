@@ -18,21 +18,6 @@ SOURCE_KEYS = {"source", "ct_path", "blend", "camera", "pose", "transl_mm", "dev
 
 
 @pytest.fixture(scope="module")
-def registered():
-    from ctwin import blender, render
-    from ctwin.render.engine import CTWIN_DRR_RenderEngine
-
-    mine = not CTWIN_DRR_RenderEngine.is_registered
-    if mine:
-        blender.register()
-        render.register()
-    yield
-    if mine:
-        render.unregister()
-        blender.unregister()
-
-
-@pytest.fixture(scope="module")
 def ct_seg(tmp_path_factory):
     """A water box with a bone block and a rod labelled "rod" (label 1) and a "liver" (label 2)."""
     d = np.full((18, 16, 14), -1000, np.int16)
@@ -103,7 +88,7 @@ def _same_request(engine: dict, cli: dict):
             assert a == b, k
 
 
-def test_panel_options_equal_the_cli_on_a_plain_ct(registered, ct_seg, tmp_path, capsys, camera_geometry):
+def test_panel_options_equal_the_cli_on_a_plain_ct(render_registered, ct_seg, tmp_path, capsys, camera_geometry):
     """kVp with every tube, detector, scatter, noise and calibration option and a label material:
     the engine's frame equals `ctwin render --ct --seg ... --geometry <the engine's sidecar>` and
     records the same request; then the same as DICOM."""
@@ -179,7 +164,7 @@ def test_panel_options_equal_the_cli_on_a_plain_ct(registered, ct_seg, tmp_path,
         bpy.ops.render.render(animation=True)
 
 
-def test_samples_per_ray_and_float16_storage_equal_the_cli(registered, ct_seg, tmp_path, capsys, camera_geometry):
+def test_samples_per_ray_and_float16_storage_equal_the_cli(render_registered, ct_seg, tmp_path, capsys, camera_geometry):
     vol, folder = ct_seg
     g = named_view("lateral", vol, size=(18, 14))
     scene = _camera_scene(g, tmp_path)
@@ -211,7 +196,7 @@ def test_samples_per_ray_and_float16_storage_equal_the_cli(registered, ct_seg, t
     np.testing.assert_array_equal(half, render_drr(prepare_volume(vol, storage="float16"), gc, device="cpu"))
 
 
-def test_label_material_list_and_bad_input_are_one_line_reports(registered, ct_seg, tmp_path):
+def test_label_material_list_and_bad_input_are_one_line_reports(render_registered, ct_seg, tmp_path):
     """The UIList's operators, and each input `ctwin render` refuses refused here with its one line."""
     vol, folder = ct_seg
     scene = _camera_scene(named_view("ap", vol, size=(8, 8)), tmp_path)
@@ -343,7 +328,7 @@ class _Layout:
         self.log.append(("op", idname))
 
 
-def test_panel_draws_every_setting(registered):
+def test_panel_draws_every_setting(render_registered):
     from types import SimpleNamespace
 
     from ctwin.render.engine import CTWIN_DRR_PT_settings

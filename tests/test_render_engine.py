@@ -10,23 +10,6 @@ from ctwin.core.volumes.volume import Volume, affine_from, save_nifti  # noqa: E
 
 
 @pytest.fixture(scope="module")
-def registered():
-    """Register the scene state and the render layer unless the session already did (then leave
-    them registered)."""
-    from ctwin import blender, render
-    from ctwin.render.engine import CTWIN_DRR_RenderEngine
-
-    mine = not CTWIN_DRR_RenderEngine.is_registered
-    if mine:
-        blender.register()
-        render.register()
-    yield
-    if mine:
-        render.unregister()
-        blender.unregister()
-
-
-@pytest.fixture(scope="module")
 def ct_file(tmp_path_factory):
     d = np.full((20, 18, 16), -1000, np.int16)
     d[2:-2, 2:-2, 2:-2] = 0
@@ -58,7 +41,7 @@ def _same_geometry(a, b):
 
 
 @pytest.mark.parametrize("view,parallel", [("lao20_cran10", False), ("lat_left", True)])
-def test_camera_geometry_round_trip(registered, ct_file, view, parallel):
+def test_camera_geometry_round_trip(render_registered, ct_file, view, parallel):
     from ctwin.render.camera import geometry_from_camera
 
     vol, _ = ct_file
@@ -71,7 +54,7 @@ def test_camera_geometry_round_trip(registered, ct_file, view, parallel):
     _same_geometry(geometry_from_camera(scene), g)
 
 
-def test_f12_and_animation_render_with_resume(registered, ct_file, tmp_path):
+def test_f12_and_animation_render_with_resume(render_registered, ct_file, tmp_path):
     from ctwin.render import scene_volumes
 
     vol, path = ct_file
@@ -123,7 +106,7 @@ def test_f12_and_animation_render_with_resume(registered, ct_file, tmp_path):
     assert names == [f"frame_000{f}.{e}" for f in (1, 2, 3) for e in ("json", "tif")]
 
 
-def test_render_engine_realistic_physics(registered, ct_file, tmp_path):
+def test_render_engine_realistic_physics(render_registered, ct_file, tmp_path):
     pytest.importorskip("spekpy", reason="SpekPy is not installed")
     from ctwin.core.drr.projector import render_value
     from ctwin.core.drr.xray import XraySetup
@@ -160,7 +143,7 @@ def test_render_engine_realistic_physics(registered, ct_file, tmp_path):
         bpy.ops.render.render(animation=True)
 
 
-def test_animation_resume_matches_the_request(registered, ct_file, tmp_path):
+def test_animation_resume_matches_the_request(render_registered, ct_file, tmp_path):
     """A resumed animation keeps a frame only when it reads back whole and its sidecar matches the
     request: a damaged frame is rendered again, one made with other settings stops the render with
     an error (the frames stay as they were) unless "Overwrite frames" is on."""
