@@ -1,7 +1,8 @@
 """Is a registration's error the search's or the similarity's? Scores the truth against an estimate.
 
     .venv/bin/python benchmarks/diag_register_similarity.py --twin DIR --case random_0
-        [--estimate registration.json] [--views ap lateral] [--size 256] [--seed 0]
+        [--estimate registration.json ...] [--soft-models rigid-hu ...] [--views ap lateral]
+        [--size 256] [--seed 0]
 
 The case is generated as ``bench_register.py`` does (same seeds: the phantom at the case's pose,
 rendered monoenergetic with Poisson noise). Without ``--estimate`` the twin is registered from the
@@ -55,7 +56,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--twin", required=True)
     ap.add_argument("--case", default="random_0", help="random_N or a preset name")
-    ap.add_argument("--estimate", default=None, help="a registration.json (else: register first)")
+    ap.add_argument("--estimate", nargs="*", default=None,
+                    help="registration.json files (pose, transl; else: register first); the groups of the "
+                         "truth are put into the first")
     ap.add_argument("--views", nargs="*", default=["ap", "lateral"])
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--photons", type=float, default=2e4)
@@ -100,9 +103,13 @@ def main() -> int:
     cloud = clouds[args.soft_models[0]]
     pt = np.asarray(truth_b["pose"], dtype=np.float64)
     tt = twin.transl0_mm + (np.asarray(truth_b["transl"]) - np.asarray(truth_a["transl"]))
+    others = {}
     if args.estimate:
-        rec = read_json(args.estimate)
-        pe, te = np.asarray(rec["pose"], dtype=np.float64), np.asarray(rec["transl"], dtype=np.float64)
+        recs = [read_json(f) for f in args.estimate]
+        pe, te = (np.asarray(recs[0][k], dtype=np.float64) for k in ("pose", "transl"))
+        others = {f"estimate {Path(f).stem}": (np.asarray(r["pose"], dtype=np.float64),
+                                               np.asarray(r["transl"], dtype=np.float64))
+                  for f, r in zip(args.estimate[1:], recs[1:])}
     else:
         sp, st = displaced_start(twin, np.random.default_rng([args.seed, ci]))
         reg = register(twin, xr, init_pose=sp, init_transl_mm=st, seed=args.seed + ci, cloud=cloud)
@@ -117,6 +124,7 @@ def main() -> int:
 
     cands = {"truth": (pt, tt), "estimate": (pe, te)}
     cands.update({f"estimate, {g} of truth": (mix(names), te) for g, names in GROUPS.items()})
+    cands.update(others)
     errs = {k: bone_error(twin, p, t, truth_a, truth_b)["mean"] for k, (p, t) in cands.items()}
     cond = "monoenergetic" if args.kvp is None else f"{args.kvp:g} kVp"
     print(f"case {args.case} ({cond}), views {' + '.join(x.name for x in xr)}; "
