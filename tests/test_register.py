@@ -144,6 +144,27 @@ def test_blended_points_move_by_the_blend_of_their_owners():
     assert np.allclose(pooled.points[1], [31.5, 0.0, 0.0])
 
 
+def test_soft_tissue_channel_is_smoothed_over_the_block_size(monkeypatch):
+    """With ``SOFT_BLUR``, a level renders the soft-tissue blocks as a separate image smoothed with
+    a Gaussian of that fraction of the block size (in pixels), the bones unsmoothed."""
+    from scipy.ndimage import gaussian_filter
+
+    from ctwin.core.drr.carm import Geometry
+    from ctwin.core.twin import registration as R
+
+    g = Geometry((0.0, -1000.0, 0.0), (0.0, 500.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.0, -1.0),
+                 (2.0, 2.0), (32, 32), True, {})
+    cloud = R.BoneCloud(["a", "_soft:pelvis"], np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 4.0]]), np.ones(2),
+                        np.array([0, 1], np.int32), 2.0, soft_spacing_mm=9.0)
+    monkeypatch.setattr(R, "SOFT_BLUR", 0.5)
+    lvl = R._Level([R.XRay("v", np.zeros((32, 32)), g)], 32, cloud)
+    assert lvl.soft_sigma == [pytest.approx(0.5 * 9.0 / 2.0)]
+    hard, soft = lvl.render(np.repeat(np.eye(4)[None], 2, axis=0), lvl.views)[0]
+    ref = R.splat_bones(cloud.points[1:], cloud.weight[1:], cloud.owner[1:] * 0, np.eye(4)[None], lvl.views[0])
+    assert np.allclose(soft, gaussian_filter(ref, 2.25, mode="constant"))
+    assert np.count_nonzero(hard) == 4 and hard.sum() == pytest.approx(cloud.weight[0] / 4.0)
+
+
 def test_soft_tissue_blocks_follow_the_twins_skinning(twin_dir):
     """With ``soft_blend``, the soft-tissue blocks of the registration's cloud, posed by the blend
     of their joints, land where the renderer's forward skinning (core.twin.articulated.forward_lbs,

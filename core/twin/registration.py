@@ -12,9 +12,9 @@ Method (no GPU needed; numpy, scipy and numba):
   pooled to ``SOFT_SPACING_MM`` blocks of full attenuation, each block moved rigidly with the joint
   of its largest skinning weight (``bone_cloud(soft_blend=True)``: by the linear blend of its
   joints' transforms, as the renderer's warp moves the soft tissue; ``soft_uniform=True``: water
-  wherever the body is; both measured worse on the benchmark), its image smoothed over the block
-  size, and the static part (table) in place: the moving image then has the body outline and the
-  table edges that the X-ray has (without them the rigid fit was drawn to those edges).
+  wherever the body is; both measured worse on the benchmark), and the static part (table) in
+  place: the moving image then has the body outline and the table edges that the X-ray has
+  (without them the rigid fit was drawn to those edges).
 - **DRRs by splatting.** A pose gives each structure its rigid 4x4 (``core.rig.pose``); each
   point is moved (a soft-tissue block by its blend), projected with the view's 3x4 matrix and
   splatted bilinearly with the density factor of a cone beam (``sid^2 |X - S| / (pixel area x
@@ -82,10 +82,11 @@ SOFT_SPACING_MM = 9.0  # soft tissue cloud: its outline only needs to match at t
 # -700 to -900 HU, counts as body; air and bowel gas, -1000 HU, do not), without the inner contrast
 # (lungs, organs) that blocks moved with the joints do not deform as the body does
 SOFT_BODY_HU = -900.0
-# the soft-tissue image is smoothed with a Gaussian of this fraction of the block size: a lattice of
-# point splats of spacing a, blurred with sigma, keeps a ripple of exp(-2 pi^2 sigma^2 / a^2)
-# (the Fourier series of a Gaussian-smoothed comb): 0.7 % at sigma = a / 2, 19 % at a / sqrt(12)
-SOFT_BLUR = 0.5
+# the soft-tissue image smoothed with a Gaussian of this fraction of the block size (0: not). A
+# lattice of point splats of spacing a, blurred with sigma, keeps a ripple of
+# exp(-2 pi^2 sigma^2 / a^2) (the Fourier series of a Gaussian-smoothed comb): 0.7 % at sigma = a / 2.
+# 0.5 measured on the benchmark (README, "Pose from X-ray"): no better, so off
+SOFT_BLUR = 0.0
 # a soft-tissue block blends the transforms of up to this many joints (its largest skinning weights):
 # with 8, the blocks land where the renderer's skinning (all weights) puts them, to 1e-12 mm on the
 # 3 mm phantom's twin; with 4, 1 % of them were more than 8 mm off at a hip flexed 60 degrees
