@@ -397,7 +397,7 @@ def bone_cloud(twin, bone_hu: float = BONE_HU, spacing_mm: float = CLOUD_SPACING
                 mix_w.append(np.ones((len(w), 1)))
                 names.append("_static")
             elif art.weights.shape[-1]:
-                jt, bw = _skinning_at(art, world, MIX_JOINTS if soft_blend else 1)
+                jt, bw = _skinning_at(art, world, MIX_JOINTS) if soft_blend else _largest_weight_joint(art, world)
                 sidx = {}
                 for j in np.unique(jt[bw > 0]):
                     sidx[int(j)] = len(names)
@@ -407,6 +407,8 @@ def bone_cloud(twin, bone_hu: float = BONE_HU, spacing_mm: float = CLOUD_SPACING
                     lut[j] = k
                 mo = lut[jt]
                 mo = np.where(bw > 0, mo, mo[:, :1])  # unused slots: the first structure, weight 0
+                grp = np.argsort(mo[:, 0], kind="stable")  # the blocks grouped by structure
+                mo, bw, world, w = mo[grp], bw[grp], world[grp], w[grp]
                 own.append(mo[:, 0].copy())
                 mix_o.append(mo)
                 mix_w.append(bw)
@@ -423,6 +425,15 @@ def bone_cloud(twin, bone_hu: float = BONE_HU, spacing_mm: float = CLOUD_SPACING
     soft_mm = float(sp * max(1, int(round(soft_spacing_mm / sp)))) if soft_spacing_mm else 0.0
     return BoneCloud(names, np.concatenate(pts), np.concatenate(wts), np.concatenate(own).astype(np.int32),
                      float(sp * f), mo if blended else None, mw if blended else None, soft_mm)
+
+
+def _largest_weight_joint(art, world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(joints (N, 1), ones (N, 1)): the joint of the largest skinning weight at the nearest node
+    of the coarse weight field."""
+    idx = np.rint(apply_transform(np.linalg.inv(art.weight_affine), world)).astype(np.int64)
+    idx = np.clip(idx, 0, np.array(art.weights.shape[:3]) - 1)
+    ch = np.argmax(art.weights[idx[:, 0], idx[:, 1], idx[:, 2]], axis=1)
+    return np.asarray(art.weight_joints)[ch][:, None], np.ones((len(world), 1))
 
 
 def _skinning_at(art, world: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -456,7 +467,9 @@ def pool_cloud(cloud: BoneCloud, spacing_mm: float) -> BoneCloud:
     mo, mw = cloud.blend()
     srt = np.argsort(mo, axis=1, kind="stable")  # the owners in index order: one key per set
     mo_s, mw_s = np.take_along_axis(mo, srt, axis=1), np.take_along_axis(mw, srt, axis=1)
-    _, inv = np.unique(np.concatenate([cell, mo_s.astype(np.int64)], axis=1), axis=0, return_inverse=True)
+    # pooled points in the order of (structures, cell): the splat's sums, hence the search, are
+    # sensitive to the order in the last bits
+    _, inv = np.unique(np.concatenate([mo_s.astype(np.int64), cell], axis=1), axis=0, return_inverse=True)
     inv = inv.reshape(-1)
     w = np.bincount(inv, weights=cloud.weight)
     n = len(w)
@@ -689,7 +702,10 @@ class _Level:
             self.targets.append((_normalised(gx), _normalised(gy)))
             self.sigma.append(sigma)
         self.size = size
-        self.soft_points = self.cloud.soft[self.cloud.owner]
+        # the soft tissue as a channel of its own only where it is smoothed (one image otherwise:
+        # the splat's sums, hence the search, are sensitive to their order in the last bits)
+        self.soft_points = self.cloud.soft[self.cloud.owner] if max(self.soft_sigma, default=0.0) > 0 \
+            else np.zeros(len(self.cloud.owner), bool)
         self.hard_cloud = self.cloud.subset(~self.soft_points)
         self.soft_cloud = self.cloud.subset(self.soft_points) if self.soft_points.any() else None
 
