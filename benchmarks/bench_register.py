@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_register.py [--twin DIR] [--spacing 3] [--size 256]
         [--random 10] [--presets all|none|NAME ...] [--conditions mono poly] [--views aplat ap]
-        [--methods articulated rigid] [--seed 0] [--out /tmp/bench_register] [--json FILE]
+        [--methods articulated rigid] [--soft-model rigid-hu] [--seed 0] [--out /tmp/bench_register]
+        [--json FILE]
 
 Protocol: the twin is built from the phantom (seed 0) at the acquisition pose (``--twin`` reuses a
 built one; its input CT's truth.json is the acquisition truth). Each case is a target pose: seeded
@@ -99,6 +100,10 @@ def main() -> int:
     ap.add_argument("--kvp", type=float, default=100.0)
     ap.add_argument("--levels", type=int, nargs="*", default=[64, 128, 256])
     ap.add_argument("--effort", type=float, default=1.0)
+    ap.add_argument("--soft-model", default="rigid-hu",
+                    choices=["blend-uniform", "blend-hu", "rigid-uniform", "rigid-hu"],
+                    help="the registration's soft-tissue model (core.twin.registration.bone_cloud): blocks "
+                         "moved by the blend of their joints or rigidly with one, water or the CT's HU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/bench_register")
     ap.add_argument("--json", default=None)
@@ -119,7 +124,8 @@ def main() -> int:
     twin = load_twin(twin_dir)
     truth_a = _source_truth(twin)
     spacing = float(truth_a["spacing_mm"])
-    cloud = bone_cloud(twin)
+    cloud = bone_cloud(twin, soft_blend=args.soft_model.startswith("blend"),
+                       soft_uniform=args.soft_model.endswith("uniform"))
     print(f"twin {twin_dir} ({spacing:g} mm), {len(cloud.names)} bones, {len(cloud.weight)} cloud points")
 
     rng = np.random.default_rng(args.seed)
@@ -160,7 +166,8 @@ def main() -> int:
                     row = {"case": case, "condition": cond, "views": vset, "method": method,
                            "start_mean": e0["mean"], "mean": e["mean"], "max": e["max"], "worst": e["worst"],
                            "truth_pose_mean": floor["mean"], "truth_pose_max": floor["max"], "seconds": dt,
-                           "similarity": reg.similarity}
+                           "similarity": reg.similarity, "pose": reg.pose.tolist(),
+                           "transl": reg.transl_mm.tolist()}
                     rows.append(row)
                     print(f"{case:<20} {cond:<5} {vset:<6} {method:<12} {e0['mean']:7.1f} {e['mean']:6.2f} "
                           f"{e['max']:6.2f} {floor['mean']:7.2f} {dt:6.1f}  worst {e['worst']}", flush=True)

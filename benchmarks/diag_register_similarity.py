@@ -1,7 +1,8 @@
 """Is a registration's error the search's or the similarity's? Scores the truth against an estimate.
 
     .venv/bin/python benchmarks/diag_register_similarity.py --twin DIR --case random_0
-        [--estimate registration.json] [--views ap lateral] [--size 256] [--seed 0]
+        [--estimate registration.json ...] [--soft-models rigid-hu ...] [--views ap lateral]
+        [--size 256] [--seed 0]
 
 The case is generated as ``bench_register.py`` does (same seeds: the phantom at the case's pose,
 rendered monoenergetic with Poisson noise). Without ``--estimate`` the twin is registered from the
@@ -9,12 +10,16 @@ benchmark's displaced start first. Printed per level (64, 128, 256 px): the summ
 correlation (``core.twin.registration``'s similarity) of the twin posed by the truth's pose vector,
 by the estimate, and by the estimate with one joint group taken from the truth (spine + neck, arms,
 legs), each with its SPEC 6 bone_err; ``--kvp`` renders the polyenergetic condition, ``--bone-gain``
-also scores with the bones weighted more or less against the soft tissue. When the estimate scores higher than the truth, no search
+also scores with the bones weighted more or less against the soft tissue, ``--soft-models`` with
+other models of the soft tissue (``rigid-hu``: the registration's default, the CT's HU in blocks each
+rigid with the joint of its largest skinning weight; ``blend-hu``: blocks moved by the blend of their
+joints; ``*-uniform``: water wherever the body is). When the estimate scores higher than the truth, no search
 finds the truth: the limit is the similarity (or the twin's model of the image), not the optimiser.
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -45,13 +50,15 @@ def main() -> int:
     from ctwin.core.phantom.phantom import generate_phantom
     from ctwin.core.rig.poses import PRESETS
     from ctwin.core.twin.evaluation import _source_truth, bone_error
-    from ctwin.core.twin.registration import BoneCloud, XRay, _Level, _Problem, bone_cloud, register
+    from ctwin.core.twin.registration import XRay, _Level, _Problem, bone_cloud, register
     from ctwin.core.twin.twin import load_twin
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--twin", required=True)
     ap.add_argument("--case", default="random_0", help="random_N or a preset name")
-    ap.add_argument("--estimate", default=None, help="a registration.json (else: register first)")
+    ap.add_argument("--estimate", nargs="*", default=None,
+                    help="registration.json files (pose, transl; else: register first); the groups of the "
+                         "truth are put into the first")
     ap.add_argument("--views", nargs="*", default=["ap", "lateral"])
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--photons", type=float, default=2e4)
@@ -59,6 +66,8 @@ def main() -> int:
     ap.add_argument("--bone-gain", type=float, nargs="*", default=[1.0],
                     help="also score with the bones' cloud weights scaled by these factors (the bone "
                          "contrast against soft tissue that the similarity sees)")
+    ap.add_argument("--soft-models", nargs="*", default=["rigid-hu"],
+                    choices=["blend-uniform", "blend-hu", "rigid-uniform", "rigid-hu"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--index", type=int, default=None,
                     help="the case's position in the benchmark run (its noise and start seeds); default: "
@@ -89,12 +98,18 @@ def main() -> int:
     xr = [XRay(vn, render_value(pv, g, value="line_integral", photons=args.photons, seed=1000 * ci + vi, **kw), g,
                photons=args.photons)
           for vi, (vn, g) in enumerate(views.items()) if vn in args.views]
-    cloud = bone_cloud(twin)
+    clouds = {m: bone_cloud(twin, soft_blend=m.startswith("blend"), soft_uniform=m.endswith("uniform"))
+              for m in args.soft_models}
+    cloud = clouds[args.soft_models[0]]
     pt = np.asarray(truth_b["pose"], dtype=np.float64)
     tt = twin.transl0_mm + (np.asarray(truth_b["transl"]) - np.asarray(truth_a["transl"]))
+    others = {}
     if args.estimate:
-        rec = read_json(args.estimate)
-        pe, te = np.asarray(rec["pose"], dtype=np.float64), np.asarray(rec["transl"], dtype=np.float64)
+        recs = [read_json(f) for f in args.estimate]
+        pe, te = (np.asarray(recs[0][k], dtype=np.float64) for k in ("pose", "transl"))
+        others = {f"estimate {Path(f).stem}": (np.asarray(r["pose"], dtype=np.float64),
+                                               np.asarray(r["transl"], dtype=np.float64))
+                  for f, r in zip(args.estimate[1:], recs[1:])}
     else:
         sp, st = displaced_start(twin, np.random.default_rng([args.seed, ci]))
         reg = register(twin, xr, init_pose=sp, init_transl_mm=st, seed=args.seed + ci, cloud=cloud)
@@ -109,18 +124,19 @@ def main() -> int:
 
     cands = {"truth": (pt, tt), "estimate": (pe, te)}
     cands.update({f"estimate, {g} of truth": (mix(names), te) for g, names in GROUPS.items()})
+    cands.update(others)
     errs = {k: bone_error(twin, p, t, truth_a, truth_b)["mean"] for k, (p, t) in cands.items()}
     cond = "monoenergetic" if args.kvp is None else f"{args.kvp:g} kVp"
     print(f"case {args.case} ({cond}), views {' + '.join(x.name for x in xr)}; "
           "similarity = summed gradient correlation")
     levels = [lv for lv in (64, 128, 256) if lv <= args.size]
-    for gain in args.bone_gain:
-        c = cloud
+    for (model, cl), gain in ((m, g) for m in clouds.items() for g in args.bone_gain):
+        c = cl
         if gain != 1.0:
-            w = cloud.weight.copy()
-            w[cloud.bone[cloud.owner]] *= gain
-            c = BoneCloud(cloud.names, cloud.points, w, cloud.owner, cloud.spacing_mm)
-        print(f"bone weight x {gain:g}")
+            w = cl.weight.copy()
+            w[cl.bone[cl.owner]] *= gain
+            c = replace(cl, weight=w)
+        print(f"soft tissue {model}, bone weight x {gain:g}")
         print(f"{'pose':<34} {'bone_err':>8} " + " ".join(f"{lv:>4} px" for lv in levels))
         lvs = [_Level(xr, lv, c) for lv in levels]
         for k, (p, t) in cands.items():

@@ -113,6 +113,99 @@ def test_twin_without_bones_stops_with_one_line():
         bone_cloud(twin)
 
 
+def test_blended_points_move_by_the_blend_of_their_owners():
+    """A point with weights (0.75, 0.25) on two structures lands where the blend of their
+    transforms puts it; pooling sums the points of one structure, or of one set of structures,
+    in a cell, and averages the blends."""
+    from ctwin.core.drr.carm import Geometry
+    from ctwin.core.twin.registration import BoneCloud, _View, pool_cloud, splat_cloud
+
+    g = Geometry((0.0, -1000.0, 0.0), (0.0, 500.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.0, -1.0),
+                 (1.0, 1.0), (64, 64), True, {})
+    T = np.repeat(np.eye(4)[None], 2, axis=0)
+    T[0, 0, 3], T[1, 0, 3] = -8.0, 16.0  # along the detector's u, 1 px per mm
+    cloud = BoneCloud(["a", "_soft:pelvis"], np.zeros((1, 3)), np.ones(1), np.array([1], np.int32), 2.0,
+                      np.array([[1, 0]], np.int32), np.array([[0.75, 0.25]]))
+    img = splat_cloud(cloud, T, _View.of(g))
+    rows, cols = np.nonzero(img)
+    col = float((img[rows, cols] * cols).sum() / img.sum())
+    assert col == pytest.approx(31.5 + 0.25 * -8.0 + 0.75 * 16.0, abs=1e-6)
+    # 8 rigid points in one 10 mm cell pooled; two blended ones (same structures, listed in either
+    # order) in another cell pooled, their blends averaged by weight
+    pts = np.r_[np.argwhere(np.ones((2, 2, 2))) * 2.0, [[30.0, 0.0, 0.0], [32.0, 0.0, 0.0]]]
+    cl = BoneCloud(["a", "_soft:pelvis"], pts, np.r_[np.ones(9), [3.0]], np.r_[np.zeros(8, np.int32), [1, 0]], 2.0,
+                   np.r_[np.zeros((8, 2), np.int32), [[1, 0], [0, 1]]].astype(np.int32),
+                   np.r_[np.tile([1.0, 0.0], (8, 1)), [[0.6, 0.4], [0.8, 0.2]]])
+    pooled = pool_cloud(cl, 10.0)
+    assert len(pooled.weight) == 2 and pooled.weight.sum() == pytest.approx(12.0)
+    assert pooled.mix_w[0, 0] == 1.0 and pooled.owner[0] == 0 and np.allclose(pooled.points[0], [1.0, 1.0, 1.0])
+    # structure 0 has 0.4 / 4 and 0.8 * 3 / 4, structure 1 the rest, in decreasing order
+    assert np.allclose(pooled.mix_w[1], [0.7, 0.3]) and list(pooled.mix_owner[1]) == [0, 1]
+    assert np.allclose(pooled.points[1], [31.5, 0.0, 0.0])
+
+
+def test_soft_tissue_channel_is_smoothed_over_the_block_size(monkeypatch):
+    """With ``SOFT_BLUR``, a level renders the soft-tissue blocks as a separate image smoothed with
+    a Gaussian of that fraction of the block size (in pixels), the bones unsmoothed."""
+    from scipy.ndimage import gaussian_filter
+
+    from ctwin.core.drr.carm import Geometry
+    from ctwin.core.twin import registration as R
+
+    g = Geometry((0.0, -1000.0, 0.0), (0.0, 500.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.0, -1.0),
+                 (2.0, 2.0), (32, 32), True, {})
+    cloud = R.BoneCloud(["a", "_soft:pelvis"], np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 4.0]]), np.ones(2),
+                        np.array([0, 1], np.int32), 2.0, soft_spacing_mm=9.0)
+    monkeypatch.setattr(R, "SOFT_BLUR", 0.5)
+    lvl = R._Level([R.XRay("v", np.zeros((32, 32)), g)], 32, cloud)
+    assert lvl.soft_sigma == [pytest.approx(0.5 * 9.0 / 2.0)]
+    hard, soft = lvl.render(np.repeat(np.eye(4)[None], 2, axis=0), lvl.views)[0]
+    ref = R.splat_bones(cloud.points[1:], cloud.weight[1:], cloud.owner[1:] * 0, np.eye(4)[None], lvl.views[0])
+    assert np.allclose(soft, gaussian_filter(ref, 2.25, mode="constant"))
+    assert np.count_nonzero(hard) == 4 and hard.sum() == pytest.approx(cloud.weight[0] / 4.0)
+
+
+def test_soft_tissue_blocks_follow_the_twins_skinning(twin_dir):
+    """With ``soft_blend``, the soft-tissue blocks of the registration's cloud, posed by the blend
+    of their joints, land where the renderer's forward skinning (core.twin.articulated.forward_lbs,
+    all the weights) puts their centres; ``soft_uniform`` makes them water."""
+    from ctwin.core.body.skeleton import JOINT_INDEX, N_JOINTS
+    from ctwin.core.twin.articulated import forward_lbs
+    from ctwin.core.twin.registration import MIX_JOINTS, _Problem, bone_cloud
+    from ctwin.core.twin.twin import load_twin
+
+    twin = load_twin(twin_dir)
+    cloud = bone_cloud(twin, soft_blend=True, soft_uniform=True)
+    assert bone_cloud(twin).mix_owner is None  # the default: rigid blocks
+    assert cloud.mix_owner is not None and 1 < cloud.mix_owner.shape[1] <= MIX_JOINTS
+    assert np.allclose(cloud.mix_w.sum(axis=1), 1.0)
+    soft = cloud.soft[cloud.owner]
+    assert (cloud.mix_w[soft, 1] > 0).mean() > 0.1  # a good part of the blocks is blended
+    # water wherever the body is: no block holds more than a block of water
+    vox = abs(np.linalg.det(twin.articulated.affine[:3, :3]))
+    sp = float(np.min(np.linalg.norm(twin.articulated.affine[:3, :3], axis=0)))
+    water_block = 0.02 * vox * round(cloud.soft_spacing_mm / sp) ** 3
+    hu = bone_cloud(twin, soft_blend=True)
+    assert cloud.weight[soft].max() <= water_block * (1 + 1e-9) < hu.weight[hu.soft[hu.owner]].max()
+    pose = twin.pose0.copy()
+    for name, ax, deg in (("left_hip", 0, -60.0), ("left_knee", 0, 70.0), ("right_shoulder", 2, -50.0),
+                          ("spine2", 1, 10.0)):
+        pose[3 * JOINT_INDEX[name] + ax] += np.radians(deg)
+    prob = _Problem(twin, cloud, [], pose, twin.transl0_mm, True)
+    T = prob.transforms(pose, twin.transl0_mm)
+    p = cloud.points[soft]
+    mo, mw = cloud.mix_owner[soft], cloud.mix_w[soft]
+    moved = np.einsum("nk,nkij,nj->ni", mw, T[mo][:, :, :3, :3], p) + np.einsum("nk,nki->ni", mw, T[mo][:, :, :3, 3])
+    arm = twin.binding.armature
+    deltas = arm.world_transforms(pose, twin.transl0_mm) @ np.linalg.inv(arm.world_transforms(arm.pose0, arm.transl0_mm))
+    ref = forward_lbs(twin.articulated, p, deltas.reshape(N_JOINTS, 4, 4))
+    err = np.linalg.norm(moved - ref, axis=1)
+    assert np.percentile(err, 99.9) < 0.5, np.percentile(err, [50, 99, 99.9])
+    # the rigid model (one joint per block) is further off
+    rigid = np.einsum("nij,nj->ni", T[mo[:, 0]][:, :3, :3], p) + T[mo[:, 0]][:, :3, 3]
+    assert np.linalg.norm(rigid - ref, axis=1).mean() > 3 * err.mean()
+
+
 # --- end to end -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def target_views(coarse_phantoms, tmp_path_factory):

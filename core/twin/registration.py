@@ -10,14 +10,17 @@ Method (no GPU needed; numpy, scipy and numba):
   about ``CLOUD_SPACING_MM``.
 - **Soft tissue and table.** The twin's soft tissue (the articulated CT's bone-filled soft volume)
   pooled to ``SOFT_SPACING_MM`` blocks of full attenuation, each block moved rigidly with the joint
-  of its largest skinning weight, and the static part (table) in place: the moving image then has
-  the body outline and the table edges that the X-ray has (without them the rigid fit was drawn to
-  those edges).
+  of its largest skinning weight (``bone_cloud(soft_blend=True)``: by the linear blend of its
+  joints' transforms, as the renderer's warp moves the soft tissue; ``soft_uniform=True``: water
+  wherever the body is; both measured worse on the benchmark), and the static part (table) in
+  place: the moving image then has the body outline and the table edges that the X-ray has
+  (without them the rigid fit was drawn to those edges).
 - **DRRs by splatting.** A pose gives each structure its rigid 4x4 (``core.rig.pose``); each
-  point is moved, projected with the view's 3x4 matrix and splatted bilinearly with the density
-  factor of a cone beam (``sid^2 |X - S| / (pixel area x depth^3)``), so the image is the line
-  integral of the bones' excess attenuation. No soft-tissue warp while optimising: a pose costs a
-  few milliseconds per view.
+  point is moved (a soft-tissue block by its blend), projected with the view's 3x4 matrix and
+  splatted bilinearly with the density factor of a cone beam (``sid^2 |X - S| / (pixel area x
+  depth^3)``), so the image is the line integral of the bones' excess attenuation (plus the soft
+  tissue's and the table's). No soft-tissue warp while optimising: a pose costs a few milliseconds
+  per view.
 - **Similarity.** Gradient correlation (Penney et al., IEEE TMI 17(4):586-595, 1998): the mean of
   the normalised cross-correlations of the row and column gradients of the Gaussian-smoothed
   images, summed over the views. It ignores the offset and scale of the intensities, so the soft
@@ -64,7 +67,7 @@ from scipy.optimize import minimize
 from ..drr.carm import Geometry, named_view
 from ..errors import CtwinError
 from ..progress import report
-from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, PARENTS, rodrigues, rotation_to_rotvec
+from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, rodrigues, rotation_to_rotvec
 from ..drr.physics import COUNT_FLOOR, DISPLAY_MAX
 from ..fileio import atomic_path, read_json, write_json
 from ..rig.pose import JOINT_LIMITS_DEG
@@ -75,6 +78,19 @@ MU_WATER_PER_MM = 0.02  # SPEC 5 monoenergetic model
 BONE_HU = 150.0  # voxels above this count as bone in the clouds (cancellous bone is ~200-400 HU)
 CLOUD_SPACING_MM = 2.0  # clouds of finer CTs are pooled to about this spacing
 SOFT_SPACING_MM = 9.0  # soft tissue cloud: its outline only needs to match at the coarse levels
+# bone_cloud(soft_uniform=True): the soft tissue as water wherever the body is, above this HU (lung,
+# -700 to -900 HU, counts as body; air and bowel gas, -1000 HU, do not), without the inner contrast
+# (lungs, organs) that blocks moved with the joints do not deform as the body does
+SOFT_BODY_HU = -900.0
+# the soft-tissue image smoothed with a Gaussian of this fraction of the block size (0: not). A
+# lattice of point splats of spacing a, blurred with sigma, keeps a ripple of
+# exp(-2 pi^2 sigma^2 / a^2) (the Fourier series of a Gaussian-smoothed comb): 0.7 % at sigma = a / 2.
+# 0.5 measured on the benchmark (README, "Pose from X-ray"): no better, so off
+SOFT_BLUR = 0.0
+# a soft-tissue block blends the transforms of up to this many joints (its largest skinning weights):
+# with 8, the blocks land where the renderer's skinning (all weights) puts them, to 1e-12 mm on the
+# 3 mm phantom's twin; with 4, 1 % of them were more than 8 mm off at a hip flexed 60 degrees
+MIX_JOINTS = 8
 LEVELS = (64, 128, 256)
 # joint groups in hierarchical order (after the root): each moves with everything above it fixed
 GROUPS = (
@@ -287,21 +303,52 @@ class BoneCloud:
     names: list  # structure names (bones), index = owner
     points: np.ndarray  # (N, 3) world mm at the acquisition pose
     weight: np.ndarray  # (N,) excess attenuation x volume (mm^2)
-    owner: np.ndarray  # (N,) int32
+    owner: np.ndarray  # (N,) int32: the structure of the point (a blended point's largest weight)
     spacing_mm: float
+    # blended points (soft tissue): (N, K) structures and weights, each row's weights sum to 1 in
+    # decreasing order (zeros last); a point moves by sum_k w_k T[owner_k]. None: all rigid.
+    mix_owner: np.ndarray | None = None
+    mix_w: np.ndarray | None = None
+    soft_spacing_mm: float = 0.0  # the soft-tissue blocks' size (0: none)
 
     @property
     def bone(self) -> np.ndarray:
         """(S,) bool: which structures are bones (not the soft tissue or the table)."""
         return np.array([not n.startswith("_") for n in self.names])
 
+    @property
+    def soft(self) -> np.ndarray:
+        """(S,) bool: which structures are soft-tissue blocks."""
+        return np.array([n.startswith("_soft:") for n in self.names])
+
+    def blend(self, sel=None) -> tuple[np.ndarray, np.ndarray]:
+        """(owners (N, K) int32, weights (N, K)) of the points (or of those in ``sel``), as the
+        splat kernel reads them; a rigid cloud is K = 1 with weight 1."""
+        if self.mix_owner is None:
+            own = self.owner if sel is None else self.owner[sel]
+            return np.ascontiguousarray(own.reshape(-1, 1), dtype=np.int32), np.ones((len(own), 1))
+        if sel is None:
+            return self.mix_owner, self.mix_w
+        return np.ascontiguousarray(self.mix_owner[sel]), np.ascontiguousarray(self.mix_w[sel])
+
+    def subset(self, sel) -> "BoneCloud":
+        """The points in ``sel`` (same structures)."""
+        mo, mw = (None, None) if self.mix_owner is None else self.blend(sel)
+        return BoneCloud(self.names, np.ascontiguousarray(self.points[sel]), np.ascontiguousarray(self.weight[sel]),
+                         np.ascontiguousarray(self.owner[sel]), self.spacing_mm, mo, mw, self.soft_spacing_mm)
+
 
 def bone_cloud(twin, bone_hu: float = BONE_HU, spacing_mm: float = CLOUD_SPACING_MM,
-               soft_spacing_mm: float | None = SOFT_SPACING_MM) -> BoneCloud:
+               soft_spacing_mm: float | None = SOFT_SPACING_MM, soft_blend: bool = False,
+               soft_uniform: bool = False) -> BoneCloud:
     """The twin's bones as weighted point clouds (see the module docstring), plus, unless
-    ``soft_spacing_mm`` is None, the soft tissue pooled coarsely and moved rigidly with the joint of
-    its largest skinning weight, and the static part (table): the moving image then has the body
-    outline that the X-ray has."""
+    ``soft_spacing_mm`` is None, the soft tissue pooled in blocks and the static part (table): the
+    moving image then has the body outline that the X-ray has. Each soft-tissue block moves
+    rigidly with the joint of its largest skinning weight, or with ``soft_blend`` by the linear
+    blend of its joints' transforms, weighted by the twin's skinning weights at its centre (up to
+    ``MIX_JOINTS``, as the renderer's soft-tissue warp blends them). Its attenuation is the CT's,
+    or with ``soft_uniform`` water wherever the body is (``SOFT_BODY_HU``). The defaults are the
+    measured best on the phantom benchmark (README, "Pose from X-ray")."""
     art = twin.articulated
     rigid = twin.binding.rigid
     vox = np.abs(np.linalg.det(art.affine[:3, :3]))
@@ -332,9 +379,12 @@ def bone_cloud(twin, bone_hu: float = BONE_HU, spacing_mm: float = CLOUD_SPACING
         wts.append(w)
     if not names:
         raise CtwinError("the twin has no bones to register (no skeletal structure in its articulated CT)")
+    mix_o, mix_w = [np.c_[o] for o in own], [np.ones((len(o), 1)) for o in own]
     if soft_spacing_mm:
         fs = max(1, int(round(soft_spacing_mm / sp)))
         for src, hu_vol, offset in _soft_sources(art):
+            if src == "soft" and soft_uniform:  # water wherever the body is (lung included)
+                hu_vol = np.where(hu_vol > SOFT_BODY_HU, 0, -1000).astype(np.int16)
             ijk, w = _pool_blocks(hu_vol, fs, vox)
             if not len(w):
                 continue
@@ -342,42 +392,100 @@ def bone_cloud(twin, bone_hu: float = BONE_HU, spacing_mm: float = CLOUD_SPACING
             A[:3, 3] = art.affine[:3, :3] @ offset + art.affine[:3, 3]
             world = apply_transform(A, ijk)
             if src == "static":
-                groups = {"_static": np.ones(len(w), bool)}
-            else:  # rigid per joint: the joint of the largest skinning weight at the point
-                wi = np.linalg.inv(art.weight_affine)
-                idx = np.rint(apply_transform(wi, world)).astype(np.int64)
-                shp = np.array(art.weights.shape[:3])
-                idx = np.clip(idx, 0, shp - 1)
-                ch = np.argmax(art.weights[idx[:, 0], idx[:, 1], idx[:, 2]], axis=1)
-                jt = art.weight_joints[ch]
-                groups = {f"_soft:{JOINT_NAMES[j]}": jt == j for j in np.unique(jt)}
-            for n, m in groups.items():
-                own.append(np.full(int(m.sum()), len(names), np.int32))
-                names.append(n)
-                pts.append(world[m])
-                wts.append(w[m])
-    return BoneCloud(names, np.concatenate(pts), np.concatenate(wts), np.concatenate(own),
-                     float(sp * f))
+                own.append(np.full(len(w), len(names), np.int32))
+                mix_o.append(own[-1][:, None])
+                mix_w.append(np.ones((len(w), 1)))
+                names.append("_static")
+            elif art.weights.shape[-1]:
+                jt, bw = _skinning_at(art, world, MIX_JOINTS) if soft_blend else _largest_weight_joint(art, world)
+                sidx = {}
+                for j in np.unique(jt[bw > 0]):
+                    sidx[int(j)] = len(names)
+                    names.append(f"_soft:{JOINT_NAMES[j]}")
+                lut = np.zeros(N_JOINTS, np.int32)
+                for j, k in sidx.items():
+                    lut[j] = k
+                mo = lut[jt]
+                mo = np.where(bw > 0, mo, mo[:, :1])  # unused slots: the first structure, weight 0
+                grp = np.argsort(mo[:, 0], kind="stable")  # the blocks grouped by structure
+                mo, bw, world, w = mo[grp], bw[grp], world[grp], w[grp]
+                own.append(mo[:, 0].copy())
+                mix_o.append(mo)
+                mix_w.append(bw)
+            else:
+                continue
+            pts.append(world)
+            wts.append(w)
+    K = max(m.shape[1] for m in mix_o)
+    pad = [(np.pad(o, ((0, 0), (0, K - o.shape[1])), mode="edge"), np.pad(b, ((0, 0), (0, K - b.shape[1]))))
+           for o, b in zip(mix_o, mix_w)]
+    mo = np.ascontiguousarray(np.concatenate([p[0] for p in pad]), dtype=np.int32)
+    mw = np.ascontiguousarray(np.concatenate([p[1] for p in pad]), dtype=np.float64)
+    blended = K > 1
+    soft_mm = float(sp * max(1, int(round(soft_spacing_mm / sp)))) if soft_spacing_mm else 0.0
+    return BoneCloud(names, np.concatenate(pts), np.concatenate(wts), np.concatenate(own).astype(np.int32),
+                     float(sp * f), mo if blended else None, mw if blended else None, soft_mm)
+
+
+def _largest_weight_joint(art, world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(joints (N, 1), ones (N, 1)): the joint of the largest skinning weight at the nearest node
+    of the coarse weight field."""
+    idx = np.rint(apply_transform(np.linalg.inv(art.weight_affine), world)).astype(np.int64)
+    idx = np.clip(idx, 0, np.array(art.weights.shape[:3]) - 1)
+    ch = np.argmax(art.weights[idx[:, 0], idx[:, 1], idx[:, 2]], axis=1)
+    return np.asarray(art.weight_joints)[ch][:, None], np.ones((len(world), 1))
+
+
+def _skinning_at(art, world: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(joints (N, k), weights (N, k)): the ``k`` largest of the articulated CT's skinning weights at
+    world points (the coarse field interpolated trilinearly, as the renderer's warp blends it),
+    renormalised to sum 1, in decreasing order; slots beyond a point's non-zero weights hold 0."""
+    wi = np.linalg.inv(art.weight_affine)
+    idx = apply_transform(wi, world).T
+    C = art.weights.shape[-1]
+    wv = np.empty((len(world), C))
+    for c in range(C):
+        wv[:, c] = map_coordinates(np.asarray(art.weights[..., c], dtype=np.float64), idx, order=1, mode="nearest")
+    order = np.argsort(-wv, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(wv, order, axis=1)
+    top[top < 0] = 0.0
+    tot = top.sum(axis=1, keepdims=True)
+    top = np.where(tot > 0, top / np.where(tot > 0, tot, 1.0), np.eye(1, k))
+    used = max(1, int((top > 0).any(axis=0).sum()))  # the slots some point uses
+    return np.asarray(art.weight_joints)[order[:, :used]], np.ascontiguousarray(top[:, :used])
 
 
 def pool_cloud(cloud: BoneCloud, spacing_mm: float) -> BoneCloud:
     """The cloud pooled per structure on a world grid of ``spacing_mm``: weights summed at their
-    weighted centroids (the same image at a resolution that does not resolve the grid)."""
+    weighted centroids (the same image at a resolution that does not resolve the grid). Blended
+    points are pooled with the points of the same structures in their cell, their blend weights
+    averaged."""
     if spacing_mm <= 1.5 * cloud.spacing_mm:
         return cloud
     cell = np.floor(cloud.points / spacing_mm).astype(np.int64)
     cell -= cell.min(axis=0)
-    dims = cell.max(axis=0) + 1
-    key = ((cloud.owner.astype(np.int64) * dims[0] + cell[:, 0]) * dims[1] + cell[:, 1]) * dims[2] + cell[:, 2]
-    uk, inv = np.unique(key, return_inverse=True)
+    mo, mw = cloud.blend()
+    srt = np.argsort(mo, axis=1, kind="stable")  # the owners in index order: one key per set
+    mo_s, mw_s = np.take_along_axis(mo, srt, axis=1), np.take_along_axis(mw, srt, axis=1)
+    # pooled points in the order of (structures, cell): the splat's sums, hence the search, are
+    # sensitive to the order in the last bits
+    _, inv = np.unique(np.concatenate([mo_s.astype(np.int64), cell], axis=1), axis=0, return_inverse=True)
     inv = inv.reshape(-1)
     w = np.bincount(inv, weights=cloud.weight)
+    n = len(w)
     safe = np.where(w > 0, w, 1.0)
     pts = np.stack([np.bincount(inv, weights=cloud.weight * cloud.points[:, a]) / safe for a in range(3)], axis=1)
-    own = np.zeros(len(uk), np.int32)
-    own[inv] = cloud.owner
+    own_s = np.zeros((n, mo.shape[1]), np.int32)
+    own_s[inv] = mo_s
+    bw_s = np.stack([np.bincount(inv, weights=cloud.weight * mw_s[:, k], minlength=n) / safe
+                     for k in range(mo.shape[1])], axis=1)
+    back = np.argsort(-bw_s, axis=1, kind="stable")  # decreasing weights again
+    own2, bw2 = np.take_along_axis(own_s, back, axis=1), np.take_along_axis(bw_s, back, axis=1)
     keep = w > 0
-    return BoneCloud(cloud.names, np.ascontiguousarray(pts[keep]), w[keep], own[keep], float(spacing_mm))
+    blended = cloud.mix_owner is not None
+    return BoneCloud(cloud.names, np.ascontiguousarray(pts[keep]), w[keep], np.ascontiguousarray(own2[keep, 0]),
+                     float(spacing_mm), np.ascontiguousarray(own2[keep]) if blended else None,
+                     np.ascontiguousarray(bw2[keep]) if blended else None, cloud.soft_spacing_mm)
 
 
 def _soft_sources(art):
@@ -406,14 +514,22 @@ def _kernel():
     import numba
 
     @numba.njit(cache=True, nogil=True)
-    def splat(pts, w, owner, T, P, src, parallel, area, out):
+    def splat(pts, w, owner, bw, T, P, src, parallel, area, out):
         H, W = out.shape
+        K = owner.shape[1]
         for n in range(pts.shape[0]):
-            o = owner[n]
             px, py, pz = pts[n, 0], pts[n, 1], pts[n, 2]
-            x = T[o, 0, 0] * px + T[o, 0, 1] * py + T[o, 0, 2] * pz + T[o, 0, 3]
-            y = T[o, 1, 0] * px + T[o, 1, 1] * py + T[o, 1, 2] * pz + T[o, 1, 3]
-            z = T[o, 2, 0] * px + T[o, 2, 1] * py + T[o, 2, 2] * pz + T[o, 2, 3]
+            x = 0.0
+            y = 0.0
+            z = 0.0
+            for k in range(K):  # linear blend of the owners' transforms (weights in decreasing order)
+                b = bw[n, k]
+                if b <= 0.0:
+                    break
+                o = owner[n, k]
+                x += b * (T[o, 0, 0] * px + T[o, 0, 1] * py + T[o, 0, 2] * pz + T[o, 0, 3])
+                y += b * (T[o, 1, 0] * px + T[o, 1, 1] * py + T[o, 1, 2] * pz + T[o, 1, 3])
+                z += b * (T[o, 2, 0] * px + T[o, 2, 1] * py + T[o, 2, 2] * pz + T[o, 2, 3])
             hc = P[0, 0] * x + P[0, 1] * y + P[0, 2] * z + P[0, 3]
             hr = P[1, 0] * x + P[1, 1] * y + P[1, 2] * z + P[1, 3]
             hw = P[2, 0] * x + P[2, 1] * y + P[2, 2] * z + P[2, 3]
@@ -474,14 +590,27 @@ class _View:
                    float(g.pixel_spacing_mm[0] * g.pixel_spacing_mm[1]))
 
 
-def splat_bones(cloud_pts, cloud_w, owner, transforms, view: _View, out=None) -> np.ndarray:
-    """Bone line-integral image (H, W) of points moved by ``transforms`` (S, 4, 4) per owner."""
+def splat_bones(cloud_pts, cloud_w, owner, transforms, view: _View, out=None, blend=None) -> np.ndarray:
+    """Bone line-integral image (H, W) of points moved by ``transforms`` (S, 4, 4) per owner
+    (``owner`` (N,)), or by the blend of their owners' transforms (``owner`` (N, K) with
+    ``blend`` (N, K) weights)."""
     g = view.geometry
     if out is None:
         out = np.zeros((g.height, g.width), np.float64)
     T = np.ascontiguousarray(np.asarray(transforms, dtype=np.float64)[:, :3, :])
-    _splat_fn()(cloud_pts, cloud_w, owner, T, view.P, view.src, bool(g.parallel), view.area, out)
+    owner = np.asarray(owner)
+    if owner.ndim == 1:
+        owner = owner.reshape(-1, 1)
+        blend = np.ones(owner.shape) if blend is None else np.asarray(blend, dtype=np.float64).reshape(-1, 1)
+    _splat_fn()(cloud_pts, cloud_w, np.ascontiguousarray(owner, dtype=np.int32),
+                np.ascontiguousarray(blend, dtype=np.float64), T, view.P, view.src, bool(g.parallel), view.area, out)
     return out
+
+
+def splat_cloud(cloud: BoneCloud, transforms, view: _View, out=None) -> np.ndarray:
+    """``splat_bones`` of a whole cloud (its blended points with their blends)."""
+    own, bw = cloud.blend()
+    return splat_bones(cloud.points, cloud.weight, own, transforms, view, out, bw)
 
 
 def bone_drr(twin, geometry: Geometry, pose=None, transl_mm=None, cloud: BoneCloud | None = None,
@@ -493,8 +622,7 @@ def bone_drr(twin, geometry: Geometry, pose=None, transl_mm=None, cloud: BoneClo
     T = _Problem(twin, cloud, [], pose, twin.transl0_mm if transl_mm is None else transl_mm, True).transforms(
         pose, twin.transl0_mm if transl_mm is None else transl_mm)
     sel = cloud.bone[cloud.owner] if bones_only else np.ones(len(cloud.owner), bool)
-    return splat_bones(np.ascontiguousarray(cloud.points[sel]), np.ascontiguousarray(cloud.weight[sel]),
-                       np.ascontiguousarray(cloud.owner[sel]), T, _View.of(geometry))
+    return splat_cloud(cloud.subset(sel), T, _View.of(geometry))
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,7 +671,7 @@ class _Level:
     """One resolution level: the views at that size and the targets' normalised gradients."""
 
     def __init__(self, xrays, size: int, cloud: BoneCloud):
-        self.views, self.targets, self.sigma = [], [], []
+        self.views, self.targets, self.sigma, self.soft_sigma = [], [], [], []
         px_iso = []
         for x in xrays:
             g0 = x.geometry
@@ -565,6 +693,8 @@ class _Level:
             mag = g.sid_mm / float(g.extra.get("sad_mm", 0.667 * g.sid_mm)) if not g.parallel else 1.0
             px_mm = min(g.pixel_spacing_mm) / mag
             sigma = max(1.0, 0.6 * spacing_mm / px_mm)
+            # the soft-tissue blocks spread over their size (see SOFT_BLUR)
+            self.soft_sigma.append(SOFT_BLUR * self.cloud.soft_spacing_mm / px_mm)
             img = x.image if not x.photons else np.minimum(x.image, line_integral_ceiling(x.photons))
             t = _resample(img, w, h)
             gx, gy = _grad_pair(t, sigma)
@@ -572,10 +702,35 @@ class _Level:
             self.targets.append((_normalised(gx), _normalised(gy)))
             self.sigma.append(sigma)
         self.size = size
+        # the soft tissue as a channel of its own only where it is smoothed (one image otherwise:
+        # the splat's sums, hence the search, are sensitive to their order in the last bits)
+        self.soft_points = self.cloud.soft[self.cloud.owner] if max(self.soft_sigma, default=0.0) > 0 \
+            else np.zeros(len(self.cloud.owner), bool)
+        self.hard_cloud = self.cloud.subset(~self.soft_points)
+        self.soft_cloud = self.cloud.subset(self.soft_points) if self.soft_points.any() else None
+
+    def compose(self, k: int, hard: np.ndarray, soft: np.ndarray | None) -> tuple:
+        """View k's image as (bones and table, the soft-tissue blocks' image smoothed over the
+        blocks' size or None); ``score`` takes these pairs."""
+        if soft is None or self.soft_sigma[k] <= 0:
+            return hard, soft
+        return hard, gaussian_filter(soft, self.soft_sigma[k], mode="constant")
+
+    def render(self, T, views) -> list:
+        """The images of the whole cloud moved by the structures' transforms ``T``."""
+        out = []
+        hard, soft = self.hard_cloud, self.soft_cloud
+        for k, v in enumerate(views):
+            out.append(self.compose(k, splat_cloud(hard, T, v), None if soft is None else splat_cloud(soft, T, v)))
+        return out
 
     def score(self, images) -> float:
+        """Summed gradient correlation of the views' images (arrays, or the (bones and table, soft
+        tissue) pairs of ``compose``) with the targets."""
         s = 0.0
         for img, (tx, ty), sig in zip(images, self.targets, self.sigma):
+            if isinstance(img, tuple):
+                img = img[0] if img[1] is None else img[0] + img[1]
             gx, gy = _grad_pair(img, sig)
             for a, t in ((gx, tx), (gy, ty)):
                 if t is None:
@@ -763,26 +918,31 @@ class _Problem:
         joints = list(joints)
         jset = set(joints)
         inc = np.ones(len(self.sjoints), bool) if include is None else np.asarray(include, bool)
-        moving = np.array([bool(jset & s) for s in self.sjoints]) & inc
+        moving = np.array([bool(jset & s) for s in self.sjoints])
         views = self.level_views(level)
         T_now = self.transforms(self.pose, self.transl)
-        own = level.cloud.owner
-        mpts = moving[own]
-        spts = (inc & ~moving)[own]
-        pts_m = np.ascontiguousarray(level.cloud.points[mpts])
-        w_m = np.ascontiguousarray(level.cloud.weight[mpts])
-        # owners of the moving points re-indexed into the moving structures
-        midx = np.flatnonzero(moving)
+        cl = level.cloud
+        own = cl.owner
+        mo, mw = cl.blend()
+        # a point moves when any of its owners (of non-zero weight) moves
+        mpts = (moving[mo] & (mw > 0)).any(axis=1) & inc[own]
+        spts = inc[own] & ~mpts
+        # owners of the moving points re-indexed into the structures they read
+        midx = np.unique(mo[mpts])
         remap = np.full(len(moving), -1, np.int32)
         remap[midx] = np.arange(len(midx), dtype=np.int32)
-        own_m = np.ascontiguousarray(remap[own[mpts]])
-        static = []
-        for v in views:
-            img = np.zeros((v.geometry.height, v.geometry.width))
-            if spts.any():
-                splat_bones(np.ascontiguousarray(level.cloud.points[spts]), np.ascontiguousarray(level.cloud.weight[spts]),
-                            np.ascontiguousarray(own[spts]), T_now, v, img)
-            static.append(img)
+        parts = []  # per image channel (bones and table; soft tissue): static images, moving points
+        for sel in ((~level.soft_points, level.soft_points) if level.soft_points.any() else (None,)):
+            m_sel = mpts if sel is None else mpts & sel
+            s_sel = spts if sel is None else spts & sel
+            static = []
+            for v in views:
+                img = np.zeros((v.geometry.height, v.geometry.width))
+                if s_sel.any():
+                    splat_cloud(cl.subset(s_sel), T_now, v, img)
+                static.append(img)
+            parts.append((static, np.ascontiguousarray(cl.points[m_sel]), np.ascontiguousarray(cl.weight[m_sel]),
+                          np.ascontiguousarray(remap[mo[m_sel]]), np.ascontiguousarray(mw[m_sel])))
         base_pose, base_transl = self.pose.copy(), self.transl.copy()
         nparam = sum(6 if j == 0 else 3 for j in joints)
         bounds = []
@@ -805,7 +965,10 @@ class _Problem:
             xc = np.clip(x, blo, bhi)
             pose, transl = self._apply(joints, xc, base_pose, base_transl)
             T = self.transforms(pose, transl, midx)
-            imgs = [splat_bones(pts_m, w_m, own_m, T, v, s.copy()) for v, s in zip(views, static)]
+            imgs = []
+            for k, v in enumerate(views):
+                ch = [splat_bones(pm, wm, om, T, v, st[k].copy(), bm) for st, pm, wm, om, bm in parts]
+                imgs.append(level.compose(k, ch[0], ch[1] if len(ch) > 1 else None))
             return level.score(imgs), float(np.sum((x - xc) ** 2)) + self._penalty(pose, joints)
 
         def cost(x):
@@ -888,9 +1051,8 @@ class _Problem:
 
         def cost(x):
             g = base.geometry.transformed(corr(x))
-            img = splat_bones(level.cloud.points, level.cloud.weight, level.cloud.owner, T_now, _View.of(g))
             lvl = _Sub(level, k)
-            return -lvl.score([img])
+            return -lvl.score(lvl.render(T_now, [_View.of(g)]))
 
         before = -cost(np.zeros(6))
         r = minimize(cost, np.zeros(6), method="Powell", options={"xtol": 0.02, "ftol": 1e-5, "maxfev": maxfev})
@@ -937,9 +1099,7 @@ class _Problem:
 
     def score(self, level: _Level) -> float:
         T = self.transforms(self.pose, self.transl)
-        imgs = [splat_bones(level.cloud.points, level.cloud.weight, level.cloud.owner, T, v)
-                for v in self.level_views(level)]
-        return level.score(imgs)
+        return level.score(level.render(T, self.level_views(level)))
 
 
 class _Sub:
@@ -947,8 +1107,11 @@ class _Sub:
 
     def __init__(self, level: _Level, k: int):
         self.targets, self.sigma = [level.targets[k]], [level.sigma[k]]
+        self.soft_sigma, self.hard_cloud, self.soft_cloud = [level.soft_sigma[k]], level.hard_cloud, level.soft_cloud
 
     score = _Level.score
+    compose = _Level.compose
+    render = _Level.render
 
 
 def _root_starts(rng, n: int) -> list:
