@@ -225,8 +225,10 @@ def test_inverse_warp_inverts_the_forward_skinning(synth):
     n = warp.shape[:3]
     nodes = np.indices(n).reshape(3, -1).T @ waff[:3, :3].T + waff[:3, 3]
     rest = nodes + warp.reshape(-1, 3)
-    idx = np.rint(ct.world_to_index(rest)).astype(int)
-    ok = np.all((idx >= 0) & (idx < ct.shape), axis=1)
+    fin = np.all(np.isfinite(rest), axis=1)  # air nodes are NaN
+    idx = np.zeros(rest.shape, int)
+    idx[fin] = np.rint(ct.world_to_index(rest[fin])).astype(int)
+    ok = fin & np.all((idx >= 0) & (idx < ct.shape), axis=1)
     body = np.zeros(len(rest), bool)
     body[ok] = ct.data[tuple(idx[ok].T)] > -500  # nodes that carry tissue (air nodes may be skipped)
     err = np.linalg.norm(A.forward_lbs(art, rest[body], jd) - nodes[body], axis=1)
