@@ -1,6 +1,7 @@
 """Posing on the GPU: the posing kernels built for CUDA from the CPU kernels' bodies (the pose-blended
-weight field, forward skinning of the tissue points, inverse skinning at the warp nodes and the air
-border) give the CPU kernels' results (numba's CUDA simulator, tiny inputs)."""
+weight field, forward skinning of the tissue points, the nearest skinned point of each warp node,
+inverse skinning at the warp nodes and the air border) give the CPU kernels' results (numba's CUDA
+simulator, tiny inputs)."""
 import textwrap
 
 import pytest
@@ -70,6 +71,20 @@ CUDASIM_SCRIPT = textwrap.dedent("""
     N = int(np.prod(wn))
     best, src = np.full(N, np.inf), np.full(N, -1, np.int64)
     A._nearest_points(ys, waff, wn, 9.0, best, src)
+    # the nearest search on the device, from the CPU's slab order (``_nearest_points``'s inputs)
+    ninv = np.ascontiguousarray(invert_affine(waff)[:3])
+    g0 = ys[:, 0] * ninv[0, 0] + ys[:, 1] * ninv[0, 1] + ys[:, 2] * ninv[0, 2] + ninv[0, 3]
+    slab = np.clip(np.floor(g0), 0, wn[0] - 1).astype(np.int64)
+    order = np.argsort(slab, kind="stable")
+    starts = np.zeros(int(wn[0]) + 1, np.int64)
+    np.cumsum(np.bincount(slab, minlength=int(wn[0])), out=starts[1:])
+    dbest, dsrc = cuda.to_device(np.full(N, np.inf)), cuda.to_device(np.full(N, -1, np.int64))
+    launch(g["splat_nearest"], int(wn[0] * wn[1]), dys, cuda.to_device(order), cuda.to_device(starts),
+           cuda.to_device(g0), cuda.to_device(np.ascontiguousarray(waff[:3])), cuda.to_device(ninv),
+           cuda.to_device(wn), 9.0, dbest, dsrc)
+    gsrc, gbest = dsrc.copy_to_host(), dbest.copy_to_host()
+    res["nearest"] = [int(np.count_nonzero(gsrc != src)) + int(np.count_nonzero(gbest != best)),
+                      float((src >= 0).sum())]
     near = (rng.uniform(size=wshape) < 0.4).astype(np.uint8)
     out = {}
     for dev in ("cpu", "cuda"):
@@ -106,7 +121,7 @@ CUDASIM_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.cudasim
 def test_posing_kernels_on_cuda_equal_cpu_under_simulator(tmp_path):
-    res = cuda_simulator_errors(CUDASIM_SCRIPT, tmp_path, entries=9)
+    res = cuda_simulator_errors(CUDASIM_SCRIPT, tmp_path, entries=10)
     # the simulator evaluates the bodies' IEEE operations in the CPU kernels' order: equal to the bit
     for key, (diff, _) in res.items():
         assert diff == 0, key

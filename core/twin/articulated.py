@@ -617,11 +617,9 @@ def forward_blend(xs, W, w_inv, D, ys, Minv):
             forward_point(xs, wa, wb, wc, P, S, w_inv, D, ys, Minv, m, n)
 
 
-def splat_nearest(ys, order, starts, g0, waff, ninv, wn, R, best, src):
-    """For every warp node within R mm of a forward-skinned point ys[s], the nearest such s (of
-    equally near points, the one with the smallest first node coordinate ``g0[s]``, then the smallest
-    s). ``order`` lists the points by node slab (``floor(g0)``), slab i's from ``starts[i]`` to
-    ``starts[i + 1]``; parallel over node slabs, each writing its own nodes only."""
+def splat_rows(ys, order, starts, g0, waff, ninv, wn, R, best, src, a, b_lo, b_hi):
+    """``splat_nearest`` for the nodes of slab a in rows b_lo .. b_hi (the shared body: the CPU
+    driver passes a whole slab, the CUDA driver a single row)."""
     lo_s = 1e30
     for q in range(3):
         lo_s = min(lo_s, math.sqrt(waff[0, q] ** 2 + waff[1, q] ** 2 + waff[2, q] ** 2))
@@ -629,47 +627,55 @@ def splat_nearest(ys, order, starts, g0, waff, ninv, wn, R, best, src):
     R2 = R * R
     n12 = wn[1] * wn[2]
     nsl = starts.shape[0] - 1
-    for a in prange(wn[0]):  # noqa: F821 (prange: a global of the build namespace)
-        q0 = starts[min(max(int(math.floor(a - rI)), 0), nsl)]
-        q1 = starts[min(max(int(math.floor(a + rI)) + 1, 0), nsl)]
-        for q in range(q0, q1):
-            s = order[q]
-            yx = ys[s, 0]
-            yy = ys[s, 1]
-            yz = ys[s, 2]
-            g1 = ninv[1, 0] * yx + ninv[1, 1] * yy + ninv[1, 2] * yz + ninv[1, 3]
-            g2 = ninv[2, 0] * yx + ninv[2, 1] * yy + ninv[2, 2] * yz + ninv[2, 3]
-            gs = g0[s]
-            ra2 = rI * rI - (a - gs) * (a - gs)
-            if ra2 < 0.0:
+    q0 = starts[min(max(int(math.floor(a - rI)), 0), nsl)]
+    q1 = starts[min(max(int(math.floor(a + rI)) + 1, 0), nsl)]
+    for q in range(q0, q1):
+        s = order[q]
+        yx = ys[s, 0]
+        yy = ys[s, 1]
+        yz = ys[s, 2]
+        g1 = ninv[1, 0] * yx + ninv[1, 1] * yy + ninv[1, 2] * yz + ninv[1, 3]
+        g2 = ninv[2, 0] * yx + ninv[2, 1] * yy + ninv[2, 2] * yz + ninv[2, 3]
+        gs = g0[s]
+        ra2 = rI * rI - (a - gs) * (a - gs)
+        if ra2 < 0.0:
+            continue
+        ra = math.sqrt(ra2)
+        b0 = max(int(math.ceil(g1 - ra)), b_lo)
+        b1 = min(int(math.floor(g1 + ra)), b_hi)
+        for b in range(b0, b1 + 1):
+            rb2 = ra2 - (b - g1) * (b - g1)
+            if rb2 < 0.0:
                 continue
-            ra = math.sqrt(ra2)
-            b0 = max(int(math.ceil(g1 - ra)), 0)
-            b1 = min(int(math.floor(g1 + ra)), wn[1] - 1)
-            for b in range(b0, b1 + 1):
-                rb2 = ra2 - (b - g1) * (b - g1)
-                if rb2 < 0.0:
-                    continue
-                rb = math.sqrt(rb2)
-                c0 = max(int(math.ceil(g2 - rb)), 0)
-                c1 = min(int(math.floor(g2 + rb)), wn[2] - 1)
-                ex = waff[0, 0] * a + waff[0, 1] * b
-                ey = waff[1, 0] * a + waff[1, 1] * b
-                ez = waff[2, 0] * a + waff[2, 1] * b
-                nb = a * n12 + b * wn[2]
-                for c in range(c0, c1 + 1):
-                    dx = ex + waff[0, 2] * c + waff[0, 3] - yx
-                    dy = ey + waff[1, 2] * c + waff[1, 3] - yy
-                    dz = ez + waff[2, 2] * c + waff[2, 3] - yz
-                    d2 = dx * dx + dy * dy + dz * dz
-                    n = nb + c
-                    if d2 <= R2 and d2 <= best[n]:
-                        if d2 == best[n]:
-                            t = src[n]
-                            if not (gs < g0[t] or (gs == g0[t] and s < t)):
-                                continue
-                        best[n] = d2
-                        src[n] = s
+            rb = math.sqrt(rb2)
+            c0 = max(int(math.ceil(g2 - rb)), 0)
+            c1 = min(int(math.floor(g2 + rb)), wn[2] - 1)
+            ex = waff[0, 0] * a + waff[0, 1] * b
+            ey = waff[1, 0] * a + waff[1, 1] * b
+            ez = waff[2, 0] * a + waff[2, 1] * b
+            nb = a * n12 + b * wn[2]
+            for c in range(c0, c1 + 1):
+                dx = ex + waff[0, 2] * c + waff[0, 3] - yx
+                dy = ey + waff[1, 2] * c + waff[1, 3] - yy
+                dz = ez + waff[2, 2] * c + waff[2, 3] - yz
+                d2 = dx * dx + dy * dy + dz * dz
+                n = nb + c
+                if d2 <= R2 and d2 <= best[n]:
+                    if d2 == best[n]:
+                        t = src[n]
+                        if not (gs < g0[t] or (gs == g0[t] and s < t)):
+                            continue
+                    best[n] = d2
+                    src[n] = s
+
+
+def splat_nearest(ys, order, starts, g0, waff, ninv, wn, R, best, src):
+    """For every warp node within R mm of a forward-skinned point ys[s], the nearest such s (of
+    equally near points, the one with the smallest first node coordinate ``g0[s]``, then the smallest
+    s). ``order`` lists the points by node slab (``floor(g0)``), slab i's from ``starts[i]`` to
+    ``starts[i + 1]``; parallel over node slabs, each writing its own nodes only."""
+    for a in prange(wn[0]):  # noqa: F821 (prange: a global of the build namespace)
+        splat_rows(ys, order, starts, g0, waff, ninv, wn, R, best, src, a, 0, wn[1] - 1)
 
 
 def inverse_node(waff, wn, wa, wb, wc, P, S, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res, status,
@@ -846,6 +852,15 @@ def cuda_forward_blend(xs, wa, wb, wc, P, S, w_inv, D, ys, Minv):
         forward_point(xs, wa, wb, wc, P, S, w_inv, D, ys, Minv, m, n)
 
 
+def cuda_splat_nearest(ys, order, starts, g0, waff, ninv, wn, R, best, src):
+    """``splat_nearest`` with a thread per node row (a, b): each writes its own nodes only."""
+    p = cuda.grid(1)  # noqa: F821
+    if p < wn[0] * wn[1]:
+        a = p // wn[1]
+        b = p - a * wn[1]
+        splat_rows(ys, order, starts, g0, waff, ninv, wn, R, best, src, a, b, b)
+
+
 def cuda_inverse_lbs_nodes(waff, wn, wa, wb, wc, P, S, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res,
                            status):
     n = cuda.grid(1)  # noqa: F821
@@ -874,10 +889,10 @@ def cuda_border_air(status, disp):
 
 
 # the per-element bodies that the CUDA drivers share with the CPU ones (device functions there)
-_POSING_SHARED = ("_clampf", "_blend", "_resid", "blend_node", "forward_point", "inverse_node", "border_mark",
-                  "border_air")
-_POSING_CUDA = ("cuda_blend_field", "cuda_forward_blend", "cuda_inverse_lbs_nodes", "cuda_border_mark",
-                "cuda_border_air")
+_POSING_SHARED = ("_clampf", "_blend", "_resid", "blend_node", "forward_point", "splat_rows", "inverse_node",
+                  "border_mark", "border_air")
+_POSING_CUDA = ("cuda_blend_field", "cuda_forward_blend", "cuda_splat_nearest", "cuda_inverse_lbs_nodes",
+                "cuda_border_mark", "cuda_border_air")
 
 
 # (function, numba.njit options besides cache=True), compiled by _kernels()
@@ -898,6 +913,7 @@ _KERNEL_DEFS = (
     ("forward_lbs_kernel", {"parallel": True}),
     ("forward_point", {"inline": "always"}),
     ("forward_blend", {"parallel": True}),
+    ("splat_rows", {"inline": "always"}),
     ("splat_nearest", {"parallel": True}),
     ("inverse_node", {"inline": "always"}),
     ("inverse_lbs_nodes", {"parallel": True}),
@@ -947,7 +963,7 @@ _POSING_GPU = None
 
 
 def posing_cuda_kernels() -> dict:
-    """{'blend_field', 'forward_blend', 'inverse_lbs_nodes', 'border_mark', 'border_air'}: the CUDA
+    """{'blend_field', 'forward_blend', 'splat_nearest', 'inverse_lbs_nodes', 'border_mark', 'border_air'}: the CUDA
     posing kernels, built from the same bodies as the CPU ones (compiled lazily)."""
     global _POSING_GPU
     if _POSING_GPU is None:
