@@ -55,7 +55,7 @@ CUDASIM_SCRIPT = textwrap.dedent("""
     res["blend_S"] = [float(np.abs(S - dS.copy_to_host()).max()), float(S.max())]
     idx = np.argwhere(np.ones(wshape, bool))[rng.choice(nw, 40, replace=False)]
     xs = np.ascontiguousarray(idx @ waff_w[:3, :3].T + waff_w[:3, 3] + rng.uniform(-2, 2, (40, 3)))
-    W = (wshape, P, S)
+    W = (np.asarray(wshape, np.int64), P, S)  # as _sparse_weights gives it
     ys, Minv = np.empty_like(xs), np.empty((len(xs), 3, 4))
     k["forward_blend"](xs, W, w_inv, D, ys, Minv)
     dW = wshape + (dP, dS)

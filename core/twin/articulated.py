@@ -566,55 +566,52 @@ def forward_lbs_kernel(xs, W, w_inv, D, out):
             out[n, r] = m[r, 0] * xs[n, 0] + m[r, 1] * xs[n, 1] + m[r, 2] * xs[n, 2] + m[r, 3]
 
 
-def forward_point(xs, wa, wb, wc, P, S, w_inv, D, ys, Minv, m, n):
-    """``forward_blend`` at point n, with ``m`` (3x4) as work space (the shared body); the blended
-    weight field (``_blend``'s W) as its shape (wa, wb, wc), P and S."""
-    W = ((wa, wb, wc), P, S)
-    x = xs[n, 0]
-    y = xs[n, 1]
-    z = xs[n, 2]
-    _blend(x, y, z, W, w_inv, D, m)
-    for r in range(3):
-        ys[n, r] = m[r, 0] * x + m[r, 1] * y + m[r, 2] * z + m[r, 3]
-    a00, a01, a02 = m[0, 0], m[0, 1], m[0, 2]
-    a10, a11, a12 = m[1, 0], m[1, 1], m[1, 2]
-    a20, a21, a22 = m[2, 0], m[2, 1], m[2, 2]
-    det = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
-           + a02 * (a10 * a21 - a11 * a20))
-    if abs(det) < 1e-9:
-        det = 1e-9
-    i00 = (a11 * a22 - a12 * a21) / det
-    i01 = -(a01 * a22 - a02 * a21) / det
-    i02 = (a01 * a12 - a02 * a11) / det
-    i10 = -(a10 * a22 - a12 * a20) / det
-    i11 = (a00 * a22 - a02 * a20) / det
-    i12 = -(a00 * a12 - a02 * a10) / det
-    i20 = (a10 * a21 - a11 * a20) / det
-    i21 = -(a00 * a21 - a01 * a20) / det
-    i22 = (a00 * a11 - a01 * a10) / det
-    Minv[n, 0, 0] = i00
-    Minv[n, 0, 1] = i01
-    Minv[n, 0, 2] = i02
-    Minv[n, 1, 0] = i10
-    Minv[n, 1, 1] = i11
-    Minv[n, 1, 2] = i12
-    Minv[n, 2, 0] = i20
-    Minv[n, 2, 1] = i21
-    Minv[n, 2, 2] = i22
-    for r in range(3):
-        Minv[n, r, 3] = -(Minv[n, r, 0] * m[0, 3] + Minv[n, r, 1] * m[1, 3] + Minv[n, r, 2] * m[2, 3])
+def forward_points(xs, W, w_inv, D, ys, Minv, m, n0, n1):
+    """``forward_blend`` at points n0 .. n1 - 1, with ``m`` (3x4) as work space (the shared body: the
+    CPU driver passes a chunk of points, the CUDA driver one)."""
+    for n in range(n0, n1):
+        x = xs[n, 0]
+        y = xs[n, 1]
+        z = xs[n, 2]
+        _blend(x, y, z, W, w_inv, D, m)
+        for r in range(3):
+            ys[n, r] = m[r, 0] * x + m[r, 1] * y + m[r, 2] * z + m[r, 3]
+        a00, a01, a02 = m[0, 0], m[0, 1], m[0, 2]
+        a10, a11, a12 = m[1, 0], m[1, 1], m[1, 2]
+        a20, a21, a22 = m[2, 0], m[2, 1], m[2, 2]
+        det = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
+               + a02 * (a10 * a21 - a11 * a20))
+        if abs(det) < 1e-9:
+            det = 1e-9
+        i00 = (a11 * a22 - a12 * a21) / det
+        i01 = -(a01 * a22 - a02 * a21) / det
+        i02 = (a01 * a12 - a02 * a11) / det
+        i10 = -(a10 * a22 - a12 * a20) / det
+        i11 = (a00 * a22 - a02 * a20) / det
+        i12 = -(a00 * a12 - a02 * a10) / det
+        i20 = (a10 * a21 - a11 * a20) / det
+        i21 = -(a00 * a21 - a01 * a20) / det
+        i22 = (a00 * a11 - a01 * a10) / det
+        Minv[n, 0, 0] = i00
+        Minv[n, 0, 1] = i01
+        Minv[n, 0, 2] = i02
+        Minv[n, 1, 0] = i10
+        Minv[n, 1, 1] = i11
+        Minv[n, 1, 2] = i12
+        Minv[n, 2, 0] = i20
+        Minv[n, 2, 1] = i21
+        Minv[n, 2, 2] = i22
+        for r in range(3):
+            Minv[n, r, 3] = -(Minv[n, r, 0] * m[0, 3] + Minv[n, r, 1] * m[1, 3] + Minv[n, r, 2] * m[2, 3])
 
 
 def forward_blend(xs, W, w_inv, D, ys, Minv):
     """Forward skinning of rest points xs with their blended transforms' inverses (3x4)."""
     nt = xs.shape[0]
     nch = min(nt, 4096)
-    Ws, P, S = W
-    wa, wb, wc = Ws
     for ch in prange(nch):  # noqa: F821 (prange: a global of the build namespace)
         m = np.empty((3, 4))  # one per chunk of points, not per point
-        for n in range(ch * nt // nch, (ch + 1) * nt // nch):
-            forward_point(xs, wa, wb, wc, P, S, w_inv, D, ys, Minv, m, n)
+        forward_points(xs, W, w_inv, D, ys, Minv, m, ch * nt // nch, (ch + 1) * nt // nch)
 
 
 def splat_rows(ys, order, starts, g0, waff, ninv, wn, R, best, src, a, b_lo, b_hi):
@@ -678,98 +675,97 @@ def splat_nearest(ys, order, starts, g0, waff, ninv, wn, R, best, src):
         splat_rows(ys, order, starts, g0, waff, ninv, wn, R, best, src, a, 0, wn[1] - 1)
 
 
-def inverse_node(waff, wn, wa, wb, wc, P, S, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res, status,
-                 m, n):
-    """``inverse_lbs_nodes`` at warp node n, with ``m`` (3x4) as work space (the shared body); the
-    blended weight field as in ``forward_point``."""
-    W = ((wa, wb, wc), P, S)
+def inverse_nodes(waff, wn, W, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res, status, m, n0, n1):
+    """``inverse_lbs_nodes`` at warp nodes n0 .. n1 - 1, with ``m`` (3x4) as work space (the shared
+    body: the CPU driver passes a chunk of nodes, the CUDA driver one)."""
     n12 = wn[1] * wn[2]
     a_ = near.shape[0]
     b_ = near.shape[1]
     c_ = near.shape[2]
-    a = n // n12
-    rr = n - a * n12
-    b = rr // wn[2]
-    c = rr - b * wn[2]
-    px = waff[0, 0] * a + waff[0, 1] * b + waff[0, 2] * c + waff[0, 3]
-    py = waff[1, 0] * a + waff[1, 1] * b + waff[1, 2] * c + waff[1, 3]
-    pz = waff[2, 0] * a + waff[2, 1] * b + waff[2, 2] * c + waff[2, 3]
-    disp[n, 0] = 0.0
-    disp[n, 1] = 0.0
-    disp[n, 2] = 0.0
-    res[n] = 0.0
-    status[n] = 0
-    s = src[n]
-    rest_near = False
-    ci = int(math.floor(w_inv[0, 0] * px + w_inv[0, 1] * py + w_inv[0, 2] * pz + w_inv[0, 3] + 0.5))
-    cj = int(math.floor(w_inv[1, 0] * px + w_inv[1, 1] * py + w_inv[1, 2] * pz + w_inv[1, 3] + 0.5))
-    ck = int(math.floor(w_inv[2, 0] * px + w_inv[2, 1] * py + w_inv[2, 2] * pz + w_inv[2, 3] + 0.5))
-    if ci >= 0 and cj >= 0 and ck >= 0 and ci < a_ and cj < b_ and ck < c_:
-        rest_near = near[ci, cj, ck] != 0
-    if s < 0 and not rest_near:
-        return
-    status[n] = 1
-    # m always holds the blended transform at the point of the last residual
-    if s >= 0:  # the guess first (moved tissue), then the identity (tissue in place)
-        bx = Minv[s, 0, 0] * px + Minv[s, 0, 1] * py + Minv[s, 0, 2] * pz + Minv[s, 0, 3]
-        by = Minv[s, 1, 0] * px + Minv[s, 1, 1] * py + Minv[s, 1, 2] * pz + Minv[s, 1, 3]
-        bz = Minv[s, 2, 0] * px + Minv[s, 2, 1] * py + Minv[s, 2, 2] * pz + Minv[s, 2, 3]
-        br = _resid(bx, by, bz, px, py, pz, W, w_inv, D, m)
-        m_ok = True
-        if br >= tol:
-            r = _resid(px, py, pz, px, py, pz, W, w_inv, D, m)
-            m_ok = r < br
-            if m_ok:
-                bx, by, bz, br = px, py, pz, r
-    else:
-        bx, by, bz = px, py, pz
-        br = _resid(px, py, pz, px, py, pz, W, w_inv, D, m)
-        m_ok = True
-    x, y, z = bx, by, bz
-    # without a skinned-tissue guess only tissue nearly in place can land here: a few steps
-    for it in range(iters if s >= 0 else min(iters, 3)):
-        if br < tol:
-            break
-        if not m_ok:
-            _blend(x, y, z, W, w_inv, D, m)
-        a00, a01, a02 = m[0, 0], m[0, 1], m[0, 2]
-        a10, a11, a12 = m[1, 0], m[1, 1], m[1, 2]
-        a20, a21, a22 = m[2, 0], m[2, 1], m[2, 2]
-        det = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
-               + a02 * (a10 * a21 - a11 * a20))
-        if abs(det) < 1e-9:
-            break
-        rx = px - m[0, 3]
-        ry = py - m[1, 3]
-        rz = pz - m[2, 3]
-        qx = ((a11 * a22 - a12 * a21) * rx - (a01 * a22 - a02 * a21) * ry
-              + (a01 * a12 - a02 * a11) * rz) / det
-        qy = (-(a10 * a22 - a12 * a20) * rx + (a00 * a22 - a02 * a20) * ry
-              - (a00 * a12 - a02 * a10) * rz) / det
-        qz = ((a10 * a21 - a11 * a20) * rx - (a00 * a21 - a01 * a20) * ry
-              + (a00 * a11 - a01 * a10) * rz) / det
-        r = _resid(qx, qy, qz, px, py, pz, W, w_inv, D, m)
-        if r < br:
-            bx, by, bz, br = qx, qy, qz, r
-            x, y, z = qx, qy, qz
+    for n in range(n0, n1):
+        a = n // n12
+        rr = n - a * n12
+        b = rr // wn[2]
+        c = rr - b * wn[2]
+        px = waff[0, 0] * a + waff[0, 1] * b + waff[0, 2] * c + waff[0, 3]
+        py = waff[1, 0] * a + waff[1, 1] * b + waff[1, 2] * c + waff[1, 3]
+        pz = waff[2, 0] * a + waff[2, 1] * b + waff[2, 2] * c + waff[2, 3]
+        disp[n, 0] = 0.0
+        disp[n, 1] = 0.0
+        disp[n, 2] = 0.0
+        res[n] = 0.0
+        status[n] = 0
+        s = src[n]
+        rest_near = False
+        ci = int(math.floor(w_inv[0, 0] * px + w_inv[0, 1] * py + w_inv[0, 2] * pz + w_inv[0, 3] + 0.5))
+        cj = int(math.floor(w_inv[1, 0] * px + w_inv[1, 1] * py + w_inv[1, 2] * pz + w_inv[1, 3] + 0.5))
+        ck = int(math.floor(w_inv[2, 0] * px + w_inv[2, 1] * py + w_inv[2, 2] * pz + w_inv[2, 3] + 0.5))
+        if ci >= 0 and cj >= 0 and ck >= 0 and ci < a_ and cj < b_ and ck < c_:
+            rest_near = near[ci, cj, ck] != 0
+        if s < 0 and not rest_near:
+            continue
+        status[n] = 1
+        # m always holds the blended transform at the point of the last residual
+        if s >= 0:  # the guess first (moved tissue), then the identity (tissue in place)
+            bx = Minv[s, 0, 0] * px + Minv[s, 0, 1] * py + Minv[s, 0, 2] * pz + Minv[s, 0, 3]
+            by = Minv[s, 1, 0] * px + Minv[s, 1, 1] * py + Minv[s, 1, 2] * pz + Minv[s, 1, 3]
+            bz = Minv[s, 2, 0] * px + Minv[s, 2, 1] * py + Minv[s, 2, 2] * pz + Minv[s, 2, 3]
+            br = _resid(bx, by, bz, px, py, pz, W, w_inv, D, m)
             m_ok = True
-        else:  # damped step
-            x = 0.5 * (x + qx)
-            y = 0.5 * (y + qy)
-            z = 0.5 * (z + qz)
-            m_ok = False
-    if (s < 0 and br >= tol) or br >= air_tol:
-        # no pre-image: rest tissue here moved away (none skinned near it), or skinning
-        # only reaches the node by stretching tissue across an opening gap
-        status[n] = 2
-        disp[n, 0] = np.nan
-        disp[n, 1] = np.nan
-        disp[n, 2] = np.nan
-        return
-    disp[n, 0] = bx - px
-    disp[n, 1] = by - py
-    disp[n, 2] = bz - pz
-    res[n] = br
+            if br >= tol:
+                r = _resid(px, py, pz, px, py, pz, W, w_inv, D, m)
+                m_ok = r < br
+                if m_ok:
+                    bx, by, bz, br = px, py, pz, r
+        else:
+            bx, by, bz = px, py, pz
+            br = _resid(px, py, pz, px, py, pz, W, w_inv, D, m)
+            m_ok = True
+        x, y, z = bx, by, bz
+        # without a skinned-tissue guess only tissue nearly in place can land here: a few steps
+        for it in range(iters if s >= 0 else min(iters, 3)):
+            if br < tol:
+                break
+            if not m_ok:
+                _blend(x, y, z, W, w_inv, D, m)
+            a00, a01, a02 = m[0, 0], m[0, 1], m[0, 2]
+            a10, a11, a12 = m[1, 0], m[1, 1], m[1, 2]
+            a20, a21, a22 = m[2, 0], m[2, 1], m[2, 2]
+            det = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
+                   + a02 * (a10 * a21 - a11 * a20))
+            if abs(det) < 1e-9:
+                break
+            rx = px - m[0, 3]
+            ry = py - m[1, 3]
+            rz = pz - m[2, 3]
+            qx = ((a11 * a22 - a12 * a21) * rx - (a01 * a22 - a02 * a21) * ry
+                  + (a01 * a12 - a02 * a11) * rz) / det
+            qy = (-(a10 * a22 - a12 * a20) * rx + (a00 * a22 - a02 * a20) * ry
+                  - (a00 * a12 - a02 * a10) * rz) / det
+            qz = ((a10 * a21 - a11 * a20) * rx - (a00 * a21 - a01 * a20) * ry
+                  + (a00 * a11 - a01 * a10) * rz) / det
+            r = _resid(qx, qy, qz, px, py, pz, W, w_inv, D, m)
+            if r < br:
+                bx, by, bz, br = qx, qy, qz, r
+                x, y, z = qx, qy, qz
+                m_ok = True
+            else:  # damped step
+                x = 0.5 * (x + qx)
+                y = 0.5 * (y + qy)
+                z = 0.5 * (z + qz)
+                m_ok = False
+        if (s < 0 and br >= tol) or br >= air_tol:
+            # no pre-image: rest tissue here moved away (none skinned near it), or skinning
+            # only reaches the node by stretching tissue across an opening gap
+            status[n] = 2
+            disp[n, 0] = np.nan
+            disp[n, 1] = np.nan
+            disp[n, 2] = np.nan
+            continue
+        disp[n, 0] = bx - px
+        disp[n, 1] = by - py
+        disp[n, 2] = bz - pz
+        res[n] = br
 
 
 def inverse_lbs_nodes(waff, wn, W, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res, status):
@@ -787,39 +783,40 @@ def inverse_lbs_nodes(waff, wn, W, w_inv, D, near, src, Minv, iters, tol, air_to
     would be a web that is not in the patient."""
     nt = wn[0] * wn[1] * wn[2]
     nch = min(nt, 4096)
-    Ws, P, S = W
-    wa, wb, wc = Ws
     for ch in prange(nch):  # noqa: F821 (prange: a global of the build namespace)
         m = np.empty((3, 4))  # one per chunk of points, not per point
-        for n in range(ch * nt // nch, (ch + 1) * nt // nch):
-            inverse_node(waff, wn, wa, wb, wc, P, S, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res,
-                         status, m, n)
+        inverse_nodes(waff, wn, W, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res, status, m,
+                      ch * nt // nch, (ch + 1) * nt // nch)
 
 
-def border_mark(wn, status, disp, t2, a, b, c):
-    """``air_border``'s first pass at node (a, b, c): if it is solved and moves by more than
-    sqrt(t2) mm, its unreached neighbours (status 0) are marked 3 (the shared body)."""
+def border_mark(wn, status, disp, t2, a, b0, b1, c0, c1):
+    """``air_border``'s first pass over the nodes (a, b0 .. b1 - 1, c0 .. c1 - 1): the unreached
+    neighbours (status 0) of each solved node that moves by more than sqrt(t2) mm are marked 3 (the
+    shared body: the CPU driver passes a node slab, the CUDA driver one node)."""
     n12 = wn[1] * wn[2]
-    q = a * n12 + b * wn[2] + c
-    if status[q] != 1:
-        return
-    if not disp[q, 0] ** 2 + disp[q, 1] ** 2 + disp[q, 2] ** 2 > t2:
-        return
-    for da in range(max(a - 1, 0), min(a + 2, wn[0])):
-        for db in range(max(b - 1, 0), min(b + 2, wn[1])):
-            for dc in range(max(c - 1, 0), min(c + 2, wn[2])):
-                n = da * n12 + db * wn[2] + dc
-                if status[n] == 0:
-                    status[n] = 3
+    for b in range(b0, b1):
+        for c in range(c0, c1):
+            q = a * n12 + b * wn[2] + c
+            if status[q] != 1:
+                continue
+            if not disp[q, 0] ** 2 + disp[q, 1] ** 2 + disp[q, 2] ** 2 > t2:
+                continue
+            for da in range(max(a - 1, 0), min(a + 2, wn[0])):
+                for db in range(max(b - 1, 0), min(b + 2, wn[1])):
+                    for dc in range(max(c - 1, 0), min(c + 2, wn[2])):
+                        n = da * n12 + db * wn[2] + dc
+                        if status[n] == 0:
+                            status[n] = 3
 
 
-def border_air(status, disp, n):
-    """``air_border``'s second pass at node n: a marked node becomes air (status 2, NaN)."""
-    if status[n] == 3:
-        status[n] = 2
-        disp[n, 0] = np.nan
-        disp[n, 1] = np.nan
-        disp[n, 2] = np.nan
+def border_air(status, disp, n0, n1):
+    """``air_border``'s second pass over nodes n0 .. n1 - 1: a marked node becomes air (status 2, NaN)."""
+    for n in range(n0, n1):
+        if status[n] == 3:
+            status[n] = 2
+            disp[n, 0] = np.nan
+            disp[n, 1] = np.nan
+            disp[n, 2] = np.nan
 
 
 def air_border(wn, status, disp, thr):
@@ -829,16 +826,13 @@ def air_border(wn, status, disp, thr):
     nodes and marks their unreached neighbours (a marked node is never read as a source)."""
     t2 = thr * thr
     for a in prange(wn[0]):  # noqa: F821 (prange: a global of the build namespace)
-        for b in range(wn[1]):
-            for c in range(wn[2]):
-                border_mark(wn, status, disp, t2, a, b, c)
-    for n in prange(wn[0] * wn[1] * wn[2]):  # noqa: F821 (prange: a global of the build namespace)
-        border_air(status, disp, n)
+        border_mark(wn, status, disp, t2, a, 0, wn[1], 0, wn[2])
+    border_air(status, disp, 0, wn[0] * wn[1] * wn[2])
 
 
 # CUDA drivers of the posing bodies above: a thread per weight node, skinned point or warp node.
-# The blended weight field arrives as its parts (the field's shape wa, wb, wc; P; S): the bodies pack
-# them into the tuple that ``_blend`` reads.
+# The blended weight field arrives as its parts (the field's shape wa, wb, wc; P; S), packed here into
+# the tuple that ``_blend`` reads.
 def cuda_blend_field(Wp, Wc, Wv, D, P, S):
     n = cuda.grid(1)  # noqa: F821 (cuda: a global of the build namespace)
     if n < Wp.shape[0] - 1:
@@ -849,7 +843,7 @@ def cuda_forward_blend(xs, wa, wb, wc, P, S, w_inv, D, ys, Minv):
     n = cuda.grid(1)  # noqa: F821
     if n < xs.shape[0]:
         m = cuda.local.array((3, 4), numba.float64)  # noqa: F821
-        forward_point(xs, wa, wb, wc, P, S, w_inv, D, ys, Minv, m, n)
+        forward_points(xs, ((wa, wb, wc), P, S), w_inv, D, ys, Minv, m, n, n + 1)
 
 
 def cuda_splat_nearest(ys, order, starts, g0, waff, ninv, wn, R, best, src):
@@ -866,8 +860,8 @@ def cuda_inverse_lbs_nodes(waff, wn, wa, wb, wc, P, S, w_inv, D, near, src, Minv
     n = cuda.grid(1)  # noqa: F821
     if n < wn[0] * wn[1] * wn[2]:
         m = cuda.local.array((3, 4), numba.float64)  # noqa: F821
-        inverse_node(waff, wn, wa, wb, wc, P, S, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res, status,
-                     m, n)
+        inverse_nodes(waff, wn, ((wa, wb, wc), P, S), w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res,
+                      status, m, n, n + 1)
 
 
 def cuda_border_mark(wn, status, disp, t2):
@@ -879,17 +873,18 @@ def cuda_border_mark(wn, status, disp, t2):
         a = p // n12
         r = p - a * n12
         b = r // wn[2]
-        border_mark(wn, status, disp, t2, a, b, r - b * wn[2])
+        c = r - b * wn[2]
+        border_mark(wn, status, disp, t2, a, b, b + 1, c, c + 1)
 
 
 def cuda_border_air(status, disp):
     n = cuda.grid(1)  # noqa: F821
     if n < status.shape[0]:
-        border_air(status, disp, n)
+        border_air(status, disp, n, n + 1)
 
 
 # the per-element bodies that the CUDA drivers share with the CPU ones (device functions there)
-_POSING_SHARED = ("_clampf", "_blend", "_resid", "blend_node", "forward_point", "splat_rows", "inverse_node",
+_POSING_SHARED = ("_clampf", "_blend", "_resid", "blend_node", "forward_points", "splat_rows", "inverse_nodes",
                   "border_mark", "border_air")
 _POSING_CUDA = ("cuda_blend_field", "cuda_forward_blend", "cuda_splat_nearest", "cuda_inverse_lbs_nodes",
                 "cuda_border_mark", "cuda_border_air")
@@ -911,14 +906,14 @@ _KERNEL_DEFS = (
     ("blend_field", {"parallel": True}),
     ("_resid", {}),
     ("forward_lbs_kernel", {"parallel": True}),
-    ("forward_point", {"inline": "always"}),
+    ("forward_points", {}),
     ("forward_blend", {"parallel": True}),
     ("splat_rows", {"inline": "always"}),
     ("splat_nearest", {"parallel": True}),
-    ("inverse_node", {"inline": "always"}),
+    ("inverse_nodes", {}),
     ("inverse_lbs_nodes", {"parallel": True}),
-    ("border_mark", {"inline": "always"}),
-    ("border_air", {"inline": "always"}),
+    ("border_mark", {}),
+    ("border_air", {}),
     ("air_border", {}),  # serial: 15 ms against 31 ms parallel (2 loops) on the loaded 2-core machine
 )
 
