@@ -70,6 +70,7 @@ def posing_signatures(numba):
     return {
         "cuda_blend_field": (idx, idx, v1, mats, m34, v1),
         "cuda_forward_blend": (pts, i64, i64, i64, m34, v1, m34, mats, pts, mats),
+        "cuda_fill_nearest": (v1, idx),
         "cuda_splat_nearest": (pts, idx, idx, v1, m34, m34, idx, f64, v1, idx),
         "cuda_inverse_lbs_nodes": (m34, idx, i64, i64, i64, m34, v1, m34, mats, numba.uint8[:, :, ::1], idx, mats,
                                    i64, f64, f64, disp, v1, numba.int8[::1]),

@@ -127,3 +127,47 @@ def test_posing_kernels_on_cuda_equal_cpu_under_simulator(tmp_path):
         assert diff == 0, key
     assert res["inverse_status"][0] == 0  # every node's status (solved, air, unreached) as on the CPU
     assert res["cases"][1] >= 1  # solved, air and unreached nodes all occur
+
+
+POSED_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, os.path.join(sys.argv[1], "tools"))
+    sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+    from launch import load_package
+    load_package("ctwin")
+    import numpy as np
+    from test_articulated import _knee_flexion, synthetic_ct
+    from ctwin.core.drr.projector import compose_scene
+    from ctwin.core.twin import articulated as A
+
+    ct, seg, names = synthetic_ct()
+    art = A.prepare_articulated(ct, seg, names, weight_spacing_mm=8.0)
+    res = {}
+    for f, deg in enumerate((30.0, -20.0)):  # the second pose reuses the device-resident arrays
+        jd = _knee_flexion(deg)
+        a = A.posed_scene(art, {}, jd, warp_spacing_mm=12.0)
+        b = A.posed_scene(art, {}, jd, warp_spacing_mm=12.0, device="cuda")
+        wa, wb = a.warp[0], b.warp[0]
+        same_nan = bool(np.array_equal(np.isnan(wa), np.isnan(wb)))
+        fin = np.isfinite(wa)
+        res[f"warp{f}"] = [float(np.abs(wa[fin] - wb[fin]).max()) + (0 if same_nan else 1e9), float(np.abs(wa[fin]).max())]
+        res[f"info{f}"] = [sum(abs(a.info[k] - b.info[k]) for k in ("solved_nodes", "air_nodes", "residual_mm_max")),
+                           float(a.info["solved_nodes"])]
+        # the device copy of the grid is the one the composition on the device takes
+        dw = art._cache["scene_resident"]["d_warp"]
+        res[f"device_copy{f}"] = [0 if dw[0] is wb else 1, 1]
+        fc, fg = compose_scene(a, "cpu"), compose_scene(b, "cuda").host()
+        res[f"frame{f}"] = [int(np.count_nonzero(fc.flat != fg.flat)), float(np.abs(fc.flat.astype(np.int64)).max())]
+    print("RESULT" + json.dumps(res))
+""")
+
+
+@pytest.mark.cudasim
+def test_posed_scene_on_cuda_equals_cpu_under_simulator(tmp_path):
+    """``posed_scene(..., device="cuda")`` on a small leg CT (knee flexed 30 then -20 degrees): the
+    warp, its summary and the frame composed on the device from the device copy of the warp equal the
+    CPU's."""
+    res = cuda_simulator_errors(POSED_SCRIPT, tmp_path, entries=8)
+    for f in range(2):
+        assert res[f"warp{f}"][0] == 0 and res[f"info{f}"][0] == 0 and res[f"frame{f}"][0] == 0, f
+        assert res[f"device_copy{f}"][0] == 0

@@ -855,6 +855,14 @@ def cuda_splat_nearest(ys, order, starts, g0, waff, ninv, wn, R, best, src):
         splat_rows(ys, order, starts, g0, waff, ninv, wn, R, best, src, a, b, b)
 
 
+def cuda_fill_nearest(best, src):
+    """``best`` := inf, ``src`` := -1 (no point near yet), a thread per node."""
+    n = cuda.grid(1)  # noqa: F821
+    if n < best.shape[0]:
+        best[n] = math.inf
+        src[n] = -1
+
+
 def cuda_inverse_lbs_nodes(waff, wn, wa, wb, wc, P, S, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res,
                            status):
     n = cuda.grid(1)  # noqa: F821
@@ -886,8 +894,8 @@ def cuda_border_air(status, disp):
 # the per-element bodies that the CUDA drivers share with the CPU ones (device functions there)
 _POSING_SHARED = ("_clampf", "_blend", "_resid", "blend_node", "forward_points", "splat_rows", "inverse_nodes",
                   "border_mark", "border_air")
-_POSING_CUDA = ("cuda_blend_field", "cuda_forward_blend", "cuda_splat_nearest", "cuda_inverse_lbs_nodes",
-                "cuda_border_mark", "cuda_border_air")
+_POSING_CUDA = ("cuda_blend_field", "cuda_forward_blend", "cuda_fill_nearest", "cuda_splat_nearest",
+                "cuda_inverse_lbs_nodes", "cuda_border_mark", "cuda_border_air")
 
 
 # (function, numba.njit options besides cache=True), compiled by _kernels()
@@ -1020,7 +1028,7 @@ def _is_identity(m, tol=1e-9) -> bool:
 
 def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_deltas=None, *,
                 warp_spacing_mm: float = 6.0, iterations: int = 12, tol_mm: float = 0.05,
-                air_miss_mm: float | None = None) -> Scene:
+                air_miss_mm: float | None = None, device: str = "cpu") -> Scene:
     """Pose an articulated CT: a ``core.drr.projector.Scene`` (base = the soft tissue, parts = the rigid
     parts placed for this pose, compose=True) that shares the resident arrays of every other frame
     posed from ``art``.
@@ -1033,7 +1041,14 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
     content; the inverse warp lives on the same lattice (every ``warp_spacing_mm`` / voxel spacing
     voxels, rounded), covering that grid. A warp node whose best pre-image misses it by
     ``air_miss_mm`` or more (default ``AIR_MISS_NODES`` node spacings) is posed air.
+
+    ``device="cuda"``: the posing kernels run on the GPU (``posing_cuda_kernels``; the weight field,
+    the tissue points and the work arrays stay there), the same warp as on the CPU up to the GPU's
+    rounding; the displacement grid comes back for the scene and its device copy is kept for the
+    composition on the device (``compose_scene(scene, "cuda")`` does not upload it again).
     """
+    if device not in ("cpu", "cuda"):
+        raise CtwinError(f"posed_scene: device must be 'cpu' or 'cuda', got {device!r}")
     if air_miss_mm is not None and not float(air_miss_mm) > 0:
         raise CtwinError(f"air_miss_mm must be positive, got {air_miss_mm}")
     bone_deltas = dict(bone_deltas or {})
@@ -1067,7 +1082,8 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
     if D is None or all(_is_identity(d) for d in D):
         scene.grid = _grid(art, lo, hi)
         return scene
-    warp, waff, grid, info = _inverse_warp_grid(art, D, warp_spacing_mm, iterations, tol_mm, lo, hi, air_miss_mm)
+    warp, waff, grid, info = _inverse_warp_grid(art, D, warp_spacing_mm, iterations, tol_mm, lo, hi, air_miss_mm,
+                                                device)
     scene.warp, scene.grid = (warp, waff), grid
     scene.info = info
     return scene
@@ -1186,11 +1202,88 @@ def _node_buffers(art: ArticulatedCT, n: int) -> tuple:
     return tuple(b[:n] for b in buf)
 
 
-def _nearest_points(ys, waff, wn, R, best, src) -> None:
-    """For every node of the grid ``waff`` (index -> world, shape ``wn``) within R mm of a point
-    ys[s]: the nearest s (``src``) and its squared distance (``best``); nodes that no point reaches
-    keep their values (inf / -1 on entry). Of equally near points the one with the smallest first
-    node coordinate, then the smallest s (``splat_nearest``, parallel over node slabs)."""
+class _DevicePosing:
+    """The posing kernels of one pose on the GPU (``posing_cuda_kernels``), for ``_inverse_warp_grid``.
+    Resident in ``art._cache["posing_device"]`` across poses: the sparse weight field, the blended
+    field's buffers, the tissue points of the last set of moved joints, the dilated rest tissue and
+    the per-node work arrays (25 % slack). Per pose the joint transforms go up; the skinned points
+    come back (the grid's bounds and the nearest search's slab order are computed from them on the
+    host), the slab order goes up, and the displacement grid, residuals and status come back."""
+
+    def __init__(self, art, prep, D3, moved, sel):
+        from numba import cuda
+
+        self.cuda, self.k = cuda, posing_cuda_kernels()
+        self.res = art._cache.setdefault("posing_device", {})
+        r = self.res
+        if "W" not in r:
+            shape, ptr, chan, wts = prep["W"]
+            r["W"] = (tuple(int(v) for v in shape), cuda.to_device(ptr), cuda.to_device(chan), cuda.to_device(wts))
+            n = len(ptr) - 1
+            r["P"], r["S"] = cuda.device_array((n, 12)), cuda.device_array(n)
+            r["w_inv"] = cuda.to_device(prep["w_inv"])
+        self.D = cuda.to_device(D3)
+        shape, ptr, chan, wts = r["W"]
+        _launch_posing(self.k["blend_field"], len(ptr) - 1, ptr, chan, wts, self.D, r["P"], r["S"])
+        key = moved.tobytes()
+        if r.get("xs_key") != key:  # the tissue points of this set of moved joints
+            r["xs"] = cuda.to_device(np.ascontiguousarray(prep["centres"][sel]))
+            r["xs_key"] = key
+
+    def forward(self, xs):
+        r = self.res
+        n = len(xs)
+        self.ys, self.Minv = self.cuda.device_array((n, 3)), self.cuda.device_array((n, 3, 4))
+        _launch_posing(self.k["forward_blend"], n, r["xs"], *r["W"][0], r["P"], r["S"], r["w_inv"], self.D, self.ys,
+                       self.Minv)
+        return self.ys.copy_to_host() if n else np.empty((0, 3))
+
+    def nearest(self, ys, waff, wn, R):
+        cuda, r = self.cuda, self.res
+        N = int(np.prod(wn))
+        if r.get("nodes", 0) < N:
+            m = int(N * 1.25)
+            r["nodes"] = m
+            r["best"], r["src"] = cuda.device_array(m), cuda.device_array(m, np.int64)
+            r["resid"], r["status"] = cuda.device_array(m), cuda.device_array(m, np.int8)
+        self.best, self.src = r["best"][:N], r["src"][:N]
+        _launch_posing(self.k["fill_nearest"], N, self.best, self.src)
+        self.waff, self.wn = cuda.to_device(np.ascontiguousarray(waff[:3])), cuda.to_device(np.asarray(wn, np.int64))
+        if len(ys):
+            ninv, g0, order, starts = _slab_order(ys, waff, wn)
+            _launch_posing(self.k["splat_nearest"], int(wn[0] * wn[1]), self.ys, cuda.to_device(order),
+                           cuda.to_device(starts), cuda.to_device(g0), self.waff, cuda.to_device(ninv), self.wn,
+                           float(R), self.best, self.src)
+
+    def inverse(self, waff, wn, near, kn, iterations, tol, air_tol, thr):
+        cuda, r = self.cuda, self.res
+        N = int(np.prod(wn))
+        if r.get("near_key") != kn:
+            r["near"], r["near_key"] = cuda.to_device(near), kn
+        disp = cuda.device_array((N, 3), np.float32)
+        resid, status = r["resid"][:N], r["status"][:N]
+        _launch_posing(self.k["inverse_lbs_nodes"], N, self.waff, self.wn, *r["W"][0], r["P"], r["S"], r["w_inv"],
+                       self.D, r["near"], self.src, self.Minv, int(iterations), float(tol), float(air_tol), disp,
+                       resid, status)
+        _launch_posing(self.k["border_mark"], N, self.wn, status, disp, thr * thr)
+        _launch_posing(self.k["border_air"], N, status, disp)
+        self.disp = disp
+        return disp.copy_to_host(), resid.copy_to_host(), status.copy_to_host()
+
+    def keep(self, art, warp):
+        """Leave the device copy of ``warp`` (the scene's displacement grid) for the composition."""
+        art._cache.setdefault("scene_resident", {})["d_warp"] = (warp, self.disp.reshape(warp.shape))
+
+
+def _launch_posing(kernel, n: int, *args) -> None:
+    """``kernel`` over n threads (blocks of 128); nothing when n is 0."""
+    if n > 0:
+        kernel[(n + 127) // 128, 128](*args)
+
+
+def _slab_order(ys, waff, wn) -> tuple:
+    """``splat_nearest``'s inputs besides the points: the grid's world -> index map (3x4), the points'
+    first node coordinate g0, their order by node slab and each slab's start in it."""
     ninv = np.ascontiguousarray(invert_affine(waff)[:3])
     g0 = ys[:, 0] * ninv[0, 0] + ys[:, 1] * ninv[0, 1] + ys[:, 2] * ninv[0, 2] + ninv[0, 3]
     slab = np.clip(np.floor(g0), 0, wn[0] - 1).astype(np.int64)
@@ -1198,28 +1291,42 @@ def _nearest_points(ys, waff, wn, R, best, src) -> None:
     order = np.argsort(slab.astype(np.int16) if wn[0] < 32768 else slab, kind="stable")
     starts = np.zeros(int(wn[0]) + 1, np.int64)
     np.cumsum(np.bincount(slab, minlength=int(wn[0])), out=starts[1:])
+    return ninv, g0, order, starts
+
+
+def _nearest_points(ys, waff, wn, R, best, src) -> None:
+    """For every node of the grid ``waff`` (index -> world, shape ``wn``) within R mm of a point
+    ys[s]: the nearest s (``src``) and its squared distance (``best``); nodes that no point reaches
+    keep their values (inf / -1 on entry). Of equally near points the one with the smallest first
+    node coordinate, then the smallest s (``splat_nearest``, parallel over node slabs)."""
+    ninv, g0, order, starts = _slab_order(ys, waff, wn)
     _kernels()["splat_nearest"](np.ascontiguousarray(ys, dtype=np.float64), order, starts, g0,
                                 np.ascontiguousarray(waff[:3]), ninv, np.asarray(wn, np.int64), float(R), best, src)
 
 
-def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, air_miss=None):
+def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, air_miss=None, device="cpu"):
     """Displacement x - y (mm) on a CT-lattice grid covering the posed content.
 
     The tissue weight cells that a moved joint drives are skinned forward (their centres); the grid
     covers their images and the CT. Each node within R of such an image starts from the inverse of
     that image's blended transform; nodes whose rest tissue moved away with nothing moving in get
-    NaN (air); nodes that no tissue can reach keep 0."""
+    NaN (air); nodes that no tissue can reach keep 0. ``device="cuda"``: the kernels run on the GPU
+    (``_DevicePosing``)."""
     prep = _warp_prep(art)
     k = _kernels()
     moved = np.array([not _is_identity(d) for d in D])
     sel = prep["chan"][:, moved].any(axis=1)
     xs = prep["centres"][sel]
     D3 = np.ascontiguousarray(D[:, :3], dtype=np.float64)
-    Wb = _blended_weights(art, D3)
-    ys = np.empty_like(xs)
-    Minv = np.empty((len(xs), 3, 4))
-    if len(xs):
-        k["forward_blend"](xs, Wb, prep["w_inv"], D3, ys, Minv)
+    gpu = _DevicePosing(art, prep, D3, moved, sel) if device == "cuda" else None
+    if gpu is None:
+        Wb = _blended_weights(art, D3)
+        ys = np.empty_like(xs)
+        Minv = np.empty((len(xs), 3, 4))
+        if len(xs):
+            k["forward_blend"](xs, Wb, prep["w_inv"], D3, ys, Minv)
+    else:
+        ys = gpu.forward(xs)
     ct_inv = invert_affine(art.affine)
     wsp = np.linalg.norm(art.weight_affine[:3, :3], axis=0)
     if len(ys):
@@ -1235,15 +1342,17 @@ def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, 
     t[:3, 3] = i0
     waff = art.affine @ t
     N = int(np.prod(wn))
-    best, src, res, status = _node_buffers(art, N)
-    best.fill(np.inf)
-    src.fill(-1)
+    if gpu is None:
+        best, src, res, status = _node_buffers(art, N)
+        best.fill(np.inf)
+        src.fill(-1)
     node_sp = vsp * f
     air_tol = AIR_MISS_NODES * float(node_sp.max()) if air_miss is None else float(air_miss)
     R = float(np.sqrt(3.0) * (node_sp.max() + 0.5 * wsp.max()))
-    if len(ys):
+    if gpu is not None:
+        gpu.nearest(ys, waff, wn, R)
+    elif len(ys):
         _nearest_points(ys, waff, wn, R, best, src)
-    disp = np.empty((N, 3), np.float32)  # fresh: the scene keeps it (composed frames are keyed by it)
     # rest tissue within a node cell's diagonal of the node (in weight cells)
     kn = int(np.ceil(np.sqrt(3.0) * node_sp.max() / wsp.min()))
     near = prep.get(("near", kn))
@@ -1253,10 +1362,16 @@ def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, 
         near = np.ascontiguousarray(ndimage.binary_dilation(prep["occ"], np.ones((3, 3, 3), bool),
                                                             iterations=kn).astype(np.uint8))
         prep[("near", kn)] = near
-    k["inverse_lbs_nodes"](np.ascontiguousarray(waff[:3]), wn, Wb, prep["w_inv"], D3, near, src,
-                           Minv, iterations, tol, air_tol, disp, res, status)
-    k["air_border"](wn, status, disp, float(0.5 * node_sp.min()))
+    if gpu is None:
+        disp = np.empty((N, 3), np.float32)  # fresh: the scene keeps it (composed frames are keyed by it)
+        k["inverse_lbs_nodes"](np.ascontiguousarray(waff[:3]), wn, Wb, prep["w_inv"], D3, near, src,
+                               Minv, iterations, tol, air_tol, disp, res, status)
+        k["air_border"](wn, status, disp, float(0.5 * node_sp.min()))
+    else:
+        disp, res, status = gpu.inverse(waff, wn, near, kn, iterations, tol, air_tol, float(0.5 * node_sp.min()))
     warp = disp.reshape(tuple(wn) + (3,))
+    if gpu is not None:
+        gpu.keep(art, warp)
     solved = res[status == 1]
     info = {"warp": "inverse_lbs", "warp_shape": [int(v) for v in wn],
             "warp_spacing_mm": [float(v) for v in node_sp],
