@@ -11,7 +11,9 @@ kernel built from the same body (``articulated.posing_cuda_kernels``) on the rec
 printed, measured: per kernel the elements and outputs that differ from the CPU's (a GPU may fuse a
 multiply-add, so a few last-bit differences are possible, and a node near a threshold may change its
 status), the largest difference, and the times (CPU: the recorded call; device: the kernel alone,
-inputs already on the device, best of ``--reps`` after a compiling call). Under
+inputs already on the device, best of ``--reps`` after a compiling call); then the whole posing,
+``posed_scene`` with ``device="cpu"`` and ``"cuda"`` on new poses (best of ``--reps``) and how far the
+two warps differ. Under
 ``NUMBA_ENABLE_CUDASIM=1`` it runs without a GPU (slowly: use a coarse ``--spacing``, e.g. 12, and
 ``--reps 1``; the times then mean nothing).
 """
@@ -75,7 +77,7 @@ def device_args(name, args):
         return list(args), [8, 9], [8, 9]
     if name == "inverse_lbs_nodes":
         waff, wn, (ws, P, S), *rest = args
-        return [waff, wn, *ws, P, S, *rest], [11, 12, 13], [13, 14, 15]
+        return [waff, wn, *ws, P, S, *rest], [11, 12, 13], [15, 16, 17]
     raise KeyError(name)
 
 
@@ -161,6 +163,23 @@ def main(argv=None):
             diffs.append(f"{int(np.count_nonzero(~same))}/{c.size} differ (max |diff| {big:.3g})")
         print(f"{name:18s} {n:9d} elements | CPU {1e3 * t_cpu:8.2f} ms, device {1e3 * best:8.2f} ms | "
               + "; ".join(diffs), flush=True)
+
+    # the whole posing through posed_scene on each device (the device one keeps its arrays resident)
+    t = {"cpu": [], "cuda": []}
+    for r in range(max(a.reps, 1) + 1):
+        p = pose()
+        sc = {}
+        for dev in ("cpu", "cuda"):
+            s = time.perf_counter()
+            sc[dev] = A.posed_scene(art, *p, warp_spacing_mm=B.WARP_MM, device=dev)
+            if r:
+                t[dev].append(time.perf_counter() - s)
+    wc, wg = sc["cpu"].warp[0], sc["cuda"].warp[0]
+    fin = np.isfinite(wc) & np.isfinite(wg)
+    print(f"posed_scene: CPU {1e3 * min(t['cpu']):.1f} ms, device {1e3 * min(t['cuda']):.1f} ms (best of "
+          f"{len(t['cpu'])}); warp {wc.shape[:3]}: {int(np.count_nonzero(np.isnan(wc) != np.isnan(wg)))} nodes differ "
+          f"in air, max |diff| {float(np.abs(wc[fin] - wg[fin]).max()) if fin.any() else 0.0:.3g} mm; "
+          f"solved nodes {sc['cpu'].info['solved_nodes']} / {sc['cuda'].info['solved_nodes']}", flush=True)
 
 
 if __name__ == "__main__":
