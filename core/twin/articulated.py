@@ -54,7 +54,7 @@ from ..fileio import atomic_path, write_json
 from ..drr.kernels import claims, lerp3
 from ..volumes.labels import is_skeletal, joint_for_label
 from ..progress import report
-from ..drr.projector import PlacedVolume, Scene, _grid_from_bounds, compose_scene, render_scene
+from ..drr.projector import PlacedVolume, Scene, _grid_from_bounds, compose_scene, render_scene, resolve_device
 from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, forward_kinematics, rodrigues
 from ..volumes.volume import Volume, apply_transform, invert_affine, resample_onto
 # Imported where used, so that importing this module stays light: numba (heavy or optional third-party packages).
@@ -1042,13 +1042,13 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
     voxels, rounded), covering that grid. A warp node whose best pre-image misses it by
     ``air_miss_mm`` or more (default ``AIR_MISS_NODES`` node spacings) is posed air.
 
-    ``device="cuda"``: the posing kernels run on the GPU (``posing_cuda_kernels``; the weight field,
-    the tissue points and the work arrays stay there), the same warp as on the CPU up to the GPU's
-    rounding; the displacement grid comes back for the scene and its device copy is kept for the
-    composition on the device (``compose_scene(scene, "cuda")`` does not upload it again).
+    ``device="cuda"`` (or ``"auto"`` where a GPU is usable): the posing kernels run on the GPU
+    (``posing_cuda_kernels``; the weight field, the tissue points and the work arrays stay there), the
+    same warp as on the CPU up to the GPU's rounding; the displacement grid comes back for the scene
+    and its device copy is kept for the composition on the device (``compose_scene(scene, "cuda")``
+    does not upload it again).
     """
-    if device not in ("cpu", "cuda"):
-        raise CtwinError(f"posed_scene: device must be 'cpu' or 'cuda', got {device!r}")
+    device = resolve_device(device)  # "auto": the GPU where one is usable
     if air_miss_mm is not None and not float(air_miss_mm) > 0:
         raise CtwinError(f"air_miss_mm must be positive, got {air_miss_mm}")
     bone_deltas = dict(bone_deltas or {})
