@@ -1,4 +1,4 @@
-"""Compile the CUDA DRR, scene and scene-composition kernels to PTX without a GPU, and count their registers.
+"""Compile the CUDA DRR, scene, scene-composition and posing kernels to PTX without a GPU, and count their registers.
 
     LD_LIBRARY_PATH=$T/nvidia/cuda_nvrtc/lib:$T/nvidia/cuda_nvcc/nvvm/lib64 CUDA_HOME=$T/nvidia/cuda_nvcc \\
         PYTHONPATH=$T .venv/bin/python benchmarks/cuda_compile_check.py [--cc 9.0] [--ptxas PATH]
@@ -61,6 +61,24 @@ def compose_signatures(numba):
     }
 
 
+def posing_signatures(numba):
+    """The posing kernels (``articulated.posing_cuda_kernels``): the pose-blended weight field, forward
+    skinning of the tissue points, inverse skinning at the warp nodes, the air border."""
+    f64, i64 = numba.float64, numba.int64
+    idx, v1, m34 = numba.int64[::1], numba.float64[::1], numba.float64[:, ::1]
+    pts, mats, disp = numba.float64[:, ::1], numba.float64[:, :, ::1], numba.float32[:, ::1]
+    return {
+        "cuda_blend_field": (idx, idx, v1, mats, m34, v1),
+        "cuda_forward_blend": (pts, i64, i64, i64, m34, v1, m34, mats, pts, mats),
+        "cuda_fill_nearest": (v1, idx),
+        "cuda_splat_nearest": (pts, idx, idx, v1, m34, m34, idx, f64, v1, idx),
+        "cuda_inverse_lbs_nodes": (m34, idx, i64, i64, i64, m34, v1, m34, mats, numba.uint8[:, :, ::1], idx, mats,
+                                   i64, f64, f64, disp, v1, numba.int8[::1]),
+        "cuda_border_mark": (idx, numba.int8[::1], disp, f64),
+        "cuda_border_air": (numba.int8[::1], disp),
+    }
+
+
 def registers(ptxas: str, arch: str, ptx: str) -> str:
     """ptxas -v's registers per thread of the kernel in ``ptx``. NVVM may emit a newer PTX ISA
     version than this ptxas reads; the kernels use nothing newer, so the header is then lowered to
@@ -97,15 +115,18 @@ def main():
 
     dispatcher.get_current_device = lambda: _Device()  # device functions compile for --cc
     from ctwin.core.drr import kernels as K
+    from ctwin.core.twin import articulated as A
 
     extra = {"cuda": cuda, "numba": numba}
     ns = K._build(lambda f: cuda.jit(device=True)(f), extra)
     cns = K.compose_cuda_namespace(lambda f: cuda.jit(device=True)(f), extra)
     ptxas = args.ptxas or str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "ptxas")
-    jobs = [(n, sig, ns) for n, sig in signatures(numba).items()]
-    jobs += [(n, sig, cns) for n, sig in compose_signatures(numba).items()]
-    for name, sig, ns in jobs:
-        f = getattr(K, name)
+    jobs = [(n, sig, ns, K) for n, sig in signatures(numba).items()]
+    jobs += [(n, sig, cns, K) for n, sig in compose_signatures(numba).items()]
+    pns = A.posing_cuda_namespace(lambda f: cuda.jit(device=True)(f), extra)
+    jobs += [(n, sig, pns, A) for n, sig in posing_signatures(numba).items()]
+    for name, sig, ns, mod in jobs:
+        f = getattr(mod, name)
         ptx, _ = cuda.compile_ptx(types.FunctionType(f.__code__, ns, name), sig, cc=cc)
         rec = f"{name}: PTX {len(ptx)} chars for sm_{cc[0]}{cc[1]}"
         if Path(ptxas).exists():

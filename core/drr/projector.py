@@ -1044,8 +1044,11 @@ def _compose_cuda(scene: Scene, pk: dict, base: PreparedVolume, bn, on, shift, o
         if "d_fine_air" not in pk:
             pk["d_fine_air"] = tuple(cuda.to_device(a) for a in _fine_air(wbase, pk))
         focc, fcum = pk["d_fine_air"]
+        # a displacement grid posed on the device (``articulated.posed_scene(..., device="cuda")``) is there
+        dw = scene.resident.get("d_warp")
+        d_disp = dw[1] if dw is not None and dw[0] is d32 else cuda.to_device(d32)
         _launch(kc["warp"], int(np.prod(wn - 1)), out, occ, d_on, d_shift, wbase.gpu("flat", wbase.flat), pk["d_bn"],
-                focc, fcum, cuda.to_device(G), cuda.to_device(Ginv), cuda.to_device(wn), cuda.to_device(d32),
+                focc, fcum, cuda.to_device(G), cuda.to_device(Ginv), cuda.to_device(wn), d_disp,
                 cuda.to_device(B), float(_AIR_HU), dirty, bool(warp_diag(G)))
     if subs is not None:
         S, aligned, boxes, order = subs

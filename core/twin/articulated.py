@@ -54,7 +54,7 @@ from ..fileio import atomic_path, write_json
 from ..drr.kernels import claims, lerp3
 from ..volumes.labels import is_skeletal, joint_for_label
 from ..progress import report
-from ..drr.projector import PlacedVolume, Scene, _grid_from_bounds, compose_scene, render_scene
+from ..drr.projector import PlacedVolume, Scene, _grid_from_bounds, compose_scene, render_scene, resolve_device
 from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, forward_kinematics, rodrigues
 from ..volumes.volume import Volume, apply_transform, invert_affine, resample_onto
 # Imported where used, so that importing this module stays light: numba (heavy or optional third-party packages).
@@ -527,22 +527,27 @@ def _blend(x, y, z, W, w_inv, D, m):
                 m[r, q] /= tot
 
 
+def blend_node(Wp, Wc, Wv, D, P, S, n):
+    """``blend_field`` at weight node n (the body that the CPU and CUDA drivers share)."""
+    for t in range(12):
+        P[n, t] = 0.0
+    sw = 0.0
+    for e in range(Wp[n], Wp[n + 1]):
+        w = Wv[e]
+        ch = Wc[e]
+        sw += w
+        for r in range(3):
+            for q in range(4):
+                P[n, r * 4 + q] += w * D[ch, r, q]
+    S[n] = sw
+
+
 def blend_field(Wp, Wc, Wv, D, P, S):
     """Per weight node n (sparse rows: channels Wc[e], weights Wv[e] for e in Wp[n] .. Wp[n + 1]):
     P[n] = sum_e Wv[e] D[Wc[e]] (the 3x4 rows, 12 numbers) and S[n] = sum_e Wv[e]. Once per pose,
     so that a blend at a point reads 8 nodes of 13 numbers whatever the number of channels."""
     for n in prange(Wp.shape[0] - 1):  # noqa: F821 (prange: a global of the build namespace)
-        for t in range(12):
-            P[n, t] = 0.0
-        sw = 0.0
-        for e in range(Wp[n], Wp[n + 1]):
-            w = Wv[e]
-            ch = Wc[e]
-            sw += w
-            for r in range(3):
-                for q in range(4):
-                    P[n, r * 4 + q] += w * D[ch, r, q]
-        S[n] = sw
+        blend_node(Wp, Wc, Wv, D, P, S, n)
 
 
 def _resid(x, y, z, px, py, pz, W, w_inv, D, m):
@@ -561,53 +566,57 @@ def forward_lbs_kernel(xs, W, w_inv, D, out):
             out[n, r] = m[r, 0] * xs[n, 0] + m[r, 1] * xs[n, 1] + m[r, 2] * xs[n, 2] + m[r, 3]
 
 
+def forward_points(xs, W, w_inv, D, ys, Minv, m, n0, n1):
+    """``forward_blend`` at points n0 .. n1 - 1, with ``m`` (3x4) as work space (the shared body: the
+    CPU driver passes a chunk of points, the CUDA driver one)."""
+    for n in range(n0, n1):
+        x = xs[n, 0]
+        y = xs[n, 1]
+        z = xs[n, 2]
+        _blend(x, y, z, W, w_inv, D, m)
+        for r in range(3):
+            ys[n, r] = m[r, 0] * x + m[r, 1] * y + m[r, 2] * z + m[r, 3]
+        a00, a01, a02 = m[0, 0], m[0, 1], m[0, 2]
+        a10, a11, a12 = m[1, 0], m[1, 1], m[1, 2]
+        a20, a21, a22 = m[2, 0], m[2, 1], m[2, 2]
+        det = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
+               + a02 * (a10 * a21 - a11 * a20))
+        if abs(det) < 1e-9:
+            det = 1e-9
+        i00 = (a11 * a22 - a12 * a21) / det
+        i01 = -(a01 * a22 - a02 * a21) / det
+        i02 = (a01 * a12 - a02 * a11) / det
+        i10 = -(a10 * a22 - a12 * a20) / det
+        i11 = (a00 * a22 - a02 * a20) / det
+        i12 = -(a00 * a12 - a02 * a10) / det
+        i20 = (a10 * a21 - a11 * a20) / det
+        i21 = -(a00 * a21 - a01 * a20) / det
+        i22 = (a00 * a11 - a01 * a10) / det
+        Minv[n, 0, 0] = i00
+        Minv[n, 0, 1] = i01
+        Minv[n, 0, 2] = i02
+        Minv[n, 1, 0] = i10
+        Minv[n, 1, 1] = i11
+        Minv[n, 1, 2] = i12
+        Minv[n, 2, 0] = i20
+        Minv[n, 2, 1] = i21
+        Minv[n, 2, 2] = i22
+        for r in range(3):
+            Minv[n, r, 3] = -(Minv[n, r, 0] * m[0, 3] + Minv[n, r, 1] * m[1, 3] + Minv[n, r, 2] * m[2, 3])
+
+
 def forward_blend(xs, W, w_inv, D, ys, Minv):
     """Forward skinning of rest points xs with their blended transforms' inverses (3x4)."""
     nt = xs.shape[0]
     nch = min(nt, 4096)
     for ch in prange(nch):  # noqa: F821 (prange: a global of the build namespace)
         m = np.empty((3, 4))  # one per chunk of points, not per point
-        for n in range(ch * nt // nch, (ch + 1) * nt // nch):
-            x = xs[n, 0]
-            y = xs[n, 1]
-            z = xs[n, 2]
-            _blend(x, y, z, W, w_inv, D, m)
-            for r in range(3):
-                ys[n, r] = m[r, 0] * x + m[r, 1] * y + m[r, 2] * z + m[r, 3]
-            a00, a01, a02 = m[0, 0], m[0, 1], m[0, 2]
-            a10, a11, a12 = m[1, 0], m[1, 1], m[1, 2]
-            a20, a21, a22 = m[2, 0], m[2, 1], m[2, 2]
-            det = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
-                   + a02 * (a10 * a21 - a11 * a20))
-            if abs(det) < 1e-9:
-                det = 1e-9
-            i00 = (a11 * a22 - a12 * a21) / det
-            i01 = -(a01 * a22 - a02 * a21) / det
-            i02 = (a01 * a12 - a02 * a11) / det
-            i10 = -(a10 * a22 - a12 * a20) / det
-            i11 = (a00 * a22 - a02 * a20) / det
-            i12 = -(a00 * a12 - a02 * a10) / det
-            i20 = (a10 * a21 - a11 * a20) / det
-            i21 = -(a00 * a21 - a01 * a20) / det
-            i22 = (a00 * a11 - a01 * a10) / det
-            Minv[n, 0, 0] = i00
-            Minv[n, 0, 1] = i01
-            Minv[n, 0, 2] = i02
-            Minv[n, 1, 0] = i10
-            Minv[n, 1, 1] = i11
-            Minv[n, 1, 2] = i12
-            Minv[n, 2, 0] = i20
-            Minv[n, 2, 1] = i21
-            Minv[n, 2, 2] = i22
-            for r in range(3):
-                Minv[n, r, 3] = -(Minv[n, r, 0] * m[0, 3] + Minv[n, r, 1] * m[1, 3] + Minv[n, r, 2] * m[2, 3])
+        forward_points(xs, W, w_inv, D, ys, Minv, m, ch * nt // nch, (ch + 1) * nt // nch)
 
 
-def splat_nearest(ys, order, starts, g0, waff, ninv, wn, R, best, src):
-    """For every warp node within R mm of a forward-skinned point ys[s], the nearest such s (of
-    equally near points, the one with the smallest first node coordinate ``g0[s]``, then the smallest
-    s). ``order`` lists the points by node slab (``floor(g0)``), slab i's from ``starts[i]`` to
-    ``starts[i + 1]``; parallel over node slabs, each writing its own nodes only."""
+def splat_rows(ys, order, starts, g0, waff, ninv, wn, R, best, src, a, b_lo, b_hi):
+    """``splat_nearest`` for the nodes of slab a in rows b_lo .. b_hi (the shared body: the CPU
+    driver passes a whole slab, the CUDA driver a single row)."""
     lo_s = 1e30
     for q in range(3):
         lo_s = min(lo_s, math.sqrt(waff[0, q] ** 2 + waff[1, q] ** 2 + waff[2, q] ** 2))
@@ -615,47 +624,148 @@ def splat_nearest(ys, order, starts, g0, waff, ninv, wn, R, best, src):
     R2 = R * R
     n12 = wn[1] * wn[2]
     nsl = starts.shape[0] - 1
-    for a in prange(wn[0]):  # noqa: F821 (prange: a global of the build namespace)
-        q0 = starts[min(max(int(math.floor(a - rI)), 0), nsl)]
-        q1 = starts[min(max(int(math.floor(a + rI)) + 1, 0), nsl)]
-        for q in range(q0, q1):
-            s = order[q]
-            yx = ys[s, 0]
-            yy = ys[s, 1]
-            yz = ys[s, 2]
-            g1 = ninv[1, 0] * yx + ninv[1, 1] * yy + ninv[1, 2] * yz + ninv[1, 3]
-            g2 = ninv[2, 0] * yx + ninv[2, 1] * yy + ninv[2, 2] * yz + ninv[2, 3]
-            gs = g0[s]
-            ra2 = rI * rI - (a - gs) * (a - gs)
-            if ra2 < 0.0:
+    q0 = starts[min(max(int(math.floor(a - rI)), 0), nsl)]
+    q1 = starts[min(max(int(math.floor(a + rI)) + 1, 0), nsl)]
+    for q in range(q0, q1):
+        s = order[q]
+        yx = ys[s, 0]
+        yy = ys[s, 1]
+        yz = ys[s, 2]
+        g1 = ninv[1, 0] * yx + ninv[1, 1] * yy + ninv[1, 2] * yz + ninv[1, 3]
+        g2 = ninv[2, 0] * yx + ninv[2, 1] * yy + ninv[2, 2] * yz + ninv[2, 3]
+        gs = g0[s]
+        ra2 = rI * rI - (a - gs) * (a - gs)
+        if ra2 < 0.0:
+            continue
+        ra = math.sqrt(ra2)
+        b0 = max(int(math.ceil(g1 - ra)), b_lo)
+        b1 = min(int(math.floor(g1 + ra)), b_hi)
+        for b in range(b0, b1 + 1):
+            rb2 = ra2 - (b - g1) * (b - g1)
+            if rb2 < 0.0:
                 continue
-            ra = math.sqrt(ra2)
-            b0 = max(int(math.ceil(g1 - ra)), 0)
-            b1 = min(int(math.floor(g1 + ra)), wn[1] - 1)
-            for b in range(b0, b1 + 1):
-                rb2 = ra2 - (b - g1) * (b - g1)
-                if rb2 < 0.0:
-                    continue
-                rb = math.sqrt(rb2)
-                c0 = max(int(math.ceil(g2 - rb)), 0)
-                c1 = min(int(math.floor(g2 + rb)), wn[2] - 1)
-                ex = waff[0, 0] * a + waff[0, 1] * b
-                ey = waff[1, 0] * a + waff[1, 1] * b
-                ez = waff[2, 0] * a + waff[2, 1] * b
-                nb = a * n12 + b * wn[2]
-                for c in range(c0, c1 + 1):
-                    dx = ex + waff[0, 2] * c + waff[0, 3] - yx
-                    dy = ey + waff[1, 2] * c + waff[1, 3] - yy
-                    dz = ez + waff[2, 2] * c + waff[2, 3] - yz
-                    d2 = dx * dx + dy * dy + dz * dz
-                    n = nb + c
-                    if d2 <= R2 and d2 <= best[n]:
-                        if d2 == best[n]:
-                            t = src[n]
-                            if not (gs < g0[t] or (gs == g0[t] and s < t)):
-                                continue
-                        best[n] = d2
-                        src[n] = s
+            rb = math.sqrt(rb2)
+            c0 = max(int(math.ceil(g2 - rb)), 0)
+            c1 = min(int(math.floor(g2 + rb)), wn[2] - 1)
+            ex = waff[0, 0] * a + waff[0, 1] * b
+            ey = waff[1, 0] * a + waff[1, 1] * b
+            ez = waff[2, 0] * a + waff[2, 1] * b
+            nb = a * n12 + b * wn[2]
+            for c in range(c0, c1 + 1):
+                dx = ex + waff[0, 2] * c + waff[0, 3] - yx
+                dy = ey + waff[1, 2] * c + waff[1, 3] - yy
+                dz = ez + waff[2, 2] * c + waff[2, 3] - yz
+                d2 = dx * dx + dy * dy + dz * dz
+                n = nb + c
+                if d2 <= R2 and d2 <= best[n]:
+                    if d2 == best[n]:
+                        t = src[n]
+                        if not (gs < g0[t] or (gs == g0[t] and s < t)):
+                            continue
+                    best[n] = d2
+                    src[n] = s
+
+
+def splat_nearest(ys, order, starts, g0, waff, ninv, wn, R, best, src):
+    """For every warp node within R mm of a forward-skinned point ys[s], the nearest such s (of
+    equally near points, the one with the smallest first node coordinate ``g0[s]``, then the smallest
+    s). ``order`` lists the points by node slab (``floor(g0)``), slab i's from ``starts[i]`` to
+    ``starts[i + 1]``; parallel over node slabs, each writing its own nodes only."""
+    for a in prange(wn[0]):  # noqa: F821 (prange: a global of the build namespace)
+        splat_rows(ys, order, starts, g0, waff, ninv, wn, R, best, src, a, 0, wn[1] - 1)
+
+
+def inverse_nodes(waff, wn, W, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res, status, m, n0, n1):
+    """``inverse_lbs_nodes`` at warp nodes n0 .. n1 - 1, with ``m`` (3x4) as work space (the shared
+    body: the CPU driver passes a chunk of nodes, the CUDA driver one)."""
+    n12 = wn[1] * wn[2]
+    a_ = near.shape[0]
+    b_ = near.shape[1]
+    c_ = near.shape[2]
+    for n in range(n0, n1):
+        a = n // n12
+        rr = n - a * n12
+        b = rr // wn[2]
+        c = rr - b * wn[2]
+        px = waff[0, 0] * a + waff[0, 1] * b + waff[0, 2] * c + waff[0, 3]
+        py = waff[1, 0] * a + waff[1, 1] * b + waff[1, 2] * c + waff[1, 3]
+        pz = waff[2, 0] * a + waff[2, 1] * b + waff[2, 2] * c + waff[2, 3]
+        disp[n, 0] = 0.0
+        disp[n, 1] = 0.0
+        disp[n, 2] = 0.0
+        res[n] = 0.0
+        status[n] = 0
+        s = src[n]
+        rest_near = False
+        ci = int(math.floor(w_inv[0, 0] * px + w_inv[0, 1] * py + w_inv[0, 2] * pz + w_inv[0, 3] + 0.5))
+        cj = int(math.floor(w_inv[1, 0] * px + w_inv[1, 1] * py + w_inv[1, 2] * pz + w_inv[1, 3] + 0.5))
+        ck = int(math.floor(w_inv[2, 0] * px + w_inv[2, 1] * py + w_inv[2, 2] * pz + w_inv[2, 3] + 0.5))
+        if ci >= 0 and cj >= 0 and ck >= 0 and ci < a_ and cj < b_ and ck < c_:
+            rest_near = near[ci, cj, ck] != 0
+        if s < 0 and not rest_near:
+            continue
+        status[n] = 1
+        # m always holds the blended transform at the point of the last residual
+        if s >= 0:  # the guess first (moved tissue), then the identity (tissue in place)
+            bx = Minv[s, 0, 0] * px + Minv[s, 0, 1] * py + Minv[s, 0, 2] * pz + Minv[s, 0, 3]
+            by = Minv[s, 1, 0] * px + Minv[s, 1, 1] * py + Minv[s, 1, 2] * pz + Minv[s, 1, 3]
+            bz = Minv[s, 2, 0] * px + Minv[s, 2, 1] * py + Minv[s, 2, 2] * pz + Minv[s, 2, 3]
+            br = _resid(bx, by, bz, px, py, pz, W, w_inv, D, m)
+            m_ok = True
+            if br >= tol:
+                r = _resid(px, py, pz, px, py, pz, W, w_inv, D, m)
+                m_ok = r < br
+                if m_ok:
+                    bx, by, bz, br = px, py, pz, r
+        else:
+            bx, by, bz = px, py, pz
+            br = _resid(px, py, pz, px, py, pz, W, w_inv, D, m)
+            m_ok = True
+        x, y, z = bx, by, bz
+        # without a skinned-tissue guess only tissue nearly in place can land here: a few steps
+        for it in range(iters if s >= 0 else min(iters, 3)):
+            if br < tol:
+                break
+            if not m_ok:
+                _blend(x, y, z, W, w_inv, D, m)
+            a00, a01, a02 = m[0, 0], m[0, 1], m[0, 2]
+            a10, a11, a12 = m[1, 0], m[1, 1], m[1, 2]
+            a20, a21, a22 = m[2, 0], m[2, 1], m[2, 2]
+            det = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
+                   + a02 * (a10 * a21 - a11 * a20))
+            if abs(det) < 1e-9:
+                break
+            rx = px - m[0, 3]
+            ry = py - m[1, 3]
+            rz = pz - m[2, 3]
+            qx = ((a11 * a22 - a12 * a21) * rx - (a01 * a22 - a02 * a21) * ry
+                  + (a01 * a12 - a02 * a11) * rz) / det
+            qy = (-(a10 * a22 - a12 * a20) * rx + (a00 * a22 - a02 * a20) * ry
+                  - (a00 * a12 - a02 * a10) * rz) / det
+            qz = ((a10 * a21 - a11 * a20) * rx - (a00 * a21 - a01 * a20) * ry
+                  + (a00 * a11 - a01 * a10) * rz) / det
+            r = _resid(qx, qy, qz, px, py, pz, W, w_inv, D, m)
+            if r < br:
+                bx, by, bz, br = qx, qy, qz, r
+                x, y, z = qx, qy, qz
+                m_ok = True
+            else:  # damped step
+                x = 0.5 * (x + qx)
+                y = 0.5 * (y + qy)
+                z = 0.5 * (z + qz)
+                m_ok = False
+        if (s < 0 and br >= tol) or br >= air_tol:
+            # no pre-image: rest tissue here moved away (none skinned near it), or skinning
+            # only reaches the node by stretching tissue across an opening gap
+            status[n] = 2
+            disp[n, 0] = np.nan
+            disp[n, 1] = np.nan
+            disp[n, 2] = np.nan
+            continue
+        disp[n, 0] = bx - px
+        disp[n, 1] = by - py
+        disp[n, 2] = bz - pz
+        res[n] = br
 
 
 def inverse_lbs_nodes(waff, wn, W, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res, status):
@@ -671,98 +781,42 @@ def inverse_lbs_nodes(waff, wn, W, w_inv, D, near, src, Minv, iters, tol, air_to
     The latter are nodes where skinning would stretch tissue across a gap that opens (between
     an abducted arm and the torso): there the steps do not converge, and the stretched tissue
     would be a web that is not in the patient."""
-    n12 = wn[1] * wn[2]
-    a_ = near.shape[0]
-    b_ = near.shape[1]
-    c_ = near.shape[2]
-    nt = wn[0] * n12
+    nt = wn[0] * wn[1] * wn[2]
     nch = min(nt, 4096)
     for ch in prange(nch):  # noqa: F821 (prange: a global of the build namespace)
         m = np.empty((3, 4))  # one per chunk of points, not per point
-        for n in range(ch * nt // nch, (ch + 1) * nt // nch):
-            a = n // n12
-            rr = n - a * n12
-            b = rr // wn[2]
-            c = rr - b * wn[2]
-            px = waff[0, 0] * a + waff[0, 1] * b + waff[0, 2] * c + waff[0, 3]
-            py = waff[1, 0] * a + waff[1, 1] * b + waff[1, 2] * c + waff[1, 3]
-            pz = waff[2, 0] * a + waff[2, 1] * b + waff[2, 2] * c + waff[2, 3]
-            disp[n, 0] = 0.0
-            disp[n, 1] = 0.0
-            disp[n, 2] = 0.0
-            res[n] = 0.0
-            status[n] = 0
-            s = src[n]
-            rest_near = False
-            ci = int(math.floor(w_inv[0, 0] * px + w_inv[0, 1] * py + w_inv[0, 2] * pz + w_inv[0, 3] + 0.5))
-            cj = int(math.floor(w_inv[1, 0] * px + w_inv[1, 1] * py + w_inv[1, 2] * pz + w_inv[1, 3] + 0.5))
-            ck = int(math.floor(w_inv[2, 0] * px + w_inv[2, 1] * py + w_inv[2, 2] * pz + w_inv[2, 3] + 0.5))
-            if ci >= 0 and cj >= 0 and ck >= 0 and ci < a_ and cj < b_ and ck < c_:
-                rest_near = near[ci, cj, ck] != 0
-            if s < 0 and not rest_near:
+        inverse_nodes(waff, wn, W, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res, status, m,
+                      ch * nt // nch, (ch + 1) * nt // nch)
+
+
+def border_mark(wn, status, disp, t2, a, b0, b1, c0, c1):
+    """``air_border``'s first pass over the nodes (a, b0 .. b1 - 1, c0 .. c1 - 1): the unreached
+    neighbours (status 0) of each solved node that moves by more than sqrt(t2) mm are marked 3 (the
+    shared body: the CPU driver passes a node slab, the CUDA driver one node)."""
+    n12 = wn[1] * wn[2]
+    for b in range(b0, b1):
+        for c in range(c0, c1):
+            q = a * n12 + b * wn[2] + c
+            if status[q] != 1:
                 continue
-            status[n] = 1
-            # m always holds the blended transform at the point of the last residual
-            if s >= 0:  # the guess first (moved tissue), then the identity (tissue in place)
-                bx = Minv[s, 0, 0] * px + Minv[s, 0, 1] * py + Minv[s, 0, 2] * pz + Minv[s, 0, 3]
-                by = Minv[s, 1, 0] * px + Minv[s, 1, 1] * py + Minv[s, 1, 2] * pz + Minv[s, 1, 3]
-                bz = Minv[s, 2, 0] * px + Minv[s, 2, 1] * py + Minv[s, 2, 2] * pz + Minv[s, 2, 3]
-                br = _resid(bx, by, bz, px, py, pz, W, w_inv, D, m)
-                m_ok = True
-                if br >= tol:
-                    r = _resid(px, py, pz, px, py, pz, W, w_inv, D, m)
-                    m_ok = r < br
-                    if m_ok:
-                        bx, by, bz, br = px, py, pz, r
-            else:
-                bx, by, bz = px, py, pz
-                br = _resid(px, py, pz, px, py, pz, W, w_inv, D, m)
-                m_ok = True
-            x, y, z = bx, by, bz
-            # without a skinned-tissue guess only tissue nearly in place can land here: a few steps
-            for it in range(iters if s >= 0 else min(iters, 3)):
-                if br < tol:
-                    break
-                if not m_ok:
-                    _blend(x, y, z, W, w_inv, D, m)
-                a00, a01, a02 = m[0, 0], m[0, 1], m[0, 2]
-                a10, a11, a12 = m[1, 0], m[1, 1], m[1, 2]
-                a20, a21, a22 = m[2, 0], m[2, 1], m[2, 2]
-                det = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
-                       + a02 * (a10 * a21 - a11 * a20))
-                if abs(det) < 1e-9:
-                    break
-                rx = px - m[0, 3]
-                ry = py - m[1, 3]
-                rz = pz - m[2, 3]
-                qx = ((a11 * a22 - a12 * a21) * rx - (a01 * a22 - a02 * a21) * ry
-                      + (a01 * a12 - a02 * a11) * rz) / det
-                qy = (-(a10 * a22 - a12 * a20) * rx + (a00 * a22 - a02 * a20) * ry
-                      - (a00 * a12 - a02 * a10) * rz) / det
-                qz = ((a10 * a21 - a11 * a20) * rx - (a00 * a21 - a01 * a20) * ry
-                      + (a00 * a11 - a01 * a10) * rz) / det
-                r = _resid(qx, qy, qz, px, py, pz, W, w_inv, D, m)
-                if r < br:
-                    bx, by, bz, br = qx, qy, qz, r
-                    x, y, z = qx, qy, qz
-                    m_ok = True
-                else:  # damped step
-                    x = 0.5 * (x + qx)
-                    y = 0.5 * (y + qy)
-                    z = 0.5 * (z + qz)
-                    m_ok = False
-            if (s < 0 and br >= tol) or br >= air_tol:
-                # no pre-image: rest tissue here moved away (none skinned near it), or skinning
-                # only reaches the node by stretching tissue across an opening gap
-                status[n] = 2
-                disp[n, 0] = np.nan
-                disp[n, 1] = np.nan
-                disp[n, 2] = np.nan
+            if not disp[q, 0] ** 2 + disp[q, 1] ** 2 + disp[q, 2] ** 2 > t2:
                 continue
-            disp[n, 0] = bx - px
-            disp[n, 1] = by - py
-            disp[n, 2] = bz - pz
-            res[n] = br
+            for da in range(max(a - 1, 0), min(a + 2, wn[0])):
+                for db in range(max(b - 1, 0), min(b + 2, wn[1])):
+                    for dc in range(max(c - 1, 0), min(c + 2, wn[2])):
+                        n = da * n12 + db * wn[2] + dc
+                        if status[n] == 0:
+                            status[n] = 3
+
+
+def border_air(status, disp, n0, n1):
+    """``air_border``'s second pass over nodes n0 .. n1 - 1: a marked node becomes air (status 2, NaN)."""
+    for n in range(n0, n1):
+        if status[n] == 3:
+            status[n] = 2
+            disp[n, 0] = np.nan
+            disp[n, 1] = np.nan
+            disp[n, 2] = np.nan
 
 
 def air_border(wn, status, disp, thr):
@@ -770,29 +824,78 @@ def air_border(wn, status, disp, thr):
     moves by more than ``thr`` mm become air (NaN): interpolating between the two would sweep
     the cell's pre-images across the rest anatomy in between. Visits the few moving solved
     nodes and marks their unreached neighbours (a marked node is never read as a source)."""
-    n12 = wn[1] * wn[2]
     t2 = thr * thr
     for a in prange(wn[0]):  # noqa: F821 (prange: a global of the build namespace)
-        for b in range(wn[1]):
-            for c in range(wn[2]):
-                q = a * n12 + b * wn[2] + c
-                if status[q] != 1:
-                    continue
-                if not disp[q, 0] ** 2 + disp[q, 1] ** 2 + disp[q, 2] ** 2 > t2:
-                    continue
-                for da in range(max(a - 1, 0), min(a + 2, wn[0])):
-                    for db in range(max(b - 1, 0), min(b + 2, wn[1])):
-                        for dc in range(max(c - 1, 0), min(c + 2, wn[2])):
-                            n = da * n12 + db * wn[2] + dc
-                            if status[n] == 0:
-                                status[n] = 3
-    for n in prange(wn[0] * n12):  # noqa: F821 (prange: a global of the build namespace)
-        if status[n] == 3:
-            status[n] = 2
-            disp[n, 0] = np.nan
-            disp[n, 1] = np.nan
-            disp[n, 2] = np.nan
+        border_mark(wn, status, disp, t2, a, 0, wn[1], 0, wn[2])
+    border_air(status, disp, 0, wn[0] * wn[1] * wn[2])
 
+
+# CUDA drivers of the posing bodies above: a thread per weight node, skinned point or warp node.
+# The blended weight field arrives as its parts (the field's shape wa, wb, wc; P; S), packed here into
+# the tuple that ``_blend`` reads.
+def cuda_blend_field(Wp, Wc, Wv, D, P, S):
+    n = cuda.grid(1)  # noqa: F821 (cuda: a global of the build namespace)
+    if n < Wp.shape[0] - 1:
+        blend_node(Wp, Wc, Wv, D, P, S, n)
+
+
+def cuda_forward_blend(xs, wa, wb, wc, P, S, w_inv, D, ys, Minv):
+    n = cuda.grid(1)  # noqa: F821
+    if n < xs.shape[0]:
+        m = cuda.local.array((3, 4), numba.float64)  # noqa: F821
+        forward_points(xs, ((wa, wb, wc), P, S), w_inv, D, ys, Minv, m, n, n + 1)
+
+
+def cuda_splat_nearest(ys, order, starts, g0, waff, ninv, wn, R, best, src):
+    """``splat_nearest`` with a thread per node row (a, b): each writes its own nodes only."""
+    p = cuda.grid(1)  # noqa: F821
+    if p < wn[0] * wn[1]:
+        a = p // wn[1]
+        b = p - a * wn[1]
+        splat_rows(ys, order, starts, g0, waff, ninv, wn, R, best, src, a, b, b)
+
+
+def cuda_fill_nearest(best, src):
+    """``best`` := inf, ``src`` := -1 (no point near yet), a thread per node."""
+    n = cuda.grid(1)  # noqa: F821
+    if n < best.shape[0]:
+        best[n] = math.inf
+        src[n] = -1
+
+
+def cuda_inverse_lbs_nodes(waff, wn, wa, wb, wc, P, S, w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res,
+                           status):
+    n = cuda.grid(1)  # noqa: F821
+    if n < wn[0] * wn[1] * wn[2]:
+        m = cuda.local.array((3, 4), numba.float64)  # noqa: F821
+        inverse_nodes(waff, wn, ((wa, wb, wc), P, S), w_inv, D, near, src, Minv, iters, tol, air_tol, disp, res,
+                      status, m, n, n + 1)
+
+
+def cuda_border_mark(wn, status, disp, t2):
+    """``air_border``'s first pass, a thread per node; threads that mark the same neighbour all
+    write 3 over a 0, so the outcome does not depend on their order."""
+    p = cuda.grid(1)  # noqa: F821
+    n12 = wn[1] * wn[2]
+    if p < wn[0] * n12:
+        a = p // n12
+        r = p - a * n12
+        b = r // wn[2]
+        c = r - b * wn[2]
+        border_mark(wn, status, disp, t2, a, b, b + 1, c, c + 1)
+
+
+def cuda_border_air(status, disp):
+    n = cuda.grid(1)  # noqa: F821
+    if n < status.shape[0]:
+        border_air(status, disp, n, n + 1)
+
+
+# the per-element bodies that the CUDA drivers share with the CPU ones (device functions there)
+_POSING_SHARED = ("_clampf", "_blend", "_resid", "blend_node", "forward_points", "splat_rows", "inverse_nodes",
+                  "border_mark", "border_air")
+_POSING_CUDA = ("cuda_blend_field", "cuda_forward_blend", "cuda_fill_nearest", "cuda_splat_nearest",
+                "cuda_inverse_lbs_nodes", "cuda_border_mark", "cuda_border_air")
 
 
 # (function, numba.njit options besides cache=True), compiled by _kernels()
@@ -807,12 +910,18 @@ _KERNEL_DEFS = (
     # counts on the weight arrays per call) but its first compilation 5x slower (49 s against 9 s of
     # CPU on the 2-core machine), paid on every fresh install and CI run
     ("_blend", {}),
+    ("blend_node", {"inline": "always"}),
     ("blend_field", {"parallel": True}),
     ("_resid", {}),
     ("forward_lbs_kernel", {"parallel": True}),
+    ("forward_points", {}),
     ("forward_blend", {"parallel": True}),
+    ("splat_rows", {"inline": "always"}),
     ("splat_nearest", {"parallel": True}),
+    ("inverse_nodes", {}),
     ("inverse_lbs_nodes", {"parallel": True}),
+    ("border_mark", {}),
+    ("border_air", {}),
     ("air_border", {}),  # serial: 15 ms against 31 ms parallel (2 loops) on the loaded 2-core machine
 )
 
@@ -841,6 +950,33 @@ def _kernels():
                 "splat_nearest": ns["splat_nearest"], "inverse_lbs_nodes": ns["inverse_lbs_nodes"],
                 "air_border": ns["air_border"]}
     return _KERNELS
+
+
+def posing_cuda_namespace(decorate, extra: dict) -> dict:
+    """The posing bodies compiled with ``decorate`` (CUDA device functions) in a fresh namespace."""
+    ns = dict(globals())
+    ns.update(extra)
+    for name in _POSING_SHARED:
+        f = globals()[name]
+        ns[name] = decorate(types.FunctionType(f.__code__, ns, name, f.__defaults__))
+    return ns
+
+
+_POSING_GPU = None
+
+
+def posing_cuda_kernels() -> dict:
+    """{'blend_field', 'forward_blend', 'splat_nearest', 'inverse_lbs_nodes', 'border_mark', 'border_air'}: the CUDA
+    posing kernels, built from the same bodies as the CPU ones (compiled lazily)."""
+    global _POSING_GPU
+    if _POSING_GPU is None:
+        import numba
+        from numba import cuda
+
+        ns = posing_cuda_namespace(lambda f: cuda.jit(device=True)(f), {"cuda": cuda, "numba": numba})
+        _POSING_GPU = {name[len("cuda_"):]: cuda.jit(types.FunctionType(globals()[name].__code__, ns, name))
+                       for name in _POSING_CUDA}
+    return _POSING_GPU
 
 
 # --------------------------------------------------------------------------------------------
@@ -892,7 +1028,7 @@ def _is_identity(m, tol=1e-9) -> bool:
 
 def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_deltas=None, *,
                 warp_spacing_mm: float = 6.0, iterations: int = 12, tol_mm: float = 0.05,
-                air_miss_mm: float | None = None) -> Scene:
+                air_miss_mm: float | None = None, device: str = "cpu") -> Scene:
     """Pose an articulated CT: a ``core.drr.projector.Scene`` (base = the soft tissue, parts = the rigid
     parts placed for this pose, compose=True) that shares the resident arrays of every other frame
     posed from ``art``.
@@ -905,7 +1041,14 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
     content; the inverse warp lives on the same lattice (every ``warp_spacing_mm`` / voxel spacing
     voxels, rounded), covering that grid. A warp node whose best pre-image misses it by
     ``air_miss_mm`` or more (default ``AIR_MISS_NODES`` node spacings) is posed air.
+
+    ``device="cuda"`` (or ``"auto"`` where a GPU is usable): the posing kernels run on the GPU
+    (``posing_cuda_kernels``; the weight field, the tissue points and the work arrays stay there), the
+    same warp as on the CPU up to the GPU's rounding; the displacement grid comes back for the scene
+    and its device copy is kept for the composition on the device (``compose_scene(scene, "cuda")``
+    does not upload it again).
     """
+    device = resolve_device(device)  # "auto": the GPU where one is usable
     if air_miss_mm is not None and not float(air_miss_mm) > 0:
         raise CtwinError(f"air_miss_mm must be positive, got {air_miss_mm}")
     bone_deltas = dict(bone_deltas or {})
@@ -939,7 +1082,8 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
     if D is None or all(_is_identity(d) for d in D):
         scene.grid = _grid(art, lo, hi)
         return scene
-    warp, waff, grid, info = _inverse_warp_grid(art, D, warp_spacing_mm, iterations, tol_mm, lo, hi, air_miss_mm)
+    warp, waff, grid, info = _inverse_warp_grid(art, D, warp_spacing_mm, iterations, tol_mm, lo, hi, air_miss_mm,
+                                                device)
     scene.warp, scene.grid = (warp, waff), grid
     scene.info = info
     return scene
@@ -1058,11 +1202,88 @@ def _node_buffers(art: ArticulatedCT, n: int) -> tuple:
     return tuple(b[:n] for b in buf)
 
 
-def _nearest_points(ys, waff, wn, R, best, src) -> None:
-    """For every node of the grid ``waff`` (index -> world, shape ``wn``) within R mm of a point
-    ys[s]: the nearest s (``src``) and its squared distance (``best``); nodes that no point reaches
-    keep their values (inf / -1 on entry). Of equally near points the one with the smallest first
-    node coordinate, then the smallest s (``splat_nearest``, parallel over node slabs)."""
+class _DevicePosing:
+    """The posing kernels of one pose on the GPU (``posing_cuda_kernels``), for ``_inverse_warp_grid``.
+    Resident in ``art._cache["posing_device"]`` across poses: the sparse weight field, the blended
+    field's buffers, the tissue points of the last set of moved joints, the dilated rest tissue and
+    the per-node work arrays (25 % slack). Per pose the joint transforms go up; the skinned points
+    come back (the grid's bounds and the nearest search's slab order are computed from them on the
+    host), the slab order goes up, and the displacement grid, residuals and status come back."""
+
+    def __init__(self, art, prep, D3, moved, sel):
+        from numba import cuda
+
+        self.cuda, self.k = cuda, posing_cuda_kernels()
+        self.res = art._cache.setdefault("posing_device", {})
+        r = self.res
+        if "W" not in r:
+            shape, ptr, chan, wts = prep["W"]
+            r["W"] = (tuple(int(v) for v in shape), cuda.to_device(ptr), cuda.to_device(chan), cuda.to_device(wts))
+            n = len(ptr) - 1
+            r["P"], r["S"] = cuda.device_array((n, 12)), cuda.device_array(n)
+            r["w_inv"] = cuda.to_device(prep["w_inv"])
+        self.D = cuda.to_device(D3)
+        shape, ptr, chan, wts = r["W"]
+        _launch_posing(self.k["blend_field"], len(ptr) - 1, ptr, chan, wts, self.D, r["P"], r["S"])
+        key = moved.tobytes()
+        if r.get("xs_key") != key:  # the tissue points of this set of moved joints
+            r["xs"] = cuda.to_device(np.ascontiguousarray(prep["centres"][sel]))
+            r["xs_key"] = key
+
+    def forward(self, xs):
+        r = self.res
+        n = len(xs)
+        self.ys, self.Minv = self.cuda.device_array((n, 3)), self.cuda.device_array((n, 3, 4))
+        _launch_posing(self.k["forward_blend"], n, r["xs"], *r["W"][0], r["P"], r["S"], r["w_inv"], self.D, self.ys,
+                       self.Minv)
+        return self.ys.copy_to_host() if n else np.empty((0, 3))
+
+    def nearest(self, ys, waff, wn, R):
+        cuda, r = self.cuda, self.res
+        N = int(np.prod(wn))
+        if r.get("nodes", 0) < N:
+            m = int(N * 1.25)
+            r["nodes"] = m
+            r["best"], r["src"] = cuda.device_array(m), cuda.device_array(m, np.int64)
+            r["resid"], r["status"] = cuda.device_array(m), cuda.device_array(m, np.int8)
+        self.best, self.src = r["best"][:N], r["src"][:N]
+        _launch_posing(self.k["fill_nearest"], N, self.best, self.src)
+        self.waff, self.wn = cuda.to_device(np.ascontiguousarray(waff[:3])), cuda.to_device(np.asarray(wn, np.int64))
+        if len(ys):
+            ninv, g0, order, starts = _slab_order(ys, waff, wn)
+            _launch_posing(self.k["splat_nearest"], int(wn[0] * wn[1]), self.ys, cuda.to_device(order),
+                           cuda.to_device(starts), cuda.to_device(g0), self.waff, cuda.to_device(ninv), self.wn,
+                           float(R), self.best, self.src)
+
+    def inverse(self, waff, wn, near, kn, iterations, tol, air_tol, thr):
+        cuda, r = self.cuda, self.res
+        N = int(np.prod(wn))
+        if r.get("near_key") != kn:
+            r["near"], r["near_key"] = cuda.to_device(near), kn
+        disp = cuda.device_array((N, 3), np.float32)
+        resid, status = r["resid"][:N], r["status"][:N]
+        _launch_posing(self.k["inverse_lbs_nodes"], N, self.waff, self.wn, *r["W"][0], r["P"], r["S"], r["w_inv"],
+                       self.D, r["near"], self.src, self.Minv, int(iterations), float(tol), float(air_tol), disp,
+                       resid, status)
+        _launch_posing(self.k["border_mark"], N, self.wn, status, disp, thr * thr)
+        _launch_posing(self.k["border_air"], N, status, disp)
+        self.disp = disp
+        return disp.copy_to_host(), resid.copy_to_host(), status.copy_to_host()
+
+    def keep(self, art, warp):
+        """Leave the device copy of ``warp`` (the scene's displacement grid) for the composition."""
+        art._cache.setdefault("scene_resident", {})["d_warp"] = (warp, self.disp.reshape(warp.shape))
+
+
+def _launch_posing(kernel, n: int, *args) -> None:
+    """``kernel`` over n threads (blocks of 128); nothing when n is 0."""
+    if n > 0:
+        kernel[(n + 127) // 128, 128](*args)
+
+
+def _slab_order(ys, waff, wn) -> tuple:
+    """``splat_nearest``'s inputs besides the points: the grid's world -> index map (3x4), the points'
+    first node coordinate g0, their order by node slab and each slab's start in it."""
     ninv = np.ascontiguousarray(invert_affine(waff)[:3])
     g0 = ys[:, 0] * ninv[0, 0] + ys[:, 1] * ninv[0, 1] + ys[:, 2] * ninv[0, 2] + ninv[0, 3]
     slab = np.clip(np.floor(g0), 0, wn[0] - 1).astype(np.int64)
@@ -1070,28 +1291,42 @@ def _nearest_points(ys, waff, wn, R, best, src) -> None:
     order = np.argsort(slab.astype(np.int16) if wn[0] < 32768 else slab, kind="stable")
     starts = np.zeros(int(wn[0]) + 1, np.int64)
     np.cumsum(np.bincount(slab, minlength=int(wn[0])), out=starts[1:])
+    return ninv, g0, order, starts
+
+
+def _nearest_points(ys, waff, wn, R, best, src) -> None:
+    """For every node of the grid ``waff`` (index -> world, shape ``wn``) within R mm of a point
+    ys[s]: the nearest s (``src``) and its squared distance (``best``); nodes that no point reaches
+    keep their values (inf / -1 on entry). Of equally near points the one with the smallest first
+    node coordinate, then the smallest s (``splat_nearest``, parallel over node slabs)."""
+    ninv, g0, order, starts = _slab_order(ys, waff, wn)
     _kernels()["splat_nearest"](np.ascontiguousarray(ys, dtype=np.float64), order, starts, g0,
                                 np.ascontiguousarray(waff[:3]), ninv, np.asarray(wn, np.int64), float(R), best, src)
 
 
-def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, air_miss=None):
+def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, air_miss=None, device="cpu"):
     """Displacement x - y (mm) on a CT-lattice grid covering the posed content.
 
     The tissue weight cells that a moved joint drives are skinned forward (their centres); the grid
     covers their images and the CT. Each node within R of such an image starts from the inverse of
     that image's blended transform; nodes whose rest tissue moved away with nothing moving in get
-    NaN (air); nodes that no tissue can reach keep 0."""
+    NaN (air); nodes that no tissue can reach keep 0. ``device="cuda"``: the kernels run on the GPU
+    (``_DevicePosing``)."""
     prep = _warp_prep(art)
     k = _kernels()
     moved = np.array([not _is_identity(d) for d in D])
     sel = prep["chan"][:, moved].any(axis=1)
     xs = prep["centres"][sel]
     D3 = np.ascontiguousarray(D[:, :3], dtype=np.float64)
-    Wb = _blended_weights(art, D3)
-    ys = np.empty_like(xs)
-    Minv = np.empty((len(xs), 3, 4))
-    if len(xs):
-        k["forward_blend"](xs, Wb, prep["w_inv"], D3, ys, Minv)
+    gpu = _DevicePosing(art, prep, D3, moved, sel) if device == "cuda" else None
+    if gpu is None:
+        Wb = _blended_weights(art, D3)
+        ys = np.empty_like(xs)
+        Minv = np.empty((len(xs), 3, 4))
+        if len(xs):
+            k["forward_blend"](xs, Wb, prep["w_inv"], D3, ys, Minv)
+    else:
+        ys = gpu.forward(xs)
     ct_inv = invert_affine(art.affine)
     wsp = np.linalg.norm(art.weight_affine[:3, :3], axis=0)
     if len(ys):
@@ -1107,15 +1342,17 @@ def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, 
     t[:3, 3] = i0
     waff = art.affine @ t
     N = int(np.prod(wn))
-    best, src, res, status = _node_buffers(art, N)
-    best.fill(np.inf)
-    src.fill(-1)
+    if gpu is None:
+        best, src, res, status = _node_buffers(art, N)
+        best.fill(np.inf)
+        src.fill(-1)
     node_sp = vsp * f
     air_tol = AIR_MISS_NODES * float(node_sp.max()) if air_miss is None else float(air_miss)
     R = float(np.sqrt(3.0) * (node_sp.max() + 0.5 * wsp.max()))
-    if len(ys):
+    if gpu is not None:
+        gpu.nearest(ys, waff, wn, R)
+    elif len(ys):
         _nearest_points(ys, waff, wn, R, best, src)
-    disp = np.empty((N, 3), np.float32)  # fresh: the scene keeps it (composed frames are keyed by it)
     # rest tissue within a node cell's diagonal of the node (in weight cells)
     kn = int(np.ceil(np.sqrt(3.0) * node_sp.max() / wsp.min()))
     near = prep.get(("near", kn))
@@ -1125,10 +1362,16 @@ def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, 
         near = np.ascontiguousarray(ndimage.binary_dilation(prep["occ"], np.ones((3, 3, 3), bool),
                                                             iterations=kn).astype(np.uint8))
         prep[("near", kn)] = near
-    k["inverse_lbs_nodes"](np.ascontiguousarray(waff[:3]), wn, Wb, prep["w_inv"], D3, near, src,
-                           Minv, iterations, tol, air_tol, disp, res, status)
-    k["air_border"](wn, status, disp, float(0.5 * node_sp.min()))
+    if gpu is None:
+        disp = np.empty((N, 3), np.float32)  # fresh: the scene keeps it (composed frames are keyed by it)
+        k["inverse_lbs_nodes"](np.ascontiguousarray(waff[:3]), wn, Wb, prep["w_inv"], D3, near, src,
+                               Minv, iterations, tol, air_tol, disp, res, status)
+        k["air_border"](wn, status, disp, float(0.5 * node_sp.min()))
+    else:
+        disp, res, status = gpu.inverse(waff, wn, near, kn, iterations, tol, air_tol, float(0.5 * node_sp.min()))
     warp = disp.reshape(tuple(wn) + (3,))
+    if gpu is not None:
+        gpu.keep(art, warp)
     solved = res[status == 1]
     info = {"warp": "inverse_lbs", "warp_shape": [int(v) for v in wn],
             "warp_spacing_mm": [float(v) for v in node_sp],
