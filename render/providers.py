@@ -40,6 +40,13 @@ def _twin(scene):
     return scene_volumes.cached(("twin", d, os.stat(meta).st_mtime_ns), lambda: load_twin(d))
 
 
+def _device(scene) -> str:
+    """The scene's DRR device (``scene.ctwin.device``), resolved: posing runs where the render runs."""
+    from ..core.drr.projector import resolve_device
+
+    return resolve_device(scene.ctwin.device)
+
+
 def twin_provider(scene, frame):
     """Posed projector scene of the twin at the armature's current pose, or None without a twin."""
     twin = _twin(scene)
@@ -50,7 +57,7 @@ def twin_provider(scene, frame):
         pose, transl = armature_pose(scene_volumes.evaluated(arm))
     else:
         pose, transl = twin.pose0, None
-    return twin.posed_scene(pose, transl)
+    return twin.posed_scene(pose, transl, _device(scene))
 
 
 def twin_labels(scene, mapping: dict):
@@ -155,7 +162,8 @@ def session_provider(scene, frame):
     deltas = _evaluated_bone_deltas(sess["arm"])
     bone_deltas = {label: deltas[bone] for label, bone in sess["table"].items() if bone in deltas}
     joint_deltas = np.stack([deltas[n] for n in JOINT_NAMES])
-    return posed_scene(sess["art"], bone_deltas, joint_deltas, warp_spacing_mm=WARP_SPACING_MM)
+    return posed_scene(sess["art"], bone_deltas, joint_deltas, warp_spacing_mm=WARP_SPACING_MM,
+                       device=_device(scene))
 
 
 def session_labels(scene, mapping: dict):

@@ -485,7 +485,7 @@ def render_sample(twin, spec: dict, params: dict, device: str = "cpu") -> dict:
     """Render one sample: {ext: bytes} for ``tif``, ``masks.npz`` (when asked) and ``json``."""
     pose, transl = _pose_of(twin, params["pose"])
     geos = _geometries(twin, params["view"])
-    scene = twin.posed_scene(pose, transl)
+    scene = twin.posed_scene(pose, transl, resolve_device(device))
     ph = params["physics"]
     images = []
     records = []

@@ -427,16 +427,18 @@ class Twin:
         d = self.joint_deltas(pose, transl_mm)
         return Mesh(dqs_points(d, v, idx, ww), np.asarray(bm.faces, dtype=np.int64), "body_model")
 
-    def posed_scene(self, pose=None, transl_mm=None):
-        """The articulated CT posed for rendering (a ``core.drr.projector.Scene``)."""
+    def posed_scene(self, pose=None, transl_mm=None, device: str = "cpu"):
+        """The articulated CT posed for rendering (a ``core.drr.projector.Scene``); ``device`` "cuda"
+        poses on the GPU (``core.twin.articulated.posed_scene``)."""
         if pose is None:
             pose = self.pose0
         return posed_scene(self.articulated, self.bone_deltas(pose, transl_mm),
-                           self.joint_deltas(pose, transl_mm), warp_spacing_mm=WARP_SPACING_MM)
+                           self.joint_deltas(pose, transl_mm), warp_spacing_mm=WARP_SPACING_MM, device=device)
 
     def render(self, geometry, pose=None, transl_mm=None, *, step_mm=None, device="auto") -> np.ndarray:
         """Line-integral DRR of the twin at a pose through the articulated path (identity = p0)."""
-        return render_posed(self.posed_scene(pose, transl_mm), geometry, step_mm=step_mm, device=device)
+        dev = resolve_device(device)
+        return render_posed(self.posed_scene(pose, transl_mm, dev), geometry, step_mm=step_mm, device=dev)
 
     @property
     def ct_bbox_mm(self) -> tuple[np.ndarray, np.ndarray]:
@@ -590,7 +592,7 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
 
     def prepare(f):
         p, t = poses[f]
-        state = {"scene": twin.posed_scene(p, t)}
+        state = {"scene": twin.posed_scene(p, t, dev)}
         if annotate:
             posed = twin.posed_meshes(p, t)
             posed.pop("skin", None)
