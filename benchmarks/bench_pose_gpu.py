@@ -1,14 +1,14 @@
 """New poses per second on a GPU: the phantom twin posed, composed on the device and rendered there.
 
     python benchmarks/bench_pose_gpu.py [--spacing 3] [--size 256] [--preset walking_stride]
-        [--poses 50] [--reps 5] [--jitter-deg 2] [--seed 0] [--cache DIR] [--device cuda] [--posing host]
+        [--poses 50] [--reps 5] [--jitter-deg 2] [--seed 0] [--cache DIR] [--device cuda] [--posing device|host]
 
 The phantom (``--seed``, supine_arms_down, ``--spacing`` mm) is decomposed as in bench_pose_cost.py
 (``--cache DIR`` keeps it between runs). Every pose is ``--preset`` with a seeded ``--jitter-deg``
 rotation on every body joint, so no pose is rendered twice and no per-pose cache counts; the AP view
-at ``--size``^2. Posing (``posed_scene``: skinning and the inverse warp) runs on the host (``--posing
-device``: on the GPU, ``posed_scene(..., device="cuda")``, its displacement grid handed to the
-composition on the device); with
+at ``--size``^2. Posing (``posed_scene``: skinning and the inverse warp) runs where the product
+runs it, on the GPU (``posed_scene(..., device="cuda")``, its displacement grid handed to the
+composition on the device; ``--posing host``: on the host, for comparison); with
 ``--device cuda`` the frame is composed on the GPU (``compose_scene(scene, "cuda")``: the base CT,
 the bone sub-volumes and the frame buffers stay there; the displacement grid and the parts'
 placements go up per frame) and rendered from the device-resident frame. Printed, measured:
@@ -54,7 +54,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default="")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    ap.add_argument("--posing", default="host", choices=("host", "device"),
+    ap.add_argument("--posing", default="device", choices=("host", "device"),
                     help="where posed_scene runs (device: the GPU, with --device cuda)")
     a = ap.parse_args(argv)
     dev = P.resolve_device(a.device)
