@@ -734,14 +734,21 @@ def cuda_scene(out, geo, bdata, blut, blin_a, blin_b, blin_lo, bshape, BM, use_w
                               dx, dy, dz, tlen, step)
 
 
-def _build(decorate, extra: dict) -> dict:
-    """Compile the per-ray functions with ``decorate`` into a fresh namespace and return it."""
-    ns = dict(globals())
+def compile_shared(namespace: dict, names, decorate, extra: dict) -> dict:
+    """A fresh copy of ``namespace`` (a module's globals, plus ``extra``) in which the functions
+    ``names`` are compiled with ``decorate`` and call each other compiled: one Python source for the
+    CPU (``numba.njit``) and for CUDA (``cuda.jit(device=True)``)."""
+    ns = dict(namespace)
     ns.update(extra)
-    for name in _PER_RAY:
-        f = globals()[name]
+    for name in names:
+        f = namespace[name]
         ns[name] = decorate(types.FunctionType(f.__code__, ns, name, f.__defaults__))
     return ns
+
+
+def _build(decorate, extra: dict) -> dict:
+    """Compile the per-ray functions with ``decorate`` into a fresh namespace and return it."""
+    return compile_shared(globals(), _PER_RAY, decorate, extra)
 
 
 _CPU = None
@@ -1429,11 +1436,9 @@ def _compose_build():
     """Compile the composition kernels above over one namespace dict (see the note above them)."""
     import numba
 
-    ns = dict(globals())
-    ns["prange"] = numba.prange
-    for name, opts in _COMPOSE_DEFS:
-        f = globals()[name]
-        ns[name] = numba.njit(types.FunctionType(f.__code__, ns, name, f.__defaults__), cache=True, **opts)
+    opts = dict(_COMPOSE_DEFS)
+    ns = compile_shared(globals(), opts, lambda f: numba.njit(f, cache=True, **opts[f.__name__]),
+                        {"prange": numba.prange})
     return {"warp": ns["compose_warp"], "subs": ns["compose_subs"], "occupancy": ns["occupancy_par"],
             "warp_cells": ns["warp_cells"], "mark_boxes": ns["mark_boxes"], "restore_blocks": ns["restore_blocks"]}
 
@@ -1452,12 +1457,7 @@ def compose_kernels() -> dict:
 
 def compose_cuda_namespace(decorate, extra: dict) -> dict:
     """The composition bodies compiled with ``decorate`` (CUDA device functions) in a fresh namespace."""
-    ns = dict(globals())
-    ns.update(extra)
-    for name in _COMPOSE_SHARED:
-        f = globals()[name]
-        ns[name] = decorate(types.FunctionType(f.__code__, ns, name, f.__defaults__))
-    return ns
+    return compile_shared(globals(), _COMPOSE_SHARED, decorate, extra)
 
 
 def compose_cuda_kernels() -> dict:

@@ -51,7 +51,7 @@ from scipy import ndimage
 
 from ..errors import CtwinError
 from ..fileio import atomic_path, write_json
-from ..drr.kernels import claims, lerp3
+from ..drr.kernels import claims, compile_shared, lerp3
 from ..volumes.labels import is_skeletal, joint_for_label
 from ..progress import report
 from ..drr.projector import PlacedVolume, Scene, _grid_from_bounds, compose_scene, render_scene, resolve_device
@@ -940,11 +940,9 @@ def _kernels():
         return _KERNELS
     import numba
 
-    ns = dict(globals())
-    ns["prange"] = numba.prange
-    for name, opts in _KERNEL_DEFS:
-        f = globals()[name]
-        ns[name] = numba.njit(types.FunctionType(f.__code__, ns, name, f.__defaults__), cache=True, **opts)
+    opts = dict(_KERNEL_DEFS)
+    ns = compile_shared(globals(), opts, lambda f: numba.njit(f, cache=True, **opts[f.__name__]),
+                        {"prange": numba.prange})
     _KERNELS = {"sample_points": ns["sample_points"], "forward_lbs": ns["forward_lbs_kernel"],
                 "blend_field": ns["blend_field"], "forward_blend": ns["forward_blend"],
                 "splat_nearest": ns["splat_nearest"], "inverse_lbs_nodes": ns["inverse_lbs_nodes"],
@@ -954,12 +952,7 @@ def _kernels():
 
 def posing_cuda_namespace(decorate, extra: dict) -> dict:
     """The posing bodies compiled with ``decorate`` (CUDA device functions) in a fresh namespace."""
-    ns = dict(globals())
-    ns.update(extra)
-    for name in _POSING_SHARED:
-        f = globals()[name]
-        ns[name] = decorate(types.FunctionType(f.__code__, ns, name, f.__defaults__))
-    return ns
+    return compile_shared(globals(), _POSING_SHARED, decorate, extra)
 
 
 _POSING_GPU = None
