@@ -41,8 +41,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 from launch import load_package  # noqa: E402
@@ -50,7 +48,6 @@ from launch import load_package  # noqa: E402
 load_package("ctwin")
 
 from ctwin.core.drr import scatter_mc, xray  # noqa: E402
-from ctwin.core.drr.carm import Geometry  # noqa: E402
 
 SID, GAP, FIELD, N, REGION = 1000.0, 50.0, 300.0, 128, 30.0
 MC = ROOT / "benchmarks" / "results" / "scatter_mc_slabs.json"
@@ -58,15 +55,8 @@ MC = ROOT / "benchmarks" / "results" / "scatter_mc_slabs.json"
 
 def model_spr(kvp: float, cm: int, grid, gap: float = GAP, sid: float = SID) -> tuple:
     """(single, total) SPR of the model over the central region, and the seconds of one image."""
-    t = cm * 10.0
-    d = gap + t / 2.0                                  # slab mid-plane above the detector
-    g = Geometry(source_mm=[0, 0, -(sid - d)], detector_center_mm=[0, 0, d], detector_u=[1, 0, 0],
-                 detector_v=[0, 1, 0], pixel_spacing_mm=(FIELD / N, FIELD / N), size_px=(N, N),
-                 extra={"sad_mm": sid - d})
-    ints = {"water": np.full((N, N), t)}              # g/cm3 x mm
+    g, ints, sel = scatter_mc.slab_view(cm * 10.0, N, field_mm=FIELD, region_mm=REGION, sid_mm=sid, gap_mm=gap)
     prim = xray.form_image(ints, xray.XraySetup(kvp=kvp, grid_ratio=grid), g)["intensity"]
-    c = (np.arange(N) - (N - 1) / 2.0) * FIELD / N
-    sel = (abs(c)[:, None] <= REGION) & (abs(c)[None, :] <= REGION)
     out = []
     fit = xray.MULTI_FIT
     for amp in (-80.0, 0.0):       # the multiple-scatter amplitude switched off (e^-80), then as fitted

@@ -31,8 +31,7 @@ from launch import load_package  # noqa: E402
 
 load_package("ctwin")
 
-from ctwin.core.drr import xray  # noqa: E402
-from ctwin.core.drr.carm import Geometry  # noqa: E402
+from ctwin.core.drr import scatter_mc, xray  # noqa: E402
 
 MC = ROOT / "benchmarks" / "results" / "scatter_mc_slabs.json"
 N = 128
@@ -40,15 +39,8 @@ N = 128
 
 def slab_spr(kvp, cm, grid, field, region, sid, gap):
     """The model's (single, multiple) SPR over the central region of a uniform slab."""
-    t = cm * 10.0
-    d = gap + t / 2.0
-    g = Geometry(source_mm=[0, 0, -(sid - d)], detector_center_mm=[0, 0, d], detector_u=[1, 0, 0],
-                 detector_v=[0, 1, 0], pixel_spacing_mm=(field / N, field / N), size_px=(N, N),
-                 extra={"sad_mm": sid - d})
-    ints = {"water": np.full((N, N), t)}
+    g, ints, sel = scatter_mc.slab_view(cm * 10.0, N, field_mm=field, region_mm=region, sid_mm=sid, gap_mm=gap)
     prim = xray.form_image(ints, xray.XraySetup(kvp=kvp, grid_ratio=grid), g)["intensity"]
-    c = (np.arange(N) - (N - 1) / 2.0) * field / N
-    sel = (abs(c)[:, None] <= region) & (abs(c)[None, :] <= region)
     out = []
     keep = xray.MULTI_FIT
     for fit in ((-80.0, 0.0, 0.0, 0.0), keep):

@@ -1,13 +1,10 @@
 """The reference Monte Carlo of water slabs (core.drr.scatter_mc) against independent truth, and the
 scatter model (core.drr.xray) against the Monte Carlo, on small photon counts."""
-import math
-
 import numpy as np
 import pytest
 from scipy.integrate import trapezoid
 
 from ctwin.core.drr import xray
-from ctwin.core.drr.carm import Geometry
 from ctwin.core.errors import CtwinError
 
 pytest.importorskip("spekpy", reason="SpekPy is not installed (pip install -r requirements.txt)")
@@ -94,16 +91,9 @@ def test_bad_input():
 
 def _model_region_spr(kvp, cm, grid, field=300.0, n=64, region=30.0, sid=1000.0, gap=50.0):
     """The model's SPR over the central region of a slab image."""
-    t = cm * 10.0
-    d = gap + t / 2.0
-    g = Geometry(source_mm=[0, 0, -(sid - d)], detector_center_mm=[0, 0, d], detector_u=[1, 0, 0],
-                 detector_v=[0, 1, 0], pixel_spacing_mm=(field / n, field / n), size_px=(n, n),
-                 extra={"sad_mm": sid - d})
-    ints = {"water": np.full((n, n), t)}
+    g, ints, sel = scatter_mc.slab_view(cm * 10.0, n, field_mm=field, region_mm=region, sid_mm=sid, gap_mm=gap)
     prim = xray.form_image(ints, xray.XraySetup(kvp=kvp, grid_ratio=grid), g)["intensity"]
     img = xray.form_image(ints, xray.XraySetup(kvp=kvp, scatter=True, grid_ratio=grid), g)["intensity"]
-    c = (np.arange(n) - (n - 1) / 2.0) * field / n
-    sel = (abs(c)[:, None] <= region) & (abs(c)[None, :] <= region)
     return float((img[sel] - prim[sel]).sum() / prim[sel].sum())
 
 

@@ -41,6 +41,7 @@ from numba import njit
 
 from ..errors import CtwinError
 from . import xray
+from .carm import Geometry
 
 # Imported where used: xraylib (optional third-party package).
 
@@ -338,3 +339,18 @@ def simulate_slab(thickness_mm: float, kvp: float | None = None, kev: float | No
                               "upper": tot[7] / n, "sides": tot[8] / n},
                       angle_hist=ang, radial=rad / n, photons=n,
                       kev_single=float(tot[2] / max(tot[10], 1e-300)), kev_multiple=float(tot[3] / max(tot[11], 1e-300)))
+
+
+def slab_view(thickness_mm: float, n: int, *, field_mm: float = 300.0, region_mm: float = 30.0,
+              sid_mm: float = 1000.0, gap_mm: float = 50.0) -> tuple:
+    """``simulate_slab``'s cone-beam set-up for the image model: (``Geometry`` of an ``n``^2 detector
+    covering the ``field_mm`` field, the slab's material integrals {"water": g/cm3 x mm}, the (n, n)
+    mask of the central square of half-width ``region_mm`` that the Monte Carlo tallies). The
+    isocentre (``sad_mm``) is the slab's mid-plane, ``gap_mm`` + half the thickness above the detector."""
+    d = gap_mm + thickness_mm / 2.0
+    g = Geometry(source_mm=[0, 0, -(sid_mm - d)], detector_center_mm=[0, 0, d], detector_u=[1, 0, 0],
+                 detector_v=[0, 1, 0], pixel_spacing_mm=(field_mm / n, field_mm / n), size_px=(n, n),
+                 extra={"sad_mm": sid_mm - d})
+    c = (np.arange(n) - (n - 1) / 2.0) * field_mm / n
+    central = (abs(c)[:, None] <= region_mm) & (abs(c)[None, :] <= region_mm)
+    return g, {"water": np.full((n, n), float(thickness_mm))}, central

@@ -98,6 +98,17 @@ def _known_names() -> str:
     return ", ".join(sorted(set(NIST_MATERIALS) | set(ALLOYS) | set(ELEMENTS) | {"iodine_blood", "bone", "metal"}))
 
 
+def _number_within(text: str, hi: float, message: str) -> float:
+    """``text`` as a number in (0, hi], else ``CtwinError(message)``."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0.0 < v <= hi:
+        raise CtwinError(message)
+    return v
+
+
 def material_spec(text) -> str:
     """The canonical name of a material given as ``NAME``, ``iodine_blood:C`` (C mg iodine per ml of
     blood) and optionally ``@RHO`` (its density in g/cm3 instead of the material's own), e.g.
@@ -112,20 +123,12 @@ def material_spec(text) -> str:
     if colon:
         if ALIASES.get(name, name) != "iodine_blood":
             raise CtwinError(f"material {t!r}: only iodine_blood takes a parameter (iodine_blood:MG_PER_ML)")
-        try:
-            c = float(par)
-        except ValueError:
-            c = float("nan")
-        if not 0.0 < c <= IODINE_MAX_MG_PER_ML:
-            raise CtwinError(f"material {t!r}: the iodine concentration must be within 0-{IODINE_MAX_MG_PER_ML:g} mg/ml")
+        c = _number_within(par, IODINE_MAX_MG_PER_ML,
+                           f"material {t!r}: the iodine concentration must be within 0-{IODINE_MAX_MG_PER_ML:g} mg/ml")
         out = f"iodine_blood:{c:g}"
     if at:
-        try:
-            rho = float(rho_s)
-        except ValueError:
-            rho = float("nan")
-        if not 0.0 < rho <= MAX_DENSITY:
-            raise CtwinError(f"material {t!r}: the density after '@' must be within 0-{MAX_DENSITY:g} g/cm3")
+        rho = _number_within(rho_s, MAX_DENSITY,
+                             f"material {t!r}: the density after '@' must be within 0-{MAX_DENSITY:g} g/cm3")
         out += f"@{rho:g}"
     composition(out)
     return out
