@@ -128,7 +128,8 @@ def _xray_setup(s, frame):
     return XraySetup(kvp=s.kvp, filter_al_mm=s.filter_al_mm, filter_cu_mm=s.filter_cu_mm,
                      anode_angle_deg=s.anode_angle_deg, heel=s.heel, detector=s.detector,
                      csi_um=s.csi_um or None, focal_spot_mm=s.focal_spot_mm, mas=s.mas or None,
-                     photons=s.photons or None, scatter=s.scatter, grid_ratio=s.grid_ratio or None,
+                     photons=s.photons or None, scatter=s.scatter, multiple_scatter=s.multiple_scatter,
+                     grid_ratio=s.grid_ratio or None,
                      grid_lines_per_cm=s.grid_lines, electronic_sigma=s.electronic_noise or None,
                      seed=s.seed + frame, hu_table=hu_table)
 
@@ -311,6 +312,10 @@ class CTWIN_DRR_Settings(bpy.types.PropertyGroup):
         description="JSON HU -> materials calibration; empty = stoichiometric (Schneider 2000 ranges)")
     scatter: bpy.props.BoolProperty(name="Scatter", default=False,
                                     description="scatter: first-order and multiple-scatter kernels (SPR in the frame's sidecar)")
+    multiple_scatter: bpy.props.BoolProperty(
+        name="Multiple scatter", default=True,
+        description="with Scatter: add the multiple-scatter kernels to the first order; off = first-order "
+                    "scatter only (ctwin render --scatter first)")
     grid_ratio: bpy.props.FloatProperty(name="Grid ratio", default=0.0, min=0.0, max=40.0,
                                         description="anti-scatter grid ratio; 0 = no grid")
     grid_lines: bpy.props.FloatProperty(name="Grid lines/cm", default=40.0, min=5.0, max=200.0)
@@ -416,7 +421,7 @@ class CTWIN_DRR_PT_settings(bpy.types.Panel):
         phys = layout.column()
         phys.active = s.kvp > 0  # the tube, detector and scatter options apply with a kVp
         for name in ("filter_al_mm", "filter_cu_mm", "anode_angle_deg", "heel", "detector", "csi_um",
-                     "focal_spot_mm", "hu_table", "scatter", "grid_ratio", "grid_lines", "mas"):
+                     "focal_spot_mm", "hu_table", "scatter", "multiple_scatter", "grid_ratio", "grid_lines", "mas"):
             phys.prop(s, name)
         col = layout.column()
         for name in ("photons", "electronic_noise", "seed"):

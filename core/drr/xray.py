@@ -557,11 +557,13 @@ class XraySetup:
     label_materials: dict = field(default_factory=dict)  # recorded: {label: material} applied
     overrides: list = field(default_factory=list)         # override materials by reserved code
     scatter: bool = False
+    multiple_scatter: bool = True  # with ``scatter``: False keeps the first order alone
     grid_ratio: float | None = None
     grid_lines_per_cm: float = GRID_LINES_PER_CM
 
     def __post_init__(self):
         self.kvp = check_kvp(self.kvp)
+        self.scatter, self.multiple_scatter = bool(self.scatter), bool(self.multiple_scatter)
         preset = detector_preset(self.detector)
         self.detector = preset["name"]
         if self.csi_um is not None and not self.csi_um > 0:
@@ -711,9 +713,10 @@ def _midplane_to_detector_mm(geometry) -> float:
 
 
 def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int = 128):
-    """Grid and scatter (first order + multiple) on the primary images of ``polychromatic``: (energy, quanta,
-    sidecar record with the scatter-to-primary ratio). Scatter is smooth, so it is computed on a grid
-    of at most ``max_px`` pixels a side and interpolated back."""
+    """Grid and scatter (first order, plus multiple unless ``setup.multiple_scatter`` is off) on the
+    primary images of ``polychromatic``: (energy, quanta, sidecar record with the scatter-to-primary
+    ratio). Scatter is smooth, so it is computed on a grid of at most ``max_px`` pixels a side and
+    interpolated back."""
     H, W = energy.shape
     rel = energy / p["open_energy"]                          # I/I0 (energy weighted) per row's open field
     body = rel < 0.99
@@ -735,7 +738,8 @@ def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int
     tau_c, knot_kev = water_equivalent(coarse, e, deposit)
     du, dv = geometry.pixel_spacing_mm
     s1, sm, tau = scatter_parts(coarse, kev, (du * f, dv * f), d, setup.csi, setup.grid_ratio,
-                                setup.grid_lines_per_cm, tau=tau_c, knot_kev=knot_kev)
+                                setup.grid_lines_per_cm, tau=tau_c, knot_kev=knot_kev,
+                                multiple=setup.multiple_scatter)
     sc = s1 + sm
     if f > 1:
         sc = zoom(sc, f, order=1, mode="nearest", grid_mode=True)[:H, :W]
@@ -748,8 +752,10 @@ def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int
     cy, cx = H // 2, W // 2
     cbody = coarse < 0.99
     c_prim = float(coarse[cbody].sum())
-    rec.update({"model": "first-order kernels from xraylib water cross sections + multiple-scatter kernels fitted "
-                         "to a Monte Carlo of water slabs",
+    model = "first-order kernels from xraylib water cross sections"
+    if setup.multiple_scatter:
+        model += " + multiple-scatter kernels fitted to a Monte Carlo of water slabs"
+    rec.update({"model": model,
                 "spr_mean": float(s_e[body].sum() / max(prim[body].sum(), 1e-30)) if body.any() else 0.0,
                 "spr_single_mean": float(s1[cbody].sum() / max(c_prim * tp, 1e-30)) if cbody.any() else 0.0,
                 "spr_multiple_mean": float(sm[cbody].sum() / max(c_prim * tp, 1e-30)) if cbody.any() else 0.0,

@@ -1,0 +1,78 @@
+"""Options of the realistic physics that the CLI, the Python API and the sidecar share: first-order
+scatter alone, the electronic noise actually used, the source-to-isocentre distance."""
+import numpy as np
+import pytest
+
+from ctwin.core.drr import xray
+from ctwin.core.volumes.volume import Volume
+
+pytest.importorskip("spekpy", reason="SpekPy is not installed (pip install -r requirements.txt)")
+pytest.importorskip("xraylib", reason="xraylib is not installed (pip install -r requirements.txt)")
+
+
+def _slab(n=24, cm=20):
+    from ctwin.core.drr import scatter_mc
+
+    return scatter_mc.slab_view(cm * 10.0, n, field_mm=300.0, sid_mm=1000.0, gap_mm=50.0)
+
+
+def test_first_order_scatter_is_an_option():
+    """``XraySetup(multiple_scatter=False)``: the same first order as the default's, no multiple-scatter
+    term (its SPR part is 0 and the total SPR is the first order's), the default unchanged."""
+    g, ints, _ = _slab()
+    default = xray.form_image(ints, xray.XraySetup(kvp=80, scatter=True), g)
+    both = xray.form_image(ints, xray.XraySetup(kvp=80, scatter=True, multiple_scatter=True), g)
+    first = xray.form_image(ints, xray.XraySetup(kvp=80, scatter=True, multiple_scatter=False), g)
+    np.testing.assert_array_equal(default["intensity"], both["intensity"])
+    a, f = both["sidecar"], first["sidecar"]
+    assert a["multiple_scatter"] is True and f["multiple_scatter"] is False
+    assert f["scatter_model"]["spr_multiple_mean"] == 0.0 and a["scatter_model"]["spr_multiple_mean"] > 0.5
+    assert f["scatter_model"]["spr_single_mean"] == a["scatter_model"]["spr_single_mean"] > 0.2
+    assert "multiple" not in f["scatter_model"]["model"] and "multiple" in a["scatter_model"]["model"]
+    # a 20 cm slab: multiple scatter is more than half of the scatter (the Monte Carlo's finding)
+    assert f["spr"] < 0.5 * a["spr"]
+    assert np.all(first["intensity"] < both["intensity"])
+    # the first order is the scatter model's single part, on the same primary (grid included)
+    prim = xray.form_image(ints, xray.XraySetup(kvp=80, grid_ratio=10.0), g)["intensity"]
+    one = xray.form_image(ints, xray.XraySetup(kvp=80, scatter=True, multiple_scatter=False, grid_ratio=10.0), g)
+    assert np.all(one["intensity"] > prim) and one["sidecar"]["scatter_model"]["spr_multiple_mean"] == 0.0
+
+
+def _tiny_ct(tmp_path):
+    from ctwin.core.volumes.volume import save_nifti
+
+    d = np.full((16, 14, 12), -1000, np.int16)
+    d[2:-2, 2:-2, 2:-2] = 20
+    d[6:10, 5:9, 4:8] = 1200
+    ct = tmp_path / "ct.nii.gz"
+    save_nifti(Volume(d, np.diag([2.0, 2.0, 2.0, 1.0])), ct)
+    return ct
+
+
+def _render(args, capsys):
+    from ctwin import cli
+
+    rc = cli.main(["render", *args])
+    return rc, capsys.readouterr().err
+
+
+def test_cli_scatter_first(tmp_path, capsys):
+    """``--scatter first`` renders and records the first order alone; a bare ``--scatter`` stays all
+    orders; anything else is refused by the parser."""
+    from ctwin.core.drr.projector import read_frame
+
+    ct = _tiny_ct(tmp_path)
+    base = ["--ct", str(ct), "--view", "ap", "--size", "16", "--device", "cpu", "--kvp", "80"]
+    imgs = {}
+    for name, flag in (("all", ["--scatter"]), ("first", ["--scatter", "first"]), ("all2", ["--scatter", "all"])):
+        rc, err = _render(base + flag + ["--out", str(tmp_path / name)], capsys)
+        assert rc == 0, err
+        imgs[name] = read_frame(tmp_path / name / "ap_0000")
+    (a, sa), (f, sf), (a2, _) = imgs["all"], imgs["first"], imgs["all2"]
+    assert sa["scatter"] is True and sa["multiple_scatter"] is True
+    assert sf["scatter"] is True and sf["multiple_scatter"] is False
+    assert sf["scatter_model"]["spr_multiple_mean"] == 0.0 < sa["scatter_model"]["spr_multiple_mean"]
+    np.testing.assert_array_equal(a, a2)
+    assert (f > a).any()   # less scatter: a larger line integral
+    rc, err = _render(base + ["--scatter", "second", "--out", str(tmp_path / "bad")], capsys)
+    assert rc == 2 and "invalid choice" in err
