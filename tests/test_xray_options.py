@@ -76,3 +76,22 @@ def test_cli_scatter_first(tmp_path, capsys):
     assert (f > a).any()   # less scatter: a larger line integral
     rc, err = _render(base + ["--scatter", "second", "--out", str(tmp_path / "bad")], capsys)
     assert rc == 2 and "invalid choice" in err
+
+
+def test_multiple_scatter_fit_is_a_parameter():
+    """The multiple-scatter term's parameters go to the model as a ``MultiScatterFit`` (what
+    benchmarks/fit_multiscatter.py varies), not through the module's constants: the default is the fit
+    in use, and raising c0 by ln 2 doubles the multiple-scatter part and leaves the first order."""
+    g, ints, _ = _slab()
+    setup = xray.XraySetup(kvp=80, scatter=True)
+    base = xray.form_image(ints, setup, g)
+    same = xray.form_image(ints, setup, g, multi_fit=xray.MultiScatterFit.default())
+    np.testing.assert_array_equal(base["intensity"], same["intensity"])
+    c = xray.MultiScatterFit.default()
+    twice = xray.MultiScatterFit((c.coef[0] + np.log(2.0),) + tuple(c.coef[1:]), c.source_mm, c.source_per_tau,
+                                 c.cos_power)
+    dbl = xray.form_image(ints, setup, g, multi_fit=twice)["sidecar"]["scatter_model"]
+    ref = base["sidecar"]["scatter_model"]
+    assert dbl["spr_multiple_mean"] == pytest.approx(2 * ref["spr_multiple_mean"], rel=1e-9)
+    assert dbl["spr_single_mean"] == ref["spr_single_mean"]
+    assert xray.MULTI_FIT == c.coef   # the module's fit is untouched
