@@ -95,3 +95,31 @@ def test_multiple_scatter_fit_is_a_parameter():
     assert dbl["spr_multiple_mean"] == pytest.approx(2 * ref["spr_multiple_mean"], rel=1e-9)
     assert dbl["spr_single_mean"] == ref["spr_single_mean"]
     assert xray.MULTI_FIT == c.coef   # the module's fit is untouched
+
+
+@pytest.mark.parametrize("physics", [[], ["--kvp", "80", "--detector", "paxscan4030cb"]],
+                         ids=["monoenergetic", "paxscan"])
+def test_electronic_noise_recorded_as_used_for_ct_and_twin(twin_dir, tmp_path, capsys, physics):
+    """``--photons`` without ``--electronic-noise``: ``render --ct`` and ``render --twin`` record the
+    same ``electronic_noise``, the sigma the noise was drawn with (0 for the monoenergetic default,
+    the detector preset's with --kvp: 2 counts for the PaxScan, ``DETECTORS``); the twin at its
+    acquisition pose renders its own CT, so the images agree too."""
+    from ctwin.core.drr.projector import read_frame
+
+    common = ["--view", "ap", "--size", "12", "--device", "cpu", "--photons", "2000", "--seed", "4", *physics]
+    rc, err = _render(["--ct", str(twin_dir / "volumes" / "ct.nii.gz"), *common, "--out", str(tmp_path / "ct")], capsys)
+    assert rc == 0, err
+    rc, err = _render(["--twin", str(twin_dir), *common, "--out", str(tmp_path / "twin")], capsys)
+    assert rc == 0, err
+    ct_img, ct_sc = read_frame(tmp_path / "ct" / "ap_0000")
+    tw_img, tw_sc = read_frame(tmp_path / "twin" / "ap_0000")
+    want = xray.DETECTORS["paxscan4030cb"]["electronic_sigma"] if physics else 0.0
+    assert ct_sc["electronic_noise"] == tw_sc["electronic_noise"] == want
+    if physics:
+        assert ct_sc["electronic_sigma"] == tw_sc["electronic_sigma"] == want > 0
+    np.testing.assert_allclose(ct_img, tw_img, rtol=1e-5, atol=1e-6)
+    # given, it is recorded as given on both paths
+    rc, err = _render(["--ct", str(twin_dir / "volumes" / "ct.nii.gz"), *common, "--electronic-noise", "0.5",
+                       "--out", str(tmp_path / "ct5")], capsys)
+    assert rc == 0, err
+    assert read_frame(tmp_path / "ct5" / "ap_0000")[1]["electronic_noise"] == 0.5

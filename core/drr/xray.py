@@ -589,6 +589,14 @@ class XraySetup:
         return self.csi_um if self.csi_um is not None else detector_preset(self.detector)["csi_um"]
 
     @property
+    def electronic(self) -> float:
+        """The electronic noise sigma used with noise (detected-photon units): the one given, else the
+        detector preset's (0 for the ideal detector)."""
+        if self.electronic_sigma is None:
+            return float(detector_preset(self.detector)["electronic_sigma"])
+        return float(self.electronic_sigma)
+
+    @property
     def noisy(self) -> bool:
         return self.mas is not None or self.photons is not None
 
@@ -598,6 +606,7 @@ class XraySetup:
     def to_sidecar(self) -> dict:
         d = asdict(self)
         d["csi_um"] = self.csi
+        d["electronic_sigma"] = self.electronic
         d["detector_source"] = detector_preset(self.detector)["source"]
         if self.overrides:
             d["override_materials"] = [{"material": m, "density_g_cm3": density(m), "composition": composition(m)[3]}
@@ -776,15 +785,13 @@ def form_image(material_integrals: dict, setup: XraySetup, geometry, multi_fit=N
     if setup.scatter or setup.grid_ratio:
         energy, quanta, scatter_rec = add_scatter(energy, quanta, p, setup, geometry, multi_fit=multi_fit)
     sigma = blur_sigma_px(setup, geometry)
-    preset = detector_preset(setup.detector)
     n_inc = None
     if setup.noisy:
         n_inc = photons_per_pixel(setup, geometry)
         eta_mean = float((absorbed_fraction(p["spectrum_kev"], setup.csi) * p["spectrum_fluence"]).sum()
                          / p["spectrum_fluence"].sum())
-        es = preset["electronic_sigma"] if setup.electronic_sigma is None else float(setup.electronic_sigma)
         rng = np.random.default_rng([int(setup.seed), int(setup.stream)])
-        sig = noisy_energy(energy, quanta, n_inc * eta_mean, es, sigma, rng)
+        sig = noisy_energy(energy, quanta, n_inc * eta_mean, setup.electronic, sigma, rng)
     else:
         sig = blur(energy, sigma)
     rec = setup.to_sidecar()
