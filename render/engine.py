@@ -158,6 +158,7 @@ def _request(scene, frame: int, depsgraph=None, s=None) -> tuple:
     s, state = s or options(scene), scene.ctwin
     _check_options(s)
     g = geometry_from_camera(scene)
+    g = g.with_sad(s.sad_mm if s.sad_mm > 0 else g.sad_mm)  # 0: SID / 1.5, ctwin render's 1000 / 1500
     step = s.step_mm if s.step_mm > 0 else None
     photons = s.photons or None
     info = {"frame": int(frame), "value": s.value, "device": resolve_device(state.device), "method": s.method,
@@ -292,6 +293,10 @@ class CTWIN_DRR_Settings(bpy.types.PropertyGroup):
         ("tiff", "TIFF", "32-bit float TIFF, one channel"),
         ("dicom", "DICOM DX", "16-bit DICOM DX with the rescale that recovers the float values")],
         default="tiff", description="the frame file written beside its .json sidecar")
+    sad_mm: bpy.props.FloatProperty(
+        name="SAD (mm)", default=0.0, min=0.0,
+        description="source (the camera) to isocentre, the body's mid-plane: sets the focal spot's magnification "
+                    "and the scatter's air gap (ctwin render --sad); 0 = the camera's SID / 1.5 (1000 of 1500)")
     kvp: bpy.props.FloatProperty(name="kVp", default=0.0, min=0.0, max=150.0,
                                  description="realistic physics, SpekPy spectrum (40-150); 0 = monoenergetic")
     filter_al_mm: bpy.props.FloatProperty(name="Added Al (mm)", default=0.0, min=0.0)
@@ -416,7 +421,7 @@ class CTWIN_DRR_PT_settings(bpy.types.Panel):
         col = layout.column()
         col.prop(context.scene.ctwin, "ct_path")
         col.prop(context.scene.ctwin, "device")
-        for name in ("method", "value", "step_mm", "samples_per_ray", "storage", "file_format", "kvp"):
+        for name in ("method", "value", "step_mm", "samples_per_ray", "storage", "file_format", "sad_mm", "kvp"):
             col.prop(s, name)
         phys = layout.column()
         phys.active = s.kvp > 0  # the tube, detector and scatter options apply with a kVp

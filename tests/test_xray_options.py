@@ -123,3 +123,32 @@ def test_electronic_noise_recorded_as_used_for_ct_and_twin(twin_dir, tmp_path, c
                        "--out", str(tmp_path / "ct5")], capsys)
     assert rc == 0, err
     assert read_frame(tmp_path / "ct5" / "ap_0000")[1]["electronic_noise"] == 0.5
+
+
+def test_cli_sad_with_geometry_file(tmp_path, capsys):
+    """The source-to-isocentre distance sets the focal spot's magnification and the scatter's air gap;
+    ``--geometry FILE`` reuses the file's ``sad_mm`` (so the frame is rendered again exactly),
+    ``--sad`` replaces it, and one the SID does not leave room for is refused in one line."""
+    from ctwin.core.drr.projector import read_frame
+
+    ct = _tiny_ct(tmp_path)
+    phys = ["--ct", str(ct), "--size", "16", "--device", "cpu", "--kvp", "80", "--detector", "paxscan4030cb",
+            "--focal-spot-mm", "1.2", "--scatter"]
+    rc, err = _render(phys + ["--view", "ap", "--sad", "1100", "--out", str(tmp_path / "a")], capsys)
+    assert rc == 0, err
+    img, sc = read_frame(tmp_path / "a" / "ap_0000")
+    assert sc["sad_mm"] == 1100.0 and sc["scatter_model"]["midplane_to_detector_mm"] == pytest.approx(400.0)
+    geo = str(tmp_path / "a" / "ap_0000.json")
+    rc, err = _render(phys + ["--geometry", geo, "--out", str(tmp_path / "b")], capsys)
+    assert rc == 0, err
+    again, sc2 = read_frame(tmp_path / "b" / "ap_0000")
+    assert sc2["sad_mm"] == 1100.0 and sc2["blur_sigma_px"] == sc["blur_sigma_px"]
+    np.testing.assert_allclose(again, img, rtol=1e-6, atol=1e-7)
+    rc, err = _render(phys + ["--geometry", geo, "--sad", "1300", "--out", str(tmp_path / "c")], capsys)
+    assert rc == 0, err
+    other, sc3 = read_frame(tmp_path / "c" / "ap_0000")
+    assert sc3["sad_mm"] == 1300.0 and sc3["scatter_model"]["midplane_to_detector_mm"] == pytest.approx(200.0)
+    # less magnification: a narrower focal-spot penumbra
+    assert sc3["blur_sigma_px"][0] < sc["blur_sigma_px"][0] and not np.allclose(other, img)
+    rc, err = _render(phys + ["--geometry", geo, "--sad", "1600", "--out", str(tmp_path / "d")], capsys)
+    assert rc == 2 and "smaller than the SID (1500 mm)" in err and len(err.strip().splitlines()) == 1
