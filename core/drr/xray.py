@@ -511,8 +511,11 @@ DETECTORS = {
     "paxscan4030cb": {"csi_um": 600.0, "pixel_mm": 0.194, "lsf_sigma_mm": 0.15, "electronic_sigma": 2.0,
                       "gain": 1.0, "offset": 100.0, "source": "Varian PaxScan 4030CB datasheet"},
     # Trixell Pixium 4343RC, a radiography panel: 43 x 43 cm at 0.148 mm pixel pitch, CsI:Tl
-    # (Trixell datasheet). The datasheet gives no CsI thickness: 500 um is assumed (a typical
-    # radiography CsI layer); the LSF sigma is likewise an assumption, not a datasheet value.
+    # (Trixell datasheet). The datasheet gives no CsI thickness: 500 um is assumed, within the 150-600 um
+    # of the columnar CsI:Tl layers of flat panels (Zhao, Ristic & Rowlands, Med Phys 31:2594, 2004,
+    # abstract: samples of 150-600 um; about 600 um is the thickest used in flat panels, Howansky et al.,
+    # "Investigation of the screen optics of thick CsI(Tl) detectors", SPIE Medical Imaging, abstract).
+    # The LSF sigma and the electronic noise are likewise assumptions, not datasheet values.
     "pixium4343": {"csi_um": 500.0, "pixel_mm": 0.148, "lsf_sigma_mm": 0.10, "electronic_sigma": 1.0,
                    "gain": 1.0, "offset": 100.0, "source": "Trixell Pixium 4343RC datasheet"},
 }
@@ -676,8 +679,7 @@ def blur_sigma_px(setup: XraySetup, geometry) -> tuple:
     s_det = detector_preset(setup.detector)["lsf_sigma_mm"]
     s_fs = 0.0
     if setup.focal_spot_mm > 0 and not geometry.parallel:
-        sad = float(geometry.extra.get("sad_mm", geometry.sid_mm / 1.5))
-        m = geometry.sid_mm / sad
+        m = geometry.sid_mm / geometry.sad_mm
         s_fs = setup.focal_spot_mm * max(m - 1.0, 0.0) / 2.3548  # FWHM -> sigma
     s = math.hypot(s_det, s_fs)
     du, dv = geometry.pixel_spacing_mm
@@ -717,8 +719,7 @@ def noisy_energy(energy, quanta, n_detected_open: float, electronic_sigma: float
 def _midplane_to_detector_mm(geometry) -> float:
     if geometry.parallel:
         return 500.0
-    sad = float(geometry.extra.get("sad_mm", geometry.sid_mm / 1.5))
-    return max(geometry.sid_mm - sad, 50.0)
+    return max(geometry.sid_mm - geometry.sad_mm, 50.0)
 
 
 def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int = 128,
@@ -861,7 +862,10 @@ class MultiScatterFit:
         return cls(tuple(MULTI_FIT), MULTI_SOURCE_MM, MULTI_SOURCE_PER_TAU, MULTI_COS_POWER)
 # Anti-scatter grid: a linear focused grid of lead lamellae with aluminium interspacers (the common
 # radiography grid, e.g. 40 lines/cm, ratio 10:1). The lamella thickness is not given by the ratio and
-# line density; 36 um is assumed (a typical value, not a datasheet figure). Primary transmission:
+# line density; 36 um is assumed (not a datasheet figure). One grid maker states lead strips of 0.05-0.1 mm
+# between 0.15-0.35 mm interspacers for its grids (Newheek, https://www.x-raygrid.com/x-ray-grid-6.html),
+# thicker than assumed here: at 40 lines/cm that leaves an open fraction of 0.80-0.60 instead of 0.86.
+# The Monte Carlo fit behind the grid (MULTI_COS_POWER) used 36 um. Primary transmission:
 # open fraction x interspacer attenuation; scatter at angle theta, azimuth phi to the lamellae, passes
 # one interspace when r tan(theta) |cos(phi)| < 1 (opaque lamellae; the geometric model of grid
 # selectivity, e.g. Day & Dance, Phys Med Biol 28:1429, 1983), averaged over phi.
