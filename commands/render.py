@@ -251,6 +251,8 @@ def geometry_from_file(path, sc):
                 if v.shape != (n,) or not np.isfinite(v).all():
                     raise CtwinError(f"--geometry {path}: {k} must be {n} finite numbers, got {sc[k]!r}"[:200])
         g = Geometry.from_sidecar(sc)
+        if sc.get("sad_mm") is not None:  # the isocentre the frame was rendered with (focal spot, scatter)
+            g = g.with_sad(float(sc["sad_mm"]))
     except CtwinError:
         raise
     except (TypeError, ValueError) as exc:

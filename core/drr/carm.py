@@ -222,7 +222,6 @@ class Geometry:
                 detector_u=d["detector_u"], detector_v=d["detector_v"],
                 pixel_spacing_mm=tuple(d["pixel_spacing_mm"]), size_px=tuple(d["size_px"]),
                 parallel=bool(d.get("parallel", False)),
-                extra={} if d.get("sad_mm") is None else {"sad_mm": float(d["sad_mm"])},
             )
         except KeyError as exc:
             raise CtwinError(f"geometry JSON lacks the key {exc.args[0]!r}") from None
