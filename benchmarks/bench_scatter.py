@@ -58,14 +58,12 @@ def model_spr(kvp: float, cm: int, grid, gap: float = GAP, sid: float = SID) -> 
     g, ints, sel = scatter_mc.slab_view(cm * 10.0, N, field_mm=FIELD, region_mm=REGION, sid_mm=sid, gap_mm=gap)
     prim = xray.form_image(ints, xray.XraySetup(kvp=kvp, grid_ratio=grid), g)["intensity"]
     out = []
-    fit = xray.MULTI_FIT
-    for amp in (-80.0, 0.0):       # the multiple-scatter amplitude switched off (e^-80), then as fitted
-        xray.MULTI_FIT = (fit[0] + amp,) + tuple(fit[1:])
+    for multiple in (False, True):  # first-order scatter only, then with the multiple-scatter term
         t0 = time.perf_counter()
-        img = xray.form_image(ints, xray.XraySetup(kvp=kvp, scatter=True, grid_ratio=grid), g)["intensity"]
+        setup = xray.XraySetup(kvp=kvp, scatter=True, multiple_scatter=multiple, grid_ratio=grid)
+        img = xray.form_image(ints, setup, g)["intensity"]
         dt = time.perf_counter() - t0
         out.append(float((img[sel] - prim[sel]).sum() / prim[sel].sum()))
-    xray.MULTI_FIT = fit
     return out[0], out[1], dt
 
 

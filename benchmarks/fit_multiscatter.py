@@ -15,7 +15,8 @@ For each power n of the emission's cos^n angular distribution:
 3. the model's SPR behind the 10:1 grid on the same knots against the Monte Carlo's: the n with the
    smallest rms difference is kept.
 The 25 cm slabs are fitted in no step, nor are the other air gaps and kVps that ``bench_scatter.py``
-checks. Prints the constants to put in ``core/drr/xray.py``.
+checks. Each candidate goes to the model as a ``xray.MultiScatterFit`` (the module's constants are
+not touched). Prints the constants to put in ``core/drr/xray.py``.
 """
 from __future__ import annotations
 
@@ -37,17 +38,16 @@ MC = ROOT / "benchmarks" / "results" / "scatter_mc_slabs.json"
 N = 128
 
 
-def slab_spr(kvp, cm, grid, field, region, sid, gap):
-    """The model's (single, multiple) SPR over the central region of a uniform slab."""
+def slab_spr(kvp, cm, grid, field, region, sid, gap, fit):
+    """The model's (single, multiple) SPR over the central region of a uniform slab, the multiple-scatter
+    term with the parameters ``fit`` (a ``xray.MultiScatterFit``)."""
     g, ints, sel = scatter_mc.slab_view(cm * 10.0, N, field_mm=field, region_mm=region, sid_mm=sid, gap_mm=gap)
     prim = xray.form_image(ints, xray.XraySetup(kvp=kvp, grid_ratio=grid), g)["intensity"]
     out = []
-    keep = xray.MULTI_FIT
-    for fit in ((-80.0, 0.0, 0.0, 0.0), keep):
-        xray.MULTI_FIT = fit
-        tot = xray.form_image(ints, xray.XraySetup(kvp=kvp, scatter=True, grid_ratio=grid), g)["intensity"]
+    for multiple in (False, True):
+        setup = xray.XraySetup(kvp=kvp, scatter=True, multiple_scatter=multiple, grid_ratio=grid)
+        tot = xray.form_image(ints, setup, g, multi_fit=fit)["intensity"]
         out.append(float((tot[sel] - prim[sel]).sum() / prim[sel].sum()))
-    xray.MULTI_FIT = keep
     return out[0], out[1] - out[0]
 
 
@@ -70,10 +70,10 @@ def main() -> int:
         out = None
         for c in np.arange(0.0, 121.0, 10.0):
             for k in np.arange(0.0, 0.81, 0.1):
-                xray.MULTI_COS_POWER, xray.MULTI_SOURCE_MM, xray.MULTI_SOURCE_PER_TAU = float(n), float(c), float(k)
+                fit = xray.MultiScatterFit(source_mm=float(c), source_per_tau=float(k), cos_power=float(n))
                 err = 0.0
                 for t, kev, ring, ref in pens:
-                    km = xray.multiple_scatter_kernel(kev, t, su["gap_mm"] + t / 2.0, (101, 101), (sp, sp))
+                    km = xray.multiple_scatter_kernel(kev, t, su["gap_mm"] + t / 2.0, (101, 101), (sp, sp), fit=fit)
                     idx = np.minimum((r / ring).astype(int), len(ref))
                     mod = np.bincount(idx.ravel(), km.ravel(), minlength=len(ref) + 1)[:len(ref)]
                     err += float(((np.cumsum(mod) / mod.sum() - np.cumsum(ref) / ref.sum()) ** 2).sum())
@@ -81,15 +81,16 @@ def main() -> int:
                     out = (float(c), float(k), err)
         return out
 
-    def fit_amplitude():
-        """2. ln A on the no-grid knots (the Monte Carlo's total less the model's first order)."""
-        xray.MULTI_FIT = (0.0, 0.0, 0.0, 0.0)   # A = 1
+    def fit_amplitude(n, c, k):
+        """2. ln A on the no-grid knots (the Monte Carlo's total less the model's first order), for the
+        power n and source height c + k tau: the fit's coefficients and rms residual."""
+        unit_fit = xray.MultiScatterFit((0.0, 0.0, 0.0, 0.0), c, k, n)   # A = 1
         X, Y = [], []
         for row in mc["slabs"]:
             if row["grid"] or row["cm"] == 25:
                 continue
             single, unit = slab_spr(row["kvp"], row["cm"], None, su["field_mm"], su["region_half_mm"],
-                                    su["sid_mm"], su["gap_mm"])
+                                    su["sid_mm"], su["gap_mm"], unit_fit)
             t = row["cm"] * 10.0
             e, fl = xray.spectrum(row["kvp"], distance_mm=su["sid_mm"])
             ew = fl * e * np.exp(-xray.mass_attenuation("water", e) * t / 10.0)
@@ -100,20 +101,19 @@ def main() -> int:
             Y.append(np.log((row["spr"] - single) / unit))
         coef, *_ = np.linalg.lstsq(np.array(X), np.array(Y), rcond=None)
         res = np.array(Y) - np.array(X) @ coef
-        xray.MULTI_FIT = tuple(float(c) for c in coef)
-        return xray.MULTI_FIT, float(np.sqrt((res ** 2).mean()))
+        return tuple(float(v) for v in coef), float(np.sqrt((res ** 2).mean()))
 
     # 3. the power n by the slabs behind the grid on the knots (1. and 2. redone for each)
     for n in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0):
         c, k, perr = fit_height(n)
-        xray.MULTI_COS_POWER, xray.MULTI_SOURCE_MM, xray.MULTI_SOURCE_PER_TAU = n, c, k
-        coef, arms = fit_amplitude()
+        coef, arms = fit_amplitude(n, c, k)
+        fit = xray.MultiScatterFit(coef, c, k, n)
         gres = []
         for row in mc["slabs"]:
             if not row["grid"] or row["cm"] == 25:
                 continue
             single, multi = slab_spr(row["kvp"], row["cm"], row["grid"], su["field_mm"], su["region_half_mm"],
-                                     su["sid_mm"], su["gap_mm"])
+                                     su["sid_mm"], su["gap_mm"], fit)
             gres.append(np.log((single + multi) / row["spr"]))
         grms = float(np.sqrt(np.mean(np.square(gres))))
         print(f"n = {n:.1f}: source {c:.0f} mm + {k:.1f} tau (profile error {perr:.3f}), amplitude rms {arms * 100:.1f} %, "

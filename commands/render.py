@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 HELP = "render DRRs of a twin (posed, animated) or of a plain CT"
+DEFAULT_SAD_MM = 1000.0  # source-to-isocentre mm of the named views (SPEC 5's C-arm: SAD 1000, SID 1500)
 
 
 def add_arguments(p) -> None:
@@ -52,7 +53,9 @@ def add_arguments(p) -> None:
     p.add_argument("--electronic-noise", type=float, default=None, metavar="SIGMA",
                    help="Gaussian electronic noise (counts; with --kvp default: the detector preset's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (frame number is added)")
-    p.add_argument("--sad", type=float, default=1000.0, help="source-to-isocentre mm (default 1000)")
+    p.add_argument("--sad", type=float, default=None,
+                   help="source-to-isocentre mm (default 1000; with --geometry the file's sad_mm, else SID / 1.5): "
+                        "places the named views, and sets the focal spot's magnification and the scatter's air gap")
     p.add_argument("--sid", type=float, default=1500.0, help="source-to-image mm (default 1500)")
     p.add_argument("--parallel", action="store_true", help="parallel beam instead of cone beam")
     from .xray_args import add_arguments as add_xray_arguments
@@ -104,8 +107,9 @@ def validate(args) -> None:
     check_number("--step", args.step, MIN_STEP_MM, 100.0, why="trilinear sampling step in mm")
     check_number("--sad", args.sad, 0.0, 1.0e5, lo_open=True, why="source-to-isocentre mm")
     check_number("--sid", args.sid, 0.0, 1.0e5, lo_open=True, why="source-to-image mm")
-    if args.sid <= args.sad and not args.parallel:
-        raise CtwinError(f"--sid ({args.sid:g} mm) must be larger than --sad ({args.sad:g} mm): "
+    sad = DEFAULT_SAD_MM if args.sad is None else args.sad
+    if args.sid <= sad and not args.parallel and not args.geometry:
+        raise CtwinError(f"--sid ({args.sid:g} mm) must be larger than --sad ({sad:g} mm): "
                          f"the detector lies beyond the isocentre")
     if not 0 <= args.seed < 2**32 - 2**20:
         raise CtwinError(f"--seed must be within 0..{2**32 - 2**20 - 1}, got {args.seed}")
@@ -120,6 +124,11 @@ def validate(args) -> None:
             raise CtwinError(f"--samples-per-ray applies to the trilinear method, not --method {args.method}")
     if args.storage != "auto" and args.kvp is not None:
         raise CtwinError("--storage float16 holds SPEC 5 mu; the realistic physics (--kvp) needs the HU volume")
+
+
+def sad_of(args) -> float:
+    """The source-to-isocentre distance of the named views: --sad, else ``DEFAULT_SAD_MM``."""
+    return DEFAULT_SAD_MM if args.sad is None else float(args.sad)
 
 
 def options(args) -> dict:
@@ -156,6 +165,8 @@ def run(args) -> int:
         geometry = geometry_from_file(gp, sc)
         if size is not None:
             geometry = geometry.with_size(*size)
+        # the source-to-isocentre distance used (focal spot, scatter) and recorded: --sad, else the file's
+        geometry = geometry.with_sad(geometry.sad_mm if args.sad is None else args.sad)
     if args.twin:
         from ..core.twin.twin import render_twin
 
@@ -169,7 +180,7 @@ def run(args) -> int:
         return int(render_twin(args.twin, out_dir=out, pose=args.pose, motion=args.motion,
                                source_model=args.source_model, frames=frames, view=args.view,
                                geometry=geometry, size=size,
-                               device=args.device, sad_mm=args.sad, sid_mm=args.sid,
+                               device=args.device, sad_mm=sad_of(args), sid_mm=args.sid,
                                parallel=args.parallel, xray=xray, fmt=args.format,
                                overwrite=args.overwrite, label_materials=args.label_material,
                                samples_per_ray=args.samples_per_ray, storage=args.storage,
@@ -194,7 +205,7 @@ def run(args) -> int:
         views = {name: geometry}
     else:
         names = [args.view] if args.view else ["ap", "lateral"]
-        views = {n: named_view(n, vol, sad_mm=args.sad, sid_mm=args.sid, size=size or 512,
+        views = {n: named_view(n, vol, sad_mm=sad_of(args), sid_mm=args.sid, size=size or 512,
                                parallel=args.parallel) for n in names}
     todo = []
     for i, (name, g) in enumerate(views.items()):
@@ -240,6 +251,8 @@ def geometry_from_file(path, sc):
                 if v.shape != (n,) or not np.isfinite(v).all():
                     raise CtwinError(f"--geometry {path}: {k} must be {n} finite numbers, got {sc[k]!r}"[:200])
         g = Geometry.from_sidecar(sc)
+        if sc.get("sad_mm") is not None:  # the isocentre the frame was rendered with (focal spot, scatter)
+            g = g.with_sad(float(sc["sad_mm"]))
     except CtwinError:
         raise
     except (TypeError, ValueError) as exc:

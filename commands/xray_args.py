@@ -22,8 +22,10 @@ def add_arguments(p) -> None:
     g.add_argument("--focal-spot-mm", type=float, default=None, metavar="MM", help="focal spot size (blur scaled by magnification)")
     g.add_argument("--hu-table", default=None, metavar="FILE", help="JSON HU -> materials calibration (default: stoichiometric, Schneider 2000 ranges)")
     g.add_argument("--mas", type=float, default=None, metavar="MAS", help="tube current-time product: photon count from SpekPy's fluence (noise)")
-    g.add_argument("--scatter", action="store_true",
-                   help="add scatter (first-order and multiple-scatter kernels fitted to a water-slab Monte Carlo; the scatter-to-primary ratio goes into the sidecar)")
+    g.add_argument("--scatter", nargs="?", const="all", default=None, choices=("all", "first"),
+                   help="add scatter: 'all' (the default of a bare --scatter: first-order and multiple-scatter "
+                        "kernels fitted to a water-slab Monte Carlo) or 'first' (first-order scatter only); "
+                        "the scatter-to-primary ratio goes into the sidecar")
     g.add_argument("--grid", type=float, default=None, metavar="RATIO", help="anti-scatter grid ratio (e.g. 10)")
     g.add_argument("--grid-lines", type=float, default=None, metavar="PER_CM", help="grid line density (default 40 per cm)")
     g.add_argument("--seg", default=None, metavar="PATH",
@@ -58,7 +60,8 @@ def setup_from_args(args):
                      heel=bool(args.heel), detector=args.detector or "ideal", csi_um=args.csi_um,
                      focal_spot_mm=args.focal_spot_mm or 0.0, mas=args.mas, photons=args.photons,
                      electronic_sigma=args.electronic_noise, seed=args.seed, hu_table=args.hu_table,
-                     scatter=bool(args.scatter), grid_ratio=args.grid,
+                     scatter=args.scatter is not None,
+                     multiple_scatter=args.scatter != "first", grid_ratio=args.grid,
                      grid_lines_per_cm=GRID_LINES_PER_CM if args.grid_lines is None else args.grid_lines)
 
 

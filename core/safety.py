@@ -286,11 +286,13 @@ def request_keys(step_mm, photons, electronic_sigma, seed, xray=None) -> dict:
     """Sidecar keys that record the sampling and the noise of a render, so that a resumed render
     can tell whether a frame on disk was made with the same request. ``xray`` (a
     ``core.drr.xray.XraySetup``, seed and stream already set) adds its physics options as its render
-    records them (the HU table resolved, as ``core.drr.xray.form_image`` writes it)."""
+    records them (the HU table resolved, as ``core.drr.xray.form_image`` writes it).
+    ``electronic_noise`` is the sigma the noise is drawn with: with ``xray`` its own (the detector
+    preset's unless given), else ``electronic_sigma`` (None = 0)."""
     d = {"step_mm": None if step_mm is None else float(step_mm), "photons": photons}
     if photons is not None:
-        d.update(electronic_noise=None if electronic_sigma is None else float(electronic_sigma),
-                 noise_seed=int(seed))
+        used = xray.electronic if xray is not None else float(electronic_sigma or 0.0)
+        d.update(electronic_noise=used, noise_seed=int(seed))
     if xray is not None:
         d.update(xray.to_sidecar())
         d["hu_table"] = xray.table().to_dict()

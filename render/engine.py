@@ -128,7 +128,8 @@ def _xray_setup(s, frame):
     return XraySetup(kvp=s.kvp, filter_al_mm=s.filter_al_mm, filter_cu_mm=s.filter_cu_mm,
                      anode_angle_deg=s.anode_angle_deg, heel=s.heel, detector=s.detector,
                      csi_um=s.csi_um or None, focal_spot_mm=s.focal_spot_mm, mas=s.mas or None,
-                     photons=s.photons or None, scatter=s.scatter, grid_ratio=s.grid_ratio or None,
+                     photons=s.photons or None, scatter=s.scatter, multiple_scatter=s.multiple_scatter,
+                     grid_ratio=s.grid_ratio or None,
                      grid_lines_per_cm=s.grid_lines, electronic_sigma=s.electronic_noise or None,
                      seed=s.seed + frame, hu_table=hu_table)
 
@@ -157,6 +158,7 @@ def _request(scene, frame: int, depsgraph=None, s=None) -> tuple:
     s, state = s or options(scene), scene.ctwin
     _check_options(s)
     g = geometry_from_camera(scene)
+    g = g.with_sad(s.sad_mm if s.sad_mm > 0 else g.sad_mm)  # 0: SID / 1.5, ctwin render's 1000 / 1500
     step = s.step_mm if s.step_mm > 0 else None
     photons = s.photons or None
     info = {"frame": int(frame), "value": s.value, "device": resolve_device(state.device), "method": s.method,
@@ -291,6 +293,10 @@ class CTWIN_DRR_Settings(bpy.types.PropertyGroup):
         ("tiff", "TIFF", "32-bit float TIFF, one channel"),
         ("dicom", "DICOM DX", "16-bit DICOM DX with the rescale that recovers the float values")],
         default="tiff", description="the frame file written beside its .json sidecar")
+    sad_mm: bpy.props.FloatProperty(
+        name="SAD (mm)", default=0.0, min=0.0,
+        description="source (the camera) to isocentre, the body's mid-plane: sets the focal spot's magnification "
+                    "and the scatter's air gap (ctwin render --sad); 0 = the camera's SID / 1.5 (1000 of 1500)")
     kvp: bpy.props.FloatProperty(name="kVp", default=0.0, min=0.0, max=150.0,
                                  description="realistic physics, SpekPy spectrum (40-150); 0 = monoenergetic")
     filter_al_mm: bpy.props.FloatProperty(name="Added Al (mm)", default=0.0, min=0.0)
@@ -311,6 +317,10 @@ class CTWIN_DRR_Settings(bpy.types.PropertyGroup):
         description="JSON HU -> materials calibration; empty = stoichiometric (Schneider 2000 ranges)")
     scatter: bpy.props.BoolProperty(name="Scatter", default=False,
                                     description="scatter: first-order and multiple-scatter kernels (SPR in the frame's sidecar)")
+    multiple_scatter: bpy.props.BoolProperty(
+        name="Multiple scatter", default=True,
+        description="with Scatter: add the multiple-scatter kernels to the first order; off = first-order "
+                    "scatter only (ctwin render --scatter first)")
     grid_ratio: bpy.props.FloatProperty(name="Grid ratio", default=0.0, min=0.0, max=40.0,
                                         description="anti-scatter grid ratio; 0 = no grid")
     grid_lines: bpy.props.FloatProperty(name="Grid lines/cm", default=40.0, min=5.0, max=200.0)
@@ -411,12 +421,12 @@ class CTWIN_DRR_PT_settings(bpy.types.Panel):
         col = layout.column()
         col.prop(context.scene.ctwin, "ct_path")
         col.prop(context.scene.ctwin, "device")
-        for name in ("method", "value", "step_mm", "samples_per_ray", "storage", "file_format", "kvp"):
+        for name in ("method", "value", "step_mm", "samples_per_ray", "storage", "file_format", "sad_mm", "kvp"):
             col.prop(s, name)
         phys = layout.column()
         phys.active = s.kvp > 0  # the tube, detector and scatter options apply with a kVp
         for name in ("filter_al_mm", "filter_cu_mm", "anode_angle_deg", "heel", "detector", "csi_um",
-                     "focal_spot_mm", "hu_table", "scatter", "grid_ratio", "grid_lines", "mas"):
+                     "focal_spot_mm", "hu_table", "scatter", "multiple_scatter", "grid_ratio", "grid_lines", "mas"):
             phys.prop(s, name)
         col = layout.column()
         for name in ("photons", "electronic_noise", "seed"):

@@ -249,6 +249,52 @@ def test_label_material_list_and_bad_input_are_one_line_reports(render_registere
     fails("Samples per ray applies to the trilinear method")
 
 
+def test_engine_sad_and_first_order_scatter_equal_the_cli(render_registered, ct_seg, tmp_path, capsys,
+                                                          camera_geometry):
+    """The engine's SAD (source to isocentre) sets the focal spot's magnification and the scatter's air
+    gap as `ctwin render --sad` does: the frame and its sidecar (``sad_mm``) equal the CLI's given the
+    same SAD; 0 is SID / 1.5, as the CLI's default; a SAD beyond the SID is a one-line error. First-order
+    scatter alone (Multiple scatter off) is `--scatter first`."""
+    vol, folder = ct_seg
+    scene = _camera_scene(named_view("ap", vol, size=(20, 16)), tmp_path)
+    scene.ctwin.ct_path = str(folder / "ct.nii.gz")
+    s = scene.ctwin_drr
+    s.kvp, s.detector, s.focal_spot_mm, s.value = 80.0, "paxscan4030cb", 1.2, "intensity"
+    s.scatter, s.multiple_scatter, s.sad_mm = True, False, 1200.0
+    bpy.ops.render.render(write_still=False)
+    img, sc = read_frame(tmp_path / "engine" / "frame_0001")
+    assert sc["sad_mm"] == 1200.0 and sc["multiple_scatter"] is False
+    assert sc["scatter_model"]["midplane_to_detector_mm"] == pytest.approx(sc["sid_mm"] - 1200.0)
+    assert sc["scatter_model"]["spr_multiple_mean"] == 0.0
+    geo = str(tmp_path / "engine" / "frame_0001.json")
+    camera_geometry(scene)
+    args = ["--ct", str(folder / "ct.nii.gz"), "--geometry", geo, "--frames", "1:2", "--device", "cpu",
+            "--value", "intensity", "--kvp", "80", "--detector", "paxscan4030cb", "--focal-spot-mm", "1.2",
+            "--scatter", "first"]
+    rc, err = _cli(args + ["--sad", "1200", "--out", str(tmp_path / "cli")], capsys)
+    assert rc == 0, err
+    cimg, csc = read_frame(tmp_path / "cli" / "frame_0001")
+    _same_request(sc, csc)
+    np.testing.assert_array_equal(img, cimg)
+
+    s.sad_mm = 0.0  # SID / 1.5
+    scene.render.filepath = str(tmp_path / "default" / "frame_")
+    bpy.ops.render.render(write_still=False)
+    dimg, dsc = read_frame(tmp_path / "default" / "frame_0001")
+    assert dsc["sad_mm"] == pytest.approx(dsc["sid_mm"] / 1.5, rel=1e-12)
+    assert dsc["blur_sigma_px"][0] > sc["blur_sigma_px"][0] and not np.array_equal(dimg, img)
+    rc, err = _cli(args + ["--out", str(tmp_path / "cli_default")], capsys)
+    assert rc == 0, err
+    cimg, csc = read_frame(tmp_path / "cli_default" / "frame_0001")
+    _same_request(dsc, csc)
+    np.testing.assert_array_equal(dimg, cimg)
+
+    s.sad_mm = 2000.0
+    with pytest.raises(RuntimeError, match="smaller than the SID") as e:
+        bpy.ops.render.render(write_still=False)
+    assert "\n" not in str(e.value).strip()
+
+
 @pytest.mark.slow
 def test_engine_twin_physics_and_label_material_equal_the_cli(twin_dir, tmp_path, monkeypatch):
     """A posed twin (twin.blend) with realistic physics and a label material: the engine's frame

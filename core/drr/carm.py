@@ -23,6 +23,7 @@ caudal towards the feet. LAO 90 equals the left lateral view.
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass, field
@@ -41,6 +42,11 @@ def _unit(v) -> np.ndarray:
     if not np.isfinite(n) or n < 1e-12:
         raise CtwinError(f"geometry vector has zero length: {v.tolist()}")
     return v / n
+
+
+# A geometry that does not say where its isocentre is (a camera, an old sidecar) takes the source-to-
+# isocentre distance SID / SID_PER_SAD: ctwin render's default SAD 1000 mm at SID 1500 mm.
+SID_PER_SAD = 1.5
 
 
 @dataclass
@@ -167,6 +173,25 @@ class Geometry:
         xyz = np.atleast_2d(np.asarray(xyz, dtype=np.float64))
         h = np.c_[xyz, np.ones(len(xyz))] @ self.projection_matrix().T
         return h[:, :2] / h[:, 2:3]
+
+    @property
+    def sad_mm(self) -> float:
+        """Source to isocentre (the body's mid-plane) in mm: ``extra["sad_mm"]`` (named views, a render
+        sidecar's, the render engine's setting), else SID / ``SID_PER_SAD``. It sets the focal spot's
+        magnification and the scatter's air gap (``core.drr.xray``)."""
+        sad = self.extra.get("sad_mm")
+        return float(self.sid_mm / SID_PER_SAD if sad is None else sad)
+
+    def with_sad(self, sad_mm: float) -> "Geometry":
+        """The same geometry (the same arrays, not re-normalised) with the source-to-isocentre distance
+        ``sad_mm``, which a cone beam needs within (0, SID)."""
+        sad = float(sad_mm)
+        if not (math.isfinite(sad) and sad > 0) or (not self.parallel and sad >= self.sid_mm):
+            raise CtwinError(f"the source-to-isocentre distance ({sad:g} mm) must be positive and, in a cone "
+                             f"beam, smaller than the SID ({self.sid_mm:g} mm): the detector lies beyond the isocentre")
+        g = copy.copy(self)
+        g.extra = {**self.extra, "sad_mm": sad}
+        return g
 
     # --- sidecar ----------------------------------------------------------------------------------
     def to_sidecar(self, frame=0, value="line_integral", device="cpu", **extra) -> dict:

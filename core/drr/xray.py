@@ -511,8 +511,11 @@ DETECTORS = {
     "paxscan4030cb": {"csi_um": 600.0, "pixel_mm": 0.194, "lsf_sigma_mm": 0.15, "electronic_sigma": 2.0,
                       "gain": 1.0, "offset": 100.0, "source": "Varian PaxScan 4030CB datasheet"},
     # Trixell Pixium 4343RC, a radiography panel: 43 x 43 cm at 0.148 mm pixel pitch, CsI:Tl
-    # (Trixell datasheet). The datasheet gives no CsI thickness: 500 um is assumed (a typical
-    # radiography CsI layer); the LSF sigma is likewise an assumption, not a datasheet value.
+    # (Trixell datasheet). The datasheet gives no CsI thickness: 500 um is assumed, within the 150-600 um
+    # of the columnar CsI:Tl layers of flat panels (Zhao, Ristic & Rowlands, Med Phys 31:2594, 2004,
+    # abstract: samples of 150-600 um; about 600 um is the thickest used in flat panels, Howansky et al.,
+    # "Investigation of the screen optics of thick CsI(Tl) detectors", SPIE Medical Imaging, abstract).
+    # The LSF sigma and the electronic noise are likewise assumptions, not datasheet values.
     "pixium4343": {"csi_um": 500.0, "pixel_mm": 0.148, "lsf_sigma_mm": 0.10, "electronic_sigma": 1.0,
                    "gain": 1.0, "offset": 100.0, "source": "Trixell Pixium 4343RC datasheet"},
 }
@@ -557,11 +560,13 @@ class XraySetup:
     label_materials: dict = field(default_factory=dict)  # recorded: {label: material} applied
     overrides: list = field(default_factory=list)         # override materials by reserved code
     scatter: bool = False
+    multiple_scatter: bool = True  # with ``scatter``: False keeps the first order alone
     grid_ratio: float | None = None
     grid_lines_per_cm: float = GRID_LINES_PER_CM
 
     def __post_init__(self):
         self.kvp = check_kvp(self.kvp)
+        self.scatter, self.multiple_scatter = bool(self.scatter), bool(self.multiple_scatter)
         preset = detector_preset(self.detector)
         self.detector = preset["name"]
         if self.csi_um is not None and not self.csi_um > 0:
@@ -587,6 +592,14 @@ class XraySetup:
         return self.csi_um if self.csi_um is not None else detector_preset(self.detector)["csi_um"]
 
     @property
+    def electronic(self) -> float:
+        """The electronic noise sigma used with noise (detected-photon units): the one given, else the
+        detector preset's (0 for the ideal detector)."""
+        if self.electronic_sigma is None:
+            return float(detector_preset(self.detector)["electronic_sigma"])
+        return float(self.electronic_sigma)
+
+    @property
     def noisy(self) -> bool:
         return self.mas is not None or self.photons is not None
 
@@ -596,6 +609,7 @@ class XraySetup:
     def to_sidecar(self) -> dict:
         d = asdict(self)
         d["csi_um"] = self.csi
+        d["electronic_sigma"] = self.electronic
         d["detector_source"] = detector_preset(self.detector)["source"]
         if self.overrides:
             d["override_materials"] = [{"material": m, "density_g_cm3": density(m), "composition": composition(m)[3]}
@@ -665,8 +679,7 @@ def blur_sigma_px(setup: XraySetup, geometry) -> tuple:
     s_det = detector_preset(setup.detector)["lsf_sigma_mm"]
     s_fs = 0.0
     if setup.focal_spot_mm > 0 and not geometry.parallel:
-        sad = float(geometry.extra.get("sad_mm", geometry.sid_mm / 1.5))
-        m = geometry.sid_mm / sad
+        m = geometry.sid_mm / geometry.sad_mm
         s_fs = setup.focal_spot_mm * max(m - 1.0, 0.0) / 2.3548  # FWHM -> sigma
     s = math.hypot(s_det, s_fs)
     du, dv = geometry.pixel_spacing_mm
@@ -706,14 +719,15 @@ def noisy_energy(energy, quanta, n_detected_open: float, electronic_sigma: float
 def _midplane_to_detector_mm(geometry) -> float:
     if geometry.parallel:
         return 500.0
-    sad = float(geometry.extra.get("sad_mm", geometry.sid_mm / 1.5))
-    return max(geometry.sid_mm - sad, 50.0)
+    return max(geometry.sid_mm - geometry.sad_mm, 50.0)
 
 
-def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int = 128):
-    """Grid and scatter (first order + multiple) on the primary images of ``polychromatic``: (energy, quanta,
-    sidecar record with the scatter-to-primary ratio). Scatter is smooth, so it is computed on a grid
-    of at most ``max_px`` pixels a side and interpolated back."""
+def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int = 128,
+                multi_fit: MultiScatterFit | None = None):
+    """Grid and scatter (first order, plus multiple unless ``setup.multiple_scatter`` is off) on the
+    primary images of ``polychromatic``: (energy, quanta, sidecar record with the scatter-to-primary
+    ratio). Scatter is smooth, so it is computed on a grid of at most ``max_px`` pixels a side and
+    interpolated back."""
     H, W = energy.shape
     rel = energy / p["open_energy"]                          # I/I0 (energy weighted) per row's open field
     body = rel < 0.99
@@ -735,7 +749,8 @@ def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int
     tau_c, knot_kev = water_equivalent(coarse, e, deposit)
     du, dv = geometry.pixel_spacing_mm
     s1, sm, tau = scatter_parts(coarse, kev, (du * f, dv * f), d, setup.csi, setup.grid_ratio,
-                                setup.grid_lines_per_cm, tau=tau_c, knot_kev=knot_kev)
+                                setup.grid_lines_per_cm, tau=tau_c, knot_kev=knot_kev,
+                                multiple=setup.multiple_scatter, multi_fit=multi_fit)
     sc = s1 + sm
     if f > 1:
         sc = zoom(sc, f, order=1, mode="nearest", grid_mode=True)[:H, :W]
@@ -748,8 +763,10 @@ def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int
     cy, cx = H // 2, W // 2
     cbody = coarse < 0.99
     c_prim = float(coarse[cbody].sum())
-    rec.update({"model": "first-order kernels from xraylib water cross sections + multiple-scatter kernels fitted "
-                         "to a Monte Carlo of water slabs",
+    model = "first-order kernels from xraylib water cross sections"
+    if setup.multiple_scatter:
+        model += " + multiple-scatter kernels fitted to a Monte Carlo of water slabs"
+    rec.update({"model": model,
                 "spr_mean": float(s_e[body].sum() / max(prim[body].sum(), 1e-30)) if body.any() else 0.0,
                 "spr_single_mean": float(s1[cbody].sum() / max(c_prim * tp, 1e-30)) if cbody.any() else 0.0,
                 "spr_multiple_mean": float(sm[cbody].sum() / max(c_prim * tp, 1e-30)) if cbody.any() else 0.0,
@@ -759,24 +776,23 @@ def add_scatter(energy, quanta, p: dict, setup: XraySetup, geometry, max_px: int
     return e_out, q_out, rec
 
 
-def form_image(material_integrals: dict, setup: XraySetup, geometry) -> dict:
+def form_image(material_integrals: dict, setup: XraySetup, geometry, multi_fit=None) -> dict:
     """Primary image, detector blur, noise: {"intensity": I/I0 (H, W) float64 (relative to the open
-    field at the detector centre), "sidecar": the physics record}."""
+    field at the detector centre), "sidecar": the physics record}. ``multi_fit``: the multiple-scatter
+    term's parameters (a ``MultiScatterFit``; default the fit in use), for fitting them."""
     p = polychromatic(material_integrals, setup, geometry)
     energy, quanta = p["energy"], p["quanta"]
     scatter_rec = None
     if setup.scatter or setup.grid_ratio:
-        energy, quanta, scatter_rec = add_scatter(energy, quanta, p, setup, geometry)
+        energy, quanta, scatter_rec = add_scatter(energy, quanta, p, setup, geometry, multi_fit=multi_fit)
     sigma = blur_sigma_px(setup, geometry)
-    preset = detector_preset(setup.detector)
     n_inc = None
     if setup.noisy:
         n_inc = photons_per_pixel(setup, geometry)
         eta_mean = float((absorbed_fraction(p["spectrum_kev"], setup.csi) * p["spectrum_fluence"]).sum()
                          / p["spectrum_fluence"].sum())
-        es = preset["electronic_sigma"] if setup.electronic_sigma is None else float(setup.electronic_sigma)
         rng = np.random.default_rng([int(setup.seed), int(setup.stream)])
-        sig = noisy_energy(energy, quanta, n_inc * eta_mean, es, sigma, rng)
+        sig = noisy_energy(energy, quanta, n_inc * eta_mean, setup.electronic, sigma, rng)
     else:
         sig = blur(energy, sigma)
     rec = setup.to_sidecar()
@@ -828,9 +844,28 @@ MULTI_FIT = (-1.1840, 1.5597, 0.0731, 0.3187)  # c0..c3, benchmarks/fit_multisca
 MULTI_SOURCE_MM = 40.0      # height of the virtual source above the exit face: MULTI_SOURCE_MM + ...
 MULTI_SOURCE_PER_TAU = 0.3  # ... MULTI_SOURCE_PER_TAU x tau, the same fit
 MULTI_COS_POWER = 2.0       # angular distribution of the emission about the normal, cos^n, the same fit
+
+
+@dataclass(frozen=True)
+class MultiScatterFit:
+    """The multiple-scatter term's fitted parameters: ``coef`` (c0..c3 of ln A), the virtual source's
+    height ``source_mm`` + ``source_per_tau`` x tau above the exit face, the emission's power
+    ``cos_power``. ``default()`` is the fit in use (``MULTI_FIT``, ``MULTI_SOURCE_MM``,
+    ``MULTI_SOURCE_PER_TAU``, ``MULTI_COS_POWER``); ``benchmarks/fit_multiscatter.py`` passes others."""
+    coef: tuple = MULTI_FIT
+    source_mm: float = MULTI_SOURCE_MM
+    source_per_tau: float = MULTI_SOURCE_PER_TAU
+    cos_power: float = MULTI_COS_POWER
+
+    @classmethod
+    def default(cls) -> "MultiScatterFit":
+        return cls(tuple(MULTI_FIT), MULTI_SOURCE_MM, MULTI_SOURCE_PER_TAU, MULTI_COS_POWER)
 # Anti-scatter grid: a linear focused grid of lead lamellae with aluminium interspacers (the common
 # radiography grid, e.g. 40 lines/cm, ratio 10:1). The lamella thickness is not given by the ratio and
-# line density; 36 um is assumed (a typical value, not a datasheet figure). Primary transmission:
+# line density; 36 um is assumed (not a datasheet figure). One grid maker states lead strips of 0.05-0.1 mm
+# between 0.15-0.35 mm interspacers for its grids (Newheek, https://www.x-raygrid.com/x-ray-grid-6.html),
+# thicker than assumed here: at 40 lines/cm that leaves an open fraction of 0.80-0.60 instead of 0.86.
+# The Monte Carlo fit behind the grid (MULTI_COS_POWER) used 36 um. Primary transmission:
 # open fraction x interspacer attenuation; scatter at angle theta, azimuth phi to the lamellae, passes
 # one interspace when r tan(theta) |cos(phi)| < 1 (opaque lamellae; the geometric model of grid
 # selectivity, e.g. Day & Dance, Phys Med Biol 28:1429, 1983), averaged over phi.
@@ -917,38 +952,41 @@ def scatter_kernel(kev: float, tau_mm: float, d_mm: float, shape, spacing_mm, cs
     return out / n * du * dv
 
 
-def multiple_scatter_amplitude(kev: float, tau_mm: float) -> float:
+def multiple_scatter_amplitude(kev: float, tau_mm: float, fit: MultiScatterFit | None = None) -> float:
     """Multiply scattered energy reaching the detector plane per unit detected primary energy (ideal
     detector, no grid) of a pencil through ``tau_mm`` of water at beam energy ``kev``: the fit
-    ``MULTI_FIT`` to the Monte Carlo (see the scatter section's comments)."""
+    ``MULTI_FIT`` to the Monte Carlo (see the scatter section's comments), or ``fit.coef``."""
     if tau_mm <= 0:
         return 0.0
     *_, sig = _angle_weights(kev, None)
     x = sig * density("water") * tau_mm / 10.0                       # scatter optical depth mu_s tau
-    c0, c1, c2, c3 = MULTI_FIT
+    c0, c1, c2, c3 = (fit or MultiScatterFit.default()).coef
     return float(math.exp(c0 + c1 * math.log(x) + c2 * x + c3 * math.log(kev / 60.0)))
 
 
 def multiple_scatter_kernel(kev: float, tau_mm: float, d_mm: float, shape, spacing_mm, csi_um=None,
-                            grid_ratio=None, grid_lines_per_cm: float = GRID_LINES_PER_CM) -> np.ndarray:
+                            grid_ratio=None, grid_lines_per_cm: float = GRID_LINES_PER_CM,
+                            fit: MultiScatterFit | None = None) -> np.ndarray:
     """Detected multiple scatter per unit primary, on a (2H-1, 2W-1) grid of pixel offsets: the pencil's
     multiply scattered energy (``multiple_scatter_amplitude``) spreads from a virtual point source on the
     pencil, ``MULTI_SOURCE_MM`` + ``MULTI_SOURCE_PER_TAU`` x tau above the slab's exit face, with the
     angular distribution (n + 1) / (2 pi) cos^n(theta) per sr (n = ``MULTI_COS_POWER``), at the energy
-    of two 90-degree Compton scatters, through the grid's acceptance."""
+    of two 90-degree Compton scatters, through the grid's acceptance. ``fit``: other parameters than
+    those constants (``MultiScatterFit``)."""
+    fit = fit or MultiScatterFit.default()
     H, W = shape
     du, dv = spacing_mm
-    amp = multiple_scatter_amplitude(kev, tau_mm)
+    amp = multiple_scatter_amplitude(kev, tau_mm, fit)
     if amp <= 0:
         return np.zeros((2 * H - 1, 2 * W - 1))
-    g = max(d_mm - tau_mm / 2.0, 0.0) + MULTI_SOURCE_MM + MULTI_SOURCE_PER_TAU * tau_mm   # source height, mm
+    g = max(d_mm - tau_mm / 2.0, 0.0) + fit.source_mm + fit.source_per_tau * tau_mm   # source height, mm
     y = (np.arange(2 * H - 1) - (H - 1)) * dv
     x = (np.arange(2 * W - 1) - (W - 1)) * du
     r = np.hypot(y[:, None], x[None, :])
     th = np.arctan2(r, g)
     e_m = kev / (1.0 + 2.0 * kev / 510.99895)
     eta = absorbed_fraction(np.array([kev, e_m]), csi_um)
-    n = MULTI_COS_POWER
+    n = fit.cos_power
     land = (n + 1.0) / (2.0 * math.pi * g * g) * np.cos(th) ** (n + 3.0) * du * dv   # landing density x pixel area
     # point sampling misses the density's integral where the source is low beside a pixel: scale to the
     # exact fraction landing within the grid's area taken as a disc (within 1.1 % of the sampled sum
@@ -964,7 +1002,8 @@ def multiple_scatter_kernel(kev: float, tau_mm: float, d_mm: float, shape, spaci
 
 
 def scatter_parts(primary, kev: float, spacing_mm, d_mm: float, csi_um=None, grid_ratio=None,
-                  grid_lines_per_cm: float = GRID_LINES_PER_CM, tau=None, knot_kev=None, multiple: bool = True) -> tuple:
+                  grid_lines_per_cm: float = GRID_LINES_PER_CM, tau=None, knot_kev=None, multiple: bool = True,
+                  multi_fit: MultiScatterFit | None = None) -> tuple:
     """(single scatter, multiple scatter, water-equivalent thickness mm): ``scatter_image``'s parts.
     The pencils are taken normal to the detector. In a cone beam each pencil is tilted, but its
     scatter kernel stays centred on the pixel the pencil reaches (its forward axis is the pencil), so
@@ -999,22 +1038,24 @@ def scatter_parts(primary, kev: float, spacing_mm, d_mm: float, csi_um=None, gri
         kern = scatter_kernel(kevs[k], t, d_mm, p.shape, spacing_mm, csi_um, grid_ratio, grid_lines_per_cm)
         single += fftconvolve(source, kern, mode="valid")
         if multiple and t > 0:
-            km = multiple_scatter_kernel(kevs[k], t, d_mm, p.shape, spacing_mm, csi_um, grid_ratio, grid_lines_per_cm)
+            km = multiple_scatter_kernel(kevs[k], t, d_mm, p.shape, spacing_mm, csi_um, grid_ratio, grid_lines_per_cm,
+                                         multi_fit)
             multi += fftconvolve(p * w, km, mode="valid")
     return np.maximum(single, 0.0), np.maximum(multi, 0.0), tau
 
 
 def scatter_image(primary, kev: float, spacing_mm, d_mm: float, csi_um=None, grid_ratio=None,
-                  grid_lines_per_cm: float = GRID_LINES_PER_CM, tau=None, knot_kev=None, multiple: bool = True) -> tuple:
+                  grid_lines_per_cm: float = GRID_LINES_PER_CM, tau=None, knot_kev=None, multiple: bool = True,
+                  multi_fit: MultiScatterFit | None = None) -> tuple:
     """Scatter (same units as ``primary``, which is I/I0 without the grid) and the water-equivalent
     thickness map (mm). ``d_mm``: the body's mid-plane to the detector. ``multiple=False``: first-order
-    scatter only.
+    scatter only; ``multi_fit``: the multiple-scatter term's parameters (default ``MultiScatterFit.default()``).
 
     Monoenergetic at ``kev`` unless ``tau`` (the water-equivalent thickness per pixel, from the
     polychromatic transmission) and ``knot_kev`` (the beam's energy behind each of
     ``SCATTER_TAU_MM``) are given."""
     single, multi, tau = scatter_parts(primary, kev, spacing_mm, d_mm, csi_um, grid_ratio, grid_lines_per_cm,
-                                       tau, knot_kev, multiple)
+                                       tau, knot_kev, multiple, multi_fit)
     return single + multi, tau
 
 

@@ -566,7 +566,7 @@ def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=
     if storage != "auto" and xray is not None:
         raise CtwinError("float16 storage holds SPEC 5 mu; the realistic physics (--kvp) needs the HU volume")
     if views is None and geometry is not None:
-        views = {"view": geometry}
+        views = {"view": geometry.with_sad(geometry.sad_mm)}  # records the SAD its physics uses
     elif views is None:
         names = [view] if view else ["ap", "lateral"]
         views = {n: named_view(n, twin.ct_bbox_mm, sad_mm=sad_mm, sid_mm=sid_mm, size=size or 512,
