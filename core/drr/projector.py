@@ -176,6 +176,44 @@ def _on_device(a) -> bool:
     return a is not None and not isinstance(a, np.ndarray) and hasattr(a, "copy_to_host")
 
 
+class OnDevice:
+    """An array that stays in device memory and is copied to the host only when read there: the
+    displacement grid posed on the GPU (``articulated.posed_scene(..., device="cuda")``), which the
+    composition on the device reads in place (``device``). Reading it as a numpy array
+    (``np.asarray``, ``reshape``, indexing) copies it back once."""
+
+    def __init__(self, device, shape=None):
+        self.device = device
+        self.shape = tuple(int(v) for v in (device.shape if shape is None else shape))
+        self.dtype = np.dtype(device.dtype)
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape))
+        self.nbytes = self.size * self.dtype.itemsize
+        self._host = None
+
+    def host(self) -> np.ndarray:
+        if self._host is None:
+            self._host = self.device.copy_to_host().reshape(self.shape)
+        return self._host
+
+    def device_view(self):
+        """The device array in this shape."""
+        return self.device.reshape(self.shape) if tuple(self.device.shape) != self.shape else self.device
+
+    def __array__(self, dtype=None, copy=None):
+        h = self.host()
+        return h if dtype is None else h.astype(dtype, copy=False)
+
+    def reshape(self, *shape):
+        return self.host().reshape(*shape)
+
+    def __getitem__(self, key):
+        return self.host()[key]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
 @dataclass
 class PreparedVolume:
     """A volume in the kernels' compact resident form (see module docstring)."""
@@ -906,7 +944,8 @@ def compose_scene(scene: Scene, device: str = "cpu") -> PreparedVolume:
         keep = disp
         wn = np.asarray(disp.shape[:3], np.int64)
         if np.all(wn >= 2):
-            d32 = np.ascontiguousarray(disp, dtype=np.float32)
+            # a grid posed on the device stays there for the composition there
+            d32 = disp if isinstance(disp, OnDevice) and dev == "cuda" else np.ascontiguousarray(disp, np.float32)
             G = (invert_affine(waff) @ base.affine)[:3]
             G[np.abs(G) < 1e-12 * np.abs(G).max()] = 0.0
             warp = (d32, np.ascontiguousarray(G), np.ascontiguousarray((binv @ waff)[:3]),
@@ -1044,9 +1083,7 @@ def _compose_cuda(scene: Scene, pk: dict, base: PreparedVolume, bn, on, shift, o
         if "d_fine_air" not in pk:
             pk["d_fine_air"] = tuple(cuda.to_device(a) for a in _fine_air(wbase, pk))
         focc, fcum = pk["d_fine_air"]
-        # a displacement grid posed on the device (``articulated.posed_scene(..., device="cuda")``) is there
-        dw = scene.resident.get("d_warp")
-        d_disp = dw[1] if dw is not None and dw[0] is d32 else cuda.to_device(d32)
+        d_disp = d32.device_view() if isinstance(d32, OnDevice) else cuda.to_device(d32)
         _launch(kc["warp"], int(np.prod(wn - 1)), out, occ, d_on, d_shift, wbase.gpu("flat", wbase.flat), pk["d_bn"],
                 focc, fcum, cuda.to_device(G), cuda.to_device(Ginv), cuda.to_device(wn), d_disp,
                 cuda.to_device(B), float(_AIR_HU), dirty, bool(warp_diag(G)))
