@@ -1058,8 +1058,21 @@ def _compose_cuda(scene: Scene, pk: dict, base: PreparedVolume, bn, on, shift, o
     d_base = base.gpu("flat", base.flat)
     if "d_bn" not in pk:
         pk["d_bn"] = cuda.to_device(np.asarray(bn, np.int64))
-    d_on = cuda.to_device(np.asarray(on, np.int64))
-    d_shift = cuda.to_device(np.asarray(shift, np.int64))
+    # the frame's small parameters in two uploads (each copy costs a round trip's latency): float64
+    # (the warp's G, Ginv, B; the parts' S) and int64 (the grid's shape and shift, the warp's shape;
+    # the parts' aligned offsets and boxes)
+    fl = [np.zeros(0)]
+    it = [np.asarray(on, np.int64), np.asarray(shift, np.int64)]
+    if warp is not None:
+        fl += [np.ravel(warp[1]), np.ravel(warp[2]), np.ravel(warp[3])]
+        it.append(np.asarray(warp[4], np.int64))
+    if subs is not None:
+        fl.append(np.ravel(subs[0]))
+        it += [np.ravel(subs[1]), np.ravel(subs[2])]
+    d_fl = cuda.to_device(np.concatenate(fl).astype(np.float64)) if len(fl) > 1 else None
+    d_it = cuda.to_device(np.concatenate(it).astype(np.int64))
+    d_on, d_shift = d_it[0:3], d_it[3:6]
+    fo, io = 0, 6  # next unread float, int
     air = int(_AIR_HU)
     state = scene._buffer_state.pop(id(buf), None)
     nrows = int(np.prod(ob)) * BLOCK * BLOCK
@@ -1071,9 +1084,12 @@ def _compose_cuda(scene: Scene, pk: dict, base: PreparedVolume, bn, on, shift, o
         occ = cuda.device_array(tuple(int(v) for v in ob), np.uint8)
         _launch(kc["restore_blocks"], nrows, out, d_on, d_shift, d_base, pk["d_bn"], dirty, air, 1)
     clean = scene.resident.setdefault("d_clean_occ", {})
-    if layout not in clean:  # the clean grid's occupancy (the base's, shifted), once per layout
+    if layout not in clean:  # the clean grid's occupancy (the base's, shifted), once per layout, on the device
         clean.clear()
-        clean[layout] = cuda.to_device(np.ascontiguousarray(_base_occupancy(base, bn, on, shift)[0]).reshape(-1))
+        bb, bo = -(-bn // BLOCK), shift // BLOCK
+        clean[layout] = cuda.device_array(int(np.prod(ob)), np.uint8)
+        _launch(kc["clean_occ"], int(np.prod(ob)), clean[layout], base.gpu("occ", base.occupancy()),
+                *(int(v) for v in ob), *(int(v) for v in bb), *(int(v) for v in bo))
     flat_dirty = dirty.reshape(dirty.size)
     flat_occ = occ.reshape(occ.size)
     _launch(kc["fill_u8"], dirty.size, flat_dirty, flat_dirty, 0)
@@ -1084,9 +1100,10 @@ def _compose_cuda(scene: Scene, pk: dict, base: PreparedVolume, bn, on, shift, o
             pk["d_fine_air"] = tuple(cuda.to_device(a) for a in _fine_air(wbase, pk))
         focc, fcum = pk["d_fine_air"]
         d_disp = d32.device_view() if isinstance(d32, OnDevice) else cuda.to_device(d32)
+        d_G, d_Ginv, d_B = d_fl[0:12].reshape(3, 4), d_fl[12:24].reshape(3, 4), d_fl[24:33].reshape(3, 3)
+        fo, io = 33, 9
         _launch(kc["warp"], int(np.prod(wn - 1)), out, occ, d_on, d_shift, wbase.gpu("flat", wbase.flat), pk["d_bn"],
-                focc, fcum, cuda.to_device(G), cuda.to_device(Ginv), cuda.to_device(wn), d_disp,
-                cuda.to_device(B), float(_AIR_HU), dirty, bool(warp_diag(G)))
+                focc, fcum, d_G, d_Ginv, d_it[6:9], d_disp, d_B, float(_AIR_HU), dirty, bool(warp_diag(G)))
     if subs is not None:
         S, aligned, boxes, order = subs
         if "d_parts" not in pk:
@@ -1097,9 +1114,12 @@ def _compose_cuda(scene: Scene, pk: dict, base: PreparedVolume, bn, on, shift, o
         d_offs, d_sns, d_order, d_spans, d_soffs = pk["d_parts"]
         i_lo, i_hi, j_lo, j_hi = subs_span(on, boxes, order)
         ni, nj = max(i_hi - i_lo + 1, 0), max(j_hi - j_lo + 1, 0)
-        d_boxes = cuda.to_device(boxes)
+        n = len(boxes)
+        d_S = d_fl[fo:fo + 12 * n].reshape(n, 3, 4)
+        d_aligned = d_it[io:io + 4 * n].reshape(n, 4)
+        d_boxes = d_it[io + 4 * n:io + 10 * n].reshape(n, 6)
         _launch(kc["subs"], ni * nj, out, occ, d_on, d_shift, pk["d_sdata"], pk["d_smask"], d_offs, d_sns,
-                cuda.to_device(S), cuda.to_device(aligned), d_boxes, d_order, d_spans, d_soffs, float(_AIR_HU),
+                d_S, d_aligned, d_boxes, d_order, d_spans, d_soffs, float(_AIR_HU),
                 int(i_lo), int(j_lo), int(ni), int(nj))
         _launch(kc["mark_boxes"], len(boxes), dirty, d_boxes)
     return out, flat_occ, buf, {"buffer": buf, "layout": layout, "dirty": dirty, "occ": occ}

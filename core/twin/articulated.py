@@ -1368,11 +1368,8 @@ class _DevicePosing:
             r["P"], r["S"] = cuda.device_array((n, 12)), cuda.device_array(n)
             r["w_inv"] = cuda.to_device(prep["w_inv"])
             r["ct_inv"] = cuda.to_device(np.ascontiguousarray(invert_affine(art.affine)[:3]))
-            r["scalars"] = cuda.device_array(6)  # bounds, then the summary
-            r["sel"] = cuda.device_array(3, np.int64)
-            r["hist"] = cuda.device_array(256, np.int64)
             r["Minv0"] = cuda.device_array((1, 3, 4))  # read by no node when no point moved
-            self._launch1("fill_scalars", r["hist"], 0, 0, 0, 0)
+            _device_scratch(self.k, r)
         self.D = cuda.to_device(D3)
         shape, ptr, chan, wts = r["W"]
         _launch_posing(self.k["blend_field"], len(ptr) - 1, ptr, chan, wts, self.D, r["P"], r["S"])
@@ -1396,8 +1393,6 @@ class _DevicePosing:
             m = int(n * 1.25)
             r["points"] = m
             r["ys"], r["Minv"] = self.cuda.device_array((m, 3)), self.cuda.device_array((m, 3, 4))
-            r["g0"], r["slab"], r["order"] = (self.cuda.device_array(m), self.cuda.device_array(m, np.int64),
-                                             self.cuda.device_array(m, np.int64))
         self.ys, self.Minv = r["ys"][:n], r["Minv"][:n]
         _launch_posing(self.k["forward_blend"], n, r["xs"], *r["W"][0], r["P"], r["S"], r["w_inv"], self.D, self.ys,
                        self.Minv)
@@ -1427,24 +1422,7 @@ class _DevicePosing:
                            self.wn, float(R), self.best, self.src)
 
     def _slab_order(self, ninv_d, nslab):
-        """``_slab_order`` on the device: (order, starts, g0), a stable counting sort of the points by
-        slab: per chunk of CHUNK points the count per slab, per slab the running sum over the chunks,
-        the slabs' starts, then each chunk places its points in index order."""
-        cuda, r, n, ch = self.cuda, self.res, self.n, self.CHUNK
-        nchunk = -(-n // ch)
-        cnt = r.get("counts")
-        if cnt is None or cnt.shape[0] < nchunk or cnt.shape[1] < nslab:
-            cnt = cuda.device_array((int(nchunk * 1.25) + 1, int(nslab * 1.25) + 1), np.int64)
-            r["counts"] = cnt
-        if r.get("nstarts", 0) < nslab + 1:
-            r["nstarts"] = int(nslab * 1.25) + 2
-            r["starts"] = cuda.device_array(r["nstarts"], np.int64)
-        g0, slab, order, starts = r["g0"][:n], r["slab"][:n], r["order"][:n], r["starts"][:nslab + 1]
-        _launch_posing(self.k["slab_keys"], nchunk, self.ys, ninv_d, nslab, ch, g0, slab, cnt)
-        _launch_posing(self.k["slab_scan"], nslab, cnt, nchunk, nslab, starts)
-        self._launch1("slab_starts", starts, nslab)
-        _launch_posing(self.k["slab_scatter"], nchunk, slab, ch, cnt, starts, order)
-        return order, starts, g0
+        return _device_slab_order(self.k, self.res, self.ys, ninv_d, nslab, self.CHUNK)
 
     def inverse(self, waff, wn, near, kn, iterations, tol, air_tol, thr):
         """Inverse skinning and the air border: (the displacement grid as an ``OnDevice`` (N, 3),
@@ -1461,16 +1439,66 @@ class _DevicePosing:
                        int(iterations), float(tol), float(air_tol), disp, resid, status)
         _launch_posing(self.k["border_mark"], N, self.wn, status, disp, thr * thr)
         _launch_posing(self.k["border_air"], N, status, disp)
-        out, sel, hist = r["scalars"], r["sel"], r["hist"]
-        self._launch1("fill_scalars", out, 5, 6, math.inf, 0.0)
-        _launch_posing(self.k["warp_summary"], N, status, resid, out)
-        keys = resid.view(np.int64)  # the residuals (>= 0) as their bits, in the same order
-        self._launch1("select_init", out, 0.99, sel)
-        for shift in range(56, -1, -8):  # the rank's residual, 8 bits a pass from the top
-            _launch_posing(self.k["select_hist"], N, status, keys, sel, shift, hist)
-            self._launch1("select_pick", hist, sel, shift)
-        _launch_posing(self.k["select_next"], N, status, resid, keys, sel, out)
-        return OnDevice(disp), out.copy_to_host()
+        return OnDevice(disp), _device_summary(self.k, r, status, resid)
+
+
+def _device_scratch(k, r) -> None:
+    """The few scalars a pose on the device brings back, and the radix select's work arrays."""
+    from numba import cuda
+
+    if "scalars" not in r:
+        r["scalars"] = cuda.device_array(6)  # the points' bounds, then the warp's summary
+        r["sel"] = cuda.device_array(3, np.int64)
+        r["hist"] = cuda.device_array(256, np.int64)
+        k["fill_scalars"][1, 1](r["hist"], 0, 0, 0, 0)
+
+
+def _device_slab_order(k, r, ys, ninv_d, nslab: int, chunk: int) -> tuple:
+    """``_slab_order`` on the device for the points ``ys`` (device, (n, 3)) and the grid's world ->
+    index map ``ninv_d`` (device 3x4): (order, starts, g0) as device arrays, equal to the host's. A
+    stable counting sort: per chunk of ``chunk`` points its count per slab, per slab the running sum
+    over the chunks, the slabs' starts, then each chunk places its points in index order. Its
+    buffers (in ``r``) are kept across poses, with 25 % slack."""
+    from numba import cuda
+
+    n = ys.shape[0]
+    if r.get("points_sort", 0) < n:
+        m = int(n * 1.25) + 1
+        r["points_sort"] = m
+        r["g0"], r["slab"], r["order"] = cuda.device_array(m), cuda.device_array(m, np.int64), \
+            cuda.device_array(m, np.int64)
+    nchunk = -(-n // chunk)
+    cnt = r.get("counts")
+    if cnt is None or cnt.shape[0] < nchunk or cnt.shape[1] < nslab:
+        cnt = cuda.device_array((int(nchunk * 1.25) + 1, int(nslab * 1.25) + 1), np.int64)
+        r["counts"] = cnt
+    if r.get("nstarts", 0) < nslab + 1:
+        r["nstarts"] = int(nslab * 1.25) + 2
+        r["starts"] = cuda.device_array(r["nstarts"], np.int64)
+    g0, slab, order, starts = r["g0"][:n], r["slab"][:n], r["order"][:n], r["starts"][:nslab + 1]
+    _launch_posing(k["slab_keys"], nchunk, ys, ninv_d, nslab, chunk, g0, slab, cnt)
+    _launch_posing(k["slab_scan"], nslab, cnt, nchunk, nslab, starts)
+    k["slab_starts"][1, 1](starts, nslab)
+    _launch_posing(k["slab_scatter"], nchunk, slab, chunk, cnt, starts, order)
+    return order, starts, g0
+
+
+def _device_summary(k, r, status, resid) -> np.ndarray:
+    """The warp's summary from the device's per-node status and residuals, by reductions: 6 float64
+    come back (solved, air and unconverged node counts, the largest solved residual, and the solved
+    residuals at rank floor((n - 1) 0.99) and the next, for ``_percentile_from_ranks``)."""
+    _device_scratch(k, r)
+    N = status.shape[0]
+    out, sel, hist = r["scalars"], r["sel"], r["hist"]
+    k["fill_scalars"][1, 1](out, 5, 6, math.inf, 0.0)
+    _launch_posing(k["warp_summary"], N, status, resid, out)
+    keys = resid.view(np.int64)  # the residuals (>= 0) as their bits: the same order
+    k["select_init"][1, 1](out, 0.99, sel)
+    for shift in range(56, -1, -8):  # the rank's residual, 8 bits a pass from the top
+        _launch_posing(k["select_hist"], N, status, keys, sel, shift, hist)
+        k["select_pick"][1, 1](hist, sel, shift)
+    _launch_posing(k["select_next"], N, status, resid, keys, sel, out)
+    return out.copy_to_host()
 
 
 def _launch_posing(kernel, n: int, *args) -> None:
