@@ -195,7 +195,9 @@ POSED_SCRIPT = textwrap.dedent("""
         res[f"warp{f}"] = [float(np.abs(wa[fin] - wb[fin]).max()) + (0 if same_nan else 1e9), float(np.abs(wa[fin]).max())]
         res[f"info{f}"] = [0 if a.info == b.info else 1, float(a.info["solved_nodes"])]  # every key, exactly
         fc, fg = compose_scene(a, "cpu"), compose_scene(b, "cuda").host()
-        res[f"frame{f}"] = [int(np.count_nonzero(fc.flat != fg.flat)), float(np.abs(fc.flat.astype(np.int64)).max())]
+        fh = compose_scene(b, "cpu")  # the device's grid read on the host (the --kvp physics' path)
+        res[f"frame{f}"] = [int(np.count_nonzero(fc.flat != fg.flat)) + int(np.count_nonzero(fc.flat != fh.flat)),
+                            float(np.abs(fc.flat.astype(np.int64)).max())]
         ref = A.render_posed(a, g, device="cpu")
         res[f"image{f}"] = [float(np.abs(ref - img).max()), float(ref.max())]
         if f == 1:
