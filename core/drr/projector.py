@@ -919,8 +919,9 @@ def compose_scene(scene: Scene, device: str = "cpu") -> PreparedVolume:
 
     ``device``: "cpu" (numba parallel), "cuda" (the same per-cell / per-row bodies as CUDA
     kernels: the base, the parts, the fine air grids and the frame buffers stay on the GPU; per
-    frame the displacement grid and the parts' placements go up, and the frame stays there: the
-    returned volume holds device arrays, which ``render_drr`` renders in place) or "auto"."""
+    frame the parts' placements and the grid's layout go up in two copies, and the displacement grid
+    unless it was posed on the device (an ``OnDevice``); the frame stays there: the returned volume
+    holds device arrays, which ``render_drr`` renders in place) or "auto"."""
     pk = scene._pack()
     base: PreparedVolume = pk["base"]
     if base.quantity != "hu" or (scene.parts and pk["slin"][0] == 0.0):

@@ -1183,9 +1183,10 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
 
     ``device="cuda"`` (or ``"auto"`` where a GPU is usable): the posing kernels run on the GPU
     (``posing_cuda_kernels``; the weight field, the tissue points and the work arrays stay there), the
-    same warp as on the CPU up to the GPU's rounding; the displacement grid comes back for the scene
-    and its device copy is kept for the composition on the device (``compose_scene(scene, "cuda")``
-    does not upload it again).
+    same warp and ``info`` as on the CPU up to the GPU's rounding. Per pose the joint transforms go up
+    and a few scalars come back (the skinned points' bounds, the warp's summary); the displacement grid
+    stays on the device (``scene.warp[0]`` is a ``core.drr.projector.OnDevice``, which
+    ``compose_scene(scene, "cuda")`` reads in place and which is copied to the host only if read there).
     """
     device = resolve_device(device)  # "auto": the GPU where one is usable
     if air_miss_mm is not None and not float(air_miss_mm) > 0:
