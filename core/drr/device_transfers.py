@@ -67,6 +67,7 @@ def _nbytes(a) -> int:
 @contextmanager
 def count_transfers():
     """Yield a ``Ledger`` of the host <-> device copies made inside the block."""
+    import numba
     from numba import cuda
 
     led = Ledger()
@@ -75,8 +76,6 @@ def count_transfers():
     def patch(obj, name, new):
         patches.append((obj, name, getattr(obj, name)))
         setattr(obj, name, new)
-
-    import numba
 
     sim = bool(numba.config.ENABLE_CUDASIM)
     if sim:
