@@ -1426,9 +1426,8 @@ class _DevicePosing:
         return _device_slab_order(self.k, self.res, self.ys, ninv_d, nslab, self.CHUNK)
 
     def inverse(self, waff, wn, near, kn, iterations, tol, air_tol, thr):
-        """Inverse skinning and the air border: (the displacement grid as an ``OnDevice`` (N, 3),
-        the summary (solved, air, unconverged, largest residual, the residuals at ranks floor((n-1)
-        0.99) and the next: ``_warp_info`` turns them into numpy's percentile))."""
+        """Inverse skinning and the air border: (the displacement grid as an ``OnDevice`` (N, 3), the
+        summary from ``_device_summary``)."""
         cuda, r = self.cuda, self.res
         N = int(np.prod(wn))
         if r.get("near_key") != kn:
