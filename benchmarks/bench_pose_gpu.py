@@ -22,7 +22,10 @@ placements go up per frame) and rendered from the device-resident frame. Printed
    static DRR (target on a GPU: <= 1.2), with the posing (host) and the composition + render
    (device) apart;
 4. throughput over ``--poses`` consecutive new poses: poses per second end to end, and of the
-   device part alone (the scenes posed beforehand; target: >= 300 per second at 256^2).
+   device part alone (the scenes posed beforehand; target: >= 300 per second at 256^2);
+5. the host <-> device copies of one new pose posed, composed and rendered
+   (``core.drr.device_transfers.count_transfers``): copies and bytes each way, by the code that
+   asked for them.
 
 ``--device cpu`` runs the same measurements on the CPU path (a check of the script without a GPU).
 """
@@ -123,6 +126,14 @@ def main(argv=None):
     print(f"[throughput] {a.poses} new poses at {a.size}^2: {e2e:.1f} poses/s end to end (posing on the {where}); "
           f"{dev_only:.1f} poses/s composition + render alone ({dev}) "
           f"[{'met' if e2e >= 300 else 'NOT met'} end to end: >= 300/s]", flush=True)
+
+    # 5. what crosses between host and device for one new pose
+    from ctwin.core.drr.device_transfers import count_transfers
+
+    with count_transfers() as led:
+        A.render_posed(new_scene(), g, device=dev)
+    print(f"[transfers] one new pose posed on the {where}, composed and rendered ({dev}), {a.size}^2:\n"
+          f"{led.summary()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ multiply-add, so a few last-bit differences are possible, and a node near a thre
 status), the largest difference, and the times (CPU: the recorded call; device: the kernel alone,
 inputs already on the device, best of ``--reps`` after a compiling call); then the whole posing,
 ``posed_scene`` with ``device="cpu"`` and ``"cuda"`` on new poses (best of ``--reps``) and how far the
-two warps differ. Under
+two warps differ. The steps that keep a pose on the device (the skinned points' slab order, a counting
+sort, and the warp's summary, reductions and a radix select, with its copy of 6 numbers back) are
+timed on the recorded inputs and compared with the host's. Under
 ``NUMBA_ENABLE_CUDASIM=1`` it runs without a GPU (slowly: use a coarse ``--spacing``, e.g. 12, and
 ``--reps 1``; the times then mean nothing).
 """
@@ -163,6 +165,39 @@ def main(argv=None):
             diffs.append(f"{int(np.count_nonzero(~same))}/{c.size} differ (max |diff| {big:.3g})")
         print(f"{name:18s} {n:9d} elements | CPU {1e3 * t_cpu:8.2f} ms, device {1e3 * best:8.2f} ms | "
               + "; ".join(diffs), flush=True)
+
+    # the steps that keep a pose on the device, on the recorded inputs: the skinned points' slab order
+    # (a counting sort) and the warp's summary (reductions and a radix select), against the host's
+    rec = {name: (before, after) for name, before, after, _ in calls}
+    ys, waff3, wn = rec["splat_nearest"][0][0], rec["splat_nearest"][0][4], rec["splat_nearest"][0][6]
+    res_, status_ = rec["inverse_lbs_nodes"][1][12], rec["air_border"][1][1]
+    ninv, g0, order, starts = A._slab_order(ys, np.vstack([waff3, [0.0, 0.0, 0.0, 1.0]]), wn)
+    scratch = {}
+    d_ys, d_ninv, d_st, d_res = (cuda.to_device(np.ascontiguousarray(v)) for v in (ys, ninv, status_, res_))
+    steps = (("slab order", len(ys), lambda: A._device_slab_order(g, scratch, d_ys, d_ninv, int(wn[0]),
+                                                                  A._DevicePosing.CHUNK)),
+             ("warp summary", len(res_), lambda: A._device_summary(g, scratch, d_st, d_res)))
+    for label, n, fn in steps:
+        best = np.inf
+        for r in range(max(a.reps, 1) + 1):
+            cuda.synchronize()
+            s = time.perf_counter()
+            out = fn()
+            cuda.synchronize()
+            if r:
+                best = min(best, time.perf_counter() - s)
+        if label == "slab order":
+            bad = sum(int(np.count_nonzero(d.copy_to_host() != h)) for d, h in zip(out, (order, starts, g0)))
+            what = f"{bad} of the order, starts and first coordinates differ from the host's"
+        else:
+            sol = res_[status_ == 1]
+            ns = int(out[0])
+            host = (len(sol), int(np.sum(status_ == 2)), float(np.percentile(sol, 99)) if len(sol) else 0.0,
+                    float(sol.max()) if len(sol) else 0.0)
+            dev_ = (ns, int(out[1]), A._percentile_from_ranks(ns, 0.99, out[4], out[5]) if ns else 0.0,
+                    float(out[3]) if ns else 0.0)
+            what = f"(solved, air, p99, max) host {host}, device {dev_}"
+        print(f"{label:18s} {n:9d} elements | device {1e3 * best:8.2f} ms | {what}", flush=True)
 
     # the whole posing through posed_scene on each device (the device one keeps its arrays resident)
     t = {"cpu": [], "cuda": []}

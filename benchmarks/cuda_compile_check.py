@@ -58,6 +58,7 @@ def compose_signatures(numba):
         "cuda_mark_boxes": (grid3, ib),
         "cuda_restore_blocks": (i16, idx, idx, i16, idx, grid3, i64, i64),
         "cuda_fill_u8": (u8, u8, i64),
+        "cuda_clean_occ": (u8, u8) + (i64,) * 9,
     }
 
 
@@ -76,6 +77,19 @@ def posing_signatures(numba):
                                    i64, f64, f64, disp, v1, numba.int8[::1]),
         "cuda_border_mark": (idx, numba.int8[::1], disp, f64),
         "cuda_border_air": (numba.int8[::1], disp),
+        # a pose's bounds, slab order and summary on the device (only the joint transforms cross)
+        "cuda_point_bounds": (pts, m34, v1),
+        "cuda_fill_scalars": (v1, i64, i64, f64, f64),
+        "cuda_fill_scalars:int64": (idx, i64, i64, i64, i64),
+        "cuda_slab_keys": (pts, m34, i64, i64, v1, idx, numba.int64[:, ::1]),
+        "cuda_slab_scan": (numba.int64[:, ::1], i64, i64, idx),
+        "cuda_slab_starts": (idx, i64),
+        "cuda_slab_scatter": (idx, i64, numba.int64[:, ::1], idx, idx),
+        "cuda_warp_summary": (numba.int8[::1], v1, v1),
+        "cuda_select_init": (v1, f64, idx),
+        "cuda_select_hist": (numba.int8[::1], idx, idx, i64, idx),
+        "cuda_select_pick": (idx, idx, i64),
+        "cuda_select_next": (numba.int8[::1], v1, idx, idx, v1),
     }
 
 
@@ -125,9 +139,11 @@ def main():
     jobs += [(n, sig, cns, K) for n, sig in compose_signatures(numba).items()]
     pns = A.posing_cuda_namespace(lambda f: cuda.jit(device=True)(f), extra)
     jobs += [(n, sig, pns, A) for n, sig in posing_signatures(numba).items()]
-    for name, sig, ns, mod in jobs:
+    for label, sig, ns, mod in jobs:
+        name = label.split(":")[0]  # "name:variant": one kernel under another signature
         f = getattr(mod, name)
         ptx, _ = cuda.compile_ptx(types.FunctionType(f.__code__, ns, name), sig, cc=cc)
+        name = label
         rec = f"{name}: PTX {len(ptx)} chars for sm_{cc[0]}{cc[1]}"
         if Path(ptxas).exists():
             rec += ", " + registers(ptxas, f"sm_{cc[0]}{cc[1]}", ptx)

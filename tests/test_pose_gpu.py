@@ -98,14 +98,34 @@ CUDASIM_SCRIPT = textwrap.dedent("""
     res["batch"] = [float(np.abs(a - b).max()), float(a.max())]
     a = render_drr(fc, g2, device="cpu")
     res["host_copy"] = [float(np.abs(a - render_drr(fg, g2, device="cpu")).max()), float(a.max())]
+    # a new grid layout's clean empty-space grid, built on the device from the base's, equals the
+    # host's (shifted on every axis, so the layers before the base's first ones are OR-ed in)
+    from numba import cuda
+    from ctwin.core.drr import projector as P
+    from ctwin.core.drr.kernels import compose_cuda_kernels
+    pb = P.prepare_volume(Volume(rng.choice(np.array([-1000, 200], np.int16), (29, 20, 35)), aff))
+    bn = np.array(pb.shape, np.int64)
+    bad = 0
+    for i0 in ((-8, -16, -8), (0, -8, 0), (-16, 0, -24)):
+        shift = -np.asarray(i0, np.int64)
+        on = bn + shift + 8
+        ob = -(-on // 8)
+        want = P._base_occupancy(pb, bn, on, shift)[0].reshape(-1)
+        got = cuda.device_array(int(np.prod(ob)), np.uint8)
+        compose_cuda_kernels()["clean_occ"][int(np.prod(ob)) // 64 + 1, 64](
+            got, cuda.to_device(pb.occupancy()), *(int(v) for v in ob), *(int(v) for v in -(-bn // 8)),
+            *(int(v) for v in shift // 8))
+        bad += int(np.count_nonzero(got.copy_to_host() != want))
+    res["clean_occ"] = [bad, float(want.sum())]
     print("RESULT" + json.dumps(res))
 """)
 
 
 @pytest.mark.cudasim
 def test_composition_on_cuda_equals_cpu_under_simulator(tmp_path):
-    res = cuda_simulator_errors(CUDASIM_SCRIPT, tmp_path, entries=9)
+    res = cuda_simulator_errors(CUDASIM_SCRIPT, tmp_path, entries=10)
     for f in range(4):
         assert res[f"frame{f}"][0] == 0, f  # voxel for voxel (and the empty-space grid)
     assert res["restored"][1] >= 1  # a device buffer was reused on the same grid (restore path)
     assert res["resident"][0] == 0  # the composed frame stayed on the device
+    assert res["clean_occ"][0] == 0

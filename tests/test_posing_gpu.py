@@ -115,18 +115,52 @@ CUDASIM_SCRIPT = textwrap.dedent("""
     # the cases exercised: solved, air, unreached, and nodes that the air border turned to air
     res["cases"] = [0, float(min((pc == 1).sum(), (pc == 2).sum() + 1, (pc == 0).sum(), (sc != pc).sum() + 1))]
     res["border_air"] = [0, float((sc != pc).sum())]
+
+    # (3) the slab order on the device (a stable counting sort, 11 chunks of 64 points) equals the
+    # host's: points below and beyond the slabs (clipped), and many in one slab (ties by index)
+    wn7 = np.array([7, 6, 5], np.int64)
+    yk = rng.uniform(-25.0, 40.0, (700, 3))
+    yk[::5] = yk[1::5][: len(yk[::5])]  # repeated points: equal g0
+    ninv7, g07, order7, starts7 = A._slab_order(yk, waff, wn7)
+    r = {}
+    dord, dstarts, dg0 = A._device_slab_order(g, r, cuda.to_device(yk), cuda.to_device(ninv7), 7, 64)
+    res["slab_order"] = [int(np.count_nonzero(dord.copy_to_host() != order7))
+                         + int(np.count_nonzero(dstarts.copy_to_host() != starts7))
+                         + int(np.count_nonzero(dg0.copy_to_host() != g07)), float(len(order7))]
+    res["slab_cases"] = [0, float(min(starts7[1], len(yk) - starts7[-2], 1 + len(yk) - len(np.unique(g07))))]
+
+    # (4) the warp's summary by device reductions equals numpy's (p99 of the solved residuals:
+    # coarse values, so the ranks interpolated between repeat, then distinct values)
+    ties = []
+    for case, step in (("repeats", 0.05), ("distinct", 0.0)):
+        st4 = rng.choice(np.array([0, 1, 1, 1, 2], np.int8), 500)
+        r4 = rng.exponential(0.3, 500)
+        if step:
+            r4 = np.minimum(np.round(r4 / step) * step, 0.6)  # the top 13 % all 0.6
+        sm = A._device_summary(g, r, cuda.to_device(st4), cuda.to_device(r4))
+        sol = r4[st4 == 1]
+        ns = int(sm[0])
+        want = [len(sol), int(np.sum(st4 == 2)), float(np.percentile(sol, 99)), float(sol.max()),
+                float(np.mean(sol > 0.5))]
+        got = [ns, int(sm[1]), A._percentile_from_ranks(ns, 0.99, sm[4], sm[5]), float(sm[3]), float(sm[2] / ns)]
+        res["summary_" + case] = [sum(abs(float(a) - float(b)) for a, b in zip(want, got)), float(len(sol))]
+        srt, kk = np.sort(sol), int(np.floor((len(sol) - 1) * 0.99))
+        ties.append(srt[kk] == srt[kk + 1])
+    res["summary_cases"] = [0, float(ties == [True, False])]  # both branches of the next rank
     print("RESULT" + json.dumps(res))
 """)
 
 
 @pytest.mark.cudasim
 def test_posing_kernels_on_cuda_equal_cpu_under_simulator(tmp_path):
-    res = cuda_simulator_errors(CUDASIM_SCRIPT, tmp_path, entries=10)
+    res = cuda_simulator_errors(CUDASIM_SCRIPT, tmp_path, entries=15)
     # the simulator evaluates the bodies' IEEE operations in the CPU kernels' order: equal to the bit
     for key, (diff, _) in res.items():
         assert diff == 0, key
     assert res["inverse_status"][0] == 0  # every node's status (solved, air, unreached) as on the CPU
     assert res["cases"][1] >= 1  # solved, air and unreached nodes all occur
+    assert res["slab_cases"][1] >= 1  # clipped points at both ends and equal first coordinates occur
+    assert res["summary_cases"][1] == 1  # the p99's two ranks equal in one case, distinct in the other
 
 
 POSED_SCRIPT = textwrap.dedent("""
@@ -137,27 +171,47 @@ POSED_SCRIPT = textwrap.dedent("""
     load_package("ctwin")
     import numpy as np
     from test_articulated import _knee_flexion, synthetic_ct
-    from ctwin.core.drr.projector import compose_scene
+    from ctwin.core.drr.carm import default_views
+    from ctwin.core.drr.device_transfers import count_transfers
+    from ctwin.core.drr.projector import OnDevice, compose_scene
     from ctwin.core.twin import articulated as A
 
     ct, seg, names = synthetic_ct()
     art = A.prepare_articulated(ct, seg, names, weight_spacing_mm=8.0)
+    A._DevicePosing.CHUNK = 16  # several chunks of the slab sort on this small twin
+    g = default_views(ct.bbox_world(), size=8)["ap"]
     res = {}
     for f, deg in enumerate((30.0, -20.0)):  # the second pose reuses the device-resident arrays
         jd = _knee_flexion(deg)
         a = A.posed_scene(art, {}, jd, warp_spacing_mm=12.0)
-        b = A.posed_scene(art, {}, jd, warp_spacing_mm=12.0, device="cuda")
-        wa, wb = a.warp[0], b.warp[0]
+        with count_transfers() as led:
+            b = A.posed_scene(art, {}, jd, warp_spacing_mm=12.0, device="cuda")
+            img = A.render_posed(b, g, device="cuda")
+        # the displacement grid stayed on the device (composed there in place)
+        res[f"on_device{f}"] = [0 if isinstance(b.warp[0], OnDevice) and b.warp[0]._host is None else 1, 1]
+        wa, wb = a.warp[0], np.asarray(b.warp[0])
         same_nan = bool(np.array_equal(np.isnan(wa), np.isnan(wb)))
         fin = np.isfinite(wa)
         res[f"warp{f}"] = [float(np.abs(wa[fin] - wb[fin]).max()) + (0 if same_nan else 1e9), float(np.abs(wa[fin]).max())]
-        res[f"info{f}"] = [sum(abs(a.info[k] - b.info[k]) for k in ("solved_nodes", "air_nodes", "residual_mm_max")),
-                           float(a.info["solved_nodes"])]
-        # the device copy of the grid is the one the composition on the device takes
-        dw = art._cache["scene_resident"]["d_warp"]
-        res[f"device_copy{f}"] = [0 if dw[0] is wb else 1, 1]
+        res[f"info{f}"] = [0 if a.info == b.info else 1, float(a.info["solved_nodes"])]  # every key, exactly
         fc, fg = compose_scene(a, "cpu"), compose_scene(b, "cuda").host()
-        res[f"frame{f}"] = [int(np.count_nonzero(fc.flat != fg.flat)), float(np.abs(fc.flat.astype(np.int64)).max())]
+        fh = compose_scene(b, "cpu")  # the device's grid read on the host (the --kvp physics' path)
+        res[f"frame{f}"] = [int(np.count_nonzero(fc.flat != fg.flat)) + int(np.count_nonzero(fc.flat != fh.flat)),
+                            float(np.abs(fc.flat.astype(np.int64)).max())]
+        ref = A.render_posed(a, g, device="cpu")
+        res[f"image{f}"] = [float(np.abs(ref - img).max()), float(ref.max())]
+        if f == 1:
+            # per frame up: the joint transforms; the grid's maps (2 x 3 x 4) and shape once sized; the
+            # composition's float64 and int64 parameters (the warp's maps, the parts' placements); the
+            # render's geometry and the frame's index map. Down: the points' bounds and the warp's
+            # summary (6 float64 each) and the image
+            nparts = len(b.parts)
+            up = [len(art.weight_joints) * 96, 192 + 24, 8 * (33 + 12 * nparts) + 8 * (9 + 10 * nparts),
+                  g.packed().nbytes + 96]
+            down = 48 + 48 + img.nbytes
+            sys.stderr.write(led.summary() + "\\n")
+            res["transfers_up"] = [abs(led.total("up") - sum(up)) + abs(led.count("up") - 7), float(sum(up))]
+            res["transfers_down"] = [abs(led.total("down") - down) + abs(led.count("down") - 3), float(down)]
     print("RESULT" + json.dumps(res))
 """)
 
@@ -165,9 +219,11 @@ POSED_SCRIPT = textwrap.dedent("""
 @pytest.mark.cudasim
 def test_posed_scene_on_cuda_equals_cpu_under_simulator(tmp_path):
     """``posed_scene(..., device="cuda")`` on a small leg CT (knee flexed 30 then -20 degrees): the
-    warp, its summary and the frame composed on the device from the device copy of the warp equal the
-    CPU's."""
-    res = cuda_simulator_errors(POSED_SCRIPT, tmp_path, entries=8)
+    warp, its summary, the frame composed on the device from the grid left there, and the DRR equal the
+    CPU's; per new pose only the joint transforms and a few hundred bytes of parameters go up, and the
+    image and 12 scalars come back (``device_transfers.count_transfers``)."""
+    res = cuda_simulator_errors(POSED_SCRIPT, tmp_path, entries=12)
     for f in range(2):
         assert res[f"warp{f}"][0] == 0 and res[f"info{f}"][0] == 0 and res[f"frame{f}"][0] == 0, f
-        assert res[f"device_copy{f}"][0] == 0
+        assert res[f"on_device{f}"][0] == 0 and res[f"image{f}"][0] == 0, f
+    assert res["transfers_up"][0] == 0 and res["transfers_down"][0] == 0

@@ -1403,6 +1403,36 @@ def cuda_fill_u8(arr, src, copy):
         arr[p] = src[p] if copy != 0 else 0
 
 
+def cuda_clean_occ(out, bocc, o0, o1, o2, b0, b1, b2, s0, s1, s2):
+    """A composed grid's clean empty-space grid (``projector._base_occupancy``) from the base's, on the
+    device, a thread per block of the grid (o0 x o1 x o2 blocks): the base's b0 x b1 x b2 blocks
+    ``bocc`` shifted by (s0, s1, s2) blocks, and on each axis with a shift the layer before the base's
+    first one OR-ed with it (in axis order, which is the OR over the product of each axis's one or two
+    source layers)."""
+    p = cuda.grid(1)  # noqa: F821
+    if p < o0 * o1 * o2:
+        a = p // (o1 * o2)
+        r = p - a * (o1 * o2)
+        b = r // o2
+        c = r - b * o2
+        v = 0
+        for ia in range(2):
+            if ia == 1 and not (s0 > 0 and a == s0 - 1):
+                continue
+            i = (a if ia == 0 else s0) - s0
+            for ib in range(2):
+                if ib == 1 and not (s1 > 0 and b == s1 - 1):
+                    continue
+                j = (b if ib == 0 else s1) - s1
+                for ic in range(2):
+                    if ic == 1 and not (s2 > 0 and c == s2 - 1):
+                        continue
+                    k = (c if ic == 0 else s2) - s2
+                    if i >= 0 and j >= 0 and k >= 0 and i < b0 and j < b1 and k < b2:
+                        v |= bocc[(i * b1 + j) * b2 + k]
+        out[p] = v
+
+
 # (function, numba.njit options besides cache=True), compiled by _compose_build()
 _COMPOSE_DEFS = (
     ("claims", {"inline": "always"}),
@@ -1429,7 +1459,8 @@ _COMPOSE_DEFS = (
 # the per-element bodies that the CUDA drivers share with the CPU ones (device functions there)
 _COMPOSE_SHARED = ("claims", "lerp3", "_hu_at", "_to_i16", "_mark", "_any_occ", "warp_diag", "cell_moved",
                    "warp_cell", "subs_part_row", "subs_row", "subs_span", "mark_box", "restore_row")
-_COMPOSE_CUDA = ("cuda_compose_warp", "cuda_compose_subs", "cuda_mark_boxes", "cuda_restore_blocks", "cuda_fill_u8")
+_COMPOSE_CUDA = ("cuda_compose_warp", "cuda_compose_subs", "cuda_mark_boxes", "cuda_restore_blocks", "cuda_fill_u8",
+                 "cuda_clean_occ")
 
 
 def _compose_build():
@@ -1461,7 +1492,7 @@ def compose_cuda_namespace(decorate, extra: dict) -> dict:
 
 
 def compose_cuda_kernels() -> dict:
-    """{'warp', 'subs', 'mark_boxes', 'restore_blocks', 'fill_u8'}: the CUDA scene-composition
+    """{'warp', 'subs', 'mark_boxes', 'restore_blocks', 'fill_u8', 'clean_occ'}: the CUDA scene-composition
     kernels, built from the same bodies as the CPU ones (compiled lazily)."""
     global _COMPOSE_GPU
     if _COMPOSE_GPU is None:

@@ -176,6 +176,44 @@ def _on_device(a) -> bool:
     return a is not None and not isinstance(a, np.ndarray) and hasattr(a, "copy_to_host")
 
 
+class OnDevice:
+    """An array that stays in device memory and is copied to the host only when read there: the
+    displacement grid posed on the GPU (``articulated.posed_scene(..., device="cuda")``), which the
+    composition on the device reads in place (``device``). Reading it as a numpy array
+    (``np.asarray``, ``reshape``, indexing) copies it back once."""
+
+    def __init__(self, device, shape=None):
+        self.device = device
+        self.shape = tuple(int(v) for v in (device.shape if shape is None else shape))
+        self.dtype = np.dtype(device.dtype)
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape))
+        self.nbytes = self.size * self.dtype.itemsize
+        self._host = None
+
+    def host(self) -> np.ndarray:
+        if self._host is None:
+            self._host = self.device.copy_to_host().reshape(self.shape)
+        return self._host
+
+    def device_view(self):
+        """The device array in this shape."""
+        return self.device.reshape(self.shape) if tuple(self.device.shape) != self.shape else self.device
+
+    def __array__(self, dtype=None, copy=None):
+        h = self.host()
+        return h if dtype is None else h.astype(dtype, copy=False)
+
+    def reshape(self, *shape):
+        return self.host().reshape(*shape)
+
+    def __getitem__(self, key):
+        return self.host()[key]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
 @dataclass
 class PreparedVolume:
     """A volume in the kernels' compact resident form (see module docstring)."""
@@ -881,8 +919,9 @@ def compose_scene(scene: Scene, device: str = "cpu") -> PreparedVolume:
 
     ``device``: "cpu" (numba parallel), "cuda" (the same per-cell / per-row bodies as CUDA
     kernels: the base, the parts, the fine air grids and the frame buffers stay on the GPU; per
-    frame the displacement grid and the parts' placements go up, and the frame stays there: the
-    returned volume holds device arrays, which ``render_drr`` renders in place) or "auto"."""
+    frame the parts' placements and the grid's layout go up in two copies, and the displacement grid
+    unless it was posed on the device (an ``OnDevice``); the frame stays there: the returned volume
+    holds device arrays, which ``render_drr`` renders in place) or "auto"."""
     pk = scene._pack()
     base: PreparedVolume = pk["base"]
     if base.quantity != "hu" or (scene.parts and pk["slin"][0] == 0.0):
@@ -906,7 +945,8 @@ def compose_scene(scene: Scene, device: str = "cpu") -> PreparedVolume:
         keep = disp
         wn = np.asarray(disp.shape[:3], np.int64)
         if np.all(wn >= 2):
-            d32 = np.ascontiguousarray(disp, dtype=np.float32)
+            # a grid posed on the device stays there for the composition there
+            d32 = disp if isinstance(disp, OnDevice) and dev == "cuda" else np.ascontiguousarray(disp, np.float32)
             G = (invert_affine(waff) @ base.affine)[:3]
             G[np.abs(G) < 1e-12 * np.abs(G).max()] = 0.0
             warp = (d32, np.ascontiguousarray(G), np.ascontiguousarray((binv @ waff)[:3]),
@@ -1019,8 +1059,21 @@ def _compose_cuda(scene: Scene, pk: dict, base: PreparedVolume, bn, on, shift, o
     d_base = base.gpu("flat", base.flat)
     if "d_bn" not in pk:
         pk["d_bn"] = cuda.to_device(np.asarray(bn, np.int64))
-    d_on = cuda.to_device(np.asarray(on, np.int64))
-    d_shift = cuda.to_device(np.asarray(shift, np.int64))
+    # the frame's small parameters in two uploads (each copy costs a round trip's latency): float64
+    # (the warp's G, Ginv, B; the parts' S) and int64 (the grid's shape and shift, the warp's shape;
+    # the parts' aligned offsets and boxes)
+    fl = [np.zeros(0)]
+    it = [np.asarray(on, np.int64), np.asarray(shift, np.int64)]
+    if warp is not None:
+        fl += [np.ravel(warp[1]), np.ravel(warp[2]), np.ravel(warp[3])]
+        it.append(np.asarray(warp[4], np.int64))
+    if subs is not None:
+        fl.append(np.ravel(subs[0]))
+        it += [np.ravel(subs[1]), np.ravel(subs[2])]
+    d_fl = cuda.to_device(np.concatenate(fl).astype(np.float64)) if len(fl) > 1 else None
+    d_it = cuda.to_device(np.concatenate(it).astype(np.int64))
+    d_on, d_shift = d_it[0:3], d_it[3:6]
+    fo, io = 0, 6  # next unread float, int
     air = int(_AIR_HU)
     state = scene._buffer_state.pop(id(buf), None)
     nrows = int(np.prod(ob)) * BLOCK * BLOCK
@@ -1032,9 +1085,12 @@ def _compose_cuda(scene: Scene, pk: dict, base: PreparedVolume, bn, on, shift, o
         occ = cuda.device_array(tuple(int(v) for v in ob), np.uint8)
         _launch(kc["restore_blocks"], nrows, out, d_on, d_shift, d_base, pk["d_bn"], dirty, air, 1)
     clean = scene.resident.setdefault("d_clean_occ", {})
-    if layout not in clean:  # the clean grid's occupancy (the base's, shifted), once per layout
+    if layout not in clean:  # the clean grid's occupancy (the base's, shifted), once per layout, on the device
         clean.clear()
-        clean[layout] = cuda.to_device(np.ascontiguousarray(_base_occupancy(base, bn, on, shift)[0]).reshape(-1))
+        bb, bo = -(-bn // BLOCK), shift // BLOCK
+        clean[layout] = cuda.device_array(int(np.prod(ob)), np.uint8)
+        _launch(kc["clean_occ"], int(np.prod(ob)), clean[layout], base.gpu("occ", base.occupancy()),
+                *(int(v) for v in ob), *(int(v) for v in bb), *(int(v) for v in bo))
     flat_dirty = dirty.reshape(dirty.size)
     flat_occ = occ.reshape(occ.size)
     _launch(kc["fill_u8"], dirty.size, flat_dirty, flat_dirty, 0)
@@ -1044,12 +1100,11 @@ def _compose_cuda(scene: Scene, pk: dict, base: PreparedVolume, bn, on, shift, o
         if "d_fine_air" not in pk:
             pk["d_fine_air"] = tuple(cuda.to_device(a) for a in _fine_air(wbase, pk))
         focc, fcum = pk["d_fine_air"]
-        # a displacement grid posed on the device (``articulated.posed_scene(..., device="cuda")``) is there
-        dw = scene.resident.get("d_warp")
-        d_disp = dw[1] if dw is not None and dw[0] is d32 else cuda.to_device(d32)
+        d_disp = d32.device_view() if isinstance(d32, OnDevice) else cuda.to_device(d32)
+        d_G, d_Ginv, d_B = d_fl[0:12].reshape(3, 4), d_fl[12:24].reshape(3, 4), d_fl[24:33].reshape(3, 3)
+        fo, io = 33, 9
         _launch(kc["warp"], int(np.prod(wn - 1)), out, occ, d_on, d_shift, wbase.gpu("flat", wbase.flat), pk["d_bn"],
-                focc, fcum, cuda.to_device(G), cuda.to_device(Ginv), cuda.to_device(wn), d_disp,
-                cuda.to_device(B), float(_AIR_HU), dirty, bool(warp_diag(G)))
+                focc, fcum, d_G, d_Ginv, d_it[6:9], d_disp, d_B, float(_AIR_HU), dirty, bool(warp_diag(G)))
     if subs is not None:
         S, aligned, boxes, order = subs
         if "d_parts" not in pk:
@@ -1060,9 +1115,12 @@ def _compose_cuda(scene: Scene, pk: dict, base: PreparedVolume, bn, on, shift, o
         d_offs, d_sns, d_order, d_spans, d_soffs = pk["d_parts"]
         i_lo, i_hi, j_lo, j_hi = subs_span(on, boxes, order)
         ni, nj = max(i_hi - i_lo + 1, 0), max(j_hi - j_lo + 1, 0)
-        d_boxes = cuda.to_device(boxes)
+        n = len(boxes)
+        d_S = d_fl[fo:fo + 12 * n].reshape(n, 3, 4)
+        d_aligned = d_it[io:io + 4 * n].reshape(n, 4)
+        d_boxes = d_it[io + 4 * n:io + 10 * n].reshape(n, 6)
         _launch(kc["subs"], ni * nj, out, occ, d_on, d_shift, pk["d_sdata"], pk["d_smask"], d_offs, d_sns,
-                cuda.to_device(S), cuda.to_device(aligned), d_boxes, d_order, d_spans, d_soffs, float(_AIR_HU),
+                d_S, d_aligned, d_boxes, d_order, d_spans, d_soffs, float(_AIR_HU),
                 int(i_lo), int(j_lo), int(ni), int(nj))
         _launch(kc["mark_boxes"], len(boxes), dirty, d_boxes)
     return out, flat_occ, buf, {"buffer": buf, "layout": layout, "dirty": dirty, "occ": occ}

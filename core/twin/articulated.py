@@ -54,7 +54,7 @@ from ..fileio import atomic_path, write_json
 from ..drr.kernels import claims, compile_shared, lerp3
 from ..volumes.labels import is_skeletal, joint_for_label
 from ..progress import report
-from ..drr.projector import PlacedVolume, Scene, _grid_from_bounds, compose_scene, render_scene, resolve_device
+from ..drr.projector import OnDevice, PlacedVolume, Scene, _grid_from_bounds, compose_scene, render_scene, resolve_device
 from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, forward_kinematics, rodrigues
 from ..volumes.volume import Volume, apply_transform, invert_affine, resample_onto
 # Imported where used, so that importing this module stays light: numba (heavy or optional third-party packages).
@@ -891,11 +891,157 @@ def cuda_border_air(status, disp):
         border_air(status, disp, n, n + 1)
 
 
+# Device-only steps of a pose on the GPU, so that per pose only the joint transforms go up and a few
+# scalars come back (``_DevicePosing``): the skinned points' grid bounds, their slab order (a counting
+# sort) and the warp's summary (``scene.info``), each equal to the host's computation bit for bit.
+def cuda_point_bounds(ys, M, out):
+    """out[0:3] = min, out[3:6] = max over the points of ``M @ ys`` (3x4, ``_points_to``'s
+    arithmetic: the skinned points in CT index space); out starts at (+inf, -inf)."""
+    n = cuda.grid(1)  # noqa: F821
+    if n < ys.shape[0]:
+        for r in range(3):
+            v = ys[n, 0] * M[r, 0] + ys[n, 1] * M[r, 1] + ys[n, 2] * M[r, 2] + M[r, 3]
+            cuda.atomic.min(out, r, v)  # noqa: F821
+            cuda.atomic.max(out, 3 + r, v)  # noqa: F821
+
+
+def cuda_fill_scalars(out, lo, hi, v0, v1):
+    """out[lo:hi] = v0 and out[hi:] = v1 (one thread)."""
+    if cuda.grid(1) == 0:  # noqa: F821
+        for i in range(out.shape[0]):
+            out[i] = v0 if (i >= lo and i < hi) else v1
+
+
+def cuda_slab_keys(ys, ninv, nslab, chunk, g0, slab, counts):
+    """Per chunk of ``chunk`` points (a thread each): every point's first node coordinate g0 and node
+    slab (``_slab_order``'s arithmetic), and the chunk's count per slab (counts[c, :nslab])."""
+    c = cuda.grid(1)  # noqa: F821
+    n = ys.shape[0]
+    if c * chunk < n:
+        for j in range(nslab):
+            counts[c, j] = 0
+        for s in range(c * chunk, min((c + 1) * chunk, n)):
+            g = ys[s, 0] * ninv[0, 0] + ys[s, 1] * ninv[0, 1] + ys[s, 2] * ninv[0, 2] + ninv[0, 3]
+            g0[s] = g
+            if g < 0.0:  # np.clip(np.floor(g), 0, nslab - 1)
+                k = 0
+            elif g >= nslab - 1:
+                k = nslab - 1
+            else:
+                k = int(math.floor(g))
+            slab[s] = k
+            counts[c, k] += 1
+
+
+def cuda_slab_scan(counts, nchunk, nslab, starts):
+    """Per slab j (a thread each): counts[:, j] -> its exclusive running sum over the chunks, the
+    slab's total in starts[j + 1] (``cuda_slab_starts`` then sums those up)."""
+    j = cuda.grid(1)  # noqa: F821
+    if j < nslab:
+        run = 0
+        for c in range(nchunk):
+            t = counts[c, j]
+            counts[c, j] = run
+            run += t
+        starts[j + 1] = run
+
+
+def cuda_slab_starts(starts, nslab):
+    """starts[0] = 0 and starts[j + 1] = the first position after slab j (one thread)."""
+    if cuda.grid(1) == 0:  # noqa: F821
+        starts[0] = 0
+        for j in range(nslab):
+            starts[j + 1] += starts[j]
+
+
+def cuda_slab_scatter(slab, chunk, counts, starts, order):
+    """Per chunk (a thread each, its points in index order): each point goes to the next place of its
+    slab after the earlier chunks' points of that slab: the points by slab, in index order within a
+    slab (numpy's stable argsort of the slabs)."""
+    c = cuda.grid(1)  # noqa: F821
+    n = slab.shape[0]
+    if c * chunk < n:
+        for s in range(c * chunk, min((c + 1) * chunk, n)):
+            k = slab[s]
+            order[starts[k] + counts[c, k]] = s
+            counts[c, k] += 1
+
+
+def cuda_warp_summary(status, res, out):
+    """The warp's summary by atomics: out[0] solved nodes, out[1] air nodes, out[2] solved nodes with a
+    residual above 0.5 mm, out[3] the largest solved residual (out starts at 0)."""
+    n = cuda.grid(1)  # noqa: F821
+    if n < status.shape[0]:
+        st = status[n]
+        if st == 1:
+            cuda.atomic.add(out, 0, 1.0)  # noqa: F821
+            cuda.atomic.max(out, 3, res[n])  # noqa: F821
+            if res[n] > 0.5:
+                cuda.atomic.add(out, 2, 1.0)  # noqa: F821
+        elif st == 2:
+            cuda.atomic.add(out, 1, 1.0)  # noqa: F821
+
+
+def cuda_select_hist(status, keys, sel, shift, hist):
+    """One pass of the radix select of a solved residual's rank (``cuda_select_pick``): the solved
+    nodes whose residual's bits (``keys``: the float64 bits as int64, ordered as the non-negative
+    residuals) above ``shift + 8`` equal the selection's so far, counted by their 8 bits at ``shift``."""
+    n = cuda.grid(1)  # noqa: F821
+    if n < status.shape[0] and status[n] == 1:
+        k = keys[n]
+        if shift == 56 or (k >> (shift + 8)) == (sel[0] >> (shift + 8)):
+            cuda.atomic.add(hist, (k >> shift) & 255, 1)  # noqa: F821
+
+
+def cuda_select_pick(hist, sel, shift):
+    """One thread: the 8-bit digit at ``shift`` of the element of rank sel[1] among those counted in
+    ``hist`` (sel[0] |= digit << shift, sel[1] -= the elements of smaller digits, sel[2] = the
+    count of the chosen digit); ``hist`` back to zero."""
+    if cuda.grid(1) == 0:  # noqa: F821
+        cum = 0
+        done = False
+        for d in range(256):
+            c = hist[d]
+            hist[d] = 0
+            if not done and cum + c > sel[1]:
+                sel[0] |= d << shift
+                sel[1] -= cum
+                sel[2] = c
+                done = True
+            cum += c
+
+
+def cuda_select_init(out, q, sel):
+    """One thread: the ranks that ``numpy.percentile(solved, 100 q)`` interpolates between (numpy's
+    'linear' method: virtual index (n - 1) q), n = out[0]: sel[1] = floor((n - 1) q), sel[0] = 0."""
+    if cuda.grid(1) == 0:  # noqa: F821
+        n = out[0]
+        sel[0] = 0
+        sel[1] = int(math.floor((n - 1.0) * q)) if n > 0 else 0
+        sel[2] = 0
+
+
+def cuda_select_next(status, res, keys, sel, out):
+    """After the select: out[4] = the selected residual, out[5] = the next one in order (the same
+    value when the selected one repeats, else the smallest larger solved residual, atomics)."""
+    n = cuda.grid(1)  # noqa: F821
+    if n < status.shape[0] and status[n] == 1:
+        k = keys[n]
+        if k == sel[0]:
+            out[4] = res[n]
+            if sel[1] + 1 < sel[2]:
+                out[5] = res[n]
+        elif k > sel[0]:
+            cuda.atomic.min(out, 5, res[n])  # noqa: F821
+
+
 # the per-element bodies that the CUDA drivers share with the CPU ones (device functions there)
 _POSING_SHARED = ("_clampf", "_blend", "_resid", "blend_node", "forward_points", "splat_rows", "inverse_nodes",
                   "border_mark", "border_air")
 _POSING_CUDA = ("cuda_blend_field", "cuda_forward_blend", "cuda_fill_nearest", "cuda_splat_nearest",
-                "cuda_inverse_lbs_nodes", "cuda_border_mark", "cuda_border_air")
+                "cuda_inverse_lbs_nodes", "cuda_border_mark", "cuda_border_air", "cuda_point_bounds",
+                "cuda_fill_scalars", "cuda_slab_keys", "cuda_slab_scan", "cuda_slab_starts", "cuda_slab_scatter",
+                "cuda_warp_summary", "cuda_select_init", "cuda_select_hist", "cuda_select_pick", "cuda_select_next")
 
 
 # (function, numba.njit options besides cache=True), compiled by _kernels()
@@ -1037,9 +1183,10 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
 
     ``device="cuda"`` (or ``"auto"`` where a GPU is usable): the posing kernels run on the GPU
     (``posing_cuda_kernels``; the weight field, the tissue points and the work arrays stay there), the
-    same warp as on the CPU up to the GPU's rounding; the displacement grid comes back for the scene
-    and its device copy is kept for the composition on the device (``compose_scene(scene, "cuda")``
-    does not upload it again).
+    same warp and ``info`` as on the CPU up to the GPU's rounding. Per pose the joint transforms go up
+    and a few scalars come back (the skinned points' bounds, the warp's summary); the displacement grid
+    stays on the device (``scene.warp[0]`` is a ``core.drr.projector.OnDevice``, which
+    ``compose_scene(scene, "cuda")`` reads in place and which is copied to the host only if read there).
     """
     device = resolve_device(device)  # "auto": the GPU where one is usable
     if air_miss_mm is not None and not float(air_miss_mm) > 0:
@@ -1197,11 +1344,17 @@ def _node_buffers(art: ArticulatedCT, n: int) -> tuple:
 
 class _DevicePosing:
     """The posing kernels of one pose on the GPU (``posing_cuda_kernels``), for ``_inverse_warp_grid``.
+
     Resident in ``art._cache["posing_device"]`` across poses: the sparse weight field, the blended
-    field's buffers, the tissue points of the last set of moved joints, the dilated rest tissue and
-    the per-node work arrays (25 % slack). Per pose the joint transforms go up; the skinned points
-    come back (the grid's bounds and the nearest search's slab order are computed from them on the
-    host), the slab order goes up, and the displacement grid, residuals and status come back."""
+    field's buffers, the tissue points of the last set of moved joints, the CT's world -> index map,
+    the dilated rest tissue, the per-node work arrays and the slab sort's buffers (25 % slack). Per
+    pose the joint transforms go up (n x 3 x 4 float64), then the grid's two 3 x 4 maps (192 B) and
+    shape (24 B) once the host has sized it; back come the skinned points' index bounds (6 float64,
+    48 B: the host sizes the grid from them) and the warp's summary (6 float64, 48 B). The skinned
+    points, their slab order and the displacement grid stay on the device (the grid as an
+    ``OnDevice``, read in place by ``compose_scene(scene, "cuda")``)."""
+
+    CHUNK = 256  # points per thread of the slab sort
 
     def __init__(self, art, prep, D3, moved, sel):
         from numba import cuda
@@ -1215,6 +1368,9 @@ class _DevicePosing:
             n = len(ptr) - 1
             r["P"], r["S"] = cuda.device_array((n, 12)), cuda.device_array(n)
             r["w_inv"] = cuda.to_device(prep["w_inv"])
+            r["ct_inv"] = cuda.to_device(np.ascontiguousarray(invert_affine(art.affine)[:3]))
+            r["Minv0"] = cuda.device_array((1, 3, 4))  # read by no node when no point moved
+            _device_scratch(self.k, r)
         self.D = cuda.to_device(D3)
         shape, ptr, chan, wts = r["W"]
         _launch_posing(self.k["blend_field"], len(ptr) - 1, ptr, chan, wts, self.D, r["P"], r["S"])
@@ -1223,15 +1379,31 @@ class _DevicePosing:
             r["xs"] = cuda.to_device(np.ascontiguousarray(prep["centres"][sel]))
             r["xs_key"] = key
 
-    def forward(self, xs):
+    def _launch1(self, name, *args):
+        self.k[name][1, 1](*args)
+
+    def forward_bounds(self):
+        """Skin the tissue points forward; their bounds in CT index space ((3,), (3,)), or None when
+        there are none."""
         r = self.res
-        n = len(xs)
-        self.ys, self.Minv = self.cuda.device_array((n, 3)), self.cuda.device_array((n, 3, 4))
+        n = r["xs"].shape[0]
+        self.n = n
+        if n == 0:
+            return None
+        if r.get("points", 0) < n:
+            m = int(n * 1.25)
+            r["points"] = m
+            r["ys"], r["Minv"] = self.cuda.device_array((m, 3)), self.cuda.device_array((m, 3, 4))
+        self.ys, self.Minv = r["ys"][:n], r["Minv"][:n]
         _launch_posing(self.k["forward_blend"], n, r["xs"], *r["W"][0], r["P"], r["S"], r["w_inv"], self.D, self.ys,
                        self.Minv)
-        return self.ys.copy_to_host() if n else np.empty((0, 3))
+        out = r["scalars"]
+        self._launch1("fill_scalars", out, 0, 3, math.inf, -math.inf)
+        _launch_posing(self.k["point_bounds"], n, self.ys, r["ct_inv"], out)
+        b = out.copy_to_host()
+        return b[:3], b[3:]
 
-    def nearest(self, ys, waff, wn, R):
+    def nearest(self, waff, wn, R):
         cuda, r = self.cuda, self.res
         N = int(np.prod(wn))
         if r.get("nodes", 0) < N:
@@ -1241,31 +1413,92 @@ class _DevicePosing:
             r["resid"], r["status"] = cuda.device_array(m), cuda.device_array(m, np.int8)
         self.best, self.src = r["best"][:N], r["src"][:N]
         _launch_posing(self.k["fill_nearest"], N, self.best, self.src)
-        self.waff, self.wn = cuda.to_device(np.ascontiguousarray(waff[:3])), cuda.to_device(np.asarray(wn, np.int64))
-        if len(ys):
-            ninv, g0, order, starts = _slab_order(ys, waff, wn)
-            _launch_posing(self.k["splat_nearest"], int(wn[0] * wn[1]), self.ys, cuda.to_device(order),
-                           cuda.to_device(starts), cuda.to_device(g0), self.waff, cuda.to_device(ninv), self.wn,
-                           float(R), self.best, self.src)
+        ninv = invert_affine(waff)[:3]
+        maps = cuda.to_device(np.concatenate([np.ravel(waff[:3]), np.ravel(ninv)]).astype(np.float64))
+        self.waff, ninv_d = maps[:12].reshape(3, 4), maps[12:].reshape(3, 4)
+        self.wn = cuda.to_device(np.asarray(wn, np.int64))
+        if self.n:
+            order, starts, g0 = self._slab_order(ninv_d, int(wn[0]))
+            _launch_posing(self.k["splat_nearest"], int(wn[0] * wn[1]), self.ys, order, starts, g0, self.waff, ninv_d,
+                           self.wn, float(R), self.best, self.src)
+
+    def _slab_order(self, ninv_d, nslab):
+        return _device_slab_order(self.k, self.res, self.ys, ninv_d, nslab, self.CHUNK)
 
     def inverse(self, waff, wn, near, kn, iterations, tol, air_tol, thr):
+        """Inverse skinning and the air border: (the displacement grid as an ``OnDevice`` (N, 3), the
+        summary from ``_device_summary``)."""
         cuda, r = self.cuda, self.res
         N = int(np.prod(wn))
         if r.get("near_key") != kn:
             r["near"], r["near_key"] = cuda.to_device(near), kn
-        disp = cuda.device_array((N, 3), np.float32)
+        disp = cuda.device_array((N, 3), np.float32)  # fresh: the scene keeps it
         resid, status = r["resid"][:N], r["status"][:N]
         _launch_posing(self.k["inverse_lbs_nodes"], N, self.waff, self.wn, *r["W"][0], r["P"], r["S"], r["w_inv"],
-                       self.D, r["near"], self.src, self.Minv, int(iterations), float(tol), float(air_tol), disp,
-                       resid, status)
+                       self.D, r["near"], self.src, self.Minv if self.n else r["Minv0"],
+                       int(iterations), float(tol), float(air_tol), disp, resid, status)
         _launch_posing(self.k["border_mark"], N, self.wn, status, disp, thr * thr)
         _launch_posing(self.k["border_air"], N, status, disp)
-        self.disp = disp
-        return disp.copy_to_host(), resid.copy_to_host(), status.copy_to_host()
+        return OnDevice(disp), _device_summary(self.k, r, status, resid)
 
-    def keep(self, art, warp):
-        """Leave the device copy of ``warp`` (the scene's displacement grid) for the composition."""
-        art._cache.setdefault("scene_resident", {})["d_warp"] = (warp, self.disp.reshape(warp.shape))
+
+def _device_scratch(k, r) -> None:
+    """The few scalars a pose on the device brings back, and the radix select's work arrays."""
+    from numba import cuda
+
+    if "scalars" not in r:
+        r["scalars"] = cuda.device_array(6)  # the points' bounds, then the warp's summary
+        r["sel"] = cuda.device_array(3, np.int64)
+        r["hist"] = cuda.device_array(256, np.int64)
+        k["fill_scalars"][1, 1](r["hist"], 0, 0, 0, 0)
+
+
+def _device_slab_order(k, r, ys, ninv_d, nslab: int, chunk: int) -> tuple:
+    """``_slab_order`` on the device for the points ``ys`` (device, (n, 3)) and the grid's world ->
+    index map ``ninv_d`` (device 3x4): (order, starts, g0) as device arrays, equal to the host's. A
+    stable counting sort: per chunk of ``chunk`` points its count per slab, per slab the running sum
+    over the chunks, the slabs' starts, then each chunk places its points in index order. Its
+    buffers (in ``r``) are kept across poses, with 25 % slack."""
+    from numba import cuda
+
+    n = ys.shape[0]
+    if r.get("points_sort", 0) < n:
+        m = int(n * 1.25) + 1
+        r["points_sort"] = m
+        r["g0"], r["slab"], r["order"] = cuda.device_array(m), cuda.device_array(m, np.int64), \
+            cuda.device_array(m, np.int64)
+    nchunk = -(-n // chunk)
+    cnt = r.get("counts")
+    if cnt is None or cnt.shape[0] < nchunk or cnt.shape[1] < nslab:
+        cnt = cuda.device_array((int(nchunk * 1.25) + 1, int(nslab * 1.25) + 1), np.int64)
+        r["counts"] = cnt
+    if r.get("nstarts", 0) < nslab + 1:
+        r["nstarts"] = int(nslab * 1.25) + 2
+        r["starts"] = cuda.device_array(r["nstarts"], np.int64)
+    g0, slab, order, starts = r["g0"][:n], r["slab"][:n], r["order"][:n], r["starts"][:nslab + 1]
+    _launch_posing(k["slab_keys"], nchunk, ys, ninv_d, nslab, chunk, g0, slab, cnt)
+    _launch_posing(k["slab_scan"], nslab, cnt, nchunk, nslab, starts)
+    k["slab_starts"][1, 1](starts, nslab)
+    _launch_posing(k["slab_scatter"], nchunk, slab, chunk, cnt, starts, order)
+    return order, starts, g0
+
+
+def _device_summary(k, r, status, resid) -> np.ndarray:
+    """The warp's summary from the device's per-node status and residuals, by reductions: 6 float64
+    come back (solved, air and unconverged node counts, the largest solved residual, and the solved
+    residuals at rank floor((n - 1) 0.99) and the next, for ``_percentile_from_ranks``)."""
+    _device_scratch(k, r)
+    N = status.shape[0]
+    out, sel, hist = r["scalars"], r["sel"], r["hist"]
+    k["fill_scalars"][1, 1](out, 5, 6, math.inf, 0.0)
+    _launch_posing(k["warp_summary"], N, status, resid, out)
+    keys = resid.view(np.int64)  # the residuals (>= 0) as their bits: the same order
+    k["select_init"][1, 1](out, 0.99, sel)
+    for shift in range(56, -1, -8):  # the rank's residual, 8 bits a pass from the top
+        _launch_posing(k["select_hist"], N, status, keys, sel, shift, hist)
+        k["select_pick"][1, 1](hist, sel, shift)
+    _launch_posing(k["select_next"], N, status, resid, keys, sel, out)
+    return out.copy_to_host()
 
 
 def _launch_posing(kernel, n: int, *args) -> None:
@@ -1312,20 +1545,23 @@ def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, 
     xs = prep["centres"][sel]
     D3 = np.ascontiguousarray(D[:, :3], dtype=np.float64)
     gpu = _DevicePosing(art, prep, D3, moved, sel) if device == "cuda" else None
+    ct_inv = invert_affine(art.affine)
     if gpu is None:
         Wb = _blended_weights(art, D3)
         ys = np.empty_like(xs)
         Minv = np.empty((len(xs), 3, 4))
         if len(xs):
             k["forward_blend"](xs, Wb, prep["w_inv"], D3, ys, Minv)
+            yi = _points_to(ct_inv, ys)
+            bounds = yi.min(axis=0), yi.max(axis=0)
+        else:
+            bounds = None
     else:
-        ys = gpu.forward(xs)
-    ct_inv = invert_affine(art.affine)
+        bounds = gpu.forward_bounds()  # the skinned points stay on the device
     wsp = np.linalg.norm(art.weight_affine[:3, :3], axis=0)
-    if len(ys):
-        yi = _points_to(ct_inv, ys)
-        lo = np.minimum(lo, yi.min(axis=0) - prep["fac"])
-        hi = np.maximum(hi, yi.max(axis=0) + prep["fac"])
+    if bounds is not None:
+        lo = np.minimum(lo, bounds[0] - prep["fac"])
+        hi = np.maximum(hi, bounds[1] + prep["fac"])
     i0, shape = _grid(art, lo, hi)
     vsp = np.linalg.norm(art.affine[:3, :3], axis=0)
     f = np.maximum(np.rint(spacing / vsp).astype(np.int64), 1)
@@ -1343,7 +1579,7 @@ def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, 
     air_tol = AIR_MISS_NODES * float(node_sp.max()) if air_miss is None else float(air_miss)
     R = float(np.sqrt(3.0) * (node_sp.max() + 0.5 * wsp.max()))
     if gpu is not None:
-        gpu.nearest(ys, waff, wn, R)
+        gpu.nearest(waff, wn, R)
     elif len(ys):
         _nearest_points(ys, waff, wn, R, best, src)
     # rest tissue within a node cell's diagonal of the node (in weight cells)
@@ -1355,24 +1591,41 @@ def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, 
         near = np.ascontiguousarray(ndimage.binary_dilation(prep["occ"], np.ones((3, 3, 3), bool),
                                                             iterations=kn).astype(np.uint8))
         prep[("near", kn)] = near
+    info = {"warp": "inverse_lbs", "warp_shape": [int(v) for v in wn],
+            "warp_spacing_mm": [float(v) for v in node_sp]}
     if gpu is None:
         disp = np.empty((N, 3), np.float32)  # fresh: the scene keeps it (composed frames are keyed by it)
         k["inverse_lbs_nodes"](np.ascontiguousarray(waff[:3]), wn, Wb, prep["w_inv"], D3, near, src,
                                Minv, iterations, tol, air_tol, disp, res, status)
         k["air_border"](wn, status, disp, float(0.5 * node_sp.min()))
+        warp = disp.reshape(tuple(wn) + (3,))
+        solved = res[status == 1]
+        info.update({"solved_nodes": int(len(solved)), "air_nodes": int(np.sum(status == 2)), "air_miss_mm": air_tol,
+                     "residual_mm_p99": float(np.percentile(solved, 99)) if len(solved) else 0.0,
+                     "residual_mm_max": float(solved.max()) if len(solved) else 0.0,
+                     "unconverged_fraction": float(np.mean(solved > 0.5)) if len(solved) else 0.0})
     else:
-        disp, res, status = gpu.inverse(waff, wn, near, kn, iterations, tol, air_tol, float(0.5 * node_sp.min()))
-    warp = disp.reshape(tuple(wn) + (3,))
-    if gpu is not None:
-        gpu.keep(art, warp)
-    solved = res[status == 1]
-    info = {"warp": "inverse_lbs", "warp_shape": [int(v) for v in wn],
-            "warp_spacing_mm": [float(v) for v in node_sp],
-            "solved_nodes": int(len(solved)), "air_nodes": int(np.sum(status == 2)), "air_miss_mm": air_tol,
-            "residual_mm_p99": float(np.percentile(solved, 99)) if len(solved) else 0.0,
-            "residual_mm_max": float(solved.max()) if len(solved) else 0.0,
-            "unconverged_fraction": float(np.mean(solved > 0.5)) if len(solved) else 0.0}
+        disp, sm = gpu.inverse(waff, wn, near, kn, iterations, tol, air_tol, float(0.5 * node_sp.min()))
+        warp = OnDevice(disp.device, tuple(wn) + (3,))  # read on the host only if asked
+        ns = int(sm[0])
+        info.update({"solved_nodes": ns, "air_nodes": int(sm[1]), "air_miss_mm": air_tol,
+                     "residual_mm_p99": _percentile_from_ranks(ns, 0.99, sm[4], sm[5]) if ns else 0.0,
+                     "residual_mm_max": float(sm[3]) if ns else 0.0,
+                     "unconverged_fraction": float(sm[2] / ns) if ns else 0.0})
     return warp, waff, (i0, shape), info
+
+
+def _percentile_from_ranks(n: int, q: float, a: float, b: float) -> float:
+    """``numpy.percentile(x, 100 q)`` (method 'linear') of n values from its two order statistics:
+    a at rank floor((n - 1) q) and b at the next rank (numpy's interpolation, ``numpy.lib
+    .function_base._lerp``)."""
+    vi = (n - 1) * q
+    if vi >= n - 1:
+        return float(a)
+    t = vi - np.floor(vi)
+    a, b = np.float64(a), np.float64(b)
+    d = b - a
+    return float(b - d * (1 - t) if t >= 0.5 else a + d * t)
 
 
 def forward_lbs(art: ArticulatedCT, points, joint_deltas) -> np.ndarray:
