@@ -15,7 +15,8 @@ load_package("ctwin")
 
 # The ./ctwin launcher that tests run as a subprocess uses the environment running the tests
 # (.venv or .venv313), so both halves of a comparison come from the same Python and packages.
-if Path(sys.prefix).resolve().parent == ROOT:
+# (sys.prefix as given, too: a clone whose .venv/.venv313 are links to another clone's)
+if ROOT in (Path(sys.prefix).absolute().parent, Path(sys.prefix).resolve().parent):
     os.environ.setdefault("CTWIN_VENV", Path(sys.prefix).name)
 
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct"

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Runs the test suite in both environments that tools/setup.sh makes, one after the other:
-# .venv (Python 3.11, bpy 5.0.1: Blender 5.0) and .venv313 (Python 3.13, bpy 5.3.0: Blender 5.1+).
+# Runs the test suite in both environments that tools/setup.sh makes: .venv (Python 3.11,
+# bpy 5.0.1: Blender 5.0) and .venv313 (Python 3.13, bpy 5.3.0: Blender 5.1+).
 # Arguments go to pytest in both (e.g. -q, -x, a test file). Exits non-zero if either run fails;
-# the second runs even when the first fails. CTWIN_ENVS=311 or CTWIN_ENVS=313 runs only one.
+# each runs to its end even when the other fails. CTWIN_ENVS=311 or CTWIN_ENVS=313 runs only one.
+#
+# The two suites run at the same time: each spends much of its time on one core (imports, numba
+# compilation, Blender, subprocesses starting), so together they use both cores of a 2-core
+# machine. Each one's output goes to a temporary file and is printed, in order, once both have
+# finished. CTWIN_TEST_SERIAL=1 runs them one after the other with live output instead.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-rc=0
-for env in ${CTWIN_ENVS:-311 313}; do
+
+envs=(${CTWIN_ENVS:-311 313})
+venvs=()
+for env in "${envs[@]}"; do
     case "$env" in
         311) venv=.venv ;;
         313) venv=.venv313 ;;
@@ -17,9 +24,60 @@ for env in ${CTWIN_ENVS:-311 313}; do
         echo "ctwin test: no environment in $venv; run tools/setup.sh first" >&2
         exit 2
     fi
-    echo "ctwin test: $("$venv/bin/python" -c 'import sys, bpy; print("Python %d.%d" % sys.version_info[:2], "bpy", bpy.app.version_string)' 2>/dev/null) ($venv)" >&2
+    venvs+=("$venv")
+done
+
+describe() {
+    echo "ctwin test: $("$1/bin/python" -c 'import sys, bpy; print("Python %d.%d" % sys.version_info[:2], "bpy", bpy.app.version_string)' 2>/dev/null) ($1)"
+}
+
+# One suite: its header line, pytest, its timing line (all on stderr, pytest's output as it is).
+run_one() {
+    local venv=$1 start rc=0
+    shift
+    describe "$venv" >&2
     start=$(date +%s)
     "$venv/bin/python" -m pytest "$@" || rc=1
     echo "ctwin test: $venv finished in $(( $(date +%s) - start )) s" >&2
+    return $rc
+}
+
+rc=0
+if [ "${#venvs[@]}" -eq 1 ] || [ "${CTWIN_TEST_SERIAL:-0}" = 1 ]; then
+    for venv in "${venvs[@]}"; do
+        run_one "$venv" "$@" || rc=1
+    done
+    exit $rc
+fi
+
+logs="$(mktemp -d "${TMPDIR:-/tmp}/ctwin-test.XXXXXX")"
+pids=()
+show() {
+    for i in "${!venvs[@]}"; do
+        cat "$logs/$i.out"
+    done
+}
+stop() {  # Ctrl-C or a kill: interrupt the suites this script started (pytest tears down), show them
+    trap - INT TERM
+    for p in "${pids[@]}"; do
+        kill -INT -- "-$p" 2>/dev/null
+    done
+    wait
+    show
+    exit 130
+}
+trap stop INT TERM
+trap 'rm -rf "$logs"' EXIT
+echo "ctwin test: running ${venvs[*]} at the same time; each one's output follows when both have finished" >&2
+for i in "${!venvs[@]}"; do
+    # a process group of its own (set -m), so that an interrupt ends the whole suite
+    set -m
+    run_one "${venvs[$i]}" "$@" >"$logs/$i.out" 2>&1 &
+    pids+=($!)
+    set +m
 done
+for i in "${!venvs[@]}"; do
+    wait "${pids[$i]}" || rc=1
+done
+show
 exit $rc
