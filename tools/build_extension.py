@@ -20,6 +20,7 @@ manifest points. numpy is not bundled (Blender ships it); torch and smplx are no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -175,6 +176,25 @@ def blender_ext() -> Path:
     fail(f"Blender's extension tool (blender_ext.py) not found near {here}")
 
 
+@contextlib.contextmanager
+def cache_lock():
+    """Held while the wheel cache is filled: two builds at once (the test suites of both
+    environments run side by side) must not download the same wheels into it together, nor
+    read a wheel that the other is still writing."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: builds there run one at a time
+        yield
+        return
+    with open(CACHE / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def download(requirements: list[str], python: str, platform: str) -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     cp = "cp" + python.replace(".", "")
@@ -196,7 +216,14 @@ def download(requirements: list[str], python: str, platform: str) -> None:
 
 def wanted_wheels(fetch: bool) -> dict[tuple[str, str, str], str]:
     """{(package, python, platform): wheel file name} for every bundled package; downloads the
-    missing ones when ``fetch``."""
+    missing ones when ``fetch`` (under ``cache_lock``)."""
+    if fetch:
+        with cache_lock():
+            return _wanted_wheels(True)
+    return _wanted_wheels(False)
+
+
+def _wanted_wheels(fetch: bool) -> dict[tuple[str, str, str], str]:
     want = bundled_pins()
     out: dict[tuple[str, str, str], str] = {}
     for platform in PLATFORMS:
