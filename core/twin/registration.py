@@ -138,7 +138,8 @@ ROOT_DISTINCT = (5.0, 15.0)  # degrees, mm: root optima closer than both are one
 # included) and of the trunk (root, spine and neck), run at these levels (indices into ``levels``)
 # from the level's pose so far: (group, span in degrees per joint axis, evaluations). Measured on
 # the reduced benchmark with the weaker prior below (README, "Pose from X-ray"): mean of the
-# means 7.4 -> 6.9 mm, 3 -> 4 of 7 converged; the weaker prior alone: 7.6 mm
+# means 7.4 -> 6.9 mm, 3 -> 4 of 7 converged (AP + lateral); the weaker prior alone: 7.6 mm. From
+# AP alone the pair is worse (25.9 -> 35.2 mm: one flexed hip swung to the wrong side of the beam)
 EVOLVE_LEVELS = (0, 1)
 _ARM, _TRUNK = ("collar", "shoulder", "elbow"), ("spine1", "spine2", "spine3", "neck")
 EVOLVE_GROUPS = {  # per level index: (group, its joints, span in degrees, evaluations)
