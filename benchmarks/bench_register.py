@@ -104,11 +104,32 @@ def main() -> int:
                     choices=["blend-uniform", "blend-hu", "rigid-uniform", "rigid-hu"],
                     help="the registration's soft-tissue model (core.twin.registration.bone_cloud): blocks "
                          "moved by the blend of their joints or rigidly with one, water or the CT's HU")
+    ap.add_argument("--evolve-levels", type=int, nargs="*", default=None,
+                    help="the levels (indices) of the global search of the arm chains and the trunk "
+                         "(core.twin.registration.EVOLVE_LEVELS; none: off; default: the module's)")
+    ap.add_argument("--shoulder-twist-sigma", type=float, default=None,
+                    help="the prior's width (degrees) on the shoulders' rotation about the humerus "
+                         "(rotation vector x; core.twin.registration.PRIOR_AXIS_SIGMA_DEG; default: the module's)")
+    ap.add_argument("--prior-weight", type=float, default=None,
+                    help="the weight of the prior toward the start pose (core.twin.registration.PRIOR_WEIGHT; "
+                         "default: the module's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/bench_register")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     progress.set_quiet(True)
+    if args.evolve_levels is not None:
+        from ctwin.core.twin import registration
+        registration.EVOLVE_LEVELS = tuple(args.evolve_levels)
+    if args.prior_weight is not None:
+        from ctwin.core.twin import registration
+        registration.PRIOR_WEIGHT = args.prior_weight
+    if args.shoulder_twist_sigma is not None:
+        from ctwin.core.twin import registration
+        sig = dict(registration.PRIOR_AXIS_SIGMA_DEG)
+        for side in ("left", "right"):
+            sig[f"{side}_shoulder"] = (args.shoulder_twist_sigma,) + tuple(sig[f"{side}_shoulder"][1:])
+        registration.PRIOR_AXIS_SIGMA_DEG = sig
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

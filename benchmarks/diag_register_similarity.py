@@ -9,7 +9,8 @@ rendered monoenergetic with Poisson noise). Without ``--estimate`` the twin is r
 benchmark's displaced start first. Printed per level (64, 128, 256 px): the summed gradient
 correlation (``core.twin.registration``'s similarity) of the twin posed by the truth's pose vector,
 by the estimate, and by the estimate with one joint group taken from the truth (spine + neck, arms,
-legs), each with its SPEC 6 bone_err; ``--kvp`` renders the polyenergetic condition, ``--bone-gain``
+legs), each with its SPEC 6 bone_err, and the registration's prior penalty (toward the start pose;
+its cost is the penalty less the similarity); ``--kvp`` renders the polyenergetic condition, ``--bone-gain``
 also scores with the bones weighted more or less against the soft tissue, ``--soft-models`` with
 other models of the soft tissue (``rigid-hu``: the registration's default, the CT's HU in blocks each
 rigid with the joint of its largest skinning weight; ``blend-hu``: blocks moved by the blend of their
@@ -43,7 +44,7 @@ GROUPS = {
 def main() -> int:
     from bench_register import displaced_start, random_pose
     from ctwin.core import progress
-    from ctwin.core.body.skeleton import JOINT_INDEX
+    from ctwin.core.body.skeleton import JOINT_INDEX, N_JOINTS
     from ctwin.core.drr.carm import default_views
     from ctwin.core.drr.projector import prepare_volume, render_value
     from ctwin.core.fileio import read_json
@@ -104,6 +105,7 @@ def main() -> int:
     pt = np.asarray(truth_b["pose"], dtype=np.float64)
     tt = twin.transl0_mm + (np.asarray(truth_b["transl"]) - np.asarray(truth_a["transl"]))
     others = {}
+    start_pose = displaced_start(twin, np.random.default_rng([args.seed, ci]))[0]
     if args.estimate:
         recs = [read_json(f) for f in args.estimate]
         pe, te = (np.asarray(recs[0][k], dtype=np.float64) for k in ("pose", "transl"))
@@ -137,11 +139,15 @@ def main() -> int:
             w[cl.bone[cl.owner]] *= gain
             c = replace(cl, weight=w)
         print(f"soft tissue {model}, bone weight x {gain:g}")
-        print(f"{'pose':<34} {'bone_err':>8} " + " ".join(f"{lv:>4} px" for lv in levels))
+        print(f"{'pose':<34} {'bone_err':>8} " + " ".join(f"{lv:>4} px" for lv in levels) + "    prior")
         lvs = [_Level(xr, lv, c) for lv in levels]
         for k, (p, t) in cands.items():
             prob = _Problem(twin, c, xr, p, t, True)
-            print(f"{k:<34} {errs[k]:8.2f} " + " ".join(f"{prob.score(L):7.4f}" for L in lvs))
+            # the registration's prior toward the start (and joint-range penalty): its cost is
+            # this minus the similarity
+            prob.start_pose = start_pose
+            pen = prob._penalty(p, range(1, N_JOINTS))
+            print(f"{k:<34} {errs[k]:8.2f} " + " ".join(f"{prob.score(L):7.4f}" for L in lvs) + f" {pen:8.4f}")
     return 0
 
 

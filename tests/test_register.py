@@ -417,3 +417,35 @@ def test_root_hypotheses_are_the_best_distinct_optima():
     assert np.allclose(got[0][1], [0, 0, 0]) and np.allclose(got[1][1], [40, 0, 0])
     assert np.allclose(got[2][0], optima[2][1])
     assert len(_distinct_roots(optima, 10)) == 4
+
+
+def test_evolve_finds_the_global_optimum_a_local_search_misses():
+    """The global search of a joint group (differential evolution in a box around the current
+    pose, seeded): on a cost with a local minimum at the current pose and a deeper one 30 degrees
+    away on two axes, Powell from the current pose stays put and the search finds the deeper one;
+    the same seed gives the same result, and the box and the joint ranges bound it."""
+    from scipy.optimize import minimize
+
+    from ctwin.core.twin.registration import ROT_UNIT, Evolve
+
+    target = np.radians([30.0, 0.0, -30.0, 0.0, 20.0, 0.0]) / ROT_UNIT
+
+    def cost(x):
+        x = np.asarray(x)
+        return -np.exp(-np.sum(x ** 2) / 4.0) - 2.0 * np.exp(-np.sum((x - target) ** 2) / 4.0)
+
+    blo, bhi = np.full(6, -np.inf), np.full(6, np.inf)
+    r = minimize(cost, np.zeros(6), method="Powell")
+    assert np.linalg.norm(r.x) < 0.5  # the local search keeps the near optimum
+    ev = Evolve(span_deg=45.0, maxfev=2000, seed=3)
+    x = ev.run(cost, [16, 18], blo, bhi)
+    assert np.abs(x - target).max() < 0.3, np.degrees(x * ROT_UNIT)
+    assert np.array_equal(x, Evolve(span_deg=45.0, maxfev=2000, seed=3).run(cost, [16, 18], blo, bhi))
+    # bounded: with a 20 degree box the 30 degree optimum is out of reach, the search stays inside
+    x = Evolve(span_deg=20.0, maxfev=1000, seed=3).run(cost, [16, 18], blo, bhi)
+    assert np.abs(x).max() <= np.radians(20.0) / ROT_UNIT + 1e-9
+    # the joint ranges (here: axis 0 of the first joint at most +10 degrees) clip the box
+    bhi2 = bhi.copy()
+    bhi2[0] = np.radians(10.0) / ROT_UNIT
+    x = Evolve(span_deg=45.0, maxfev=1000, seed=3).run(cost, [16, 18], blo, bhi2)
+    assert x[0] <= bhi2[0] + 1e-9

@@ -36,8 +36,11 @@ Method (no GPU needed; numpy, scipy and numba):
   both legs refined together; the chain grids again (each limb now scored with the other limbs
   placed); the left and right limbs' poses tried exchanged (mirrored; a lateral view superimposes
   the sides) and refined with the root, the better kept; the root; then at every level the root
-  with the spine, then the limb groups from
-  proximal to distal. While one group moves, the structures it cannot move are splatted once and
+  with the spine, then the limb groups from proximal to distal. After the coarsest level (on the
+  best hypothesis) and before the second level's stages, a global search (``Evolve``: seeded
+  differential evolution within +-45 / 30 degrees of the pose so far, its best member refined)
+  of each arm chain (collar + shoulder + elbow, the humerus twist included) and, at the coarsest
+  level, of the root with the spine and neck (``EVOLVE_LEVELS``, ``EVOLVE_GROUPS``). While one group moves, the structures it cannot move are splatted once and
   kept. Powell's method (scipy) with the anatomical joint ranges of ``core.rig.pose.JOINT_LIMITS_DEG``
   as bounds (by projection, with a quadratic penalty outside), a Gaussian prior that pulls each
   joint toward the start pose (wide along the main flexions, tight on the off-axis rotations of the
@@ -131,13 +134,29 @@ JOINT_REFINE = True  # after the limb grids, the root and both legs refined toge
 # search, the best kept (with the limbs at the start pose, a wrong root can outscore the right one)
 ROOT_HYPOTHESES = 3
 ROOT_DISTINCT = (5.0, 15.0)  # degrees, mm: root optima closer than both are one hypothesis
+# the global search (``Evolve``) of each arm chain (collar + shoulder + elbow, the humerus twist
+# included) and of the trunk (root, spine and neck), run at these levels (indices into ``levels``)
+# from the level's pose so far: (group, span in degrees per joint axis, evaluations). Measured on
+# the reduced benchmark with the weaker prior below (README, "Pose from X-ray"): mean of the
+# means 7.4 -> 6.9 mm, 3 -> 4 of 7 converged (AP + lateral); the weaker prior alone: 7.6 mm. From
+# AP alone the pair is worse (25.9 -> 35.2 mm: one flexed hip swung to the wrong side of the beam)
+EVOLVE_LEVELS = (0, 1)
+_ARM, _TRUNK = ("collar", "shoulder", "elbow"), ("spine1", "spine2", "spine3", "neck")
+EVOLVE_GROUPS = {  # per level index: (group, its joints, span in degrees, evaluations)
+    0: (("arm", _ARM, 45.0, 2000), ("trunk", _TRUNK, 12.0, 2000)),
+    1: (("arm", _ARM, 30.0, 1000),),  # 4 times the pixels: the arms only, fewer evaluations
+}
 ROT_UNIT = 0.1  # optimiser units: 0.1 rad (5.7 deg) ...
 TRANS_UNIT = 10.0  # ... and 10 mm
 PRIOR_SIGMA_DEG = 40.0  # Gaussian prior on each joint's change from the start pose ...
-PRIOR_WEIGHT = 0.02  # ... in units of the summed gradient correlation (one view: at most 1)
+# ... in units of the summed gradient correlation (one view: at most 1). At 0.02 the truth's
+# distance from the start cost more than its similarity gains on two of the benchmark's random
+# poses (random_1: +0.028 of prior against +0.001 / +0.005 / +0.011 of similarity at 64 / 128 /
+# 256 px; benchmarks/results/diag_register_search.txt)
+PRIOR_WEIGHT = 0.005
 # per joint and axis (rotation vector x, y, z) where the prior differs: wide along the main
 # movements (hip, knee and elbow flexion, shoulder abduction and flexion: a 90 degree
-# flexion costs 0.011, less than a right limb gains; at 40 degrees a flexed limb stayed straight),
+# flexion costs 0.003, less than a right limb gains; at 40 degrees a flexed limb stayed straight),
 # tight on the off-axis rotations of the knee and elbow hinges (knee varus-valgus laxity 2-5 deg:
 # Markolf et al., J Bone Joint Surg Am 58(5):583-594, 1976)
 PRIOR_AXIS_SIGMA_DEG = {
@@ -910,10 +929,13 @@ class _Problem:
                 for v, T in zip(level.views, self.view_T)]
 
     def optimise(self, level: _Level, joints, name: str, maxfev: int, starts=None, include=None,
-                 search: bool = False, grid=None) -> dict:
+                 search: bool = False, grid=None, evolve=None) -> dict:
         """Powell over the given joints (0 = root rotation + translation), others fixed.
         ``include``: the structures rendered (default all); ``search``: try single-axis offsets of
-        each joint (+-30, +-60 degrees) first and start from the best few."""
+        each joint (+-30, +-60 degrees) first and start from the best few; ``evolve``: a global
+        search first (``Evolve``: scipy's differential evolution within a box around the current
+        pose, seeded, the current pose in its population), Powell then refining its best member
+        as well as the current pose."""
         t0 = time.perf_counter()
         joints = list(joints)
         jset = set(joints)
@@ -1014,6 +1036,8 @@ class _Problem:
             cs = [cost(c) for c in cands]
             order = np.argsort(cs)[:keep]
             cands = [cands[i] for i in order]
+        if evolve is not None:
+            cands.append(evolve.run(cost, joints, blo, bhi))
         best = None
         self.local_optima = [(cost0, base_pose.copy(), base_transl.copy())]  # (cost, pose, transl) per start
         for c in cands:
@@ -1100,6 +1124,51 @@ class _Problem:
     def score(self, level: _Level) -> float:
         T = self.transforms(self.pose, self.transl)
         return level.score(level.render(T, self.level_views(level)))
+
+
+@dataclass
+class Evolve:
+    """A seeded global search of a joint group (``_Problem.optimise(evolve=...)``): scipy's
+    differential evolution (Storn and Price, J Global Optim 11:341-359, 1997) within +-``span_deg``
+    of the current pose on each joint axis (+-``root_deg`` / ``root_mm`` for the root), clipped to
+    the joint ranges, the current pose one member of a Latin hypercube population, each trial
+    vector moved toward the best member and by a random difference ("current-to-best/1/bin": on a
+    cost with a narrow deep optimum 30 degrees from a shallower one at the start, "best/1/bin"
+    collapsed onto the start); ``maxfev`` bounds the evaluations (no early stop). Returns the best
+    member (optimiser units) for Powell to refine."""
+
+    span_deg: float
+    maxfev: int
+    seed: int
+    popsize: int = 8
+    root_deg: float = 5.0
+    root_mm: float = 15.0
+
+    def run(self, cost, joints, blo, bhi) -> np.ndarray:
+        from scipy.optimize import differential_evolution
+
+        lo, hi = [], []
+        for j in joints:
+            if j == 0:
+                r, t = math.radians(self.root_deg) / ROT_UNIT, self.root_mm / TRANS_UNIT
+                lo += [-r] * 3 + [-t] * 3
+                hi += [r] * 3 + [t] * 3
+            else:
+                s = math.radians(self.span_deg) / ROT_UNIT
+                lo += [-s] * 3
+                hi += [s] * 3
+        lo = np.maximum(np.array(lo), blo)
+        hi = np.minimum(np.array(hi), bhi)
+        # a degenerate axis (the limit at the current value) gets a sliver so scipy accepts it
+        hi = np.where(hi - lo < 1e-9, lo + 1e-9, hi)
+        n = len(lo)
+        npop = self.popsize * n
+        maxiter = max(1, self.maxfev // npop - 1)
+        r = differential_evolution(cost, list(zip(lo, hi)), popsize=self.popsize, maxiter=maxiter,
+                                   init="latinhypercube", x0=np.clip(np.zeros(n), lo, hi), seed=self.seed,
+                                   polish=False, tol=0.0, atol=0.0, mutation=(0.5, 1.0), recombination=0.7,
+                                   strategy="currenttobest1bin")
+        return np.asarray(r.x, dtype=np.float64)
 
 
 class _Sub:
@@ -1212,10 +1281,40 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
                 plan.append(("root_final", [0], False, None))
         return plan
 
+    done = [0]
+
+    def evolve_plan(li):
+        """(name, joints, span, evaluations) of level li's global searches (``EVOLVE_GROUPS``)."""
+        out = []
+        if not articulated or li not in EVOLVE_LEVELS:
+            return out
+        for kind, names, span, fev in EVOLVE_GROUPS.get(li, ()):
+            if kind == "arm":
+                for side in ("left", "right"):
+                    js = [JOINT_INDEX[f"{side}_{n}"] for n in names if JOINT_INDEX[f"{side}_{n}"] in present]
+                    if js:
+                        out.append((f"evolve_{side}_arm", js, span, fev))
+            else:
+                js = [JOINT_INDEX[n] for n in names if JOINT_INDEX[n] in present]
+                if js:
+                    out.append((f"evolve_{kind}", [0] + js, span, fev))
+        return out
+
     n_total = (sum(len(level_plan(li)) for li in range(1, len(levels)))
                + (ROOT_HYPOTHESES if articulated else 1) * len(level_plan(0))
-               + (len(level_plan(0, False)) if articulated and BOTH_ORDERS else 0))
-    done = [0]
+               + (len(level_plan(0, False)) if articulated and BOTH_ORDERS else 0)
+               + sum(len(evolve_plan(li)) for li in range(len(levels))))
+
+    def run_evolve(li, name, joints, span, fev):
+        level = lv_objs[li]
+        prob.root_range = (ROOT_RANGE_DEG, ROOT_RANGE_MM) if li == 0 else (ROOT_RANGE_DEG / 2, ROOT_RANGE_MM / 2)
+        ev = Evolve(span, int(effort * fev), int(rng.integers(2 ** 31)))
+        stages.append(prob.optimise(level, joints, name, int(effort * 120 * max(1, len(joints) // 2)), evolve=ev))
+        done[0] += 1
+        if _DEBUG:
+            print(name, level.size, round(stages[-1]["before"], 4), round(stages[-1]["after"], 4),
+                  stages[-1]["evals"], round(stages[-1]["seconds"], 1))
+        report(f"register: {level.size} px, {name}: similarity {stages[-1]['after']:.4f}", min(1.0, done[0] / n_total))
 
     def run_stage(li, name, joints, search, grid=None):
         level = lv_objs[li]
@@ -1280,7 +1379,11 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
             prob.pose, prob.transl, prob.view_T = best[1], best[2], best[3]
             stages.append({"stage": "order", "level": lv_objs[0].size, "chosen": best[4],
                            "scores": {r[4]: r[0] for r in results}})
+            for st in evolve_plan(0):
+                run_evolve(0, *st)
             continue
+        for st in evolve_plan(li):
+            run_evolve(li, *st)
         for st in level_plan(li):
             run_stage(li, *st)
     final = prob.score(lv_objs[-1])
