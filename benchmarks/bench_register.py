@@ -111,8 +111,8 @@ def main() -> int:
                     help="the prior's width (degrees) on the shoulders' rotation about the humerus "
                          "(rotation vector x; core.twin.registration.PRIOR_AXIS_SIGMA_DEG; default: the module's)")
     ap.add_argument("--prior-weight", type=float, default=None,
-                    help="the weight of the prior toward the start pose (core.twin.registration.PRIOR_WEIGHT; "
-                         "default: the module's)")
+                    help="the weight of the prior toward the start pose (core.twin.registration.PRIOR_WEIGHT "
+                         "with two or more views, PRIOR_WEIGHT_ONE_VIEW with one: both; default: the module's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/bench_register")
     ap.add_argument("--json", default=None)
@@ -123,7 +123,7 @@ def main() -> int:
         registration.EVOLVE_LEVELS = tuple(args.evolve_levels)
     if args.prior_weight is not None:
         from ctwin.core.twin import registration
-        registration.PRIOR_WEIGHT = args.prior_weight
+        registration.PRIOR_WEIGHT = registration.PRIOR_WEIGHT_ONE_VIEW = args.prior_weight
     if args.shoulder_twist_sigma is not None:
         from ctwin.core.twin import registration
         sig = dict(registration.PRIOR_AXIS_SIGMA_DEG)

@@ -154,6 +154,10 @@ PRIOR_SIGMA_DEG = 40.0  # Gaussian prior on each joint's change from the start p
 # poses (random_1: +0.028 of prior against +0.001 / +0.005 / +0.011 of similarity at 64 / 128 /
 # 256 px; benchmarks/results/diag_register_search.txt)
 PRIOR_WEIGHT = 0.005
+# With a single view the weaker prior let a flexed hip swing to the wrong side of the beam (AP
+# only, sitting: 19.3 -> 107.9 mm; mean of the means 25.9 -> 35.2 mm): one view keeps the
+# stronger prior and no global search (``EVOLVE_LEVELS``), the method those AP-only figures had
+PRIOR_WEIGHT_ONE_VIEW = 0.02
 # per joint and axis (rotation vector x, y, z) where the prior differs: wide along the main
 # movements (hip, knee and elbow flexion, shoulder abduction and flexion: a 90 degree
 # flexion costs 0.003, less than a right limb gains; at 40 degrees a flexed limb stayed straight),
@@ -861,6 +865,7 @@ class _Problem:
         self.start_pose = self.pose.copy()
         self.sjoints = _structure_joints(self.binding, cloud.names)
         self.articulated = articulated
+        self.prior_weight = PRIOR_WEIGHT if len(xrays) >= 2 else PRIOR_WEIGHT_ONE_VIEW
         self.evals = 0
         self.root_range = (ROOT_RANGE_DEG, ROOT_RANGE_MM)
         self.view_T = [np.eye(4) for _ in xrays]  # geometry corrections (refine_geometry)
@@ -917,7 +922,7 @@ class _Problem:
             d = pose[3 * j:3 * j + 3] - self.start_pose[3 * j:3 * j + 3]
             sig = PRIOR_AXIS_SIGMA_DEG.get(JOINT_NAMES[j], (None, None, None))
             sig = np.radians([PRIOR_SIGMA_DEG if v is None else v for v in sig])
-            p += PRIOR_WEIGHT * float(np.sum((d / sig) ** 2))
+            p += self.prior_weight * float(np.sum((d / sig) ** 2))
             lim = _limits(j)
             r = pose[3 * j:3 * j + 3]
             ex = np.maximum(lim[:, 0] - r, 0) + np.maximum(r - lim[:, 1], 0)
@@ -1286,7 +1291,7 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
     def evolve_plan(li):
         """(name, joints, span, evaluations) of level li's global searches (``EVOLVE_GROUPS``)."""
         out = []
-        if not articulated or li not in EVOLVE_LEVELS:
+        if not articulated or li not in EVOLVE_LEVELS or len(xrays) < 2:
             return out
         for kind, names, span, fev in EVOLVE_GROUPS.get(li, ()):
             if kind == "arm":
