@@ -478,7 +478,7 @@ def test_failing_sample_is_reported_and_retried_once(tmp_path, ray_tmp, monkeypa
 
 
 @pytest.mark.slow
-def test_realistic_physics_sample_is_reproducible(tmp_path):
+def test_realistic_physics_sample_is_reproducible(twin_dir, tmp_path):
     """physics.kvp renders a sample with the realistic chain (core.drr.xray) and records its spectrum;
     the pose and view are those of the same spec without kvp; rendering again gives the same bytes."""
     pytest.importorskip("spekpy")
@@ -499,6 +499,12 @@ def test_realistic_physics_sample_is_reproducible(tmp_path):
     assert pm["pose"] == pr["pose"] and pm["view"] == pr["view"]
     assert 70 <= pr["physics"]["kvp"] <= 90 and pr["physics"]["detector"] == "paxscan4030cb"
     out = tmp_path / "ds"  # one folder: the twin is built once
+    # That twin (phantom seed 0, 8 mm, supine_arms_down) is the session's: the same phantom built
+    # by the same build_twin (test_reliability.test_fault_injection_build checks the CLI's build
+    # gives the same files); twin.blend aside, which the dataset does not write.
+    entry = next(e for e in D.load_spec(specs["mono"])["inputs"])
+    assert entry["name"] == "phantom_s0_8mm_supine_arms_down" and entry["noise_hu"] == 0
+    shutil.copytree(twin_dir, out / "twins" / entry["name"], ignore=shutil.ignore_patterns("twin.blend"))
     img = {}
     for name in ("mono", "real", "noisy"):
         tif = D.render_only(specs[name], out, 0)
