@@ -40,11 +40,12 @@ Method (no GPU needed; numpy, scipy and numba):
   best hypothesis) and before the second level's stages, a global search (``Evolve``: seeded
   differential evolution within +-45 / 30 degrees of the pose so far, its best member refined)
   of each arm chain (collar + shoulder + elbow, the humerus twist included) and, at the coarsest
-  level, of the root with the spine and neck (``EVOLVE_LEVELS``, ``EVOLVE_GROUPS``). While one group moves, the structures it cannot move are splatted once and
-  kept. Powell's method (scipy) with the anatomical joint ranges of ``core.rig.pose.JOINT_LIMITS_DEG``
+  level, of the root with the spine and neck (``EVOLVE_LEVELS``, ``EVOLVE_GROUPS``; with two or more
+  views only). While one group moves, the structures it cannot move are splatted once and kept. Powell's method (scipy) with the anatomical joint ranges of ``core.rig.pose.JOINT_LIMITS_DEG``
   as bounds (by projection, with a quadratic penalty outside), a Gaussian prior that pulls each
   joint toward the start pose (wide along the main flexions, tight on the off-axis rotations of the
-  knee and elbow hinges: ``PRIOR_AXIS_SIGMA_DEG``),
+  knee and elbow hinges: ``PRIOR_AXIS_SIGMA_DEG``; weight ``PRIOR_WEIGHT``, or
+  ``PRIOR_WEIGHT_ONE_VIEW`` for a single view),
   and the root kept within ``ROOT_RANGE_DEG`` / ``ROOT_RANGE_MM`` of its start.
 - **Rigid baseline** (``articulated=False``): the whole twin as one rigid body (the root only).
 - **C-arm refinement** (``refine_geometry=True``): after the root, each view after the first gets
