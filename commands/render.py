@@ -107,7 +107,7 @@ def validate(args) -> None:
     check_number("--step", args.step, MIN_STEP_MM, 100.0, why="trilinear sampling step in mm")
     check_number("--sad", args.sad, 0.0, 1.0e5, lo_open=True, why="source-to-isocentre mm")
     check_number("--sid", args.sid, 0.0, 1.0e5, lo_open=True, why="source-to-image mm")
-    sad = DEFAULT_SAD_MM if args.sad is None else args.sad
+    sad = sad_of(args)
     if args.sid <= sad and not args.parallel and not args.geometry:
         raise CtwinError(f"--sid ({args.sid:g} mm) must be larger than --sad ({sad:g} mm): "
                          f"the detector lies beyond the isocentre")

@@ -850,7 +850,7 @@ MULTI_COS_POWER = 2.0       # angular distribution of the emission about the nor
 class MultiScatterFit:
     """The multiple-scatter term's fitted parameters: ``coef`` (c0..c3 of ln A), the virtual source's
     height ``source_mm`` + ``source_per_tau`` x tau above the exit face, the emission's power
-    ``cos_power``. ``default()`` is the fit in use (``MULTI_FIT``, ``MULTI_SOURCE_MM``,
+    ``cos_power``. The defaults, ``default()``, are the fit in use (``MULTI_FIT``, ``MULTI_SOURCE_MM``,
     ``MULTI_SOURCE_PER_TAU``, ``MULTI_COS_POWER``); ``benchmarks/fit_multiscatter.py`` passes others."""
     coef: tuple = MULTI_FIT
     source_mm: float = MULTI_SOURCE_MM
@@ -859,7 +859,7 @@ class MultiScatterFit:
 
     @classmethod
     def default(cls) -> "MultiScatterFit":
-        return cls(tuple(MULTI_FIT), MULTI_SOURCE_MM, MULTI_SOURCE_PER_TAU, MULTI_COS_POWER)
+        return cls()
 # Anti-scatter grid: a linear focused grid of lead lamellae with aluminium interspacers (the common
 # radiography grid, e.g. 40 lines/cm, ratio 10:1). The lamella thickness is not given by the ratio and
 # line density; 36 um is assumed (not a datasheet figure). One grid maker states lead strips of 0.05-0.1 mm

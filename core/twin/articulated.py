@@ -1379,9 +1379,6 @@ class _DevicePosing:
             r["xs"] = cuda.to_device(np.ascontiguousarray(prep["centres"][sel]))
             r["xs_key"] = key
 
-    def _launch1(self, name, *args):
-        self.k[name][1, 1](*args)
-
     def forward_bounds(self):
         """Skin the tissue points forward; their bounds in CT index space ((3,), (3,)), or None when
         there are none."""
@@ -1398,7 +1395,7 @@ class _DevicePosing:
         _launch_posing(self.k["forward_blend"], n, r["xs"], *r["W"][0], r["P"], r["S"], r["w_inv"], self.D, self.ys,
                        self.Minv)
         out = r["scalars"]
-        self._launch1("fill_scalars", out, 0, 3, math.inf, -math.inf)
+        self.k["fill_scalars"][1, 1](out, 0, 3, math.inf, -math.inf)
         _launch_posing(self.k["point_bounds"], n, self.ys, r["ct_inv"], out)
         b = out.copy_to_host()
         return b[:3], b[3:]
@@ -1418,12 +1415,9 @@ class _DevicePosing:
         self.waff, ninv_d = maps[:12].reshape(3, 4), maps[12:].reshape(3, 4)
         self.wn = cuda.to_device(np.asarray(wn, np.int64))
         if self.n:
-            order, starts, g0 = self._slab_order(ninv_d, int(wn[0]))
+            order, starts, g0 = _device_slab_order(self.k, r, self.ys, ninv_d, int(wn[0]), self.CHUNK)
             _launch_posing(self.k["splat_nearest"], int(wn[0] * wn[1]), self.ys, order, starts, g0, self.waff, ninv_d,
                            self.wn, float(R), self.best, self.src)
-
-    def _slab_order(self, ninv_d, nslab):
-        return _device_slab_order(self.k, self.res, self.ys, ninv_d, nslab, self.CHUNK)
 
     def inverse(self, waff, wn, near, kn, iterations, tol, air_tol, thr):
         """Inverse skinning and the air border: (the displacement grid as an ``OnDevice`` (N, 3), the
