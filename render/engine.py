@@ -130,8 +130,16 @@ def _xray_setup(s, frame):
                      csi_um=s.csi_um or None, focal_spot_mm=s.focal_spot_mm, mas=s.mas or None,
                      photons=s.photons or None, scatter=s.scatter, multiple_scatter=s.multiple_scatter,
                      grid_ratio=s.grid_ratio or None,
-                     grid_lines_per_cm=s.grid_lines, electronic_sigma=s.electronic_noise or None,
+                     grid_lines_per_cm=s.grid_lines, electronic_sigma=electronic_sigma(s),
                      seed=s.seed + frame, hu_table=hu_table)
+
+
+def electronic_sigma(s):
+    """The electronic noise a kVp render asks for: None (the detector preset's) where Electronic
+    noise is 0 and "Detector's electronic noise" is on, else the value set (0 = none)."""
+    if s.detector_electronic_noise and not s.electronic_noise > 0:
+        return None
+    return float(s.electronic_noise)
 
 
 def label_material_items(s) -> list:
@@ -330,7 +338,12 @@ class CTWIN_DRR_Settings(bpy.types.PropertyGroup):
     photons: bpy.props.FloatProperty(name="Photons/pixel", default=0.0, min=0.0,
                                      description="Poisson noise; 0 = noiseless")
     electronic_noise: bpy.props.FloatProperty(name="Electronic noise", default=0.0, min=0.0,
-                                              description="counts; with kVp, 0 = the detector's own")
+                                              description="counts; with kVp and Detector's electronic noise on, "
+                                                          "0 = the detector's own")
+    detector_electronic_noise: bpy.props.BoolProperty(
+        name="Detector's electronic noise", default=True,
+        description="with kVp and an Electronic noise of 0: the detector preset's; off: exactly the value set "
+                    "(0 = none, as ctwin render --electronic-noise 0)")
     seed: bpy.props.IntProperty(name="Seed", default=0, min=0)
     use_label_materials: bpy.props.BoolProperty(
         name="Label materials", default=False,
@@ -429,7 +442,7 @@ class CTWIN_DRR_PT_settings(bpy.types.Panel):
                      "focal_spot_mm", "hu_table", "scatter", "multiple_scatter", "grid_ratio", "grid_lines", "mas"):
             phys.prop(s, name)
         col = layout.column()
-        for name in ("photons", "electronic_noise", "seed"):
+        for name in ("photons", "electronic_noise", "detector_electronic_noise", "seed"):
             col.prop(s, name)
         box = layout.column()
         box.prop(s, "use_label_materials")

@@ -295,6 +295,36 @@ def test_engine_sad_and_first_order_scatter_equal_the_cli(render_registered, ct_
     assert "\n" not in str(e.value).strip()
 
 
+def test_engine_can_ask_for_no_electronic_noise_with_a_detector_preset(render_registered, ct_seg, tmp_path,
+                                                                        capsys, camera_geometry):
+    """With kVp and a preset detector, Electronic noise 0 is the preset's sigma (Pixium: 1.0) while
+    "Detector's electronic noise" is on; off, it is exactly 0, as `ctwin render --electronic-noise 0`."""
+    vol, folder = ct_seg
+    scene = _camera_scene(named_view("ap", vol, size=(20, 16)), tmp_path)
+    scene.ctwin.ct_path = str(folder / "ct.nii.gz")
+    s = scene.ctwin_drr
+    s.kvp, s.detector, s.photons, s.seed, s.value = 80.0, "pixium4343", 400.0, 5, "intensity"
+    assert s.detector_electronic_noise and s.electronic_noise == 0.0
+    bpy.ops.render.render(write_still=False)
+    preset_img, sc = read_frame(tmp_path / "engine" / "frame_0001")
+    assert sc["electronic_noise"] == 1.0
+
+    s.detector_electronic_noise = False
+    scene.render.filepath = str(tmp_path / "none" / "frame_")
+    bpy.ops.render.render(write_still=False)
+    img, sc = read_frame(tmp_path / "none" / "frame_0001")
+    assert sc["electronic_noise"] == 0.0 and not np.array_equal(img, preset_img)
+    camera_geometry(scene)
+    args = ["--ct", str(folder / "ct.nii.gz"), "--geometry", str(tmp_path / "none" / "frame_0001.json"),
+            "--frames", "1:2", "--device", "cpu", "--value", "intensity", "--kvp", "80", "--detector",
+            "pixium4343", "--photons", "400", "--seed", "5", "--electronic-noise", "0"]
+    rc, err = _cli(args + ["--out", str(tmp_path / "cli")], capsys)
+    assert rc == 0, err
+    cimg, csc = read_frame(tmp_path / "cli" / "frame_0001")
+    _same_request(sc, csc)
+    np.testing.assert_array_equal(img, cimg)
+
+
 @pytest.mark.slow
 def test_engine_twin_physics_and_label_material_equal_the_cli(twin_dir, tmp_path, monkeypatch):
     """A posed twin (twin.blend) with realistic physics and a label material: the engine's frame
