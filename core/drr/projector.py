@@ -851,16 +851,6 @@ def _box_to(M, lo, hi) -> tuple[np.ndarray, np.ndarray]:
     return p.min(axis=0), p.max(axis=0)
 
 
-def _aligned_offset(S) -> np.ndarray | None:
-    """Integer t when the base-index -> sub-index map S is the translation by -t, else None."""
-    S = np.asarray(S)
-    if np.abs(S[:3, :3] - np.eye(3)).max() > 1e-9:
-        return None
-    t = -S[:3, 3]
-    r = np.rint(t)
-    return r.astype(np.int64) if np.abs(t - r).max() <= 1e-6 else None
-
-
 def scene_grid(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     """(first voxel, shape) of the grid ``compose_scene`` writes, in the base's index space: the base
     grid, extended by whole empty-space blocks where posed content leaves it (``scene.grid`` when
@@ -1030,7 +1020,7 @@ def _subs_frame(scene: Scene, pk: dict, base: PreparedVolume, binv, shift, on) -
     aligned = np.zeros((n, 4), np.int64)
     boxes = np.zeros((n, 6), np.int64)
     boxes[:, 1] = -1  # empty
-    # parts at an integer offset on the base lattice (_aligned_offset, for every part)
+    # parts at an integer offset on the base lattice (S is the translation by -t): copied voxel for voxel
     t = -Sall[:, :3, 3]
     r = np.rint(t)
     al = (np.abs(Sall[:, :3, :3] - np.eye(3)).max(axis=(1, 2)) <= 1e-9) & (np.abs(t - r).max(axis=1) <= 1e-6)
