@@ -4,7 +4,7 @@ both alike. Prints measured ratios.
 
     git archive COMMIT | tar -x -C /tmp/base      # the earlier version, outside this repository
     .venv/bin/python benchmarks/bench_pose_versions.py --base /tmp/base [--sizes 256,512] [--reps 5]
-        [--cache DIR] [--what all|phantom|real] [--pose-only]
+        [--cache DIR] [--what all|phantom|real] [--pose-only] [--identical N]
 
 Per row (the phantom presets of ``bench_pose_cost.py``, then the real abdomen CT twin at hip_flexion,
 sitting and walking_stride; each repetition the preset plus a seeded 2-degree jitter on every joint):
@@ -13,7 +13,10 @@ new pose rendered AP + lateral. Best of ``--reps``; ratios against the static re
 "new/old" the ratio of the two versions' one-view times. ``--pose-only`` times the pose alone
 (``posed_scene``) through each version instead, wall and process CPU time. The phantom's CT and decomposition come from
 ``bench_pose_cost.load_or_build`` (``--cache``), the real twin from ``bench_pose_cost.real_twin``;
-both versions read the same files.
+both versions read the same files. ``--identical N`` checks instead that the two versions give the
+same frames: N new poses per row through each version, the warp, the grid, ``scene.info``, the
+parts' placements, the composed frame (voxel for voxel, and its empty-space grid) and the AP and
+lateral DRRs (``--sizes``, bit for bit) compared.
 """
 from __future__ import annotations
 
@@ -67,6 +70,29 @@ def pose_row(label, new_pose, versions, reps):
           f"{b['new'][1] * 1e3:5.0f} ms (new/old {b['new'][1] / b['old'][1]:4.2f})", flush=True)
 
 
+def identical_row(label, size, views, new_pose, versions, n, P, PO):
+    """``n`` new poses through both versions: whether everything each frame is made of is equal."""
+    same = {"warp": 0, "grid": 0, "info": 0, "parts": 0, "frame": 0, "occ": 0, "images": 0}
+    for _ in range(n):
+        p = new_pose()
+        sc = {k: pose(p) for k, (pose, _) in versions.items()}
+        a, b = sc["new"], sc["old"]
+        wa = None if a.warp is None else (np.asarray(a.warp[0]), a.warp[1])
+        wb = None if b.warp is None else (np.asarray(b.warp[0]), b.warp[1])
+        same["warp"] += (wa is None and wb is None) or (wa is not None and wb is not None and np.array_equal(
+            wa[0], wb[0], equal_nan=True) and np.array_equal(wa[1], wb[1]))
+        same["grid"] += all(np.array_equal(x, y) for x, y in zip(a.grid, b.grid))
+        same["info"] += a.info == b.info
+        same["parts"] += all(np.array_equal(x.affine, y.affine) for x, y in zip(a.parts, b.parts))
+        fa, fb = P.compose_scene(a), PO.compose_scene(b)
+        same["frame"] += fa.shape == fb.shape and np.array_equal(fa.flat, fb.flat) and np.array_equal(fa.affine, fb.affine)
+        same["occ"] += np.array_equal(fa.occ, fb.occ)
+        same["images"] += all(np.array_equal(versions["new"][1](a, views[v]), versions["old"][1](b, views[v]))
+                              for v in ("ap", "lateral"))
+    print(f"[identical] {size}^2 {label:26s} " + ", ".join(f"{k} {v}/{n}" for k, v in same.items()), flush=True)
+    return all(v == n for v in same.values())
+
+
 def row(label, size, ct, views, new_pose, versions, reps):
     g, g2 = views["ap"], views["lateral"]
     for pose, render in versions.values():  # warm-up: compilation, resident arrays, buffers
@@ -109,11 +135,26 @@ def main(argv=None):
     ap.add_argument("--what", choices=("all", "phantom", "real"), default="all")
     ap.add_argument("--pose-only", action="store_true",
                     help="time the pose alone (posed_scene), wall and CPU, instead of a new pose rendered")
+    ap.add_argument("--identical", type=int, default=0, metavar="N",
+                    help="compare N new poses per row between the versions (frames, images) instead of timing")
     a = ap.parse_args(argv)
     base = Path(a.base).resolve()
     if not (base / "__init__.py").exists() or not (base / "core" / "twin" / "articulated.py").exists():
         raise SystemExit(f"bench_pose_versions: {base} is not a ctwin tree")
     AO, TO = load_base(base)
+    from ctwin.core.drr import projector as P
+    from ctwin_old.core.drr import projector as PO
+
+    if a.identical:
+        def run_row(label, size, ct, views, draw, versions):
+            ok.append(identical_row(label, size, views, draw, versions, a.identical, P, PO))
+    elif a.pose_only:
+        def run_row(label, size, ct, views, draw, versions):
+            pose_row(label, draw, versions, a.reps)
+    else:
+        def run_row(label, size, ct, views, draw, versions):
+            row(label, size, ct, views, draw, versions, a.reps)
+    ok = []
     cache = a.cache
     if not cache:
         import tempfile
@@ -130,10 +171,7 @@ def main(argv=None):
                 versions = {"new": (lambda p: A.posed_scene(art, *p, warp_spacing_mm=B.WARP_MM), A.render_posed),
                             "old": (lambda p: AO.posed_scene(art_old, *p, warp_spacing_mm=B.WARP_MM), AO.render_posed)}
                 draw = lambda: B.deltas(ta, B.pose_truth(B.jittered(pname, 2.0, rng), 0))  # noqa: E731
-                if a.pose_only:
-                    pose_row("phantom " + pname, draw, versions, a.reps)
-                else:
-                    row("phantom " + pname, size, ct, views, draw, versions, a.reps)
+                run_row("phantom " + pname, size, ct, views, draw, versions)
         if a.what in ("all", "real"):
             tn = B.real_twin(cache)
             if tn is None:
@@ -146,11 +184,13 @@ def main(argv=None):
                 rng = np.random.default_rng([7, size, sum(map(ord, pname))])
                 versions = {"new": (lambda p: tn.posed_scene(p, t0), A.render_posed),
                             "old": (lambda p: to.posed_scene(p, t0), AO.render_posed)}
-                if a.pose_only:
-                    pose_row("real CT " + pname, lambda: B.jittered(p0, 2.0, rng), versions, a.reps)
-                else:
-                    row("real CT " + pname, size, ct, views, lambda: B.jittered(p0, 2.0, rng), versions, a.reps)
+                run_row("real CT " + pname, size, ct, views, lambda: B.jittered(p0, 2.0, rng), versions)
+
+
+    if a.identical:
+        print(f"[identical] {sum(ok)}/{len(ok)} rows identical in every frame", flush=True)
+        return 0 if all(ok) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -851,16 +851,6 @@ def _box_to(M, lo, hi) -> tuple[np.ndarray, np.ndarray]:
     return p.min(axis=0), p.max(axis=0)
 
 
-def _aligned_offset(S) -> np.ndarray | None:
-    """Integer t when the base-index -> sub-index map S is the translation by -t, else None."""
-    S = np.asarray(S)
-    if np.abs(S[:3, :3] - np.eye(3)).max() > 1e-9:
-        return None
-    t = -S[:3, 3]
-    r = np.rint(t)
-    return r.astype(np.int64) if np.abs(t - r).max() <= 1e-6 else None
-
-
 def scene_grid(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     """(first voxel, shape) of the grid ``compose_scene`` writes, in the base's index space: the base
     grid, extended by whole empty-space blocks where posed content leaves it (``scene.grid`` when
@@ -937,7 +927,9 @@ def compose_scene(scene: Scene, device: str = "cpu") -> PreparedVolume:
     shift = -i0
     ob = -(-on // BLOCK)
     layout = (tuple(int(v) for v in i0), tuple(int(v) for v in on))
-    binv = invert_affine(base.affine)
+    if "binv" not in pk:
+        pk["binv"] = invert_affine(base.affine)
+    binv = pk["binv"]
     warp = None  # (d32, G, Ginv, B, wbase) when the warp moves something
     keep = None
     if scene.warp is not None:
@@ -995,33 +987,9 @@ def compose_scene(scene: Scene, device: str = "cpu") -> PreparedVolume:
 
 def _subs_frame(scene: Scene, pk: dict, base: PreparedVolume, binv, shift, on) -> tuple:
     """The parts' placement for one frame, as ``kernels.compose_subs`` takes it: (S, aligned, boxes,
-    order); fills the packed parts' per-scene arrays (shapes, offsets, mask row spans) once."""
+    order); fills the packed parts' per-scene arrays (shapes, offsets, mask row spans, the corners of
+    their mask boxes) once. Every part at once: stacked products, no per-part loop."""
     n = len(scene.parts)
-    S = np.empty((n, 3, 4))
-    aligned = np.zeros((n, 4), np.int64)
-    boxes = np.zeros((n, 6), np.int64)
-    boxes[:, 1] = -1  # empty
-    pa = np.stack([np.asarray(sv.affine, np.float64) for sv in scene.parts])
-    Sall = invert_affine(pa) @ base.affine  # base index -> part index, all parts at once
-    Sinv = binv @ pa  # part index -> base index
-    for i, sv in enumerate(scene.parts):
-        Si = Sall[i]
-        S[i] = Si[:3]
-        t = _aligned_offset(Si)
-        if t is not None:
-            sn = np.asarray(np.asarray(sv.data).shape, np.int64)
-            lo = np.maximum(t + shift, 0)
-            hi = np.minimum(t + shift + sn - 1, on - 1)
-            aligned[i, :3], aligned[i, 3] = t, 1
-        else:
-            cb = _sub_content_box(scene, i, pk)
-            if cb is None:
-                continue
-            lo, hi = _box_to(Sinv[i], *cb)
-            lo = np.maximum(np.ceil(lo - 1e-9).astype(np.int64) + shift, 0)
-            hi = np.minimum(np.floor(hi + 1e-9).astype(np.int64) + shift, on - 1)
-        if np.all(hi >= lo):
-            boxes[i] = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]]
     if "sns" not in pk:
         pk["sns"] = np.array([np.asarray(sv.data).shape for sv in scene.parts], np.int64)
         pk["offs_arr"] = np.asarray(pk["offs"], np.int64)
@@ -1036,6 +1004,39 @@ def _subs_frame(scene: Scene, pk: dict, base: PreparedVolume, binv, shift, on) -
         pk["spans"] = np.ascontiguousarray(np.concatenate(spans, axis=1).astype(np.int64))
         pk["soffs"] = np.asarray(soffs[:-1], np.int64)
         pk["order"] = np.arange(n - 1, -1, -1, dtype=np.int64)
+        corners = np.zeros((n, 8, 3))  # each mask box's cell corners (_box_to's), zeros where empty
+        has = np.zeros(n, bool)
+        for i in range(n):
+            cb = _sub_content_box(scene, i, pk)
+            if cb is not None:
+                lo, hi = cb
+                corners[i] = [[a, b, c] for a in (lo[0] - 0.5, hi[0] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5)
+                              for c in (lo[2] - 0.5, hi[2] + 0.5)]
+                has[i] = True
+        pk["box_corners"], pk["has_box"] = corners, has
+    pa = np.stack([np.asarray(sv.affine, np.float64) for sv in scene.parts])
+    Sall = invert_affine(pa) @ base.affine  # base index -> part index, all parts at once
+    S = np.ascontiguousarray(Sall[:, :3])
+    aligned = np.zeros((n, 4), np.int64)
+    boxes = np.zeros((n, 6), np.int64)
+    boxes[:, 1] = -1  # empty
+    # parts at an integer offset on the base lattice (S is the translation by -t): copied voxel for voxel
+    t = -Sall[:, :3, 3]
+    r = np.rint(t)
+    al = (np.abs(Sall[:, :3, :3] - np.eye(3)).max(axis=(1, 2)) <= 1e-9) & (np.abs(t - r).max(axis=1) <= 1e-6)
+    ti = r.astype(np.int64)
+    lo = np.maximum(ti + shift, 0)
+    hi = np.minimum(ti + shift + pk["sns"] - 1, on - 1)
+    aligned[al, :3], aligned[al, 3] = ti[al], 1
+    # the others: their mask box mapped to the base grid (_box_to, for every part at once)
+    ot = ~al & pk["has_box"]
+    if ot.any():
+        Sinv = binv @ pa[ot]  # part index -> base index
+        q = np.matmul(pk["box_corners"][ot], np.swapaxes(Sinv[:, :3, :3], 1, 2)) + Sinv[:, None, :3, 3]
+        lo[ot] = np.maximum(np.ceil(q.min(axis=1) - 1e-9).astype(np.int64) + shift, 0)
+        hi[ot] = np.minimum(np.floor(q.max(axis=1) + 1e-9).astype(np.int64) + shift, on - 1)
+    keep = (al | ot) & np.all(hi >= lo, axis=1)
+    boxes[keep] = np.stack([lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1], lo[:, 2], hi[:, 2]], axis=1)[keep]
     return S, aligned, boxes, pk["order"]
 
 

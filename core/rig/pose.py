@@ -52,9 +52,10 @@ def vertebra_transform(deltas: np.ndarray, vb: VertebraBone) -> np.ndarray:
     return out
 
 
-def bone_deltas(binding: Binding, pose, transl_mm=None) -> dict:
-    """{bone name: 4x4} for the 24 SMPL bones and the vertebra bones (world mm -> world mm)."""
-    d = binding.armature.deltas(pose, transl_mm)
+def bone_deltas(binding: Binding, pose, transl_mm=None, joint_deltas=None) -> dict:
+    """{bone name: 4x4} for the 24 SMPL bones and the vertebra bones (world mm -> world mm).
+    ``joint_deltas``: the armature's ``deltas(pose, transl_mm)`` where the caller has them already."""
+    d = binding.armature.deltas(pose, transl_mm) if joint_deltas is None else joint_deltas
     out = {n: d[i] for i, n in enumerate(JOINT_NAMES)}
     for name, vb in binding.vertebrae.items():
         out[name] = vertebra_transform(d, vb)

@@ -895,7 +895,7 @@ def cuda_border_air(status, disp):
 # scalars come back (``_DevicePosing``): the skinned points' grid bounds, their slab order (a counting
 # sort) and the warp's summary (``scene.info``), each equal to the host's computation bit for bit.
 def cuda_point_bounds(ys, M, out):
-    """out[0:3] = min, out[3:6] = max over the points of ``M @ ys`` (3x4, ``_points_to``'s
+    """out[0:3] = min, out[3:6] = max over the points of ``M @ ys`` (3x4, ``_points_bounds``'s
     arithmetic: the skinned points in CT index space); out starts at (+inf, -inf)."""
     n = cuda.grid(1)  # noqa: F821
     if n < ys.shape[0]:
@@ -1161,8 +1161,10 @@ def _pack_parts(parts):
     return hu, mask, off, shp
 
 
-def _is_identity(m, tol=1e-9) -> bool:
-    return bool(np.abs(np.asarray(m) - np.eye(4)).max() <= tol)
+def _moved_joints(D, tol=1e-9) -> np.ndarray:
+    """Per transform of the stack D (n, 4, 4): whether it differs from the identity by more than
+    ``tol`` in some entry (a NaN counts as moved)."""
+    return ~(np.abs(np.asarray(D, np.float64) - np.eye(4)).max(axis=(1, 2)) <= tol)
 
 
 def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_deltas=None, *,
@@ -1193,25 +1195,34 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
         raise CtwinError(f"air_miss_mm must be positive, got {air_miss_mm}")
     bone_deltas = dict(bone_deltas or {})
     jd = None if joint_deltas is None else np.asarray(joint_deltas, dtype=np.float64).reshape(N_JOINTS, 4, 4)
-    parts = []
-    ct_inv = invert_affine(art.affine)
-    lo, hi = np.zeros(3), np.asarray(art.shape, np.float64) - 1.0
+    geo = _parts_geometry(art)
+    eye = geo["eye"]
+    ds = []
     for p in art.parts:
-        d = np.eye(4)
+        d = eye
         if p.kind == "bone":
             if p.name in bone_deltas:
-                d = np.asarray(bone_deltas[p.name], dtype=np.float64)
+                d = bone_deltas[p.name]
             elif p.bone is not None and p.bone in bone_deltas:
-                d = np.asarray(bone_deltas[p.bone], dtype=np.float64)
+                d = bone_deltas[p.bone]
             elif jd is not None and p.joint >= 0:
                 d = jd[p.joint]
-        moved = not _is_identity(d)
-        parts.append(p.moved(d) if moved else replace(p))  # a frame's own objects (set_frame)
-        if moved:
-            cb = _part_content_box(art, p)
-            if cb is not None:
-                a, b = _cell_box_bounds(ct_inv @ d @ p.affine, *cb)
-                lo, hi = np.minimum(lo, a), np.maximum(hi, b)
+        ds.append(d)
+    lo, hi = np.zeros(3), np.asarray(art.shape, np.float64) - 1.0
+    parts = []
+    if ds:
+        Ds = np.array(ds, dtype=np.float64).reshape(-1, 4, 4)
+        moved = _moved_joints(Ds)
+        placed = np.matmul(Ds, geo["affines"])  # each part's d @ affine (PlacedVolume.moved), in one call
+        for i, p in enumerate(art.parts):  # a frame's own objects (set_frame)
+            parts.append(PlacedVolume(p.data, p.mask, placed[i], p.name, p.kind, p.bone, p.joint)
+                         if moved[i] else replace(p))
+        sel = moved & geo["has_box"]
+        if sel.any():  # the moved parts' content boxes in CT index space, all at once
+            M = np.matmul(np.matmul(geo["ct_inv"], Ds[sel]), geo["affines"][sel])
+            q = np.matmul(geo["corners"][sel], np.swapaxes(M[:, :3, :3], 1, 2)) + M[:, None, :3, 3]
+            lo = np.minimum(lo, q.min(axis=(0, 1)))
+            hi = np.maximum(hi, q.max(axis=(0, 1)))
     res = art._cache.setdefault("scene_resident", {})
     if "base" not in res:
         res["base"] = Volume(np.ascontiguousarray(art.soft), art.affine.copy())
@@ -1219,7 +1230,7 @@ def posed_scene(art: ArticulatedCT, bone_deltas: dict | None = None, joint_delta
     scene = Scene(res["base"], parts, compose=True, warp_base=res["warp_base"], info={"warp": "none"},
                   source=art, resident=res)
     D = None if jd is None or art.weights.shape[-1] == 0 else jd[art.weight_joints]
-    if D is None or all(_is_identity(d) for d in D):
+    if D is None or not _moved_joints(D).any():
         scene.grid = _grid(art, lo, hi)
         return scene
     warp, waff, grid, info = _inverse_warp_grid(art, D, warp_spacing_mm, iterations, tol_mm, lo, hi, air_miss_mm,
@@ -1248,14 +1259,6 @@ def _grid(art, lo, hi):
     return _grid_from_bounds(lo, hi, np.asarray(art.shape, np.int64))
 
 
-def _cell_box_bounds(M, lo, hi):
-    """Index-space bounds of the cell box [lo - 0.5, hi + 0.5] mapped by the 4x4 M."""
-    c = np.array([[a, b, cc] for a in (lo[0] - 0.5, hi[0] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5)
-                  for cc in (lo[2] - 0.5, hi[2] + 0.5)])
-    q = apply_transform(M, c)
-    return q.min(axis=0), q.max(axis=0)
-
-
 def _part_content_box(art, p):
     """Index box (lo, hi) of a part's masked non-air voxels (cached per ArticulatedCT)."""
     boxes = art._cache.setdefault("part_boxes", {})
@@ -1267,6 +1270,30 @@ def _part_content_box(art, p):
         else:
             boxes[p.name] = None
     return boxes[p.name]
+
+
+def _parts_geometry(art: ArticulatedCT) -> dict:
+    """Pose-independent arrays of the parts (cached per ArticulatedCT): their acquisition affines
+    stacked (n, 4, 4), the CT's world -> index map, and the 8 corners of each part's content cell box
+    (``_part_content_box``, the centres' box grown by half a voxel; zeros where a part has no content)
+    with a flag for the parts that have one. ``posed_scene`` places every part and bounds the moved
+    ones with a few stacked products instead of a loop of small ones."""
+    geo = art._cache.get("parts_geometry")
+    if geo is None:
+        n = len(art.parts)
+        corners = np.zeros((n, 8, 3))
+        has = np.zeros(n, bool)
+        for i, p in enumerate(art.parts):
+            cb = _part_content_box(art, p)
+            if cb is not None:
+                lo, hi = cb
+                corners[i] = [[a, b, c] for a in (lo[0] - 0.5, hi[0] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5)
+                              for c in (lo[2] - 0.5, hi[2] + 0.5)]
+                has[i] = True
+        geo = {"affines": np.array([np.asarray(p.affine, np.float64) for p in art.parts]).reshape(n, 4, 4),
+               "ct_inv": invert_affine(art.affine), "corners": corners, "has_box": has, "eye": np.eye(4)}
+        art._cache["parts_geometry"] = geo
+    return geo
 
 
 def _sparse_weights(art: ArticulatedCT) -> tuple:
@@ -1319,15 +1346,40 @@ def _warp_prep(art: ArticulatedCT) -> dict:
     return prep
 
 
-def _points_to(M, pts) -> np.ndarray:
-    """``apply_transform`` for many points without BLAS: numpy's OpenBLAS threads collide with
-    numba's workers right after a parallel kernel (``core.volumes.volume.invert_affine``); measured
-    3-38 ms for 115,000 points on the loaded 2-core machine, against about 2 ms elementwise."""
+def _points_bounds(M, pts) -> tuple:
+    """(min, max) per axis of the points ``pts`` (N, 3) mapped by the 4x4 ``M``, without BLAS:
+    numpy's OpenBLAS threads collide with numba's workers right after a parallel kernel
+    (``core.volumes.volume.invert_affine``; a matrix product measured 3-38 ms for 115,000 points on
+    the loaded 2-core machine). Each axis's coordinates are computed into one contiguous array and
+    reduced there."""
     M = np.asarray(M, np.float64)
-    out = np.empty((len(pts), 3))
+    lo, hi = np.empty(3), np.empty(3)
     for r in range(3):
-        out[:, r] = pts[:, 0] * M[r, 0] + pts[:, 1] * M[r, 1] + pts[:, 2] * M[r, 2] + M[r, 3]
-    return out
+        v = pts[:, 0] * M[r, 0] + pts[:, 1] * M[r, 1] + pts[:, 2] * M[r, 2] + M[r, 3]
+        lo[r], hi[r] = v.min(), v.max()
+    return lo, hi
+
+
+def _tissue_points(prep: dict, moved) -> tuple:
+    """The tissue weight cells that the moved joints drive (a flag per tissue cell) and their centres,
+    cached for the last set of moved joints (a sequence of poses moves the same joints)."""
+    key = np.asarray(moved, bool).tobytes()
+    hit = prep.get("tissue_points")
+    if hit is None or hit[0] != key:
+        sel = prep["chan"][:, moved].any(axis=1)
+        hit = (key, sel, np.ascontiguousarray(prep["centres"][sel]))
+        prep["tissue_points"] = hit
+    return hit[1], hit[2]
+
+
+def _point_buffers(art: ArticulatedCT, n: int) -> tuple:
+    """The skinned points (n, 3) and their blended transforms' inverses (n, 3, 4), reused across
+    poses (cached): a pose reads them only while it is posed (the scene keeps neither)."""
+    buf = art._cache.get("point_buffers")
+    if buf is None or len(buf[0]) != n:
+        buf = (np.empty((n, 3)), np.empty((n, 3, 4)))
+        art._cache["point_buffers"] = buf
+    return buf
 
 
 def _node_buffers(art: ArticulatedCT, n: int) -> tuple:
@@ -1534,20 +1586,16 @@ def _inverse_warp_grid(art: ArticulatedCT, D, spacing, iterations, tol, lo, hi, 
     (``_DevicePosing``)."""
     prep = _warp_prep(art)
     k = _kernels()
-    moved = np.array([not _is_identity(d) for d in D])
-    sel = prep["chan"][:, moved].any(axis=1)
-    xs = prep["centres"][sel]
+    moved = _moved_joints(D)
+    sel, xs = _tissue_points(prep, moved)
     D3 = np.ascontiguousarray(D[:, :3], dtype=np.float64)
     gpu = _DevicePosing(art, prep, D3, moved, sel) if device == "cuda" else None
-    ct_inv = invert_affine(art.affine)
     if gpu is None:
         Wb = _blended_weights(art, D3)
-        ys = np.empty_like(xs)
-        Minv = np.empty((len(xs), 3, 4))
+        ys, Minv = _point_buffers(art, len(xs))
         if len(xs):
             k["forward_blend"](xs, Wb, prep["w_inv"], D3, ys, Minv)
-            yi = _points_to(ct_inv, ys)
-            bounds = yi.min(axis=0), yi.max(axis=0)
+            bounds = _points_bounds(_parts_geometry(art)["ct_inv"], ys)
         else:
             bounds = None
     else:

@@ -432,8 +432,9 @@ class Twin:
         poses on the GPU (``core.twin.articulated.posed_scene``)."""
         if pose is None:
             pose = self.pose0
-        return posed_scene(self.articulated, self.bone_deltas(pose, transl_mm),
-                           self.joint_deltas(pose, transl_mm), warp_spacing_mm=WARP_SPACING_MM, device=device)
+        jd = self.joint_deltas(pose, transl_mm)  # once: the bones' deltas derive from the same
+        return posed_scene(self.articulated, bone_deltas(self.binding, pose, transl_mm, jd), jd,
+                           warp_spacing_mm=WARP_SPACING_MM, device=device)
 
     def render(self, geometry, pose=None, transl_mm=None, *, step_mm=None, device="auto") -> np.ndarray:
         """Line-integral DRR of the twin at a pose through the articulated path (identity = p0)."""
