@@ -85,17 +85,18 @@ def kintree_table() -> np.ndarray:
 def rodrigues(rotvecs) -> np.ndarray:
     """Axis-angle vectors (..., 3) to rotation matrices (..., 3, 3)."""
     r = np.asarray(rotvecs, dtype=np.float64)
-    theta = np.linalg.norm(r, axis=-1, keepdims=True)
-    safe = np.where(theta < 1e-12, 1.0, theta)
-    k = r / safe
-    kx, ky, kz = k[..., 0], k[..., 1], k[..., 2]
-    zero = np.zeros_like(kx)
-    kmat = np.stack([zero, -kz, ky, kz, zero, -kx, -ky, kx, zero], axis=-1).reshape(r.shape[:-1] + (3, 3))
+    theta = np.sqrt(np.add.reduce(r * r, axis=-1, keepdims=True))
+    tiny = theta < 1e-12
+    k = r / np.where(tiny, 1.0, theta)
+    kmat = np.zeros(r.shape[:-1] + (3, 3))
+    kmat[..., 0, 1], kmat[..., 0, 2] = -k[..., 2], k[..., 1]
+    kmat[..., 1, 0], kmat[..., 1, 2] = k[..., 2], -k[..., 0]
+    kmat[..., 2, 0], kmat[..., 2, 1] = -k[..., 1], k[..., 0]
     s = np.sin(theta)[..., None]
     c = np.cos(theta)[..., None]
-    eye = np.broadcast_to(np.eye(3), kmat.shape)
+    eye = np.eye(3)
     out = eye + s * kmat + (1.0 - c) * (kmat @ kmat)
-    return np.where((theta < 1e-12)[..., None], eye, out)
+    return np.where(tiny[..., None], eye, out)
 
 
 def rotation_to_rotvec(rot) -> np.ndarray:

@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.ndimage import binary_erosion, gaussian_filter, map_coordinates
+from scipy.ndimage import binary_erosion, correlate1d, gaussian_filter, gaussian_filter1d, map_coordinates
 from scipy.optimize import minimize
 
 from ..drr.carm import Geometry, named_view
@@ -668,8 +668,30 @@ def _resample(img: np.ndarray, w: int, h: int) -> np.ndarray:
     return map_coordinates(sm, [R, C], order=1, mode="nearest")
 
 
+_GAUSS: dict = {}  # sigma -> the weights that ``gaussian_filter`` correlates with (truncated at 4 sigma)
+
+
+def _gaussian_weights(sigma: float) -> np.ndarray:
+    """``gaussian_filter``'s 1-D kernel for ``sigma`` (scipy's own: the filter of a unit impulse),
+    kept per sigma."""
+    w = _GAUSS.get(sigma)
+    if w is None:
+        r = int(4.0 * sigma + 0.5)
+        impulse = np.zeros(2 * r + 1)
+        impulse[r] = 1.0
+        w = _GAUSS[sigma] = np.ascontiguousarray(gaussian_filter1d(impulse, sigma, mode="constant")[::-1])
+    return w
+
+
 def _grad_pair(img: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    s = gaussian_filter(img, sigma, mode="nearest")
+    img = np.asarray(img)
+    if sigma > 1e-15:  # gaussian_filter(img, sigma, mode="nearest") with the kernel kept
+        w = _gaussian_weights(float(sigma))
+        s = np.empty(img.shape, img.dtype)
+        correlate1d(img, w, 0, s, mode="nearest")
+        correlate1d(s, w, 1, s, mode="nearest")
+    else:
+        s = gaussian_filter(img, sigma, mode="nearest")
     gx = s[1:-1, 2:] - s[1:-1, :-2]
     gy = s[2:, 1:-1] - s[:-2, 1:-1]
     return gx, gy
@@ -760,10 +782,11 @@ class _Level:
             for a, t in ((gx, tx), (gy, ty)):
                 if t is None:
                     continue
-                a = a - a.mean()
-                n = float(np.sqrt((a * a).sum()))
+                a -= a.mean()  # in place: a is _grad_pair's own array
+                prod = np.multiply(a, a)
+                n = float(np.sqrt(prod.sum()))
                 if n > 0:
-                    s += 0.5 * float((a * t).sum()) / n
+                    s += 0.5 * float(np.multiply(a, t, out=prod).sum()) / n
         return s
 
 
@@ -988,21 +1011,31 @@ class _Problem:
         blo = np.array([-np.inf if lo is None else lo for lo, _ in bounds])
         bhi = np.array([np.inf if hi is None else hi for _, hi in bounds])
 
+        bufs = [[np.empty_like(img) for img in part[0]] for part in parts]  # the images, reused
+
         def terms(x):
             # bounds by projection (Powell's bounded line searches leave narrow optima)
             xc = np.clip(x, blo, bhi)
             pose, transl = self._apply(joints, xc, base_pose, base_transl)
-            T = self.transforms(pose, transl, midx)
+            T = np.ascontiguousarray(self.transforms(pose, transl, midx)[:, :3, :])
             imgs = []
             for k, v in enumerate(views):
-                ch = [splat_bones(pm, wm, om, T, v, st[k].copy(), bm) for st, pm, wm, om, bm in parts]
+                ch = []
+                for (st, pm, wm, om, bm), buf in zip(parts, bufs):
+                    np.copyto(buf[k], st[k])
+                    ch.append(splat_bones(pm, wm, om, T, v, buf[k], bm))
                 imgs.append(level.compose(k, ch[0], ch[1] if len(ch) > 1 else None))
             return level.score(imgs), float(np.sum((x - xc) ** 2)) + self._penalty(pose, joints)
 
+        memo = {}  # x -> terms(x): Powell's line searches ask for some points again (16 % of them, measured)
+
         def cost(x):
             n_ev[0] += 1
-            sim, pen = terms(x)
-            return pen - sim
+            key = np.asarray(x, dtype=np.float64).tobytes()
+            t = memo.get(key)
+            if t is None:
+                t = memo[key] = terms(x)
+            return t[1] - t[0]
 
         x0 = np.zeros(nparam)
         before = terms(x0)[0]
