@@ -8,7 +8,8 @@
         the preset, AP + lateral by ``render --ct``'s code with Poisson noise, the displaced start)
 
 Runs ``register`` once (the numba kernel compiled beforehand) with a timer around each part of
-the cost function: the pose maths (``_Problem._apply``, ``transforms``, ``_penalty``), the splats
+the cost function: the pose maths (``_Problem._apply``: the optimiser's values into a pose;
+``transforms``: the structures' 4x4s; ``_penalty``: prior and joint ranges), the splats
 (``splat_bones``) and the similarity (``_Level.score``); the rest of an evaluation (scipy's
 Powell and differential evolution, copies, composition) is the remainder. Prints seconds,
 evaluations, milliseconds per evaluation and per part, the final similarity and a digest of the
@@ -104,8 +105,8 @@ def main() -> int:
         return wrapper
 
     if not args.no_parts:
-        for cls, name, part in ((R._Problem, "_apply", "pose"), (R._Problem, "transforms", "pose"),
-                                (R._Problem, "_penalty", "pose"), (R._Level, "score", "similarity")):
+        for cls, name, part in ((R._Problem, "_apply", "pose_apply"), (R._Problem, "transforms", "transforms"),
+                                (R._Problem, "_penalty", "penalty"), (R._Level, "score", "similarity")):
             setattr(cls, name, timed(part, getattr(cls, name)))
         R.splat_bones = timed("splat", R.splat_bones)
     t = time.perf_counter()
@@ -123,6 +124,11 @@ def main() -> int:
     if spent:
         rest = dt - sum(spent.values())
         print(f"  {'rest':<11} {1000 * rest / evals:7.3f} ms per evaluation ({100 * rest / dt:4.1f} %)")
+    for size in levels:
+        st = [s for s in reg.stages if s.get("level") == size and "seconds" in s and "evals" in s]
+        ev, sec = sum(s["evals"] for s in st), sum(s["seconds"] for s in st)
+        if ev:
+            print(f"  level {size:>4} px: {ev:6d} evaluations, {sec:7.2f} s, {1000 * sec / ev:.3f} ms per evaluation")
     print(f"similarity {reg.similarity!r}, result digest {digest}")
     if args.json:
         Path(args.json).write_text(json.dumps({"root": str(root), "seconds": dt, "evals": evals,

@@ -146,16 +146,17 @@ def forward_kinematics(pose, joints_rest, parents=PARENTS):
 def depth_levels(parents) -> tuple:
     """The joints of a kinematic tree grouped by depth (root first), each group an index array:
     every joint's parent lies in an earlier group. Parents must precede their children."""
-    key = tuple(int(p) for p in parents)
+    par = np.asarray(parents)
+    key = (par.dtype.str, par.tobytes())
     levels = _LEVELS.get(key)
     if levels is None:
         depth = []
-        for i, p in enumerate(key):
+        for i, p in enumerate(int(v) for v in par):
             if p >= i:
                 raise CtwinError(f"kinematic tree: joint {i}'s parent {p} does not precede it")
             depth.append(0 if p < 0 else depth[p] + 1)
         depth = np.asarray(depth)
-        levels = tuple(np.flatnonzero(depth == d) for d in range(int(depth.max()) + 1)) if key else ()
+        levels = tuple(np.flatnonzero(depth == d) for d in range(int(depth.max()) + 1)) if len(par) else ()
         _LEVELS[key] = levels
     return levels
 
@@ -172,20 +173,72 @@ def rigid_transforms(rots, joints_rest, parents=PARENTS):
     result is bit-identical to it)."""
     j = np.asarray(joints_rest, dtype=np.float64)
     par = np.asarray(parents)
-    n = len(par)
-    local = np.zeros((n, 4, 4))
+    local = _local_transforms(j, par)
     local[:, :3, :3] = rots
+    g = np.empty(local.shape)
+    _chain(g, local, [(lvl, None if d == 0 else par[lvl]) for d, lvl in enumerate(depth_levels(par))])
+    return _skinning(g, j), g[:, :3, 3].copy()
+
+
+def _local_transforms(j: np.ndarray, par: np.ndarray) -> np.ndarray:
+    """(n, 4, 4) joint-local transforms with the rest offsets from the parents (rotations zero)."""
+    local = np.zeros((len(par), 4, 4))
     local[:, 3, 3] = 1.0
     local[:, :3, 3] = j
     child = par >= 0
     local[child, :3, 3] = j[child] - j[par[child]]
-    g = np.empty((n, 4, 4))
-    for d, lvl in enumerate(depth_levels(par)):
-        g[lvl] = local[lvl] if d == 0 else g[par[lvl]] @ local[lvl]
-    joints_posed = g[:, :3, 3].copy()
+    return local
+
+
+def _chain(g: np.ndarray, local: np.ndarray, steps) -> None:
+    """``g[sel] = g[parents of sel] @ local[sel]`` per (sel, parents) step, in order (parents None:
+    roots, ``g[sel] = local[sel]``)."""
+    for sel, psel in steps:
+        g[sel] = local[sel] if psel is None else g[psel] @ local[sel]
+
+
+def _skinning(g: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """The skinning transforms ``A = G T(-J_rest)`` of the global joint transforms ``G``."""
     a = g.copy()
     a[:, :3, 3] -= np.einsum("nij,nj->ni", g[:, :3, :3], j)
-    return a, joints_posed
+    return a
+
+
+class ForwardKinematics:
+    """``forward_kinematics(pose, joints_rest)[0]`` for a sequence of poses (an optimiser's): each
+    call recomputes the rotations of the joints whose pose values changed since the previous call
+    and the chain below them only, keeping the other joints' transforms; bit-identical to
+    ``forward_kinematics``."""
+
+    def __init__(self, joints_rest, parents=PARENTS):
+        self.j = np.asarray(joints_rest, dtype=np.float64)
+        self.parents = np.asarray(parents)
+        n = len(self.parents)
+        self.levels = depth_levels(self.parents)
+        self.below = np.eye(n, dtype=bool)  # below[i]: joint i and its descendants
+        for i in range(n - 1, 0, -1):  # children come after their parents
+            if self.parents[i] >= 0:
+                self.below[self.parents[i]] |= self.below[i]
+        self.local = _local_transforms(self.j, self.parents)
+        self.g = np.empty(self.local.shape)
+        self.pose = None
+        self._steps = {}
+
+    def __call__(self, pose) -> np.ndarray:
+        """The skinning transforms A (n, 4, 4) of ``pose`` (a new array)."""
+        p = np.array(as_pose(pose) if len(self.parents) == N_JOINTS else np.asarray(pose, np.float64).reshape(-1, 3))
+        changed = np.arange(len(p)) if self.pose is None else np.flatnonzero((p != self.pose).any(axis=1))
+        if len(changed):
+            self.local[changed, :3, :3] = rodrigues(p[changed])
+            key = changed.tobytes()
+            steps = self._steps.get(key)
+            if steps is None:
+                below = self.below[changed].any(axis=0)
+                steps = self._steps[key] = [(lvl[below[lvl]], None if d == 0 else self.parents[lvl[below[lvl]]])
+                                            for d, lvl in enumerate(self.levels) if below[lvl].any()]
+            _chain(self.g, self.local, steps)
+            self.pose = p
+        return _skinning(self.g, self.j)
 
 
 def model_to_world_mm(points_m, transl_mm) -> np.ndarray:

@@ -71,8 +71,8 @@ from scipy.optimize import minimize
 from ..drr.carm import Geometry, named_view
 from ..errors import CtwinError
 from ..progress import report
-from ..body.skeleton import (JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, rodrigues, rotation_to_rotvec,
-                             rotvec_fast as _rotvec)
+from ..body.skeleton import (JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, ForwardKinematics, rodrigues,
+                             rotation_to_rotvec, rotvec_fast as _rotvec)
 from ..drr.physics import COUNT_FLOOR, DISPLAY_MAX
 from ..fileio import atomic_path, read_json, write_json
 from ..rig.pose import JOINT_LIMITS_DEG, vertebra_transforms
@@ -862,6 +862,7 @@ class _Problem:
         self.view_T = [np.eye(4) for _ in xrays]  # geometry corrections (refine_geometry)
         arm = self.binding.armature
         self.W0inv = np.linalg.inv(arm.world_transforms(arm.pose0, arm.transl0_mm))
+        self._fk = ForwardKinematics(arm.joints_rest_mm)  # as arm.world_transforms poses the joints
         # per structure: what gives its transform (a joint's, the identity, or a vertebra bone's
         # blend of two joints') and the index of that joint or vertebra bone
         S = len(cloud.names)
@@ -904,7 +905,9 @@ class _Problem:
 
     def transforms(self, pose, transl, idx=None) -> np.ndarray:
         """(S, 4, 4) acquisition -> posed transforms of the cloud's structures (or those in idx)."""
-        d = self.binding.armature.world_transforms(pose, transl) @ self.W0inv
+        d = self._fk(pose)  # arm.world_transforms(pose, transl), the unchanged joints kept
+        d[:, :3, 3] += np.asarray(transl, dtype=np.float64).reshape(3)
+        d = d @ self.W0inv
         n, pj, rj, ps, pv, vb, inv = self._plan(idx)
         out = np.empty((n, 4, 4))
         out[pj] = d[rj]
