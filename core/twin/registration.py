@@ -886,7 +886,8 @@ class _Problem:
                 vbs.append(vb)
             self._kind[i], self._ref[i] = 2, slot[id(vb)]
         self._vb = (np.array([v.lower for v in vbs], np.intp), np.array([v.upper for v in vbs], np.intp),
-                    np.array([v.w for v in vbs], np.float64), np.array([v.anchor_mm for v in vbs], np.float64).reshape(-1, 3))
+                    np.array([v.w for v in vbs], np.float64),
+                    np.array([v.anchor_mm for v in vbs], np.float64).reshape(-1, 3))
         self._plans = {}  # structure selection -> where its transforms come from (``transforms``)
         self._joint_terms = {}  # joint -> (prior sigmas (3,), lower limits (3,), upper limits (3,))
         self._root_rot = (None, None)  # (root rotation vector bytes, its matrix) of ``_apply``
