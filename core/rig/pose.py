@@ -39,16 +39,37 @@ def _slerp_matrices(ra: np.ndarray, rb: np.ndarray, w: float) -> np.ndarray:
 
 def vertebra_transform(deltas: np.ndarray, vb: VertebraBone) -> np.ndarray:
     """Rigid 4x4 of a vertebra bone: slerp of the two joints' rotations, its centroid lerped."""
-    da, db = deltas[vb.lower], deltas[vb.upper]
-    if vb.lower == vb.upper or vb.w <= 0.0:
-        return da.copy()
-    c = vb.anchor_mm
-    r = _slerp_matrices(da[:3, :3], db[:3, :3], vb.w)
-    pa = da[:3, :3] @ c + da[:3, 3]
-    pb = db[:3, :3] @ c + db[:3, 3]
-    out = np.eye(4)
-    out[:3, :3] = r
-    out[:3, 3] = (1.0 - vb.w) * pa + vb.w * pb - r @ c
+    return vertebra_transforms(deltas, [vb.lower], [vb.upper], [vb.w], [vb.anchor_mm])[0]
+
+
+def vertebra_transforms(deltas: np.ndarray, lower, upper, w, anchor_mm, rotvec=rotation_to_rotvec) -> np.ndarray:
+    """Rigid 4x4s (V, 4, 4) of V vertebra bones (``VertebraBone``'s fields as arrays): the rotation
+    ``R_a rodrigues(w rotvec(R_a^T R_b))`` (the slerp of the two joints' rotations), the anchor
+    moved to the lerp of where the two joints move it. ``rotvec``: the matrix -> axis-angle map
+    (``core.body.skeleton.rotvec_fast`` is faster and equal to about 1e-13)."""
+    lower, upper = np.asarray(lower, dtype=np.intp), np.asarray(upper, dtype=np.intp)
+    w = np.asarray(w, dtype=np.float64)
+    c = np.asarray(anchor_mm, dtype=np.float64).reshape(-1, 3)
+    da, db = deltas[lower], deltas[upper]
+    out = da.copy()
+    blend = (lower != upper) & (w > 0.0)
+    if not blend.any():
+        return out
+    da, db, w, c = da[blend], db[blend], w[blend], c[blend]
+    r = db[:, :3, :3].copy()
+    part = w < 1.0
+    if part.any():
+        ra = da[part, :3, :3]
+        rel = rotvec(np.swapaxes(ra, 1, 2) @ db[part, :3, :3])
+        r[part] = ra @ rodrigues(w[part, None] * rel)
+    cc = c[:, :, None]
+    pa = (da[:, :3, :3] @ cc)[..., 0] + da[:, :3, 3]
+    pb = (db[:, :3, :3] @ cc)[..., 0] + db[:, :3, 3]
+    t = np.zeros((len(w), 4, 4))
+    t[:, :3, :3] = r
+    t[:, :3, 3] = (1.0 - w)[:, None] * pa + w[:, None] * pb - (r @ cc)[..., 0]
+    t[:, 3, 3] = 1.0
+    out[blend] = t
     return out
 
 

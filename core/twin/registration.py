@@ -65,16 +65,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.ndimage import binary_erosion, gaussian_filter, map_coordinates
+from scipy.ndimage import binary_erosion, correlate1d, gaussian_filter, gaussian_filter1d, map_coordinates
 from scipy.optimize import minimize
 
 from ..drr.carm import Geometry, named_view
 from ..errors import CtwinError
 from ..progress import report
-from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, rodrigues, rotation_to_rotvec
+from ..body.skeleton import (JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, ForwardKinematics, rodrigues,
+                             rotation_to_rotvec, rotvec_fast as _rotvec)
 from ..drr.physics import COUNT_FLOOR, DISPLAY_MAX
 from ..fileio import atomic_path, read_json, write_json
-from ..rig.pose import JOINT_LIMITS_DEG
+from ..rig.pose import JOINT_LIMITS_DEG, vertebra_transforms
 from ..volumes.volume import apply_transform
 # Imported where used, so that importing this module stays light: PIL, numba (heavy or optional third-party packages).
 
@@ -667,8 +668,30 @@ def _resample(img: np.ndarray, w: int, h: int) -> np.ndarray:
     return map_coordinates(sm, [R, C], order=1, mode="nearest")
 
 
+_GAUSS: dict = {}  # sigma -> the weights that ``gaussian_filter`` correlates with (truncated at 4 sigma)
+
+
+def _gaussian_weights(sigma: float) -> np.ndarray:
+    """``gaussian_filter``'s 1-D kernel for ``sigma`` (scipy's own: the filter of a unit impulse),
+    kept per sigma."""
+    w = _GAUSS.get(sigma)
+    if w is None:
+        r = int(4.0 * sigma + 0.5)
+        impulse = np.zeros(2 * r + 1)
+        impulse[r] = 1.0
+        w = _GAUSS[sigma] = np.ascontiguousarray(gaussian_filter1d(impulse, sigma, mode="constant")[::-1])
+    return w
+
+
 def _grad_pair(img: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    s = gaussian_filter(img, sigma, mode="nearest")
+    img = np.asarray(img)
+    if sigma > 1e-15:  # gaussian_filter(img, sigma, mode="nearest") with the kernel kept
+        w = _gaussian_weights(float(sigma))
+        s = np.empty(img.shape, img.dtype)
+        correlate1d(img, w, 0, s, mode="nearest")
+        correlate1d(s, w, 1, s, mode="nearest")
+    else:
+        s = gaussian_filter(img, sigma, mode="nearest")
     gx = s[1:-1, 2:] - s[1:-1, :-2]
     gy = s[2:, 1:-1] - s[:-2, 1:-1]
     return gx, gy
@@ -759,10 +782,11 @@ class _Level:
             for a, t in ((gx, tx), (gy, ty)):
                 if t is None:
                     continue
-                a = a - a.mean()
-                n = float(np.sqrt((a * a).sum()))
+                a -= a.mean()  # in place: a is _grad_pair's own array
+                prod = np.multiply(a, a)
+                n = float(np.sqrt(prod.sum()))
                 if n > 0:
-                    s += 0.5 * float((a * t).sum()) / n
+                    s += 0.5 * float(np.multiply(a, t, out=prod).sum()) / n
         return s
 
 
@@ -809,40 +833,6 @@ def _structure_joints(binding, names) -> list:
     return out
 
 
-def _rotvec(R: np.ndarray) -> np.ndarray:
-    """Axis-angle of a rotation matrix away from 180 degrees (relative rotations of adjacent joints)."""
-    c = min(1.0, max(-1.0, 0.5 * (R[0, 0] + R[1, 1] + R[2, 2] - 1.0)))
-    th = math.acos(c)
-    v = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
-    if th < 1e-9:
-        return 0.5 * v
-    if th > math.pi - 1e-4:
-        return rotation_to_rotvec(R)
-    return v * (0.5 * th / math.sin(th))
-
-
-def _vertebra_transform(deltas: np.ndarray, vb) -> np.ndarray:
-    """``core.rig.pose.vertebra_transform`` with a fast slerp (the same formula, equal to 5e-14).
-
-    Kept in the registration's inner loop: measured over 200 vertebra bones (loaded 2-core machine,
-    best of 5), 0.46 ms per call here against 1.48 ms for the shared one (its ``_slerp_matrices``
-    goes through ``skeleton.rotation_to_rotvec``)."""
-    da, db = deltas[vb.lower], deltas[vb.upper]
-    if vb.lower == vb.upper or vb.w <= 0.0:
-        return da.copy()
-    if vb.w >= 1.0:
-        r = db[:3, :3]
-    else:
-        r = da[:3, :3] @ rodrigues(vb.w * _rotvec(da[:3, :3].T @ db[:3, :3]))
-    c = vb.anchor_mm
-    pa = da[:3, :3] @ c + da[:3, 3]
-    pb = db[:3, :3] @ c + db[:3, 3]
-    out = np.eye(4)
-    out[:3, :3] = r
-    out[:3, 3] = (1.0 - vb.w) * pa + vb.w * pb - r @ c
-    return out
-
-
 def _limits(joint: int) -> np.ndarray:
     """(3, 2) radian bounds on a joint's axis-angle components (root: none)."""
     name = JOINT_NAMES[joint]
@@ -872,33 +862,59 @@ class _Problem:
         self.view_T = [np.eye(4) for _ in xrays]  # geometry corrections (refine_geometry)
         arm = self.binding.armature
         self.W0inv = np.linalg.inv(arm.world_transforms(arm.pose0, arm.transl0_mm))
-        self.src = []  # per structure: its joint index, or its VertebraBone
-        for n in cloud.names:
+        self._fk = ForwardKinematics(arm.joints_rest_mm)  # as arm.world_transforms poses the joints
+        # per structure: what gives its transform (a joint's, the identity, or a vertebra bone's
+        # blend of two joints') and the index of that joint or vertebra bone
+        S = len(cloud.names)
+        self._kind = np.zeros(S, np.int8)  # 0: joint, 1: static (identity), 2: vertebra bone
+        self._ref = np.zeros(S, np.intp)
+        vbs, slot = [], {}
+        for i, n in enumerate(cloud.names):
             if n == "_static":
-                self.src.append(-1)
+                self._kind[i] = 1
                 continue
             if n.startswith("_soft:"):
-                self.src.append(JOINT_INDEX[n[6:]])
+                self._ref[i] = JOINT_INDEX[n[6:]]
                 continue
             bone = self.binding.rigid[n]
             vb = self.binding.vertebrae.get(bone)
-            self.src.append(vb if vb is not None else JOINT_INDEX[bone])
+            if vb is None:
+                self._ref[i] = JOINT_INDEX[bone]
+                continue
+            if id(vb) not in slot:
+                slot[id(vb)] = len(vbs)
+                vbs.append(vb)
+            self._kind[i], self._ref[i] = 2, slot[id(vb)]
+        self._vb = (np.array([v.lower for v in vbs], np.intp), np.array([v.upper for v in vbs], np.intp),
+                    np.array([v.w for v in vbs], np.float64),
+                    np.array([v.anchor_mm for v in vbs], np.float64).reshape(-1, 3))
+        self._plans = {}  # structure selection -> where its transforms come from (``transforms``)
+        self._joint_terms = {}  # joint -> (prior sigmas (3,), lower limits (3,), upper limits (3,))
+        self._root_rot = (None, None)  # (root rotation vector bytes, its matrix) of ``_apply``
+
+    def _plan(self, idx):
+        key = None if idx is None else np.asarray(idx, np.intp).tobytes()
+        plan = self._plans.get(key)
+        if plan is None:
+            sel = np.arange(len(self._kind)) if idx is None else np.asarray(idx, np.intp)
+            kind, ref = self._kind[sel], self._ref[sel]
+            pj, ps, pv = (np.flatnonzero(kind == k) for k in (0, 1, 2))
+            slots, inv = np.unique(ref[pv], return_inverse=True)
+            vb = tuple(a[slots] for a in self._vb)
+            plan = self._plans[key] = (len(sel), pj, ref[pj], ps, pv, vb, inv.reshape(-1))
+        return plan
 
     def transforms(self, pose, transl, idx=None) -> np.ndarray:
         """(S, 4, 4) acquisition -> posed transforms of the cloud's structures (or those in idx)."""
-        d = self.binding.armature.world_transforms(pose, transl) @ self.W0inv
-        idx = range(len(self.cloud.names)) if idx is None else idx
-        out = np.empty((len(idx), 4, 4))
-        vt = {}
-        for k, i in enumerate(idx):
-            src = self.src[i]
-            if isinstance(src, int):
-                out[k] = d[src] if src >= 0 else np.eye(4)
-            else:
-                key = id(src)
-                if key not in vt:
-                    vt[key] = _vertebra_transform(d, src)
-                out[k] = vt[key]
+        d = self._fk(pose)  # arm.world_transforms(pose, transl), the unchanged joints kept
+        d[:, :3, 3] += np.asarray(transl, dtype=np.float64).reshape(3)
+        d = d @ self.W0inv
+        n, pj, rj, ps, pv, vb, inv = self._plan(idx)
+        out = np.empty((n, 4, 4))
+        out[pj] = d[rj]
+        out[ps] = np.eye(4)
+        if len(pv):
+            out[pv] = vertebra_transforms(d, *vb, rotvec=_rotvec)[inv]
         return out
 
     def _apply(self, joints, x, base_pose, base_transl):
@@ -906,7 +922,10 @@ class _Problem:
         k = 0
         for j in joints:
             if j == 0:
-                R = rodrigues(x[k:k + 3] * ROT_UNIT) @ rodrigues(base_pose[0:3])
+                key = base_pose[0:3].tobytes()
+                if self._root_rot[0] != key:
+                    self._root_rot = (key, rodrigues(base_pose[0:3]))
+                R = rodrigues(x[k:k + 3] * ROT_UNIT) @ self._root_rot[1]
                 pose[0:3] = rotation_to_rotvec(R)
                 transl = base_transl + x[k + 3:k + 6] * TRANS_UNIT
                 k += 6
@@ -915,18 +934,26 @@ class _Problem:
                 k += 3
         return pose, transl
 
+    def _terms_of(self, j: int) -> tuple:
+        """(prior sigmas (3,) radians, lower and upper limits (3,) radians) of joint j."""
+        t = self._joint_terms.get(j)
+        if t is None:
+            sig = PRIOR_AXIS_SIGMA_DEG.get(JOINT_NAMES[j], (None, None, None))
+            lim = _limits(j)
+            t = self._joint_terms[j] = (np.radians([PRIOR_SIGMA_DEG if v is None else v for v in sig]),
+                                        lim[:, 0].copy(), lim[:, 1].copy())
+        return t
+
     def _penalty(self, pose, joints) -> float:
         p = 0.0
         for j in joints:
             if j == 0:
                 continue
-            d = pose[3 * j:3 * j + 3] - self.start_pose[3 * j:3 * j + 3]
-            sig = PRIOR_AXIS_SIGMA_DEG.get(JOINT_NAMES[j], (None, None, None))
-            sig = np.radians([PRIOR_SIGMA_DEG if v is None else v for v in sig])
-            p += self.prior_weight * float(np.sum((d / sig) ** 2))
-            lim = _limits(j)
+            sig, lo, hi = self._terms_of(j)
             r = pose[3 * j:3 * j + 3]
-            ex = np.maximum(lim[:, 0] - r, 0) + np.maximum(r - lim[:, 1], 0)
+            d = r - self.start_pose[3 * j:3 * j + 3]
+            p += self.prior_weight * float(np.sum((d / sig) ** 2))
+            ex = np.maximum(lo - r, 0) + np.maximum(r - hi, 0)
             p += 10.0 * float(ex @ ex)
         return p
 
@@ -988,21 +1015,31 @@ class _Problem:
         blo = np.array([-np.inf if lo is None else lo for lo, _ in bounds])
         bhi = np.array([np.inf if hi is None else hi for _, hi in bounds])
 
+        bufs = [[np.empty_like(img) for img in part[0]] for part in parts]  # the images, reused
+
         def terms(x):
             # bounds by projection (Powell's bounded line searches leave narrow optima)
             xc = np.clip(x, blo, bhi)
             pose, transl = self._apply(joints, xc, base_pose, base_transl)
-            T = self.transforms(pose, transl, midx)
+            T = np.ascontiguousarray(self.transforms(pose, transl, midx)[:, :3, :])
             imgs = []
             for k, v in enumerate(views):
-                ch = [splat_bones(pm, wm, om, T, v, st[k].copy(), bm) for st, pm, wm, om, bm in parts]
+                ch = []
+                for (st, pm, wm, om, bm), buf in zip(parts, bufs):
+                    np.copyto(buf[k], st[k])
+                    ch.append(splat_bones(pm, wm, om, T, v, buf[k], bm))
                 imgs.append(level.compose(k, ch[0], ch[1] if len(ch) > 1 else None))
             return level.score(imgs), float(np.sum((x - xc) ** 2)) + self._penalty(pose, joints)
 
+        memo = {}  # x -> terms(x): Powell's line searches ask for some points again (16 % of them, measured)
+
         def cost(x):
             n_ev[0] += 1
-            sim, pen = terms(x)
-            return pen - sim
+            key = np.asarray(x, dtype=np.float64).tobytes()
+            t = memo.get(key)
+            if t is None:
+                t = memo[key] = terms(x)
+            return t[1] - t[0]
 
         x0 = np.zeros(nparam)
         before = terms(x0)[0]
