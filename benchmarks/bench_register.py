@@ -122,6 +122,8 @@ def main() -> int:
     ap.add_argument("--similarity", default=None, choices=["gc", "gc_tiles"],
                     help="core.twin.registration.SIMILARITY (default: the module's)")
     ap.add_argument("--tiles", type=int, default=None, help="core.twin.registration.TILES (gc_tiles)")
+    ap.add_argument("--tiled-levels", type=int, nargs="*", default=None,
+                    help="core.twin.registration.TILED_LEVELS: the level indices gc_tiles scores")
     ap.add_argument("--only", nargs="*", default=None,
                     help="run only these cases (each keeps its index, hence its noise and start seeds, in the run)")
     ap.add_argument("--seed", type=int, default=0)
@@ -156,6 +158,9 @@ def main() -> int:
         from ctwin.core.twin import registration
         registration.SIMILARITY = args.similarity or registration.SIMILARITY
         registration.TILES = args.tiles or registration.TILES
+    if args.tiled_levels is not None:
+        from ctwin.core.twin import registration
+        registration.TILED_LEVELS = tuple(args.tiled_levels)
     if args.root_hypotheses is not None:
         from ctwin.core.twin import registration
         registration.ROOT_HYPOTHESES = args.root_hypotheses

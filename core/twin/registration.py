@@ -154,6 +154,7 @@ EVOLVE_GROUPS = {  # per level index: (group, its joints, span in degrees, evalu
 # "gc_tiles", its mean over TILES x TILES tiles (``_TiledLevel``)
 SIMILARITY = "gc"
 TILES = 8
+TILED_LEVELS = (0, 1, 2)  # the level indices gc_tiles scores (the others: gc)
 TILE_MIN_ENERGY = 0.01  # tiles with less target gradient energy than this x the mean tile's are left out
 ROT_UNIT = 0.1  # optimiser units: 0.1 rad (5.7 deg) ...
 TRANS_UNIT = 10.0  # ... and 10 mm
@@ -1238,9 +1239,9 @@ class _TiledLevel(_Level):
         return s
 
 
-def _make_level(xrays, size: int, cloud: BoneCloud) -> _Level:
-    """A level scored by ``SIMILARITY``."""
-    if SIMILARITY == "gc_tiles":
+def _make_level(xrays, size: int, cloud: BoneCloud, index: int = 0) -> _Level:
+    """Level ``index`` scored by ``SIMILARITY`` (at the levels ``TILED_LEVELS`` with gc_tiles)."""
+    if SIMILARITY == "gc_tiles" and index in TILED_LEVELS:
         return _TiledLevel(xrays, size, cloud)
     if SIMILARITY != "gc":
         raise CtwinError(f"unknown registration similarity {SIMILARITY!r}: gc or gc_tiles")
@@ -1328,7 +1329,7 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
     chains, in_chain = _chains(present)
     distal = [(n, js) for n, js in limbs if not set(js) <= in_chain]
     legs = [j for n, js, g in chains if n.endswith("_leg") for j in js]
-    lv_objs = [_make_level(xrays, int(size), cloud) for size in levels]
+    lv_objs = [_make_level(xrays, int(size), cloud, li) for li, size in enumerate(levels)]
 
     def level_plan(li, root_first=True):
         """(name, joints, search, grid) per stage; the root of the spine group is re-estimated
