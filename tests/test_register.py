@@ -489,3 +489,24 @@ def test_tiled_gradient_correlation_is_the_mean_of_the_tiles_correlations():
     moved = bright + faint(3)
     glob = R._Level(xr, 32, cloud)
     assert four.score([target]) - four.score([moved]) > 3 * (glob.score([target]) - glob.score([moved])) > 0
+
+
+def test_similarity_setting_picks_each_levels_scoring(monkeypatch):
+    """``SIMILARITY`` gc_tiles scores the levels in ``TILED_LEVELS`` by tiles, the others by the
+    global gradient correlation; an unknown similarity stops with one line."""
+    from ctwin.core.drr.carm import Geometry
+    from ctwin.core.errors import CtwinError
+    from ctwin.core.twin import registration as R
+
+    g = Geometry((0.0, -1000.0, 0.0), (0.0, 500.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.0, -1.0),
+                 (2.0, 2.0), (32, 32), False, {"sad_mm": 1000.0})
+    cloud = R.BoneCloud(["b"], np.zeros((1, 3)), np.ones(1), np.zeros(1, np.int32), 2.0)
+    xr = [R.XRay("v", np.zeros((32, 32)), g)]
+    assert type(R._make_level(xr, 16, cloud, 1)) is R._Level
+    monkeypatch.setattr(R, "SIMILARITY", "gc_tiles")
+    monkeypatch.setattr(R, "TILED_LEVELS", (1, 2))
+    assert type(R._make_level(xr, 16, cloud, 0)) is R._Level
+    assert type(R._make_level(xr, 16, cloud, 1)) is R._TiledLevel
+    monkeypatch.setattr(R, "SIMILARITY", "mutual_information")
+    with pytest.raises(CtwinError, match="unknown registration similarity"):
+        R._make_level(xr, 16, cloud, 0)

@@ -1241,10 +1241,10 @@ class _TiledLevel(_Level):
 
 def _make_level(xrays, size: int, cloud: BoneCloud, index: int = 0) -> _Level:
     """Level ``index`` scored by ``SIMILARITY`` (at the levels ``TILED_LEVELS`` with gc_tiles)."""
+    if SIMILARITY not in ("gc", "gc_tiles"):
+        raise CtwinError(f"unknown registration similarity {SIMILARITY!r}: gc or gc_tiles")
     if SIMILARITY == "gc_tiles" and index in TILED_LEVELS:
         return _TiledLevel(xrays, size, cloud)
-    if SIMILARITY != "gc":
-        raise CtwinError(f"unknown registration similarity {SIMILARITY!r}: gc or gc_tiles")
     return _Level(xrays, size, cloud)
 
 
