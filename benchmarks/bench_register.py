@@ -113,6 +113,19 @@ def main() -> int:
     ap.add_argument("--prior-weight", type=float, default=None,
                     help="the weight of the prior toward the start pose (core.twin.registration.PRIOR_WEIGHT "
                          "with two or more views, PRIOR_WEIGHT_ONE_VIEW with one: both; default: the module's)")
+    ap.add_argument("--evolve-extra", nargs="*", default=[],
+                    help="further global searches KIND:LEVEL:SPAN:EVALS (KIND arm, leg, forearm (elbow + "
+                         "wrist + hand, per side) or trunk; LEVEL an index into --levels; SPAN degrees per "
+                         "joint axis) added to core.twin.registration.EVOLVE_GROUPS")
+    ap.add_argument("--root-hypotheses", type=int, default=None,
+                    help="root optima carried through the coarsest level (core.twin.registration.ROOT_HYPOTHESES)")
+    ap.add_argument("--similarity", default=None, choices=["gc", "gc_tiles"],
+                    help="core.twin.registration.SIMILARITY (default: the module's)")
+    ap.add_argument("--tiles", type=int, default=None, help="core.twin.registration.TILES (gc_tiles)")
+    ap.add_argument("--tiled-levels", type=int, nargs="*", default=None,
+                    help="core.twin.registration.TILED_LEVELS: the level indices gc_tiles scores")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="run only these cases (each keeps its index, hence its noise and start seeds, in the run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/bench_register")
     ap.add_argument("--json", default=None)
@@ -130,6 +143,27 @@ def main() -> int:
         for side in ("left", "right"):
             sig[f"{side}_shoulder"] = (args.shoulder_twist_sigma,) + tuple(sig[f"{side}_shoulder"][1:])
         registration.PRIOR_AXIS_SIGMA_DEG = sig
+    if args.evolve_extra:
+        from ctwin.core.twin import registration
+        groups = {k: list(v) for k, v in registration.EVOLVE_GROUPS.items()}
+        names = {"arm": registration._ARM, "leg": registration._LEG, "forearm": registration._FOREARM,
+                 "trunk": registration._TRUNK}
+        for spec in args.evolve_extra:
+            kind, li, span, fev = spec.split(":")
+            groups.setdefault(int(li), []).append((kind, names[kind], float(span), int(fev)))
+        registration.EVOLVE_GROUPS = {k: tuple(v) for k, v in groups.items()}
+        registration.EVOLVE_LEVELS = tuple(sorted(set(registration.EVOLVE_LEVELS) | set(groups)))
+        print("global searches:", registration.EVOLVE_GROUPS)
+    if args.similarity is not None or args.tiles is not None:
+        from ctwin.core.twin import registration
+        registration.SIMILARITY = args.similarity or registration.SIMILARITY
+        registration.TILES = args.tiles or registration.TILES
+    if args.tiled_levels is not None:
+        from ctwin.core.twin import registration
+        registration.TILED_LEVELS = tuple(args.tiled_levels)
+    if args.root_hypotheses is not None:
+        from ctwin.core.twin import registration
+        registration.ROOT_HYPOTHESES = args.root_hypotheses
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -159,6 +193,8 @@ def main() -> int:
     hdr = f"{'case':<20} {'cond':<5} {'views':<6} {'method':<12} {'start':>7} {'mean':>6} {'max':>6} {'truthpv':>7} {'s':>6}"
     print(hdr)
     for ci, (case, pose_b) in enumerate(cases):
+        if args.only is not None and case not in args.only:
+            continue
         ph = generate_phantom(pose=pose_b, spacing=spacing, seed=0)
         truth_b = ph.truth
         pv = prepare_volume(ph.ct)

@@ -16,6 +16,19 @@ other models of the soft tissue (``rigid-hu``: the registration's default, the C
 rigid with the joint of its largest skinning weight; ``blend-hu``: blocks moved by the blend of their
 joints; ``*-uniform``: water wherever the body is). When the estimate scores higher than the truth, no search
 finds the truth: the limit is the similarity (or the twin's model of the image), not the optimiser.
+
+``--joints`` prints which joints of the estimate are wrong (the angle of each joint's rotation relative
+to the truth's, the root's translation) and its worst bones (SPEC 6 per-bone error). ``--variants``
+scores the truth and the estimate under variants of the similarity, per level: ``gc`` the
+registration's (gradient correlation, blur ``sigma`` as the level's), ``gc_s2`` / ``gc_s4`` the blur
+doubled / quadrupled, ``gmag`` the normalised cross-correlation of the gradient magnitudes,
+``gc_border`` the image border (10 % of each side) left out, ``gc_tiles`` the mean of the
+gradient correlations of 8 x 8 tiles (local: a faint region counts as much as the trunk), ``bone_only`` the twin's rendering
+without its soft-tissue blocks and table, ``soft_half`` those at half weight, ``no_hands`` /
+``no_forearms`` the hands (carpals, metacarpals, phalanges) / also the radius and ulna not rendered
+(their share of the preference). ``--regions`` splits the estimate's gain at ``--size`` px among
+the pixels where the arms', legs', trunk's or soft tissue's edges are strongest. A similarity under which the truth wins at every level is one that
+a search can be steered by.
 """
 from __future__ import annotations
 
@@ -39,6 +52,210 @@ GROUPS = {
              "left_wrist", "right_wrist"),
     "legs": ("left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle"),
 }
+
+
+VARIANTS = ("gc", "gc_s2", "gc_s4", "gmag", "gc_border", "gc_tiles", "bone_only", "soft_half", "no_hands",
+            "no_forearms")
+HAND_KEYS = ("phalanges_hand", "metacarpal", "carpal")  # the twin's hand bones (carpal_*, metacarpal_*, ...)
+FOREARM_KEYS = ("radius", "ulna")
+
+
+def joint_errors(twin, pt, tt, pe, te, truth_a, truth_b) -> None:
+    """Print the estimate's joints whose rotation differs from the truth's by more than 3 degrees
+    (the angle of R_est^T R_truth; the root also its translation) and its eight worst bones."""
+    from ctwin.core.body.skeleton import JOINT_NAMES, rodrigues, rotation_to_rotvec
+    from ctwin.core.twin.evaluation import bone_error
+
+    rows = []
+    for j, name in enumerate(JOINT_NAMES):
+        R = rodrigues(pe[3 * j:3 * j + 3]).T @ rodrigues(pt[3 * j:3 * j + 3])
+        rows.append((float(np.degrees(np.linalg.norm(rotation_to_rotvec(R)))), name))
+    wrong = sorted((r for r in rows if r[0] > 3.0), reverse=True)
+    print(f"joints off by > 3 deg: " + ", ".join(f"{n} {a:.0f}" for a, n in wrong)
+          + f"; root translation off {np.linalg.norm(te - tt):.1f} mm")
+    per = bone_error(twin, pe, te, truth_a, truth_b)["per_bone"]
+    worst = sorted(per.items(), key=lambda kv: -kv[1])[:8]
+    print("worst bones: " + ", ".join(f"{n} {v:.1f}" for n, v in worst))
+
+
+def _gc_masked(a: np.ndarray, b: np.ndarray, sigma: float, border: float = 0.0) -> float:
+    from ctwin.core.twin.registration import _grad_pair, _normalised
+
+    out = 0.0
+    for x, y in zip(_grad_pair(a, sigma), _grad_pair(b, sigma)):
+        if border > 0:
+            h, w = x.shape
+            bh, bw = int(border * h), int(border * w)
+            x, y = x[bh:h - bh, bw:w - bw], y[bh:h - bh, bw:w - bw]
+        nx, ny = _normalised(x), _normalised(y)
+        if nx is not None and ny is not None:
+            out += float((nx * ny).sum())
+    return 0.5 * out
+
+
+def _gc_tiles(a: np.ndarray, b: np.ndarray, sigma: float, n: int = 8) -> float:
+    """Local gradient correlation: the mean over n x n tiles of each tile's gradient correlation
+    (tiles whose target gradients carry under 1 % of the mean tile's energy left out), so that a
+    faint region (a hand, a forearm over the pelvis) counts as much as the trunk's outline."""
+    from ctwin.core.twin.registration import _grad_pair, _normalised
+
+    ga, gb = _grad_pair(a, sigma), _grad_pair(b, sigma)
+    h, w = ga[0].shape
+    rs, cs = np.linspace(0, h, n + 1).astype(int), np.linspace(0, w, n + 1).astype(int)
+    energy = sum(g * g for g in gb)
+    mean_e = energy.sum() / (n * n)
+    vals = []
+    for i in range(n):
+        for j in range(n):
+            sl = (slice(rs[i], rs[i + 1]), slice(cs[j], cs[j + 1]))
+            if energy[sl].sum() < 0.01 * mean_e:
+                continue
+            c = 0.0
+            for x, y in zip(ga, gb):
+                nx, ny = _normalised(x[sl]), _normalised(y[sl])
+                if nx is not None and ny is not None:
+                    c += 0.5 * float((nx * ny).sum())
+            vals.append(c)
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def _gmag(a: np.ndarray, b: np.ndarray, sigma: float) -> float:
+    from ctwin.core.twin.registration import _grad_pair, _normalised
+
+    ma, mb = (np.hypot(*_grad_pair(x, sigma)) for x in (a, b))
+    na, nb = _normalised(ma), _normalised(mb)
+    return float((na * nb).sum()) if na is not None and nb is not None else 0.0
+
+
+def variant_table(twin, cloud, xr, cands, errs, levels, variants, exact=None) -> None:
+    """Per candidate pose, each similarity variant at each level (summed over the views). With
+    ``exact`` (the acquisition and target truths) also "truth, exact bones": every bone moved by its
+    exact transform (T_B inv(T_A), what SPEC 6 scores against), the soft tissue by the truth's pose
+    vector: the twin's image with its bones where the phantom's are, which the pose vector reaches
+    only to the rig's floor."""
+    from ctwin.core.twin.registration import _Level, _Problem, _resample, line_integral_ceiling
+
+    def scaled(pred, gain):
+        w = cloud.weight.copy()
+        struct = np.array([pred(n) for n in cloud.names])
+        w[struct[cloud.owner]] *= gain
+        return replace(cloud, weight=w)
+
+    clouds = {"base": cloud,
+              "bone_only": scaled(lambda n: n.startswith("_"), 0.0),
+              "soft_half": scaled(lambda n: n.startswith("_soft:"), 0.5),
+              "no_hands": scaled(lambda n: any(k in n for k in HAND_KEYS), 0.0),
+              "no_forearms": scaled(lambda n: any(k in n for k in HAND_KEYS + FOREARM_KEYS), 0.0)}
+    lvs = {(k, lv): _Level(xr, lv, c) for k, c in clouds.items() if k == "base" or k in variants for lv in levels}
+    targets = {}
+    for lv in levels:
+        L = lvs[("base", lv)]
+        tt = []
+        for x, v in zip(xr, L.views):
+            img = x.image if not x.photons else np.minimum(x.image, line_integral_ceiling(x.photons))
+            tt.append(_resample(img, v.geometry.width, v.geometry.height))
+        targets[lv] = tt
+    print("similarity variants (summed over the views), per level " + " / ".join(f"{lv}" for lv in levels) + " px")
+    print(f"{'pose':<34} {'bone_err':>8} " + " ".join(f"{v:>22}" for v in variants))
+    res = {}
+    rows = list(cands.items())
+    if exact is not None:
+        rows.insert(1, ("truth, exact bones", cands["truth"] + ("exact",)))
+        errs = dict(errs, **{"truth, exact bones": 0.0})
+    for k, c in rows:
+        p, t = c[0], c[1]
+        prob = _Problem(twin, cloud, xr, p, t, True)
+        T = prob.transforms(p, t)
+        if len(c) > 2:
+            ta_b, tb_b = exact[0]["bones"], exact[1]["bones"]
+            for i, n in enumerate(cloud.names):
+                if n in ta_b and n in tb_b:
+                    T[i] = np.asarray(tb_b[n], dtype=np.float64) @ np.linalg.inv(np.asarray(ta_b[n], dtype=np.float64))
+        cells = []
+        for var in variants:
+            vals = []
+            for lv in levels:
+                L = lvs[(var if var in clouds else "base", lv)]
+                imgs = [a if b is None else a + b for a, b in L.render(T, prob.level_views(L))]
+                s = 0.0
+                for img, tgt, sig in zip(imgs, targets[lv], L.sigma):
+                    if var == "gc_s2":
+                        s += _gc_masked(img, tgt, 2 * sig)
+                    elif var == "gc_s4":
+                        s += _gc_masked(img, tgt, 4 * sig)
+                    elif var == "gmag":
+                        s += _gmag(img, tgt, sig)
+                    elif var == "gc_tiles":
+                        s += _gc_tiles(img, tgt, sig)
+                    elif var == "gc_border":
+                        s += _gc_masked(img, tgt, sig, 0.1)
+                    else:
+                        s += _gc_masked(img, tgt, sig)
+                vals.append(s)
+            res[(k, var)] = vals
+            cells.append("/".join(f"{v:.4f}" for v in vals))
+        print(f"{k:<34} {errs[k]:8.2f} " + " ".join(f"{c:>22}" for c in cells), flush=True)
+    for ref in ("truth", "truth, exact bones"):
+        if (ref, variants[0]) in res and "estimate" in cands:
+            print(f"{ref} - estimate (positive: it wins): " + "; ".join(
+                f"{var} " + "/".join(f"{a - b:+.4f}" for a, b in zip(res[(ref, var)], res[("estimate", var)]))
+                for var in variants))
+
+
+REGION_KEYS = {
+    "arms": ("humerus", "radius", "ulna", "scapula", "clavicula") + HAND_KEYS,
+    "legs": ("femur", "patella", "tibia", "fibula", "tarsal", "metatarsal", "phalanges_feet"),
+}
+
+
+def region_shares(twin, cloud, xr, cands, size) -> None:
+    """Where the estimate gains on the truth at ``size`` px: the summed gradient correlation is a sum
+    of per-pixel products of normalised gradients; their difference (estimate - truth) summed over
+    the pixels where each bone region's edges are strongest (the region's own rendering, truth or
+    estimate, with the largest gradient magnitude): arms (shoulder girdle to hand), legs, trunk
+    (the other bones); "soft+table": the pixels where no bone's gradient reaches 10 % of the
+    view's 99th percentile of bone gradients."""
+    from ctwin.core.twin.registration import _grad_pair, _Level, _Problem, _normalised
+
+    def region(n):
+        if n.startswith("_"):
+            return "soft+table"
+        for r, keys in REGION_KEYS.items():
+            if any(k in n for k in keys):
+                return r
+        return "trunk"
+
+    regs = ("arms", "legs", "trunk", "soft+table")
+    of = np.array([regs.index(region(n)) for n in cloud.names])
+    L = _Level(xr, size, cloud)
+    contrib, mags = {}, {}
+    for k in ("truth", "estimate"):
+        p, t = cands[k]
+        prob = _Problem(twin, cloud, xr, p, t, True)
+        T = prob.transforms(p, t)
+        views = prob.level_views(L)
+        per_view = []
+        for vi, (img, (tx, ty), sig) in enumerate(zip(L.render(T, views), L.targets, L.sigma)):
+            img = img[0] if img[1] is None else img[0] + img[1]
+            gx, gy = _grad_pair(img, sig)
+            per_view.append(0.5 * (_normalised(gx) * tx + _normalised(gy) * ty))
+        contrib[k] = per_view
+        for ri in range(len(regs)):
+            w = np.where(of[cloud.owner] == ri, cloud.weight, 0.0)
+            Lr = _Level(xr, size, replace(cloud, weight=w))
+            for vi, (img, sig) in enumerate(zip(Lr.render(T, views), Lr.sigma)):
+                img = img[0] if img[1] is None else img[0] + img[1]
+                m = np.hypot(*_grad_pair(img, sig))
+                key = (vi, ri)
+                mags[key] = m if key not in mags else np.maximum(mags[key], m)
+    print(f"where the estimate gains on the truth at {size} px (summed per-pixel products, estimate - truth):")
+    for vi, x in enumerate(xr):
+        bones = np.stack([mags[(vi, ri)] for ri in range(len(regs) - 1)])
+        lab = np.argmax(bones, axis=0)
+        lab[bones.max(axis=0) < 0.1 * np.percentile(bones.max(axis=0), 99)] = len(regs) - 1
+        d = contrib["estimate"][vi] - contrib["truth"][vi]
+        print(f"  {x.name:<8} total {d.sum():+.4f}: " + ", ".join(
+            f"{r} {d[lab == ri].sum():+.4f}" for ri, r in enumerate(regs)))
 
 
 def main() -> int:
@@ -69,6 +286,11 @@ def main() -> int:
                          "contrast against soft tissue that the similarity sees)")
     ap.add_argument("--soft-models", nargs="*", default=["rigid-hu"],
                     choices=["blend-uniform", "blend-hu", "rigid-uniform", "rigid-hu"])
+    ap.add_argument("--regions", action="store_true",
+                    help="where (arms, legs, trunk, soft tissue) the estimate gains on the truth at --size px")
+    ap.add_argument("--joints", action="store_true", help="per-joint angle errors and the worst bones")
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help="score under these similarity variants (none given: all): " + " ".join(VARIANTS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--index", type=int, default=None,
                     help="the case's position in the benchmark run (its noise and start seeds); default: "
@@ -132,6 +354,14 @@ def main() -> int:
     print(f"case {args.case} ({cond}), views {' + '.join(x.name for x in xr)}; "
           "similarity = summed gradient correlation")
     levels = [lv for lv in (64, 128, 256) if lv <= args.size]
+    if args.joints:
+        joint_errors(twin, pt, tt, pe, te, truth_a, truth_b)
+    if args.regions:
+        region_shares(twin, cloud, xr, cands, args.size)
+    if args.variants is not None:
+        variant_table(twin, cloud, xr, cands, errs, levels, args.variants or list(VARIANTS),
+                      exact=(truth_a, truth_b))
+        return 0
     for (model, cl), gain in ((m, g) for m in clouds.items() for g in args.bone_gain):
         c = cl
         if gain != 1.0:

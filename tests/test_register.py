@@ -449,3 +449,64 @@ def test_evolve_finds_the_global_optimum_a_local_search_misses():
     bhi2[0] = np.radians(10.0) / ROT_UNIT
     x = Evolve(span_deg=45.0, maxfev=1000, seed=3).run(cost, [16, 18], blo, bhi2)
     assert x[0] <= bhi2[0] + 1e-9
+
+
+def test_tiled_gradient_correlation_is_the_mean_of_the_tiles_correlations():
+    """``_TiledLevel`` scores a view by the mean of per-tile gradient correlations: with one tile it
+    is ``_Level``'s score; with 4 x 4 it equals a per-tile loop of numpy's correlation coefficient
+    (tiles without target gradients left out); a faint object misplaced in its tile costs the tiled
+    score more than the global one, which the bright object's edges dominate."""
+    from ctwin.core.drr.carm import Geometry
+    from ctwin.core.twin import registration as R
+
+    g = Geometry((0.0, -1000.0, 0.0), (0.0, 500.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.0, -1.0),
+                 (2.0, 2.0), (32, 32), False, {"sad_mm": 1000.0})
+    yy, xx = np.mgrid[0:32, 0:32]
+    bright = 6.0 * ((xx > 3) & (xx < 14) & (yy > 3) & (yy < 14))
+
+    def faint(dx):
+        return 1.5 * ((xx > 20 + dx) & (xx < 26 + dx) & (yy > 20) & (yy < 26))
+
+    target = bright + faint(0)
+    cloud = R.BoneCloud(["b"], np.zeros((1, 3)), np.ones(1), np.zeros(1, np.int32), 2.0)
+    xr = [R.XRay("v", target, g)]
+    rng = np.random.default_rng(3)
+    img = target + 0.05 * rng.normal(size=target.shape)
+    one = R._TiledLevel(xr, 32, cloud, tiles=1)
+    assert one.score([img]) == pytest.approx(R._Level(xr, 32, cloud).score([img]), abs=1e-12)
+    four = R._TiledLevel(xr, 32, cloud, tiles=4)
+    ga, gt = R._grad_pair(img, four.sigma[0]), R._grad_pair(target, four.sigma[0])
+    edges = np.linspace(0, 30, 5).astype(int)
+    vals, energy = [], []
+    for i in range(4):
+        for j in range(4):
+            sl = (slice(edges[i], edges[i + 1]), slice(edges[j], edges[j + 1]))
+            energy.append(sum(t[sl].var() * t[sl].size for t in gt))
+            vals.append(0.5 * sum(np.corrcoef(a[sl].ravel(), t[sl].ravel())[0, 1] if t[sl].std() > 0 else 0.0
+                                  for a, t in zip(ga, gt)))
+    keep = np.array(energy) >= R.TILE_MIN_ENERGY * np.mean(energy)
+    assert four.score([img]) == pytest.approx(np.mean(np.array(vals)[keep]), abs=1e-9)
+    moved = bright + faint(3)
+    glob = R._Level(xr, 32, cloud)
+    assert four.score([target]) - four.score([moved]) > 3 * (glob.score([target]) - glob.score([moved])) > 0
+
+
+def test_similarity_setting_picks_each_levels_scoring(monkeypatch):
+    """``SIMILARITY`` gc_tiles scores the levels in ``TILED_LEVELS`` by tiles, the others by the
+    global gradient correlation; an unknown similarity stops with one line."""
+    from ctwin.core.drr.carm import Geometry
+    from ctwin.core.errors import CtwinError
+    from ctwin.core.twin import registration as R
+
+    g = Geometry((0.0, -1000.0, 0.0), (0.0, 500.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.0, -1.0),
+                 (2.0, 2.0), (32, 32), False, {"sad_mm": 1000.0})
+    cloud = R.BoneCloud(["b"], np.zeros((1, 3)), np.ones(1), np.zeros(1, np.int32), 2.0)
+    xr = [R.XRay("v", np.zeros((32, 32)), g)]
+    assert type(R._make_level(xr, 16, cloud, 1)) is R._Level
+    monkeypatch.setattr(R, "SIMILARITY", "gc_tiles")
+    monkeypatch.setattr(R, "TILED_LEVELS", (1, 2))
+    assert type(R._make_level(xr, 16, cloud, 0)) is R._Level
+    assert type(R._make_level(xr, 16, cloud, 1)) is R._TiledLevel
+    monkeypatch.setattr(R, "SIMILARITY", "mutual_information")
+    with pytest.raises(CtwinError, match="unknown registration similarity"):
+        R._make_level(xr, 16, cloud, 0)
