@@ -738,7 +738,7 @@ class _Level:
             g0 = x.geometry
             scale = size / max(g0.width, g0.height)
             g = g0.with_size(max(8, int(round(g0.width * scale))), max(8, int(round(g0.height * scale))))
-            mag = g.sid_mm / float(g.extra.get("sad_mm", 0.667 * g.sid_mm)) if not g.parallel else 1.0
+            mag = g.sid_mm / g.sad_mm if not g.parallel else 1.0
             px_iso.append(min(g.pixel_spacing_mm) / mag)
         # points at half a pixel (at the isocentre) are as good as finer ones once blurred
         self.cloud = pool_cloud(cloud, 0.5 * min(px_iso))
@@ -751,7 +751,7 @@ class _Level:
             g = g0.with_size(w, h) if (w, h) != tuple(g0.size_px) else g0
             v = _View.of(g)
             # blur: at least one pixel, and the cloud's spacing as it projects at the isocentre
-            mag = g.sid_mm / float(g.extra.get("sad_mm", 0.667 * g.sid_mm)) if not g.parallel else 1.0
+            mag = g.sid_mm / g.sad_mm if not g.parallel else 1.0
             px_mm = min(g.pixel_spacing_mm) / mag
             sigma = max(1.0, 0.6 * spacing_mm / px_mm)
             # the soft-tissue blocks spread over their size (see SOFT_BLUR)
