@@ -113,6 +113,9 @@ def main() -> int:
     ap.add_argument("--prior-weight", type=float, default=None,
                     help="the weight of the prior toward the start pose (core.twin.registration.PRIOR_WEIGHT "
                          "with two or more views, PRIOR_WEIGHT_ONE_VIEW with one: both; default: the module's)")
+    ap.add_argument("--depth-mirror-levels", type=int, nargs="*", default=None,
+                    help="with one view, the levels (indices) where each limb chain is also tried mirrored in "
+                         "depth (core.twin.registration.DEPTH_MIRROR_LEVELS; none: off; default: the module's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/bench_register")
     ap.add_argument("--json", default=None)
@@ -121,6 +124,9 @@ def main() -> int:
     if args.evolve_levels is not None:
         from ctwin.core.twin import registration
         registration.EVOLVE_LEVELS = tuple(args.evolve_levels)
+    if args.depth_mirror_levels is not None:
+        from ctwin.core.twin import registration
+        registration.DEPTH_MIRROR_LEVELS = tuple(args.depth_mirror_levels)
     if args.prior_weight is not None:
         from ctwin.core.twin import registration
         registration.PRIOR_WEIGHT = registration.PRIOR_WEIGHT_ONE_VIEW = args.prior_weight

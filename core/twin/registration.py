@@ -147,6 +147,12 @@ EVOLVE_GROUPS = {  # per level index: (group, its joints, span in degrees, evalu
     0: (("arm", _ARM, 45.0, 2000), ("trunk", _TRUNK, 12.0, 2000)),
     1: (("arm", _ARM, 30.0, 1000),),  # 4 times the pixels: the arms only, fewer evaluations
 }
+# With a single view each limb chain's depth is ambiguous: a limb rotated toward the source and one
+# rotated away by as much project alike but for the perspective magnification. One view therefore
+# tries each chain (``CHAIN_GRIDS``) mirrored through the plane through its top joint perpendicular
+# to the ray there (``_depth_mirrored``), refined and kept when it scores better, at these levels
+# (indices into ``levels``; negative counts from the finest)
+DEPTH_MIRROR_LEVELS = (0, -1)
 ROT_UNIT = 0.1  # optimiser units: 0.1 rad (5.7 deg) ...
 TRANS_UNIT = 10.0  # ... and 10 mm
 PRIOR_SIGMA_DEG = 40.0  # Gaussian prior on each joint's change from the start pose ...
@@ -857,6 +863,28 @@ def _limits(joint: int) -> np.ndarray:
     return b
 
 
+def _depth_mirrored(armature, pose, start_pose, joints, normal) -> np.ndarray:
+    """The pose with the chain ``joints`` (parents first) mirrored in depth: each joint's world
+    rotation relative to the start pose ``D`` replaced by ``M D M`` (``M`` the reflection through
+    the plane perpendicular to the unit ``normal``), so a bone that lay in that plane at the start
+    points along its former direction reflected through the plane; the joints below the chain
+    keep their local rotations, each result is clipped to its joint's limits."""
+    n = np.asarray(normal, dtype=np.float64).reshape(3)
+    n = n / np.linalg.norm(n)
+    M = np.eye(3) - 2.0 * np.outer(n, n)
+    G = armature.world_transforms(pose)[:, :3, :3]
+    G0 = armature.world_transforms(start_pose)[:, :3, :3]
+    out = np.asarray(pose, dtype=np.float64).reshape(72).copy()
+    new = {}
+    for j in sorted(joints):
+        g = M @ (G[j] @ G0[j].T) @ M @ G0[j]
+        gp = new.get(int(PARENTS[j]), G[PARENTS[j]])
+        lim = _limits(j)
+        out[3 * j:3 * j + 3] = np.clip(rotation_to_rotvec(gp.T @ g), lim[:, 0], lim[:, 1])
+        new[j] = gp @ rodrigues(out[3 * j:3 * j + 3])
+    return out
+
+
 class _Problem:
     def __init__(self, twin, cloud: BoneCloud, xrays, pose0, transl0, articulated: bool):
         self.twin, self.cloud, self.xrays = twin, cloud, xrays
@@ -1127,6 +1155,31 @@ class _Problem:
                 "before": -before, "after": -min(before, after), "swapped": bool(swapped),
                 "seconds": time.perf_counter() - t0}
 
+    def mirror_depth(self, level: _Level, joints, maxfev: int) -> dict:
+        """One view: the chain ``joints`` (and the root) refined from the current pose and from the
+        chain mirrored in depth (``_depth_mirrored`` through the plane through the chain's top
+        joint perpendicular to the ray from the source): for each joint of the chain (the collar
+        aside), that joint with the chain below it, and that joint alone (the joints below keep
+        their local rotations); the best kept (similarity less the prior, ``optimise``)."""
+        joints = sorted(joints)
+        g = self.level_views(level)[0].geometry
+        top = self.binding.armature.posed_joints(self.pose, self.transl)[joints[0]]
+        normal = g.ray_direction if g.parallel else top - g.source_mm
+        movers = [j for j in joints if JOINT_NAMES[j].split("_", 1)[-1] != "collar"]
+        subsets = []
+        for k, j in enumerate(movers):
+            for sub in (movers[k:], [j]):
+                if sub not in subsets:
+                    subsets.append(sub)
+        starts = []
+        for sub in subsets:
+            cand = _depth_mirrored(self.binding.armature, self.pose, self.start_pose, sub, normal)
+            x = np.zeros(6 + 3 * len(joints))
+            for k, j in enumerate(joints):
+                x[6 + 3 * k:9 + 3 * k] = (cand[3 * j:3 * j + 3] - self.pose[3 * j:3 * j + 3]) / ROT_UNIT
+            starts.append(x)
+        return self.optimise(level, [0] + joints, "depth_" + JOINT_NAMES[joints[0]], maxfev, starts=starts)
+
     def score(self, level: _Level) -> float:
         T = self.transforms(self.pose, self.transl)
         return level.score(level.render(T, self.level_views(level)))
@@ -1259,6 +1312,7 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
     distal = [(n, js) for n, js in limbs if not set(js) <= in_chain]
     legs = [j for n, js, g in chains if n.endswith("_leg") for j in js]
     lv_objs = [_Level(xrays, int(size), cloud) for size in levels]
+    depth_levels = {li % len(levels) for li in DEPTH_MIRROR_LEVELS if -len(levels) <= li < len(levels)}
 
     def level_plan(li, root_first=True):
         """(name, joints, search, grid) per stage; the root of the spine group is re-estimated
@@ -1281,6 +1335,8 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
                 plan += [(n, js, False, None) for n, js in distal]
                 plan += [("swap", side, False, None) for side in SWAP_GROUPS]
                 plan.append(("root_all", [0], False, None))
+            if len(xrays) < 2 and li in depth_levels:
+                plan += [("depth", js, False, None) for n, js, g in chains]
             plan += [("spine", [0] + js, False, None) for n, js in spine]
             plan += [(n, js, False, None) for n, js in limbs]
             if li == len(levels) - 1:
@@ -1332,6 +1388,12 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
                 stages.append(prob.swap_sides(level, present_names, int(effort * 1000)))
                 if _DEBUG:
                     print(stages[-1])
+            return
+        if name == "depth":
+            stages.append(prob.mirror_depth(level, joints, int(effort * 120 * max(1, len(joints)))))
+            done[0] += 1
+            if _DEBUG:
+                print(stages[-1])
             return
         if name == "geometry":
             for v in range(1, len(xrays)):
