@@ -46,7 +46,9 @@ Method (no GPU needed; numpy, scipy and numba):
   joint toward the start pose (wide along the main flexions, tight on the off-axis rotations of the
   knee and elbow hinges: ``PRIOR_AXIS_SIGMA_DEG``; weight ``PRIOR_WEIGHT``, or
   ``PRIOR_WEIGHT_ONE_VIEW`` for a single view),
-  and the root kept within ``ROOT_RANGE_DEG`` / ``ROOT_RANGE_MM`` of its start.
+  and the root kept within ``ROOT_RANGE_DEG`` / ``ROOT_RANGE_MM`` of its start. With a single
+  view each limb chain is also refined from its pose mirrored in depth through the image plane
+  (``DEPTH_MIRROR_LEVELS``, ``_Problem.mirror_depth``), the better kept.
 - **Rigid baseline** (``articulated=False``): the whole twin as one rigid body (the root only).
 - **C-arm refinement** (``refine_geometry=True``): after the root, each view after the first gets
   a rigid correction of its geometry relative to the patient (6 values) before the joints move.
@@ -151,7 +153,9 @@ EVOLVE_GROUPS = {  # per level index: (group, its joints, span in degrees, evalu
 # rotated away by as much project alike but for the perspective magnification. One view therefore
 # tries each chain (``CHAIN_GRIDS``) mirrored through the plane through its top joint perpendicular
 # to the ray there (``_depth_mirrored``), refined and kept when it scores better, at these levels
-# (indices into ``levels``; negative counts from the finest)
+# (indices into ``levels``; negative counts from the finest). Measured with the one-view prior
+# below (AP only, 7 targets): sitting's left hip, 145 degrees off on the wrong side of the beam
+# without them, within 2 degrees with them (119.7 -> 16.3 mm); mean of the means 34.5 -> 19.4 mm
 DEPTH_MIRROR_LEVELS = (0, -1)
 ROT_UNIT = 0.1  # optimiser units: 0.1 rad (5.7 deg) ...
 TRANS_UNIT = 10.0  # ... and 10 mm
@@ -161,10 +165,12 @@ PRIOR_SIGMA_DEG = 40.0  # Gaussian prior on each joint's change from the start p
 # poses (random_1: +0.028 of prior against +0.001 / +0.005 / +0.011 of similarity at 64 / 128 /
 # 256 px; benchmarks/results/diag_register_search.txt)
 PRIOR_WEIGHT = 0.005
-# With a single view the weaker prior let a flexed hip swing to the wrong side of the beam (AP
-# only, sitting: 19.3 -> 107.9 mm; mean of the means 25.9 -> 35.2 mm): one view keeps the
-# stronger prior and no global search (``EVOLVE_LEVELS``), the method those AP-only figures had
-PRIOR_WEIGHT_ONE_VIEW = 0.02
+# With a single view the weaker prior alone let a flexed hip swing to the wrong side of the beam
+# (AP only, sitting: 19.3 -> 119.7 mm); with the depth hypotheses (``DEPTH_MIRROR_LEVELS``) it
+# is the better one-view prior: mean of the 7 targets' means 25.9 (0.02) -> 19.4 mm (README, "One
+# view: the limbs' depth"; benchmarks/results/bench_register_depth_ap.txt). No global search with
+# one view (``EVOLVE_LEVELS``)
+PRIOR_WEIGHT_ONE_VIEW = 0.005
 # per joint and axis (rotation vector x, y, z) where the prior differs: wide along the main
 # movements (hip, knee and elbow flexion, shoulder abduction and flexion: a 90 degree
 # flexion costs 0.003, less than a right limb gains; at 40 degrees a flexed limb stayed straight),
