@@ -126,6 +126,9 @@ def main() -> int:
                     help="core.twin.registration.TILED_LEVELS: the level indices gc_tiles scores")
     ap.add_argument("--only", nargs="*", default=None,
                     help="run only these cases (each keeps its index, hence its noise and start seeds, in the run)")
+    ap.add_argument("--depth-mirror-levels", type=int, nargs="*", default=None,
+                    help="with one view, the levels (indices) where each limb chain is also tried mirrored in "
+                         "depth (core.twin.registration.DEPTH_MIRROR_LEVELS; none: off; default: the module's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/bench_register")
     ap.add_argument("--json", default=None)
@@ -134,6 +137,9 @@ def main() -> int:
     if args.evolve_levels is not None:
         from ctwin.core.twin import registration
         registration.EVOLVE_LEVELS = tuple(args.evolve_levels)
+    if args.depth_mirror_levels is not None:
+        from ctwin.core.twin import registration
+        registration.DEPTH_MIRROR_LEVELS = tuple(args.depth_mirror_levels)
     if args.prior_weight is not None:
         from ctwin.core.twin import registration
         registration.PRIOR_WEIGHT = registration.PRIOR_WEIGHT_ONE_VIEW = args.prior_weight

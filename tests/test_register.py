@@ -510,3 +510,39 @@ def test_similarity_setting_picks_each_levels_scoring(monkeypatch):
     monkeypatch.setattr(R, "SIMILARITY", "mutual_information")
     with pytest.raises(CtwinError, match="unknown registration similarity"):
         R._make_level(xr, 16, cloud, 0)
+
+
+def test_depth_mirror_reflects_the_chain_through_the_image_plane():
+    """One view's depth hypothesis (``_depth_mirrored``): a leg flexed and abducted from a straight
+    start mirrored through the plane perpendicular to the beam puts every joint below the hip at its
+    reflection (the beam component negated, the others unchanged); mirroring twice gives the pose
+    back; a knee mirrored past its limit (it flexes one way only) is clipped to the limit."""
+    from ctwin.core.body.skeleton import JOINT_INDEX, forward_kinematics
+    from ctwin.core.twin.registration import _depth_mirrored
+
+    rest = np.zeros((24, 3))
+    hip, knee, ankle, foot = (JOINT_INDEX[n] for n in ("left_hip", "left_knee", "left_ankle", "left_foot"))
+    rest[hip], rest[knee], rest[ankle], rest[foot] = (90, -50, 0), (95, -450, 0), (95, -850, 0), (95, -900, 80)
+
+    class Arm:  # world transforms of a toy rest skeleton (the beam along z)
+        def world_transforms(self, pose, transl_mm=None):
+            return forward_kinematics(pose, rest)[0]
+
+    def joints(p):
+        return forward_kinematics(p, rest)[1]
+
+    start = np.zeros(72)
+    pose = start.copy()
+    pose[3 * hip:3 * hip + 3] = np.radians([-40.0, 0.0, 10.0])
+    pose[3 * knee:3 * knee + 3] = np.radians([12.0, 0.0, 0.0])
+    pose[3 * ankle:3 * ankle + 3] = np.radians([-10.0, 0.0, 0.0])
+    m = _depth_mirrored(Arm(), pose, start, [hip, knee], (0.0, 0.0, 2.0))
+    a, b = joints(pose), joints(m)
+    assert np.allclose(b[knee] - b[hip], (a[knee] - a[hip]) * [1, 1, -1], atol=1e-6)
+    assert np.allclose(b[ankle] - b[hip], (a[ankle] - a[hip]) * [1, 1, -1], atol=1e-6)
+    assert not np.allclose(b[ankle], a[ankle], atol=1.0)  # the flexed leg did move
+    assert np.allclose(m[3 * ankle:3 * ankle + 3], pose[3 * ankle:3 * ankle + 3])  # below: local kept
+    assert np.allclose(_depth_mirrored(Arm(), m, start, [hip, knee], (0, 0, 1)), pose, atol=1e-9)
+    pose[3 * knee] = np.radians(60.0)
+    m = _depth_mirrored(Arm(), pose, start, [hip, knee], (0, 0, 1))
+    assert m[3 * knee] == pytest.approx(np.radians(-15.0))  # core.rig.pose.JOINT_LIMITS_DEG

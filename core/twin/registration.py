@@ -46,7 +46,9 @@ Method (no GPU needed; numpy, scipy and numba):
   joint toward the start pose (wide along the main flexions, tight on the off-axis rotations of the
   knee and elbow hinges: ``PRIOR_AXIS_SIGMA_DEG``; weight ``PRIOR_WEIGHT``, or
   ``PRIOR_WEIGHT_ONE_VIEW`` for a single view),
-  and the root kept within ``ROOT_RANGE_DEG`` / ``ROOT_RANGE_MM`` of its start.
+  and the root kept within ``ROOT_RANGE_DEG`` / ``ROOT_RANGE_MM`` of its start. With a single
+  view each limb chain is also refined from its pose mirrored in depth through the image plane
+  (``DEPTH_MIRROR_LEVELS``, ``_Problem.mirror_depth``), the better kept.
 - **Rigid baseline** (``articulated=False``): the whole twin as one rigid body (the root only).
 - **C-arm refinement** (``refine_geometry=True``): after the root, each view after the first gets
   a rigid correction of its geometry relative to the patient (6 values) before the joints move.
@@ -162,6 +164,14 @@ SIMILARITY = "gc"
 TILES = 8
 TILED_LEVELS = (0, 1, 2)  # the level indices gc_tiles scores (the others: gc)
 TILE_MIN_ENERGY = 0.01  # tiles with less target gradient energy than this x the mean tile's are left out
+# With a single view each limb chain's depth is ambiguous: a limb rotated toward the source and one
+# rotated away by as much project alike but for the perspective magnification. One view therefore
+# tries each chain (``CHAIN_GRIDS``) mirrored through the plane through its top joint perpendicular
+# to the ray there (``_depth_mirrored``), refined and kept when it scores better, at these levels
+# (indices into ``levels``; negative counts from the finest). Measured with the one-view prior
+# below (AP only, 7 targets): sitting's left hip, 145 degrees off on the wrong side of the beam
+# without them, within 2 degrees with them (119.7 -> 16.3 mm); mean of the means 34.5 -> 19.4 mm
+DEPTH_MIRROR_LEVELS = (0, -1)
 ROT_UNIT = 0.1  # optimiser units: 0.1 rad (5.7 deg) ...
 TRANS_UNIT = 10.0  # ... and 10 mm
 PRIOR_SIGMA_DEG = 40.0  # Gaussian prior on each joint's change from the start pose ...
@@ -170,10 +180,12 @@ PRIOR_SIGMA_DEG = 40.0  # Gaussian prior on each joint's change from the start p
 # poses (random_1: +0.028 of prior against +0.001 / +0.005 / +0.011 of similarity at 64 / 128 /
 # 256 px; benchmarks/results/diag_register_search.txt)
 PRIOR_WEIGHT = 0.005
-# With a single view the weaker prior let a flexed hip swing to the wrong side of the beam (AP
-# only, sitting: 19.3 -> 107.9 mm; mean of the means 25.9 -> 35.2 mm): one view keeps the
-# stronger prior and no global search (``EVOLVE_LEVELS``), the method those AP-only figures had
-PRIOR_WEIGHT_ONE_VIEW = 0.02
+# With a single view the weaker prior alone let a flexed hip swing to the wrong side of the beam
+# (AP only, sitting: 19.3 -> 119.7 mm); with the depth hypotheses (``DEPTH_MIRROR_LEVELS``) it
+# is the better one-view prior: mean of the 7 targets' means 25.9 (0.02) -> 19.4 mm (README, "One
+# view: the limbs' depth"; benchmarks/results/bench_register_depth_ap.txt). No global search with
+# one view (``EVOLVE_LEVELS``)
+PRIOR_WEIGHT_ONE_VIEW = 0.005
 # per joint and axis (rotation vector x, y, z) where the prior differs: wide along the main
 # movements (hip, knee and elbow flexion, shoulder abduction and flexion: a 90 degree
 # flexion costs 0.003, less than a right limb gains; at 40 degrees a flexed limb stayed straight),
@@ -861,6 +873,28 @@ def _limits(joint: int) -> np.ndarray:
     return b
 
 
+def _depth_mirrored(armature, pose, start_pose, joints, normal) -> np.ndarray:
+    """The pose with the chain ``joints`` (parents first) mirrored in depth: each joint's world
+    rotation relative to the start pose ``D`` replaced by ``M D M`` (``M`` the reflection through
+    the plane perpendicular to the unit ``normal``), so a bone that lay in that plane at the start
+    points along its former direction reflected through the plane; the joints below the chain
+    keep their local rotations, each result is clipped to its joint's limits."""
+    n = np.asarray(normal, dtype=np.float64).reshape(3)
+    n = n / np.linalg.norm(n)
+    M = np.eye(3) - 2.0 * np.outer(n, n)
+    G = armature.world_transforms(pose)[:, :3, :3]
+    G0 = armature.world_transforms(start_pose)[:, :3, :3]
+    out = np.asarray(pose, dtype=np.float64).reshape(72).copy()
+    new = {}
+    for j in sorted(joints):
+        g = M @ (G[j] @ G0[j].T) @ M @ G0[j]
+        gp = new.get(int(PARENTS[j]), G[PARENTS[j]])
+        lim = _limits(j)
+        out[3 * j:3 * j + 3] = np.clip(rotation_to_rotvec(gp.T @ g), lim[:, 0], lim[:, 1])
+        new[j] = gp @ rodrigues(out[3 * j:3 * j + 3])
+    return out
+
+
 class _Problem:
     def __init__(self, twin, cloud: BoneCloud, xrays, pose0, transl0, articulated: bool):
         self.twin, self.cloud, self.xrays = twin, cloud, xrays
@@ -1178,6 +1212,31 @@ class _Problem:
                 "before": -before, "after": -min(before, after), "swapped": bool(swapped),
                 "seconds": time.perf_counter() - t0}
 
+    def mirror_depth(self, level: _Level, joints, maxfev: int) -> dict:
+        """One view: the chain ``joints`` (and the root) refined from the current pose and from the
+        chain mirrored in depth (``_depth_mirrored`` through the plane through the chain's top
+        joint perpendicular to the ray from the source): for each joint of the chain (the collar
+        aside), that joint with the chain below it, and that joint alone (the joints below keep
+        their local rotations); the best kept (similarity less the prior, ``optimise``)."""
+        joints = sorted(joints)
+        g = self.level_views(level)[0].geometry
+        top = self.binding.armature.posed_joints(self.pose, self.transl)[joints[0]]
+        normal = g.ray_direction if g.parallel else top - g.source_mm
+        movers = [j for j in joints if JOINT_NAMES[j].split("_", 1)[-1] != "collar"]
+        subsets = []
+        for k, j in enumerate(movers):
+            for sub in (movers[k:], [j]):
+                if sub not in subsets:
+                    subsets.append(sub)
+        starts = []
+        for sub in subsets:
+            cand = _depth_mirrored(self.binding.armature, self.pose, self.start_pose, sub, normal)
+            x = np.zeros(6 + 3 * len(joints))
+            for k, j in enumerate(joints):
+                x[6 + 3 * k:9 + 3 * k] = (cand[3 * j:3 * j + 3] - self.pose[3 * j:3 * j + 3]) / ROT_UNIT
+            starts.append(x)
+        return self.optimise(level, [0] + joints, "depth_" + JOINT_NAMES[joints[0]], maxfev, starts=starts)
+
     def score(self, level: _Level) -> float:
         T = self.transforms(self.pose, self.transl)
         return level.score(level.render(T, self.level_views(level)))
@@ -1372,6 +1431,7 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
     distal = [(n, js) for n, js in limbs if not set(js) <= in_chain]
     legs = [j for n, js, g in chains if n.endswith("_leg") for j in js]
     lv_objs = [_make_level(xrays, int(size), cloud, li) for li, size in enumerate(levels)]
+    depth_levels = {li % len(levels) for li in DEPTH_MIRROR_LEVELS if -len(levels) <= li < len(levels)}
 
     def level_plan(li, root_first=True):
         """(name, joints, search, grid) per stage; the root of the spine group is re-estimated
@@ -1394,6 +1454,8 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
                 plan += [(n, js, False, None) for n, js in distal]
                 plan += [("swap", side, False, None) for side in SWAP_GROUPS]
                 plan.append(("root_all", [0], False, None))
+            if len(xrays) < 2 and li in depth_levels:
+                plan += [("depth", js, False, None) for n, js, g in chains]
             plan += [("spine", [0] + js, False, None) for n, js in spine]
             plan += [(n, js, False, None) for n, js in limbs]
             if li == len(levels) - 1:
@@ -1445,6 +1507,12 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
                 stages.append(prob.swap_sides(level, present_names, int(effort * 1000)))
                 if _DEBUG:
                     print(stages[-1])
+            return
+        if name == "depth":
+            stages.append(prob.mirror_depth(level, joints, int(effort * 120 * max(1, len(joints)))))
+            done[0] += 1
+            if _DEBUG:
+                print(stages[-1])
             return
         if name == "geometry":
             for v in range(1, len(xrays)):
