@@ -843,11 +843,15 @@ def _sub_content_box(scene: Scene, i: int, pk: dict, content: bool = False):
     return boxes[(i, content)]
 
 
+def cell_box_corners(lo, hi) -> np.ndarray:
+    """(8, 3) corners of the cell box [lo - 0.5, hi + 0.5] of the voxel index box (lo, hi)."""
+    return np.array([[a, b, c] for a in (lo[0] - 0.5, hi[0] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5)
+                     for c in (lo[2] - 0.5, hi[2] + 0.5)], dtype=np.float64)
+
+
 def _box_to(M, lo, hi) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned bounds of the cell box [lo - 0.5, hi + 0.5] mapped by the 3x4/4x4 matrix M."""
-    c = np.array([[a, b, cc] for a in (lo[0] - 0.5, hi[0] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5)
-                  for cc in (lo[2] - 0.5, hi[2] + 0.5)])
-    p = apply_transform(M, c)
+    p = apply_transform(M, cell_box_corners(lo, hi))
     return p.min(axis=0), p.max(axis=0)
 
 
@@ -1009,9 +1013,7 @@ def _subs_frame(scene: Scene, pk: dict, base: PreparedVolume, binv, shift, on) -
         for i in range(n):
             cb = _sub_content_box(scene, i, pk)
             if cb is not None:
-                lo, hi = cb
-                corners[i] = [[a, b, c] for a in (lo[0] - 0.5, hi[0] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5)
-                              for c in (lo[2] - 0.5, hi[2] + 0.5)]
+                corners[i] = cell_box_corners(*cb)
                 has[i] = True
         pk["box_corners"], pk["has_box"] = corners, has
     pa = np.stack([np.asarray(sv.affine, np.float64) for sv in scene.parts])

@@ -54,7 +54,8 @@ from ..fileio import atomic_path, write_json
 from ..drr.kernels import claims, compile_shared, lerp3
 from ..volumes.labels import is_skeletal, joint_for_label
 from ..progress import report
-from ..drr.projector import OnDevice, PlacedVolume, Scene, _grid_from_bounds, compose_scene, render_scene, resolve_device
+from ..drr.projector import (OnDevice, PlacedVolume, Scene, _grid_from_bounds, cell_box_corners, compose_scene,
+                             render_scene, resolve_device)
 from ..body.skeleton import JOINT_INDEX, JOINT_NAMES, N_JOINTS, PARENTS, forward_kinematics, rodrigues
 from ..volumes.volume import Volume, apply_transform, invert_affine, resample_onto
 # Imported where used, so that importing this module stays light: numba (heavy or optional third-party packages).
@@ -1286,9 +1287,7 @@ def _parts_geometry(art: ArticulatedCT) -> dict:
         for i, p in enumerate(art.parts):
             cb = _part_content_box(art, p)
             if cb is not None:
-                lo, hi = cb
-                corners[i] = [[a, b, c] for a in (lo[0] - 0.5, hi[0] + 0.5) for b in (lo[1] - 0.5, hi[1] + 0.5)
-                              for c in (lo[2] - 0.5, hi[2] + 0.5)]
+                corners[i] = cell_box_corners(*cb)
                 has[i] = True
         geo = {"affines": np.array([np.asarray(p.affine, np.float64) for p in art.parts]).reshape(n, 4, 4),
                "ct_inv": invert_affine(art.affine), "corners": corners, "has_box": has, "eye": np.eye(4)}

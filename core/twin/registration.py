@@ -1486,16 +1486,21 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
                + (len(level_plan(0, False)) if articulated and BOTH_ORDERS else 0)
                + sum(len(evolve_plan(li)) for li in range(len(levels))))
 
+    def finished(level, name):
+        """Count the stage just appended and report it (progress line; debug print)."""
+        done[0] += 1
+        st = stages[-1]
+        if _DEBUG:
+            print(name, level.size, np.round(prob.pose[:6], 3), np.round(prob.transl, 1), round(st["before"], 4),
+                  round(st["after"], 4), st["evals"], round(st["seconds"], 1))
+        report(f"register: {level.size} px, {name}: similarity {st['after']:.4f}", min(1.0, done[0] / n_total))
+
     def run_evolve(li, name, joints, span, fev):
         level = lv_objs[li]
         prob.root_range = (ROOT_RANGE_DEG, ROOT_RANGE_MM) if li == 0 else (ROOT_RANGE_DEG / 2, ROOT_RANGE_MM / 2)
         ev = Evolve(span, int(effort * fev), int(rng.integers(2 ** 31)))
         stages.append(prob.optimise(level, joints, name, int(effort * 120 * max(1, len(joints) // 2)), evolve=ev))
-        done[0] += 1
-        if _DEBUG:
-            print(name, level.size, round(stages[-1]["before"], 4), round(stages[-1]["after"], 4),
-                  stages[-1]["evals"], round(stages[-1]["seconds"], 1))
-        report(f"register: {level.size} px, {name}: similarity {stages[-1]['after']:.4f}", min(1.0, done[0] / n_total))
+        finished(level, name)
 
     def run_stage(li, name, joints, search, grid=None):
         level = lv_objs[li]
@@ -1510,9 +1515,7 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
             return
         if name == "depth":
             stages.append(prob.mirror_depth(level, joints, int(effort * 120 * max(1, len(joints)))))
-            done[0] += 1
-            if _DEBUG:
-                print(stages[-1])
+            finished(level, stages[-1]["stage"])
             return
         if name == "geometry":
             for v in range(1, len(xrays)):
@@ -1528,10 +1531,7 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
             fev = int(effort * (300 if name == "spine" else 120 * max(1, len(joints) // 2)))
             starts = None
         stages.append(prob.optimise(level, joints, name, fev, starts=starts, search=search, grid=grid))
-        done[0] += 1
-        if _DEBUG:
-            print(name, level.size, np.round(prob.pose[:6], 3), np.round(prob.transl, 1), round(stages[-1]["after"], 4))
-        report(f"register: {level.size} px, {name}: similarity {stages[-1]['after']:.4f}", min(1.0, done[0] / n_total))
+        finished(level, name)
 
     for li in range(len(levels)):
         if li == 0 and articulated:
