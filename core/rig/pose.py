@@ -78,8 +78,11 @@ def bone_deltas(binding: Binding, pose, transl_mm=None, joint_deltas=None) -> di
     ``joint_deltas``: the armature's ``deltas(pose, transl_mm)`` where the caller has them already."""
     d = binding.armature.deltas(pose, transl_mm) if joint_deltas is None else joint_deltas
     out = {n: d[i] for i, n in enumerate(JOINT_NAMES)}
-    for name, vb in binding.vertebrae.items():
-        out[name] = vertebra_transform(d, vb)
+    vbs = list(binding.vertebrae.values())
+    if vbs:  # all vertebra bones in one batch (equal, bit for bit, to one at a time)
+        v = vertebra_transforms(d, [b.lower for b in vbs], [b.upper for b in vbs], [b.w for b in vbs],
+                                [b.anchor_mm for b in vbs])
+        out.update(zip(binding.vertebrae, v))
     return out
 
 
@@ -140,9 +143,7 @@ def pose_meshes(binding: Binding, meshes: dict, pose, transl_mm=None, *, check_l
     if check_limits:
         check_joint_limits(pose)
     d = binding.armature.deltas(pose, transl_mm)
-    bd = {n: d[i] for i, n in enumerate(JOINT_NAMES)}
-    for name, vb in binding.vertebrae.items():
-        bd[name] = vertebra_transform(d, vb)
+    bd = bone_deltas(binding, pose, transl_mm, d)
     out = {}
     for name, mesh in meshes.items():
         v = np.asarray(mesh.vertices, dtype=np.float64)
