@@ -71,7 +71,7 @@ def joint_errors(twin, pt, tt, pe, te, truth_a, truth_b) -> None:
         R = rodrigues(pe[3 * j:3 * j + 3]).T @ rodrigues(pt[3 * j:3 * j + 3])
         rows.append((float(np.degrees(np.linalg.norm(rotation_to_rotvec(R)))), name))
     wrong = sorted((r for r in rows if r[0] > 3.0), reverse=True)
-    print(f"joints off by > 3 deg: " + ", ".join(f"{n} {a:.0f}" for a, n in wrong)
+    print("joints off by > 3 deg: " + ", ".join(f"{n} {a:.0f}" for a, n in wrong)
           + f"; root translation off {np.linalg.norm(te - tt):.1f} mm")
     per = bone_error(twin, pe, te, truth_a, truth_b)["per_bone"]
     worst = sorted(per.items(), key=lambda kv: -kv[1])[:8]
@@ -133,7 +133,7 @@ def variant_table(twin, cloud, xr, cands, errs, levels, variants, exact=None) ->
     exact transform (T_B inv(T_A), what SPEC 6 scores against), the soft tissue by the truth's pose
     vector: the twin's image with its bones where the phantom's are, which the pose vector reaches
     only to the rig's floor."""
-    from ctwin.core.twin.registration import _Level, _Problem, _resample, line_integral_ceiling
+    from ctwin.core.twin.registration import _Level, _Problem, target_image
 
     def scaled(pred, gain):
         w = cloud.weight.copy()
@@ -152,8 +152,7 @@ def variant_table(twin, cloud, xr, cands, errs, levels, variants, exact=None) ->
         L = lvs[("base", lv)]
         tt = []
         for x, v in zip(xr, L.views):
-            img = x.image if not x.photons else np.minimum(x.image, line_integral_ceiling(x.photons))
-            tt.append(_resample(img, v.geometry.width, v.geometry.height))
+            tt.append(target_image(x, v.geometry.width, v.geometry.height))
         targets[lv] = tt
     print("similarity variants (summed over the views), per level " + " / ".join(f"{lv}" for lv in levels) + " px")
     print(f"{'pose':<34} {'bone_err':>8} " + " ".join(f"{v:>22}" for v in variants))

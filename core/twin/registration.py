@@ -709,6 +709,13 @@ def _gaussian_weights(sigma: float) -> np.ndarray:
     return w
 
 
+def target_image(x: XRay, w: int, h: int) -> np.ndarray:
+    """The X-ray's line integrals as a level compares them: photon-starved pixels capped at the noise
+    floor (``line_integral_ceiling``), resampled to w x h."""
+    img = x.image if not x.photons else np.minimum(x.image, line_integral_ceiling(x.photons))
+    return _resample(img, w, h)
+
+
 def _grad_pair(img: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
     img = np.asarray(img)
     if sigma > 1e-15:  # gaussian_filter(img, sigma, mode="nearest") with the kernel kept
@@ -768,9 +775,7 @@ class _Level:
             sigma = max(1.0, 0.6 * spacing_mm / px_mm)
             # the soft-tissue blocks spread over their size (see SOFT_BLUR)
             self.soft_sigma.append(SOFT_BLUR * self.cloud.soft_spacing_mm / px_mm)
-            img = x.image if not x.photons else np.minimum(x.image, line_integral_ceiling(x.photons))
-            t = _resample(img, w, h)
-            gx, gy = _grad_pair(t, sigma)
+            gx, gy = _grad_pair(target_image(x, w, h), sigma)
             self.views.append(v)
             self.targets.append((_normalised(gx), _normalised(gy)))
             self.sigma.append(sigma)
@@ -1306,8 +1311,7 @@ class _TiledLevel(_Level):
         tiles = TILES if tiles is None else tiles
         self.tile_targets = []
         for x, v, sig in zip(xrays, self.views, self.sigma):
-            img = x.image if not x.photons else np.minimum(x.image, line_integral_ceiling(x.photons))
-            gx, gy = _grad_pair(_resample(img, v.geometry.width, v.geometry.height), sig)
+            gx, gy = _grad_pair(target_image(x, v.geometry.width, v.geometry.height), sig)
             h, w = gx.shape
             rows = np.unique(np.linspace(0, h, tiles + 1).astype(int)[:-1])
             cols = np.unique(np.linspace(0, w, tiles + 1).astype(int)[:-1])
@@ -1431,7 +1435,7 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
     distal = [(n, js) for n, js in limbs if not set(js) <= in_chain]
     legs = [j for n, js, g in chains if n.endswith("_leg") for j in js]
     lv_objs = [_make_level(xrays, int(size), cloud, li) for li, size in enumerate(levels)]
-    depth_levels = {li % len(levels) for li in DEPTH_MIRROR_LEVELS if -len(levels) <= li < len(levels)}
+    mirror_levels = {li % len(levels) for li in DEPTH_MIRROR_LEVELS if -len(levels) <= li < len(levels)}
 
     def level_plan(li, root_first=True):
         """(name, joints, search, grid) per stage; the root of the spine group is re-estimated
@@ -1454,7 +1458,7 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
                 plan += [(n, js, False, None) for n, js in distal]
                 plan += [("swap", side, False, None) for side in SWAP_GROUPS]
                 plan.append(("root_all", [0], False, None))
-            if len(xrays) < 2 and li in depth_levels:
+            if len(xrays) < 2 and li in mirror_levels:
                 plan += [("depth", js, False, None) for n, js, g in chains]
             plan += [("spine", [0] + js, False, None) for n, js in spine]
             plan += [(n, js, False, None) for n, js in limbs]
