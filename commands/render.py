@@ -14,10 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 HELP = "render DRRs of a twin (posed, animated) or of a plain CT"
-DEFAULT_SAD_MM = 1000.0  # source-to-isocentre mm of the named views (SPEC 5's C-arm: SAD 1000, SID 1500)
 
 
 def add_arguments(p) -> None:
+    from ..core.drr.carm import DEFAULT_SAD_MM, DEFAULT_SID_MM, SID_PER_SAD
+
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--twin", metavar="DIR", help="twin directory (from build)")
     src.add_argument("--ct", metavar="PATH", help="a plain CT (.nii/.nii.gz/.nrrd/.mha or DICOM folder)")
@@ -54,9 +55,10 @@ def add_arguments(p) -> None:
                    help="Gaussian electronic noise (counts; with --kvp default: the detector preset's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (frame number is added)")
     p.add_argument("--sad", type=float, default=None,
-                   help="source-to-isocentre mm (default 1000; with --geometry the file's sad_mm, else SID / 1.5): "
+                   help=f"source-to-isocentre mm (default {DEFAULT_SAD_MM:g}; with --geometry the file's sad_mm, "
+                        f"else SID / {SID_PER_SAD:g}): "
                         "places the named views, and sets the focal spot's magnification and the scatter's air gap")
-    p.add_argument("--sid", type=float, default=1500.0, help="source-to-image mm (default 1500)")
+    p.add_argument("--sid", type=float, default=DEFAULT_SID_MM, help=f"source-to-image mm (default {DEFAULT_SID_MM:g})")
     p.add_argument("--parallel", action="store_true", help="parallel beam instead of cone beam")
     from .xray_args import add_arguments as add_xray_arguments
 
@@ -128,6 +130,8 @@ def validate(args) -> None:
 
 def sad_of(args) -> float:
     """The source-to-isocentre distance of the named views: --sad, else ``DEFAULT_SAD_MM``."""
+    from ..core.drr.carm import DEFAULT_SAD_MM
+
     return DEFAULT_SAD_MM if args.sad is None else float(args.sad)
 
 

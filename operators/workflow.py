@@ -13,6 +13,7 @@ from ..blender.properties import abspath
 from ..blender.scene import anatomy_meshes, anatomy_objects
 from ..core import progress
 from ..core.body.skeleton import MM_TO_M
+from ..core.drr.carm import DEFAULT_SAD_MM, DEFAULT_SID_MM
 from ..core.errors import CtwinError
 from ..core.volumes.volume import apply_transform
 
@@ -128,8 +129,8 @@ class CTWIN_OT_xray_camera(bpy.types.Operator):
     bl_options = {"REGISTER", "UNDO"}
 
     view: EnumProperty(name="View", items=VIEW_ITEMS, default="ap")
-    sad_mm: FloatProperty(name="SAD (mm)", default=1000.0, min=100.0, description="source to isocentre")
-    sid_mm: FloatProperty(name="SID (mm)", default=1500.0, min=150.0, description="source to detector")
+    sad_mm: FloatProperty(name="SAD (mm)", default=DEFAULT_SAD_MM, min=100.0, description="source to isocentre")
+    sid_mm: FloatProperty(name="SID (mm)", default=DEFAULT_SID_MM, min=150.0, description="source to detector")
     pixels: IntProperty(name="Detector pixels", default=512, min=8, max=8192)
 
     def execute(self, context):

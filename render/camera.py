@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.drr.carm import Geometry
+from ..core.drr.carm import DEFAULT_SID_MM, Geometry
 from ..core.errors import CtwinError
 
 SID_PROP = "ctwin_sid_mm"
@@ -41,7 +41,7 @@ def geometry_from_camera(scene, cam_obj=None) -> Geometry:
     v = -up
     n = -back
     src = mw[:3, 3] * 1000.0
-    sid = float(cam.get(SID_PROP, 1500.0))
+    sid = float(cam.get(SID_PROP, DEFAULT_SID_MM))
     aspect = scene.render.pixel_aspect_y / scene.render.pixel_aspect_x  # dv / du
     fit = cam.sensor_fit
     if fit == "AUTO":

@@ -40,7 +40,7 @@ from ..fileio import atomic_path, read_json, write_json
 from ..progress import report
 from ..body.skeleton import JOINT_INDEX
 from ..drr import physics
-from ..drr.carm import named_view, parse_view
+from ..drr.carm import DEFAULT_SAD_MM, DEFAULT_SID_MM, named_view, parse_view
 from ..drr.physics import VALUES
 from ..drr.projector import resolve_device, frame_volume, xray_line_integral
 from ..rig.motion import load_motion, read_motion_file, resample
@@ -295,8 +295,8 @@ def load_spec(path_or_dict, base_dir=None) -> dict:
     v = {"named": [str(n) for n in named],
          "lao_deg": _range(vw.get("lao_deg", 0.0), "views.lao_deg", -180.0, 180.0),
          "cranial_deg": _range(vw.get("cranial_deg", 0.0), "views.cranial_deg", -90.0, 90.0),
-         "sad_mm": _range(vw.get("sad_mm", 1000.0), "views.sad_mm", positive=True),
-         "sid_mm": _range(vw.get("sid_mm", 1500.0), "views.sid_mm", positive=True),
+         "sad_mm": _range(vw.get("sad_mm", DEFAULT_SAD_MM), "views.sad_mm", positive=True),
+         "sid_mm": _range(vw.get("sid_mm", DEFAULT_SID_MM), "views.sid_mm", positive=True),
          "size": size, "biplanar": bool(vw.get("biplanar", False))}
     if v["sid_mm"][0] <= v["sad_mm"][1]:
         _fail("views.sid_mm", f"the smallest SID ({v['sid_mm'][0]:g}) must exceed the largest SAD ({v['sad_mm'][1]:g})")

@@ -44,9 +44,11 @@ def _unit(v) -> np.ndarray:
     return v / n
 
 
-# A geometry that does not say where its isocentre is (a camera, an old sidecar) takes the source-to-
-# isocentre distance SID / SID_PER_SAD: ctwin render's default SAD 1000 mm at SID 1500 mm.
-SID_PER_SAD = 1.5
+# The default C-arm (SPEC 5): source-to-isocentre 1000 mm, source-to-image 1500 mm. A geometry that
+# does not say where its isocentre is (a camera, an old sidecar) takes the SAD SID / SID_PER_SAD.
+DEFAULT_SAD_MM = 1000.0
+DEFAULT_SID_MM = 1500.0
+SID_PER_SAD = DEFAULT_SID_MM / DEFAULT_SAD_MM
 
 
 @dataclass
@@ -292,7 +294,7 @@ def _corners(lo, hi) -> np.ndarray:
     return np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
 
 
-def named_view(name: str, volume_or_bbox, sad_mm: float = 1000.0, sid_mm: float = 1500.0,
+def named_view(name: str, volume_or_bbox, sad_mm: float = DEFAULT_SAD_MM, sid_mm: float = DEFAULT_SID_MM,
                size=512, pixel_spacing_mm: float | None = None, *, lao: float = 0.0, rao: float = 0.0,
                cranial: float = 0.0, caudal: float = 0.0, isocenter=None, parallel: bool = False,
                margin: float = 1.0) -> Geometry:

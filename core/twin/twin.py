@@ -34,7 +34,7 @@ from ..progress import report
 from ..body.body_model import default_body_model_path, load_body_model
 from ..body.fit import fit_body_model
 from ..body.skeleton import JOINT_NAMES, JOINT_INDEX
-from ..drr.carm import default_views, named_view
+from ..drr.carm import DEFAULT_SAD_MM, DEFAULT_SID_MM, default_views, named_view
 from ..drr.frames import FORMATS, FrameView, render_frames
 from ..drr.projector import frame_volume, prepare_volume, render_drr, resolve_device, xray_line_integral
 from ..meshes.mesh import Mesh, import_anatomy, read_mesh, write_ply
@@ -524,7 +524,7 @@ def frame_poses(twin: Twin, pose=None, motion=None, frames=None, fps: float = 24
 
 
 def render_twin(twin_dir, out_dir, *, pose=None, motion=None, frames=None, view=None, geometry=None,
-                size=None, device="auto", sad_mm=1000.0, sid_mm=1500.0, parallel=False,
+                size=None, device="auto", sad_mm=DEFAULT_SAD_MM, sid_mm=DEFAULT_SID_MM, parallel=False,
                 method="trilinear", step_mm=None, value="line_integral", kvp=None, photons=None,
                 electronic_sigma=0.0, seed=0, fps: float = 24.0, annotate: bool = False,
                 views: dict | None = None, xray=None, fmt: str = "tiff", source_model=None,
