@@ -16,7 +16,8 @@ new pose rendered AP + lateral. Best of ``--reps``; ratios against the static re
 both versions read the same files. ``--identical N`` checks instead that the two versions give the
 same frames: N new poses per row through each version, the warp, the grid, ``scene.info``, the
 parts' placements, the composed frame (voxel for voxel, and its empty-space grid) and the AP and
-lateral DRRs (``--sizes``, bit for bit) compared.
+lateral DRRs (``--sizes``, bit for bit) compared; it prints the empty-space blocks each version marks
+(and the exact grid's count) and the largest image difference relative to the image maximum.
 """
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ def pose_row(label, new_pose, versions, reps):
 def identical_row(label, size, views, new_pose, versions, n, P, PO):
     """``n`` new poses through both versions: whether everything each frame is made of is equal."""
     same = {"warp": 0, "grid": 0, "info": 0, "parts": 0, "frame": 0, "occ": 0, "images": 0}
+    blocks = [0, 0, 0]  # empty-space blocks marked: old, new, exact grid of the new frame's voxels
+    dmax = 0.0
     for _ in range(n):
         p = new_pose()
         sc = {k: pose(p) for k, (pose, _) in versions.items()}
@@ -87,9 +90,18 @@ def identical_row(label, size, views, new_pose, versions, n, P, PO):
         fa, fb = P.compose_scene(a), PO.compose_scene(b)
         same["frame"] += fa.shape == fb.shape and np.array_equal(fa.flat, fb.flat) and np.array_equal(fa.affine, fb.affine)
         same["occ"] += np.array_equal(fa.occ, fb.occ)
-        same["images"] += all(np.array_equal(versions["new"][1](a, views[v]), versions["old"][1](b, views[v]))
-                              for v in ("ap", "lateral"))
-    print(f"[identical] {size}^2 {label:26s} " + ", ".join(f"{k} {v}/{n}" for k, v in same.items()), flush=True)
+        blocks[0] += int(np.count_nonzero(fb.occ))
+        blocks[1] += int(np.count_nonzero(fa.occ))
+        blocks[2] += int(np.count_nonzero(P.occupancy_grid(fa.flat, fa.lut, fa.shape)))
+        eq = True
+        for v in ("ap", "lateral"):
+            ia, ib = versions["new"][1](a, views[v]), versions["old"][1](b, views[v])
+            eq = eq and np.array_equal(ia, ib)
+            dmax = max(dmax, float(np.abs(ia.astype(np.float64) - ib).max() / max(float(np.abs(ib).max()), 1e-30)))
+        same["images"] += eq
+    print(f"[identical] {size}^2 {label:26s} " + ", ".join(f"{k} {v}/{n}" for k, v in same.items())
+          + f" | empty-space blocks marked old {blocks[0]}, new {blocks[1]}, exact (from the new frames' voxels) "
+          f"{blocks[2]}; largest image difference {dmax:.1e} of the image maximum", flush=True)
     return all(v == n for v in same.values())
 
 
