@@ -1308,7 +1308,7 @@ def occ_block_empty(out, on, lo, a, b, c):
     """Whether every trilinear sample whose floor index lies in block (a, b, c) of the frame ``out``
     (flat HU, shape ``on``) is 0: no voxel of the block, nor of the next voxel layer on each axis (the
     range ``projector.occupancy_grid`` reads, clipped at the grid), is above ``lo`` (the HU at and
-    below which mu is 0, the rule the composition kernels mark by). Returns at the first such voxel."""
+    below which mu is 0, the rule the composition kernels mark by). Returns at the first row holding one."""
     n1 = on[1]
     n2 = on[2]
     i0 = a * BLOCK
@@ -1320,9 +1320,11 @@ def occ_block_empty(out, on, lo, a, b, c):
     for i in range(i0, i1 + 1):
         for j in range(j0, j1 + 1):
             row = (i * n1 + j) * n2
-            for k in range(k0, k1 + 1):
-                if out[row + k] > lo:
-                    return False
+            m = out[row + k0]
+            for k in range(k0 + 1, k1 + 1):  # a row's maximum, then one test (a loop without exits)
+                m = max(m, out[row + k])
+            if m > lo:
+                return False
     return True
 
 
