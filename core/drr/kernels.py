@@ -802,7 +802,7 @@ def cuda_kernels() -> dict:
 # rule: blocks i // BLOCK and (i - 1) // BLOCK per axis) in ``occ``, which starts as the base's
 # grid: a superset of the exact grid, which keeps the base's blocks where content moved away.
 # ``refine_occ`` then clears the marked blocks whose voxels are all air (each read up to its first
-# non-zero voxel), which leaves the exact grid of the composed voxels.
+# row holding a non-air voxel), which leaves the exact grid of the composed voxels.
 
 
 # The composition kernels are plain module-level functions (no closures), compiled lazily by
@@ -1331,7 +1331,7 @@ def occ_block_empty(out, on, lo, a, b, c):
 def refine_occ(out, on, lo, occ):
     """Clear the marked blocks of ``occ`` (the frame's BLOCK^3 grid, a superset of the exact one) in
     which every sample is 0 (``occ_block_empty``): the exact grid of the composed voxels. Reads the
-    voxels of marked blocks only, up to the first non-air one."""
+    voxels of marked blocks only, up to the first row that holds a non-air voxel."""
     for a in prange(occ.shape[0]):  # noqa: F821 (prange: a global of the build namespace)
         for b in range(occ.shape[1]):
             for c in range(occ.shape[2]):
@@ -1561,9 +1561,9 @@ _COMPOSE_DEFS = (
     ("refine_occ", {}),
 )
 # the per-element bodies that the CUDA drivers share with the CPU ones (device functions there)
-_COMPOSE_SHARED = ("claims", "lerp3", "_hu_at", "_hu_at_ijk", "_to_i16", "_mark", "_mark_new", "_any_occ", "warp_diag", "cell_moved",
-                   "warp_cell", "subs_part_row", "subs_row", "subs_span", "mark_box", "restore_row",
-                   "occ_block_empty")
+_COMPOSE_SHARED = ("claims", "lerp3", "_hu_at", "_hu_at_ijk", "_to_i16", "_mark", "_mark_new", "_any_occ",
+                   "warp_diag", "cell_moved", "warp_cell", "subs_part_row", "subs_row", "subs_span", "mark_box",
+                   "restore_row", "occ_block_empty")
 _COMPOSE_CUDA = ("cuda_compose_warp", "cuda_compose_subs", "cuda_mark_boxes", "cuda_restore_blocks", "cuda_fill_u8",
                  "cuda_clean_occ", "cuda_refine_occ")
 
