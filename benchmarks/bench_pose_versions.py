@@ -4,7 +4,7 @@ both alike. Prints measured ratios.
 
     git archive COMMIT | tar -x -C /tmp/base      # the earlier version, outside this repository
     .venv/bin/python benchmarks/bench_pose_versions.py --base /tmp/base [--sizes 256,512] [--reps 5]
-        [--cache DIR] [--what all|phantom|real] [--pose-only] [--identical N]
+        [--cache DIR] [--what all|phantom|real] [--pose-only] [--identical N] [--fidelity]
 
 Per row (the phantom presets of ``bench_pose_cost.py``, then the real abdomen CT twin at hip_flexion,
 sitting and walking_stride; each repetition the preset plus a seeded 2-degree jitter on every joint):
@@ -16,7 +16,10 @@ new pose rendered AP + lateral. Best of ``--reps``; ratios against the static re
 both versions read the same files. ``--identical N`` checks instead that the two versions give the
 same frames: N new poses per row through each version, the warp, the grid, ``scene.info``, the
 parts' placements, the composed frame (voxel for voxel, and its empty-space grid) and the AP and
-lateral DRRs (``--sizes``, bit for bit) compared.
+lateral DRRs (``--sizes``, bit for bit) compared; it prints the empty-space blocks each version marks
+(and the exact grid's count) and the largest image difference relative to the image maximum.
+``--fidelity`` prints instead ``bench_posed_drr.py``'s target-pose fidelity (seed-0 3 mm phantom,
+the truth's transforms) through both versions, PSNR to 0.01 dB, and the largest image difference.
 """
 from __future__ import annotations
 
@@ -73,6 +76,8 @@ def pose_row(label, new_pose, versions, reps):
 def identical_row(label, size, views, new_pose, versions, n, P, PO):
     """``n`` new poses through both versions: whether everything each frame is made of is equal."""
     same = {"warp": 0, "grid": 0, "info": 0, "parts": 0, "frame": 0, "occ": 0, "images": 0}
+    blocks = [0, 0, 0]  # empty-space blocks marked: old, new, exact grid of the new frame's voxels
+    dmax = 0.0
     for _ in range(n):
         p = new_pose()
         sc = {k: pose(p) for k, (pose, _) in versions.items()}
@@ -87,10 +92,50 @@ def identical_row(label, size, views, new_pose, versions, n, P, PO):
         fa, fb = P.compose_scene(a), PO.compose_scene(b)
         same["frame"] += fa.shape == fb.shape and np.array_equal(fa.flat, fb.flat) and np.array_equal(fa.affine, fb.affine)
         same["occ"] += np.array_equal(fa.occ, fb.occ)
-        same["images"] += all(np.array_equal(versions["new"][1](a, views[v]), versions["old"][1](b, views[v]))
-                              for v in ("ap", "lateral"))
-    print(f"[identical] {size}^2 {label:26s} " + ", ".join(f"{k} {v}/{n}" for k, v in same.items()), flush=True)
+        blocks[0] += int(np.count_nonzero(fb.occ))
+        blocks[1] += int(np.count_nonzero(fa.occ))
+        blocks[2] += int(np.count_nonzero(P.occupancy_grid(fa.flat, fa.lut, fa.shape)))
+        eq = True
+        for v in ("ap", "lateral"):
+            ia, ib = versions["new"][1](a, views[v]), versions["old"][1](b, views[v])
+            eq = eq and np.array_equal(ia, ib)
+            dmax = max(dmax, float(np.abs(ia.astype(np.float64) - ib).max() / max(float(np.abs(ib).max()), 1e-30)))
+        same["images"] += eq
+    print(f"[identical] {size}^2 {label:26s} " + ", ".join(f"{k} {v}/{n}" for k, v in same.items())
+          + f" | empty-space blocks marked old {blocks[0]}, new {blocks[1]}, exact (from the new frames' voxels) "
+          f"{blocks[2]}; largest image difference {dmax:.1e} of the image maximum", flush=True)
     return all(v == n for v in same.values())
+
+
+def fidelity_rows(AO, size):
+    """``bench_posed_drr.py``'s target poses (the seed-0 3 mm phantom decomposed at supine_arms_down,
+    posed to each preset with the truth's transforms, 12 mm warp) through both versions: SSIM / PSNR
+    (to 0.01 dB) against the phantom CT generated at the pose, AP and lateral, and the largest
+    difference between the versions' images."""
+    from ctwin.core.meshes.metrics import drr_similarity
+    from ctwin.core.phantom.phantom import generate_phantom
+
+    ph = generate_phantom("supine_arms_down", spacing=3.0)
+    arts = {"new": A.prepare_articulated(ph.ct, ph.seg, ph.labels),
+            "old": AO.prepare_articulated(ph.ct, ph.seg, ph.labels)}
+    mods = {"new": A, "old": AO}
+    ta = ph.truth
+    views = default_views(ph.ct.bbox_world(), size=size)
+    for pname in (p for p in PRESETS if p != "supine_arms_down"):
+        pb = generate_phantom(pname, spacing=3.0)
+        tb = pb.truth
+        bd = {n: np.asarray(tb["bones"][n]) @ np.linalg.inv(np.asarray(ta["bones"][n]))
+              for n in tb["bones"] if n in ta["bones"]}
+        jd = A.joint_deltas_between(ta["pose"], ta["joints"], tb["pose"], tb["joints"])
+        sc = {k: mods[k].posed_scene(arts[k], bd, jd, warp_spacing_mm=B.WARP_MM) for k in mods}
+        for vname, g in views.items():
+            ref = render_drr(pb.ct, g, device="cpu")
+            im = {k: mods[k].render_posed(sc[k], g, device="cpu") for k in mods}
+            s = {k: drr_similarity(im[k], ref) for k in mods}
+            d = float(np.abs(im["new"].astype(np.float64) - im["old"]).max() / np.abs(im["old"]).max())
+            print(f"[fidelity] {size}^2 {pname:20s} {vname:8s} old SSIM {s['old']['ssim']:.4f} PSNR "
+                  f"{s['old']['psnr_db']:.2f} dB | new SSIM {s['new']['ssim']:.4f} PSNR {s['new']['psnr_db']:.2f} dB "
+                  f"| largest difference {d:.1e} of the image maximum", flush=True)
 
 
 def row(label, size, ct, views, new_pose, versions, reps):
@@ -137,11 +182,17 @@ def main(argv=None):
                     help="time the pose alone (posed_scene), wall and CPU, instead of a new pose rendered")
     ap.add_argument("--identical", type=int, default=0, metavar="N",
                     help="compare N new poses per row between the versions (frames, images) instead of timing")
+    ap.add_argument("--fidelity", action="store_true",
+                    help="bench_posed_drr.py's target-pose fidelity through both versions instead of timing")
     a = ap.parse_args(argv)
     base = Path(a.base).resolve()
     if not (base / "__init__.py").exists() or not (base / "core" / "twin" / "articulated.py").exists():
         raise SystemExit(f"bench_pose_versions: {base} is not a ctwin tree")
     AO, TO = load_base(base)
+    if a.fidelity:
+        for size in (int(s) for s in a.sizes.split(",")):
+            fidelity_rows(AO, size)
+        return 0
     from ctwin.core.drr import projector as P
     from ctwin_old.core.drr import projector as PO
 

@@ -59,6 +59,7 @@ def compose_signatures(numba):
         "cuda_restore_blocks": (i16, idx, idx, i16, idx, grid3, i64, i64),
         "cuda_fill_u8": (u8, u8, i64),
         "cuda_clean_occ": (u8, u8) + (i64,) * 9,
+        "cuda_refine_occ": (i16, idx, f64, grid3),
     }
 
 

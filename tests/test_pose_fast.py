@@ -74,6 +74,41 @@ def test_composed_frames_reuse_buffers_and_equal_fresh_compositions():
     assert restored >= 3  # the restore path was exercised, not only full fills
 
 
+def test_composed_frames_empty_space_grid_is_exact():
+    """The composed frame's empty-space grid equals the grid computed from its voxels afterwards
+    (``occupancy_grid``), on random frames whose content moves away from occupied blocks of the CT,
+    through fresh fills and restored buffers; renders skipping by it equal renders without skipping."""
+    from ctwin.core.drr import projector
+
+    rng = np.random.default_rng(5)
+    base, aff, subs, waff = _scene_parts(rng)
+    scene = Scene(base=Volume(base, aff), parts=[PlacedVolume(d, m, a.copy()) for d, m, a in subs], compose=True)
+    grid = (np.array([-8, -8, -8]), np.array([40, 40, 48]))
+    cleared = 0
+    for f in range(8):
+        aff_f, (disp, _) = _frame(rng, subs, waff, moved=f % 4 != 0)
+        if f % 4 == 2:  # a large cell of air: the CT's content there goes
+            disp[1:6, 1:6, 1:7] = np.nan
+        scene.set_frame(aff_f, (disp, waff), grid if f % 3 else None)
+        pv = projector.compose_scene(scene)
+        exact = projector.occupancy_grid(pv.flat, pv.lut, pv.shape)
+        assert np.array_equal(pv.occupancy(), exact), f"frame {f}"
+        # blocks that the CT's grid (shifted onto the frame) marks and that the frame left empty
+        i0, on = projector.scene_grid(scene)
+        clean = projector._base_occupancy(projector.prepare_volume(scene.base), np.asarray(base.shape), on, -i0)[0]
+        cleared += int(np.count_nonzero(clean.reshape(-1) > exact))
+        if f == 2:
+            from ctwin.core.drr.carm import named_view
+
+            g = named_view("ap", pv.bbox_world(), size=24)
+            full = projector.PreparedVolume(pv.flat, pv.shape, pv.affine, pv.lut, "hu", np.ones_like(exact), pv.lin)
+            img = projector.render_drr(pv, g, device="cpu")
+            assert img.max() > 0
+            np.testing.assert_allclose(img, projector.render_drr(full, g, device="cpu"), rtol=0,
+                                       atol=1e-9 * img.max())
+    assert cleared > 20  # the frames did empty blocks that the CT occupies
+
+
 def test_forward_skinning_equals_a_numpy_blend_of_the_weight_field():
     """The per-pose blended weight field (P, S per weight node) gives sum_j w_j(x) D_j x / sum_j w_j(x)
     with w trilinear in the weight grid (clamped at its faces), as a plain numpy evaluation does."""

@@ -974,6 +974,8 @@ def compose_scene(scene: Scene, device: str = "cpu") -> PreparedVolume:
             k["subs"](out, occ, on, shift, pk["sdata"], pk["smask"], pk["offs_arr"], pk["sns"], S, aligned, boxes,
                       order, pk["spans"], pk["soffs"], float(_AIR_HU))
             k["mark_boxes"](dirty, boxes)
+        if _air_rule(base, pk):  # the marks' superset -> the exact grid
+            k["refine_occ"](out, on, float(_AIR_HU), occ)
         occ = occ.reshape(-1)
         state = {"buffer": buf, "layout": layout, "dirty": dirty}
     shape = tuple(int(v) for v in on)
@@ -1126,7 +1128,18 @@ def _compose_cuda(scene: Scene, pk: dict, base: PreparedVolume, bn, on, shift, o
                 d_S, d_aligned, d_boxes, d_order, d_spans, d_soffs, float(_AIR_HU),
                 int(i_lo), int(j_lo), int(ni), int(nj))
         _launch(kc["mark_boxes"], len(boxes), dirty, d_boxes)
+    if _air_rule(base, pk):  # the marks' superset -> the exact grid
+        _launch(kc["refine_occ"], occ.size, out, d_on, float(_AIR_HU), occ)
     return out, flat_occ, buf, {"buffer": buf, "layout": layout, "dirty": dirty, "occ": occ}
+
+
+def _air_rule(base: PreparedVolume, pk: dict) -> bool:
+    """Whether the base's value table is 0 exactly at and below ``_AIR_HU`` (the rule by which the
+    composition kernels mark and ``refine_occ`` clears blocks; the HU -> mu table's), cached."""
+    if "air_rule" not in pk:
+        hu = np.arange(65536, dtype=np.uint16).view(np.int16)
+        pk["air_rule"] = bool(np.array_equal(np.asarray(base.lut)[hu.view(np.uint16)] > 0, hu > _AIR_HU))
+    return pk["air_rule"]
 
 
 def _fill_clean(out3, base: PreparedVolume, bn, on, sl) -> None:
