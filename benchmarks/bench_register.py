@@ -154,6 +154,9 @@ def main() -> int:
     ap.add_argument("--posed-warp", type=float, default=None, help="core.twin.registration.POSED_WARP_MM")
     ap.add_argument("--posed-step", type=float, default=None,
                     help="core.twin.registration.POSED_STEP_DEG and POSED_STEP_MM (the first step)")
+    ap.add_argument("--posed-decoupled", nargs="*", default=None,
+                    help="core.twin.registration.POSED_DECOUPLED: joints also moved with their children's "
+                         "world orientations kept")
     ap.add_argument("--resume", default=None,
                     help="a recorded run (--json) of the same cases and settings without the posed refinement: "
                          "each case's result is taken from it and only the posed refinement is run from it "
@@ -208,6 +211,8 @@ def main() -> int:
                 setattr(registration, attr, getattr(args, key))
         if args.posed_step is not None:
             registration.POSED_STEP_DEG = registration.POSED_STEP_MM = args.posed_step
+        if args.posed_decoupled is not None:
+            registration.POSED_DECOUPLED = tuple(args.posed_decoupled)
     if args.resume and not args.posed_refine:
         raise SystemExit("--resume runs only the posed refinement: give --posed-refine")
     resumed = {}

@@ -199,10 +199,16 @@ PRIOR_AXIS_SIGMA_DEG = {
 }
 # The final refinement scored with the twin's real posed DRR (``posed_refine``): the soft tissue
 # through the renderer's inverse skinning warp and the bones rigid (``core.twin.articulated``), instead
-# of the splatted clouds whose rigid soft-tissue blocks fit a deformed outline less well. Off by
-# default until measured better (README, "Pose from X-ray: the final pose scored with the posed DRR").
+# of the splatted clouds whose rigid soft-tissue blocks fit a deformed outline less well. The posed
+# DRR ranks the truth above the default's estimate on 5-6 of the reduced benchmark's 7 targets at
+# 128 and 256 px (the splatted clouds: 3), but this local refinement from the estimate changed no
+# target by more than 0.7 mm, so it is off by default (README, "The final pose scored with the
+# posed DRR"; benchmarks/results/bench_register_posed.txt)
 POSED_REFINE = False
-POSED_SIZE = 64  # px: the level whose views and targets it scores (the one nearest this size)
+# px: the level whose views and targets it scores (the one nearest this size). At 128 px a move of
+# random_0's right arm that the posed DRR scores higher at 64 and 128 px but lower at 256 px took
+# it from 11.7 to 17.1 mm; at 256 px the ranking is the best measured
+POSED_SIZE = 256
 # the articulated CT pooled f x f x f for it (``coarse_articulated``); None: to its weight grid's
 # cells (3 x 3 x 3 voxels, 9 mm, for a 3 mm CT's twin), plenty for a 64-128 px view of the body
 POSED_COARSEN = None
@@ -213,6 +219,9 @@ POSED_STEP_DEG, POSED_STEP_MM = 4.0, 4.0  # the compass search's first step (hal
 # (``PRIOR_AXIS_SIGMA_DEG`` <= 10 degrees: the hinges' off-axis rotations) is left where it is
 POSED_JOINTS = ("pelvis", "spine1", "spine2", "spine3", "neck", "left_shoulder", "right_shoulder",
                 "left_elbow", "right_elbow", "left_hip", "right_hip", "left_knee", "right_knee")
+# joints also moved with their children's world orientations kept (the children counter-rotated):
+# a trunk bend whose error the arms compensate is otherwise reachable only by moving both at once
+POSED_DECOUPLED = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1723,6 +1732,17 @@ def compass_search(cost, x0, steps, maxfev: int, shrink: float = 0.5, min_scale:
     return x, fx, n
 
 
+def decoupled_rotation(pose, j: int, dR: np.ndarray) -> np.ndarray:
+    """The pose with joint j's local rotation R_j turned to R_j dR and each child's R_c to dR^T R_c:
+    joint j's world orientation turns by dR (about its own axes), its children's stay as they were
+    (their world rotation is the parents' product times their own)."""
+    pose = np.array(pose, dtype=np.float64).reshape(72)
+    pose[3 * j:3 * j + 3] = rotation_to_rotvec(rodrigues(pose[3 * j:3 * j + 3]) @ dR)
+    for c in np.flatnonzero(PARENTS == j):
+        pose[3 * c:3 * c + 3] = rotation_to_rotvec(dR.T @ rodrigues(pose[3 * c:3 * c + 3]))
+    return pose
+
+
 def posed_stage(prob: "_Problem", levels, effort: float = 1.0) -> dict:
     """The registration's last stage (``POSED_REFINE``): ``posed_refine`` at the level nearest
     ``POSED_SIZE`` px, the root within half its range, ``effort`` x ``POSED_MAXFEV`` posed DRRs."""
@@ -1732,12 +1752,14 @@ def posed_stage(prob: "_Problem", levels, effort: float = 1.0) -> dict:
 
 
 def posed_refine(prob: "_Problem", level: _Level, maxfev: int | None = None, joints=None,
-                 coarsen: int | None = None, warp_mm: float | None = None) -> dict:
+                 coarsen: int | None = None, warp_mm: float | None = None, decoupled=None) -> dict:
     """Refine ``prob``'s pose with the twin's posed DRR as the moving image (``posed_drrs``) and the
     level's similarity (its targets, blur and views), the prior and joint ranges as in
     ``_Problem.optimise``; a compass search over the given joints' axes (the root: rotation and
-    translation; axes with a tight prior left out), ``maxfev`` posed DRRs. Taken only if its cost
-    (prior less similarity) is lower than the start's."""
+    translation; axes with a tight prior left out) and, for the ``decoupled`` joints (default
+    ``POSED_DECOUPLED``), each axis rotated with the children counter-rotated so that their world
+    orientations stay; ``maxfev`` posed DRRs. Taken only if its cost (prior less similarity) is
+    lower than the start's."""
     t0 = time.perf_counter()
     maxfev = POSED_MAXFEV if maxfev is None else maxfev
     js = [JOINT_INDEX[n] for n in (POSED_JOINTS if joints is None else joints)]
@@ -1770,6 +1792,12 @@ def posed_refine(prob: "_Problem", level: _Level, maxfev: int | None = None, joi
             cur = base_pose[3 * j:3 * j + 3]
             bounds += [(min((lo - c) / ROT_UNIT, 0.0), max((hi - c) / ROT_UNIT, 0.0)) for (lo, hi), c in zip(lim, cur)]
     blo, bhi = np.array([b[0] for b in bounds]), np.array([b[1] for b in bounds])
+    # decoupled directions: (joint, axis, its children), appended after the slots
+    dec = [(JOINT_INDEX[n], ax, [int(c) for c in np.flatnonzero(PARENTS == JOINT_INDEX[n])])
+           for n in (POSED_DECOUPLED if decoupled is None else decoupled) for ax in range(3)]
+    steps += [math.radians(POSED_STEP_DEG) / ROT_UNIT] * len(dec)
+    pen_js = sorted(set(js) | {j for j, _, _ in dec} | {c for _, _, cs in dec for c in cs})
+    ns = len(slots)
     slots = np.asarray(slots, np.intp)
     sims, memo = {}, {}
 
@@ -1778,26 +1806,29 @@ def posed_refine(prob: "_Problem", level: _Level, maxfev: int | None = None, joi
         if key in memo:
             return memo[key]
         x = np.zeros(nparam)
-        x[slots] = z
+        x[slots] = z[:ns]
         xc = np.clip(x, blo, bhi)
         pose, transl = prob._apply(js, xc, base_pose, base_transl)
+        for (j, ax, cs), v in zip(dec, z[ns:]):
+            if v != 0.0:
+                pose = decoupled_rotation(pose, j, rodrigues(np.eye(3)[ax] * (v * ROT_UNIT)))
         sim = level.score(posed_drrs(prob.twin, pose, transl, geoms, coarsen, warp_mm))
         sims[key] = sim
-        memo[key] = float(np.sum((x - xc) ** 2)) + prob._penalty(pose, js) - sim
+        memo[key] = float(np.sum((x - xc) ** 2)) + prob._penalty(pose, pen_js) - sim
+        poses[key] = (pose, transl)
         return memo[key]
 
-    z0 = np.zeros(len(slots))
+    poses = {}
+    z0 = np.zeros(len(steps))
     c0 = cost(z0)
     before = sims[z0.tobytes()]
     z, c, n = compass_search(cost, z0, steps, maxfev)
     after = before
     if c < c0:
-        x = np.zeros(nparam)
-        x[slots] = z
-        prob.pose, prob.transl = prob._apply(js, np.clip(x, blo, bhi), base_pose, base_transl)
+        prob.pose, prob.transl = poses[z.tobytes()]
         after = sims[z.tobytes()]
     prob.evals += len(memo)
-    return {"stage": "posed", "level": level.size, "params": len(slots), "evals": len(memo), "before": before,
+    return {"stage": "posed", "level": level.size, "params": len(steps), "evals": len(memo), "before": before,
             "after": after, "seconds": time.perf_counter() - t0}
 
 
