@@ -202,7 +202,7 @@ PRIOR_AXIS_SIGMA_DEG = {
 # of the splatted clouds whose rigid soft-tissue blocks fit a deformed outline less well. The posed
 # DRR ranks the truth above the default's estimate on 5-6 of the reduced benchmark's 7 targets at
 # 128 and 256 px (the splatted clouds: 3), but this local refinement from the estimate changed no
-# target by more than 0.7 mm, so it is off by default (README, "The final pose scored with the
+# target by more than 0.8 mm, so it is off by default (README, "The final pose scored with the
 # posed DRR"; benchmarks/results/bench_register_posed.txt)
 POSED_REFINE = False
 # px: the level whose views and targets it scores (the one nearest this size). At 128 px a move of
@@ -1816,6 +1816,8 @@ def posed_refine(prob: "_Problem", level: _Level, maxfev: int | None = None, joi
         sims[key] = sim
         memo[key] = float(np.sum((x - xc) ** 2)) + prob._penalty(pose, pen_js) - sim
         poses[key] = (pose, transl)
+        if len(memo) % 50 == 0:  # about 15 s of work on the 2-core CPU
+            report(f"register: {level.size} px, posed DRR refinement: {len(memo)} of {maxfev} evaluations")
         return memo[key]
 
     poses = {}
