@@ -103,10 +103,10 @@ def test_posed_refinement_recovers_an_offset_of_the_twins_own_pose(twin_dir):
     t0 = tt + [8.0, 0.0, 0.0]
 
     prob = _Problem(twin, cloud, xr, p0, t0, True)
-    st = posed_refine(prob, level, maxfev=1, joints=("pelvis", "left_shoulder"))
+    st = posed_refine(prob, level, maxfev=1, joints=("pelvis", "left_shoulder"), decoupled=())
     assert st["evals"] == 1 and np.array_equal(prob.pose, p0) and np.array_equal(prob.transl, t0)
 
-    st = posed_refine(prob, level, maxfev=50, joints=("pelvis", "left_shoulder"))
+    st = posed_refine(prob, level, maxfev=50, joints=("pelvis", "left_shoulder"), decoupled=())
     assert st["after"] > st["before"] and st["params"] == 9
     err0 = abs(p0[3 * js + 2] - pt[3 * js + 2])
     err = abs(prob.pose[3 * js + 2] - pt[3 * js + 2])

@@ -79,6 +79,9 @@ from ..drr.physics import COUNT_FLOOR, DISPLAY_MAX
 from ..fileio import atomic_path, read_json, write_json
 from ..rig.pose import JOINT_LIMITS_DEG, vertebra_transforms
 from ..volumes.volume import apply_transform
+from ..drr.projector import PlacedVolume
+from ..rig.pose import bone_deltas
+from .articulated import ArticulatedCT, posed_scene, render_posed
 # Imported where used, so that importing this module stays light: PIL, numba (heavy or optional third-party packages).
 
 MU_WATER_PER_MM = 0.02  # SPEC 5 monoenergetic model
@@ -201,27 +204,30 @@ PRIOR_AXIS_SIGMA_DEG = {
 # through the renderer's inverse skinning warp and the bones rigid (``core.twin.articulated``), instead
 # of the splatted clouds whose rigid soft-tissue blocks fit a deformed outline less well. The posed
 # DRR ranks the truth above the default's estimate on 5-6 of the reduced benchmark's 7 targets at
-# 128 and 256 px (the splatted clouds: 3), but this local refinement from the estimate changed no
-# target by more than 0.8 mm, so it is off by default (README, "The final pose scored with the
-# posed DRR"; benchmarks/results/bench_register_posed.txt)
+# 128 and 256 px (the splatted clouds: 3); this local refinement from the estimate, with the settings
+# below, took the mean of the 7 targets' means from 6.86 to 6.59 mm (random_2 9.0 -> 6.9 mm,
+# arm_abducted 1.6 -> 2.6 mm) but the same 4 of 7 converged, so it is off by default (README, "The
+# final pose scored with the posed DRR"; benchmarks/results/bench_register_posed.txt)
 POSED_REFINE = False
 # px: the level whose views and targets it scores (the one nearest this size). At 128 px a move of
 # random_0's right arm that the posed DRR scores higher at 64 and 128 px but lower at 256 px took
 # it from 11.7 to 17.1 mm; at 256 px the ranking is the best measured
 POSED_SIZE = 256
 # the articulated CT pooled f x f x f for it (``coarse_articulated``); None: to its weight grid's
-# cells (3 x 3 x 3 voxels, 9 mm, for a 3 mm CT's twin), plenty for a 64-128 px view of the body
+# cells (3 x 3 x 3 voxels, 9 mm, for a 3 mm CT's twin: 2.5 times cheaper, and it keeps the posed
+# DRR's ranking of truth and estimate on 5 of the 7 targets at 256 px, README)
 POSED_COARSEN = None
 POSED_WARP_MM = 18.0  # the inverse warp's node spacing for it (the twin's own: 12 mm)
-POSED_MAXFEV = 300  # posed DRR evaluations
+POSED_MAXFEV = 400  # posed DRR evaluations (about 0.28 s each on the 2-core CPU at 256 px)
 POSED_STEP_DEG, POSED_STEP_MM = 4.0, 4.0  # the compass search's first step (halved to an eighth)
 # the joints it moves (the root: rotation and translation); an axis whose prior is tight
 # (``PRIOR_AXIS_SIGMA_DEG`` <= 10 degrees: the hinges' off-axis rotations) is left where it is
 POSED_JOINTS = ("pelvis", "spine1", "spine2", "spine3", "neck", "left_shoulder", "right_shoulder",
                 "left_elbow", "right_elbow", "left_hip", "right_hip", "left_knee", "right_knee")
 # joints also moved with their children's world orientations kept (the children counter-rotated):
-# a trunk bend whose error the arms compensate is otherwise reachable only by moving both at once
-POSED_DECOUPLED = ()
+# a trunk bend whose error the arms compensate is otherwise reachable only by moving both at once.
+# Without them (300 evaluations) the refinement moved no target by more than 0.8 mm
+POSED_DECOUPLED = ("spine1", "spine2", "spine3")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1621,9 +1627,6 @@ def coarse_articulated(art, factor: int):
     the weight field unchanged. Coarse voxel k covers fine voxels f k .. f k + f - 1, so with the
     weight grid's spacing (3 fine voxels for twins) the two lattices coincide. For scoring poses at
     coarse image sizes: at the acquisition pose its DRR is the pooled CT's."""
-    from .articulated import ArticulatedCT
-    from ..drr.projector import PlacedVolume
-
     f = int(factor)
     if f <= 1:
         return art
@@ -1690,9 +1693,6 @@ def posed_drrs(twin, pose, transl, geometries, coarsen: int | None = None, warp_
     ``coarsen`` (default ``POSED_COARSEN``, None: ``weight_cell_voxels``) posed (the soft tissue
     through the inverse skinning warp with nodes every ``warp_mm``, default ``POSED_WARP_MM``, the
     bones rigid), composed once and rendered per geometry on the CPU."""
-    from .articulated import posed_scene, render_posed
-    from ..rig.pose import bone_deltas
-
     coarsen = POSED_COARSEN if coarsen is None else coarsen
     warp_mm = POSED_WARP_MM if warp_mm is None else warp_mm
     art = twin.articulated
@@ -1706,8 +1706,8 @@ def posed_drrs(twin, pose, transl, geometries, coarsen: int | None = None, warp_
 def compass_search(cost, x0, steps, maxfev: int, shrink: float = 0.5, min_scale: float = 0.125):
     """Compass (coordinate pattern) search (Kolda, Lewis and Torczon, SIAM Review 45(3):385-482,
     2003): each coordinate tried at + then - its step, a better point taken at once; after a sweep
-    without a better point the steps shrink by
-    ``shrink``, until they reach ``min_scale`` of the first or ``maxfev`` evaluations are spent.
+    without a better point the steps shrink by ``shrink``, until they reach ``min_scale`` of the
+    first or ``maxfev`` evaluations are spent.
     Returns (x, cost(x), evaluations)."""
     x = np.asarray(x0, dtype=np.float64).copy()
     steps = np.asarray(steps, dtype=np.float64)
