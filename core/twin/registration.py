@@ -218,7 +218,7 @@ POSED_SIZE = 256
 # DRR's ranking of truth and estimate on 5 of the 7 targets at 256 px, README)
 POSED_COARSEN = None
 POSED_WARP_MM = 18.0  # the inverse warp's node spacing for it (the twin's own: 12 mm)
-POSED_MAXFEV = 400  # posed DRR evaluations (about 0.28 s each on the 2-core CPU at 256 px)
+POSED_MAXFEV = 400  # posed DRR evaluations (about 0.13 s each on the idle 2-core CPU at 256 px)
 POSED_STEP_DEG, POSED_STEP_MM = 4.0, 4.0  # the compass search's first step (halved to an eighth)
 # the joints it moves (the root: rotation and translation); an axis whose prior is tight
 # (``PRIOR_AXIS_SIGMA_DEG`` <= 10 degrees: the hinges' off-axis rotations) is left where it is
