@@ -75,6 +75,23 @@ def displaced_start(twin, rng, max_mm=50.0, max_deg=10.0):
     return p, twin.transl0_mm + d
 
 
+def resume_posed(twin, xr, cloud, start_pose, start_t, prev, levels, effort):
+    """register()'s posed refinement (its last stage) run from a recorded registration's result: the
+    same problem (start and prior from the displaced start, the recorded pose and translation), the
+    same levels. Equal to register() with ``POSED_REFINE`` where the stages before it are deterministic."""
+    from ctwin.core.twin.registration import Registration, _make_level, _Problem, posed_stage
+
+    prob = _Problem(twin, cloud, xr, start_pose, start_t, True)
+    prob.pose = np.asarray(prev["pose"], dtype=np.float64).copy()
+    prob.transl = np.asarray(prev["transl"], dtype=np.float64).copy()
+    lv = [_make_level(xr, int(s), cloud, li) for li, s in enumerate(levels)]
+    t0 = time.perf_counter()
+    st = posed_stage(prob, lv, effort)
+    final = prob.score(lv[-1])
+    return Registration(prob.pose, prob.transl, twin.binding.armature.posed_joints(prob.pose, prob.transl), final,
+                        [st], time.perf_counter() - t0, [x.geometry for x in xr], start_pose, start_t)
+
+
 def main() -> int:
     from ctwin.core import progress
     from ctwin.core.drr.carm import default_views
@@ -129,6 +146,21 @@ def main() -> int:
     ap.add_argument("--depth-mirror-levels", type=int, nargs="*", default=None,
                     help="with one view, the levels (indices) where each limb chain is also tried mirrored in "
                          "depth (core.twin.registration.DEPTH_MIRROR_LEVELS; none: off; default: the module's)")
+    ap.add_argument("--posed-refine", action="store_true",
+                    help="end with the refinement scored with the twin's posed DRR "
+                         "(core.twin.registration.POSED_REFINE)")
+    ap.add_argument("--posed-size", type=int, default=None, help="core.twin.registration.POSED_SIZE (px)")
+    ap.add_argument("--posed-maxfev", type=int, default=None, help="core.twin.registration.POSED_MAXFEV")
+    ap.add_argument("--posed-warp", type=float, default=None, help="core.twin.registration.POSED_WARP_MM")
+    ap.add_argument("--posed-step", type=float, default=None,
+                    help="core.twin.registration.POSED_STEP_DEG and POSED_STEP_MM (the first step)")
+    ap.add_argument("--posed-decoupled", nargs="*", default=None,
+                    help="core.twin.registration.POSED_DECOUPLED: joints also moved with their children's "
+                         "world orientations kept")
+    ap.add_argument("--resume", default=None,
+                    help="a recorded run (--json) of the same cases and settings without the posed refinement: "
+                         "each case's result is taken from it and only the posed refinement is run from it "
+                         "(register()'s last stage, on the same images, start and prior); needs --posed-refine")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/bench_register")
     ap.add_argument("--json", default=None)
@@ -170,6 +202,23 @@ def main() -> int:
     if args.root_hypotheses is not None:
         from ctwin.core.twin import registration
         registration.ROOT_HYPOTHESES = args.root_hypotheses
+    if args.posed_refine:
+        from ctwin.core.twin import registration
+        registration.POSED_REFINE = True
+        for key, attr in (("posed_size", "POSED_SIZE"), ("posed_maxfev", "POSED_MAXFEV"),
+                          ("posed_warp", "POSED_WARP_MM")):
+            if getattr(args, key) is not None:
+                setattr(registration, attr, getattr(args, key))
+        if args.posed_step is not None:
+            registration.POSED_STEP_DEG = registration.POSED_STEP_MM = args.posed_step
+        if args.posed_decoupled is not None:
+            registration.POSED_DECOUPLED = tuple(args.posed_decoupled)
+    if args.resume and not args.posed_refine:
+        raise SystemExit("--resume runs only the posed refinement: give --posed-refine")
+    resumed = {}
+    if args.resume:
+        from ctwin.core.fileio import read_json
+        resumed = {(r["case"], r["condition"], r["views"], r["method"]): r for r in read_json(args.resume)["rows"]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -221,16 +270,26 @@ def main() -> int:
                 xr = [imgs["ap"], imgs["lateral"]] if vset == "aplat" else [imgs["ap"]]
                 for method in args.methods:
                     t0 = time.perf_counter()
-                    reg = register(twin, xr, init_pose=start_pose, init_transl_mm=start_t,
-                                   articulated=method == "articulated", levels=tuple(args.levels),
-                                   seed=args.seed + ci, effort=args.effort, cloud=cloud)
-                    dt = time.perf_counter() - t0
+                    prev = resumed.get((case, cond, vset, method))
+                    if args.resume and (prev is None or method != "articulated"):
+                        continue
+                    if prev is not None:
+                        reg = resume_posed(twin, xr, cloud, start_pose, start_t, prev, tuple(args.levels),
+                                           args.effort)
+                    else:
+                        reg = register(twin, xr, init_pose=start_pose, init_transl_mm=start_t,
+                                       articulated=method == "articulated", levels=tuple(args.levels),
+                                       seed=args.seed + ci, effort=args.effort, cloud=cloud)
+                    dt = time.perf_counter() - t0 + (prev["seconds"] if prev is not None else 0.0)
                     e = bone_error(twin, reg.pose, reg.transl_mm, truth_a, truth_b)
                     row = {"case": case, "condition": cond, "views": vset, "method": method,
                            "start_mean": e0["mean"], "mean": e["mean"], "max": e["max"], "worst": e["worst"],
                            "truth_pose_mean": floor["mean"], "truth_pose_max": floor["max"], "seconds": dt,
                            "similarity": reg.similarity, "pose": reg.pose.tolist(),
                            "transl": reg.transl_mm.tolist()}
+                    if prev is not None:
+                        row.update(resumed_from={k: prev[k] for k in ("mean", "max", "seconds")},
+                                   posed_stage=reg.stages[-1])
                     rows.append(row)
                     print(f"{case:<20} {cond:<5} {vset:<6} {method:<12} {e0['mean']:7.1f} {e['mean']:6.2f} "
                           f"{e['max']:6.2f} {floor['mean']:7.2f} {dt:6.1f}  worst {e['worst']}", flush=True)

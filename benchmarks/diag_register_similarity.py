@@ -26,7 +26,12 @@ doubled / quadrupled, ``gmag`` the normalised cross-correlation of the gradient 
 gradient correlations of 8 x 8 tiles (local: a faint region counts as much as the trunk), ``bone_only`` the twin's rendering
 without its soft-tissue blocks and table, ``soft_half`` those at half weight, ``no_hands`` /
 ``no_forearms`` the hands (carpals, metacarpals, phalanges) / also the radius and ulna not rendered
-(their share of the preference). ``--regions`` splits the estimate's gain at ``--size`` px among
+(their share of the preference). ``posed`` the twin's real posed DRR (``Twin.posed_scene`` + ``render_posed``: the
+soft tissue through the inverse skinning warp, the bones rigid; line integrals at the level's size and geometry)
+instead of the registration's splatted clouds, with the same gradient correlation (the level's blur;
+``posed_s1``: blur of one pixel); ``--posed-warp MM ...`` scores it with coarser warps too (``posed@24``),
+``--posed-coarsen F ...`` on the articulated CT pooled F x F x F (``posed@MM/cF``; the registration's
+``posed_refine`` scores so), ``--posed-cost`` times one evaluation (warp + composition + render of every view) per level. ``--regions`` splits the estimate's gain at ``--size`` px among
 the pixels where the arms', legs', trunk's or soft tissue's edges are strongest. A similarity under which the truth wins at every level is one that
 a search can be steered by.
 """
@@ -55,7 +60,8 @@ GROUPS = {
 
 
 VARIANTS = ("gc", "gc_s2", "gc_s4", "gmag", "gc_border", "gc_tiles", "bone_only", "soft_half", "no_hands",
-            "no_forearms")
+            "no_forearms", "posed", "posed_s1")
+POSED_WARP_MM = (12.0,)  # --posed-warp: the inverse warp's node spacing(s) of the posed-DRR variants
 HAND_KEYS = ("phalanges_hand", "metacarpal", "carpal")  # the twin's hand bones (carpal_*, metacarpal_*, ...)
 FOREARM_KEYS = ("radius", "ulna")
 
@@ -127,6 +133,63 @@ def _gmag(a: np.ndarray, b: np.ndarray, sigma: float) -> float:
     return float((na * nb).sum()) if na is not None and nb is not None else 0.0
 
 
+def posed_images(twin, pose, transl, geometries, warp_mm: float, exact_bones: dict | None = None,
+                 coarsen: int = 1) -> list:
+    """The twin's posed DRRs (line integrals, float64) at ``geometries``: one inverse warp and composition,
+    a render per geometry (CPU). ``exact_bones``: {label: 4x4} replacing the pose's bone transforms;
+    ``coarsen``: the articulated CT pooled so (``core.twin.registration.coarse_articulated``)."""
+    from ctwin.core.rig.pose import bone_deltas
+    from ctwin.core.twin.articulated import posed_scene, render_posed
+    from ctwin.core.twin.registration import coarse_articulated
+
+    jd = twin.joint_deltas(pose, transl)
+    bd = bone_deltas(twin.binding, pose, transl, jd)
+    if exact_bones:
+        bd.update(exact_bones)
+    scene = posed_scene(coarse_articulated(twin.articulated, coarsen), bd, jd, warp_spacing_mm=warp_mm,
+                        device="cpu")
+    return [np.asarray(render_posed(scene, g, device="cpu"), dtype=np.float64) for g in geometries]
+
+
+def posed_cost(twin, xr, cands, levels, warps, repeat: int = 3, coarsen: int = 1) -> None:
+    """Seconds of one posed-DRR evaluation (pose, warp, compose, render each view, gradient
+    correlation) per level and warp spacing, best of ``repeat``, at the estimate's pose."""
+    import time
+
+    p, t = cands["estimate"][:2]
+    print("posed-DRR evaluation cost (CPU, best of %d), s:" % repeat)
+    for w in warps:
+        cells = []
+        for lv in levels:
+            geoms = _level_geometries(xr, lv)
+            best = np.inf
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                imgs = posed_images(twin, p, t, geoms, w, coarsen=coarsen)
+                for img, x, g in zip(imgs, xr, geoms):
+                    _gc_masked(img, _level_target(x, g), 1.0)
+                best = min(best, time.perf_counter() - t0)
+            cells.append(f"{lv} px {best:.3f}")
+        print(f"  CT pooled x{coarsen}, warp {w:g} mm: " + ", ".join(cells), flush=True)
+
+
+def _level_geometries(xr, size):
+    """The views' geometries at a level's size (as ``_Level`` sizes them)."""
+    out = []
+    for x in xr:
+        g0 = x.geometry
+        scale = size / max(g0.width, g0.height)
+        w, h = max(8, int(round(g0.width * scale))), max(8, int(round(g0.height * scale)))
+        out.append(g0.with_size(w, h) if (w, h) != tuple(g0.size_px) else g0)
+    return out
+
+
+def _level_target(x, g):
+    from ctwin.core.twin.registration import target_image
+
+    return target_image(x, g.width, g.height)
+
+
 def variant_table(twin, cloud, xr, cands, errs, levels, variants, exact=None) -> None:
     """Per candidate pose, each similarity variant at each level (summed over the views). With
     ``exact`` (the acquisition and target truths) also "truth, exact bones": every bone moved by its
@@ -171,11 +234,25 @@ def variant_table(twin, cloud, xr, cands, errs, levels, variants, exact=None) ->
                 if n in ta_b and n in tb_b:
                     T[i] = np.asarray(tb_b[n], dtype=np.float64) @ np.linalg.inv(np.asarray(ta_b[n], dtype=np.float64))
         cells = []
+        posed = {}
         for var in variants:
             vals = []
             for lv in levels:
                 L = lvs[(var if var in clouds else "base", lv)]
-                imgs = [a if b is None else a + b for a, b in L.render(T, prob.level_views(L))]
+                if var.startswith("posed"):
+                    spec = var.split("@")[1] if "@" in var else f"{POSED_WARP_MM[0]:g}"
+                    w, f = (float(spec.split("/c")[0]), int(spec.split("/c")[1])) if "/c" in spec else (float(spec), 1)
+                    if (w, f, lv) not in posed:
+                        eb = None
+                        if len(c) > 2:
+                            ta_b, tb_b = exact[0]["bones"], exact[1]["bones"]
+                            eb = {n: np.asarray(tb_b[n], dtype=np.float64) @ np.linalg.inv(
+                                np.asarray(ta_b[n], dtype=np.float64)) for n in ta_b if n in tb_b}
+                        posed[(w, f, lv)] = posed_images(twin, p, t, [v.geometry for v in prob.level_views(L)], w,
+                                                         eb, f)
+                    imgs = posed[(w, f, lv)]
+                else:
+                    imgs = [a if b is None else a + b for a, b in L.render(T, prob.level_views(L))]
                 s = 0.0
                 for img, tgt, sig in zip(imgs, targets[lv], L.sigma):
                     if var == "gc_s2":
@@ -188,6 +265,8 @@ def variant_table(twin, cloud, xr, cands, errs, levels, variants, exact=None) ->
                         s += _gc_tiles(img, tgt, sig)
                     elif var == "gc_border":
                         s += _gc_masked(img, tgt, sig, 0.1)
+                    elif var.startswith("posed_s1"):
+                        s += _gc_masked(img, tgt, 1.0)
                     else:
                         s += _gc_masked(img, tgt, sig)
                 vals.append(s)
@@ -290,6 +369,13 @@ def main() -> int:
     ap.add_argument("--joints", action="store_true", help="per-joint angle errors and the worst bones")
     ap.add_argument("--variants", nargs="*", default=None,
                     help="score under these similarity variants (none given: all): " + " ".join(VARIANTS))
+    ap.add_argument("--posed-warp", type=float, nargs="*", default=None,
+                    help="with the posed variants: also score them with these warp spacings (mm; posed@MM)")
+    ap.add_argument("--posed-coarsen", type=int, nargs="*", default=[],
+                    help="with the posed variants: also score them on the articulated CT pooled by these "
+                         "factors (core.twin.registration.coarse_articulated; posed@MM/cF)")
+    ap.add_argument("--posed-cost", action="store_true",
+                    help="time one posed-DRR evaluation per level (and --posed-warp spacing)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--index", type=int, default=None,
                     help="the case's position in the benchmark run (its noise and start seeds); default: "
@@ -357,9 +443,18 @@ def main() -> int:
         joint_errors(twin, pt, tt, pe, te, truth_a, truth_b)
     if args.regions:
         region_shares(twin, cloud, xr, cands, args.size)
+    if args.posed_cost:
+        for f in [1] + list(args.posed_coarsen):
+            posed_cost(twin, xr, cands, levels, list(POSED_WARP_MM) + list(args.posed_warp or []), coarsen=f)
     if args.variants is not None:
-        variant_table(twin, cloud, xr, cands, errs, levels, args.variants or list(VARIANTS),
-                      exact=(truth_a, truth_b))
+        variants = args.variants or list(VARIANTS)
+        base = [v for v in variants if v in ("posed", "posed_s1")]
+        for w in args.posed_warp or []:
+            variants += [f"{v}@{w:g}" for v in base]
+        for f in args.posed_coarsen:
+            for w in list(POSED_WARP_MM) + list(args.posed_warp or []):
+                variants += [f"{v}@{w:g}/c{f}" for v in base]
+        variant_table(twin, cloud, xr, cands, errs, levels, variants, exact=(truth_a, truth_b))
         return 0
     for (model, cl), gain in ((m, g) for m in clouds.items() for g in args.bone_gain):
         c = cl
