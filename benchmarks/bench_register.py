@@ -129,6 +129,17 @@ def main() -> int:
     ap.add_argument("--depth-mirror-levels", type=int, nargs="*", default=None,
                     help="with one view, the levels (indices) where each limb chain is also tried mirrored in "
                          "depth (core.twin.registration.DEPTH_MIRROR_LEVELS; none: off; default: the module's)")
+    ap.add_argument("--region-groups", nargs="*", default=None,
+                    help="the groups scored over the region where their bones project "
+                         "(core.twin.registration.REGION_GROUPS: neck, shoulder, elbow, wrist, ..., evolve_arm; "
+                         "none: off; default: the module's)")
+    ap.add_argument("--region-levels", type=int, nargs="*", default=None,
+                    help="core.twin.registration.REGION_LEVELS: the level indices where the region scores")
+    ap.add_argument("--region-span", type=float, default=None,
+                    help="core.twin.registration.REGION_SPAN_DEG: the local stages' region covers each joint "
+                         "axis turned by +- this")
+    ap.add_argument("--region-margin", type=float, default=None,
+                    help="core.twin.registration.REGION_MARGIN_MM: the bones' boxes dilated by this")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/bench_register")
     ap.add_argument("--json", default=None)
@@ -170,6 +181,19 @@ def main() -> int:
     if args.root_hypotheses is not None:
         from ctwin.core.twin import registration
         registration.ROOT_HYPOTHESES = args.root_hypotheses
+    if args.region_groups is not None or args.region_levels is not None or args.region_span is not None \
+            or args.region_margin is not None:
+        from ctwin.core.twin import registration
+        if args.region_groups is not None:
+            registration.REGION_GROUPS = tuple(args.region_groups)
+        if args.region_levels is not None:
+            registration.REGION_LEVELS = tuple(args.region_levels)
+        if args.region_span is not None:
+            registration.REGION_SPAN_DEG = args.region_span
+        if args.region_margin is not None:
+            registration.REGION_MARGIN_MM = args.region_margin
+        print("region similarity:", registration.REGION_GROUPS, "levels", registration.REGION_LEVELS,
+              "span", registration.REGION_SPAN_DEG, "deg, margin", registration.REGION_MARGIN_MM, "mm")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
