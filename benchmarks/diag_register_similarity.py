@@ -270,7 +270,8 @@ def region_ranking(twin, cloud, xr, pt, tt, pe, te, truth_a, truth_b, levels, sp
     """Per limb group (``REGION_SETS``): the estimate with that group's joints taken from the truth
     (the other joints, the root and the translation the estimate's; "local": the truth's joint
     rotations, "world": each joint turned so that its world orientation is the truth's under the
-    estimate's trunk, i.e. the limb pointing where the truth's points) against the estimate, scored by
+    estimate's trunk, i.e. the limb pointing where the truth's points; "at_truth": the truth against
+    the truth with the estimate's group, whose bone_err is printed) against the estimate, scored by
     the whole views' gradient correlation and by the region score (``_RegionLevel`` over
     the union of ``_region_masks`` of the group's joints at the estimate's pose, as a registration
     stage starting there would score it, and at the substituted pose), at each level. Positive: the truth's group wins. Also the group's worst
@@ -293,31 +294,38 @@ def region_ranking(twin, cloud, xr, pt, tt, pe, te, truth_a, truth_b, levels, sp
         return Rw
 
     Rt = world_rotations(pt)
-    for (g, names), mode in ((gn, m) for gn in REGION_SETS.items() for m in ("local", "world")):
+    for (g, names), mode in ((gn, m) for gn in REGION_SETS.items() for m in ("local", "world", "at_truth")):
         js = sorted(JOINT_INDEX[n] for n in names)
-        p = pe.copy()
+        # (the pose with the truth's group, the pose with the estimate's group, its translation)
+        p, base, tb = pe.copy(), pe, te
+        if mode == "at_truth":  # the truth against the truth with the estimate's group
+            p, base, tb = pt, pt.copy(), tt
+            for j in js:
+                base[3 * j:3 * j + 3] = pe[3 * j:3 * j + 3]
         off = 0.0
         for j in js:
             R = rodrigues(pe[3 * j:3 * j + 3]).T @ rodrigues(pt[3 * j:3 * j + 3])
             off = max(off, float(np.degrees(np.linalg.norm(R_to_vec(R)))))
             if mode == "local":
                 p[3 * j:3 * j + 3] = pt[3 * j:3 * j + 3]
-            else:  # the joint's world orientation the truth's, under the estimate's trunk
+            elif mode == "world":  # the joint's world orientation the truth's, under the estimate's trunk
                 Rp = world_rotations(p)[PARENTS[j]]
                 p[3 * j:3 * j + 3] = R_to_vec(Rp.T @ Rt[j])
         g = f"{g} {mode}"
-        e_mix = bone_error(twin, p, te, truth_a, truth_b)["mean"]
+        e_mix = bone_error(twin, p, tb, truth_a, truth_b)["mean"]
+        if mode == "at_truth":
+            e_mix = bone_error(twin, base, tb, truth_a, truth_b)["mean"]
         whole, reg, frac = [], [], []
         for L in lvs:
-            prob = _Problem(twin, cloud, xr, p, te, True)
+            prob = _Problem(twin, cloud, xr, p, tb, True)
             mix_masks = _region_masks(prob, L, js, span_deg, margin_mm)
-            prob = _Problem(twin, cloud, xr, pe, te, True)
+            prob = _Problem(twin, cloud, xr, base, tb, True)
             masks = [a | b for a, b in zip(_region_masks(prob, L, js, span_deg, margin_mm), mix_masks)]
             R = _RegionLevel(L, masks)
             frac.append(100.0 * np.mean([m.mean() for m in masks]))
             sc = {}
-            for k, pose in (("est", pe), ("mix", p)):
-                T = prob.transforms(pose, te)
+            for k, pose in (("est", base), ("mix", p)):
+                T = prob.transforms(pose, tb)
                 imgs = L.render(T, prob.level_views(L))
                 sc[k] = (L.score(imgs), R.score(imgs))
             whole.append(sc["mix"][0] - sc["est"][0])
