@@ -140,6 +140,8 @@ def main() -> int:
                          "axis turned by +- this")
     ap.add_argument("--region-margin", type=float, default=None,
                     help="core.twin.registration.REGION_MARGIN_MM: the bones' boxes dilated by this")
+    ap.add_argument("--finest-repeats", type=int, default=None,
+                    help="core.twin.registration.FINEST_REPEATS: the finest level's stages run again this many times")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/bench_register")
     ap.add_argument("--json", default=None)
@@ -194,6 +196,10 @@ def main() -> int:
             registration.REGION_MARGIN_MM = args.region_margin
         print("region similarity:", registration.REGION_GROUPS, "levels", registration.REGION_LEVELS,
               "span", registration.REGION_SPAN_DEG, "deg, margin", registration.REGION_MARGIN_MM, "mm")
+    if args.finest_repeats is not None:
+        from ctwin.core.twin import registration
+        registration.FINEST_REPEATS = args.finest_repeats
+        print("finest level's stages repeated", registration.FINEST_REPEATS, "times")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
