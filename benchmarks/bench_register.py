@@ -161,6 +161,19 @@ def main() -> int:
                     help="a recorded run (--json) of the same cases and settings without the posed refinement: "
                          "each case's result is taken from it and only the posed refinement is run from it "
                          "(register()'s last stage, on the same images, start and prior); needs --posed-refine")
+    ap.add_argument("--region-groups", nargs="*", default=None,
+                    help="the groups scored over the region where their bones project "
+                         "(core.twin.registration.REGION_GROUPS: neck, shoulder, elbow, wrist, ..., evolve_arm; "
+                         "none: off; default: the module's)")
+    ap.add_argument("--region-levels", type=int, nargs="*", default=None,
+                    help="core.twin.registration.REGION_LEVELS: the level indices where the region scores")
+    ap.add_argument("--region-span", type=float, default=None,
+                    help="core.twin.registration.REGION_SPAN_DEG: the local stages' region covers each joint "
+                         "axis turned by +- this")
+    ap.add_argument("--region-margin", type=float, default=None,
+                    help="core.twin.registration.REGION_MARGIN_MM: the bones' boxes dilated by this")
+    ap.add_argument("--finest-repeats", type=int, default=None,
+                    help="core.twin.registration.FINEST_REPEATS: the finest level's stages run again this many times")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/bench_register")
     ap.add_argument("--json", default=None)
@@ -219,6 +232,23 @@ def main() -> int:
     if args.resume:
         from ctwin.core.fileio import read_json
         resumed = {(r["case"], r["condition"], r["views"], r["method"]): r for r in read_json(args.resume)["rows"]}
+    if args.region_groups is not None or args.region_levels is not None or args.region_span is not None \
+            or args.region_margin is not None:
+        from ctwin.core.twin import registration
+        if args.region_groups is not None:
+            registration.REGION_GROUPS = tuple(args.region_groups)
+        if args.region_levels is not None:
+            registration.REGION_LEVELS = tuple(args.region_levels)
+        if args.region_span is not None:
+            registration.REGION_SPAN_DEG = args.region_span
+        if args.region_margin is not None:
+            registration.REGION_MARGIN_MM = args.region_margin
+        print("region similarity:", registration.REGION_GROUPS, "levels", registration.REGION_LEVELS,
+              "span", registration.REGION_SPAN_DEG, "deg, margin", registration.REGION_MARGIN_MM, "mm")
+    if args.finest_repeats is not None:
+        from ctwin.core.twin import registration
+        registration.FINEST_REPEATS = args.finest_repeats
+        print("finest level's stages repeated", registration.FINEST_REPEATS, "times")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

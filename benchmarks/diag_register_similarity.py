@@ -336,6 +336,85 @@ def region_shares(twin, cloud, xr, cands, size) -> None:
             f"{r} {d[lab == ri].sum():+.4f}" for ri, r in enumerate(regs)))
 
 
+REGION_SETS = {  # the joints put from the truth into the estimate, per limb group
+    "left_arm": ("left_collar", "left_shoulder", "left_elbow", "left_wrist", "left_hand"),
+    "right_arm": ("right_collar", "right_shoulder", "right_elbow", "right_wrist", "right_hand"),
+    "left_forearm": ("left_elbow", "left_wrist", "left_hand"),
+    "right_forearm": ("right_elbow", "right_wrist", "right_hand"),
+    "neck": ("neck", "head"),
+}
+
+
+def region_ranking(twin, cloud, xr, pt, tt, pe, te, truth_a, truth_b, levels, span_deg, margin_mm) -> dict:
+    """Per limb group (``REGION_SETS``): the estimate with that group's joints taken from the truth
+    (the other joints, the root and the translation the estimate's; "local": the truth's joint
+    rotations, "world": each joint turned so that its world orientation is the truth's under the
+    estimate's trunk, i.e. the limb pointing where the truth's points; "at_truth": the truth against
+    the truth with the estimate's group, whose bone_err is printed) against the estimate, scored by
+    the whole views' gradient correlation and by the region score (``_RegionLevel`` over
+    the union of ``_region_masks`` of the group's joints at the estimate's pose, as a registration
+    stage starting there would score it, and at the substituted pose), at each level. Positive: the truth's group wins. Also the group's worst
+    joint angle (estimate vs truth) and the bone_err of the substituted pose."""
+    from ctwin.core.body.skeleton import JOINT_INDEX, PARENTS, rodrigues, rotation_to_rotvec as R_to_vec
+    from ctwin.core.twin.evaluation import bone_error
+    from ctwin.core.twin.registration import _Level, _Problem, _region_masks, _RegionLevel
+
+    lvs = [_Level(xr, lv, cloud) for lv in levels]
+    out = {}
+    e_est = bone_error(twin, pe, te, truth_a, truth_b)["mean"]
+    print(f"region score (span {span_deg:g} deg, margin {margin_mm:g} mm) vs whole views: truth's group in the "
+          f"estimate - estimate, per level {' / '.join(str(lv) for lv in levels)} px (estimate bone_err {e_est:.2f})")
+    print(f"{'group':<20} {'off deg':>7} {'bone_err':>8} {'whole views':>24} {'region':>24} {'region px %':>14}")
+    def world_rotations(pose):
+        Rw = []
+        for j in range(len(PARENTS)):
+            Rl = rodrigues(pose[3 * j:3 * j + 3])
+            Rw.append(Rl if PARENTS[j] < 0 else Rw[PARENTS[j]] @ Rl)
+        return Rw
+
+    Rt = world_rotations(pt)
+    for (g, names), mode in ((gn, m) for gn in REGION_SETS.items() for m in ("local", "world", "at_truth")):
+        js = sorted(JOINT_INDEX[n] for n in names)
+        # (the pose with the truth's group, the pose with the estimate's group, its translation)
+        p, base, tb = pe.copy(), pe, te
+        if mode == "at_truth":  # the truth against the truth with the estimate's group
+            p, base, tb = pt, pt.copy(), tt
+            for j in js:
+                base[3 * j:3 * j + 3] = pe[3 * j:3 * j + 3]
+        off = 0.0
+        for j in js:
+            R = rodrigues(pe[3 * j:3 * j + 3]).T @ rodrigues(pt[3 * j:3 * j + 3])
+            off = max(off, float(np.degrees(np.linalg.norm(R_to_vec(R)))))
+            if mode == "local":
+                p[3 * j:3 * j + 3] = pt[3 * j:3 * j + 3]
+            elif mode == "world":  # the joint's world orientation the truth's, under the estimate's trunk
+                Rp = world_rotations(p)[PARENTS[j]]
+                p[3 * j:3 * j + 3] = R_to_vec(Rp.T @ Rt[j])
+        g = f"{g} {mode}"
+        e_mix = bone_error(twin, p, tb, truth_a, truth_b)["mean"]
+        if mode == "at_truth":
+            e_mix = bone_error(twin, base, tb, truth_a, truth_b)["mean"]
+        whole, reg, frac = [], [], []
+        for L in lvs:
+            prob = _Problem(twin, cloud, xr, p, tb, True)
+            mix_masks = _region_masks(prob, L, js, span_deg, margin_mm)
+            prob = _Problem(twin, cloud, xr, base, tb, True)
+            masks = [a | b for a, b in zip(_region_masks(prob, L, js, span_deg, margin_mm), mix_masks)]
+            R = _RegionLevel(L, masks)
+            frac.append(100.0 * np.mean([m.mean() for m in masks]))
+            sc = {}
+            for k, pose in (("est", base), ("mix", p)):
+                T = prob.transforms(pose, tb)
+                imgs = L.render(T, prob.level_views(L))
+                sc[k] = (L.score(imgs), R.score(imgs))
+            whole.append(sc["mix"][0] - sc["est"][0])
+            reg.append(sc["mix"][1] - sc["est"][1])
+        out[g] = {"off_deg": off, "bone_err": e_mix, "whole": whole, "region": reg}
+        print(f"{g:<20} {off:7.1f} {e_mix:8.2f} {'/'.join(f'{v:+.4f}' for v in whole):>24} "
+              f"{'/'.join(f'{v:+.4f}' for v in reg):>24} {'/'.join(f'{v:.0f}' for v in frac):>14}", flush=True)
+    return out
+
+
 def main() -> int:
     from bench_register import displaced_start, random_pose
     from ctwin.core import progress
@@ -376,6 +455,9 @@ def main() -> int:
                          "factors (core.twin.registration.coarse_articulated; posed@MM/cF)")
     ap.add_argument("--posed-cost", action="store_true",
                     help="time one posed-DRR evaluation per level (and --posed-warp spacing)")
+    ap.add_argument("--region", type=float, nargs=2, default=None, metavar=("SPAN_DEG", "MARGIN_MM"),
+                    help="per limb group, the truth's group put into the estimate scored by the region score "
+                         "(core.twin.registration._RegionLevel) and by the whole views")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--index", type=int, default=None,
                     help="the case's position in the benchmark run (its noise and start seeds); default: "
@@ -446,6 +528,9 @@ def main() -> int:
     if args.posed_cost:
         for f in [1] + list(args.posed_coarsen):
             posed_cost(twin, xr, cands, levels, list(POSED_WARP_MM) + list(args.posed_warp or []), coarsen=f)
+    if args.region is not None:
+        region_ranking(twin, cloud, xr, pt, tt, pe, te, truth_a, truth_b, levels, *args.region)
+        return 0
     if args.variants is not None:
         variants = args.variants or list(VARIANTS)
         base = [v for v in variants if v in ("posed", "posed_s1")]
