@@ -818,26 +818,7 @@ def _hu_at(data, off, nx, ny, nz, x, y, z, lo):
     x = min(max(x, 0.0), nx - 1.0)
     y = min(max(y, 0.0), ny - 1.0)
     z = min(max(z, 0.0), nz - 1.0)
-    i = int(x)
-    j = int(y)
-    k = int(z)
-    fx = x - i
-    fy = y - j
-    fz = z - k
-    si = ny * nz
-    di = si if i < nx - 1 else 0
-    dj = nz if j < ny - 1 else 0
-    dk = 1 if k < nz - 1 else 0
-    b = off + i * si + j * nz + k
-    c000 = max(float(data[b]), lo)
-    c001 = max(float(data[b + dk]), lo)
-    c010 = max(float(data[b + dj]), lo)
-    c011 = max(float(data[b + dj + dk]), lo)
-    c100 = max(float(data[b + di]), lo)
-    c101 = max(float(data[b + di + dk]), lo)
-    c110 = max(float(data[b + di + dj]), lo)
-    c111 = max(float(data[b + di + dj + dk]), lo)
-    return lerp3(c000, c001, c010, c011, c100, c101, c110, c111, fx, fy, fz)
+    return _hu_at_ijk(data, off, nx, ny, nz, x, y, z, int(x), int(y), int(z), lo)
 
 
 def _hu_at_ijk(data, off, nx, ny, nz, x, y, z, i, j, k, lo):
@@ -1535,8 +1516,8 @@ def cuda_clean_occ(out, bocc, o0, o1, o2, b0, b1, b2, s0, s1, s2):
 _COMPOSE_DEFS = (
     ("claims", {"inline": "always"}),
     ("lerp3", {"inline": "always"}),
-    ("_hu_at", {"inline": "always"}),
     ("_hu_at_ijk", {"inline": "always"}),
+    ("_hu_at", {"inline": "always"}),
     ("_to_i16", {"inline": "always"}),
     ("_mark", {"inline": "always"}),
     ("_mark_new", {"inline": "always"}),
@@ -1561,7 +1542,7 @@ _COMPOSE_DEFS = (
     ("refine_occ", {}),
 )
 # the per-element bodies that the CUDA drivers share with the CPU ones (device functions there)
-_COMPOSE_SHARED = ("claims", "lerp3", "_hu_at", "_hu_at_ijk", "_to_i16", "_mark", "_mark_new", "_any_occ",
+_COMPOSE_SHARED = ("claims", "lerp3", "_hu_at_ijk", "_hu_at", "_to_i16", "_mark", "_mark_new", "_any_occ",
                    "warp_diag", "cell_moved", "warp_cell", "subs_part_row", "subs_row", "subs_span", "mark_box",
                    "restore_row", "occ_block_empty")
 _COMPOSE_CUDA = ("cuda_compose_warp", "cuda_compose_subs", "cuda_mark_boxes", "cuda_restore_blocks", "cuda_fill_u8",
