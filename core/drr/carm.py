@@ -184,6 +184,12 @@ class Geometry:
         sad = self.extra.get("sad_mm")
         return float(self.sid_mm / SID_PER_SAD if sad is None else sad)
 
+    @property
+    def magnification(self) -> float:
+        """How much larger a structure at the isocentre appears on the detector: SID / SAD (1 for a
+        parallel beam)."""
+        return 1.0 if self.parallel else self.sid_mm / self.sad_mm
+
     def with_sad(self, sad_mm: float) -> "Geometry":
         """The same geometry (the same arrays, not re-normalised) with the source-to-isocentre distance
         ``sad_mm``, which a cone beam needs within (0, SID)."""

@@ -679,7 +679,7 @@ def blur_sigma_px(setup: XraySetup, geometry) -> tuple:
     s_det = detector_preset(setup.detector)["lsf_sigma_mm"]
     s_fs = 0.0
     if setup.focal_spot_mm > 0 and not geometry.parallel:
-        m = geometry.sid_mm / geometry.sad_mm
+        m = geometry.magnification
         s_fs = setup.focal_spot_mm * max(m - 1.0, 0.0) / 2.3548  # FWHM -> sigma
     s = math.hypot(s_det, s_fs)
     du, dv = geometry.pixel_spacing_mm

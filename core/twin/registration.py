@@ -788,7 +788,7 @@ class _Level:
             g0 = x.geometry
             scale = size / max(g0.width, g0.height)
             g = g0.with_size(max(8, int(round(g0.width * scale))), max(8, int(round(g0.height * scale))))
-            mag = g.sid_mm / g.sad_mm if not g.parallel else 1.0
+            mag = g.magnification
             px_iso.append(min(g.pixel_spacing_mm) / mag)
         # points at half a pixel (at the isocentre) are as good as finer ones once blurred
         self.cloud = pool_cloud(cloud, 0.5 * min(px_iso))
@@ -801,7 +801,7 @@ class _Level:
             g = g0.with_size(w, h) if (w, h) != tuple(g0.size_px) else g0
             v = _View.of(g)
             # blur: at least one pixel, and the cloud's spacing as it projects at the isocentre
-            mag = g.sid_mm / g.sad_mm if not g.parallel else 1.0
+            mag = g.magnification
             px_mm = min(g.pixel_spacing_mm) / mag
             sigma = max(1.0, 0.6 * spacing_mm / px_mm)
             # the soft-tissue blocks spread over their size (see SOFT_BLUR)
@@ -1041,6 +1041,20 @@ class _Problem:
             p += 10.0 * float(ex @ ex)
         return p
 
+    def step_bounds(self, joints, base_pose) -> tuple:
+        """(lower, upper) bounds, in optimiser units, of the steps from ``base_pose`` over ``joints``
+        (``_apply``'s x): the root within its capture range (``root_range``) around the stage's
+        start, each joint within its anatomical range (``_limits``), widened to include no step."""
+        bounds = []
+        for j in joints:
+            if j == 0:
+                r, t = math.radians(self.root_range[0]) / ROT_UNIT, self.root_range[1] / TRANS_UNIT
+                bounds += [(-r, r)] * 3 + [(-t, t)] * 3
+            else:
+                cur = base_pose[3 * j:3 * j + 3]
+                bounds += [((lo - c) / ROT_UNIT, (hi - c) / ROT_UNIT) for (lo, hi), c in zip(_limits(j), cur)]
+        return (np.array([min(lo, 0.0) for lo, _ in bounds]), np.array([max(hi, 0.0) for _, hi in bounds]))
+
     def level_views(self, level: _Level):
         return [_View.of(v.geometry.transformed(T)) if not np.allclose(T, np.eye(4)) else v
                 for v, T in zip(level.views, self.view_T)]
@@ -1084,20 +1098,8 @@ class _Problem:
                           np.ascontiguousarray(remap[mo[m_sel]]), np.ascontiguousarray(mw[m_sel])))
         base_pose, base_transl = self.pose.copy(), self.transl.copy()
         nparam = sum(6 if j == 0 else 3 for j in joints)
-        bounds = []
-        for j in joints:
-            if j == 0:  # the root's capture range around this stage's start
-                r, t = math.radians(self.root_range[0]) / ROT_UNIT, self.root_range[1] / TRANS_UNIT
-                bounds += [(-r, r)] * 3 + [(-t, t)] * 3
-            else:
-                lim = _limits(j)
-                cur = base_pose[3 * j:3 * j + 3]
-                bounds += [((lo - c) / ROT_UNIT, (hi - c) / ROT_UNIT) for (lo, hi), c in zip(lim, cur)]
-        bounds = [(lo if lo is None else min(lo, 0.0), hi if hi is None else max(hi, 0.0)) for lo, hi in bounds]
+        blo, bhi = self.step_bounds(joints, base_pose)
         n_ev = [0]
-
-        blo = np.array([-np.inf if lo is None else lo for lo, _ in bounds])
-        bhi = np.array([np.inf if hi is None else hi for _, hi in bounds])
 
         bufs = [[np.empty_like(img) for img in part[0]] for part in parts]  # the images, reused
 
@@ -1134,8 +1136,7 @@ class _Problem:
                 for off in np.radians(SEARCH_DEG):
                     x = np.zeros(nparam)
                     x[k] = off / ROT_UNIT
-                    lo, hi = bounds[k]
-                    if (lo is None or x[k] >= lo) and (hi is None or x[k] <= hi):
+                    if blo[k] <= x[k] <= bhi[k]:
                         cands.append(x)
         keep = 3
         if grid:  # a joint grid over (joint, axis, offsets in radians) cells
@@ -1449,7 +1450,7 @@ def _region_masks(prob, level: _Level, joints, span_deg: float, margin_mm: float
             np.maximum.at(hi_c, k, c)
             np.minimum.at(lo_r, k, r)
             np.maximum.at(hi_r, k, r)
-            mag = g.sid_mm / g.sad_mm if not g.parallel else 1.0
+            mag = g.magnification
             pad = margin_mm * mag / min(g.pixel_spacing_mm)
             H, W = m.shape
             for a, b, e, f in zip(lo_c, hi_c, lo_r, hi_r):
@@ -1657,9 +1658,12 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
                + (FINEST_REPEATS * len(level_plan(len(levels) - 1)) if articulated else 0))
 
     def finished(level, name):
-        """Count the stage just appended and report it (progress line; debug print)."""
+        """Count the stage just appended and report it (progress line; debug print); a stage scored
+        over a region (``_RegionLevel``) is marked, its similarities being the region's."""
         done[0] += 1
         st = stages[-1]
+        if isinstance(level, _RegionLevel):
+            st["region"] = True
         if _DEBUG:
             print(name, level.size, np.round(prob.pose[:6], 3), np.round(prob.transl, 1), round(st["before"], 4),
                   round(st["after"], 4), st["evals"], round(st["seconds"], 1))
@@ -1671,8 +1675,6 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
         ev = Evolve(span, int(effort * fev), int(rng.integers(2 ** 31)))
         level = _region_level(prob, level, li, name, joints, span)
         stages.append(prob.optimise(level, joints, name, int(effort * 120 * max(1, len(joints) // 2)), evolve=ev))
-        if isinstance(level, _RegionLevel):
-            stages[-1]["region"] = True  # its similarities are the region's
         finished(level, name)
 
     def run_stage(li, name, joints, search, grid=None):
@@ -1705,8 +1707,6 @@ def register(twin, xrays, *, init_pose=None, init_transl_mm=None, levels=LEVELS,
             starts = None
         level = level if grid is not None else _region_level(prob, level, li, name, joints)
         stages.append(prob.optimise(level, joints, name, fev, starts=starts, search=search, grid=grid))
-        if isinstance(level, _RegionLevel):
-            stages[-1]["region"] = True  # its similarities are the region's
         finished(level, name)
 
     for li in range(len(levels)):
@@ -1926,16 +1926,7 @@ def posed_refine(prob: "_Problem", level: _Level, maxfev: int | None = None, joi
                 steps.append(math.radians(POSED_STEP_DEG) / ROT_UNIT)
         k += 3
     nparam = k
-    bounds = []
-    for j in js:
-        if j == 0:
-            r, t = math.radians(prob.root_range[0]) / ROT_UNIT, prob.root_range[1] / TRANS_UNIT
-            bounds += [(-r, r)] * 3 + [(-t, t)] * 3
-        else:
-            lim = _limits(j)
-            cur = base_pose[3 * j:3 * j + 3]
-            bounds += [(min((lo - c) / ROT_UNIT, 0.0), max((hi - c) / ROT_UNIT, 0.0)) for (lo, hi), c in zip(lim, cur)]
-    blo, bhi = np.array([b[0] for b in bounds]), np.array([b[1] for b in bounds])
+    blo, bhi = prob.step_bounds(js, base_pose)
     # decoupled directions: (joint, axis, its children), appended after the slots
     dec = [(JOINT_INDEX[n], ax, [int(c) for c in np.flatnonzero(PARENTS == JOINT_INDEX[n])])
            for n in (POSED_DECOUPLED if decoupled is None else decoupled) for ax in range(3)]
